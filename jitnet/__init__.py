@@ -1,2 +1,15 @@
-"""jitnet: a deep-learning library whose tensor ops and gradients are Numba kernels."""
+"""jitnet: a deep-learning library whose tensor ops and gradients are Numba kernels.
+
+Eager like NumPy; ``jitnet.jit`` compiles a whole step. See README.md.
+"""
 __version__ = "0.1.0"
+
+from . import autodiff, kernelgen, ops, random, testing  # noqa: E402
+from .autodiff import (enable_grad, grad, gradients, is_grad_enabled, no_grad,  # noqa: E402
+                       value_and_grad)
+from .ops import *  # noqa: E402,F401,F403
+from .ops import __all_ops__ as _ops_names  # noqa: E402
+from .tensor import (Device, Parameter, Tensor, Variable, as_tensor, bool_, device, float16,  # noqa: E402
+                     float32, float64, get_default_dtype, int8, int32, int64, tensor, uint8)
+from . import nn  # noqa: E402
+from .runtime import compile_stats, set_num_threads, get_num_threads  # noqa: E402

@@ -1,0 +1,324 @@
+"""Primitive registry, the apply() dispatcher, the tape, and reverse-mode differentiation.
+
+A :class:`Primitive` is one row of the registry: a name, how to compute it (``impl``: NumPy arrays in, one
+array out, plus static keyword parameters), its VJP written in jitnet ops (so it runs eagerly, traces into
+graphs, and differentiates again for higher-order gradients), and for elementwise primitives the scalar
+template the kernel generator splices into kernels.
+
+``apply(prim, *inputs, **params)`` is the single entry point of every op. Eagerly it computes now and, when a
+gradient is needed, records a :class:`Node` on the output. When an interpreter (a tracer pushed by the
+compiler) is active, it hands the call to that interpreter instead: this module never imports the compiler.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+
+__all__ = ["Primitive", "REGISTRY", "apply", "Node", "no_grad", "enable_grad", "is_grad_enabled",
+           "backward", "gradients", "grad", "value_and_grad", "push_interpreter", "current_interpreter"]
+
+REGISTRY: dict[str, "Primitive"] = {}
+
+
+class Primitive:
+    """One registry row: name, implementation per device, VJP rule, optional elementwise template."""
+
+    __slots__ = ("name", "impl", "vjp", "template", "kind", "dtype_rule", "shape_rule", "nondiff", "extra")
+
+    def __init__(self, name, impl=None, vjp=None, template=None, kind="other", dtype_rule=None,
+                 shape_rule=None, nondiff=False):
+        self.name = name
+        self.impl = impl            # {"cpu": f(*arrays, **params) -> array}
+        self.vjp = vjp              # f(g, ans, inputs, needs, **params) -> tuple of Tensor|None
+        self.template = template    # elementwise: expression over {0}, {1}, ... and {T}
+        self.kind = kind            # "elementwise", "reduce", "view", "other"
+        self.dtype_rule = dtype_rule
+        self.shape_rule = shape_rule
+        self.nondiff = nondiff      # output never carries a gradient (comparisons, argmax, ...)
+        self.extra = {}
+        REGISTRY[name] = self
+
+    def __repr__(self):
+        return f"Primitive({self.name})"
+
+
+class _State:
+    grad_enabled = True
+    interpreters: list = []
+
+
+def is_grad_enabled() -> bool:
+    """Return True when operations record a tape for gradients."""
+    return _State.grad_enabled
+
+
+@contextlib.contextmanager
+def no_grad():
+    """Context manager in which no tape is recorded (inference, optimizer updates)."""
+    prev = _State.grad_enabled
+    _State.grad_enabled = False
+    try:
+        yield
+    finally:
+        _State.grad_enabled = prev
+
+
+@contextlib.contextmanager
+def enable_grad():
+    """Context manager that turns tape recording back on inside ``no_grad``."""
+    prev = _State.grad_enabled
+    _State.grad_enabled = True
+    try:
+        yield
+    finally:
+        _State.grad_enabled = prev
+
+
+@contextlib.contextmanager
+def push_interpreter(interp):
+    """Make ``interp`` handle every ``apply`` inside the block (used by the tracer of ``jitnet.jit``)."""
+    _State.interpreters.append(interp)
+    try:
+        yield interp
+    finally:
+        _State.interpreters.pop()
+
+
+def current_interpreter():
+    """Return the active interpreter (a tracer) or None when running eagerly."""
+    return _State.interpreters[-1] if _State.interpreters else None
+
+
+_wrap = None       # Tensor._wrap, set by jitnet.tensor (which imports this module)
+
+
+class Node:
+    """The tape entry of a computed tensor: the primitive, its input tensors and static parameters."""
+
+    __slots__ = ("prim", "inputs", "params")
+
+    def __init__(self, prim, inputs, params):
+        self.prim = prim
+        self.inputs = inputs
+        self.params = params
+
+
+def apply(prim: Primitive, *inputs, **params):
+    """Run primitive ``prim`` on tensors ``inputs``; return the output tensor (recording a tape node)."""
+    if _State.interpreters:
+        return _State.interpreters[-1].apply(prim, inputs, params)
+    out = _wrap(prim.impl["cpu"](*[t._data for t in inputs], **params))
+    if _State.grad_enabled and not prim.nondiff:
+        for t in inputs:
+            if t.requires_grad:
+                out._node = Node(prim, inputs, params)
+                out.requires_grad = True
+                break
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reverse mode
+# --------------------------------------------------------------------------------------------------------------
+
+def _toposort(roots):
+    """Return tensors reachable from ``roots`` through tape nodes, inputs before their consumers."""
+    order, seen = [], set()
+    stack = [(r, False) for r in roots if r.requires_grad]
+    while stack:
+        t, done = stack.pop()
+        if done:
+            order.append(t)
+            continue
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        stack.append((t, True))
+        node = t._node
+        if node is not None:
+            for i in node.inputs:
+                if i.requires_grad and id(i) not in seen:
+                    stack.append((i, False))
+    return order
+
+
+def _run_backward(roots, root_grads, targets=None, create_graph=False):
+    """Propagate ``root_grads`` from ``roots``; return {id(tensor): grad} for leaves or ``targets``."""
+    from .. import ops
+    order = _toposort(roots)
+    grads = {}
+    for r, g in zip(roots, root_grads):
+        if r.requires_grad:
+            grads[id(r)] = g if id(r) not in grads else grads[id(r)] + g
+    if targets is not None:
+        # only propagate along paths that reach a target
+        want = {id(t) for t in targets}
+        reach = set()
+        for t in order:
+            if id(t) in want or (t._node is not None and any(id(i) in reach for i in t._node.inputs)):
+                reach.add(id(t))
+    results = {}
+    ctx = enable_grad() if create_graph else no_grad()
+    with ctx:
+        for t in reversed(order):
+            g = grads.pop(id(t), None)
+            if g is None:
+                continue
+            node = t._node
+            if targets is None:
+                if node is None:
+                    results[id(t)] = (t, g)
+                    continue
+            else:
+                if id(t) in want:
+                    results[id(t)] = (t, g)
+                if node is None:
+                    continue
+            ins = node.inputs
+            needs = tuple(i.requires_grad and (targets is None or id(i) in reach) for i in ins)
+            if not any(needs):
+                continue
+            in_grads = node.prim.vjp(g, t, ins, needs, **node.params)
+            for i, gi, need in zip(ins, in_grads, needs):
+                if gi is None or not need:
+                    continue
+                if gi.shape != i.shape:          # broadcasting is undone here and only here
+                    gi = ops.sum_to(gi, i.shape)
+                if gi.dtype != i.dtype:
+                    gi = gi.astype(i.dtype)
+                prev = grads.get(id(i))
+                grads[id(i)] = gi if prev is None else prev + gi
+    return results
+
+
+def _seed(ys, grad_ys):
+    from ..tensor import Tensor
+    from .. import ops
+    ys = list(ys)
+    if grad_ys is None:
+        gs = []
+        for y in ys:
+            if y.size != 1:
+                raise ValueError(
+                    f"backward: gradient can be implicitly created only for a scalar output, got shape "
+                    f"{y.shape}; pass grad= (or grad_ys=) with the same shape as the output")
+            gs.append(ops.ones_like(y))
+        return ys, gs
+    grad_ys = list(grad_ys)
+    gs = []
+    for y, g in zip(ys, grad_ys):
+        g = g if isinstance(g, Tensor) else Tensor._from_value(g, dtype=y.dtype)
+        if g.shape != y.shape:
+            raise ValueError(f"backward: grad shape {g.shape} does not match output shape {y.shape}")
+        gs.append(g)
+    return ys, gs
+
+
+def backward(t, grad=None, create_graph=False):
+    """Accumulate d(t)/d(leaf) into ``leaf.grad`` for every leaf that requires a gradient."""
+    if not t.requires_grad:
+        raise RuntimeError("backward: the tensor does not require grad (no input had requires_grad=True, "
+                           "or it was computed under no_grad())")
+    ys, gs = _seed([t], None if grad is None else [grad])
+    res = _run_backward(ys, gs, None, create_graph)
+    for leaf, g in res.values():
+        if not create_graph:
+            g = g.detach()
+        leaf.grad = g if leaf.grad is None else leaf.grad + g
+
+
+def gradients(ys, xs, grad_ys=None, create_graph=None):
+    """Return the list of sum(ys)'s gradients w.r.t. each of ``xs`` (None-free: zeros where unconnected)."""
+    from .. import ops
+    from ..tensor import Tensor
+    single_y = isinstance(ys, Tensor)
+    ys = [ys] if single_y else list(ys)
+    single_x = isinstance(xs, Tensor)
+    xs = [xs] if single_x else list(xs)
+    if grad_ys is not None and isinstance(grad_ys, Tensor):
+        grad_ys = [grad_ys]
+    live = [y for y in ys if y.requires_grad]
+    if create_graph is None:
+        create_graph = _State.grad_enabled and bool(_State.interpreters)
+    if live:
+        idx = [k for k, y in enumerate(ys) if y.requires_grad]
+        ys2, gs = _seed(live, None if grad_ys is None else [grad_ys[k] for k in idx])
+        res = _run_backward(ys2, gs, xs, create_graph)
+    else:
+        res = {}
+    out = []
+    for x in xs:
+        r = res.get(id(x))
+        out.append(r[1] if r is not None else ops.zeros_like(x))
+    return out[0] if single_x and len(out) == 1 else out
+
+
+def _prepare_args(args, argnums):
+    from ..tensor import Tensor
+    from .. import ops
+    args = list(args)
+    targets = []
+    nested = False
+    for i in argnums:
+        if i >= len(args):
+            raise ValueError(f"grad: argnums {i} out of range for {len(args)} positional arguments")
+        a = args[i]
+        if not isinstance(a, Tensor):
+            a = Tensor._from_value(a)
+        if not np.issubdtype(a.dtype, np.floating):
+            raise TypeError(f"grad: argument {i} has dtype {a.dtype}; only floating tensors have gradients")
+        if a.requires_grad:
+            nested = True
+            a = ops.identity(a)          # a fresh node: the inner gradient stops here, the outer sees through
+        else:
+            a = a.detach()
+            a.requires_grad = True
+        args[i] = a
+        targets.append(a)
+    return args, targets, nested
+
+
+def value_and_grad(fun, argnums=0, has_aux=False):
+    """Return a function computing ``(fun(*args), gradient)``; gradient is a tuple when argnums is a tuple."""
+    multi = isinstance(argnums, (tuple, list))
+    nums = tuple(argnums) if multi else (argnums,)
+
+    def vg(*args, **kwargs):
+        args, targets, nested = _prepare_args(args, nums)
+        with enable_grad():
+            out = fun(*args, **kwargs)
+        aux = None
+        if has_aux:
+            out, aux = out
+        from ..tensor import Tensor
+        if not isinstance(out, Tensor):
+            raise TypeError(f"grad: the function must return a scalar Tensor, got {type(out).__name__}")
+        if out.size != 1:
+            raise ValueError(f"grad: the function must return a scalar, got shape {out.shape}")
+        create = nested or bool(_State.interpreters)
+        gs = gradients(out, targets, create_graph=create)
+        if not create:
+            gs = [g.detach() for g in gs]
+            out = out.detach()
+        g = tuple(gs) if multi else gs[0]
+        return ((out, aux), g) if has_aux else (out, g)
+
+    vg.__name__ = f"value_and_grad({getattr(fun, '__name__', 'f')})"
+    return vg
+
+
+def grad(fun, argnums=0, has_aux=False):
+    """Return a function computing the gradient of scalar ``fun`` w.r.t. the arguments ``argnums``."""
+    vg = value_and_grad(fun, argnums, has_aux)
+
+    def g_plain(*args, **kwargs):
+        return vg(*args, **kwargs)[1]
+
+    def g_aux(*args, **kwargs):
+        (v, aux), gr = vg(*args, **kwargs)
+        return gr, aux
+
+    out = g_aux if has_aux else g_plain
+    out.__name__ = f"grad({getattr(fun, '__name__', 'f')})"
+    return out

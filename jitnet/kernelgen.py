@@ -1,0 +1,232 @@
+"""Generated elementwise kernels and the on-disk kernel cache.
+
+Every elementwise primitive carries a scalar expression template (see ``jitnet.ops``). This module turns a
+small *elementwise program* -- one op in eager mode, a whole fused group under ``jitnet.jit`` -- into Python
+source for ``@njit(cache=True)`` kernels, writes that source atomically into the kernel cache directory as a
+module whose name is the hash of its text, registers it in ``sys.modules`` and executes it. Numba's own disk
+cache then sits next to the module file, so a second process compiles nothing.
+
+Kernels come in two flavours per program: a serial one (a few hundred nanoseconds per call, for small arrays)
+and a ``parallel=True`` one with ``prange`` over the outermost loop (for large arrays). Ranks are arbitrary:
+the loop nest is generated for the rank of the (collapsed) output.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+import tempfile
+import threading
+
+import numpy as np
+
+__all__ = ["cache_dir", "load_source", "ElementwiseProgram", "elementwise_kernels", "stats"]
+
+_lock = threading.RLock()
+_modules: dict[str, object] = {}
+_dispatchers: list = []          # every generated dispatcher, for compile / cache-hit counters
+_counters = {"modules_written": 0, "modules_loaded": 0, "modules_rebuilt": 0}
+
+#: Arrays with at least this many elements use the parallel kernel.
+PARALLEL_THRESHOLD = 1 << 16
+
+
+def cache_dir() -> str:
+    """Return the kernel cache directory (``$JITNET_CACHE_DIR`` or ``<user cache>/jitnet/kernels``)."""
+    d = os.environ.get("JITNET_CACHE_DIR")
+    if not d:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        d = os.path.join(base, "jitnet", "kernels")
+    return d
+
+
+def _versions_salt() -> str:
+    import numba
+
+    from . import __version__
+    here = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(here, "kernels_cpu.py"), "rb") as f:
+        kc = hashlib.sha256(f.read()).hexdigest()[:16]
+    return f"jitnet={__version__};numba={numba.__version__};numpy={np.__version__};kernels_cpu={kc}"
+
+
+_salt: str | None = None
+
+
+def _atomic_write(path: str, text: str) -> None:
+    d = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".py", dir=d)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def load_source(source: str, target: str = "cpu", flags: str = ""):
+    """Return the module built from generated ``source``, writing it to the cache directory if needed.
+
+    The module name is ``jitnet_k_<sha256(source, target, flags, versions)>``. A cache file whose text differs
+    from ``source`` (corrupt, truncated) is rewritten; Numba's index then sees a new file and recompiles.
+    """
+    global _salt
+    if _salt is None:
+        _salt = _versions_salt()
+    key = hashlib.sha256("\0".join((source, target, flags, _salt)).encode()).hexdigest()[:32]
+    name = f"jitnet_k_{key}"
+    mod = _modules.get(name)
+    if mod is not None:
+        return mod
+    with _lock:
+        mod = _modules.get(name)
+        if mod is not None:
+            return mod
+        d = cache_dir()
+        os.makedirs(d, exist_ok=True)
+        path = os.path.join(d, name + ".py")
+        try:
+            with open(path, encoding="utf-8") as f:
+                ok = f.read() == source
+            if not ok:
+                _counters["modules_rebuilt"] += 1
+        except (OSError, UnicodeDecodeError):
+            ok = False
+        if not ok:
+            _atomic_write(path, source)
+            _counters["modules_written"] += 1
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        try:
+            spec.loader.exec_module(mod)
+        except BaseException:
+            del sys.modules[name]
+            raise
+        _counters["modules_loaded"] += 1
+        for v in vars(mod).values():
+            if hasattr(v, "_cache_hits") and hasattr(v, "overloads"):
+                _dispatchers.append(v)
+        _modules[name] = mod
+        return mod
+
+
+def stats() -> dict:
+    """Return counters: generated modules written/loaded/rebuilt, and compiles / disk-cache hits of kernels."""
+    from . import kernels_cpu
+
+    disps = list(_dispatchers) + kernels_cpu.all_dispatchers()
+    compiles = sum(sum(d._cache_misses.values()) for d in disps)
+    hits = sum(sum(d._cache_hits.values()) for d in disps)
+    return dict(_counters, compiles=compiles, cache_hits=hits)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Elementwise programs
+# --------------------------------------------------------------------------------------------------------------
+
+_DTYPE_NAMES = {np.dtype(t): n for t, n in [
+    (np.float32, "float32"), (np.float64, "float64"), (np.float16, "float16"), (np.int8, "int8"),
+    (np.int16, "int16"), (np.int32, "int32"), (np.int64, "int64"), (np.uint8, "uint8"), (np.bool_, "bool_")]}
+
+
+def dtype_name(dt) -> str:
+    """Return the NumPy scalar-type name used in generated source for dtype ``dt``."""
+    return _DTYPE_NAMES[np.dtype(dt)]
+
+
+class ElementwiseProgram:
+    """A straight-line program over scalars: inputs, a list of ops, outputs.
+
+    ``inputs``: list of ``(dtype, is_scalar)``. ``ops``: list of ``(expr, dtype)`` where ``expr`` is a Python
+    expression over names ``x0..`` (inputs) and ``t0..`` (earlier ops); each op's value is stored in ``tK``
+    cast to ``dtype``. ``outputs``: list of ``(name, dtype)`` naming the values written to output arrays.
+    """
+
+    __slots__ = ("inputs", "ops", "outputs")
+
+    def __init__(self, inputs, ops, outputs):
+        self.inputs = [(np.dtype(d), bool(s)) for d, s in inputs]
+        self.ops = [(e, np.dtype(d)) for e, d in ops]
+        self.outputs = [(n, np.dtype(d)) for n, d in outputs]
+
+    def source(self, rank: int) -> str:
+        """Return the source of the serial and parallel kernels.
+
+        ``rank == 0`` means *flat* mode: every array operand is C-contiguous with the output's shape (any
+        rank) and is flattened inside the kernel. Otherwise operands are strided views of the output's
+        ``rank``-dimensional shape (zero strides for broadcast dims). Scalar operands are size-1 arrays read
+        once before the loop.
+        """
+        nin, nout = len(self.inputs), len(self.outputs)
+        args = [f"in{i}" for i in range(nin)] + [f"out{j}" for j in range(nout)]
+        lines = [
+            "# jitnet generated elementwise kernel: edit the program, not this file",
+            "import math",
+            "import numpy as np",
+            "from numpy import float16, float32, float64, int8, int16, int32, int64, uint8, bool_",
+            "from numba import njit, prange",
+            "from jitnet.kernels_cpu import *  # scalar helpers",
+            "",
+        ]
+        for par in (False, True):
+            name = "kernel_parallel" if par else "kernel_serial"
+            deco = ("@njit(parallel=True, cache=True, nogil=True, error_model='numpy')" if par
+                    else "@njit(cache=True, nogil=True, error_model='numpy')")
+            lines += [deco, f"def {name}({', '.join(args)}):"]
+            ind = "    "
+            for i, (dt, sc) in enumerate(self.inputs):
+                if sc:
+                    lines.append(f"{ind}x{i} = in{i}.reshape(1)[0]")
+            if rank == 0:
+                lines.append(f"{ind}n = out0.size")
+                for i, (dt, sc) in enumerate(self.inputs):
+                    if not sc:
+                        lines.append(f"{ind}f{i} = in{i}.reshape(n)")
+                for j in range(nout):
+                    lines.append(f"{ind}o{j} = out{j}.reshape(n)")
+                lines.append(f"{ind}for i in {'prange' if par else 'range'}(n):")
+                ind += "    "
+                idx, src, dst = "i", "f", "o"
+            else:
+                for k in range(rank):
+                    rng = "prange" if (par and k == 0) else "range"
+                    lines.append(f"{ind}for i{k} in {rng}(out0.shape[{k}]):")
+                    ind += "    "
+                idx, src, dst = ", ".join(f"i{k}" for k in range(rank)), "in", "out"
+            for i, (dt, sc) in enumerate(self.inputs):
+                if not sc:
+                    lines.append(f"{ind}x{i} = {src}{i}[{idx}]")
+            for k, (expr, dt) in enumerate(self.ops):
+                lines.append(f"{ind}t{k} = {dtype_name(dt)}({expr})")
+            for j, (n, dt) in enumerate(self.outputs):
+                lines.append(f"{ind}{dst}{j}[{idx}] = {n}")
+            lines.append("")
+        return "\n".join(lines) + "\n"
+
+
+def entry_point(dispatcher, args):
+    """Return the compiled C entry point of ``dispatcher`` for ``args`` (skips type dispatch), or None."""
+    from numba import typeof
+    try:
+        sig = tuple(typeof(a) for a in args)
+        cres = dispatcher.overloads.get(sig)
+        if cres is None:
+            sig = tuple(t.copy(readonly=False) if hasattr(t, "readonly") and t.readonly else t for t in sig)
+            cres = dispatcher.overloads.get(sig)
+        return None if cres is None else cres.entry_point
+    except Exception:
+        return None
+
+
+def elementwise_kernels(program: ElementwiseProgram, rank: int):
+    """Return ``(serial, parallel)`` dispatchers for ``program`` (rank 0: flat mode; else strided of rank)."""
+    mod = load_source(program.source(rank), "cpu")
+    return mod.kernel_serial, mod.kernel_parallel

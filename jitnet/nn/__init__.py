@@ -1,0 +1,4 @@
+"""Neural-network layers, losses and initializers."""
+from . import functional
+
+__all__ = ["functional"]

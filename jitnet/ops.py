@@ -1,0 +1,1636 @@
+"""Array operations with NumPy names: one registry row per primitive, next to its public function.
+
+Each primitive is defined by ``Primitive(name, impl=..., vjp=..., template=...)``:
+
+* ``impl["cpu"]`` computes it on NumPy arrays with a kernel from ``kernels_cpu`` (or, for elementwise
+  primitives, a kernel generated from ``template`` by ``kernelgen``);
+* ``vjp(g, ans, inputs, needs, **params)`` returns one gradient per input (or None), written in jitnet ops so
+  that it runs eagerly, traces into graphs and can be differentiated again. VJPs never undo broadcasting: the
+  backward pass sums each gradient back to its input's shape in one place (``autodiff.core``).
+"""
+from __future__ import annotations
+
+import builtins
+import math
+import numbers
+
+import numpy as np
+
+from . import kernelgen
+from . import kernels_cpu as K
+from .autodiff.core import Primitive, apply, current_interpreter
+from .tensor import (Tensor, _infer_array, _normalize_dtype, bool_, float32, float64, int64)
+
+_abs = builtins.abs
+_min = builtins.min
+_max = builtins.max
+_sum = builtins.sum
+_all = builtins.all
+_any = builtins.any
+
+# ==============================================================================================================
+# Helpers: argument coercion and dtype promotion
+# ==============================================================================================================
+
+_SCALAR_CACHE: dict = {}
+
+
+def _scalar_tensor(value, dtype):
+    key = (type(value), value, dtype)
+    t = _SCALAR_CACHE.get(key)
+    if t is None:
+        if len(_SCALAR_CACHE) > 4096:
+            _SCALAR_CACHE.clear()
+        t = Tensor._wrap(np.array(value, dtype=dtype))
+        _SCALAR_CACHE[key] = t
+    return t
+
+
+def _weak_dtype(value, strong):
+    """dtype for a Python scalar combined with tensors of dtype ``strong`` (scalars do not widen tensors)."""
+    if isinstance(value, (bool, np.bool_)):
+        return strong if strong is not None else bool_
+    if isinstance(value, numbers.Integral):
+        if strong is None or strong == bool_:
+            return int64
+        return strong
+    if isinstance(value, numbers.Real):
+        if strong is None or strong.kind != "f":
+            return float32
+        return strong
+    raise TypeError(f"unsupported operand type {type(value).__name__}")
+
+
+def _coerce(*args):
+    """Return the arguments as tensors; Python scalars take the dtype of the tensor operands."""
+    strong = None
+    for a in args:
+        if isinstance(a, Tensor):
+            strong = a.dtype if strong is None else np.promote_types(strong, a.dtype)
+    out = []
+    for a in args:
+        if isinstance(a, Tensor):
+            out.append(a)
+        elif isinstance(a, (numbers.Number, np.bool_)) and not isinstance(a, np.ndarray):
+            out.append(_scalar_tensor(a.item() if isinstance(a, np.generic) else a, _weak_dtype(a, strong)))
+        else:
+            out.append(Tensor._wrap(_infer_array(a)))
+    return out
+
+
+def _as_tensor(x):
+    return x if isinstance(x, Tensor) else Tensor._wrap(_infer_array(x))
+
+
+def _float_dtype(dt):
+    return dt if dt.kind == "f" else float32
+
+
+def _norm_axis(axis, ndim, op):
+    if axis < -ndim or axis >= _max(ndim, 1):
+        raise ValueError(f"{op}: axis {axis} is out of bounds for a tensor of {ndim} dimensions")
+    return axis % _max(ndim, 1)
+
+
+def _norm_axes(axis, ndim, op):
+    if axis is None:
+        return tuple(range(ndim))
+    if isinstance(axis, (int, np.integer)):
+        axis = (int(axis),)
+    axes = tuple(sorted({_norm_axis(int(a), ndim, op) for a in axis}))
+    return axes
+
+
+# ==============================================================================================================
+# Elementwise execution: plans cached by (primitive, dtypes, shapes, strides)
+# ==============================================================================================================
+
+def _collapse(shape, strides_list):
+    """Merge adjacent dims that are contiguous in every operand; return (shape, [strides per operand])."""
+    dims = [(s, [st[i] for st in strides_list]) for i, s in enumerate(shape) if s != 1]
+    if not dims:
+        return (1,), [(0,) for _ in strides_list]
+    out_shape = [dims[0][0]]
+    out_strides = [[st] for st in dims[0][1]]
+    for s, sts in dims[1:]:
+        if _all(o[-1] == st * s for o, st in zip(out_strides, sts)):
+            out_shape[-1] *= s
+            for o, st in zip(out_strides, sts):
+                o[-1] = st
+        else:
+            out_shape.append(s)
+            for o, st in zip(out_strides, sts):
+                o.append(st)
+    return tuple(out_shape), [tuple(o) for o in out_strides]
+
+
+class _EwPlan:
+    """How to run one elementwise kernel for one signature (dtypes, shapes, strides) of its operands."""
+
+    __slots__ = ("oshape", "odtype", "flat", "serial", "parallel", "cshape", "cstrides", "size", "scalar",
+                 "entry")
+
+    def run(self, arrays):
+        out = np.empty(self.oshape, self.odtype)
+        if self.flat:
+            ep = self.entry
+            if ep is not None:
+                ep(*arrays, out)
+                return out
+            k = self.parallel if self.size >= kernelgen.PARALLEL_THRESHOLD else self.serial
+            k(*arrays, out)
+            self.entry = kernelgen.entry_point(k, (*arrays, out))
+            return out
+        k = self.parallel if self.size >= kernelgen.PARALLEL_THRESHOLD else self.serial
+        if self.flat:
+            k(*arrays, out)
+        else:
+            as_strided = np.lib.stride_tricks.as_strided
+            k(*[a if sc else as_strided(a, self.cshape, st)
+                for a, sc, st in zip(arrays, self.scalar, self.cstrides)], out.reshape(self.cshape))
+        return out
+
+
+def _ew_build(prim, arrays, odtype, expr):
+    shapes = [a.shape for a in arrays]
+    try:
+        oshape = np.broadcast_shapes(*shapes)
+    except ValueError:
+        raise ValueError(f"{prim.name}: operands could not be broadcast together with shapes "
+                         + " and ".join(str(s) for s in shapes)) from None
+    size = int(np.prod(oshape)) if oshape else 1
+    p = _EwPlan()
+    p.entry = None
+    p.oshape, p.odtype, p.size = oshape, odtype, size
+    p.scalar = tuple(a.size == 1 and size != 1 for a in arrays)
+    p.flat = _all(sc or (a.shape == oshape and a.flags.c_contiguous) for a, sc in zip(arrays, p.scalar))
+    if p.flat:
+        rank = 0
+    else:
+        strides = []
+        for a, sc in zip(arrays, p.scalar):
+            if sc:
+                strides.append((0,) * len(oshape))
+                continue
+            pad = len(oshape) - a.ndim
+            strides.append(tuple([0] * pad + [0 if d == 1 else s for d, s in zip(a.shape, a.strides)]))
+        isz = np.dtype(odtype).itemsize
+        ostr = tuple(isz * int(np.prod(oshape[i + 1:])) for i in range(len(oshape)))
+        cshape, cstr = _collapse(oshape, strides + [ostr])
+        p.cshape, p.cstrides = cshape, cstr[:-1]
+        rank = len(cshape)
+    prog = kernelgen.ElementwiseProgram([(a.dtype, sc) for a, sc in zip(arrays, p.scalar)],
+                                        [(expr, odtype)], [("t0", odtype)])
+    p.serial, p.parallel = kernelgen.elementwise_kernels(prog, rank)
+    return p
+
+
+def _expr(template, in_dtypes, cdtype, odtype=None):
+    cn = kernelgen.dtype_name(cdtype)
+    names = [f"x{i}" if d == cdtype else f"{cn}(x{i})" for i, d in enumerate(in_dtypes)]
+    return template.format(*names, T=cn, O=kernelgen.dtype_name(odtype or cdtype))
+
+
+_EXPR_CACHE: dict = {}
+
+
+def _ew_plan(prim, arrays, params, sig=None):
+    """Return the cached plan for running elementwise ``prim`` on these arrays (built on first use)."""
+    plans = prim.extra["plans"]
+    if sig is None:
+        sig = tuple([(a.dtype, a.shape, a.strides) for a in arrays])
+        if params:
+            sig += (tuple(params.items()),)
+    p = plans.get(sig)
+    if p is None:
+        dts = tuple(a.dtype for a in arrays)
+        cdt, odt = prim.dtype_rule(dts, params)
+        tpl = prim.template(params) if callable(prim.template) else prim.template
+        p = _ew_build(prim, arrays, odt, _expr(tpl, dts, cdt, odt))
+        if len(plans) > 4096:
+            plans.clear()
+        plans[sig] = p
+    return p
+
+
+def _make_ew_impl(prim):
+    """Build the CPU impl of an elementwise primitive from its template and dtype rule."""
+    plans = prim.extra["plans"]
+
+    def impl(*arrays, **params):
+        if len(arrays) == 2 and not params:      # the hot path: a binary operator
+            a, b = arrays
+            sig = (a.dtype, a.shape, a.strides, b.dtype, b.shape, b.strides)
+            p = plans.get(sig)
+            if p is None:
+                p = _ew_plan(prim, arrays, params, sig)
+            return p.run(arrays)
+        return _ew_plan(prim, arrays, params).run(arrays)
+    return impl
+
+
+def _rule_arith(dts, params):
+    d = dts[0]
+    for x in dts[1:]:
+        if x != d:
+            d = np.promote_types(d, x)
+    return d, d
+
+
+def _rule_float(dts, params):
+    d, _ = _rule_arith(dts, params)
+    d = _float_dtype(d)
+    return d, d
+
+
+def _rule_compare(dts, params):
+    d, _ = _rule_arith(dts, params)
+    return d, bool_
+
+
+def _rule_logical(dts, params):
+    return bool_, bool_
+
+
+def _rule_cast(dts, params):
+    return dts[0], params["dtype"]
+
+
+def elementwise(name, template, rule, vjp=None, nondiff=False):
+    """Register an elementwise primitive with a scalar ``template`` over {0}, {1}, ... ({T}: compute dtype)."""
+    prim = Primitive(name, vjp=vjp, template=template, kind="elementwise", nondiff=nondiff or vjp is None)
+    prim.dtype_rule = rule
+    prim.extra["plans"] = {}
+    prim.impl = {"cpu": _make_ew_impl(prim)}
+    return prim
+
+
+def _where_template(p):
+    return "({1} if {0} else {2})"
+
+
+# ==============================================================================================================
+# Elementwise primitives
+# ==============================================================================================================
+
+def _zeros_grad(g, ans, ins, needs, **p):
+    return tuple(None for _ in ins)
+
+
+NEG = elementwise("negative", "-{0}", _rule_arith, lambda g, ans, ins, needs: (-g,))
+ADD = elementwise("add", "{0} + {1}", _rule_arith, lambda g, ans, ins, needs: (g, g))
+SUB = elementwise("subtract", "{0} - {1}", _rule_arith, lambda g, ans, ins, needs: (g, -g))
+MUL = elementwise("multiply", "{0} * {1}", _rule_arith,
+                  lambda g, ans, ins, needs: (g * ins[1] if needs[0] else None,
+                                              g * ins[0] if needs[1] else None))
+DIV = elementwise("divide", "{0} / {1}", _rule_float,
+                  lambda g, ans, ins, needs: (g / ins[1] if needs[0] else None,
+                                              -g * ans / ins[1] if needs[1] else None))
+
+
+def _pow_vjp(g, ans, ins, needs):
+    x, y = ins
+    gx = g * y * power(x, y - 1) if needs[0] else None
+    gy = g * ans * log(where(x > 0, x, ones_like(x))) if needs[1] else None
+    return gx, gy
+
+
+POW = elementwise("power", "{0} ** {1}", _rule_arith, _pow_vjp)
+MAXIMUM = elementwise("maximum", "maximum_s({0}, {1})", _rule_arith,
+                      lambda g, ans, ins, needs: (where(ins[0] >= ins[1], g, zeros_like(g)),
+                                                  where(ins[0] >= ins[1], zeros_like(g), g)))
+MINIMUM = elementwise("minimum", "minimum_s({0}, {1})", _rule_arith,
+                      lambda g, ans, ins, needs: (where(ins[0] <= ins[1], g, zeros_like(g)),
+                                                  where(ins[0] <= ins[1], zeros_like(g), g)))
+EXP = elementwise("exp", "math.exp({0})", _rule_float, lambda g, ans, ins, needs: (g * ans,))
+LOG = elementwise("log", "math.log({0}) if {0} > 0 else ({T}(-np.inf) if {0} == 0 else {T}(np.nan))",
+                  _rule_float, lambda g, ans, ins, needs: (g / ins[0],))
+LOG1P = elementwise("log1p", "math.log1p({0}) if {0} > -1 else ({T}(-np.inf) if {0} == -1 else {T}(np.nan))",
+                    _rule_float, lambda g, ans, ins, needs: (g / (ins[0] + 1),))
+SQRT = elementwise("sqrt", "math.sqrt({0}) if {0} >= 0 else {T}(np.nan)", _rule_float,
+                   lambda g, ans, ins, needs: (g / (ans * 2),))
+ABS = elementwise("abs", "abs({0})", _rule_arith, lambda g, ans, ins, needs: (g * sign(ins[0]),))
+SIGN = elementwise("sign", "sign_s({0}, {T}(0))", _rule_arith, None)
+SQUARE = elementwise("square", "{0} * {0}", _rule_arith, lambda g, ans, ins, needs: (g * ins[0] * 2,))
+RECIP = elementwise("reciprocal", "{T}(1) / {0}", _rule_float, lambda g, ans, ins, needs: (-g * ans * ans,))
+SIN = elementwise("sin", "math.sin({0})", _rule_float, lambda g, ans, ins, needs: (g * cos(ins[0]),))
+COS = elementwise("cos", "math.cos({0})", _rule_float, lambda g, ans, ins, needs: (-g * sin(ins[0]),))
+TANH = elementwise("tanh", "math.tanh({0})", _rule_float, lambda g, ans, ins, needs: (g * (1 - ans * ans),))
+SIGMOID = elementwise("sigmoid", "sigmoid_s({0}, {T}(1))", _rule_float,
+                      lambda g, ans, ins, needs: (g * ans * (1 - ans),))
+RELU = elementwise("relu", "{T}(0) if {0} <= {T}(0) else {0}", _rule_arith,
+                   lambda g, ans, ins, needs: (where(ins[0] > 0, g, zeros_like(g)),))
+SOFTPLUS = elementwise("softplus", "softplus_s({0}, {T}(0))", _rule_float,
+                       lambda g, ans, ins, needs: (g * sigmoid(ins[0]),))
+FLOOR = elementwise("floor", "math.floor({0})", _rule_arith, None)
+CEIL = elementwise("ceil", "math.ceil({0})", _rule_arith, None)
+ISNAN = elementwise("isnan", "{0} != {0}", _rule_compare, None)
+ISFINITE = elementwise("isfinite", "({0} - {0}) == 0", _rule_compare, None)
+FLOORDIV = elementwise(
+    "floor_divide", lambda p: "floordiv_s({0}, {1})", _rule_arith, None)
+REMAINDER = elementwise("remainder", "fmod_s({0}, {1})", _rule_arith,
+                        lambda g, ans, ins, needs: (g, -g * floor(ins[0] / ins[1]) if needs[1] else None))
+IFLOORDIV = elementwise("ifloor_divide", "ifloordiv_s({0}, {1})", _rule_arith, None)
+IREMAINDER = elementwise("iremainder", "imod_s({0}, {1})", _rule_arith, None)
+
+
+def _clip_vjp(g, ans, ins, needs):
+    x, lo, hi = ins
+    z = zeros_like(g)
+    inside = logical_and(x >= lo, x <= hi)
+    return (where(inside, g, z), where(x < lo, g, z) if needs[1] else None,
+            where(x > hi, g, z) if needs[2] else None)
+
+
+CLIP = elementwise("clip", "minimum_s(maximum_s({0}, {1}), {2})", _rule_arith, _clip_vjp)
+WHERE = elementwise("where", "({1} if {0} else {2})",
+                    lambda dts, p: (np.promote_types(dts[1], dts[2]),) * 2,
+                    lambda g, ans, ins, needs: (None, where(ins[0], g, zeros_like(g)),
+                                                where(ins[0], zeros_like(g), g)))
+
+_CMP = {}
+for _name, _sym in [("less", "<"), ("less_equal", "<="), ("greater", ">"), ("greater_equal", ">="),
+                    ("equal", "=="), ("not_equal", "!=")]:
+    _CMP[_name] = elementwise(_name, "{0} %s {1}" % _sym, _rule_compare, None)
+LAND = elementwise("logical_and", "bool_({0}) and bool_({1})", _rule_logical, None)
+LOR = elementwise("logical_or", "bool_({0}) or bool_({1})", _rule_logical, None)
+LXOR = elementwise("logical_xor", "bool_({0}) != bool_({1})", _rule_logical, None)
+LNOT = elementwise("logical_not", "not {0}", _rule_logical, None)
+BAND = elementwise("bitwise_and", "{0} & {1}", _rule_arith, None)
+BOR = elementwise("bitwise_or", "{0} | {1}", _rule_arith, None)
+BXOR = elementwise("bitwise_xor", "{0} ^ {1}", _rule_arith, None)
+BNOT = elementwise("bitwise_not", "~{0}", _rule_arith, None)
+
+
+def _cast_template(p):
+    return "({0} != 0)" if p["dtype"] == bool_ else "{O}({0})"
+
+
+CAST = elementwise("cast", _cast_template, _rule_cast,
+                   lambda g, ans, ins, needs, dtype: (g.astype(ins[0].dtype) if ins[0].dtype.kind == "f"
+                                                      else None,))
+COPY = elementwise("copy", "{0}", _rule_arith, lambda g, ans, ins, needs: (g,))
+
+
+def _un(prim):
+    def f(x):
+        return apply(prim, x if isinstance(x, Tensor) else _as_tensor(x))
+    f.__name__ = prim.name
+    f.__doc__ = f"Return the elementwise {prim.name} of x."
+    return f
+
+
+def _bin(prim):
+    def f(x, y):
+        if isinstance(x, Tensor) and isinstance(y, Tensor):
+            return apply(prim, x, y)
+        a, b = _coerce(x, y)
+        return apply(prim, a, b)
+    f.__name__ = prim.name
+    f.__doc__ = f"Return the elementwise {prim.name} of x and y (broadcasting)."
+    return f
+
+
+negative = _un(NEG)
+add = _bin(ADD)
+subtract = _bin(SUB)
+multiply = _bin(MUL)
+divide = _bin(DIV)
+true_divide = divide
+maximum = _bin(MAXIMUM)
+minimum = _bin(MINIMUM)
+exp = _un(EXP)
+log = _un(LOG)
+log1p = _un(LOG1P)
+sqrt = _un(SQRT)
+abs = _un(ABS)  # noqa: A001
+absolute = abs
+sign = _un(SIGN)
+square = _un(SQUARE)
+reciprocal = _un(RECIP)
+sin = _un(SIN)
+cos = _un(COS)
+tanh = _un(TANH)
+sigmoid = _un(SIGMOID)
+relu = _un(RELU)
+softplus = _un(SOFTPLUS)
+floor = _un(FLOOR)
+ceil = _un(CEIL)
+isnan = _un(ISNAN)
+isfinite = _un(ISFINITE)
+less = _bin(_CMP["less"])
+less_equal = _bin(_CMP["less_equal"])
+greater = _bin(_CMP["greater"])
+greater_equal = _bin(_CMP["greater_equal"])
+equal = _bin(_CMP["equal"])
+not_equal = _bin(_CMP["not_equal"])
+logical_and = _bin(LAND)
+logical_or = _bin(LOR)
+logical_xor = _bin(LXOR)
+logical_not = _un(LNOT)
+
+
+def power(x, y):
+    """Return x ** y elementwise (broadcasting)."""
+    a, b = _coerce(x, y)
+    if a.dtype.kind in "iub" and b.dtype.kind in "iub":
+        bv = b._data if current_interpreter() is None else None
+        if bv is not None and (bv < 0).any():
+            raise ValueError("power: integers to negative integer powers are not allowed")
+    return apply(POW, a, b)
+
+
+def floor_divide(x, y):
+    """Return floor(x / y) elementwise (integer division for integer tensors)."""
+    a, b = _coerce(x, y)
+    if a.dtype.kind in "iub" and b.dtype.kind in "iub":
+        return apply(IFLOORDIV, a, b)
+    return apply(FLOORDIV, a, b)
+
+
+def remainder(x, y):
+    """Return x mod y elementwise with the sign of y (NumPy's remainder)."""
+    a, b = _coerce(x, y)
+    if a.dtype.kind in "iub" and b.dtype.kind in "iub":
+        return apply(IREMAINDER, a, b)
+    return apply(REMAINDER, a, b)
+
+
+mod = remainder
+
+
+def _logic_or_bit(lprim, bprim):
+    def f(x, y):
+        a, b = _coerce(x, y)
+        if a.dtype == bool_ and b.dtype == bool_:
+            return apply(lprim, a, b)
+        if a.dtype.kind not in "iub" or b.dtype.kind not in "iub":
+            raise TypeError(f"{bprim.name}: operands must be integer or bool tensors, got {a.dtype} and "
+                            f"{b.dtype}")
+        return apply(bprim, a, b)
+    return f
+
+
+logical_and_or_bitwise = _logic_or_bit(LAND, BAND)
+logical_or_or_bitwise = _logic_or_bit(LOR, BOR)
+logical_xor_or_bitwise = _logic_or_bit(LXOR, BXOR)
+
+
+def logical_not_or_bitwise(x):
+    """Return ~x: logical not for bool tensors, bitwise not for integers."""
+    x = _as_tensor(x)
+    if x.dtype == bool_:
+        return apply(LNOT, x)
+    if x.dtype.kind not in "iu":
+        raise TypeError(f"bitwise_not: operand must be an integer or bool tensor, got {x.dtype}")
+    return apply(BNOT, x)
+
+
+def clip(x, a_min=None, a_max=None):
+    """Return x with values limited to [a_min, a_max] (either bound may be None)."""
+    x = _as_tensor(x)
+    if a_min is None and a_max is None:
+        raise ValueError("clip: at least one of a_min and a_max must be given")
+    if a_min is None:
+        return minimum(x, a_max)
+    if a_max is None:
+        return maximum(x, a_min)
+    a, lo, hi = _coerce(x, a_min, a_max)
+    return apply(CLIP, a, lo, hi)
+
+
+def where(condition, x=None, y=None):
+    """Return elements of x where condition is true, else of y (broadcasting)."""
+    if x is None and y is None:
+        return nonzero(condition)
+    c = _as_tensor(condition)
+    a, b = _coerce(x, y)
+    if c.dtype != bool_:
+        c = c.astype(bool_)
+    return apply(WHERE, c, a, b)
+
+
+def astype(x, dtype):
+    """Return x cast to ``dtype``."""
+    x = _as_tensor(x)
+    dt = _normalize_dtype(dtype)
+    if dt == x.dtype:
+        return x
+    return apply(CAST, x, dtype=dt)
+
+
+def copy(x):
+    """Return a new contiguous copy of x."""
+    return apply(COPY, _as_tensor(x))
+
+
+def _contiguous(a):
+    """Return a C-contiguous version of array ``a`` (copied by the generated copy kernel if needed)."""
+    if a.flags.c_contiguous:
+        return a
+    return COPY.impl["cpu"](a)
+
+
+# ==============================================================================================================
+# Views: identity, reshape, transpose, broadcast_to, flip, stop_gradient
+# ==============================================================================================================
+
+IDENTITY = Primitive("identity", impl={"cpu": lambda x: x}, kind="view",
+                     vjp=lambda g, ans, ins, needs: (g,))
+STOP_GRADIENT = Primitive("stop_gradient", impl={"cpu": lambda x: x}, kind="view", nondiff=True)
+
+
+def identity(x):
+    """Return x through a new tape node (shares the data)."""
+    return apply(IDENTITY, _as_tensor(x))
+
+
+def stop_gradient(x):
+    """Return x with no gradient flowing back through it."""
+    return apply(STOP_GRADIENT, _as_tensor(x))
+
+
+def _reshape_impl(x, shape):
+    if x.flags.c_contiguous:
+        return x.reshape(shape)
+    return _contiguous(x).reshape(shape)
+
+
+RESHAPE = Primitive("reshape", impl={"cpu": _reshape_impl}, kind="view",
+                    vjp=lambda g, ans, ins, needs, shape: (reshape(g, ins[0].shape),))
+
+
+def _resolve_shape(shape, size, op="reshape", src=None):
+    shape = tuple(int(s) for s in shape)
+    neg = [i for i, s in enumerate(shape) if s == -1]
+    if len(neg) > 1:
+        raise ValueError(f"{op}: can only specify one unknown dimension (-1), got {shape}")
+    known = 1
+    for s in shape:
+        if s != -1:
+            if s < 0:
+                raise ValueError(f"{op}: negative dimension {s} in {shape}")
+            known *= s
+    if neg:
+        if known == 0 or size % known:
+            raise ValueError(f"{op}: cannot reshape tensor of shape {src} (size {size}) into shape {shape}")
+        shape = tuple(size // known if s == -1 else s for s in shape)
+    elif known != size:
+        raise ValueError(f"{op}: cannot reshape tensor of shape {src} (size {size}) into shape {shape}")
+    return shape
+
+
+def reshape(x, *shape):
+    """Return x with a new shape (one dimension may be -1)."""
+    x = _as_tensor(x)
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+        shape = shape[0]
+    shape = _resolve_shape(shape, x.size, "reshape", x.shape)
+    if shape == x.shape:
+        return x
+    return apply(RESHAPE, x, shape=shape)
+
+
+def flatten(x, start_axis=0, end_axis=-1):
+    """Return x with axes start_axis..end_axis merged into one (all axes by default)."""
+    x = _as_tensor(x)
+    if x.ndim == 0:
+        return reshape(x, (1,))
+    s = _norm_axis(start_axis, x.ndim, "flatten")
+    e = _norm_axis(end_axis, x.ndim, "flatten")
+    shp = x.shape[:s] + (-1,) + x.shape[e + 1:]
+    return reshape(x, shp)
+
+
+def _inv_perm(p):
+    inv = [0] * len(p)
+    for i, a in enumerate(p):
+        inv[a] = i
+    return tuple(inv)
+
+
+TRANSPOSE = Primitive("transpose", impl={"cpu": lambda x, axes: x.transpose(axes)}, kind="view",
+                      vjp=lambda g, ans, ins, needs, axes: (transpose(g, _inv_perm(axes)),))
+
+
+def transpose(x, axes=None, *more):
+    """Return x with its axes permuted (reversed when axes is None)."""
+    x = _as_tensor(x)
+    if more:
+        axes = (axes,) + more
+    if axes is None:
+        axes = tuple(range(x.ndim))[::-1]
+    axes = tuple(int(a) % _max(x.ndim, 1) for a in axes)
+    if sorted(axes) != list(range(x.ndim)):
+        raise ValueError(f"transpose: axes {axes} are not a permutation of {x.ndim} dimensions")
+    if axes == tuple(range(x.ndim)):
+        return x
+    return apply(TRANSPOSE, x, axes=axes)
+
+
+def swapaxes(x, a1, a2):
+    """Return x with axes a1 and a2 exchanged."""
+    x = _as_tensor(x)
+    p = list(range(x.ndim))
+    a1, a2 = _norm_axis(a1, x.ndim, "swapaxes"), _norm_axis(a2, x.ndim, "swapaxes")
+    p[a1], p[a2] = p[a2], p[a1]
+    return transpose(x, tuple(p))
+
+
+def moveaxis(x, source, destination):
+    """Return x with axis ``source`` moved to position ``destination``."""
+    x = _as_tensor(x)
+    s = _norm_axis(source, x.ndim, "moveaxis")
+    d = _norm_axis(destination, x.ndim, "moveaxis")
+    p = [i for i in range(x.ndim) if i != s]
+    p.insert(d, s)
+    return transpose(x, tuple(p))
+
+
+BROADCAST_TO = Primitive("broadcast_to", impl={"cpu": lambda x, shape: np.broadcast_to(x, shape)}, kind="view",
+                         vjp=lambda g, ans, ins, needs, shape: (g,))
+
+
+def broadcast_to(x, shape):
+    """Return a read-only view of x broadcast to ``shape``."""
+    x = _as_tensor(x)
+    shape = tuple(int(s) for s in shape)
+    try:
+        np.broadcast_shapes(x.shape, shape)
+        if np.broadcast_shapes(x.shape, shape) != shape:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"broadcast_to: cannot broadcast shape {x.shape} to {shape}") from None
+    if shape == x.shape:
+        return x
+    return apply(BROADCAST_TO, x, shape=shape)
+
+
+def broadcast_shapes(*shapes):
+    """Return the broadcast shape of the given shapes."""
+    return np.broadcast_shapes(*shapes)
+
+
+def sum_to(x, shape):
+    """Return x summed over broadcast dimensions so that it has ``shape`` (undoes broadcasting)."""
+    x = _as_tensor(x)
+    shape = tuple(shape)
+    if x.shape == shape:
+        return x
+    lead = x.ndim - len(shape)
+    axes = tuple(range(lead)) + tuple(i + lead for i, s in enumerate(shape) if s == 1 and x.shape[i + lead] != 1)
+    r = sum(x, axis=axes, keepdims=True) if axes else x
+    if lead:
+        r = reshape(r, shape)
+    elif r.shape != shape:
+        r = reshape(r, shape)
+    return r
+
+
+FLIP = Primitive("flip", impl={"cpu": lambda x, axes: x[tuple(slice(None, None, -1) if i in axes else slice(None)
+                                                          for i in range(x.ndim))]},
+                 kind="view", vjp=lambda g, ans, ins, needs, axes: (flip(g, axes),))
+
+
+def flip(x, axis=None):
+    """Return x with the order of elements reversed along ``axis`` (all axes when None)."""
+    x = _as_tensor(x)
+    axes = _norm_axes(axis, x.ndim, "flip")
+    return apply(FLIP, x, axes=axes)
+
+
+def expand_dims(x, axis):
+    """Return x with a new axis of length 1 inserted at ``axis``."""
+    x = _as_tensor(x)
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    nd = x.ndim + len(axes)
+    axes = sorted(a % nd for a in axes)
+    shp = list(x.shape)
+    for a in axes:
+        shp.insert(a, 1)
+    return reshape(x, tuple(shp))
+
+
+def squeeze(x, axis=None):
+    """Return x without axes of length 1 (only ``axis`` when given)."""
+    x = _as_tensor(x)
+    if axis is None:
+        shp = tuple(s for s in x.shape if s != 1)
+    else:
+        axes = _norm_axes(axis, x.ndim, "squeeze")
+        for a in axes:
+            if x.shape[a] != 1:
+                raise ValueError(f"squeeze: cannot squeeze axis {a} of size {x.shape[a]} (shape {x.shape})")
+        shp = tuple(s for i, s in enumerate(x.shape) if i not in axes)
+    return reshape(x, shp)
+
+
+def atleast_2d(x):
+    """Return x viewed with at least two dimensions."""
+    x = _as_tensor(x)
+    return reshape(x, (1,) * (2 - x.ndim) + x.shape) if x.ndim < 2 else x
+
+
+# ==============================================================================================================
+# Reductions
+# ==============================================================================================================
+
+_RED_CODE = {"sum": 0, "prod": 1, "max": 2, "min": 3}
+
+
+def _to_rows(x, axes):
+    """Return (2-D array, reduce_first) with the reduced axes either last (rows) or first (columns)."""
+    nd = x.ndim
+    kept = [i for i in range(nd) if i not in axes]
+    n = int(np.prod([x.shape[a] for a in axes])) if axes else 1
+    m = int(np.prod([x.shape[a] for a in kept])) if kept else 1
+    if x.flags.c_contiguous:
+        if list(axes) == list(range(nd - len(axes), nd)):
+            return x.reshape(m, n), False
+        if list(axes) == list(range(len(axes))):
+            return x.reshape(n, m), True
+    xt = _contiguous(x.transpose(kept + list(axes)))
+    return xt.reshape(m, n), False
+
+
+def _reduce_impl(x, op, axes, keepdims):
+    code = _RED_CODE[op]
+    odt = x.dtype
+    if op in ("sum", "prod") and x.dtype.kind in "biu":
+        odt = int64
+    elif op in ("max", "min") and x.dtype == bool_:
+        odt = bool_
+    if x.dtype != odt or x.dtype == bool_:
+        x = CAST.impl["cpu"](x, dtype=odt if odt != bool_ else np.dtype(np.uint8))
+    oshape_keep = tuple(1 if i in axes else s for i, s in enumerate(x.shape))
+    oshape = oshape_keep if keepdims else tuple(s for i, s in enumerate(x.shape) if i not in axes)
+    n = int(np.prod([x.shape[a] for a in axes])) if axes else 1
+    if n == 0:
+        if op in ("max", "min"):
+            raise ValueError(f"{op}: zero-size reduction over axes {axes} of shape {x.shape} has no identity")
+        return np.full(oshape, 0 if op == "sum" else 1, dtype=odt)
+    if x.size == 0:
+        return np.empty(oshape, dtype=odt)
+    x2, first = _to_rows(x, axes)
+    if first:
+        out = np.empty(x2.shape[1], dtype=x2.dtype)
+        if x2.size >= kernelgen.PARALLEL_THRESHOLD and x2.shape[0] >= 4 * K.numba.get_num_threads():
+            K.reduce_first_par(x2, out, code, int(K.numba.get_num_threads()))
+        else:
+            K.reduce_first(x2, out, code)
+    else:
+        out = np.empty(x2.shape[0], dtype=x2.dtype)
+        (K.reduce_last_par if x2.size >= kernelgen.PARALLEL_THRESHOLD else K.reduce_last)(x2, out, code)
+    out = out.reshape(oshape)
+    if odt == bool_:
+        out = out.astype(bool_)
+    return out
+
+
+def _keep_shape(shape, axes):
+    return tuple(1 if i in axes else s for i, s in enumerate(shape))
+
+
+def _reduce_vjp(g, ans, ins, needs, op, axes, keepdims):
+    x = ins[0]
+    ks = _keep_shape(x.shape, axes)
+    gk = reshape(g, ks)
+    if op == "sum":
+        return (broadcast_to(gk, x.shape),)
+    ak = reshape(ans, ks)
+    if op == "prod":
+        return (broadcast_to(gk * ak, x.shape) / x,)
+    mask = (x == ak).astype(x.dtype)
+    count = sum(mask, axis=axes, keepdims=True)
+    return (mask * (gk / count),)
+
+
+REDUCE = Primitive("reduce", impl={"cpu": _reduce_impl}, vjp=_reduce_vjp, kind="reduce")
+
+
+def _reduce(x, op, axis, keepdims):
+    x = _as_tensor(x)
+    axes = _norm_axes(axis, x.ndim, op)
+    if not axes and x.ndim > 0:
+        return x if op in ("max", "min") or x.dtype.kind == "f" else astype(x, int64)
+    return apply(REDUCE, x, op=op, axes=axes, keepdims=bool(keepdims))
+
+
+def sum(x, axis=None, keepdims=False):  # noqa: A001
+    """Return the sum over ``axis`` (all axes when None)."""
+    return _reduce(x, "sum", axis, keepdims)
+
+
+def prod(x, axis=None, keepdims=False):
+    """Return the product over ``axis``."""
+    return _reduce(x, "prod", axis, keepdims)
+
+
+def max(x, axis=None, keepdims=False):  # noqa: A001
+    """Return the maximum over ``axis`` (the gradient is shared among ties)."""
+    return _reduce(x, "max", axis, keepdims)
+
+
+def min(x, axis=None, keepdims=False):  # noqa: A001
+    """Return the minimum over ``axis``."""
+    return _reduce(x, "min", axis, keepdims)
+
+
+amax, amin = max, min
+
+
+def mean(x, axis=None, keepdims=False):
+    """Return the arithmetic mean over ``axis``."""
+    x = _as_tensor(x)
+    if x.dtype.kind != "f":
+        x = astype(x, float32)
+    axes = _norm_axes(axis, x.ndim, "mean")
+    n = int(np.prod([x.shape[a] for a in axes])) if axes else 1
+    return sum(x, axes, keepdims) * (1.0 / n if n else float("nan"))
+
+
+def var(x, axis=None, keepdims=False, ddof=0):
+    """Return the variance over ``axis`` (``ddof`` as in NumPy)."""
+    x = _as_tensor(x)
+    if x.dtype.kind != "f":
+        x = astype(x, float32)
+    axes = _norm_axes(axis, x.ndim, "var")
+    n = int(np.prod([x.shape[a] for a in axes])) if axes else 1
+    d = x - mean(x, axes, keepdims=True)
+    return sum(d * d, axes, keepdims) * (1.0 / _max(n - ddof, 0) if n - ddof > 0 else float("nan"))
+
+
+def std(x, axis=None, keepdims=False, ddof=0):
+    """Return the standard deviation over ``axis``."""
+    return sqrt(var(x, axis, keepdims, ddof))
+
+
+def norm(x, axis=None, keepdims=False):
+    """Return the Euclidean (L2) norm over ``axis``."""
+    return sqrt(sum(square(x), axis, keepdims))
+
+
+def all(x, axis=None, keepdims=False):  # noqa: A001
+    """Return True where every element over ``axis`` is true."""
+    x = _as_tensor(x)
+    if x.dtype != bool_:
+        x = astype(x, bool_)
+    return _reduce(x, "min", axis, keepdims)
+
+
+def any(x, axis=None, keepdims=False):  # noqa: A001
+    """Return True where some element over ``axis`` is true."""
+    x = _as_tensor(x)
+    if x.dtype != bool_:
+        x = astype(x, bool_)
+    return _reduce(x, "max", axis, keepdims)
+
+
+def _last_axis_rows(x, axis):
+    """Return (2-D contiguous rows array, moved shape) with ``axis`` moved last."""
+    nd = x.ndim
+    if axis != nd - 1:
+        perm = [i for i in range(nd) if i != axis] + [axis]
+        x = x.transpose(perm)
+    xc = _contiguous(x)
+    return xc.reshape(-1, x.shape[-1] if nd else 1), x.shape
+
+
+def _restore_axis(arr, moved_shape, axis, nd):
+    arr = arr.reshape(moved_shape)
+    if axis != nd - 1:
+        perm = list(range(nd - 1))
+        perm.insert(axis, nd - 1)
+        arr = arr.transpose(perm)
+    return arr
+
+
+def _logsumexp_impl(x, axis, keepdims):
+    if x.shape[axis] == 0:
+        raise ValueError(f"logsumexp: zero-size axis {axis} of shape {x.shape}")
+    rows, mshape = _last_axis_rows(x, axis)
+    out = np.empty(rows.shape[0], x.dtype)
+    K.logsumexp_last(rows, out)
+    shp = tuple(1 if i == axis else s for i, s in enumerate(x.shape))
+    out = out.reshape(shp)
+    return out if keepdims else out.reshape(tuple(s for i, s in enumerate(x.shape) if i != axis))
+
+
+def _logsumexp_vjp(g, ans, ins, needs, axis, keepdims):
+    x = ins[0]
+    ks = _keep_shape(x.shape, (axis,))
+    return (reshape(g, ks) * exp(x - reshape(ans, ks)),)
+
+
+LOGSUMEXP = Primitive("logsumexp", impl={"cpu": _logsumexp_impl}, vjp=_logsumexp_vjp, kind="reduce")
+
+
+def logsumexp(x, axis=-1, keepdims=False):
+    """Return log(sum(exp(x))) over ``axis`` (one stable kernel; several axes are reduced in turn)."""
+    x = _as_tensor(x)
+    if x.dtype.kind != "f":
+        x = astype(x, float32)
+    if axis is None or isinstance(axis, (tuple, list)):
+        axes = _norm_axes(axis, x.ndim, "logsumexp")
+        if len(axes) != 1:
+            m = stop_gradient(max(x, axes, keepdims=True))
+            r = log(sum(exp(x - m), axes, keepdims=True)) + m
+            return r if keepdims else squeeze(r, axes) if axes else r
+        axis = axes[0]
+    return apply(LOGSUMEXP, x, axis=_norm_axis(axis, x.ndim, "logsumexp"), keepdims=bool(keepdims))
+
+
+def _arg_impl(x, axis, is_max, keepdims):
+    if axis is None:
+        rows = _contiguous(x).reshape(1, -1)
+        oshape = (1,) * x.ndim if keepdims else ()
+    else:
+        rows, _ = _last_axis_rows(x, axis)
+        oshape = tuple(1 if i == axis else s for i, s in enumerate(x.shape)) if keepdims else \
+            tuple(s for i, s in enumerate(x.shape) if i != axis)
+    if rows.shape[1] == 0:
+        raise ValueError(f"{'argmax' if is_max else 'argmin'}: attempt to get the index of an empty sequence")
+    if rows.dtype == bool_:
+        rows = rows.astype(np.uint8)
+    out = np.empty(rows.shape[0], int64)
+    K.arg_reduce_last(rows, out, is_max)
+    return out.reshape(oshape)
+
+
+ARG = Primitive("argreduce", impl={"cpu": _arg_impl}, nondiff=True, kind="reduce")
+
+
+def argmax(x, axis=None, keepdims=False):
+    """Return the int64 indices of the maxima along ``axis`` (of the flattened tensor when None)."""
+    x = _as_tensor(x)
+    ax = None if axis is None else _norm_axis(axis, x.ndim, "argmax")
+    return apply(ARG, x, axis=ax, is_max=True, keepdims=bool(keepdims))
+
+
+def argmin(x, axis=None, keepdims=False):
+    """Return the int64 indices of the minima along ``axis``."""
+    x = _as_tensor(x)
+    ax = None if axis is None else _norm_axis(axis, x.ndim, "argmin")
+    return apply(ARG, x, axis=ax, is_max=False, keepdims=bool(keepdims))
+
+
+def _cum_impl(x, axis, op, exclusive, reverse):
+    odt = int64 if x.dtype.kind in "biu" else x.dtype
+    if x.dtype != odt:
+        x = CAST.impl["cpu"](x, dtype=odt)
+    x = _contiguous(x)
+    outer = int(np.prod(x.shape[:axis]))
+    inner = int(np.prod(x.shape[axis + 1:]))
+    x3 = x.reshape(outer, x.shape[axis], inner)
+    out = np.empty_like(x3)
+    K.cumulative(x3, out, 0 if op == "sum" else 1, bool(exclusive), bool(reverse))
+    return out.reshape(x.shape)
+
+
+def _cum_vjp(g, ans, ins, needs, axis, op, exclusive, reverse):
+    x = ins[0]
+    if op == "sum":
+        return (cumsum(g, axis, exclusive=exclusive, reverse=not reverse),)
+    return (cumsum(g * ans, axis, exclusive=exclusive, reverse=not reverse) / x,)
+
+
+CUMULATIVE = Primitive("cumulative", impl={"cpu": _cum_impl}, vjp=_cum_vjp)
+
+
+def cumsum(x, axis=0, exclusive=False, reverse=False):
+    """Return the cumulative sum along ``axis`` (``exclusive`` and ``reverse`` as in TensorFlow)."""
+    x = _as_tensor(x)
+    if x.ndim == 0:
+        x = reshape(x, (1,))
+    return apply(CUMULATIVE, x, axis=_norm_axis(axis, x.ndim, "cumsum"), op="sum", exclusive=bool(exclusive),
+                 reverse=bool(reverse))
+
+
+def cumprod(x, axis=0, exclusive=False, reverse=False):
+    """Return the cumulative product along ``axis`` (``exclusive`` and ``reverse`` as in TensorFlow)."""
+    x = _as_tensor(x)
+    if x.ndim == 0:
+        x = reshape(x, (1,))
+    return apply(CUMULATIVE, x, axis=_norm_axis(axis, x.ndim, "cumprod"), op="prod",
+                 exclusive=bool(exclusive), reverse=bool(reverse))
+
+
+# ==============================================================================================================
+# Softmax family (one fused, numerically stable kernel each)
+# ==============================================================================================================
+
+def _softmax_impl(x, axis, mode):
+    rows, mshape = _last_axis_rows(x, axis)
+    out = np.empty_like(rows)
+    if rows.shape[1]:
+        (K.softmax_last_par if rows.size >= kernelgen.PARALLEL_THRESHOLD else K.softmax_last)(rows, out, mode)
+    return _restore_axis(out, mshape, axis, x.ndim)
+
+
+SOFTMAX = Primitive("softmax", impl={"cpu": lambda x, axis: _softmax_impl(x, axis, 0)},
+                    vjp=lambda g, ans, ins, needs, axis: (ans * (g - sum(g * ans, axis, keepdims=True)),))
+LOG_SOFTMAX = Primitive("log_softmax", impl={"cpu": lambda x, axis: _softmax_impl(x, axis, 1)},
+                        vjp=lambda g, ans, ins, needs, axis: (g - exp(ans) * sum(g, axis, keepdims=True),))
+
+
+def softmax(x, axis=-1):
+    """Return exp(x) / sum(exp(x)) along ``axis``, computed stably in one kernel."""
+    x = _as_tensor(x)
+    if x.dtype.kind != "f":
+        x = astype(x, float32)
+    return apply(SOFTMAX, x, axis=_norm_axis(axis, x.ndim, "softmax"))
+
+
+def log_softmax(x, axis=-1):
+    """Return x - logsumexp(x) along ``axis``, computed stably in one kernel."""
+    x = _as_tensor(x)
+    if x.dtype.kind != "f":
+        x = astype(x, float32)
+    return apply(LOG_SOFTMAX, x, axis=_norm_axis(axis, x.ndim, "log_softmax"))
+
+
+# ==============================================================================================================
+# Matmul
+# ==============================================================================================================
+
+def _matmul_impl(a, b):
+    dt = np.promote_types(a.dtype, b.dtype)
+    cdt = dt if dt.kind == "f" and dt != np.float16 else float64 if dt.kind != "f" else float32
+    if a.dtype != cdt:
+        a = a.astype(cdt)
+    if b.dtype != cdt:
+        b = b.astype(cdt)
+    m, k = a.shape[-2:]
+    n = b.shape[-1]
+    if a.ndim == 2 and b.ndim == 2:
+        out = np.empty((m, n), cdt)
+        if m and n:
+            if k == 0:
+                out[...] = 0
+            else:
+                K.matmul_2d(a, b, out)
+        return out if cdt == dt else out.astype(dt)
+    batch = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    if b.ndim == 2 and a.flags.c_contiguous:
+        out = np.empty((int(np.prod(batch)) * m, n), cdt)
+        if out.size:
+            if k == 0:
+                out[...] = 0
+            else:
+                K.matmul_2d(a.reshape(-1, k), b, out)
+        out = out.reshape(batch + (m, n))
+        return out if cdt == dt else out.astype(dt)
+    nb = int(np.prod(batch))
+    a3 = np.broadcast_to(a, batch + (m, k)).reshape(nb, m, k) if a.shape[:-2] == batch else \
+        _contiguous(np.broadcast_to(a, batch + (m, k))).reshape(nb, m, k)
+    b3 = np.broadcast_to(b, batch + (k, n)).reshape(nb, k, n) if b.shape[:-2] == batch else \
+        _contiguous(np.broadcast_to(b, batch + (k, n))).reshape(nb, k, n)
+    out = np.empty((nb, m, n), cdt)
+    if out.size:
+        if k == 0:
+            out[...] = 0
+        else:
+            K.matmul_batched(a3, b3, out)
+    out = out.reshape(batch + (m, n))
+    return out if cdt == dt else out.astype(dt)
+
+
+def _matmul_vjp(g, ans, ins, needs):
+    a, b = ins
+    ga = matmul(g, swapaxes(b, -1, -2)) if needs[0] else None
+    gb = matmul(swapaxes(a, -1, -2), g) if needs[1] else None
+    return ga, gb
+
+
+MATMUL = Primitive("matmul", impl={"cpu": _matmul_impl}, vjp=_matmul_vjp)
+
+
+def matmul(a, b):
+    """Return the matrix product a @ b (NumPy semantics: vectors, matrices, broadcast batches)."""
+    a, b = _as_tensor(a), _as_tensor(b)
+    if a.ndim == 0 or b.ndim == 0:
+        raise ValueError(f"matmul: operands must have at least one dimension, got shapes {a.shape} and "
+                         f"{b.shape}")
+    ka = a.shape[-1]
+    kb = b.shape[0] if b.ndim == 1 else b.shape[-2]
+    if ka != kb:
+        raise ValueError(f"matmul: shapes {a.shape} and {b.shape} are not aligned: {ka} (last dim of the first) "
+                         f"!= {kb} (dim {-1 if b.ndim == 1 else -2} of the second)")
+    if a.ndim > 2 or b.ndim > 2:
+        try:
+            np.broadcast_shapes(a.shape[:-2], b.shape[:-2] if b.ndim > 1 else ())
+        except ValueError:
+            raise ValueError(f"matmul: batch dimensions of shapes {a.shape} and {b.shape} do not broadcast") \
+                from None
+    va, vb = a.ndim == 1, b.ndim == 1
+    if va:
+        a = reshape(a, (1, ka))
+    if vb:
+        b = reshape(b, (kb, 1))
+    out = apply(MATMUL, a, b)
+    if va and vb:
+        return reshape(out, ())
+    if va:
+        return squeeze(out, -2)
+    if vb:
+        return squeeze(out, -1)
+    return out
+
+
+def dot(a, b):
+    """Return the dot product (matmul for 1-D and 2-D operands)."""
+    return matmul(a, b)
+
+
+def tensordot_last(a, b):
+    """Return sum over the last axis of a and first of b (a (.., k) @ b (k, ..))."""
+    return matmul(a, b)
+
+
+# ==============================================================================================================
+# Joining, splitting, padding
+# ==============================================================================================================
+
+def _copy_into(dst, src):
+    """Copy ``src`` (broadcast) into the view ``dst`` with the generated copy kernel."""
+    if dst.size == 0:
+        return
+    if src.dtype != dst.dtype:
+        src = CAST.impl["cpu"](src, dtype=dst.dtype)
+    src = np.broadcast_to(src, dst.shape)
+    shape, (sst, dstst) = _collapse(dst.shape, [tuple(0 if d == 1 else s for d, s in zip(src.shape, src.strides)),
+                                                dst.strides])
+    as_strided = np.lib.stride_tricks.as_strided
+    prog = kernelgen.ElementwiseProgram([(src.dtype, False)], [("x0", dst.dtype)], [("t0", dst.dtype)])
+    ks, kp = kernelgen.elementwise_kernels(prog, len(shape))
+    k = kp if dst.size >= kernelgen.PARALLEL_THRESHOLD else ks
+    k(as_strided(src, shape, sst), as_strided(dst, shape, dstst))
+
+
+def _concat_impl(*arrays, axis):
+    dt = arrays[0].dtype
+    for a in arrays[1:]:
+        dt = np.promote_types(dt, a.dtype)
+    shp = list(arrays[0].shape)
+    shp[axis] = _sum(a.shape[axis] for a in arrays)
+    out = np.empty(shp, dt)
+    off = 0
+    for a in arrays:
+        n = a.shape[axis]
+        sl = (slice(None),) * axis + (slice(off, off + n),)
+        _copy_into(out[sl], a)
+        off += n
+    return out
+
+
+def _concat_vjp(g, ans, ins, needs, axis):
+    res, off = [], 0
+    for t, need in zip(ins, needs):
+        n = t.shape[axis]
+        res.append(getitem(g, (slice(None),) * axis + (slice(off, off + n),)) if need else None)
+        off += n
+    return tuple(res)
+
+
+CONCAT = Primitive("concatenate", impl={"cpu": _concat_impl}, vjp=_concat_vjp)
+
+
+def concatenate(tensors, axis=0):
+    """Return the tensors joined along an existing ``axis``."""
+    ts = [_as_tensor(t) for t in tensors]
+    if not ts:
+        raise ValueError("concatenate: need at least one tensor")
+    nd = ts[0].ndim
+    if nd == 0:
+        raise ValueError("concatenate: zero-dimensional tensors cannot be concatenated")
+    ax = _norm_axis(axis, nd, "concatenate")
+    for i, t in enumerate(ts[1:], 1):
+        if t.ndim != nd or _any(t.shape[d] != ts[0].shape[d] for d in range(nd) if d != ax):
+            raise ValueError(f"concatenate: shapes {ts[0].shape} and {t.shape} (tensor {i}) differ outside "
+                             f"axis {ax}")
+    if len(ts) == 1:
+        return ts[0]
+    return apply(CONCAT, *ts, axis=ax)
+
+
+concat = concatenate
+
+
+def stack(tensors, axis=0):
+    """Return the tensors joined along a new ``axis``."""
+    ts = [_as_tensor(t) for t in tensors]
+    if not ts:
+        raise ValueError("stack: need at least one tensor")
+    for i, t in enumerate(ts[1:], 1):
+        if t.shape != ts[0].shape:
+            raise ValueError(f"stack: all tensors must have the same shape, got {ts[0].shape} and {t.shape} "
+                             f"(tensor {i})")
+    ax = axis % (ts[0].ndim + 1)
+    return concatenate([expand_dims(t, ax) for t in ts], ax)
+
+
+def split(x, indices_or_sections, axis=0):
+    """Return a list of sub-tensors of x split along ``axis`` (equal sections or at indices)."""
+    x = _as_tensor(x)
+    ax = _norm_axis(axis, x.ndim, "split")
+    n = x.shape[ax]
+    if isinstance(indices_or_sections, (int, np.integer)):
+        s = int(indices_or_sections)
+        if s <= 0 or n % s:
+            raise ValueError(f"split: axis {ax} of size {n} cannot be split into {s} equal sections")
+        bounds = [i * (n // s) for i in range(s + 1)]
+    else:
+        bounds = [0] + [int(i) for i in indices_or_sections] + [n]
+    pre = (slice(None),) * ax
+    return [getitem(x, pre + (slice(bounds[i], bounds[i + 1]),)) for i in range(len(bounds) - 1)]
+
+
+def _pad_impl(x, pad_width, value):
+    shp = tuple(s + lo + hi for s, (lo, hi) in zip(x.shape, pad_width))
+    out = np.full(shp, value, dtype=x.dtype)
+    sl = tuple(slice(lo, lo + s) for s, (lo, hi) in zip(x.shape, pad_width))
+    _copy_into(out[sl], x)
+    return out
+
+
+PAD = Primitive("pad", impl={"cpu": _pad_impl},
+                vjp=lambda g, ans, ins, needs, pad_width, value: (
+                    getitem(g, tuple(slice(lo, lo + s) for s, (lo, hi) in zip(ins[0].shape, pad_width))),))
+
+
+def pad(x, pad_width, mode="constant", constant_values=0):
+    """Return x padded with ``constant_values`` (``pad_width`` as in NumPy; only mode='constant')."""
+    x = _as_tensor(x)
+    if mode != "constant":
+        raise ValueError(f"pad: mode {mode!r} is not supported (only 'constant')")
+    pw = np.broadcast_to(np.asarray(pad_width, dtype=np.int64), (x.ndim, 2))
+    if (pw < 0).any():
+        raise ValueError(f"pad: negative pad width {pad_width}")
+    pw = tuple((int(a), int(b)) for a, b in pw)
+    return apply(PAD, x, pad_width=pw, value=constant_values)
+
+
+# ==============================================================================================================
+# Indexing: getitem, take, scatter_add, one_hot, take_along_axis, sort
+# ==============================================================================================================
+
+def _check_index_array(idx, bound, op, axis):
+    """Return ``idx`` as int64 with negatives wrapped; raise IndexError naming the index and the bound."""
+    if idx.dtype.kind not in "iu":
+        if idx.dtype == bool_:
+            raise TypeError(f"{op}: boolean index where an integer index was expected")
+        raise TypeError(f"{op}: indices must be integers, got dtype {idx.dtype}")
+    idx = np.ascontiguousarray(idx, dtype=np.int64)
+    flat = idx.reshape(-1)
+    if flat.size:
+        lo, hi = K.index_bounds(flat)
+        if hi >= bound or lo < -bound:
+            bad = hi if hi >= bound else lo
+            raise IndexError(f"{op}: index {bad} is out of bounds for axis {axis} with size {bound}")
+        if lo < 0:
+            flat = flat.copy()
+            K.wrap_negative(flat, bound)
+            idx = flat.reshape(idx.shape)
+    return idx
+
+
+def _take_impl(x, idx, axis):
+    idx = _check_index_array(idx, x.shape[axis], "take", axis)
+    x = _contiguous(x)
+    outer = int(np.prod(x.shape[:axis]))
+    inner = int(np.prod(x.shape[axis + 1:]))
+    out = np.empty((outer, idx.size, inner), x.dtype)
+    if out.size:
+        K.take_axis(x.reshape(outer, x.shape[axis], inner), idx.reshape(-1), out)
+    return out.reshape(x.shape[:axis] + idx.shape + x.shape[axis + 1:])
+
+
+def _take_vjp(g, ans, ins, needs, axis):
+    x, idx = ins
+    return scatter_add(zeros(x.shape, g.dtype), idx, g, axis), None
+
+
+TAKE = Primitive("take", impl={"cpu": _take_impl}, vjp=_take_vjp)
+
+
+def take(x, indices, axis=None):
+    """Return elements of x at integer ``indices`` along ``axis`` (of the flattened x when None)."""
+    x = _as_tensor(x)
+    idx = _as_tensor(indices)
+    if idx.dtype.kind not in "iu":
+        raise TypeError(f"take: indices must be integers, got dtype {idx.dtype}")
+    if axis is None:
+        x = reshape(x, (-1,))
+        axis = 0
+    return apply(TAKE, x, idx, axis=_norm_axis(axis, x.ndim, "take"))
+
+
+gather = take
+
+
+def _scatter_add_impl(x, idx, upd, axis):
+    idx = _check_index_array(idx, x.shape[axis], "scatter_add", axis)
+    out = np.array(x, copy=True, order="C")
+    outer = int(np.prod(x.shape[:axis]))
+    inner = int(np.prod(x.shape[axis + 1:]))
+    want = x.shape[:axis] + idx.shape + x.shape[axis + 1:]
+    if upd.shape != want:
+        try:
+            upd = np.broadcast_to(upd, want)
+        except ValueError:
+            raise ValueError(f"scatter_add: updates of shape {upd.shape} do not match {want} (x {x.shape}, "
+                             f"indices {idx.shape}, axis {axis})") from None
+    if upd.dtype != out.dtype:
+        upd = upd.astype(out.dtype)
+    upd = _contiguous(upd)
+    if upd.size:
+        K.scatter_add_axis(out.reshape(outer, x.shape[axis], inner), idx.reshape(-1),
+                           upd.reshape(outer, idx.size, inner))
+    return out
+
+
+SCATTER_ADD = Primitive("scatter_add", impl={"cpu": _scatter_add_impl},
+                        vjp=lambda g, ans, ins, needs, axis: (g, None, take(g, ins[1], axis) if needs[2] else None))
+
+
+def scatter_add(x, indices, updates, axis=0):
+    """Return a copy of x with ``updates`` added at ``indices`` along ``axis`` (duplicates accumulate)."""
+    x, idx, upd = _as_tensor(x), _as_tensor(indices), _as_tensor(updates)
+    if idx.dtype.kind not in "iu":
+        raise TypeError(f"scatter_add: indices must be integers, got dtype {idx.dtype}")
+    return apply(SCATTER_ADD, x, idx, upd, axis=_norm_axis(axis, x.ndim, "scatter_add"))
+
+
+def _one_hot_impl(idx, depth, dtype, on, off):
+    flat = np.ascontiguousarray(idx, dtype=np.int64).reshape(-1)
+    out = np.empty((flat.size, depth), dtype)
+    K.one_hot_kernel(flat, out, dtype.type(on), dtype.type(off))
+    return out.reshape(idx.shape + (depth,))
+
+
+ONE_HOT = Primitive("one_hot", impl={"cpu": _one_hot_impl}, nondiff=True)
+
+
+def one_hot(indices, depth, dtype=float32, on_value=1, off_value=0):
+    """Return a one-hot encoding of integer ``indices`` with a new last axis of size ``depth``."""
+    idx = _as_tensor(indices)
+    if idx.dtype.kind not in "iu":
+        raise TypeError(f"one_hot: indices must be integers, got dtype {idx.dtype}")
+    return apply(ONE_HOT, idx, depth=int(depth), dtype=_normalize_dtype(dtype), on=on_value, off=off_value)
+
+
+def _tal_impl(x, idx, axis):
+    idx = _check_index_array(idx, x.shape[axis], "take_along_axis", axis)
+    rows, mshape = _last_axis_rows(x, axis)
+    irows, imshape = _last_axis_rows(idx, axis)
+    if rows.shape[0] != irows.shape[0]:
+        raise ValueError(f"take_along_axis: x {x.shape} and indices {idx.shape} differ outside axis {axis}")
+    out = np.empty(irows.shape, x.dtype)
+    K.take_along_last(rows, irows, out)
+    return _restore_axis(out, imshape, axis, x.ndim)
+
+
+def _pal_impl(g, idx, shape, axis):
+    target = np.zeros(shape, g.dtype)
+    tmoved = np.moveaxis(target, axis, -1)
+    trows = _contiguous(tmoved).reshape(-1, shape[axis])
+    irows, _ = _last_axis_rows(idx, axis)
+    grows, _ = _last_axis_rows(g, axis)
+    K.put_along_last_add(trows, irows, grows)
+    return _restore_axis(trows, tmoved.shape, axis, len(shape))
+
+
+PUT_ALONG_ADD = Primitive("put_along_axis_add", impl={"cpu": _pal_impl},
+                          vjp=lambda g, ans, ins, needs, shape, axis: (take_along_axis(g, ins[1], axis), None))
+TAKE_ALONG = Primitive("take_along_axis", impl={"cpu": _tal_impl},
+                       vjp=lambda g, ans, ins, needs, axis: (
+                           apply(PUT_ALONG_ADD, g, ins[1], shape=ins[0].shape, axis=axis), None))
+
+
+def take_along_axis(x, indices, axis=-1):
+    """Return x[..., indices[..., j], ...] along ``axis`` (NumPy's take_along_axis)."""
+    x, idx = _as_tensor(x), _as_tensor(indices)
+    if idx.ndim != x.ndim:
+        raise ValueError(f"take_along_axis: indices must have the same number of dimensions as x, got "
+                         f"{idx.shape} and {x.shape}")
+    return apply(TAKE_ALONG, x, idx, axis=_norm_axis(axis, x.ndim, "take_along_axis"))
+
+
+def _argsort_impl(x, axis, descending):
+    rows, mshape = _last_axis_rows(x, axis)
+    out = np.empty(rows.shape, int64)
+    if rows.size:
+        K.argsort_last(rows, out, descending)
+    return _restore_axis(out, mshape, axis, x.ndim)
+
+
+ARGSORT = Primitive("argsort", impl={"cpu": _argsort_impl}, nondiff=True)
+
+
+def argsort(x, axis=-1, descending=False):
+    """Return the int64 indices that sort x along ``axis`` (stable)."""
+    x = _as_tensor(x)
+    return apply(ARGSORT, x, axis=_norm_axis(axis, x.ndim, "argsort"), descending=bool(descending))
+
+
+def sort(x, axis=-1, descending=False):
+    """Return x sorted along ``axis`` (differentiable: the gradient follows the permutation)."""
+    x = _as_tensor(x)
+    return take_along_axis(x, argsort(x, axis, descending), axis)
+
+
+def _topk_impl(x, k):
+    rows, mshape = _last_axis_rows(x, x.ndim - 1)
+    out = np.empty((rows.shape[0], k), int64)
+    K.topk_last(rows, k, out)
+    return out.reshape(x.shape[:-1] + (k,))
+
+
+TOPK = Primitive("top_k_indices", impl={"cpu": _topk_impl}, nondiff=True)
+
+
+def top_k(x, k=1):
+    """Return (values, indices) of the k largest entries along the last axis, largest first."""
+    x = _as_tensor(x)
+    if not 0 <= k <= x.shape[-1]:
+        raise ValueError(f"top_k: k={k} is out of range for last axis of size {x.shape[-1]}")
+    idx = apply(TOPK, x, k=int(k))
+    return take_along_axis(x, idx, -1), idx
+
+
+# getitem ------------------------------------------------------------------------------------------------------
+
+def _rebuild_index(template, arrays):
+    return tuple(arrays[v[1]] if isinstance(v, tuple) and len(v) == 2 and v[0] == "__arr__" else v
+                 for v in template)
+
+
+def _getitem_impl(x, *arrays, template):
+    idx = _rebuild_index(template, arrays)
+    try:
+        return x[idx]
+    except IndexError as e:
+        raise IndexError(f"getitem: {e} (tensor shape {x.shape})") from None
+
+
+def _getitem_grad_impl(g, *arrays, template, shape):
+    idx = _rebuild_index(template, arrays)
+    out = np.zeros(shape, g.dtype)
+    if not arrays:
+        _copy_into(out[idx], g)
+        return out
+    pos = np.arange(out.size, dtype=np.int64).reshape(shape)[idx]
+    upd = _contiguous(np.broadcast_to(g, pos.shape)).reshape(-1)
+    K.scatter_add_flat(out.reshape(-1), np.ascontiguousarray(pos).reshape(-1), upd)
+    return out
+
+
+GETITEM_GRAD = Primitive("getitem_grad", impl={"cpu": _getitem_grad_impl},
+                         vjp=lambda g, ans, ins, needs, template, shape: (
+                             apply(GETITEM, g, *ins[1:], template=template),) + (None,) * (len(ins) - 1))
+GETITEM = Primitive("getitem", impl={"cpu": _getitem_impl}, kind="view",
+                    vjp=lambda g, ans, ins, needs, template: (
+                        apply(GETITEM_GRAD, g, *ins[1:], template=template, shape=ins[0].shape),)
+                    + (None,) * (len(ins) - 1))
+
+
+def _freeze(v):
+    if isinstance(v, slice):
+        return slice(*(int(s) if isinstance(s, (np.integer, Tensor)) else s for s in (v.start, v.stop, v.step)))
+    return v
+
+
+def getitem(x, index):
+    """Return x[index] with NumPy semantics (basic slicing gives views; integer arrays gather)."""
+    x = _as_tensor(x)
+    if not isinstance(index, tuple):
+        index = (index,)
+    template, arrays = [], []
+    for v in index:
+        if isinstance(v, (Tensor, np.ndarray, list)):
+            t = _as_tensor(v)
+            if t.dtype.kind == "f":
+                raise TypeError(f"getitem: float index of dtype {t.dtype}; indices must be integers or bools")
+            template.append(("__arr__", len(arrays)))
+            arrays.append(t)
+        elif isinstance(v, (float, np.floating)):
+            raise TypeError(f"getitem: float index {v!r}; indices must be integers, slices or bools")
+        elif isinstance(v, (bool, np.bool_)):
+            template.append(bool(v))
+        elif isinstance(v, (int, np.integer)):
+            template.append(int(v))
+        elif v is None or v is Ellipsis or isinstance(v, slice):
+            template.append(_freeze(v))
+        else:
+            raise TypeError(f"getitem: unsupported index {v!r} of type {type(v).__name__}")
+    for v, ax in zip(template, range(x.ndim)):
+        if isinstance(v, int) and not isinstance(v, bool) and not -x.shape[ax] <= v < x.shape[ax]:
+            if Ellipsis not in template[:ax] and None not in template[:ax]:
+                raise IndexError(f"getitem: index {v} is out of bounds for axis {ax} with size {x.shape[ax]}")
+    return apply(GETITEM, x, *arrays, template=tuple(template))
+
+
+def nonzero(x):
+    """Return a tuple of int64 index tensors where x is nonzero (eager only)."""
+    x = _as_tensor(x)
+    return tuple(Tensor._wrap(np.asarray(i, dtype=np.int64)) for i in np.nonzero(x._data))
+
+
+# ==============================================================================================================
+# Constructors
+# ==============================================================================================================
+
+def _shape_arg(shape):
+    if isinstance(shape, (int, np.integer)):
+        return (int(shape),)
+    return tuple(int(s) for s in shape)
+
+
+def zeros(shape, dtype=float32):
+    """Return a tensor of zeros."""
+    return Tensor._wrap(np.zeros(_shape_arg(shape), _normalize_dtype(dtype)))
+
+
+def ones(shape, dtype=float32):
+    """Return a tensor of ones."""
+    return Tensor._wrap(np.ones(_shape_arg(shape), _normalize_dtype(dtype)))
+
+
+def full(shape, fill_value, dtype=None):
+    """Return a tensor filled with ``fill_value``."""
+    if dtype is None:
+        dtype = _weak_dtype(fill_value, None)
+    return Tensor._wrap(np.full(_shape_arg(shape), fill_value, _normalize_dtype(dtype)))
+
+
+def zeros_like(x, dtype=None):
+    """Return zeros with the shape (and dtype) of x."""
+    x = _as_tensor(x)
+    return zeros(x.shape, dtype or x.dtype)
+
+
+def ones_like(x, dtype=None):
+    """Return ones with the shape (and dtype) of x."""
+    x = _as_tensor(x)
+    return ones(x.shape, dtype or x.dtype)
+
+
+def full_like(x, fill_value, dtype=None):
+    """Return a tensor like x filled with ``fill_value``."""
+    x = _as_tensor(x)
+    return full(x.shape, fill_value, dtype or x.dtype)
+
+
+def empty(shape, dtype=float32):
+    """Return an uninitialised tensor."""
+    return Tensor._wrap(np.empty(_shape_arg(shape), _normalize_dtype(dtype)))
+
+
+def arange(start, stop=None, step=1, dtype=None):
+    """Return evenly spaced values in [start, stop) (int64 for integer arguments, else float32)."""
+    if stop is None:
+        start, stop = 0, start
+    if dtype is None:
+        dtype = int64 if _all(isinstance(v, (int, np.integer)) for v in (start, stop, step)) else float32
+    return Tensor._wrap(np.arange(start, stop, step, dtype=_normalize_dtype(dtype)))
+
+
+def linspace(start, stop, num=50, dtype=float32):
+    """Return ``num`` evenly spaced values from start to stop inclusive."""
+    return Tensor._wrap(np.linspace(start, stop, num, dtype=_normalize_dtype(dtype)))
+
+
+def eye(n, m=None, dtype=float32):
+    """Return an identity matrix (n x m)."""
+    return Tensor._wrap(np.eye(n, m, dtype=_normalize_dtype(dtype)))
+
+
+def zeros_from(t):
+    """Return zeros shaped like tensor ``t`` (alias of zeros_like)."""
+    return zeros_like(t)
+
+
+__all_ops__ = [n for n in dir() if not n.startswith("_") and n not in (
+    "annotations", "builtins", "math", "numbers", "np", "kernelgen", "K", "Primitive", "apply",
+    "current_interpreter", "Tensor", "bool_", "float32", "float64", "int64")]
+
+
+def _bind_operators():
+    """Bind Tensor's operators straight to the op functions (no extra Python frame per operator)."""
+    def rev(f):
+        def r(self, other):
+            return f(other, self)
+        return r
+    for n, f in [("add", add), ("sub", subtract), ("mul", multiply), ("truediv", divide),
+                 ("floordiv", floor_divide), ("mod", remainder), ("pow", power), ("matmul", matmul),
+                 ("and", logical_and_or_bitwise), ("or", logical_or_or_bitwise), ("xor", logical_xor_or_bitwise)]:
+        setattr(Tensor, f"__{n}__", f)
+        setattr(Tensor, f"__r{n}__", f if n in ("add", "mul") else rev(f))
+    for n, f in [("lt", less), ("le", less_equal), ("gt", greater), ("ge", greater_equal), ("eq", equal),
+                 ("ne", not_equal)]:
+        setattr(Tensor, f"__{n}__", f)
+    Tensor.__neg__ = negative
+    Tensor.__getitem__ = getitem
+
+
+_bind_operators()

@@ -1,0 +1,113 @@
+"""Random tensors from one seeded generator (PCG64): ``jitnet.random.seed(0)`` makes runs repeatable."""
+from __future__ import annotations
+
+import numpy as np
+
+from .tensor import Tensor, _normalize_dtype, float32, int64
+
+__all__ = ["seed", "get_generator", "uniform", "normal", "truncated_normal", "bernoulli", "categorical",
+           "permutation", "randint", "shuffle"]
+
+_gen = np.random.default_rng()
+
+
+def seed(s: int) -> None:
+    """Reseed the global generator."""
+    global _gen
+    _gen = np.random.default_rng(s)
+
+
+def get_generator() -> np.random.Generator:
+    """Return the global NumPy generator behind jitnet.random."""
+    return _gen
+
+
+def _shape(shape):
+    if shape is None:
+        return ()
+    if isinstance(shape, (int, np.integer)):
+        return (int(shape),)
+    return tuple(int(s) for s in shape)
+
+
+def _val(v):
+    return v.numpy() if isinstance(v, Tensor) else v
+
+
+def uniform(shape=(), low=0.0, high=1.0, dtype=float32):
+    """Return samples from U[low, high)."""
+    dt = _normalize_dtype(dtype)
+    return Tensor._wrap(_gen.uniform(_val(low), _val(high), _shape(shape)).astype(dt))
+
+
+def normal(shape=(), mean=0.0, std=1.0, dtype=float32):
+    """Return samples from N(mean, std**2)."""
+    dt = _normalize_dtype(dtype)
+    if dt == np.float32 and np.isscalar(mean) and np.isscalar(std):
+        a = _gen.standard_normal(_shape(shape), dtype=np.float32)
+        if std != 1.0:
+            a *= np.float32(std)
+        if mean != 0.0:
+            a += np.float32(mean)
+        return Tensor._wrap(a)
+    return Tensor._wrap(_gen.normal(_val(mean), _val(std), _shape(shape)).astype(dt))
+
+
+def truncated_normal(shape=(), mean=0.0, std=1.0, dtype=float32):
+    """Return N(mean, std**2) samples redrawn until within two standard deviations (TensorFlow semantics)."""
+    shp = _shape(shape)
+    z = _gen.standard_normal(shp)
+    bad = np.abs(z) > 2
+    while bad.any():
+        z[bad] = _gen.standard_normal(int(bad.sum()))
+        bad = np.abs(z) > 2
+    return Tensor._wrap((z * std + mean).astype(_normalize_dtype(dtype)))
+
+
+def bernoulli(p=0.5, shape=None, dtype=float32):
+    """Return 0/1 samples that are 1 with probability ``p`` (a scalar or a tensor)."""
+    pv = np.asarray(_val(p))
+    shp = pv.shape if shape is None else _shape(shape)
+    return Tensor._wrap((_gen.random(shp) < pv).astype(_normalize_dtype(dtype)))
+
+
+def categorical(logits=None, probs=None, num_samples=1):
+    """Return int64 samples of shape (batch, num_samples) (or (num_samples,)) from logits or probabilities."""
+    if (logits is None) == (probs is None):
+        raise ValueError("categorical: give exactly one of logits= and probs=")
+    if logits is not None:
+        lg = np.asarray(_val(logits), dtype=np.float64)
+        lg = lg - lg.max(axis=-1, keepdims=True)
+        p = np.exp(lg)
+    else:
+        p = np.asarray(_val(probs), dtype=np.float64)
+        if (p < 0).any():
+            raise ValueError("categorical: probabilities must be non-negative")
+    p = p / p.sum(axis=-1, keepdims=True)
+    squeeze = p.ndim == 1
+    p2 = p.reshape(-1, p.shape[-1])
+    c = np.cumsum(p2, axis=-1)
+    u = _gen.random((p2.shape[0], num_samples))
+    out = np.minimum((u[:, :, None] >= c[:, None, :]).sum(-1), p2.shape[-1] - 1).astype(np.int64)
+    return Tensor._wrap(out[0] if squeeze else out.reshape(p.shape[:-1] + (num_samples,)))
+
+
+def permutation(n):
+    """Return a random permutation of range(n) (int64), or of the first axis of a tensor."""
+    if isinstance(n, (int, np.integer)):
+        return Tensor._wrap(_gen.permutation(int(n)).astype(np.int64))
+    from .ops import take
+    t = n if isinstance(n, Tensor) else Tensor(n)
+    return take(t, permutation(t.shape[0]), axis=0)
+
+
+def randint(low, high=None, shape=(), dtype=int64):
+    """Return integers from [low, high)."""
+    if high is None:
+        low, high = 0, low
+    return Tensor._wrap(_gen.integers(low, high, _shape(shape)).astype(_normalize_dtype(dtype)))
+
+
+def shuffle(n):
+    """Return a shuffled int64 index tensor of length n."""
+    return permutation(n)

@@ -1,0 +1,372 @@
+"""Tensor: a NumPy-like array with a device, autodiff state and the operators of jitnet.ops."""
+from __future__ import annotations
+
+import numpy as np
+
+from .autodiff import core as _ad
+
+__all__ = ["Tensor", "Parameter", "Variable", "tensor", "as_tensor", "float32", "float64", "float16", "int32",
+           "int64", "int8", "uint8", "bool_", "Device", "device", "get_default_dtype"]
+
+float16 = np.dtype(np.float16)
+float32 = np.dtype(np.float32)
+float64 = np.dtype(np.float64)
+int8 = np.dtype(np.int8)
+uint8 = np.dtype(np.uint8)
+int32 = np.dtype(np.int32)
+int64 = np.dtype(np.int64)
+bool_ = np.dtype(np.bool_)
+
+_SUPPORTED = {float16, float32, float64, int8, uint8, int32, int64, bool_, np.dtype(np.int16)}
+_DEFAULT_FLOAT = float32
+
+
+def get_default_dtype():
+    """Return the default floating dtype (float32)."""
+    return _DEFAULT_FLOAT
+
+
+class Device:
+    """A device name (``cpu`` or ``cuda[:n]``)."""
+
+    __slots__ = ("type", "index")
+
+    def __init__(self, spec="cpu"):
+        if isinstance(spec, Device):
+            self.type, self.index = spec.type, spec.index
+            return
+        s = str(spec)
+        t, _, i = s.partition(":")
+        if t not in ("cpu", "cuda"):
+            raise ValueError(f"unknown device {spec!r}: expected 'cpu' or 'cuda[:index]'")
+        self.type, self.index = t, (int(i) if i else 0)
+
+    def __eq__(self, other):
+        try:
+            o = Device(other)
+        except (ValueError, TypeError):
+            return NotImplemented
+        return self.type == o.type and (self.type == "cpu" or self.index == o.index)
+
+    def __hash__(self):
+        return hash((self.type, self.index if self.type == "cuda" else 0))
+
+    def __str__(self):
+        return self.type if self.type == "cpu" else f"cuda:{self.index}"
+
+    __repr__ = lambda self: f"device({str(self)!r})"  # noqa: E731
+
+
+_CPU = Device("cpu")
+
+
+def device(spec="cpu") -> Device:
+    """Return the Device named by ``spec`` ('cpu' or 'cuda[:n]')."""
+    return Device(spec)
+
+
+def _normalize_dtype(dtype):
+    if dtype is None:
+        return None
+    if dtype is float:
+        return _DEFAULT_FLOAT
+    if dtype is int:
+        return int64
+    if dtype is bool:
+        return bool_
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"unsupported dtype {dtype!r}") from None
+    if dt not in _SUPPORTED:
+        raise TypeError(f"unsupported dtype {dt}: jitnet supports float16/32/64, int8/16/32/64, uint8, bool")
+    return dt
+
+
+def _infer_array(value, dtype=None):
+    """Return a NumPy array for ``value``: Python floats become float32, ints int64, unless dtype says."""
+    dt = _normalize_dtype(dtype)
+    if isinstance(value, Tensor):
+        arr = value._data
+        return arr if dt is None or arr.dtype == dt else arr.astype(dt)
+    if isinstance(value, np.ndarray):
+        if dt is None:
+            if value.dtype not in _SUPPORTED:
+                if value.dtype.kind == "f":
+                    return value.astype(float64)
+                if value.dtype.kind in "iu":
+                    return value.astype(int64)
+                raise TypeError(f"unsupported dtype {value.dtype}")
+            return value
+        return value.astype(dt, copy=False)
+    arr = np.asarray(value)
+    if dt is not None:
+        return arr.astype(dt, copy=False)
+    if arr.dtype.kind == "f":
+        return arr.astype(_DEFAULT_FLOAT)
+    if arr.dtype.kind in "iu":
+        return arr.astype(int64, copy=False)
+    if arr.dtype.kind == "b":
+        return arr
+    raise TypeError(f"cannot make a tensor from {type(value).__name__} (dtype {arr.dtype})")
+
+
+class Tensor:
+    """An n-dimensional array on a device, with ``requires_grad``, ``grad`` and NumPy-style operators."""
+
+    __slots__ = ("_data", "_node", "requires_grad", "grad", "name", "__weakref__")
+    __array_priority__ = 1000
+
+    def __init__(self, data, dtype=None, requires_grad=False):
+        self._data = _infer_array(data, dtype)
+        self._node = None
+        self.grad = None
+        self.name = None
+        self.requires_grad = False
+        if requires_grad:
+            self.requires_grad_(True)
+
+    @classmethod
+    def _wrap(cls, arr):
+        t = object.__new__(cls)
+        t._data = arr
+        t._node = None
+        t.requires_grad = False
+        t.grad = None
+        t.name = None
+        return t
+
+    @classmethod
+    def _from_value(cls, value, dtype=None):
+        return cls._wrap(_infer_array(value, dtype))
+
+    # -- metadata ------------------------------------------------------------------------------------------
+    @property
+    def shape(self):
+        """The shape tuple."""
+        return self._data.shape
+
+    @property
+    def dtype(self):
+        """The NumPy dtype."""
+        return self._data.dtype
+
+    @property
+    def ndim(self):
+        """The number of dimensions."""
+        return self._data.ndim
+
+    @property
+    def size(self):
+        """The number of elements."""
+        return self._data.size
+
+    @property
+    def device(self):
+        """The Device holding the data."""
+        return _CPU
+
+    @property
+    def is_leaf(self):
+        """True for tensors not computed by a recorded op."""
+        return self._node is None
+
+    @property
+    def T(self):
+        """The tensor with its axes reversed."""
+        from . import ops
+        return ops.transpose(self)
+
+    def requires_grad_(self, flag=True):
+        """Set ``requires_grad`` in place (floating dtypes only) and return self."""
+        if flag and self._data.dtype.kind != "f":
+            raise TypeError(f"only floating-point tensors can require gradients, got dtype {self.dtype}")
+        self.requires_grad = bool(flag)
+        return self
+
+    def __len__(self):
+        if self.ndim == 0:
+            raise TypeError("len() of a 0-d tensor")
+        return self.shape[0]
+
+    def __iter__(self):
+        if self.ndim == 0:
+            raise TypeError("iteration over a 0-d tensor")
+        for i in range(self.shape[0]):
+            yield self[i]
+
+    def __repr__(self):
+        body = np.array2string(self.numpy(), separator=", ", prefix="Tensor(")
+        extra = ", requires_grad=True" if self.requires_grad else ""
+        return f"Tensor({body}, shape={self.shape}, dtype={self.dtype}{extra})"
+
+    def __array__(self, dtype=None, copy=None):
+        a = self.numpy()
+        if dtype is not None and np.dtype(dtype) != a.dtype:
+            return a.astype(dtype)
+        if copy:
+            return a.copy()
+        return a
+
+    def numpy(self):
+        """Return the data as a NumPy array (a view on the CPU: do not modify it)."""
+        return self._data
+
+    def item(self):
+        """Return the single element as a Python number."""
+        if self.size != 1:
+            raise ValueError(f"item(): the tensor has {self.size} elements, expected 1 (shape {self.shape})")
+        return self._data.item()
+
+    def tolist(self):
+        """Return the data as nested Python lists."""
+        return self._data.tolist()
+
+    def detach(self):
+        """Return a tensor sharing the data, cut from the tape."""
+        return Tensor._wrap(self._data)
+
+    def to(self, dev):
+        """Return the tensor on device ``dev``."""
+        d = Device(dev)
+        if d.type == "cpu":
+            return self
+        raise RuntimeError(f"device {d} is not available in this build (no CUDA backend loaded)")
+
+    def cpu(self):
+        """Return the tensor on the CPU."""
+        return self.to("cpu")
+
+    def backward(self, grad=None, create_graph=False):
+        """Accumulate gradients of this tensor into ``.grad`` of the leaves that require them."""
+        _ad.backward(self, grad, create_graph)
+
+    def zero_grad(self):
+        """Set ``.grad`` to None."""
+        self.grad = None
+
+    def __bool__(self):
+        if self.size != 1:
+            raise ValueError(f"the truth value of a tensor with {self.size} elements is ambiguous; use "
+                             ".any() or .all()")
+        return bool(self._data)
+
+    def __float__(self):
+        return float(self.item())
+
+    def __int__(self):
+        return int(self.item())
+
+    def __index__(self):
+        if self.dtype.kind not in "iu" or self.size != 1:
+            raise TypeError("only integer tensors of one element can be used as an index")
+        return int(self.item())
+
+    __hash__ = object.__hash__
+
+
+def _binop(name, reverse=False):
+    def f(self, other):
+        from . import ops
+        fn = getattr(ops, name)
+        return fn(other, self) if reverse else fn(self, other)
+    f.__name__ = name
+    return f
+
+
+def _method(name):
+    def f(self, *args, **kwargs):
+        from . import ops
+        return getattr(ops, name)(self, *args, **kwargs)
+    f.__name__ = name
+    f.__doc__ = f"Return ``jitnet.{name}(self, ...)``."
+    return f
+
+
+for _n, _op in [("add", "add"), ("sub", "subtract"), ("mul", "multiply"), ("truediv", "divide"),
+                ("floordiv", "floor_divide"), ("mod", "remainder"), ("pow", "power"), ("matmul", "matmul"),
+                ("and", "logical_and_or_bitwise"), ("or", "logical_or_or_bitwise"),
+                ("xor", "logical_xor_or_bitwise")]:
+    setattr(Tensor, f"__{_n}__", _binop(_op))
+    setattr(Tensor, f"__r{_n}__", _binop(_op, reverse=True))
+for _n, _op in [("lt", "less"), ("le", "less_equal"), ("gt", "greater"), ("ge", "greater_equal"),
+                ("eq", "equal"), ("ne", "not_equal")]:
+    setattr(Tensor, f"__{_n}__", _binop(_op))
+Tensor.__neg__ = _method("negative")
+Tensor.__pos__ = lambda self: self
+Tensor.__abs__ = _method("abs")
+Tensor.__invert__ = _method("logical_not_or_bitwise")
+Tensor.__getitem__ = _method("getitem")
+for _n in ["sum", "mean", "max", "min", "prod", "var", "std", "argmax", "argmin", "logsumexp", "cumsum",
+           "cumprod", "reshape", "transpose", "flatten", "squeeze", "expand_dims", "astype", "exp", "log",
+           "log1p", "sqrt", "abs", "sign", "square", "reciprocal", "sin", "cos", "tanh", "sigmoid", "relu",
+           "softplus", "clip", "matmul", "take", "broadcast_to", "flip", "all", "any", "sort", "argsort",
+           "maximum", "minimum", "swapaxes", "moveaxis", "dot", "norm"]:
+    setattr(Tensor, _n, _method(_n))
+Tensor.unsqueeze = _method("expand_dims")
+Tensor.float = lambda self: self.astype(float32)
+Tensor.double = lambda self: self.astype(float64)
+Tensor.long = lambda self: self.astype(int64)
+Tensor.int = lambda self: self.astype(int32)
+
+
+def _view(self, *shape):
+    from . import ops
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+        shape = tuple(shape[0])
+    return ops.reshape(self, shape)
+
+
+Tensor.view = _view
+
+
+class Parameter(Tensor):
+    """A trainable state tensor (``requires_grad=True``) updated in place by optimizers and ``assign``."""
+
+    __slots__ = ("trainable",)
+
+    def __init__(self, data, dtype=None, requires_grad=None, trainable=True, name=None):
+        arr = _infer_array(data, dtype)
+        super().__init__(np.array(arr, copy=True, order="C"))
+        self.trainable = trainable
+        self.name = name
+        rg = trainable if requires_grad is None else requires_grad
+        if rg:
+            self.requires_grad_(True)
+
+    def assign(self, value):
+        """Write ``value`` into this variable in place (shape and dtype kept); return self."""
+        interp = _ad.current_interpreter()
+        if interp is not None and hasattr(interp, "assign"):
+            interp.assign(self, value)
+            return self
+        v = value._data if isinstance(value, Tensor) else np.asarray(value)
+        if v.shape != self.shape and np.broadcast_shapes(v.shape, self.shape) != self.shape:
+            raise ValueError(f"assign: value of shape {v.shape} does not fit variable of shape {self.shape}")
+        np.copyto(self._data, v, casting="same_kind")
+        return self
+
+    def __repr__(self):
+        return "Parameter" + super().__repr__()[len("Tensor"):]
+
+
+Variable = Parameter
+_ad._wrap = Tensor._wrap
+
+
+def tensor(data, dtype=None, requires_grad=False):
+    """Return a new tensor holding a copy of ``data`` (floats default to float32)."""
+    if isinstance(data, Tensor):
+        arr = data._data.copy() if dtype is None else data._data.astype(_normalize_dtype(dtype))
+    else:
+        arr = _infer_array(data, dtype)
+        if arr is data:
+            arr = arr.copy()
+    return Tensor(arr, requires_grad=requires_grad)
+
+
+def as_tensor(data, dtype=None):
+    """Return ``data`` as a tensor, sharing memory with a NumPy array where possible."""
+    if isinstance(data, Tensor) and (dtype is None or data.dtype == _normalize_dtype(dtype)):
+        return data
+    return Tensor(data, dtype=dtype)
