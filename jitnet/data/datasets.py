@@ -1,6 +1,11 @@
 """Dataset readers: MNIST / Fashion-MNIST (IDX), CIFAR-10 (binary), text8 and
 plain-text corpora, and bAbI.  All of them return NumPy arrays or plain Python
 objects; file lookup and downloading live in :mod:`jitnet.data.download`.
+
+Dataset directory names (used under ``$JITNET_DATA/``, the user cache and
+``/usr/share/datasets/``): ``mnist``, ``fashion-mnist``, ``cifar10`` (holding
+``cifar-10-batches-bin/`` or the ``.bin`` files directly), ``text8`` and
+``babi`` (holding ``tasks_1-20_v1-2/en/...`` or the ``qa*.txt`` files).
 """
 
 from __future__ import annotations

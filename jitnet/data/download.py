@@ -83,8 +83,8 @@ class _Progress:
                 self._last_pct = pct
                 sys.stderr.write(f"\r{self._desc}: {pct:3d}% ({self.done}/{self.total} bytes)")
                 sys.stderr.flush()
-        else:
-            sys.stderr.write(f"\r{self._desc}: {self.done} bytes")
+        elif self.done // (1 << 20) != (self.done - n) // (1 << 20):
+            sys.stderr.write(f"\r{self._desc}: {self.done >> 20} MiB")
             sys.stderr.flush()
 
     def close(self) -> None:
