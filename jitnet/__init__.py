@@ -13,3 +13,14 @@ from .tensor import (Device, Parameter, Tensor, Variable, as_tensor, bool_, devi
                      float32, float64, get_default_dtype, int8, int32, int64, tensor, uint8)
 from . import nn  # noqa: E402
 from .runtime import compile_stats, set_num_threads, get_num_threads  # noqa: E402
+from . import data, io  # noqa: E402
+
+
+def save(state, path, metadata=None):
+    """Save a dict of tensors (nested dicts flatten to 'a/b' names) to a safetensors file; return the path."""
+    return io.save(state, path, metadata)
+
+
+def load(path):
+    """Load a safetensors file into a dict of tensors (no code runs while loading)."""
+    return {k: Tensor(v) for k, v in io.load(path).items()}

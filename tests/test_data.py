@@ -589,9 +589,11 @@ def test_loader_prefetch_propagates_errors():
         next(it)
 
 
-def test_to_output_is_identity():
+def test_to_output_makes_tensors_sharing_memory():
+    import jitnet as jn
     a = np.arange(3)
-    assert loader._to_output(a) is a
+    t = loader._to_output(a)
+    assert isinstance(t, jn.Tensor) and t.numpy() is a
 
 
 # --------------------------------------------------------------------------- #

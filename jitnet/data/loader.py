@@ -13,11 +13,9 @@ __all__ = ["ArrayDataset", "DataLoader"]
 
 
 def _to_output(array: np.ndarray) -> Any:
-    """Return ``array`` converted to the library's batch type (currently the NumPy array itself)."""
-    # This is the single conversion point between NumPy batches and jitnet
-    # Tensors: every batch a DataLoader yields passes through here, so wiring
-    # the loader to Tensors means changing only this function.
-    return array
+    """Return ``array`` as a jitnet Tensor sharing its memory (the single NumPy-to-Tensor point)."""
+    from ..tensor import Tensor
+    return Tensor(array)
 
 
 class ArrayDataset:
