@@ -4,6 +4,7 @@ Eager like NumPy; ``jitnet.jit`` compiles a whole step. See README.md.
 """
 __version__ = "0.1.0"
 
+from . import runtime  # noqa: E402  (first: selects Numba's threading layer before any kernel runs)
 from . import autodiff, kernelgen, ops, random, testing  # noqa: E402
 from .autodiff import (enable_grad, grad, gradients, is_grad_enabled, no_grad,  # noqa: E402
                        value_and_grad)
@@ -12,8 +13,15 @@ from .ops import __all_ops__ as _ops_names  # noqa: E402
 from .tensor import (Device, Parameter, Tensor, Variable, as_tensor, bool_, device, float16,  # noqa: E402
                      float32, float64, get_default_dtype, int8, int32, int64, tensor, uint8)
 from . import nn  # noqa: E402
-from .runtime import compile_stats, set_num_threads, get_num_threads  # noqa: E402
+from .runtime import (compile_stats, denormals_flushed, flush_denormals, get_num_threads,  # noqa: E402
+                      set_num_threads)
 from . import data, io  # noqa: E402
+from . import optim  # noqa: E402
+from .autodiff.sparse import IndexedSlices  # noqa: E402
+from .compiler import TracingError, explain, jit  # noqa: E402
+from . import runtime as _runtime  # noqa: E402
+
+_runtime._flush_on_import()           # FTZ/DAZ on every kernel thread unless JITNET_FLUSH_DENORMALS=0
 
 
 def save(state, path, metadata=None):

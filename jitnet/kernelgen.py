@@ -212,6 +212,51 @@ class ElementwiseProgram:
         return "\n".join(lines) + "\n"
 
 
+def indexed_source(program: "ElementwiseProgram", out_rank: int, in_maps) -> str:
+    """Return kernel source for a fused group whose operand shapes are known when the kernel is generated.
+
+    The loop nest runs over the output's ``out_rank`` dims (at least 1: a 0-d output is passed as shape
+    (1,)). ``in_maps[i]`` gives, for each dim of input ``i``, the output loop index it follows or ``None`` for a
+    broadcast dim of length 1 (index 0); a map of ``"scalar"`` marks a size-1 operand read once. Operands may
+    have any strides. Each program output ``j`` is written to ``out{j}`` of the output's shape.
+    """
+    nin, nout = len(program.inputs), len(program.outputs)
+    args = [f"in{i}" for i in range(nin)] + [f"out{j}" for j in range(nout)]
+    lines = [
+        "# jitnet generated fused kernel: edit the graph, not this file",
+        "import math",
+        "import numpy as np",
+        "from numpy import float16, float32, float64, int8, int16, int32, int64, uint8, bool_",
+        "from numba import njit, prange",
+        "from jitnet.kernels_cpu import *  # scalar helpers",
+        "",
+    ]
+    for par in (False, True):
+        name = "kernel_parallel" if par else "kernel_serial"
+        deco = ("@njit(parallel=True, cache=True, nogil=True, error_model='numpy')" if par
+                else "@njit(cache=True, nogil=True, error_model='numpy')")
+        lines += [deco, f"def {name}({', '.join(args)}):"]
+        ind = "    "
+        for i, m in enumerate(in_maps):
+            if m == "scalar":
+                lines.append(f"{ind}x{i} = in{i}.reshape(1)[0]")
+        for k in range(out_rank):
+            rng = "prange" if (par and k == 0) else "range"
+            lines.append(f"{ind}for i{k} in {rng}(out0.shape[{k}]):")
+            ind += "    "
+        for i, m in enumerate(in_maps):
+            if m != "scalar":
+                idx = ", ".join("0" if d is None else f"i{d}" for d in m)
+                lines.append(f"{ind}x{i} = in{i}[{idx}]")
+        for k, (expr, dt) in enumerate(program.ops):
+            lines.append(f"{ind}t{k} = {dtype_name(dt)}({expr})")
+        oidx = ", ".join(f"i{k}" for k in range(out_rank))
+        for j, (n, dt) in enumerate(program.outputs):
+            lines.append(f"{ind}out{j}[{oidx}] = {n}")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
 def entry_point(dispatcher, args):
     """Return the compiled C entry point of ``dispatcher`` for ``args`` (skips type dispatch), or None."""
     from numba import typeof

@@ -66,7 +66,7 @@ def _coerce(*args):
     strong = None
     for a in args:
         if isinstance(a, Tensor):
-            strong = a.dtype if strong is None else np.promote_types(strong, a.dtype)
+            strong = a.dtype if strong is None else _promote(strong, a.dtype)
     out = []
     for a in args:
         if isinstance(a, Tensor):
@@ -229,11 +229,21 @@ def _make_ew_impl(prim):
     return impl
 
 
+def _promote(a, b):
+    """Promote two dtypes; an integer or bool meeting a float takes the float's dtype (so ``int + 1.5`` is
+    float32, as in PyTorch and JAX, where NumPy would widen to float64)."""
+    if a.kind == "f" and b.kind != "f":
+        return a
+    if b.kind == "f" and a.kind != "f":
+        return b
+    return np.promote_types(a, b)
+
+
 def _rule_arith(dts, params):
     d = dts[0]
     for x in dts[1:]:
         if x != d:
-            d = np.promote_types(d, x)
+            d = _promote(d, x)
     return d, d
 
 
@@ -244,7 +254,10 @@ def _rule_float(dts, params):
 
 
 def _rule_compare(dts, params):
-    d, _ = _rule_arith(dts, params)
+    d = dts[0]
+    for x in dts[1:]:
+        if x != d:
+            d = np.promote_types(d, x)        # compare exactly (int64 vs float in float64)
     return d, bool_
 
 
@@ -319,7 +332,7 @@ TANH = elementwise("tanh", "math.tanh({0})", _rule_float, lambda g, ans, ins, ne
 SIGMOID = elementwise("sigmoid", "sigmoid_s({0}, {T}(1))", _rule_float,
                       lambda g, ans, ins, needs: (g * ans * (1 - ans),))
 RELU = elementwise("relu", "{T}(0) if {0} <= {T}(0) else {0}", _rule_arith,
-                   lambda g, ans, ins, needs: (where(ins[0] > 0, g, zeros_like(g)),))
+                   lambda g, ans, ins, needs: (where(ans > 0, g, zeros_like(g)),))  # ans: fuses with fwd
 SOFTPLUS = elementwise("softplus", "softplus_s({0}, {T}(0))", _rule_float,
                        lambda g, ans, ins, needs: (g * sigmoid(ins[0]),))
 FLOOR = elementwise("floor", "math.floor({0})", _rule_arith, None)
@@ -344,7 +357,7 @@ def _clip_vjp(g, ans, ins, needs):
 
 CLIP = elementwise("clip", "minimum_s(maximum_s({0}, {1}), {2})", _rule_arith, _clip_vjp)
 WHERE = elementwise("where", "({1} if {0} else {2})",
-                    lambda dts, p: (np.promote_types(dts[1], dts[2]),) * 2,
+                    lambda dts, p: (_promote(dts[1], dts[2]),) * 2,
                     lambda g, ans, ins, needs: (None, where(ins[0], g, zeros_like(g)),
                                                 where(ins[0], zeros_like(g), g)))
 
@@ -1468,7 +1481,8 @@ def _rebuild_index(template, arrays):
 def _getitem_impl(x, *arrays, template):
     idx = _rebuild_index(template, arrays)
     try:
-        return x[idx]
+        r = x[idx]
+        return r if isinstance(r, np.ndarray) else np.asarray(r)     # an all-integer index gives a scalar
     except IndexError as e:
         raise IndexError(f"getitem: {e} (tensor shape {x.shape})") from None
 
@@ -1477,7 +1491,11 @@ def _getitem_grad_impl(g, *arrays, template, shape):
     idx = _rebuild_index(template, arrays)
     out = np.zeros(shape, g.dtype)
     if not arrays:
-        _copy_into(out[idx], g)
+        dst = out[idx]
+        if isinstance(dst, np.ndarray):
+            _copy_into(dst, g)
+        else:                                   # an all-integer index selects one element, not a view
+            out[idx] = g
         return out
     pos = np.arange(out.size, dtype=np.int64).reshape(shape)[idx]
     upd = _contiguous(np.broadcast_to(g, pos.shape)).reshape(-1)

@@ -323,7 +323,23 @@ Tensor.view = _view
 class Parameter(Tensor):
     """A trainable state tensor (``requires_grad=True``) updated in place by optimizers and ``assign``."""
 
-    __slots__ = ("trainable",)
+    __slots__ = ("trainable", "_grad")
+
+    @property
+    def grad(self):
+        """The accumulated gradient (None until a backward pass reaches this variable)."""
+        interp = _ad.current_interpreter()
+        if interp is not None and hasattr(interp, "read_grad"):
+            return interp.read_grad(self)
+        return self._grad
+
+    @grad.setter
+    def grad(self, value):
+        interp = _ad.current_interpreter()
+        if interp is not None and hasattr(interp, "write_grad"):
+            interp.write_grad(self, value)
+            return
+        self._grad = value
 
     def __init__(self, data, dtype=None, requires_grad=None, trainable=True, name=None):
         arr = _infer_array(data, dtype)

@@ -1,0 +1,67 @@
+"""From a fusion group to a kernel: target-neutral program building, then the CPU source emitter.
+
+``group_program`` turns a :class:`FusionGroup` into an :class:`ElementwiseProgram` (scalar expressions over
+named values, with dtypes) plus, for each external input, how it indexes into the output's loop nest. Only
+``cpu_kernels`` knows about Numba's CPU target; a GPU emitter takes the same program.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import kernelgen
+from ..kernelgen import ElementwiseProgram, dtype_name
+
+__all__ = ["group_program", "index_maps", "cpu_kernels", "group_source"]
+
+
+def _format(template, names, cdt, odt):
+    return template.format(*names, T=dtype_name(cdt), O=dtype_name(odt))
+
+
+def group_program(grp) -> ElementwiseProgram:
+    """Return the scalar program of fusion group ``grp`` (inputs ``x{i}``, member results ``t{k}``)."""
+    names, dtypes = {}, {}
+    inputs = []
+    for i, v in enumerate(grp.inputs):
+        names[v.id] = f"x{i}"
+        dtypes[v.id] = v.dtype
+        inputs.append((v.dtype, v.size == 1))
+    ops = []
+    for k, m in enumerate(grp.members):
+        in_dts = tuple(dtypes[v.id] for v in m.inputs)
+        cdt, odt = m.prim.dtype_rule(in_dts, m.params)
+        tpl = m.prim.template(m.params) if callable(m.prim.template) else m.prim.template
+        cn = dtype_name(cdt)
+        args = [names[v.id] if dtypes[v.id] == cdt else f"{cn}({names[v.id]})" for v in m.inputs]
+        ops.append((_format(tpl, args, cdt, odt), odt))
+        names[m.out.id] = f"t{k}"
+        dtypes[m.out.id] = odt
+    root = grp.root.out
+    return ElementwiseProgram(inputs, ops, [(names[root.id], root.dtype)])
+
+
+def index_maps(grp):
+    """Return, per external input, its index map into the output loop nest (see kernelgen.indexed_source)."""
+    oshape = grp.root.out.shape or (1,)
+    r = len(oshape)
+    maps = []
+    for v in grp.inputs:
+        if v.size == 1:
+            maps.append("scalar")
+            continue
+        shp = v.shape or (1,)
+        off = r - len(shp)
+        maps.append(tuple(None if (d == 1 and oshape[off + j] != 1) else off + j for j, d in enumerate(shp)))
+    return maps
+
+
+def group_source(grp) -> str:
+    """Return the CPU kernel source of fusion group ``grp``."""
+    return kernelgen.indexed_source(group_program(grp), len(grp.root.out.shape or (1,)), index_maps(grp))
+
+
+def cpu_kernels(grp):
+    """Return ``(serial, parallel, source)`` Numba kernels for fusion group ``grp`` (loaded via the disk cache)."""
+    src = group_source(grp)
+    mod = kernelgen.load_source(src, "cpu")
+    return mod.kernel_serial, mod.kernel_parallel, src

@@ -1,0 +1,151 @@
+"""Graph passes: dead-code elimination, common-subexpression elimination, elementwise fusion.
+
+Constant folding happens while tracing (an op whose inputs are all constants is computed then and becomes
+a constant), so these passes see only work that depends on the step's inputs and variables.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .ir import Graph, Node
+
+__all__ = ["dce", "cse", "fuse", "FusionGroup"]
+
+
+def _roots(g: Graph):
+    roots = [v.node for v in g.outputs if v.kind == "node"]
+    roots += [v.node for _, v in g.grad_outputs if v is not None and v.kind == "node"]
+    roots += [n for n in g.nodes if n.effects]
+    return roots
+
+
+def dce(g: Graph) -> int:
+    """Mark nodes that no output, gradient write-back or variable update needs as dead; return how many."""
+    live = set()
+    stack = [n for n in _roots(g) if n is not None]
+    while stack:
+        n = stack.pop()
+        if n.id in live:
+            continue
+        live.add(n.id)
+        for v in n.inputs:
+            if v.kind == "node" and v.node.id not in live:
+                stack.append(v.node)
+        for d in n.order_deps:
+            if d.effects and d.id not in live:
+                stack.append(d)
+    removed = 0
+    for n in g.nodes:
+        if n.alive and n.id not in live:
+            n.alive = False
+            removed += 1
+    for n in g.nodes:
+        n.order_deps = {d for d in n.order_deps if d.alive}
+    return removed
+
+
+def _freeze(v):
+    if isinstance(v, np.ndarray):
+        raise TypeError
+    if isinstance(v, (list, tuple)):
+        return tuple(_freeze(x) for x in v)
+    if isinstance(v, dict):
+        return tuple(sorted((k, _freeze(x)) for k, x in v.items()))
+    if isinstance(v, np.dtype):
+        return ("dtype", v.str)
+    hash(v)
+    return v
+
+
+def cse(g: Graph) -> int:
+    """Merge nodes computing the same primitive on the same inputs with equal parameters; return how many."""
+    seen = {}
+    rep = {}          # Value id -> replacement Value
+    removed = 0
+    for n in g.nodes:
+        if not n.alive:
+            continue
+        n.inputs = [rep.get(v.id, v) for v in n.inputs]
+        if n.effects or (n.prim.extra and n.prim.extra.get("random")) or n.order_deps:
+            continue
+        try:
+            key = (n.prim.name, tuple(v.id for v in n.inputs), _freeze(n.params))
+        except TypeError:
+            continue
+        other = seen.get(key)
+        if other is None:
+            seen[key] = n
+            continue
+        rep[n.out.id] = other.out
+        n.alive = False
+        removed += 1
+    if rep:
+        g.outputs = [rep.get(v.id, v) for v in g.outputs]
+        g.grad_outputs = [(var, rep.get(v.id, v) if v is not None else None) for var, v in g.grad_outputs]
+        for n in g.nodes:
+            if n.alive:
+                n.inputs = [rep.get(v.id, v) for v in n.inputs]
+    return removed
+
+
+class FusionGroup:
+    """Elementwise nodes computed by one generated kernel; ``root`` produces the group's output."""
+
+    __slots__ = ("root", "members", "inputs")
+
+    def __init__(self, root):
+        self.root = root
+        self.members = [root]       # in trace order after finalize()
+        self.inputs = []            # external Values in first-use order
+
+    def finalize(self):
+        self.members.sort(key=lambda n: n.id)
+        inside = {m.out.id for m in self.members}
+        seen = set()
+        for m in self.members:
+            for v in m.inputs:
+                if v.id not in inside and v.id not in seen:
+                    seen.add(v.id)
+                    self.inputs.append(v)
+
+
+def fuse(g: Graph):
+    """Return a dict node id -> FusionGroup for every live elementwise node (single-consumer inlining).
+
+    A producer joins its consumer's group when it is elementwise, has exactly one consumer, is not an
+    output of the step, has the consumer's output shape (no recomputation under broadcasting), and no
+    variable update that must follow it comes before the group's root (the group runs at the root's place).
+    """
+    consumers = {}
+    for n in g.nodes:
+        if n.alive:
+            for v in n.inputs:
+                consumers.setdefault(v.id, set()).add(n.id)
+    pinned = {v.id for v in g.outputs}
+    pinned |= {v.id for _, v in g.grad_outputs if v is not None}
+    must_precede = {}       # node id -> earliest trace position of a node ordered after it
+    for n in g.nodes:
+        if n.alive:
+            for d in n.order_deps:
+                must_precede[d.id] = min(must_precede.get(d.id, n.id), n.id)
+    group_of = {}
+    for n in reversed(g.nodes):
+        if not n.alive or not n.is_elementwise or n.effects or n.id in group_of:
+            continue
+        grp = FusionGroup(n)
+        group_of[n.id] = grp
+        stack = [n]
+        while stack:
+            m = stack.pop()
+            for v in m.inputs:
+                p = v.node if v.kind == "node" else None
+                if (p is None or not p.alive or not p.is_elementwise or p.effects or p.id in group_of
+                        or v.id in pinned or must_precede.get(p.id, n.id + 1) <= n.id
+                        or v.shape != n.out.shape
+                        or len(consumers.get(v.id, ())) != 1):
+                    continue
+                group_of[p.id] = grp
+                grp.members.append(p)
+                stack.append(p)
+        grp.finalize()
+    return group_of

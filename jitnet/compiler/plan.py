@@ -1,0 +1,251 @@
+"""Execution plans: the scheduled kernels of a compiled step, with buffers reused across steps.
+
+A plan is a list of steps over an environment of arrays (one slot per graph value). Fused groups run their
+generated kernel into a buffer the plan owns; a buffer whose value (and every view of it) is dead is reused
+by a later group of the same size and dtype, and all plan-owned buffers persist across calls, so a
+steady-state step allocates only what non-fused kernels and returned values need.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+from .. import kernelgen
+from ..tensor import Tensor
+from .codegen import cpu_kernels
+from .passes import fuse
+
+__all__ = ["Plan", "build_plan"]
+
+
+class Plan:
+    """A compiled step: slots, steps, and how inputs, variables and outputs map to slots."""
+
+    def __init__(self):
+        self.nslots = 0
+        self.arg_slots = []        # (slot, flat tensor-argument index)
+        self.state_slots = []      # (slot, variable)
+        self.gradin_slots = []     # (slot, variable) reading var.grad
+        self.const_env = []        # (slot, array)
+        self.steps = []            # callables(env)
+        self.step_names = []
+        self.out_slots = []        # slot per returned tensor (or ("state", var))
+        self.grad_writes = []      # (variable, slot or None)
+        self.groups = []           # FusionGroups, in schedule order
+        self.sources = []          # generated kernel sources
+        self.kernel_count = 0
+        self.buffer_bytes = 0
+        self.var_shapes = []
+
+    def run(self, tensors):
+        env = [None] * self.nslots
+        for slot, arr in self.const_env:
+            env[slot] = arr
+        for slot, i in self.arg_slots:
+            env[slot] = tensors[i]._data
+        for slot, var in self.state_slots:
+            env[slot] = var._data
+        for slot, var in self.gradin_slots:
+            g = var._grad
+            if g is None:
+                raise RuntimeError(f"jitnet.jit: the compiled step reads the accumulated .grad of variable "
+                                   f"{var.name or ''} {var.shape}, which is now None; call the step with the "
+                                   f"same gradient state as when it was traced (e.g. always zero_grad() first)")
+            env[slot] = g._data
+        dbg = _debug_level()
+        if dbg:
+            for name, step in zip(self.step_names, self.steps):
+                t0 = time.perf_counter()
+                step(env)
+                print(f"[jitnet] {name}: {(time.perf_counter() - t0) * 1e6:.1f} us")
+        else:
+            for step in self.steps:
+                step(env)
+        for var, slot in self.grad_writes:
+            var._grad = None if slot is None else Tensor._wrap(env[slot])
+        return env
+
+
+def _debug_level():
+    try:
+        return int(os.environ.get("JITNET_DEBUG", "0") or 0)
+    except ValueError:
+        return 0
+
+
+def _schedule(g, group_of):
+    """Return units (a FusionGroup or a Node) in execution order: a group runs at its root's position."""
+    units = []
+    for n in g.nodes:
+        if not n.alive:
+            continue
+        grp = group_of.get(n.id)
+        if grp is None:
+            units.append(n)
+        elif grp.root is n:
+            units.append(grp)
+    return units
+
+
+def _unit_inputs(u):
+    return u.inputs if hasattr(u, "members") else u.inputs
+
+
+def _unit_out(u):
+    return u.root.out if hasattr(u, "members") else u.out
+
+
+def build_plan(g, fuse_ops=True):
+    """Return a Plan for graph ``g`` (after DCE/CSE): fuse, schedule, assign slots and buffers."""
+    plan = Plan()
+    group_of = fuse(g) if fuse_ops else {}
+    units = _schedule(g, group_of)
+    slot_of = {}
+
+    def slot(v):
+        s = slot_of.get(v.id)
+        if s is None:
+            s = slot_of[v.id] = plan.nslots
+            plan.nslots += 1
+        return s
+
+    # inputs
+    for v in g.values:
+        if v.kind == "arg":
+            plan.arg_slots.append((slot(v), v.arg_index))
+        elif v.kind == "state":
+            plan.state_slots.append((slot(v), v.var))
+        elif v.kind == "gradin":
+            plan.gradin_slots.append((slot(v), v.var))
+        elif v.kind == "const":
+            plan.const_env.append((slot(v), v.const))
+
+    # liveness, with views extending the life of the value they alias
+    alias_root = {}
+    for u in units:
+        if not hasattr(u, "members") and u.prim.kind == "view" and u.inputs:
+            src = u.inputs[0]
+            alias_root[u.out.id] = alias_root.get(src.id, src.id)
+    last_use = {}
+    for pos, u in enumerate(units):
+        for v in _unit_inputs(u):
+            r = alias_root.get(v.id, v.id)
+            last_use[r] = pos
+    escaping = {v.id for v in g.outputs} | {v.id for _, v in g.grad_outputs if v is not None}
+    escaping = {alias_root.get(i, i) for i in escaping}
+
+    # an assign whose value is a fused group's result used nowhere else: the group writes into the variable
+    pos_of = {}
+    for pos, u in enumerate(units):
+        for m in (u.members if hasattr(u, "members") else [u]):
+            pos_of[m.id] = pos
+    n_consumers = {}
+    for u in units:
+        for v in _unit_inputs(u):
+            n_consumers[v.id] = n_consumers.get(v.id, 0) + 1
+    write_into = {}        # group root value id -> state Value of the variable it writes
+    folded = set()         # ids of assign nodes done by their group
+    for u in units:
+        if hasattr(u, "members") or u.prim.name != "assign":
+            continue
+        var_v, val = u.inputs
+        grp = group_of.get(val.node.id) if val.kind == "node" else None
+        if (grp is None or grp.root is not val.node or val.id in escaping or n_consumers.get(val.id) != 1
+                or val.shape != var_v.shape or val.dtype != var_v.dtype or var_v.kind != "state"):
+            continue
+        gpos = pos_of[grp.root.id]
+        if all(pos_of.get(d.id, -1) <= gpos for d in u.order_deps if d.id != grp.root.id):
+            write_into[val.id] = var_v
+            folded.add(u.id)
+
+    free = {}              # (shape, dtype.str) -> list of buffers
+    release_at = {}        # pos -> list of (key, buffer)
+    for pos, u in enumerate(units):
+        if hasattr(u, "members"):
+            ks, kp, src = cpu_kernels(u)
+            plan.groups.append(u)
+            plan.sources.append(src)
+            plan.kernel_count += 1
+            out = u.root.out
+            in_slots = [slot(v) for v in u.inputs]
+            o = slot(out)
+            kernel = kp if out.size >= kernelgen.PARALLEL_THRESHOLD else ks
+            kshape = out.shape or (1,)
+            buf = None
+            if out.id in write_into:
+                plan.steps.append(_group_step_into(kernel, in_slots, o, slot(write_into[out.id]), kshape))
+                plan.step_names.append(f"fused[{'+'.join(m.prim.name for m in u.members)}+assign] -> "
+                                       f"{out.shape}")
+                continue
+            if out.id not in escaping and out.id in last_use:
+                key = (kshape, out.dtype.str)
+                lst = free.get(key)
+                if lst:
+                    buf = lst.pop()
+                else:
+                    buf = np.empty(kshape, out.dtype)
+                    plan.buffer_bytes += buf.nbytes
+                release_at.setdefault(last_use[out.id], []).append((key, buf))
+            plan.steps.append(_group_step(kernel, in_slots, o, kshape, out.shape, out.dtype, buf))
+            plan.step_names.append(f"fused[{'+'.join(m.prim.name for m in u.members)}] -> {out.shape}")
+        else:
+            n = u
+            if n.id in folded:
+                slot_of[n.out.id] = slot(n.inputs[0])
+                continue
+            in_slots = [slot(v) for v in n.inputs]
+            o = slot(n.out)
+            plan.steps.append(_node_step(n.prim.impl["cpu"], in_slots, o, n.params))
+            plan.step_names.append(f"{n.prim.name} -> {n.out.shape}")
+            if n.prim.kind != "view":
+                plan.kernel_count += 1
+        for key, buf in release_at.pop(pos, ()):
+            free.setdefault(key, []).append(buf)
+
+    for v in g.outputs:
+        plan.out_slots.append(("state", v.var) if v.kind == "state" else slot(v))
+    plan.grad_writes = [(var, None if v is None else slot(v)) for var, v in g.grad_outputs]
+    plan.var_shapes = [(var, var.shape) for _, var in plan.state_slots]
+    return plan
+
+
+def _group_step(kernel, in_slots, o, kshape, oshape, dtype, buf):
+    if buf is not None:
+        view = buf.reshape(oshape)
+
+        def step(env):
+            kernel(*[env[i] for i in in_slots], buf)
+            env[o] = view
+    else:
+        def step(env):
+            out = np.empty(kshape, dtype)
+            kernel(*[env[i] for i in in_slots], out)
+            env[o] = out.reshape(oshape)
+    return step
+
+
+def _group_step_into(kernel, in_slots, o, var_slot, kshape):
+    def step(env):
+        dst = env[var_slot]
+        kernel(*[env[i] for i in in_slots], dst.reshape(kshape))
+        env[o] = dst
+    return step
+
+
+def _node_step(impl, in_slots, o, params):
+    if len(in_slots) == 1:
+        (a,) = in_slots
+
+        def step(env):
+            env[o] = impl(env[a], **params)
+    elif len(in_slots) == 2:
+        a, b = in_slots
+
+        def step(env):
+            env[o] = impl(env[a], env[b], **params)
+    else:
+        def step(env):
+            env[o] = impl(*[env[i] for i in in_slots], **params)
+    return step

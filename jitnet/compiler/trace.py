@@ -1,0 +1,291 @@
+"""Tracing: run a step once with real data while recording every primitive into a graph.
+
+The tracer is an interpreter pushed on ``autodiff``'s stack. ``apply`` calls reach it instead of the eager
+path; it computes the result with the same kernels (so the first call returns real values and needs no shape
+rules) and records a graph node. Tensors produced while tracing are :class:`TracerTensor`; asking for their
+Python value (``bool``, ``item``, ``numpy``) raises :class:`TracingError`, because a compiled step cannot
+follow Python control flow that depends on data.
+
+Variables (``jitnet.Parameter``) read by the step become implicit inputs; in-place updates of them
+(optimizer kernels, ``Variable.assign``) become effect nodes, ordered after every read of the old value.
+"""
+from __future__ import annotations
+
+import linecache
+import os
+import sys
+
+import numpy as np
+
+from ..autodiff import core as ad
+from ..tensor import Parameter, Tensor
+from .ir import Graph
+
+__all__ = ["TracingError", "TracerTensor", "Tracer", "flatten", "unflatten"]
+
+_PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class TracingError(TypeError):
+    """Raised when a jitted function needs the Python value of a traced tensor."""
+
+
+def _user_frame():
+    """Return (filename, lineno, source line) of the innermost frame outside the jitnet package."""
+    f = sys._getframe(1)
+    while f is not None:
+        fn = os.path.abspath(f.f_code.co_filename)
+        if not fn.startswith(_PKG_DIR + os.sep):
+            line = linecache.getline(f.f_code.co_filename, f.f_lineno).strip()
+            return f.f_code.co_filename, f.f_lineno, line
+        f = f.f_back
+    return "<unknown>", 0, ""
+
+
+def _concrete_error(what):
+    fn, ln, src = _user_frame()
+    return TracingError(
+        f"jitnet.jit: {what} needs the value of a traced tensor, which is not known while the step is "
+        f"compiled.\n  File \"{fn}\", line {ln}: {src}\n"
+        "Python control flow on tensor values cannot be compiled. Use jn.where(cond, a, b) for an elementwise "
+        "choice, jn.while_loop / jn.scan for loops, compute the value outside the jitted function, or pass it "
+        "as a static argument: jn.jit(f, static_argnums=(...)).")
+
+
+class TracerTensor(Tensor):
+    """A tensor seen while tracing: real data for this call plus its value in the graph."""
+
+    __slots__ = ("_val", "_tracer")
+
+    def _deny(self, what):
+        raise _concrete_error(what)
+
+    def __bool__(self):
+        self._deny("bool(tensor) (an `if` or `while` on a tensor)")
+
+    def item(self):
+        self._deny("tensor.item()")
+
+    def numpy(self):
+        self._deny("tensor.numpy()")
+
+    def tolist(self):
+        self._deny("tensor.tolist()")
+
+    def __float__(self):
+        self._deny("float(tensor)")
+
+    def __int__(self):
+        self._deny("int(tensor)")
+
+    def __index__(self):
+        self._deny("using a tensor as a Python index")
+
+    def __array__(self, dtype=None, copy=None):
+        self._deny("converting a tensor to a NumPy array")
+
+    def __repr__(self):
+        return f"TracerTensor(shape={self.shape}, dtype={self.dtype}, value={self._val!r})"
+
+    def detach(self):
+        t = _make_tracer_tensor(self._data, self._val, self._tracer)
+        return t
+
+
+def _make_tracer_tensor(data, val, tracer):
+    t = object.__new__(TracerTensor)
+    t._data = data
+    t._node = None
+    t.requires_grad = False
+    t.grad = None
+    t.name = None
+    t._val = val
+    t._tracer = tracer
+    return t
+
+
+class Tracer:
+    """The interpreter that records a graph while computing every op for real."""
+
+    def __init__(self, snapshot_vars=False):
+        self.graph = Graph()
+        self._consts = {}            # id(tensor) -> Value (and keep the tensor alive)
+        self._keep = []
+        self._state = {}             # id(var) -> current Value read of that variable
+        self._readers = {}           # id(var) -> nodes that read the current version
+        self._last_writer = {}       # id(var) -> effect node
+        self.vars = {}               # id(var) -> var (in first-seen order)
+        self._grads = {}             # id(var) -> (var, current .grad: TracerTensor, Tensor or None)
+        self.snapshots = {} if snapshot_vars else None
+
+    # -- values -----------------------------------------------------------------------------------------------
+    def arg(self, t: Tensor, index: int) -> TracerTensor:
+        v = self.graph.new_value(t.shape, t.dtype, "arg", arg_index=index)
+        tt = _make_tracer_tensor(t._data, v, self)
+        tt.requires_grad = t.requires_grad
+        return tt
+
+    def value_of(self, t: Tensor):
+        if isinstance(t, TracerTensor) and t._tracer is self:
+            return t._val
+        if isinstance(t, TracerTensor):
+            raise TracingError("a tensor traced by another jitted function leaked into this one (a jitted "
+                               "function returned or stored a traced tensor?)")
+        if isinstance(t, Parameter):
+            return self._read_var(t)
+        v = self._consts.get(id(t))
+        if v is None:
+            v = self.graph.new_value(t.shape, t.dtype, "const", const=t._data)
+            self._consts[id(t)] = v
+            self._keep.append(t)
+        return v
+
+    def _read_var(self, var):
+        key = id(var)
+        v = self._state.get(key)
+        if v is None:
+            if key not in self.vars:
+                self.vars[key] = var
+                if self.snapshots is not None:
+                    self.snapshots[key] = (var, var._data.copy(), var._grad)
+            v = self.graph.new_value(var.shape, var.dtype, "state", var=var, after=self._last_writer.get(key))
+            v.name = var.name
+            self._state[key] = v
+            self._readers[key] = []
+        return v
+
+    # -- the interpreter protocol -------------------------------------------------------------------------------
+    def apply(self, prim, inputs, params):
+        vals = [self.value_of(t) for t in inputs]
+        inplace = prim.extra.get("inplace", ()) if prim.extra else ()
+        arrays = [t._data for t in inputs]
+        if self.snapshots is not None:
+            for i in inplace:
+                self._read_var(inputs[i])
+        out_arr = prim.impl["cpu"](*arrays, **params)
+        is_random = bool(prim.extra.get("random")) if prim.extra else False
+        if not inplace and not is_random and all(v.kind == "const" for v in vals):
+            out = Tensor._wrap(out_arr)          # constant folding: computed now, a constant in the graph
+        else:
+            effects = []
+            for i in inplace:
+                t = inputs[i]
+                if not isinstance(t, Parameter):
+                    raise TracingError(f"{prim.name}: in-place update of a tensor that is not a Variable/"
+                                       f"Parameter cannot be compiled")
+                effects.append(t)
+            node = self.graph.new_node(prim, vals, params, effects)
+            for v in vals:
+                if v.kind == "state":
+                    self._readers[id(v.var)].append(node)
+                    if v.after is not None:
+                        node.order_deps.add(v.after)
+            ov = self.graph.new_value(out_arr.shape, out_arr.dtype, "node", node=node)
+            node.out = ov
+            for var in effects:
+                self._write_var(var, node)
+            out = _make_tracer_tensor(out_arr, ov, self)
+        if ad._State.grad_enabled and not prim.nondiff:
+            for t in inputs:
+                if t.requires_grad:
+                    out._node = ad.Node(prim, inputs, params)
+                    out.requires_grad = True
+                    break
+        return out
+
+    def _write_var(self, var, node):
+        key = id(var)
+        for r in self._readers.get(key, ()):
+            if r is not node:
+                node.order_deps.add(r)
+        prev = self._last_writer.get(key)
+        if prev is not None:
+            node.order_deps.add(prev)
+        self._last_writer[key] = node
+        self._state.pop(key, None)            # the next read is a new version, ordered after this write
+        self._readers[key] = []
+
+    def read_grad(self, var):
+        """Return ``var.grad`` as seen by the step: what it wrote, else the accumulated gradient as an input."""
+        key = id(var)
+        if self.snapshots is not None and key not in self.snapshots:
+            self.snapshots[key] = (var, var._data.copy(), var._grad)
+        if key in self._grads:
+            return self._grads[key][1]
+        g = var._grad
+        if g is None:
+            return None
+        v = self.graph.new_value(g.shape, g.dtype, "gradin", var=var)
+        t = _make_tracer_tensor(g._data, v, self)
+        self._grads[key] = (var, t)
+        return t
+
+    def write_grad(self, var, value):
+        """Record ``var.grad = value``: written back after every run of the compiled step."""
+        if self.snapshots is not None and id(var) not in self.snapshots:
+            self.snapshots[id(var)] = (var, var._data.copy(), var._grad)
+        self._grads[id(var)] = (var, value)
+
+    def finish_grads(self):
+        """Record the final ``.grad`` of every variable the step wrote, and set the real ones now."""
+        for var, value in self._grads.values():
+            if value is None:
+                self.graph.grad_outputs.append((var, None))
+                var._grad = None
+            elif isinstance(value, TracerTensor) and value._tracer is self:
+                if value._val.kind == "gradin" and value._val.var is var:
+                    continue                      # unchanged
+                self.graph.grad_outputs.append((var, value._val))
+                var._grad = Tensor._wrap(value._data)
+            else:
+                cv = self.value_of(value)
+                self.graph.grad_outputs.append((var, cv))
+                var._grad = value
+
+    def assign(self, var, value):
+        """Record ``var.assign(value)`` as an effect node and perform it now."""
+        from .. import ops
+        from .prims import ASSIGN
+        if not isinstance(value, Tensor):
+            value = Tensor(np.asarray(value, dtype=var.dtype))
+        if value.dtype != var.dtype:
+            value = ops.astype(value, var.dtype)
+        if value.shape != var.shape:
+            value = ops.broadcast_to(value, var.shape)
+        with ad.no_grad():
+            self.apply(ASSIGN, (var, value), {})
+
+
+# -- pytrees -------------------------------------------------------------------------------------------------------
+
+def flatten(obj):
+    """Return (leaves, treedef) for nested tuples/lists/dicts with Tensor or other leaves."""
+    leaves = []
+
+    def rec(o):
+        if isinstance(o, (tuple, list)):
+            return (type(o), [rec(x) for x in o])
+        if isinstance(o, dict):
+            keys = list(o.keys())
+            return (dict, keys, [rec(o[k]) for k in keys])
+        leaves.append(o)
+        return None
+
+    tree = rec(obj)
+    return leaves, tree
+
+
+def unflatten(tree, leaves):
+    """Rebuild the structure described by ``tree`` from ``leaves``."""
+    it = iter(leaves)
+
+    def rec(t):
+        if t is None:
+            return next(it)
+        if t[0] is dict:
+            return {k: rec(s) for k, s in zip(t[1], t[2])}
+        typ, subs = t
+        vals = [rec(s) for s in subs]
+        return typ(vals) if typ in (list, tuple) else typ(*vals)
+
+    return rec(tree)
