@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .autodiff.core import Primitive, apply
 from .tensor import Tensor, _normalize_dtype, float32, int64
 
 __all__ = ["seed", "get_generator", "uniform", "normal", "truncated_normal", "bernoulli", "categorical",
@@ -34,41 +35,66 @@ def _val(v):
     return v.numpy() if isinstance(v, Tensor) else v
 
 
+def _sample_impl(kind, shape, dtype, a, b):
+    if kind == "uniform":
+        return _gen.uniform(a, b, shape).astype(dtype)
+    if kind == "normal":
+        z = _gen.standard_normal(shape, dtype=np.float32 if dtype == np.float32 else np.float64)
+        if b != 1.0:
+            z *= z.dtype.type(b)
+        if a != 0.0:
+            z += z.dtype.type(a)
+        return z.astype(dtype, copy=False)
+    if kind == "truncated_normal":
+        z = _gen.standard_normal(shape)
+        bad = np.abs(z) > 2
+        while bad.any():
+            z[bad] = _gen.standard_normal(int(bad.sum()))
+            bad = np.abs(z) > 2
+        return (z * b + a).astype(dtype)
+    if kind == "bernoulli":
+        return (_gen.random(shape) < a).astype(dtype)
+    if kind == "randint":
+        return _gen.integers(a, b, shape).astype(dtype)
+    raise ValueError(kind)
+
+
+# A random draw is a primitive with no tensor inputs: under jitnet.jit it is a graph node (never folded into
+# a constant, never merged by CSE), so each run of a compiled step draws new numbers.
+SAMPLE = Primitive("random", impl={"cpu": _sample_impl}, nondiff=True)
+SAMPLE.extra["random"] = True
+
+
+def _sample(kind, shape, dtype, a, b):
+    return apply(SAMPLE, kind=kind, shape=_shape(shape), dtype=_normalize_dtype(dtype), a=a, b=b)
+
+
 def uniform(shape=(), low=0.0, high=1.0, dtype=float32):
     """Return samples from U[low, high)."""
-    dt = _normalize_dtype(dtype)
-    return Tensor._wrap(_gen.uniform(_val(low), _val(high), _shape(shape)).astype(dt))
+    if isinstance(low, Tensor) or isinstance(high, Tensor):
+        return Tensor._wrap(_gen.uniform(_val(low), _val(high), _shape(shape)).astype(_normalize_dtype(dtype)))
+    return _sample("uniform", shape, dtype, float(low), float(high))
 
 
 def normal(shape=(), mean=0.0, std=1.0, dtype=float32):
     """Return samples from N(mean, std**2)."""
-    dt = _normalize_dtype(dtype)
-    if dt == np.float32 and np.isscalar(mean) and np.isscalar(std):
-        a = _gen.standard_normal(_shape(shape), dtype=np.float32)
-        if std != 1.0:
-            a *= np.float32(std)
-        if mean != 0.0:
-            a += np.float32(mean)
-        return Tensor._wrap(a)
-    return Tensor._wrap(_gen.normal(_val(mean), _val(std), _shape(shape)).astype(dt))
+    if isinstance(mean, Tensor) or isinstance(std, Tensor):
+        return Tensor._wrap(_gen.normal(_val(mean), _val(std), _shape(shape)).astype(_normalize_dtype(dtype)))
+    return _sample("normal", shape, dtype, float(mean), float(std))
 
 
 def truncated_normal(shape=(), mean=0.0, std=1.0, dtype=float32):
     """Return N(mean, std**2) samples redrawn until within two standard deviations (TensorFlow semantics)."""
-    shp = _shape(shape)
-    z = _gen.standard_normal(shp)
-    bad = np.abs(z) > 2
-    while bad.any():
-        z[bad] = _gen.standard_normal(int(bad.sum()))
-        bad = np.abs(z) > 2
-    return Tensor._wrap((z * std + mean).astype(_normalize_dtype(dtype)))
+    return _sample("truncated_normal", shape, dtype, float(mean), float(std))
 
 
 def bernoulli(p=0.5, shape=None, dtype=float32):
     """Return 0/1 samples that are 1 with probability ``p`` (a scalar or a tensor)."""
-    pv = np.asarray(_val(p))
-    shp = pv.shape if shape is None else _shape(shape)
-    return Tensor._wrap((_gen.random(shp) < pv).astype(_normalize_dtype(dtype)))
+    if isinstance(p, Tensor) or np.ndim(p):
+        pv = np.asarray(_val(p))
+        shp = pv.shape if shape is None else _shape(shape)
+        return Tensor._wrap((_gen.random(shp) < pv).astype(_normalize_dtype(dtype)))
+    return _sample("bernoulli", () if shape is None else shape, dtype, float(p), 0.0)
 
 
 def categorical(logits=None, probs=None, num_samples=1):
@@ -105,7 +131,7 @@ def randint(low, high=None, shape=(), dtype=int64):
     """Return integers from [low, high)."""
     if high is None:
         low, high = 0, low
-    return Tensor._wrap(_gen.integers(low, high, _shape(shape)).astype(_normalize_dtype(dtype)))
+    return _sample("randint", shape, dtype, int(low), int(high))
 
 
 def shuffle(n):
