@@ -19,6 +19,7 @@ from . import data, io  # noqa: E402
 from . import optim  # noqa: E402
 from .autodiff.sparse import IndexedSlices  # noqa: E402
 from .compiler import TracingError, explain, jit  # noqa: E402
+from .compiler.loops import scan, while_loop  # noqa: E402
 from . import runtime as _runtime  # noqa: E402
 
 _runtime._flush_on_import()           # FTZ/DAZ on every kernel thread unless JITNET_FLUSH_DENORMALS=0

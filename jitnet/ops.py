@@ -87,7 +87,7 @@ def _float_dtype(dt):
 
 
 def _norm_axis(axis, ndim, op):
-    if axis < -ndim or axis >= _max(ndim, 1):
+    if axis < -ndim or axis >= ndim:
         raise ValueError(f"{op}: axis {axis} is out of bounds for a tensor of {ndim} dimensions")
     return axis % _max(ndim, 1)
 
@@ -135,8 +135,11 @@ class _EwPlan:
         if self.flat:
             ep = self.entry
             if ep is not None:
-                ep(*arrays, out)
-                return out
+                try:
+                    ep(*arrays, out)
+                    return out
+                except TypeError:         # an operand of another Numba type (read-only, a NumPy scalar)
+                    pass
             k = self.parallel if self.size >= kernelgen.PARALLEL_THRESHOLD else self.serial
             k(*arrays, out)
             self.entry = kernelgen.entry_point(k, (*arrays, out))
@@ -633,6 +636,8 @@ def transpose(x, axes=None, *more):
         axes = (axes,) + more
     if axes is None:
         axes = tuple(range(x.ndim))[::-1]
+    if _any(not -x.ndim <= int(a) < _max(x.ndim, 1) for a in axes):
+        raise ValueError(f"transpose: axes {tuple(axes)} are out of range for {x.ndim} dimensions")
     axes = tuple(int(a) % _max(x.ndim, 1) for a in axes)
     if sorted(axes) != list(range(x.ndim)):
         raise ValueError(f"transpose: axes {axes} are not a permutation of {x.ndim} dimensions")
@@ -715,7 +720,7 @@ def flip(x, axis=None):
 def expand_dims(x, axis):
     """Return x with a new axis of length 1 inserted at ``axis``."""
     x = _as_tensor(x)
-    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    axes = (int(axis),) if isinstance(axis, (int, np.integer)) else tuple(int(a) for a in axis)
     nd = x.ndim + len(axes)
     axes = sorted(a % nd for a in axes)
     shp = list(x.shape)
@@ -810,9 +815,16 @@ def _reduce_vjp(g, ans, ins, needs, op, axes, keepdims):
     gk = reshape(g, ks)
     if op == "sum":
         return (broadcast_to(gk, x.shape),)
-    ak = reshape(ans, ks)
     if op == "prod":
-        return (broadcast_to(gk * ak, x.shape) / x,)
+        # prod of the others, without dividing by x (exact where x has zeros): exclusive cumprods both ways
+        kept = [i for i in range(x.ndim) if i not in axes]
+        perm = tuple(kept + list(axes))
+        xt = transpose(x, perm)
+        n = int(np.prod([x.shape[a] for a in axes]))
+        xf = reshape(xt, tuple(x.shape[i] for i in kept) + (n,))
+        others = cumprod(xf, -1, exclusive=True) * cumprod(xf, -1, exclusive=True, reverse=True)
+        return (transpose(reshape(others, xt.shape), _inv_perm(perm)) * gk,)
+    ak = reshape(ans, ks)
     mask = (x == ak).astype(x.dtype)
     count = sum(mask, axis=axes, keepdims=True)
     return (mask * (gk / count),)
@@ -1293,7 +1305,7 @@ def _check_index_array(idx, bound, op, axis):
         if idx.dtype == bool_:
             raise TypeError(f"{op}: boolean index where an integer index was expected")
         raise TypeError(f"{op}: indices must be integers, got dtype {idx.dtype}")
-    idx = np.ascontiguousarray(idx, dtype=np.int64)
+    idx = np.asarray(idx, dtype=np.int64, order="C")      # (ascontiguousarray would make a 0-d index 1-d)
     flat = idx.reshape(-1)
     if flat.size:
         lo, hi = K.index_bounds(flat)

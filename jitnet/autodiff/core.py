@@ -15,6 +15,8 @@ import contextlib
 
 import numpy as np
 
+from .sparse import IndexedSlices
+
 __all__ = ["Primitive", "REGISTRY", "apply", "Node", "no_grad", "enable_grad", "is_grad_enabled",
            "backward", "gradients", "grad", "value_and_grad", "push_interpreter", "current_interpreter"]
 
@@ -93,6 +95,13 @@ def current_interpreter():
 _wrap = None       # Tensor._wrap, set by jitnet.tensor (which imports this module)
 
 
+def _add_grads(prev, g):
+    """Return prev + g for gradients that may be dense Tensors or IndexedSlices (sparse rows)."""
+    if prev is None:
+        return g
+    return g.__radd__(prev) if isinstance(g, IndexedSlices) else prev + g
+
+
 class Node:
     """The tape entry of a computed tensor: the primitive, its input tensors and static parameters."""
 
@@ -104,11 +113,35 @@ class Node:
         self.params = params
 
 
+def _debug_level():
+    import os
+    try:
+        return int(os.environ.get("JITNET_DEBUG", "0") or 0)
+    except ValueError:
+        return 0
+
+
+DEBUG = _debug_level()   # JITNET_DEBUG at import: 1 prints every eager kernel launch and its time
+
+
+def _apply_debug(prim, inputs, params):
+    import time
+    t0 = time.perf_counter()
+    arr = prim.impl["cpu"](*[t._data for t in inputs], **params)
+    dt = (time.perf_counter() - t0) * 1e6
+    shapes = ", ".join(str(t.shape) for t in inputs)
+    print(f"[jitnet] {prim.name}({shapes}) -> {arr.shape} {arr.dtype}: {dt:.1f} us")
+    return arr
+
+
 def apply(prim: Primitive, *inputs, **params):
     """Run primitive ``prim`` on tensors ``inputs``; return the output tensor (recording a tape node)."""
     if _State.interpreters:
         return _State.interpreters[-1].apply(prim, inputs, params)
-    out = _wrap(prim.impl["cpu"](*[t._data for t in inputs], **params))
+    if DEBUG:
+        out = _wrap(_apply_debug(prim, inputs, params))
+    else:
+        out = _wrap(prim.impl["cpu"](*[t._data for t in inputs], **params))
     if _State.grad_enabled and not prim.nondiff:
         for t in inputs:
             if t.requires_grad:
@@ -176,6 +209,8 @@ def _run_backward(roots, root_grads, targets=None, create_graph=False):
                 if node is None:
                     continue
             ins = node.inputs
+            if isinstance(g, IndexedSlices):     # sparse gradients stay sparse only on their way to leaves
+                g = g.to_dense()
             needs = tuple(i.requires_grad and (targets is None or id(i) in reach) for i in ins)
             if not any(needs):
                 continue
@@ -188,7 +223,7 @@ def _run_backward(roots, root_grads, targets=None, create_graph=False):
                 if gi.dtype != i.dtype:
                     gi = gi.astype(i.dtype)
                 prev = grads.get(id(i))
-                grads[id(i)] = gi if prev is None else prev + gi
+                grads[id(i)] = _add_grads(prev, gi)
     return results
 
 
@@ -225,7 +260,7 @@ def backward(t, grad=None, create_graph=False):
     for leaf, g in res.values():
         if not create_graph:
             g = g.detach()
-        leaf.grad = g if leaf.grad is None else leaf.grad + g
+        leaf.grad = _add_grads(leaf.grad, g)
 
 
 def gradients(ys, xs, grad_ys=None, create_graph=None):

@@ -8,6 +8,7 @@ steady-state step allocates only what non-fused kernels and returned values need
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import numpy as np
@@ -40,11 +41,20 @@ class Plan:
         self.var_shapes = []
 
     def run(self, tensors):
+        """Run the step on the flattened tensor arguments; return the environment of arrays."""
+        return self.run_arrays([t._data for t in tensors])
+
+    def outputs(self, env):
+        """Return the arrays of the returned values from an environment."""
+        return [s[1]._data if isinstance(s, tuple) else env[s] for s in self.out_slots]
+
+    def run_arrays(self, arrays):
+        """Run the step on the flattened argument arrays; return the environment of arrays."""
         env = [None] * self.nslots
         for slot, arr in self.const_env:
             env[slot] = arr
         for slot, i in self.arg_slots:
-            env[slot] = tensors[i]._data
+            env[slot] = arrays[i]
         for slot, var in self.state_slots:
             env[slot] = var._data
         for slot, var in self.gradin_slots:
@@ -219,11 +229,30 @@ def _group_step(kernel, in_slots, o, kshape, oshape, dtype, buf):
             kernel(*[env[i] for i in in_slots], buf)
             env[o] = view
     else:
+        held = [None, None]
+
         def step(env):
-            out = np.empty(kshape, dtype)
+            out = _recycled(held, kshape, dtype)
             kernel(*[env[i] for i in in_slots], out)
             env[o] = out.reshape(oshape)
     return step
+
+
+def _recycled(held, shape, dtype):
+    """Return an output array for a value the step returns: one of two earlier outputs if the caller dropped it.
+
+    A returned array is recycled only when nothing but this plan refers to it (its reference count), so
+    results the caller still holds are never overwritten; steady-state steps then allocate no new memory
+    for their outputs and skip the page faults of fresh large arrays.
+    """
+    for k in (0, 1):
+        a = held[k]
+        if a is not None and sys.getrefcount(a) == 3:      # held[k], the local name, getrefcount's argument
+            return a
+    a = np.empty(shape, dtype)
+    held[1] = held[0]
+    held[0] = a
+    return a
 
 
 def _group_step_into(kernel, in_slots, o, var_slot, kshape):

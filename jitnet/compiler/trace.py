@@ -104,11 +104,24 @@ def _make_tracer_tensor(data, val, tracer):
     return t
 
 
+class TupleArray(tuple):
+    """The several arrays a loop primitive returns, carried as one value (shape (), dtype object)."""
+
+    shape = ()
+    dtype = np.dtype(object)
+    size = 1
+    ndim = 0
+
+
 class Tracer:
     """The interpreter that records a graph while computing every op for real."""
 
-    def __init__(self, snapshot_vars=False):
+    def __init__(self, snapshot_vars=False, parent=None):
         self.graph = Graph()
+        self.parent = parent         # set for a loop body: outer tensors and variables become captures
+        self.n_args = 0
+        self.captures = []           # outer tensors read by a loop body, in capture-slot order
+        self._captured = {}
         self._consts = {}            # id(tensor) -> Value (and keep the tensor alive)
         self._keep = []
         self._state = {}             # id(var) -> current Value read of that variable
@@ -120,6 +133,7 @@ class Tracer:
 
     # -- values -----------------------------------------------------------------------------------------------
     def arg(self, t: Tensor, index: int) -> TracerTensor:
+        self.n_args = max(self.n_args, index + 1)
         v = self.graph.new_value(t.shape, t.dtype, "arg", arg_index=index)
         tt = _make_tracer_tensor(t._data, v, self)
         tt.requires_grad = t.requires_grad
@@ -128,6 +142,8 @@ class Tracer:
     def value_of(self, t: Tensor):
         if isinstance(t, TracerTensor) and t._tracer is self:
             return t._val
+        if self.parent is not None and (isinstance(t, (TracerTensor, Parameter))):
+            return self._capture(t)
         if isinstance(t, TracerTensor):
             raise TracingError("a tensor traced by another jitted function leaked into this one (a jitted "
                                "function returned or stored a traced tensor?)")
@@ -139,6 +155,30 @@ class Tracer:
             self._consts[id(t)] = v
             self._keep.append(t)
         return v
+
+    def _capture(self, t):
+        v = self._captured.get(id(t))
+        if v is None:
+            if isinstance(t, TracerTensor) and not self._is_ancestor(t._tracer):
+                raise TracingError("a tensor traced by another jitted function leaked into a loop body")
+            v = self.graph.new_value(t.shape, t.dtype, "arg", arg_index=None)
+            self._captured[id(t)] = v
+            self.captures.append((t, v))
+        return v
+
+    def _is_ancestor(self, tr):
+        p = self.parent
+        while p is not None:
+            if p is tr:
+                return True
+            p = p.parent
+        return False
+
+    def finish_captures(self):
+        """Give every captured outer tensor an argument index after the explicit arguments."""
+        for k, (t, v) in enumerate(self.captures):
+            v.arg_index = self.n_args + k
+        return [t for t, _ in self.captures]
 
     def _read_var(self, var):
         key = id(var)
@@ -156,13 +196,20 @@ class Tracer:
 
     # -- the interpreter protocol -------------------------------------------------------------------------------
     def apply(self, prim, inputs, params):
+        if _SUBST:
+            inputs = tuple(_substitute(t) for t in inputs)
         vals = [self.value_of(t) for t in inputs]
         inplace = prim.extra.get("inplace", ()) if prim.extra else ()
         arrays = [t._data for t in inputs]
         if self.snapshots is not None:
             for i in inplace:
                 self._read_var(inputs[i])
+        if inplace and self.parent is not None:
+            raise TracingError(f"{prim.name}: updating a variable inside a jn.scan / jn.while_loop body is not "
+                               f"supported; return the new value in the carry and assign it after the loop")
         out_arr = prim.impl["cpu"](*arrays, **params)
+        if isinstance(out_arr, tuple):
+            out_arr = TupleArray(out_arr)
         is_random = bool(prim.extra.get("random")) if prim.extra else False
         if not inplace and not is_random and all(v.kind == "const" for v in vals):
             out = Tensor._wrap(out_arr)          # constant folding: computed now, a constant in the graph
@@ -207,6 +254,8 @@ class Tracer:
 
     def read_grad(self, var):
         """Return ``var.grad`` as seen by the step: what it wrote, else the accumulated gradient as an input."""
+        if self.parent is not None:
+            raise TracingError("reading or writing .grad inside a jn.scan / jn.while_loop body is not supported")
         key = id(var)
         if self.snapshots is not None and key not in self.snapshots:
             self.snapshots[key] = (var, var._data.copy(), var._grad)
@@ -222,6 +271,8 @@ class Tracer:
 
     def write_grad(self, var, value):
         """Record ``var.grad = value``: written back after every run of the compiled step."""
+        if self.parent is not None:
+            raise TracingError("reading or writing .grad inside a jn.scan / jn.while_loop body is not supported")
         if self.snapshots is not None and id(var) not in self.snapshots:
             self.snapshots[id(var)] = (var, var._data.copy(), var._grad)
         self._grads[id(var)] = (var, value)
@@ -254,6 +305,33 @@ class Tracer:
             value = ops.broadcast_to(value, var.shape)
         with ad.no_grad():
             self.apply(ASSIGN, (var, value), {})
+
+
+# -- substitution: recomputing a loop body with fresh leaves in place of the tensors it closes over ----------
+
+_SUBST: list = []
+
+
+class substituting:
+    """Inside the block, traced ops that read one of ``originals`` read the matching replacement instead."""
+
+    def __init__(self, originals, replacements):
+        self.map = {id(c): v for c, v in zip(originals, replacements)}
+
+    def __enter__(self):
+        _SUBST.append(self.map)
+        return self
+
+    def __exit__(self, *exc):
+        _SUBST.pop()
+
+
+def _substitute(t):
+    for m in reversed(_SUBST):
+        r = m.get(id(t))
+        if r is not None:
+            return r
+    return t
 
 
 # -- pytrees -------------------------------------------------------------------------------------------------------

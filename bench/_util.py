@@ -1,0 +1,66 @@
+"""Shared helpers for the benchmarks: timing with warm-up and repeats, threads, result tables."""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+
+def timeit(fn, repeat=7, number=None, min_time=0.2, warmup=2):
+    """Return the median seconds per call of ``fn`` over ``repeat`` timed batches (after warm-up calls)."""
+    for _ in range(warmup):
+        fn()
+    if number is None:
+        t0 = time.perf_counter()
+        fn()
+        dt = max(time.perf_counter() - t0, 1e-7)
+        number = max(1, int(min_time / dt))
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for _ in range(number):
+            fn()
+        times.append((time.perf_counter() - t0) / number)
+    return statistics.median(times)
+
+
+def set_threads(n):
+    """Set jitnet's and (if installed) PyTorch's thread counts to ``n``."""
+    import jitnet as jn
+    jn.set_num_threads(n)
+    try:
+        import torch
+        torch.set_num_threads(n)
+    except ImportError:
+        pass
+
+
+def table(rows, title=None):
+    """Print rows of dicts as an aligned table; return the text."""
+    if not rows:
+        return ""
+    cols = list(rows[0].keys())
+    fmt = [max(len(c), *(len(_f(r.get(c))) for r in rows)) for c in cols]
+    lines = []
+    if title:
+        lines.append(title)
+    lines.append(" | ".join(c.ljust(w) for c, w in zip(cols, fmt)))
+    lines.append("-|-".join("-" * w for w in fmt))
+    for r in rows:
+        lines.append(" | ".join(_f(r.get(c)).ljust(w) for c, w in zip(cols, fmt)))
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
+
+
+def _f(v):
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "" if v is None else str(v)
+
+
+def dump(rows, path):
+    """Write rows as JSON to ``path`` (if given)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(rows, f, indent=2)
