@@ -95,7 +95,7 @@ def imod_s(a, b):
 @njit(cache=True, inline="always")
 def fmod_s(a, b):
     """Return a mod b for floats with the sign of b (NumPy's remainder)."""
-    r = math.fmod(a, b)
+    r = np.fmod(a, b)
     if r != 0 and ((r < 0) != (b < 0)):
         r += b
     return r
@@ -437,3 +437,648 @@ def topk_last(x, k, out_idx):
 def all_dispatchers():
     """Return every dispatcher defined in this module (for compile / cache-hit counters)."""
     return [v for v in globals().values() if hasattr(v, "_cache_hits") and hasattr(v, "overloads")]
+
+
+# ==============================================================================================================
+# Optimizer updates (jitnet.optim): one fused in-place kernel per optimizer. Dense kernels take flat 1-D
+# param/grad/slot arrays; sparse kernels take 2-D (rows, dim) params and slots plus unique row indices and
+# their summed gradient rows. Scalars arrive packed in one array ``h`` of the parameter's dtype (dispatch of
+# NumPy scalar arguments costs ~1 us each). ``*_par`` variants use prange.
+# Unused slot arguments receive the parameter array and are never touched.
+# ==============================================================================================================
+
+@njit(cache=True, fastmath=_FM, inline="always")
+def _sgd_elem(p, g, buf, i, lr, wd, momentum, omd, nesterov, use_mom):
+    gi = g[i]
+    if wd != 0:
+        gi = gi + wd * p[i]
+    if use_mom:
+        b = momentum * buf[i] + omd * gi
+        buf[i] = b
+        if nesterov:
+            gi = gi + momentum * b
+        else:
+            gi = b
+    p[i] = p[i] - lr * gi
+
+
+@njit(cache=True, fastmath=_FM, nogil=True)
+def sgd_update(p, g, buf, h, nesterov, use_mom):
+    """In place: p -= lr * (g + wd p), through a momentum buffer (optionally Nesterov) when use_mom.
+
+    h = [lr, weight_decay, momentum, 1 - dampening] in p's dtype (one array argument: cheap dispatch)."""
+    lr = h[0]
+    wd = h[1]
+    momentum = h[2]
+    omd = h[3]
+    for i in range(p.shape[0]):
+        _sgd_elem(p, g, buf, i, lr, wd, momentum, omd, nesterov, use_mom)
+
+
+@njit(cache=True, fastmath=_FM, parallel=True, nogil=True)
+def sgd_update_par(p, g, buf, h, nesterov, use_mom):
+    """Parallel sgd_update."""
+    lr = h[0]
+    wd = h[1]
+    momentum = h[2]
+    omd = h[3]
+    for i in prange(p.shape[0]):
+        _sgd_elem(p, g, buf, i, lr, wd, momentum, omd, nesterov, use_mom)
+
+
+@njit(cache=True, fastmath=_FM, inline="always")
+def _adagrad_elem(p, g, acc, i, lr, wd, eps):
+    gi = g[i]
+    if wd != 0:
+        gi = gi + wd * p[i]
+    a = acc[i] + gi * gi
+    acc[i] = a
+    p[i] = p[i] - lr * gi / (math.sqrt(a) + eps)
+
+
+@njit(cache=True, fastmath=_FM, nogil=True)
+def adagrad_update(p, g, acc, h):
+    """In place: acc += g^2; p -= lr * g / (sqrt(acc) + eps), with h = [lr, weight_decay, eps]."""
+    lr = h[0]
+    wd = h[1]
+    eps = h[2]
+    for i in range(p.shape[0]):
+        _adagrad_elem(p, g, acc, i, lr, wd, eps)
+
+
+@njit(cache=True, fastmath=_FM, parallel=True, nogil=True)
+def adagrad_update_par(p, g, acc, h):
+    """Parallel adagrad_update."""
+    lr = h[0]
+    wd = h[1]
+    eps = h[2]
+    for i in prange(p.shape[0]):
+        _adagrad_elem(p, g, acc, i, lr, wd, eps)
+
+
+@njit(cache=True, fastmath=_FM, inline="always")
+def _rmsprop_elem(p, g, ms, mg, mom, i, lr, wd, rho, omr, eps, momentum, centered, use_mom):
+    gi = g[i]
+    if wd != 0:
+        gi = gi + wd * p[i]
+    s = rho * ms[i] + omr * gi * gi
+    ms[i] = s
+    if centered:
+        a = rho * mg[i] + omr * gi
+        mg[i] = a
+        s = s - a * a
+        if s < 0:
+            s = s * 0
+    step = lr * gi / math.sqrt(s + eps)
+    if use_mom:
+        step = momentum * mom[i] + step
+        mom[i] = step
+    p[i] = p[i] - step
+
+
+@njit(cache=True, fastmath=_FM, nogil=True)
+def rmsprop_update(p, g, ms, mg, mom, h, centered, use_mom):
+    """In place: ms = rho ms + (1-rho) g^2 (centered: minus mg^2); p -= (momentum of) lr g / sqrt(ms + eps).
+
+    h = [lr, weight_decay, rho, 1 - rho, eps, momentum]."""
+    lr = h[0]
+    wd = h[1]
+    rho = h[2]
+    omr = h[3]
+    eps = h[4]
+    momentum = h[5]
+    for i in range(p.shape[0]):
+        _rmsprop_elem(p, g, ms, mg, mom, i, lr, wd, rho, omr, eps, momentum, centered, use_mom)
+
+
+@njit(cache=True, fastmath=_FM, parallel=True, nogil=True)
+def rmsprop_update_par(p, g, ms, mg, mom, h, centered, use_mom):
+    """Parallel rmsprop_update."""
+    lr = h[0]
+    wd = h[1]
+    rho = h[2]
+    omr = h[3]
+    eps = h[4]
+    momentum = h[5]
+    for i in prange(p.shape[0]):
+        _rmsprop_elem(p, g, ms, mg, mom, i, lr, wd, rho, omr, eps, momentum, centered, use_mom)
+
+
+@njit(cache=True, fastmath=_FM, inline="always")
+def _adam_elem(p, g, m, v, i, lr_c, wd, b1, omb1, b2, omb2, inv_sqrt_bc2, eps):
+    gi = g[i]
+    if wd != 0:
+        gi = gi + wd * p[i]
+    mi = b1 * m[i] + omb1 * gi
+    vi = b2 * v[i] + omb2 * gi * gi
+    m[i] = mi
+    v[i] = vi
+    p[i] = p[i] - lr_c * mi / (math.sqrt(vi) * inv_sqrt_bc2 + eps)
+
+
+@njit(cache=True, fastmath=_FM, nogil=True)
+def adam_update(p, g, m, v, h):
+    """In place Adam: m, v moments; p -= lr_c * m / (sqrt(v) / sqrt(bc2) + eps) with lr_c = lr / bc1.
+
+    h = [lr / bc1, weight_decay, beta1, 1 - beta1, beta2, 1 - beta2, 1 / sqrt(bc2), eps]."""
+    lr_c = h[0]
+    wd = h[1]
+    b1 = h[2]
+    omb1 = h[3]
+    b2 = h[4]
+    omb2 = h[5]
+    inv_sqrt_bc2 = h[6]
+    eps = h[7]
+    for i in range(p.shape[0]):
+        _adam_elem(p, g, m, v, i, lr_c, wd, b1, omb1, b2, omb2, inv_sqrt_bc2, eps)
+
+
+@njit(cache=True, fastmath=_FM, parallel=True, nogil=True)
+def adam_update_par(p, g, m, v, h):
+    """Parallel adam_update."""
+    lr_c = h[0]
+    wd = h[1]
+    b1 = h[2]
+    omb1 = h[3]
+    b2 = h[4]
+    omb2 = h[5]
+    inv_sqrt_bc2 = h[6]
+    eps = h[7]
+    for i in prange(p.shape[0]):
+        _adam_elem(p, g, m, v, i, lr_c, wd, b1, omb1, b2, omb2, inv_sqrt_bc2, eps)
+
+
+# -- sparse (row) updates: rows are unique, so rows update independently --------------------------------------
+
+@njit(cache=True, nogil=True)
+def unique_segments(idx):
+    """Return (order, uniq, starts): idx[order] sorted, its unique values, and segment starts (len(uniq)+1)."""
+    n = idx.shape[0]
+    order = np.argsort(idx, kind="mergesort")
+    uniq = np.empty(n, np.int64)
+    starts = np.empty(n + 1, np.int64)
+    u = 0
+    for j in range(n):
+        val = idx[order[j]]
+        if u == 0 or val != uniq[u - 1]:
+            uniq[u] = val
+            starts[u] = j
+            u += 1
+    starts[u] = n
+    return order, uniq[:u].copy(), starts[:u + 1].copy()
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def segment_sum_rows(values, order, starts, out):
+    """out[s, :] = sum of values[order[j], :] for j in [starts[s], starts[s+1]) (duplicate rows summed)."""
+    d = values.shape[1]
+    for s in prange(out.shape[0]):
+        for k in range(d):
+            out[s, k] = values[order[starts[s]], k]
+        for j in range(starts[s] + 1, starts[s + 1]):
+            r = order[j]
+            for k in range(d):
+                out[s, k] += values[r, k]
+
+
+@njit(cache=True, fastmath=_FM, parallel=True, nogil=True)
+def sgd_sparse_update(p, rows, g, buf, h, nesterov, use_mom):
+    """sgd_update on the rows p[rows[r]] with gradient rows g[r] (buffer rows updated lazily)."""
+    lr = h[0]
+    wd = h[1]
+    momentum = h[2]
+    omd = h[3]
+    for r in prange(rows.shape[0]):
+        dst = rows[r]
+        pr = p[dst]
+        gr = g[r]
+        br = buf[dst]
+        for k in range(pr.shape[0]):
+            _sgd_elem(pr, gr, br, k, lr, wd, momentum, omd, nesterov, use_mom)
+
+
+@njit(cache=True, fastmath=_FM, parallel=True, nogil=True)
+def adagrad_sparse_update(p, rows, g, acc, h):
+    """adagrad_update on the rows p[rows[r]] with gradient rows g[r]."""
+    lr = h[0]
+    wd = h[1]
+    eps = h[2]
+    for r in prange(rows.shape[0]):
+        dst = rows[r]
+        pr = p[dst]
+        gr = g[r]
+        ar = acc[dst]
+        for k in range(pr.shape[0]):
+            _adagrad_elem(pr, gr, ar, k, lr, wd, eps)
+
+
+@njit(cache=True, fastmath=_FM, parallel=True, nogil=True)
+def adam_sparse_update(p, rows, g, m, v, h):
+    """Lazy Adam: adam_update on the rows p[rows[r]] only (other rows' moments are left as they are)."""
+    lr_c = h[0]
+    wd = h[1]
+    b1 = h[2]
+    omb1 = h[3]
+    b2 = h[4]
+    omb2 = h[5]
+    inv_sqrt_bc2 = h[6]
+    eps = h[7]
+    for r in prange(rows.shape[0]):
+        dst = rows[r]
+        pr = p[dst]
+        gr = g[r]
+        mr = m[dst]
+        vr = v[dst]
+        for k in range(pr.shape[0]):
+            _adam_elem(pr, gr, mr, vr, k, lr_c, wd, b1, omb1, b2, omb2, inv_sqrt_bc2, eps)
+
+
+# ==============================================================================================================
+# Neural-network kernels (jitnet.nn.functional): im2col / col2im convolution, pooling, fused cross entropy,
+# fused LSTM / GRU steps. Images are NCHW; "cols" is (C*KH*KW, N*OH*OW) so that a convolution is one gemm.
+# ==============================================================================================================
+
+@njit(cache=True, parallel=True, nogil=True)
+def nn_im2col(x, cols, kh_, kw_, sh, sw, ph, pw, dh, dw, oh_, ow_):
+    """Write the patches of x (N, C, H, W) into cols (C*KH*KW, N*OH*OW), zeros where the window is padding."""
+    n_, c_, h_, w_ = x.shape
+    kk = kh_ * kw_
+    ohw = oh_ * ow_
+    for r in prange(c_ * kk):
+        c = r // kk
+        k = r - c * kk
+        kh = k // kw_
+        kw = k - kh * kw_
+        for n in range(n_):
+            base = n * ohw
+            for oh in range(oh_):
+                ih = oh * sh - ph + kh * dh
+                o0 = base + oh * ow_
+                if ih < 0 or ih >= h_:
+                    for ow in range(ow_):
+                        cols[r, o0 + ow] = 0
+                    continue
+                if sw == 1:
+                    off = kw * dw - pw
+                    lo = max(0, -off)
+                    hi = min(ow_, w_ - off)
+                    for ow in range(0, min(lo, ow_)):
+                        cols[r, o0 + ow] = 0
+                    for ow in range(lo, hi):
+                        cols[r, o0 + ow] = x[n, c, ih, ow + off]
+                    for ow in range(max(hi, lo), ow_):
+                        cols[r, o0 + ow] = 0
+                else:
+                    for ow in range(ow_):
+                        iw = ow * sw - pw + kw * dw
+                        if 0 <= iw < w_:
+                            cols[r, o0 + ow] = x[n, c, ih, iw]
+                        else:
+                            cols[r, o0 + ow] = 0
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def nn_col2im(cols, dx, kh_, kw_, sh, sw, ph, pw, dh, dw, oh_, ow_):
+    """Sum cols (C*KH*KW, N*OH*OW) back into dx (N, C, H, W): the adjoint of ``nn_im2col``."""
+    n_, c_, h_, w_ = dx.shape
+    ohw = oh_ * ow_
+    for t in prange(n_ * c_):
+        n = t // c_
+        c = t - n * c_
+        for ih in range(h_):
+            for iw in range(w_):
+                dx[n, c, ih, iw] = 0
+        base = n * ohw
+        for kh in range(kh_):
+            for kw in range(kw_):
+                r = (c * kh_ + kh) * kw_ + kw
+                for oh in range(oh_):
+                    ih = oh * sh - ph + kh * dh
+                    if ih < 0 or ih >= h_:
+                        continue
+                    o0 = base + oh * ow_
+                    if sw == 1:
+                        off = kw * dw - pw
+                        lo = max(0, -off)
+                        hi = min(ow_, w_ - off)
+                        for ow in range(lo, hi):
+                            dx[n, c, ih, ow + off] += cols[r, o0 + ow]
+                    else:
+                        for ow in range(ow_):
+                            iw = ow * sw - pw + kw * dw
+                            if 0 <= iw < w_:
+                                dx[n, c, ih, iw] += cols[r, o0 + ow]
+
+
+@njit(cache=True, nogil=True)
+def nn_gemm(a, b, out):
+    """Write a @ b into out with one BLAS gemm (a and b may be C- or F-ordered)."""
+    np.dot(a, b, out)
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def nn_onp_to_nop(y2, bias, out, has_bias):
+    """out[n, o, p] = y2[o, n*P + p] (+ bias[o]) for y2 (O, N*P) and out (N, O, P)."""
+    n_, o_, p_ = out.shape
+    for t in prange(n_ * o_):
+        n = t // o_
+        o = t - n * o_
+        b = bias[o] if has_bias else y2[0, 0] * 0
+        src = n * p_
+        for p in range(p_):
+            out[n, o, p] = y2[o, src + p] + b
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def nn_nop_to_onp(g, out):
+    """out[o, n*P + p] = g[n, o, p] for g (N, O, P) and out (O, N*P)."""
+    n_, o_, p_ = g.shape
+    for t in prange(n_ * o_):
+        n = t // o_
+        o = t - n * o_
+        dst = n * p_
+        for p in range(p_):
+            out[o, dst + p] = g[n, o, p]
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def nn_max_pool2d(x, out, kh_, kw_, sh, sw, ph, pw):
+    """Write the max over each window of x (N, C, H, W) into out (N, C, OH, OW); padding never wins."""
+    n_, c_, h_, w_ = x.shape
+    oh_, ow_ = out.shape[2], out.shape[3]
+    for t in prange(n_ * c_):
+        n = t // c_
+        c = t - n * c_
+        for oh in range(oh_):
+            h0 = oh * sh - ph
+            for ow in range(ow_):
+                w0 = ow * sw - pw
+                best = -np.inf
+                first = True
+                for kh in range(kh_):
+                    ih = h0 + kh
+                    if ih < 0 or ih >= h_:
+                        continue
+                    for kw in range(kw_):
+                        iw = w0 + kw
+                        if iw < 0 or iw >= w_:
+                            continue
+                        v = x[n, c, ih, iw]
+                        if first or v > best or v != v:
+                            best = v
+                            first = False
+                out[n, c, oh, ow] = best
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def nn_max_pool2d_grad(x, g, dx, kh_, kw_, sh, sw, ph, pw):
+    """Route each g (N, C, OH, OW) to the argmax of its window in x (first maximum on ties) into dx."""
+    n_, c_, h_, w_ = x.shape
+    oh_, ow_ = g.shape[2], g.shape[3]
+    for t in prange(n_ * c_):
+        n = t // c_
+        c = t - n * c_
+        for ih in range(h_):
+            for iw in range(w_):
+                dx[n, c, ih, iw] = 0
+        for oh in range(oh_):
+            h0 = oh * sh - ph
+            for ow in range(ow_):
+                w0 = ow * sw - pw
+                best = -np.inf
+                bi = -1
+                bj = -1
+                for kh in range(kh_):
+                    ih = h0 + kh
+                    if ih < 0 or ih >= h_:
+                        continue
+                    for kw in range(kw_):
+                        iw = w0 + kw
+                        if iw < 0 or iw >= w_:
+                            continue
+                        v = x[n, c, ih, iw]
+                        if bi < 0 or v > best:
+                            best = v
+                            bi = ih
+                            bj = iw
+                if bi >= 0:
+                    dx[n, c, bi, bj] += g[n, c, oh, ow]
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def nn_avg_pool2d(x, out, kh_, kw_, sh, sw, ph, pw, include_pad):
+    """Write the mean over each window of x into out (padding counted only when include_pad)."""
+    n_, c_, h_, w_ = x.shape
+    oh_, ow_ = out.shape[2], out.shape[3]
+    for t in prange(n_ * c_):
+        n = t // c_
+        c = t - n * c_
+        for oh in range(oh_):
+            h0 = oh * sh - ph
+            for ow in range(ow_):
+                w0 = ow * sw - pw
+                s = x[0, 0, 0, 0] * 0
+                cnt = 0
+                for kh in range(kh_):
+                    ih = h0 + kh
+                    if ih < 0 or ih >= h_:
+                        continue
+                    for kw in range(kw_):
+                        iw = w0 + kw
+                        if iw < 0 or iw >= w_:
+                            continue
+                        s += x[n, c, ih, iw]
+                        cnt += 1
+                if include_pad:
+                    cnt = (min(h0 + kh_, h_ + ph) - h0) * (min(w0 + kw_, w_ + pw) - w0)
+                out[n, c, oh, ow] = s / max(cnt, 1)
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def nn_avg_pool2d_grad(g, dx, kh_, kw_, sh, sw, ph, pw, include_pad):
+    """Spread each g (N, C, OH, OW) evenly over its window into dx (N, C, H, W): the adjoint of avg pooling."""
+    n_, c_, h_, w_ = dx.shape
+    oh_, ow_ = g.shape[2], g.shape[3]
+    for t in prange(n_ * c_):
+        n = t // c_
+        c = t - n * c_
+        for ih in range(h_):
+            for iw in range(w_):
+                dx[n, c, ih, iw] = 0
+        for oh in range(oh_):
+            h0 = oh * sh - ph
+            for ow in range(ow_):
+                w0 = ow * sw - pw
+                if include_pad:
+                    cnt = (min(h0 + kh_, h_ + ph) - h0) * (min(w0 + kw_, w_ + pw) - w0)
+                else:
+                    cnt = (min(h0 + kh_, h_) - max(h0, 0)) * (min(w0 + kw_, w_) - max(w0, 0))
+                v = g[n, c, oh, ow] / max(cnt, 1)
+                for kh in range(kh_):
+                    ih = h0 + kh
+                    if ih < 0 or ih >= h_:
+                        continue
+                    for kw in range(kw_):
+                        iw = w0 + kw
+                        if 0 <= iw < w_:
+                            dx[n, c, ih, iw] += v
+
+
+@njit(cache=True, fastmath=_FM, inline="always")
+def _nn_row_lse(x, i):
+    n = x.shape[1]
+    m = x[i, 0]
+    for j in range(1, n):
+        if x[i, j] > m:
+            m = x[i, j]
+    if m == -np.inf or m == np.inf or m != m:
+        return m
+    s = x[i, 0] * 0
+    for j in range(n):
+        s += math.exp(x[i, j] - m)
+    return m + math.log(s)
+
+
+@njit(cache=True, fastmath=_FM, parallel=True, nogil=True)
+def nn_xent_int(x, labels, out):
+    """out[i] = logsumexp(x[i]) - x[i, labels[i]] (0 where the label is negative: ignored)."""
+    for i in prange(x.shape[0]):
+        lab = labels[i]
+        if lab < 0:
+            out[i] = 0
+        else:
+            out[i] = _nn_row_lse(x, i) - x[i, lab]
+
+
+@njit(cache=True, fastmath=_FM, parallel=True, nogil=True)
+def nn_xent_int_grad(x, labels, g, out):
+    """out[i] = g[i] * (softmax(x[i]) - onehot(labels[i])) (a zero row where the label is negative)."""
+    n = x.shape[1]
+    for i in prange(x.shape[0]):
+        lab = labels[i]
+        if lab < 0:
+            for j in range(n):
+                out[i, j] = 0
+            continue
+        lse = _nn_row_lse(x, i)
+        gi = g[i]
+        for j in range(n):
+            out[i, j] = gi * math.exp(x[i, j] - lse)
+        out[i, lab] -= gi
+
+
+@njit(cache=True, fastmath=_FM, parallel=True, nogil=True)
+def nn_xent_prob(x, p, out):
+    """out[i] = sum_j p[i, j] * (logsumexp(x[i]) - x[i, j]): cross entropy against probability rows."""
+    for i in prange(x.shape[0]):
+        lse = _nn_row_lse(x, i)
+        s = x[i, 0] * 0
+        for j in range(x.shape[1]):
+            pj = p[i, j]
+            if pj != 0:
+                s += pj * (lse - x[i, j])
+        out[i] = s
+
+
+@njit(cache=True, fastmath=_FM, parallel=True, nogil=True)
+def nn_xent_prob_grad(x, p, g, out):
+    """out[i] = g[i] * (softmax(x[i]) * sum(p[i]) - p[i]): the gradient of ``nn_xent_prob`` w.r.t. x."""
+    n = x.shape[1]
+    for i in prange(x.shape[0]):
+        lse = _nn_row_lse(x, i)
+        sp = p[i, 0] * 0
+        for j in range(n):
+            sp += p[i, j]
+        gi = g[i]
+        for j in range(n):
+            out[i, j] = gi * (math.exp(x[i, j] - lse) * sp - p[i, j])
+
+
+@njit(cache=True, fastmath=_FM, inline="always")
+def _nn_sig(v):
+    if v >= 0:
+        return 1 / (1 + math.exp(-v))
+    e = math.exp(v)
+    return e / (1 + e)
+
+
+@njit(cache=True, fastmath=_FM, nogil=True)
+def nn_lstm_step(xw, s_prev, whh, b, mask, s_out, use_mask):
+    """One LSTM step. xw (B, 4H): input projection; s_prev / s_out (B, 6H) = [h, c, i, f, g, o]; gates i f g o.
+
+    Rows whose mask is 0 (when use_mask) carry h and c through unchanged.
+    """
+    bsz = xw.shape[0]
+    hd = whh.shape[0]
+    z = np.empty((bsz, 4 * hd), dtype=xw.dtype)
+    np.dot(np.ascontiguousarray(s_prev[:, :hd]), whh, z)
+    for r in range(bsz):
+        keep = use_mask and mask[r] == 0
+        for j in range(hd):
+            if keep:
+                s_out[r, j] = s_prev[r, j]
+                s_out[r, hd + j] = s_prev[r, hd + j]
+                s_out[r, 2 * hd + j] = 0
+                s_out[r, 3 * hd + j] = 1
+                s_out[r, 4 * hd + j] = 0
+                s_out[r, 5 * hd + j] = 0
+                continue
+            ig = _nn_sig(z[r, j] + xw[r, j] + b[j])
+            fg = _nn_sig(z[r, hd + j] + xw[r, hd + j] + b[hd + j])
+            gg = math.tanh(z[r, 2 * hd + j] + xw[r, 2 * hd + j] + b[2 * hd + j])
+            og = _nn_sig(z[r, 3 * hd + j] + xw[r, 3 * hd + j] + b[3 * hd + j])
+            c = fg * s_prev[r, hd + j] + ig * gg
+            s_out[r, j] = og * math.tanh(c)
+            s_out[r, hd + j] = c
+            s_out[r, 2 * hd + j] = ig
+            s_out[r, 3 * hd + j] = fg
+            s_out[r, 4 * hd + j] = gg
+            s_out[r, 5 * hd + j] = og
+
+
+@njit(cache=True, fastmath=_FM, nogil=True)
+def nn_lstm_step_dz(g, s, s_prev, mask, dz, use_mask):
+    """Write the gradient w.r.t. the gate pre-activations dz (B, 4H) from g = d s (B, 6H) (only h, c parts used)."""
+    bsz = s.shape[0]
+    hd = dz.shape[1] // 4
+    for r in range(bsz):
+        if use_mask and mask[r] == 0:
+            for j in range(4 * hd):
+                dz[r, j] = 0
+            continue
+        for j in range(hd):
+            c = s[r, hd + j]
+            ig = s[r, 2 * hd + j]
+            fg = s[r, 3 * hd + j]
+            gg = s[r, 4 * hd + j]
+            og = s[r, 5 * hd + j]
+            tc = math.tanh(c)
+            dh = g[r, j]
+            dc = g[r, hd + j] + dh * og * (1 - tc * tc)
+            dz[r, j] = dc * gg * ig * (1 - ig)
+            dz[r, hd + j] = dc * s_prev[r, hd + j] * fg * (1 - fg)
+            dz[r, 2 * hd + j] = dc * ig * (1 - gg * gg)
+            dz[r, 3 * hd + j] = dh * tc * og * (1 - og)
+
+
+@njit(cache=True, fastmath=_FM, nogil=True)
+def nn_lstm_step_dprev(g, dz, s, whh, mask, out, use_mask):
+    """Write d s_prev (B, 6H) = [dz @ whh.T, dc * f, 0...] (carried rows pass g through) into out."""
+    bsz = s.shape[0]
+    hd = whh.shape[0]
+    dh = np.empty((bsz, hd), dtype=dz.dtype)
+    np.dot(dz, whh.T, dh)
+    for r in range(bsz):
+        keep = use_mask and mask[r] == 0
+        for j in range(hd):
+            if keep:
+                out[r, j] = g[r, j]
+                out[r, hd + j] = g[r, hd + j]
+            else:
+                og = s[r, 5 * hd + j]
+                tc = math.tanh(s[r, hd + j])
+                dc = g[r, hd + j] + g[r, j] * og * (1 - tc * tc)
+                out[r, j] = dh[r, j]
+                out[r, hd + j] = dc * s[r, 3 * hd + j]
+        for j in range(2 * hd, 6 * hd):
+            out[r, j] = 0

@@ -50,7 +50,12 @@ def _run_program(steps, xs):
         if s[0] == "u":
             vals.append(UNARY[s[1]](vals[s[2]]))
         elif s[0] == "b":
-            vals.append(BINARY[s[1]](vals[s[2]], vals[s[3]]))
+            a, b = vals[s[2]], vals[s[3]]
+            try:
+                np.broadcast_shapes(a.shape, b.shape)
+            except ValueError:          # keep drawn programs valid: reduce the right operand to a scalar
+                b = jn.sum(b)
+            vals.append(BINARY[s[1]](a, b))
         else:
             x = vals[s[3]]
             axis = s[1] if x.ndim else None

@@ -142,7 +142,7 @@ def apply(prim: Primitive, *inputs, **params):
         out = _wrap(_apply_debug(prim, inputs, params))
     else:
         out = _wrap(prim.impl["cpu"](*[t._data for t in inputs], **params))
-    if _State.grad_enabled and not prim.nondiff:
+    if _State.grad_enabled and not prim.nondiff and out._data.dtype.kind == "f":   # int outputs: no gradient
         for t in inputs:
             if t.requires_grad:
                 out._node = Node(prim, inputs, params)

@@ -14,9 +14,20 @@ __all__ = ["dce", "cse", "fuse", "FusionGroup"]
 
 def _roots(g: Graph):
     roots = [v.node for v in g.outputs if v.kind == "node"]
-    roots += [v.node for _, v in g.grad_outputs if v is not None and v.kind == "node"]
+    roots += [v.node for v in _grad_values(g) if v.kind == "node"]
     roots += [n for n in g.nodes if n.effects]
     return roots
+
+
+def _grad_values(g):
+    """Return the Values written back into .grad (both parts of a sparse gradient)."""
+    out = []
+    for _, v in g.grad_outputs:
+        if isinstance(v, tuple):
+            out += [v[1], v[2]]
+        elif v is not None:
+            out.append(v)
+    return out
 
 
 def dce(g: Graph) -> int:
@@ -81,7 +92,8 @@ def cse(g: Graph) -> int:
         removed += 1
     if rep:
         g.outputs = [rep.get(v.id, v) for v in g.outputs]
-        g.grad_outputs = [(var, rep.get(v.id, v) if v is not None else None) for var, v in g.grad_outputs]
+        g.grad_outputs = [(var, None if v is None else (v[0], rep.get(v[1].id, v[1]), rep.get(v[2].id, v[2]), v[3])
+                           if isinstance(v, tuple) else rep.get(v.id, v)) for var, v in g.grad_outputs]
         for n in g.nodes:
             if n.alive:
                 n.inputs = [rep.get(v.id, v) for v in n.inputs]
@@ -122,7 +134,7 @@ def fuse(g: Graph):
             for v in n.inputs:
                 consumers.setdefault(v.id, set()).add(n.id)
     pinned = {v.id for v in g.outputs}
-    pinned |= {v.id for _, v in g.grad_outputs if v is not None}
+    pinned |= {v.id for v in _grad_values(g)}
     must_precede = {}       # node id -> earliest trace position of a node ordered after it
     for n in g.nodes:
         if n.alive:

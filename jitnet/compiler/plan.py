@@ -14,9 +14,11 @@ import time
 import numpy as np
 
 from .. import kernelgen
+from ..autodiff.sparse import IndexedSlices
 from ..tensor import Tensor
 from .codegen import cpu_kernels
-from .passes import fuse
+from .passes import _grad_values, fuse
+from .specialize import specializer
 
 __all__ = ["Plan", "build_plan"]
 
@@ -74,7 +76,12 @@ class Plan:
             for step in self.steps:
                 step(env)
         for var, slot in self.grad_writes:
-            var._grad = None if slot is None else Tensor._wrap(env[slot])
+            if slot is None:
+                var._grad = None
+            elif isinstance(slot, tuple):              # ("sparse", values slot, indices slot, dense shape)
+                var._grad = IndexedSlices(Tensor._wrap(env[slot[1]]), Tensor._wrap(env[slot[2]]), slot[3])
+            else:
+                var._grad = Tensor._wrap(env[slot])
         return env
 
 
@@ -143,7 +150,7 @@ def build_plan(g, fuse_ops=True):
         for v in _unit_inputs(u):
             r = alias_root.get(v.id, v.id)
             last_use[r] = pos
-    escaping = {v.id for v in g.outputs} | {v.id for _, v in g.grad_outputs if v is not None}
+    escaping = {v.id for v in g.outputs} | {v.id for v in _grad_values(g)}
     escaping = {alias_root.get(i, i) for i in escaping}
 
     # an assign whose value is a fused group's result used nowhere else: the group writes into the variable
@@ -172,6 +179,20 @@ def build_plan(g, fuse_ops=True):
 
     free = {}              # (shape, dtype.str) -> list of buffers
     release_at = {}        # pos -> list of (key, buffer)
+    def buffer_for(out, pos):
+        """A plan-owned buffer for ``out`` (None when it escapes: it is then recycled per call)."""
+        if out.id in escaping or out.id not in last_use:
+            return None
+        key = (out.shape or (1,), out.dtype.str)
+        lst = free.get(key)
+        if lst:
+            buf = lst.pop()
+        else:
+            buf = np.empty(out.shape or (1,), out.dtype)
+            plan.buffer_bytes += buf.nbytes
+        release_at.setdefault(last_use[out.id], []).append((key, buf))
+        return buf
+
     for pos, u in enumerate(units):
         if hasattr(u, "members"):
             ks, kp, src = cpu_kernels(u)
@@ -183,23 +204,14 @@ def build_plan(g, fuse_ops=True):
             o = slot(out)
             kernel = kp if out.size >= kernelgen.PARALLEL_THRESHOLD else ks
             kshape = out.shape or (1,)
-            buf = None
+            name = f"fused[{'+'.join(m.prim.name for m in u.members)}"
             if out.id in write_into:
                 plan.steps.append(_group_step_into(kernel, in_slots, o, slot(write_into[out.id]), kshape))
-                plan.step_names.append(f"fused[{'+'.join(m.prim.name for m in u.members)}+assign] -> "
-                                       f"{out.shape}")
-                continue
-            if out.id not in escaping and out.id in last_use:
-                key = (kshape, out.dtype.str)
-                lst = free.get(key)
-                if lst:
-                    buf = lst.pop()
-                else:
-                    buf = np.empty(kshape, out.dtype)
-                    plan.buffer_bytes += buf.nbytes
-                release_at.setdefault(last_use[out.id], []).append((key, buf))
-            plan.steps.append(_group_step(kernel, in_slots, o, kshape, out.shape, out.dtype, buf))
-            plan.step_names.append(f"fused[{'+'.join(m.prim.name for m in u.members)}] -> {out.shape}")
+                plan.step_names.append(f"{name}+assign] -> {out.shape}")
+            else:
+                buf = buffer_for(out, pos)
+                plan.steps.append(_group_step(kernel, in_slots, o, kshape, out.shape, out.dtype, buf))
+                plan.step_names.append(f"{name}] -> {out.shape}")
         else:
             n = u
             if n.id in folded:
@@ -207,8 +219,14 @@ def build_plan(g, fuse_ops=True):
                 continue
             in_slots = [slot(v) for v in n.inputs]
             o = slot(n.out)
-            plan.steps.append(_node_step(n.prim.impl["cpu"], in_slots, o, n.params))
-            plan.step_names.append(f"{n.prim.name} -> {n.out.shape}")
+            fn = specializer(n) if n.out.dtype != np.dtype(object) else None
+            if fn is not None:
+                buf = buffer_for(n.out, pos)
+                plan.steps.append(_special_step(fn, n.prim.impl["cpu"], in_slots, o, n.params, n.out, buf))
+                plan.step_names.append(f"{n.prim.name}* -> {n.out.shape}")
+            else:
+                plan.steps.append(_node_step(n.prim.impl["cpu"], in_slots, o, n.params))
+                plan.step_names.append(f"{n.prim.name} -> {n.out.shape}")
             if n.prim.kind != "view":
                 plan.kernel_count += 1
         for key, buf in release_at.pop(pos, ()):
@@ -216,12 +234,53 @@ def build_plan(g, fuse_ops=True):
 
     for v in g.outputs:
         plan.out_slots.append(("state", v.var) if v.kind == "state" else slot(v))
-    plan.grad_writes = [(var, None if v is None else slot(v)) for var, v in g.grad_outputs]
+    plan.grad_writes = [(var, None if v is None else ("sparse", slot(v[1]), slot(v[2]), v[3])
+                         if isinstance(v, tuple) else slot(v)) for var, v in g.grad_outputs]
     plan.var_shapes = [(var, var.shape) for _, var in plan.state_slots]
     return plan
 
 
+def _fast(kernel):
+    """Return a caller of ``kernel`` that uses its compiled entry point once known (no type dispatch)."""
+    box = [None]
+
+    def call(*args):
+        ep = box[0]
+        if ep is not None:
+            try:
+                return ep(*args)
+            except TypeError:          # an operand of another Numba type than the first call's
+                pass
+        r = kernel(*args)
+        box[0] = kernelgen.entry_point(kernel, args)
+        return r
+    return call
+
+
+def _special_step(fn, impl, in_slots, o, params, out, buf):
+    oshape, dtype, kshape = out.shape, out.dtype, out.shape or (1,)
+    if buf is not None:
+        view = buf.reshape(oshape)
+
+        def step(env):
+            if fn(*[env[i] for i in in_slots], buf):
+                env[o] = view
+            else:
+                env[o] = impl(*[env[i] for i in in_slots], **params)
+    else:
+        held = [None, None]
+
+        def step(env):
+            dst = _recycled(held, kshape, dtype)
+            if fn(*[env[i] for i in in_slots], dst):
+                env[o] = dst.reshape(oshape)
+            else:
+                env[o] = impl(*[env[i] for i in in_slots], **params)
+    return step
+
+
 def _group_step(kernel, in_slots, o, kshape, oshape, dtype, buf):
+    kernel = _fast(kernel)
     if buf is not None:
         view = buf.reshape(oshape)
 
@@ -256,6 +315,8 @@ def _recycled(held, shape, dtype):
 
 
 def _group_step_into(kernel, in_slots, o, var_slot, kshape):
+    kernel = _fast(kernel)
+
     def step(env):
         dst = env[var_slot]
         kernel(*[env[i] for i in in_slots], dst.reshape(kshape))

@@ -279,7 +279,14 @@ class Tracer:
 
     def finish_grads(self):
         """Record the final ``.grad`` of every variable the step wrote, and set the real ones now."""
+        from ..autodiff.sparse import IndexedSlices
         for var, value in self._grads.values():
+            if isinstance(value, IndexedSlices):       # a sparse gradient: its values and indices are outputs
+                vv, iv = self.value_of(value.values), self.value_of(value.indices)
+                self.graph.grad_outputs.append((var, ("sparse", vv, iv, value.dense_shape)))
+                var._grad = IndexedSlices(Tensor._wrap(value.values._data), Tensor._wrap(value.indices._data),
+                                          value.dense_shape)
+                continue
             if value is None:
                 self.graph.grad_outputs.append((var, None))
                 var._grad = None

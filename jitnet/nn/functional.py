@@ -1,7 +1,855 @@
-"""Neural-network functions: activations, softmax family, losses."""
+"""Neural-network functions: activations, convolution, pooling, normalization, dropout and losses.
+
+New primitives (one registry row each, next to their public function): ``conv2d`` and its two gradients
+(im2col + one BLAS gemm, col2im), ``max_pool2d`` (argmax-routed gradient) and ``avg_pool2d``, fused
+``cross_entropy`` (per-row logsumexp forward, softmax-minus-target backward, one kernel each), and fused
+LSTM steps. Everything else is a composition of jitnet ops, so its gradient comes from theirs.
+
+Unless said otherwise, losses reduce with ``reduction="mean"`` (also ``"sum"`` and ``"none"``).
+"""
 from __future__ import annotations
 
-from .. import ops
-from ..ops import log_softmax, relu, sigmoid, softmax, softplus, tanh
+import math
 
-__all__ = ["relu", "sigmoid", "tanh", "softplus", "softmax", "log_softmax"]
+import numpy as np
+
+from .. import kernels_cpu as K
+from .. import ops
+from .. import random as _random
+from ..autodiff.core import Primitive, apply
+from ..ops import log_softmax, relu, sigmoid, softmax, softplus, tanh
+from ..tensor import Tensor, _infer_array
+
+__all__ = ["relu", "sigmoid", "tanh", "softplus", "softmax", "log_softmax", "leaky_relu", "elu", "gelu",
+           "linear", "conv2d", "conv2d_grad_input", "conv2d_grad_weight", "conv_output_size", "max_pool2d",
+           "avg_pool2d", "dropout", "batch_norm", "cross_entropy", "binary_cross_entropy_with_logits",
+           "mse_loss", "l2_loss", "huber_loss", "log_uniform_candidate_sampler", "nce_loss",
+           "sampled_softmax_loss", "l1_regularizer", "l2_regularizer", "max_norm", "lstm_step", "lstm_cell",
+           "gru_cell", "rnn_cell"]
+
+
+def _t(x):
+    return x if isinstance(x, Tensor) else Tensor._wrap(_infer_array(x))
+
+
+def _c(a):
+    return a if a.flags.c_contiguous else np.ascontiguousarray(a)
+
+
+def _reduce(loss, reduction, op):
+    if reduction == "mean":
+        return ops.mean(loss)
+    if reduction == "sum":
+        return ops.sum(loss)
+    if reduction == "none":
+        return loss
+    raise ValueError(f"{op}: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+# ==============================================================================================================
+# Activations
+# ==============================================================================================================
+
+def leaky_relu(x, negative_slope=0.01):
+    """Return x where x > 0, else negative_slope * x."""
+    x = _t(x)
+    return ops.where(x > 0, x, x * negative_slope)
+
+
+def elu(x, alpha=1.0):
+    """Return x where x > 0, else alpha * (exp(x) - 1)."""
+    x = _t(x)
+    return ops.where(x > 0, x, (ops.exp(ops.minimum(x, 0.0)) - 1.0) * alpha)
+
+
+def gelu(x):
+    """Return the GELU of x (tanh approximation)."""
+    x = _t(x)
+    return x * 0.5 * (ops.tanh((x + x * x * x * 0.044715) * math.sqrt(2.0 / math.pi)) + 1.0)
+
+
+def linear(x, W, b=None):
+    """Return x @ W + b for W of shape (in, out)."""
+    x, W = _t(x), _t(W)
+    if x.shape[-1] != W.shape[0]:
+        raise ValueError(f"linear: input of shape {x.shape} does not match weight of shape {W.shape} "
+                         f"(expected last input dim {W.shape[0]})")
+    y = ops.matmul(x, W)
+    return y if b is None else y + b
+
+
+# ==============================================================================================================
+# Convolution: im2col + one gemm. cols is (C*KH*KW, N*OH*OW); W is (O, C, KH, KW) viewed as (O, C*KH*KW).
+# ==============================================================================================================
+
+def _pair(v, name, op):
+    if isinstance(v, (int, np.integer)):
+        return int(v), int(v)
+    v = tuple(int(a) for a in v)
+    if len(v) != 2:
+        raise ValueError(f"{op}: {name} must be an int or a pair, got {v}")
+    return v
+
+
+def conv_output_size(size, k, stride, pad_lo, pad_hi, dilation=1):
+    """Return the output length of a convolution/pooling window over ``size`` positions."""
+    return (size + pad_lo + pad_hi - dilation * (k - 1) - 1) // stride + 1
+
+
+def _conv_padding(padding, hw, khw, stride, dilation, op):
+    """Return ((top, bottom), (left, right)) for padding 'same' / 'valid' / int / pair / pair of pairs."""
+    if isinstance(padding, str):
+        p = padding.lower()
+        if p == "valid":
+            return (0, 0), (0, 0)
+        if p == "same":
+            out = []
+            for size, k, s, d in zip(hw, khw, stride, dilation):
+                o = -(-size // s)
+                total = max((o - 1) * s + d * (k - 1) + 1 - size, 0)
+                out.append((total // 2, total - total // 2))
+            return tuple(out)
+        raise ValueError(f"{op}: padding must be 'same', 'valid', an int or a pair, got {padding!r}")
+    if isinstance(padding, (int, np.integer)):
+        return (int(padding),) * 2, (int(padding),) * 2
+    padding = tuple(padding)
+    if len(padding) == 2 and all(isinstance(p, (int, np.integer)) for p in padding):
+        return (int(padding[0]),) * 2, (int(padding[1]),) * 2
+    if len(padding) == 2:
+        return tuple(int(a) for a in padding[0]), tuple(int(a) for a in padding[1])
+    raise ValueError(f"{op}: cannot read padding {padding!r}")
+
+
+_WORKSPACE: dict = {}
+
+
+def _workspace(size, dtype):
+    """Return a reusable 1-D scratch buffer of at least ``size`` elements (the im2col matrix)."""
+    key = np.dtype(dtype)
+    buf = _WORKSPACE.get(key)
+    if buf is None or buf.size < size:
+        buf = np.empty(size, key)
+        _WORKSPACE[key] = buf
+    return buf[:size]
+
+
+def _geom(xs, ws, stride, pads, dilation):
+    n, c, h, w = xs
+    o, _, kh, kw = ws
+    oh = conv_output_size(h, kh, stride[0], pads[0][0], pads[0][1], dilation[0])
+    ow = conv_output_size(w, kw, stride[1], pads[1][0], pads[1][1], dilation[1])
+    return n, c, h, w, o, kh, kw, oh, ow
+
+
+CHUNK_BYTES = 8 << 20     # the im2col matrix of one chunk of images stays this small (cache-resident)
+
+
+def _chunks(n, per_image_elems, itemsize):
+    """Return [(n0, n1)] batch ranges whose im2col matrix fits in CHUNK_BYTES."""
+    nb = max(1, min(n, CHUNK_BYTES // max(per_image_elems * itemsize, 1)))
+    return [(i, min(n, i + nb)) for i in range(0, n, nb)]
+
+
+def _im2col(x, kh, kw, stride, pads, dilation, oh, ow):
+    n, c = x.shape[:2]
+    cols = _workspace(c * kh * kw * n * oh * ow, x.dtype).reshape(c * kh * kw, n * oh * ow)
+    K.nn_im2col(x, cols, kh, kw, stride[0], stride[1], pads[0][0], pads[1][0], dilation[0], dilation[1],
+                oh, ow)
+    return cols
+
+
+def _conv2d_impl(x, w, *b, stride, pads, dilation):
+    n, c, h, wd, o, kh, kw, oh, ow = _geom(x.shape, w.shape, stride, pads, dilation)
+    out = np.empty((n, o, oh * ow), x.dtype)
+    if out.size == 0:
+        return out.reshape(n, o, oh, ow)
+    x, w2 = _c(x), _c(w).reshape(o, c * kh * kw)
+    bias = _c(b[0]) if b else np.zeros(1, x.dtype)
+    ohw = oh * ow
+    for n0, n1 in _chunks(n, c * kh * kw * ohw, x.itemsize):
+        cols = _im2col(x[n0:n1], kh, kw, stride, pads, dilation, oh, ow)
+        y2 = np.empty((o, (n1 - n0) * ohw), x.dtype)
+        K.nn_gemm(w2, cols, y2)
+        K.nn_onp_to_nop(y2, bias, out[n0:n1], bool(b))
+    return out.reshape(n, o, oh, ow)
+
+
+def _conv2d_grad_input_impl(g, w, *, x_shape, stride, pads, dilation):
+    n, c, h, wd, o, kh, kw, oh, ow = _geom(x_shape, w.shape, stride, pads, dilation)
+    dx = np.empty(x_shape, g.dtype)
+    if g.size == 0:
+        dx[...] = 0
+        return dx
+    g3 = _c(g).reshape(n, o, oh * ow)
+    w2t = np.ascontiguousarray(_c(w).reshape(o, c * kh * kw).T)
+    ohw = oh * ow
+    for n0, n1 in _chunks(n, c * kh * kw * ohw, g.itemsize):
+        g2 = np.empty((o, (n1 - n0) * ohw), g.dtype)
+        K.nn_nop_to_onp(g3[n0:n1], g2)
+        dcols = _workspace(c * kh * kw * (n1 - n0) * ohw, g.dtype).reshape(c * kh * kw, (n1 - n0) * ohw)
+        K.nn_gemm(w2t, g2, dcols)
+        K.nn_col2im(dcols, dx[n0:n1], kh, kw, stride[0], stride[1], pads[0][0], pads[1][0], dilation[0],
+                    dilation[1], oh, ow)
+    return dx
+
+
+def _conv2d_grad_weight_impl(x, g, *, w_shape, stride, pads, dilation):
+    n, c, h, wd, o, kh, kw, oh, ow = _geom(x.shape, w_shape, stride, pads, dilation)
+    dw = np.zeros((o, c * kh * kw), x.dtype)
+    if g.size == 0:
+        return dw.reshape(w_shape)
+    x, g3 = _c(x), _c(g).reshape(n, o, oh * ow)
+    tmp = np.empty_like(dw)
+    ohw = oh * ow
+    for n0, n1 in _chunks(n, c * kh * kw * ohw, x.itemsize):
+        g2 = np.empty((o, (n1 - n0) * ohw), g.dtype)
+        K.nn_nop_to_onp(g3[n0:n1], g2)
+        cols = _im2col(x[n0:n1], kh, kw, stride, pads, dilation, oh, ow)
+        K.nn_gemm(g2, cols.T, tmp)
+        dw += tmp
+    return dw.reshape(w_shape)
+
+
+def _conv2d_vjp(g, ans, ins, needs, stride, pads, dilation):
+    x, w = ins[0], ins[1]
+    p = dict(stride=stride, pads=pads, dilation=dilation)
+    gx = apply(CONV2D_GRAD_INPUT, g, w, x_shape=x.shape, **p) if needs[0] else None
+    gw = apply(CONV2D_GRAD_WEIGHT, x, g, w_shape=w.shape, **p) if needs[1] else None
+    res = (gx, gw)
+    if len(ins) == 3:
+        res += (ops.sum(g, axis=(0, 2, 3)) if needs[2] else None,)
+    return res
+
+
+def _conv2d_grad_input_vjp(g, ans, ins, needs, x_shape, stride, pads, dilation):
+    gy, w = ins
+    p = dict(stride=stride, pads=pads, dilation=dilation)
+    return (apply(CONV2D, g, w, **p) if needs[0] else None,
+            apply(CONV2D_GRAD_WEIGHT, g, gy, w_shape=w.shape, **p) if needs[1] else None)
+
+
+def _conv2d_grad_weight_vjp(g, ans, ins, needs, w_shape, stride, pads, dilation):
+    x, gy = ins
+    p = dict(stride=stride, pads=pads, dilation=dilation)
+    return (apply(CONV2D_GRAD_INPUT, gy, g, x_shape=x.shape, **p) if needs[0] else None,
+            apply(CONV2D, x, g, **p) if needs[1] else None)
+
+
+CONV2D = Primitive("conv2d", impl={"cpu": _conv2d_impl}, vjp=_conv2d_vjp)
+CONV2D_GRAD_INPUT = Primitive("conv2d_grad_input", impl={"cpu": _conv2d_grad_input_impl},
+                              vjp=_conv2d_grad_input_vjp)
+CONV2D_GRAD_WEIGHT = Primitive("conv2d_grad_weight", impl={"cpu": _conv2d_grad_weight_impl},
+                               vjp=_conv2d_grad_weight_vjp)
+
+
+def _conv_args(x, W, stride, padding, dilation, op):
+    x, W = _t(x), _t(W)
+    if x.ndim != 4:
+        raise ValueError(f"{op}: input must be 4-D (N, C, H, W), got shape {x.shape}")
+    if W.ndim != 4:
+        raise ValueError(f"{op}: weight must be 4-D (out_channels, in_channels, KH, KW), got shape {W.shape}")
+    if x.shape[1] != W.shape[1]:
+        raise ValueError(f"{op}: input of shape {x.shape} has {x.shape[1]} channels but weight of shape "
+                         f"{W.shape} expects {W.shape[1]}")
+    stride = _pair(stride, "stride", op)
+    dilation = _pair(dilation, "dilation", op)
+    if min(stride) < 1 or min(dilation) < 1:
+        raise ValueError(f"{op}: stride {stride} and dilation {dilation} must be positive")
+    pads = _conv_padding(padding, x.shape[2:], W.shape[2:], stride, dilation, op)
+    if min(min(p) for p in pads) < 0:
+        raise ValueError(f"{op}: negative padding {pads}")
+    oh = conv_output_size(x.shape[2], W.shape[2], stride[0], *pads[0], dilation[0])
+    ow = conv_output_size(x.shape[3], W.shape[3], stride[1], *pads[1], dilation[1])
+    if oh <= 0 or ow <= 0:
+        raise ValueError(f"{op}: kernel {W.shape[2:]} (dilation {dilation}) is larger than the padded input "
+                         f"{x.shape[2:]} with padding {pads}")
+    return x, W, stride, pads, dilation
+
+
+def conv2d(x, W, b=None, stride=1, padding=0, dilation=1):
+    """Return the 2-D cross-correlation of x (N, C, H, W) with W (O, C, KH, KW) plus b (O,): (N, O, OH, OW).
+
+    ``padding`` is "same", "valid", an int, a pair (ph, pw) or a pair of pairs ((top, bottom), (left, right)).
+    """
+    x, W, stride, pads, dilation = _conv_args(x, W, stride, padding, dilation, "conv2d")
+    if x.dtype != W.dtype:
+        raise TypeError(f"conv2d: input dtype {x.dtype} differs from weight dtype {W.dtype}")
+    if pads[0][0] != pads[0][1] or pads[1][0] != pads[1][1]:
+        x = ops.pad(x, ((0, 0), (0, 0), pads[0], pads[1]))
+        pads = ((0, 0), (0, 0))
+    if b is not None:
+        b = _t(b)
+        if b.shape != (W.shape[0],):
+            raise ValueError(f"conv2d: bias of shape {b.shape} does not match {W.shape[0]} output channels")
+        if b.dtype != x.dtype:
+            b = b.astype(x.dtype)
+        return apply(CONV2D, x, W, b, stride=stride, pads=pads, dilation=dilation)
+    return apply(CONV2D, x, W, stride=stride, pads=pads, dilation=dilation)
+
+
+def conv2d_grad_input(g, W, x_shape, stride=1, padding=0, dilation=1):
+    """Return the gradient of conv2d w.r.t. its input (shape ``x_shape``) given output gradient g."""
+    g, W = _t(g), _t(W)
+    stride, dilation = _pair(stride, "stride", "conv2d_grad_input"), _pair(dilation, "dilation", "conv2d")
+    pads = _conv_padding(padding, x_shape[2:], W.shape[2:], stride, dilation, "conv2d_grad_input")
+    return apply(CONV2D_GRAD_INPUT, g, W, x_shape=tuple(x_shape), stride=stride, pads=pads, dilation=dilation)
+
+
+def conv2d_grad_weight(x, g, W_shape, stride=1, padding=0, dilation=1):
+    """Return the gradient of conv2d w.r.t. its weight (shape ``W_shape``) given input x and output gradient g."""
+    x, g = _t(x), _t(g)
+    stride, dilation = _pair(stride, "stride", "conv2d_grad_weight"), _pair(dilation, "dilation", "conv2d")
+    pads = _conv_padding(padding, x.shape[2:], W_shape[2:], stride, dilation, "conv2d_grad_weight")
+    return apply(CONV2D_GRAD_WEIGHT, x, g, w_shape=tuple(W_shape), stride=stride, pads=pads, dilation=dilation)
+
+
+# ==============================================================================================================
+# Pooling
+# ==============================================================================================================
+
+def _pool_args(x, kernel_size, stride, padding, op):
+    x = _t(x)
+    if x.ndim != 4:
+        raise ValueError(f"{op}: input must be 4-D (N, C, H, W), got shape {x.shape}")
+    k = _pair(kernel_size, "kernel_size", op)
+    s = k if stride is None else _pair(stride, "stride", op)
+    if isinstance(padding, str):
+        pads = _conv_padding(padding, x.shape[2:], k, s, (1, 1), op)
+    else:
+        p = _pair(padding, "padding", op)
+        pads = ((p[0], p[0]), (p[1], p[1]))
+    if pads[0][0] > k[0] or pads[1][0] > k[1]:
+        raise ValueError(f"{op}: padding {pads} must not exceed the kernel size {k}")
+    oh = conv_output_size(x.shape[2], k[0], s[0], *pads[0])
+    ow = conv_output_size(x.shape[3], k[1], s[1], *pads[1])
+    if oh <= 0 or ow <= 0:
+        raise ValueError(f"{op}: window {k} is larger than the padded input {x.shape[2:]}")
+    return x, k, s, pads, (oh, ow)
+
+
+def _max_pool_impl(x, k, s, p, out_hw):
+    out = np.empty(x.shape[:2] + out_hw, x.dtype)
+    if out.size:
+        K.nn_max_pool2d(_c(x), out, k[0], k[1], s[0], s[1], p[0], p[1])
+    return out
+
+
+def _max_pool_grad_impl(x, g, k, s, p):
+    dx = np.empty(x.shape, g.dtype)
+    K.nn_max_pool2d_grad(_c(x), _c(g), dx, k[0], k[1], s[0], s[1], p[0], p[1])
+    return dx
+
+
+MAX_POOL_GRAD = Primitive("max_pool2d_grad", impl={"cpu": _max_pool_grad_impl})
+MAX_POOL = Primitive("max_pool2d", impl={"cpu": _max_pool_impl},
+                     vjp=lambda g, ans, ins, needs, k, s, p, out_hw: (apply(MAX_POOL_GRAD, ins[0], g, k=k, s=s,
+                                                                             p=p),))
+def max_pool2d(x, kernel_size, stride=None, padding=0):
+    """Return the max over each kernel_size window of x (N, C, H, W) (stride defaults to the kernel size)."""
+    x, k, s, pads, out_hw = _pool_args(x, kernel_size, stride, padding, "max_pool2d")
+    if pads[0][0] != pads[0][1] or pads[1][0] != pads[1][1]:
+        x = ops.pad(x, ((0, 0), (0, 0), pads[0], pads[1]), constant_values=-np.inf)
+        pads = ((0, 0), (0, 0))
+    return apply(MAX_POOL, x, k=k, s=s, p=(pads[0][0], pads[1][0]), out_hw=out_hw)
+
+
+def _avg_pool_impl(x, k, s, p, out_hw, include_pad):
+    out = np.empty(x.shape[:2] + out_hw, x.dtype)
+    if out.size:
+        K.nn_avg_pool2d(_c(x), out, k[0], k[1], s[0], s[1], p[0], p[1], include_pad)
+    return out
+
+
+def _avg_pool_grad_impl(g, x_shape, k, s, p, include_pad):
+    dx = np.empty(x_shape, g.dtype)
+    K.nn_avg_pool2d_grad(_c(g), dx, k[0], k[1], s[0], s[1], p[0], p[1], include_pad)
+    return dx
+
+
+AVG_POOL = Primitive("avg_pool2d", impl={"cpu": _avg_pool_impl})
+AVG_POOL_GRAD = Primitive("avg_pool2d_grad", impl={"cpu": _avg_pool_grad_impl})
+AVG_POOL.vjp = lambda g, ans, ins, needs, k, s, p, out_hw, include_pad: (
+    apply(AVG_POOL_GRAD, g, x_shape=ins[0].shape, k=k, s=s, p=p, include_pad=include_pad),)
+AVG_POOL_GRAD.vjp = lambda g, ans, ins, needs, x_shape, k, s, p, include_pad: (
+    apply(AVG_POOL, g, k=k, s=s, p=p, out_hw=ins[0].shape[2:], include_pad=include_pad),)
+
+
+def avg_pool2d(x, kernel_size, stride=None, padding=0, count_include_pad=True):
+    """Return the mean over each kernel_size window of x (N, C, H, W) (padding counted if count_include_pad)."""
+    x, k, s, pads, out_hw = _pool_args(x, kernel_size, stride, padding, "avg_pool2d")
+    if pads[0][0] != pads[0][1] or pads[1][0] != pads[1][1]:
+        x = ops.pad(x, ((0, 0), (0, 0), pads[0], pads[1]))
+        pads = ((0, 0), (0, 0))
+    return apply(AVG_POOL, x, k=k, s=s, p=(pads[0][0], pads[1][0]), out_hw=out_hw,
+                 include_pad=bool(count_include_pad))
+
+
+# ==============================================================================================================
+# Dropout and batch normalization (compositions of ops)
+# ==============================================================================================================
+
+def dropout(x, rate=0.5, training=True):
+    """Return x with a fraction ``rate`` of entries zeroed and the rest scaled by 1/(1-rate) (inverted dropout).
+
+    Identity when not training or rate == 0. The mask comes from ``jitnet.random``.
+    """
+    x = _t(x)
+    if not 0 <= rate < 1:
+        raise ValueError(f"dropout: rate must be in [0, 1), got {rate}")
+    if not training or rate == 0:
+        return x
+    keep = 1.0 - rate
+    mask = _random.bernoulli(keep, x.shape, dtype=x.dtype if x.dtype.kind == "f" else np.float32)
+    return x * (mask * (1.0 / keep))
+
+
+def batch_norm(x, mean, var, gamma=None, beta=None, eps=1e-5, axis=1):
+    """Return (x - mean) / sqrt(var + eps) * gamma + beta, with the statistics broadcast along ``axis``."""
+    x = _t(x)
+    shape = [1] * x.ndim
+    ax = axis % x.ndim
+    shape[ax] = x.shape[ax]
+    shape = tuple(shape)
+
+    def b(v):
+        v = _t(v)
+        return ops.reshape(v, shape) if v.ndim == 1 else v
+    y = (x - b(mean)) * ops.reciprocal(ops.sqrt(b(var) + eps))
+    if gamma is not None:
+        y = y * b(gamma)
+    if beta is not None:
+        y = y + b(beta)
+    return y
+
+
+# ==============================================================================================================
+# Losses
+# ==============================================================================================================
+
+def _xent_int_impl(x, labels):
+    out = np.empty(x.shape[0], x.dtype)
+    K.nn_xent_int(_c(x), _c(labels.astype(np.int64, copy=False)), out)
+    return out
+
+
+def _xent_int_grad_impl(x, labels, g):
+    out = np.empty(x.shape, x.dtype)
+    K.nn_xent_int_grad(_c(x), _c(labels.astype(np.int64, copy=False)), _c(g.astype(x.dtype, copy=False)), out)
+    return out
+
+
+def _xent_prob_impl(x, p):
+    out = np.empty(x.shape[0], x.dtype)
+    K.nn_xent_prob(_c(x), _c(p.astype(x.dtype, copy=False)), out)
+    return out
+
+
+def _xent_prob_grad_impl(x, p, g):
+    out = np.empty(x.shape, x.dtype)
+    K.nn_xent_prob_grad(_c(x), _c(p.astype(x.dtype, copy=False)), _c(g.astype(x.dtype, copy=False)), out)
+    return out
+
+
+XENT_INT_GRAD = Primitive("cross_entropy_int_grad", impl={"cpu": _xent_int_grad_impl})
+XENT_INT = Primitive("cross_entropy_int", impl={"cpu": _xent_int_impl},
+                     vjp=lambda g, ans, ins, needs: (apply(XENT_INT_GRAD, ins[0], ins[1], g), None))
+XENT_INT_GRAD.vjp = lambda g, ans, ins, needs: (
+    _xent_hvp(ins[0], ops.one_hot(ins[1], ins[0].shape[-1], ins[0].dtype) * ops.reshape(
+        ops.astype(ins[1] >= 0, ins[0].dtype), (-1, 1)), ins[2], g), None,
+    ops.sum(g * (ops.softmax(ins[0]) - ops.one_hot(ins[1], ins[0].shape[-1], ins[0].dtype)), -1)
+    * ops.astype(ins[1] >= 0, ins[0].dtype) if needs[2] else None)
+XENT_PROB_GRAD = Primitive("cross_entropy_prob_grad", impl={"cpu": _xent_prob_grad_impl})
+XENT_PROB = Primitive("cross_entropy_prob", impl={"cpu": _xent_prob_impl},
+                      vjp=lambda g, ans, ins, needs: (
+                          apply(XENT_PROB_GRAD, ins[0], ins[1], g) if needs[0] else None,
+                          -ops.reshape(g, (-1, 1)) * ops.log_softmax(ins[0]) if needs[1] else None))
+XENT_PROB_GRAD.vjp = lambda g, ans, ins, needs: (
+    _xent_hvp(ins[0], ins[1], ins[2], g),
+    ops.reshape(ins[2], (-1, 1)) * (ops.reshape(ops.sum(g * ops.softmax(ins[0]), -1), (-1, 1)) - g)
+    if needs[1] else None,
+    ops.sum(g * (ops.softmax(ins[0]) * ops.sum(ins[1], -1, keepdims=True) - ins[1]), -1) if needs[2] else None)
+
+
+def _xent_hvp(x, p, gr, v):
+    """Return the VJP w.r.t. logits x of g * (softmax(x) * sum(p) - p) against cotangent v."""
+    s = ops.softmax(x)
+    w = ops.reshape(gr, (-1, 1)) * ops.sum(p, -1, keepdims=True)
+    return w * s * (v - ops.sum(v * s, -1, keepdims=True))
+
+
+def cross_entropy(logits, labels, reduction="mean", label_smoothing=0.0):
+    """Return the softmax cross entropy of ``logits`` (..., C) against integer labels (...) or probabilities.
+
+    Integer labels use one fused kernel (logsumexp - logit of the label); a negative label is ignored (loss
+    0, excluded from the mean). Float labels of shape (..., C) are probability (or one-hot) rows. Reduction
+    defaults to the mean over rows.
+    """
+    x, y = _t(logits), _t(labels)
+    if x.ndim < 1:
+        raise ValueError(f"cross_entropy: logits must have a class axis, got shape {x.shape}")
+    if x.dtype.kind != "f":
+        x = ops.astype(x, np.float32)
+    c = x.shape[-1]
+    x2 = ops.reshape(x, (-1, c))
+    if y.dtype.kind in "iu":
+        if y.shape != x.shape[:-1]:
+            raise ValueError(f"cross_entropy: integer labels of shape {y.shape} do not match logits of shape "
+                             f"{x.shape} (expected {x.shape[:-1]})")
+        yv = y.numpy() if _is_eager() else None
+        if yv is not None and yv.size and int(yv.max()) >= c:
+            raise IndexError(f"cross_entropy: label {int(yv.max())} is out of range for {c} classes")
+        y2 = ops.reshape(y, (-1,))
+        if label_smoothing:
+            p = ops.one_hot(y2, c, x.dtype) * (1.0 - label_smoothing) + label_smoothing / c
+            loss = apply(XENT_PROB, x2, p)
+        else:
+            loss = apply(XENT_INT, x2, y2)
+        loss = ops.reshape(loss, x.shape[:-1])
+        if reduction == "mean":
+            if yv is not None and (yv < 0).any():
+                n = int((yv >= 0).sum())
+                return ops.sum(loss) * (1.0 / n if n else 0.0)
+        return _reduce(loss, reduction, "cross_entropy")
+    if y.shape != x.shape:
+        raise ValueError(f"cross_entropy: probability labels of shape {y.shape} do not match logits of shape "
+                         f"{x.shape}")
+    p2 = ops.reshape(ops.astype(y, x.dtype), (-1, c))
+    if label_smoothing:
+        p2 = p2 * (1.0 - label_smoothing) + label_smoothing / c
+    loss = ops.reshape(apply(XENT_PROB, x2, p2), x.shape[:-1])
+    return _reduce(loss, reduction, "cross_entropy")
+
+
+def _is_eager():
+    from ..autodiff.core import current_interpreter
+    return current_interpreter() is None
+
+
+def binary_cross_entropy_with_logits(logits, targets, reduction="mean", pos_weight=None):
+    """Return the sigmoid cross entropy max(x, 0) - x*z + log(1 + exp(-|x|)) elementwise, reduced (mean)."""
+    x, z = _t(logits), _t(targets)
+    if x.dtype.kind != "f":
+        x = ops.astype(x, np.float32)
+    z = ops.astype(z, x.dtype)
+    try:
+        np.broadcast_shapes(x.shape, z.shape)
+    except ValueError:
+        raise ValueError(f"binary_cross_entropy_with_logits: logits {x.shape} and targets {z.shape} do not "
+                         f"broadcast") from None
+    if pos_weight is None:
+        loss = ops.softplus(x) - x * z
+    else:
+        lw = (_t(pos_weight) - 1.0) * z + 1.0
+        loss = (1.0 - z) * x + lw * ops.softplus(-x)
+    return _reduce(loss, reduction, "binary_cross_entropy_with_logits")
+
+
+def mse_loss(pred, target, reduction="mean"):
+    """Return the squared error (pred - target)**2, averaged over all elements (reduction='mean')."""
+    pred, target = _t(pred), _t(target)
+    try:
+        np.broadcast_shapes(pred.shape, target.shape)
+    except ValueError:
+        raise ValueError(f"mse_loss: shapes {pred.shape} and {target.shape} do not broadcast") from None
+    d = pred - target
+    return _reduce(d * d, reduction, "mse_loss")
+
+
+def l2_loss(x, reduction="mean"):
+    """Return each example's squared L2 norm sum(x[i]**2) (no 1/2 factor) over non-batch axes, then reduced.
+
+    ``reduction="mean"`` (default) averages over the batch axis 0, "sum" adds, "none" returns shape (batch,).
+    A 1-D x is one example per entry.
+    """
+    x = _t(x)
+    sq = x * x
+    per = ops.sum(sq, axis=tuple(range(1, x.ndim))) if x.ndim > 1 else sq
+    return _reduce(per, reduction, "l2_loss")
+
+
+def huber_loss(pred, target, delta=1.0, reduction="mean"):
+    """Return 0.5*d**2 where |d| <= delta else delta*(|d| - 0.5*delta), d = pred - target, reduced (mean)."""
+    pred, target = _t(pred), _t(target)
+    d = pred - target
+    ad = ops.abs(d)
+    q = ops.minimum(ad, delta)
+    loss = q * q * 0.5 + (ad - q) * delta
+    return _reduce(loss, reduction, "huber_loss")
+
+
+# ---- candidate sampling -------------------------------------------------------------------------------------
+
+def _log_uniform_prob(ids, range_max):
+    ids = np.asarray(ids, dtype=np.float64)
+    return (np.log(ids + 2.0) - np.log(ids + 1.0)) / math.log(range_max + 1.0)
+
+
+def log_uniform_candidate_sampler(true_classes, num_true, num_sampled, unique, range_max):
+    """Return (sampled ids (num_sampled,), true expected counts (batch, num_true), sampled expected counts).
+
+    Samples from the log-uniform (Zipfian) distribution P(k) = log((k+2)/(k+1)) / log(range_max+1) with the
+    jitnet.random generator. Expected counts follow TensorFlow: with ``unique`` they are 1 - (1-P)**num_tries.
+    """
+    gen = _random.get_generator()
+    log_range = math.log(range_max + 1.0)
+    if unique:
+        if num_sampled > range_max:
+            raise ValueError(f"log_uniform_candidate_sampler: cannot draw {num_sampled} unique ids from "
+                             f"{range_max}")
+        seen, out, tries = set(), [], 0
+        while len(out) < num_sampled:
+            batch = max(2 * (num_sampled - len(out)), 16)
+            draws = (np.exp(gen.random(batch) * log_range).astype(np.int64) - 1)
+            for v in np.minimum(draws, range_max - 1):
+                tries += 1
+                v = int(v)
+                if v not in seen:
+                    seen.add(v)
+                    out.append(v)
+                    if len(out) == num_sampled:
+                        break
+        sampled = np.asarray(out, dtype=np.int64)
+    else:
+        sampled = np.minimum(np.exp(gen.random(num_sampled) * log_range).astype(np.int64) - 1, range_max - 1)
+        tries = num_sampled
+
+    def expected(ids):
+        p = _log_uniform_prob(ids, range_max)
+        if unique:
+            return -np.expm1(tries * np.log1p(-p))
+        return p * num_sampled
+    tc = np.asarray(_t(true_classes).numpy(), dtype=np.int64).reshape(-1, num_true)
+    return (Tensor._wrap(sampled), Tensor._wrap(expected(tc).astype(np.float32)),
+            Tensor._wrap(expected(sampled).astype(np.float32)))
+
+
+def _gather_rows(weights, ids):
+    try:
+        from .embedding_ops import embedding
+    except ImportError:           # pragma: no cover
+        return ops.take(weights, ids, axis=0)
+    return embedding(weights, ids)
+
+
+def _sampled_logits(weights, biases, labels, inputs, num_sampled, num_classes, num_true, sampled_values,
+                    remove_accidental_hits, op):
+    weights, biases, inputs = _t(weights), _t(biases), _t(inputs)
+    labels = _t(labels)
+    if labels.dtype.kind not in "iu":
+        raise TypeError(f"{op}: labels must be integers, got dtype {labels.dtype}")
+    if inputs.ndim != 2 or weights.ndim != 2 or inputs.shape[1] != weights.shape[1]:
+        raise ValueError(f"{op}: inputs (batch, dim) {inputs.shape} and weights (num_classes, dim) "
+                         f"{weights.shape} do not match")
+    if weights.shape[0] != num_classes or biases.shape != (num_classes,):
+        raise ValueError(f"{op}: weights {weights.shape} and biases {biases.shape} must have num_classes="
+                         f"{num_classes} rows")
+    bsz = inputs.shape[0]
+    labels = ops.reshape(labels, (bsz, num_true)).astype(np.int64)
+    if sampled_values is None:
+        sampled_values = log_uniform_candidate_sampler(labels, num_true, num_sampled, True, num_classes)
+    sampled, true_exp, samp_exp = (_t(v) for v in sampled_values)
+    sampled = sampled.astype(np.int64)
+    all_ids = ops.concatenate([ops.reshape(labels, (-1,)), sampled])
+    all_w = _gather_rows(weights, all_ids)
+    all_b = _gather_rows(ops.reshape(biases, (-1, 1)), all_ids)
+    nt = bsz * num_true
+    true_w = ops.reshape(all_w[:nt], (bsz, num_true, -1))
+    true_b = ops.reshape(all_b[:nt], (bsz, num_true))
+    samp_w, samp_b = all_w[nt:], ops.reshape(all_b[nt:], (-1,))
+    true_logits = ops.sum(ops.expand_dims(inputs, 1) * true_w, -1) + true_b
+    samp_logits = ops.matmul(inputs, ops.transpose(samp_w)) + samp_b
+    true_logits = true_logits - ops.log(ops.astype(true_exp, inputs.dtype))
+    samp_logits = samp_logits - ops.log(ops.astype(samp_exp, inputs.dtype))
+    if remove_accidental_hits:
+        hit = np.any(labels.numpy()[:, :, None] == sampled.numpy()[None, None, :], axis=1)
+        if hit.any():
+            samp_logits = ops.where(Tensor._wrap(hit), ops.full_like(samp_logits, -1e30 if inputs.dtype ==
+                                                                     np.float64 else -3e37), samp_logits)
+    logits = ops.concatenate([true_logits, samp_logits], axis=1)
+    return logits, bsz
+
+
+def nce_loss(weights, biases, labels, inputs, num_sampled, num_classes, num_true=1, sampled_values=None,
+             remove_accidental_hits=False):
+    """Return the per-example noise-contrastive estimation loss (batch,) with TensorFlow's semantics.
+
+    ``weights`` (num_classes, dim), ``biases`` (num_classes,), integer ``labels`` (batch, num_true), ``inputs``
+    (batch, dim). Negatives come from the log-uniform candidate sampler (unique); logits are corrected by
+    subtracting log(expected count); the loss is the sigmoid cross entropy summed over the true and sampled
+    columns (true targets 1/num_true).
+    """
+    logits, bsz = _sampled_logits(weights, biases, labels, inputs, num_sampled, num_classes, num_true,
+                                  sampled_values, remove_accidental_hits, "nce_loss")
+    tgt = np.zeros(logits.shape, logits.dtype)
+    tgt[:, :num_true] = 1.0 / num_true
+    loss = binary_cross_entropy_with_logits(logits, Tensor._wrap(tgt), reduction="none")
+    return ops.sum(loss, axis=1)
+
+
+def sampled_softmax_loss(weights, biases, labels, inputs, num_sampled, num_classes, num_true=1,
+                         sampled_values=None, remove_accidental_hits=True):
+    """Return the per-example sampled softmax loss (batch,) with TensorFlow's semantics (log-uniform sampler)."""
+    logits, bsz = _sampled_logits(weights, biases, labels, inputs, num_sampled, num_classes, num_true,
+                                  sampled_values, remove_accidental_hits, "sampled_softmax_loss")
+    tgt = np.zeros(logits.shape, logits.dtype)
+    tgt[:, :num_true] = 1.0 / num_true
+    return cross_entropy(logits, Tensor._wrap(tgt), reduction="none")
+
+
+# ---- regularizers and constraints ---------------------------------------------------------------------------
+
+def l1_regularizer(scale):
+    """Return a function w -> scale * sum(|w|) (TensorFlow's l1_regularizer)."""
+    if scale < 0:
+        raise ValueError(f"l1_regularizer: scale must be non-negative, got {scale}")
+
+    def reg(w):
+        """Return scale * sum(|w|)."""
+        return ops.sum(ops.abs(_t(w))) * scale
+    return reg
+
+
+def l2_regularizer(scale):
+    """Return a function w -> scale * sum(w**2) / 2 (TensorFlow's l2_regularizer, built on tf.nn.l2_loss)."""
+    if scale < 0:
+        raise ValueError(f"l2_regularizer: scale must be non-negative, got {scale}")
+
+    def reg(w):
+        """Return scale * sum(w**2) / 2."""
+        w = _t(w)
+        return ops.sum(w * w) * (0.5 * scale)
+    return reg
+
+
+def max_norm(w, max_value=2.0, axis=0, eps=1e-7):
+    """Return w rescaled so that the L2 norm along ``axis`` is at most ``max_value`` (Keras MaxNorm).
+
+    Apply it as a constraint after an update: ``p.assign(max_norm(p, 3.0))``.
+    """
+    w = _t(w)
+    norms = ops.sqrt(ops.sum(w * w, axis=axis, keepdims=True))
+    desired = ops.clip(norms, 0.0, max_value)
+    return w * (desired / (norms + eps))
+
+
+# ==============================================================================================================
+# Recurrent cells: clean per-step functions (a Python loop over time calls them; jn.scan can take their place)
+# ==============================================================================================================
+
+def rnn_cell(x, h, W_ih, W_hh, b, nonlinearity="tanh"):
+    """Return the next hidden state act(x @ W_ih + h @ W_hh + b) of an Elman RNN."""
+    z = ops.matmul(x, W_ih) + ops.matmul(h, W_hh) + b
+    if nonlinearity == "tanh":
+        return ops.tanh(z)
+    if nonlinearity == "relu":
+        return ops.relu(z)
+    raise ValueError(f"rnn_cell: nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+
+
+def lstm_cell(x, h, c, W_ih, W_hh, b):
+    """Return (h', c') of an LSTM step with gates [i, f, g, o] = split(x @ W_ih + h @ W_hh + b, 4).
+
+    W_ih (in, 4H), W_hh (H, 4H), b (4H,). One fused kernel does the gates; the result equals the textbook
+    equations c' = f*c + i*g, h' = o*tanh(c').
+    """
+    hd = W_hh.shape[0]
+    xw = ops.matmul(x, W_ih)
+    s = lstm_state(h, c)
+    s = lstm_step(xw, s, W_hh, b)
+    return s[:, :hd], s[:, hd:2 * hd]
+
+
+def lstm_cell_reference(x, h, c, W_ih, W_hh, b):
+    """Return (h', c') of an LSTM step written with elementary ops (for checking the fused step)."""
+    hd = W_hh.shape[0]
+    z = ops.matmul(x, W_ih) + ops.matmul(h, W_hh) + b
+    i = ops.sigmoid(z[:, :hd])
+    f = ops.sigmoid(z[:, hd:2 * hd])
+    g = ops.tanh(z[:, 2 * hd:3 * hd])
+    o = ops.sigmoid(z[:, 3 * hd:])
+    c2 = f * c + i * g
+    return o * ops.tanh(c2), c2
+
+
+def gru_cell(x, h, W_ih, W_hh, b_ih, b_hh):
+    """Return the next hidden state of a GRU (PyTorch's equations, gates [r, z, n]).
+
+    r = sig(xW_r + b_ir + hU_r + b_hr), z = sig(...), n = tanh(xW_n + b_in + r * (hU_n + b_hn)),
+    h' = (1 - z) * n + z * h.
+    """
+    hd = W_hh.shape[0]
+    gi = ops.matmul(x, W_ih) + b_ih
+    gh = ops.matmul(h, W_hh) + b_hh
+    rz = ops.sigmoid(gi[:, :2 * hd] + gh[:, :2 * hd])
+    r, z = rz[:, :hd], rz[:, hd:]
+    n = ops.tanh(gi[:, 2 * hd:] + r * gh[:, 2 * hd:])
+    return n + z * (h - n)
+
+
+# ---- fused LSTM step: the state is packed as s = [h, c, i, f, g, o] (B, 6H) so one primitive is one step ----
+
+def _lstm_step_impl(xw, s_prev, whh, b, *mask):
+    bsz, hd = s_prev.shape[0], whh.shape[0]
+    out = np.empty((bsz, 6 * hd), xw.dtype)
+    m = _c(mask[0]) if mask else np.ones(1, xw.dtype)
+    K.nn_lstm_step(_c(xw), _c(s_prev), _c(whh), _c(b), m, out, bool(mask))
+    return out
+
+
+def _lstm_dz_impl(g, s, s_prev, *mask):
+    bsz, hd = s.shape[0], s.shape[1] // 6
+    dz = np.empty((bsz, 4 * hd), s.dtype)
+    m = _c(mask[0]) if mask else np.ones(1, s.dtype)
+    K.nn_lstm_step_dz(_c(g), _c(s), _c(s_prev), m, dz, bool(mask))
+    return dz
+
+
+def _lstm_dprev_impl(g, dz, s, whh, *mask):
+    out = np.empty(s.shape, s.dtype)
+    m = _c(mask[0]) if mask else np.ones(1, s.dtype)
+    K.nn_lstm_step_dprev(_c(g), _c(dz), _c(s), _c(whh), m, out, bool(mask))
+    return out
+
+
+LSTM_DZ = Primitive("lstm_step_dz", impl={"cpu": _lstm_dz_impl})
+LSTM_DPREV = Primitive("lstm_step_dprev", impl={"cpu": _lstm_dprev_impl})
+
+
+def _lstm_step_vjp(g, ans, ins, needs):
+    xw, s_prev, whh, b = ins[:4]
+    mask = ins[4:]
+    dz = apply(LSTM_DZ, g, ans, s_prev, *mask)
+    hd = whh.shape[0]
+    d_s = apply(LSTM_DPREV, g, dz, ans, whh, *mask) if needs[1] else None
+    d_whh = ops.matmul(ops.transpose(ops.copy(s_prev[:, :hd])), dz) if needs[2] else None
+    d_b = ops.sum(dz, axis=0) if needs[3] else None
+    return (dz if needs[0] else None, d_s, d_whh, d_b) + (None,) * len(mask)
+
+
+LSTM_STEP = Primitive("lstm_step", impl={"cpu": _lstm_step_impl}, vjp=_lstm_step_vjp)
+
+
+def lstm_state(h, c):
+    """Return the packed LSTM state [h, c, 0, 0, 0, 0] (B, 6H) that ``lstm_step`` consumes."""
+    h, c = _t(h), _t(c)
+    z = ops.zeros((h.shape[0], 4 * h.shape[1]), h.dtype)
+    return ops.concatenate([h, c, z], axis=1)
+
+
+def lstm_step(xw, s, W_hh, b, mask=None):
+    """Return the next packed LSTM state (B, 6H) = [h, c, i, f, g, o] from xw = x @ W_ih (B, 4H), state s.
+
+    Rows where ``mask`` (B,) is 0 keep their h and c. Slice ``[:, :H]`` for h and ``[:, H:2H]`` for c.
+    """
+    xw, s, W_hh, b = _t(xw), _t(s), _t(W_hh), _t(b)
+    hd = W_hh.shape[0]
+    if W_hh.shape != (hd, 4 * hd) or xw.shape != (s.shape[0], 4 * hd) or s.shape[1] != 6 * hd or \
+            b.shape != (4 * hd,):
+        raise ValueError(f"lstm_step: inconsistent shapes xw {xw.shape}, state {s.shape}, W_hh {W_hh.shape}, "
+                         f"b {b.shape} (expected (B, 4H), (B, 6H), (H, 4H), (4H,))")
+    dt = W_hh.dtype
+    args = [a if a.dtype == dt else a.astype(dt) for a in (xw, s, W_hh, b)]
+    if mask is not None:
+        m = _t(mask)
+        args.append(m if m.dtype == dt else m.astype(dt))
+    return apply(LSTM_STEP, *args)

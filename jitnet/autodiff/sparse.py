@@ -1,0 +1,138 @@
+"""Sparse gradients: :class:`IndexedSlices`, the gradient of an embedding lookup with respect to its table.
+
+An ``IndexedSlices`` stands for the dense tensor of shape ``dense_shape`` that is zero except at rows
+``indices``, where it holds ``values`` (duplicate indices add up). The backward pass accumulates it like a
+dense gradient (``IndexedSlices + IndexedSlices`` concatenates, ``+`` with a dense tensor densifies), and the
+optimizers in :mod:`jitnet.optim` update only the rows it names.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["IndexedSlices", "unique_sum"]
+
+
+def unique_sum(indices, values):
+    """Return (unique sorted int64 indices, values with the rows of duplicate indices summed) as NumPy arrays."""
+    from .. import kernels_cpu as K
+    idx = np.ascontiguousarray(indices, dtype=np.int64).reshape(-1)
+    vals = np.asarray(values)
+    vals2 = np.ascontiguousarray(vals.reshape(idx.shape[0], -1))
+    if idx.shape[0] < 2 or np.all(idx[1:] > idx[:-1]):
+        return idx, vals                                  # already unique and sorted
+    order, uniq, starts = K.unique_segments(idx)
+    out = np.empty((uniq.shape[0], vals2.shape[1]), vals.dtype)
+    K.segment_sum_rows(vals2, order, starts, out)
+    return uniq, out.reshape((uniq.shape[0],) + vals.shape[1:])
+
+
+class IndexedSlices:
+    """A sparse gradient: rows ``values`` (k, ...) at int64 ``indices`` (k,) of a dense ``dense_shape`` tensor."""
+
+    __slots__ = ("values", "indices", "dense_shape")
+    __array_priority__ = 2000
+
+    def __init__(self, values, indices, dense_shape):
+        from ..tensor import Tensor
+        self.values = values if isinstance(values, Tensor) else Tensor(values)
+        indices = indices if isinstance(indices, Tensor) else Tensor(np.asarray(indices, dtype=np.int64))
+        if indices.dtype != np.int64:
+            indices = indices.astype(np.int64)
+        self.indices = indices
+        self.dense_shape = tuple(int(s) for s in dense_shape)
+        if self.indices.ndim != 1:
+            raise ValueError(f"IndexedSlices: indices must be 1-D, got shape {self.indices.shape}")
+        if self.values.shape != (self.indices.shape[0],) + self.dense_shape[1:]:
+            raise ValueError(f"IndexedSlices: values of shape {self.values.shape} do not match "
+                             f"{self.indices.shape[0]} indices into a tensor of shape {self.dense_shape}")
+
+    # -- metadata (those of the dense tensor it stands for) --------------------------------------------------
+    @property
+    def shape(self):
+        """The dense shape."""
+        return self.dense_shape
+
+    @property
+    def dtype(self):
+        """The dtype of the values."""
+        return self.values.dtype
+
+    @property
+    def ndim(self):
+        """The number of dimensions of the dense tensor."""
+        return len(self.dense_shape)
+
+    @property
+    def device(self):
+        """The Device holding the values."""
+        return self.values.device
+
+    @property
+    def requires_grad(self):
+        """True when the values carry a tape (higher-order gradients)."""
+        return self.values.requires_grad
+
+    def __repr__(self):
+        return (f"IndexedSlices(indices={self.indices.numpy().tolist()}, values shape={self.values.shape}, "
+                f"dense_shape={self.dense_shape}, dtype={self.dtype})")
+
+    # -- conversions -----------------------------------------------------------------------------------------
+    def to_dense(self):
+        """Return the dense Tensor (zeros with ``values`` scatter-added at ``indices``)."""
+        from .. import ops
+        return ops.scatter_add(ops.zeros(self.dense_shape, self.dtype), self.indices, self.values, 0)
+
+    def numpy(self):
+        """Return the dense tensor as a NumPy array."""
+        return self.to_dense().numpy()
+
+    def __array__(self, dtype=None, copy=None):
+        a = self.numpy()
+        return a if dtype is None else a.astype(dtype)
+
+    def detach(self):
+        """Return an IndexedSlices whose values and indices are cut from the tape."""
+        return IndexedSlices(self.values.detach(), self.indices.detach(), self.dense_shape)
+
+    def astype(self, dtype):
+        """Return an IndexedSlices with values cast to ``dtype``."""
+        return IndexedSlices(self.values.astype(dtype), self.indices, self.dense_shape)
+
+    def deduplicate(self):
+        """Return an equal IndexedSlices with unique sorted indices (duplicate rows summed; not differentiable)."""
+        from ..tensor import Tensor
+        idx, vals = unique_sum(self.indices.numpy(), self.values.numpy())
+        return IndexedSlices(Tensor._wrap(vals), Tensor._wrap(idx), self.dense_shape)
+
+    # -- arithmetic ------------------------------------------------------------------------------------------
+    def __add__(self, other):
+        from .. import ops
+        if other is None:
+            return self
+        if isinstance(other, IndexedSlices):
+            if other.dense_shape != self.dense_shape:
+                raise ValueError(f"IndexedSlices +: dense shapes {self.dense_shape} and {other.dense_shape} "
+                                 "differ")
+            return IndexedSlices(ops.concatenate([self.values, other.values.astype(self.dtype)], 0),
+                                 ops.concatenate([self.indices, other.indices], 0), self.dense_shape)
+        return ops.add(self.to_dense(), other)
+
+    def __radd__(self, other):
+        from .. import ops
+        if other is None or (isinstance(other, (int, float)) and other == 0):
+            return self
+        if isinstance(other, IndexedSlices):
+            return other.__add__(self)
+        return ops.add(other, self.to_dense())
+
+    def __mul__(self, scale):
+        """Return the IndexedSlices scaled by a scalar (Python number or 0-d tensor)."""
+        return IndexedSlices(self.values * scale, self.indices, self.dense_shape)
+
+    __rmul__ = __mul__
+
+    def __neg__(self):
+        return IndexedSlices(-self.values, self.indices, self.dense_shape)
+
+    def __truediv__(self, scale):
+        return IndexedSlices(self.values / scale, self.indices, self.dense_shape)

@@ -1,0 +1,62 @@
+"""Embedding lookup: a gather whose gradient with respect to the table is sparse (an IndexedSlices)."""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import kernels_cpu as K
+from .. import ops
+from ..autodiff.core import Primitive, apply
+from ..autodiff.sparse import IndexedSlices
+from ..tensor import Tensor, _infer_array
+
+__all__ = ["embedding", "EMBEDDING"]
+
+
+def _check_ids(ids, vocab):
+    """Return ``ids`` as contiguous int64; raise IndexError naming the first bad id and the vocabulary size."""
+    if ids.dtype.kind not in "iu":
+        raise TypeError(f"embedding: ids must be integers, got dtype {ids.dtype}")
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    flat = ids.reshape(-1)
+    if flat.size:
+        lo, hi = K.index_bounds(flat)
+        if lo < 0 or hi >= vocab:
+            bad = lo if lo < 0 else hi
+            raise IndexError(f"embedding: index {bad} is out of bounds for a table of {vocab} rows "
+                             f"(ids must be in [0, {vocab}))")
+    return ids
+
+
+def _embedding_impl(weight, ids):
+    vocab, dim = weight.shape
+    ids = _check_ids(ids, vocab)
+    out = np.empty((1, ids.size, dim), weight.dtype)
+    if out.size:
+        w = weight if weight.flags.c_contiguous else np.ascontiguousarray(weight)
+        K.take_axis(w.reshape(1, vocab, dim), ids.reshape(-1), out)
+    return out.reshape(ids.shape + (dim,))
+
+
+def _embedding_vjp(g, ans, ins, needs):
+    weight, ids = ins
+    if not needs[0]:
+        return None, None
+    values = ops.reshape(g, (-1, weight.shape[1]))
+    indices = ops.reshape(ids, (-1,))
+    if indices.dtype != np.int64:
+        indices = indices.astype(np.int64)
+    return IndexedSlices(values, indices, weight.shape), None
+
+
+EMBEDDING = Primitive("embedding", impl={"cpu": _embedding_impl}, vjp=_embedding_vjp)
+
+
+def embedding(weight, ids):
+    """Return the rows of ``weight`` (vocab, dim) at integer ``ids``: shape ids.shape + (dim,); sparse gradient."""
+    weight = weight if isinstance(weight, Tensor) else Tensor._wrap(_infer_array(weight))
+    ids = ids if isinstance(ids, Tensor) else Tensor._wrap(_infer_array(ids))
+    if weight.ndim != 2:
+        raise ValueError(f"embedding: the table must be 2-D (vocab, dim), got shape {weight.shape}")
+    if ids.dtype.kind not in "iu":
+        raise TypeError(f"embedding: ids must be integers, got dtype {ids.dtype}")
+    return apply(EMBEDDING, weight, ids)
