@@ -918,7 +918,8 @@ def _last_axis_rows(x, axis):
         perm = [i for i in range(nd) if i != axis] + [axis]
         x = x.transpose(perm)
     xc = _contiguous(x)
-    return xc.reshape(-1, x.shape[-1] if nd else 1), x.shape
+    n = x.shape[-1] if nd else 1
+    return xc.reshape(int(np.prod(x.shape[:-1])) if nd else 1, n), x.shape   # (not -1: n may be 0)
 
 
 def _restore_axis(arr, moved_shape, axis, nd):
