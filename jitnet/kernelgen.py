@@ -46,9 +46,9 @@ def _versions_salt() -> str:
 
     from . import __version__
     here = os.path.dirname(os.path.abspath(__file__))
-    with open(os.path.join(here, "kernels_cpu.py"), "rb") as f:
+    with open(os.path.join(here, "kernels_scalar.py"), "rb") as f:
         kc = hashlib.sha256(f.read()).hexdigest()[:16]
-    return f"jitnet={__version__};numba={numba.__version__};numpy={np.__version__};kernels_cpu={kc}"
+    return f"jitnet={__version__};numba={numba.__version__};numpy={np.__version__};kernels_scalar={kc}"
 
 
 _salt: str | None = None
@@ -173,7 +173,7 @@ class ElementwiseProgram:
             "import numpy as np",
             "from numpy import float16, float32, float64, int8, int16, int32, int64, uint8, bool_",
             "from numba import njit, prange",
-            "from jitnet.kernels_cpu import *  # scalar helpers",
+            "from jitnet.kernels_scalar import *  # scalar helpers",
             "",
         ]
         for par in (False, True):
@@ -228,7 +228,7 @@ def indexed_source(program: "ElementwiseProgram", out_rank: int, in_maps) -> str
         "import numpy as np",
         "from numpy import float16, float32, float64, int8, int16, int32, int64, uint8, bool_",
         "from numba import njit, prange",
-        "from jitnet.kernels_cpu import *  # scalar helpers",
+        "from jitnet.kernels_scalar import *  # scalar helpers",
         "",
     ]
     for par in (False, True):

@@ -1,9 +1,10 @@
 """CPU kernels: plain module-level ``@njit(cache=True)`` functions with flat array and scalar arguments.
 
 Elementwise primitives are not here: their kernels are generated from the scalar templates in
-``jitnet.ops`` by ``jitnet.kernelgen`` (one op eagerly, a fused group under ``jitnet.jit``). The scalar
-helpers those templates call are at the top of this file. Below them come the kernels that are not
-elementwise: reductions, softmax, scans, matmul, gathers and scatters, sorting.
+``jitnet.ops`` by ``jitnet.kernelgen`` (one op eagerly, a fused group under ``jitnet.jit``); the scalar
+helpers those templates call live in ``kernels_scalar.py``. This file holds the kernels that are not
+elementwise: reductions, softmax, scans, matmul, gathers and scatters, sorting, and (appended by the
+layers and optimizers) convolution, pooling, losses and update kernels.
 
 Conventions: every kernel writes into an ``out`` array allocated by the caller; arrays arrive in a canonical
 2-D or 3-D contiguous form (the caller collapses and transposes); ``*_par`` variants use ``prange`` over the
@@ -19,86 +20,7 @@ from numba import njit, prange
 _FM = {"reassoc", "nsz", "arcp", "contract"}     # fast math without nnan/ninf: NaN and inf stay exact
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Scalar helpers used by the elementwise templates (inlined into the generated kernels)
-# --------------------------------------------------------------------------------------------------------------
-
-@njit(cache=True, inline="always")
-def sigmoid_s(x, one):
-    """Return the logistic sigmoid of x, stable for large |x|."""
-    if x >= 0:
-        z = math.exp(-x)
-        return one / (one + z)
-    z = math.exp(x)
-    return z / (one + z)
-
-
-@njit(cache=True, inline="always")
-def softplus_s(x, zero):
-    """Return log(1 + exp(x)), stable for large |x|."""
-    m = x if x > zero else zero
-    return m + math.log1p(math.exp(-abs(x)))
-
-
-@njit(cache=True, inline="always")
-def sign_s(x, zero):
-    """Return -1, 0 or 1 with the sign of x (NaN stays NaN)."""
-    if x > zero:
-        return zero + 1
-    if x < zero:
-        return zero - 1
-    return x * zero
-
-
-@njit(cache=True, inline="always")
-def maximum_s(a, b):
-    """Return the larger of a and b, NaN if either is NaN (NumPy's maximum)."""
-    if a != a:
-        return a
-    if b != b:
-        return b
-    return a if a >= b else b
-
-
-@njit(cache=True, inline="always")
-def minimum_s(a, b):
-    """Return the smaller of a and b, NaN if either is NaN (NumPy's minimum)."""
-    if a != a:
-        return a
-    if b != b:
-        return b
-    return a if a <= b else b
-
-
-@njit(cache=True, inline="always")
-def floordiv_s(a, b):
-    """Return floor(a / b) (NumPy's floor_divide for floats)."""
-    return math.floor(a / b)
-
-
-@njit(cache=True, inline="always")
-def ifloordiv_s(a, b):
-    """Return a // b for integers, 0 where b == 0 (NumPy's convention)."""
-    if b == 0:
-        return a * 0
-    return a // b
-
-
-@njit(cache=True, inline="always")
-def imod_s(a, b):
-    """Return a mod b for integers with the sign of b, 0 where b == 0 (NumPy's convention)."""
-    if b == 0:
-        return a * 0
-    return a % b
-
-
-@njit(cache=True, inline="always")
-def fmod_s(a, b):
-    """Return a mod b for floats with the sign of b (NumPy's remainder)."""
-    r = np.fmod(a, b)
-    if r != 0 and ((r < 0) != (b < 0)):
-        r += b
-    return r
+from .kernels_scalar import *  # noqa: E402,F401,F403  (the scalar helpers, re-exported)
 
 
 # --------------------------------------------------------------------------------------------------------------
