@@ -146,22 +146,26 @@ def _softmax_row(x, out, i, mode):
     n = x.shape[1]
     m = x[i, 0]
     for j in range(1, n):
-        if x[i, j] > m:
-            m = x[i, j]
-    if m == -np.inf or m != m:
-        m = m * 0 if m == -np.inf else m
-    s = x[i, 0] * 0
-    if mode == 0:                       # softmax
+        m = max(m, x[i, j])
+    if m != m:                              # a NaN in the row: NaN everywhere (NumPy's result)
         for j in range(n):
-            e = math.exp(x[i, j] - m)
+            out[i, j] = m
+        return
+    if m == -np.inf:                        # all -inf: exp(x - max) is NaN, as in NumPy
+        m = x[i, 0] * 0
+    zero = x[i, 0] * 0
+    s = zero
+    if mode == 0:                           # softmax
+        for j in range(n):
+            e = fexp(x[i, j] - m)
             out[i, j] = e
             s += e
-        r = 1 / s
+        r = (zero + 1) / s
         for j in range(n):
             out[i, j] *= r
-    else:                               # log_softmax
+    else:                                   # log_softmax
         for j in range(n):
-            s += math.exp(x[i, j] - m)
+            s += fexp(x[i, j] - m)
         ls = m + math.log(s)
         for j in range(n):
             out[i, j] = x[i, j] - ls
@@ -192,12 +196,12 @@ def logsumexp_last(x, out):
         if m == -np.inf or m == np.inf or m != m:
             s = x[i, 0] * 0
             for j in range(x.shape[1]):
-                s += math.exp(x[i, j])
+                s += fexp(x[i, j])
             out[i] = math.log(s) if m != m or m == -np.inf else m
             continue
         s = x[i, 0] * 0
         for j in range(x.shape[1]):
-            s += math.exp(x[i, j] - m)
+            s += fexp(x[i, j] - m)
         out[i] = m + math.log(s)
 
 

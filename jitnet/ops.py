@@ -318,7 +318,7 @@ MAXIMUM = elementwise("maximum", "maximum_s({0}, {1})", _rule_arith,
 MINIMUM = elementwise("minimum", "minimum_s({0}, {1})", _rule_arith,
                       lambda g, ans, ins, needs: (where(ins[0] <= ins[1], g, zeros_like(g)),
                                                   where(ins[0] <= ins[1], zeros_like(g), g)))
-EXP = elementwise("exp", "math.exp({0})", _rule_float, lambda g, ans, ins, needs: (g * ans,))
+EXP = elementwise("exp", "fexp({0})", _rule_float, lambda g, ans, ins, needs: (g * ans,))
 LOG = elementwise("log", "math.log({0}) if {0} > 0 else ({T}(-np.inf) if {0} == 0 else {T}(np.nan))",
                   _rule_float, lambda g, ans, ins, needs: (g / ins[0],))
 LOG1P = elementwise("log1p", "math.log1p({0}) if {0} > -1 else ({T}(-np.inf) if {0} == -1 else {T}(np.nan))",
@@ -1519,10 +1519,22 @@ def _getitem_grad_impl(g, *arrays, template, shape):
 GETITEM_GRAD = Primitive("getitem_grad", impl={"cpu": _getitem_grad_impl},
                          vjp=lambda g, ans, ins, needs, template, shape: (
                              apply(GETITEM, g, *ins[1:], template=template),) + (None,) * (len(ins) - 1))
-GETITEM = Primitive("getitem", impl={"cpu": _getitem_impl}, kind="view",
-                    vjp=lambda g, ans, ins, needs, template: (
-                        apply(GETITEM_GRAD, g, *ins[1:], template=template, shape=ins[0].shape),)
-                    + (None,) * (len(ins) - 1))
+def _getitem_vjp(g, ans, ins, needs, template):
+    x = ins[0]
+    if len(ins) == 1 and len(template) == 1 and type(template[0]) is int and x.ndim >= 1:
+        # x[t] along the first axis (a loop over time, unstacking): a sparse row gradient, so that T slices
+        # accumulate in O(T) and become dense once, where they meet a computed tensor or a leaf
+        from .autodiff.sparse import IndexedSlices
+        t = template[0] % x.shape[0]
+        return (IndexedSlices(reshape(g, (1,) + x.shape[1:]), _scalar_index(t), x.shape, dense_at_leaf=True),)
+    return (apply(GETITEM_GRAD, g, *ins[1:], template=template, shape=x.shape),) + (None,) * (len(ins) - 1)
+
+
+def _scalar_index(t):
+    return Tensor._wrap(np.array([t], dtype=np.int64))
+
+
+GETITEM = Primitive("getitem", impl={"cpu": _getitem_impl}, kind="view", vjp=_getitem_vjp)
 
 
 def _freeze(v):

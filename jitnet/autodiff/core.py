@@ -199,6 +199,9 @@ def _run_backward(roots, root_grads, targets=None, create_graph=False):
             if g is None:
                 continue
             node = t._node
+            if isinstance(g, IndexedSlices) and g.dense_at_leaf and (node is None or (targets is not None
+                                                                                  and id(t) in want)):
+                g = g.to_dense()                 # a slice's gradient reaching a leaf or target: dense
             if targets is None:
                 if node is None:
                     results[id(t)] = (t, g)

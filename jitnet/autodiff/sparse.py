@@ -29,22 +29,51 @@ def unique_sum(indices, values):
 class IndexedSlices:
     """A sparse gradient: rows ``values`` (k, ...) at int64 ``indices`` (k,) of a dense ``dense_shape`` tensor."""
 
-    __slots__ = ("values", "indices", "dense_shape")
+    __slots__ = ("_parts", "dense_shape", "dense_at_leaf")
     __array_priority__ = 2000
 
-    def __init__(self, values, indices, dense_shape):
+    def __init__(self, values, indices, dense_shape, dense_at_leaf=False):
         from ..tensor import Tensor
-        self.values = values if isinstance(values, Tensor) else Tensor(values)
+        values = values if isinstance(values, Tensor) else Tensor(values)
         indices = indices if isinstance(indices, Tensor) else Tensor(np.asarray(indices, dtype=np.int64))
         if indices.dtype != np.int64:
             indices = indices.astype(np.int64)
-        self.indices = indices
         self.dense_shape = tuple(int(s) for s in dense_shape)
-        if self.indices.ndim != 1:
-            raise ValueError(f"IndexedSlices: indices must be 1-D, got shape {self.indices.shape}")
-        if self.values.shape != (self.indices.shape[0],) + self.dense_shape[1:]:
-            raise ValueError(f"IndexedSlices: values of shape {self.values.shape} do not match "
-                             f"{self.indices.shape[0]} indices into a tensor of shape {self.dense_shape}")
+        self.dense_at_leaf = bool(dense_at_leaf)   # a slice's gradient: dense by the time it reaches a leaf
+        if indices.ndim != 1:
+            raise ValueError(f"IndexedSlices: indices must be 1-D, got shape {indices.shape}")
+        if values.shape != (indices.shape[0],) + self.dense_shape[1:]:
+            raise ValueError(f"IndexedSlices: values of shape {values.shape} do not match "
+                             f"{indices.shape[0]} indices into a tensor of shape {self.dense_shape}")
+        self._parts = [(values, indices)]
+
+    @classmethod
+    def _from_parts(cls, parts, dense_shape, dense_at_leaf):
+        obj = object.__new__(cls)
+        obj._parts = parts
+        obj.dense_shape = dense_shape
+        obj.dense_at_leaf = dense_at_leaf
+        return obj
+
+    def _collapse(self):
+        """Join the parts (sums of several IndexedSlices) into one (values, indices): one concatenation."""
+        if len(self._parts) > 1:
+            from .. import ops
+            dt = self._parts[0][0].dtype
+            vals = ops.concatenate([v if v.dtype == dt else v.astype(dt) for v, _ in self._parts], 0)
+            idx = ops.concatenate([i for _, i in self._parts], 0)
+            self._parts = [(vals, idx)]
+        return self._parts[0]
+
+    @property
+    def values(self):
+        """The rows (k, ...) as one tensor."""
+        return self._collapse()[0]
+
+    @property
+    def indices(self):
+        """The int64 row indices (k,) as one tensor."""
+        return self._collapse()[1]
 
     # -- metadata (those of the dense tensor it stands for) --------------------------------------------------
     @property
@@ -55,7 +84,7 @@ class IndexedSlices:
     @property
     def dtype(self):
         """The dtype of the values."""
-        return self.values.dtype
+        return self._parts[0][0].dtype
 
     @property
     def ndim(self):
@@ -113,8 +142,8 @@ class IndexedSlices:
             if other.dense_shape != self.dense_shape:
                 raise ValueError(f"IndexedSlices +: dense shapes {self.dense_shape} and {other.dense_shape} "
                                  "differ")
-            return IndexedSlices(ops.concatenate([self.values, other.values.astype(self.dtype)], 0),
-                                 ops.concatenate([self.indices, other.indices], 0), self.dense_shape)
+            return IndexedSlices._from_parts(self._parts + other._parts, self.dense_shape,
+                                             self.dense_at_leaf and other.dense_at_leaf)
         return ops.add(self.to_dense(), other)
 
     def __radd__(self, other):

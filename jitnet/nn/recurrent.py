@@ -1,7 +1,8 @@
 """Recurrent layers: RNNCell / LSTMCell / GRUCell and batch-first multi-layer RNN / LSTM / GRU.
 
-The sequence layers run a Python loop over time that calls one clean per-step function (``F.lstm_step``,
-``F.gru_cell``, ``F.rnn_cell``); ``lengths=`` or ``mask=`` (batch, time) stop the state of finished rows
+The sequence layers run one clean per-step function (``F.lstm_step``, ``F.gru_cell``, ``F.rnn_cell``) over
+time with ``jn.scan``: a Python loop eagerly, one compiled loop under ``jitnet.jit`` (the LSTM projects the
+input of every step with one GEMM first); ``lengths=`` or ``mask=`` (batch, time) stop the state of finished rows
 (their outputs are zero past their length and the final state is the one at their last valid step).
 Weights: W_ih (in, G*H), W_hh (H, G*H) with gates in the order [i, f, g, o] (LSTM) and [r, z, n] (GRU).
 """
@@ -12,7 +13,7 @@ import math
 import numpy as np
 
 from .. import ops
-from ..autodiff.core import current_interpreter
+from ..compiler.loops import scan
 from ..tensor import Parameter, Tensor, _infer_array, float32
 from . import functional as F
 from . import init as I
@@ -129,16 +130,9 @@ def _sequence_mask(x, lengths, mask, op):
     return m.astype(x.dtype)
 
 
-def _unstack_time(x):
-    """Return the list of per-step inputs x[:, t] (batch-first x)."""
-    if not x.requires_grad and current_interpreter() is None:
-        xt = np.ascontiguousarray(x.numpy().transpose(1, 0, 2))
-        return [Tensor._wrap(xt[t]) for t in range(xt.shape[0])]
-    xt = ops.transpose(x, (1, 0, 2))
-    return [xt[t] for t in range(xt.shape[0])]
-
-
 class _SeqBase(Module):
+    """Shared plumbing of the sequence layers: each runs its cell over time with ``jn.scan``."""
+
     _cell = None
 
     def __init__(self, input_size, hidden_size, num_layers=1, dropout=0.0, dtype=float32, **cell_kw):
@@ -162,18 +156,22 @@ class _SeqBase(Module):
                              f"(batch, time, {self.input_size}), got shape {x.shape}")
         if x.dtype != self.layer_0.W_ih.dtype:
             x = x.astype(self.layer_0.W_ih.dtype)
-        m = _sequence_mask(x, lengths, mask, name)
-        steps_mask = None if m is None else [Tensor._wrap(np.ascontiguousarray(m[:, t])) for t in
-                                             range(x.shape[1])]
-        return x, m, steps_mask
+        return x, _sequence_mask(x, lengths, mask, name)
+
+    @staticmethod
+    def _time_major(x, m):
+        """Return x as (time, batch, features) and the mask as (time, batch) (or None)."""
+        seq = ops.transpose(x, (1, 0, 2))
+        mt = None if m is None else Tensor._wrap(np.ascontiguousarray(m.T))
+        return seq, mt
 
     def _between(self, seq, i):
         if self.dropout and self.training and i < self.num_layers - 1:
-            return [F.dropout(s, self.dropout, True) for s in seq]
+            return F.dropout(seq, self.dropout, True)
         return seq
 
-    def _outputs(self, hs, m):
-        out = ops.stack(hs, axis=1)
+    def _outputs(self, seq, m):
+        out = ops.transpose(seq, (1, 0, 2))
         if m is not None:
             out = out * Tensor._wrap(m[:, :, None])
         return out
@@ -193,19 +191,21 @@ class RNN(_SeqBase):
 
     def forward(self, x, h0=None, lengths=None, mask=None):
         """Return (outputs (batch, time, hidden), final h (num_layers, batch, hidden))."""
-        x, m, sm = self._prepare(x, lengths, mask)
-        seq = _unstack_time(x)
+        x, m = self._prepare(x, lengths, mask)
+        seq, mt = self._time_major(x, m)
         finals = []
         for i, cell in enumerate(self.cells()):
             h = ops.zeros((x.shape[0], self.hidden_size), x.dtype) if h0 is None else _t(h0)[i]
-            outs = []
-            for t, xt in enumerate(seq):
+
+            def body(h, inp, cell=cell):
+                xt, mk = inp if mt is not None else (inp, None)
                 hn = F.rnn_cell(xt, h, cell.W_ih, cell.W_hh, cell.b, cell.nonlinearity)
-                h = hn if sm is None else ops.where(ops.reshape(sm[t], (-1, 1)) > 0, hn, h)
-                outs.append(h)
+                h = hn if mk is None else ops.where(ops.reshape(mk, (-1, 1)) > 0, hn, h)
+                return h, h
+            h, seq = scan(body, h, seq if mt is None else (seq, mt))
             finals.append(h)
-            seq = self._between(outs, i)
-        return self._outputs(outs, m), ops.stack(finals)
+            seq = self._between(seq, i)
+        return self._outputs(seq, m), ops.stack(finals)
 
 
 class GRU(_SeqBase):
@@ -215,19 +215,21 @@ class GRU(_SeqBase):
 
     def forward(self, x, h0=None, lengths=None, mask=None):
         """Return (outputs (batch, time, hidden), final h (num_layers, batch, hidden))."""
-        x, m, sm = self._prepare(x, lengths, mask)
-        seq = _unstack_time(x)
+        x, m = self._prepare(x, lengths, mask)
+        seq, mt = self._time_major(x, m)
         finals = []
         for i, cell in enumerate(self.cells()):
             h = ops.zeros((x.shape[0], self.hidden_size), x.dtype) if h0 is None else _t(h0)[i]
-            outs = []
-            for t, xt in enumerate(seq):
+
+            def body(h, inp, cell=cell):
+                xt, mk = inp if mt is not None else (inp, None)
                 hn = F.gru_cell(xt, h, cell.W_ih, cell.W_hh, cell.b_ih, cell.b_hh)
-                h = hn if sm is None else ops.where(ops.reshape(sm[t], (-1, 1)) > 0, hn, h)
-                outs.append(h)
+                h = hn if mk is None else ops.where(ops.reshape(mk, (-1, 1)) > 0, hn, h)
+                return h, h
+            h, seq = scan(body, h, seq if mt is None else (seq, mt))
             finals.append(h)
-            seq = self._between(outs, i)
-        return self._outputs(outs, m), ops.stack(finals)
+            seq = self._between(seq, i)
+        return self._outputs(seq, m), ops.stack(finals)
 
 
 class LSTM(_SeqBase):
@@ -243,26 +245,23 @@ class LSTM(_SeqBase):
 
     def forward(self, x, state=None, lengths=None, mask=None):
         """Return (outputs (batch, time, hidden), (h, c) with each (num_layers, batch, hidden))."""
-        x, m, sm = self._prepare(x, lengths, mask)
-        seq = _unstack_time(x)
+        x, m = self._prepare(x, lengths, mask)
+        seq, mt = self._time_major(x, m)
         bsz, hd = x.shape[0], self.hidden_size
         hs_final, cs_final = [], []
         for i, cell in enumerate(self.cells()):
             if state is None:
-                s = Tensor._wrap(np.zeros((bsz, 6 * hd), x.dtype))
+                s = ops.zeros((bsz, 6 * hd), x.dtype)
             else:
                 s = F.lstm_state(_t(state[0])[i], _t(state[1])[i])
-            states = []
-            for t, xt in enumerate(seq):
-                s = F.lstm_step(ops.matmul(xt, cell.W_ih), s, cell.W_hh, cell.b, None if sm is None else sm[t])
-                states.append(s)
-            packed = ops.stack(states)                 # (T, B, 6H)
-            hseq = packed[:, :, :hd]
+            xw = ops.matmul(seq, cell.W_ih)            # the input projection of every step: one GEMM
+
+            def body(s, inp, cell=cell):
+                xw_t, mk = inp if mt is not None else (inp, None)
+                s = F.lstm_step(xw_t, s, cell.W_hh, cell.b, mk)
+                return s, s[:, :hd]
+            s, seq = scan(body, s, xw if mt is None else (xw, mt))
             hs_final.append(s[:, :hd])
             cs_final.append(s[:, hd:2 * hd])
-            if i < self.num_layers - 1:
-                seq = self._between([hseq[t] for t in range(len(states))], i)
-        out = ops.transpose(hseq, (1, 0, 2))
-        if m is not None:
-            out = out * Tensor._wrap(m[:, :, None])
-        return out, (ops.stack(hs_final), ops.stack(cs_final))
+            seq = self._between(seq, i)
+        return self._outputs(seq, m), (ops.stack(hs_final), ops.stack(cs_final))

@@ -1,0 +1,452 @@
+"""Vision models of the curriculum, each a small class: its network, inference, loss, optimizer and steps.
+
+    python -m jitnet train logreg|mlp|cnn_mnist|cnn_cifar|autoencoder [--epochs N] [--batch-size B] ...
+
+Every model builds its network (a :class:`jitnet.nn.Module`) and optimizer in ``__init__``; ``inference``
+maps inputs to outputs, ``loss`` scores them, ``train_step`` is the whole step (forward, loss, backward,
+optimizer update) compiled by ``jitnet.jit`` (eager with ``jit=False``), ``evaluate`` returns test metrics.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+import jitnet as jn
+import jitnet.nn as nn
+import jitnet.nn.functional as F
+from jitnet.data import augment as A
+
+from ._train import base_parser, fit, learning_rate, load_dataset, setup_run
+
+__all__ = ["ImageClassifier", "LogisticRegression", "MLP", "CNNMnist", "CNNCifar", "Autoencoder", "pca_fit",
+           "pca_reconstruct", "pca_errors",
+           "plot_autoencoder", "ClassifierCommand", "autoencoder_parser", "run_autoencoder", "train_autoencoder",
+           "TRAINERS"]
+
+
+# ==============================================================================================================
+# Classifiers
+# ==============================================================================================================
+
+class ImageClassifier:
+    """Base of the classifiers: a network of NCHW images to logits, cross-entropy, a jitted step and evaluation."""
+
+    eval_batch = 500
+
+    def __init__(self, net, optimizer, jit=True):
+        self.net, self.opt = net, optimizer
+        self._step = jn.jit(self._train_step) if jit else self._train_step
+        self._eval = jn.jit(self._eval_batch) if jit else self._eval_batch
+
+    def inference(self, x):
+        """Return the logits (N, 10) of a batch of images."""
+        return self.net(x)
+
+    def loss(self, logits, labels):
+        """Return the mean cross-entropy of ``logits`` against integer ``labels``."""
+        return F.cross_entropy(logits, labels)
+
+    def _train_step(self, x, y):
+        self.opt.zero_grad()
+        loss = self.loss(self.inference(x), y)
+        loss.backward()
+        self.opt.step()
+        return loss
+
+    def train_step(self, x, y):
+        """Run one optimization step on the batch (x, y); return the loss before the update."""
+        self.net.train()
+        return self._step(x, y)
+
+    def _eval_batch(self, x, y):
+        with jn.no_grad():
+            logits = self.inference(x)
+            loss = F.cross_entropy(logits, y, reduction="sum")
+            correct = jn.sum(jn.equal(jn.argmax(logits, axis=1), y).astype(jn.float32))
+        return loss, correct
+
+    def preprocess(self, x, train):
+        """Return the network input for a NumPy batch of images (subclasses add augmentation)."""
+        return x
+
+    def batches(self, loader):
+        """Yield (x, y) step inputs from a DataLoader's batches."""
+        for x, y in loader:
+            yield jn.tensor(self.preprocess(x.numpy(), True)), y
+
+    def predict(self, x):
+        """Return the logits of ``x`` (NumPy or Tensor images) in evaluation mode, as a NumPy array."""
+        self.net.eval()
+        x = self.preprocess(np.asarray(x.numpy() if isinstance(x, jn.Tensor) else x), False)
+        with jn.no_grad():
+            return self.inference(jn.tensor(x)).numpy()
+
+    def evaluate(self, x, y):
+        """Return {"test_loss", "test_accuracy"} over the images x and labels y (evaluation mode)."""
+        self.net.eval()
+        loss = correct = 0.0
+        n = len(y)
+        for i in range(0, n, self.eval_batch):
+            xb = jn.tensor(np.ascontiguousarray(self.preprocess(x[i:i + self.eval_batch], False)))
+            l, c = self._eval(xb, jn.tensor(np.ascontiguousarray(y[i:i + self.eval_batch])))
+            loss += float(l.item())
+            correct += float(c.item())
+        self.net.train()
+        return {"test_loss": loss / max(n, 1), "test_accuracy": correct / max(n, 1)}
+
+
+class LogisticRegression(ImageClassifier):
+    """Multinomial logistic regression: 784 pixels -> 10 logits, softmax cross-entropy, SGD with momentum."""
+
+    def __init__(self, lr=0.05, jit=True):
+        net = nn.Sequential(nn.Flatten(), nn.Linear(784, 10, init="zeros"))
+        super().__init__(net, jn.optim.SGD(net.parameters(), lr=lr, momentum=0.9), jit)
+
+
+class MLP(ImageClassifier):
+    """784-256-256-10 perceptron with ReLU hidden layers, He init and linear logits; Adam."""
+
+    def __init__(self, lr=1e-3, hidden=(256, 256), jit=True):
+        layers, d = [nn.Flatten()], 784
+        for h in hidden:
+            layers += [nn.Linear(d, h, init="he"), nn.ReLU()]
+            d = h
+        layers.append(nn.Linear(d, 10, init="he"))       # logits stay linear (no ReLU on the output)
+        net = nn.Sequential(*layers)
+        super().__init__(net, jn.optim.Adam(net.parameters(), lr=lr), jit)
+
+
+class CNNMnist(ImageClassifier):
+    """conv5x5-32 'same' -> pool 2 -> conv5x5-64 'same' -> pool 2 -> fc-1024 -> dropout 0.5 -> 10; Adam."""
+
+    def __init__(self, lr=1e-3, dropout=0.5, jit=True):
+        net = nn.Sequential(
+            nn.Conv2d(1, 32, 5, padding="same"), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 5, padding="same"), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(7 * 7 * 64, 1024, init="he"), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(1024, 10))
+        super().__init__(net, jn.optim.Adam(net.parameters(), lr=lr), jit)
+
+
+class CNNCifar(ImageClassifier):
+    """CIFAR-10 CNN on 24x24 crops: 2 x (conv5x5-64 + BN + ReLU + pool 2), fc-384 + BN, fc-192 + BN, 10.
+
+    Training inputs are random crops with flips, brightness/contrast jitter and per-image standardization;
+    evaluation uses the centre crop.
+    """
+
+    crop = 24
+
+    def __init__(self, lr=1e-3, seed=0, jit=True):
+        net = nn.Sequential(
+            nn.Conv2d(3, 64, 5, padding="same", bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(64, 64, 5, padding="same", bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(6 * 6 * 64, 384, init="he", bias=False), nn.BatchNorm1d(384), nn.ReLU(),
+            nn.Linear(384, 192, init="he", bias=False), nn.BatchNorm1d(192), nn.ReLU(),
+            nn.Linear(192, 10))
+        self.rng = np.random.default_rng(seed)
+        super().__init__(net, jn.optim.Adam(net.parameters(), lr=lr), jit)
+
+    def preprocess(self, x, train):
+        """Return augmented 24x24 standardized crops (train) or standardized centre crops (eval)."""
+        if train:
+            x = A.random_crop(x, self.crop, self.rng)
+            x = A.random_flip_left_right(x, self.rng)
+            x = A.random_brightness(x, 63.0 / 255.0, self.rng)
+            x = A.random_contrast(x, 0.2, 1.8, self.rng)
+        else:
+            x = A.center_crop(x, self.crop)
+        return A.per_image_standardization(x)
+
+
+# ==============================================================================================================
+# Autoencoder and the PCA baseline
+# ==============================================================================================================
+
+def _dense_bn_sigmoid(d_in, d_out):
+    return [nn.Linear(d_in, d_out, init="xavier", bias=False), nn.BatchNorm1d(d_out), nn.Sigmoid()]
+
+
+class Autoencoder:
+    """784-1000-500-250-code encoder and its mirror decoder, each layer linear + batch norm + sigmoid.
+
+    The loss is the per-example squared L2 reconstruction error averaged over the batch; Adam 1e-3. With
+    ``denoise`` the input is corrupted by zeroing each pixel with probability 0.5 (the target stays clean).
+    """
+
+    eval_batch = 1000
+
+    def __init__(self, code_size=2, lr=1e-3, denoise=False, hidden=(1000, 500, 250), jit=True):
+        self.code_size, self.denoise = int(code_size), bool(denoise)
+        enc, d = [nn.Flatten()], 784
+        for h in list(hidden) + [self.code_size]:
+            enc += _dense_bn_sigmoid(d, h)
+            d = h
+        dec = []
+        for h in list(hidden[::-1]) + [784]:
+            dec += _dense_bn_sigmoid(d, h)
+            d = h
+        self.net = nn.Sequential({"encoder": nn.Sequential(*enc), "decoder": nn.Sequential(*dec)})
+        self.opt = jn.optim.Adam(self.net.parameters(), lr=lr)
+        self._step = jn.jit(self._train_step) if jit else self._train_step
+        self._eval = jn.jit(self._eval_batch) if jit else self._eval_batch
+        self._encode = jn.jit(self.encode) if jit else self.encode
+
+    def encode(self, x):
+        """Return the codes (N, code_size) of images x."""
+        return self.net.encoder(x)
+
+    def inference(self, x):
+        """Return the reconstructions (N, 784) of images x."""
+        return self.net.decoder(self.net.encoder(x))
+
+    def loss(self, recon, target):
+        """Return the batch mean of the per-example squared L2 reconstruction error."""
+        return F.l2_loss(recon - target)
+
+    def corrupt(self, x):
+        """Return x with each pixel zeroed with probability 0.5 (the denoising input)."""
+        return x * jn.random.bernoulli(0.5, x.shape)
+
+    def _train_step(self, x):
+        self.opt.zero_grad()
+        flat = jn.reshape(x, (x.shape[0], 784))
+        inp = self.corrupt(flat) if self.denoise else flat
+        loss = self.loss(self.inference(inp), flat)
+        loss.backward()
+        self.opt.step()
+        return loss
+
+    def train_step(self, x, y=None):
+        """Run one Adam step on the images x; return the loss before the update."""
+        self.net.train()
+        return self._step(x)
+
+    def batches(self, loader):
+        """Yield (x,) step inputs from a DataLoader's batches."""
+        for x, _ in loader:
+            yield (x,)
+
+    def _eval_batch(self, x):
+        with jn.no_grad():
+            flat = jn.reshape(x, (x.shape[0], 784))
+            d = self.inference(flat) - flat
+            return jn.sum(d * d)
+
+    def reconstruct(self, x):
+        """Return the reconstructions (N, 784) of NumPy images x in evaluation mode, as a NumPy array."""
+        self.net.eval()
+        with jn.no_grad():
+            out = self.inference(jn.tensor(np.asarray(x, np.float32).reshape(len(x), 784))).numpy()
+        self.net.train()
+        return out
+
+    def codes(self, x):
+        """Return the codes (N, code_size) of NumPy images x in evaluation mode, as a NumPy array."""
+        self.net.eval()
+        out = []
+        for i in range(0, len(x), self.eval_batch):
+            out.append(self._encode(jn.tensor(np.ascontiguousarray(x[i:i + self.eval_batch]))).numpy())
+        self.net.train()
+        return np.concatenate(out)
+
+    def evaluate(self, x, y=None):
+        """Return {"test_l2": mean per-example squared error, "test_mse": per-pixel mean squared error}."""
+        self.net.eval()
+        total = 0.0
+        for i in range(0, len(x), self.eval_batch):
+            total += float(self._eval(jn.tensor(np.ascontiguousarray(x[i:i + self.eval_batch]))).item())
+        self.net.train()
+        n = max(len(x), 1)
+        return {"test_l2": total / n, "test_mse": total / (n * 784)}
+
+
+def _orthonormalize(v):
+    """Return the columns of v (D, k) orthonormalized by modified Gram-Schmidt, in jitnet ops."""
+    cols = []
+    for j in range(v.shape[1]):
+        c = v[:, j]
+        for q in cols:
+            c = c - jn.sum(q * c) * q
+        cols.append(c / jn.sqrt(jn.sum(c * c)))
+    return jn.stack(cols, axis=1)
+
+
+def pca_fit(x, k, iters=60, seed=0):
+    """Return (mean (D,), components (D, k)) of the rows of x by subspace iteration on the covariance.
+
+    Everything is jitnet ops: the covariance is a matmul, each iteration multiplies the basis by the covariance
+    and re-orthonormalizes it (Gram-Schmidt); the spanned subspace converges to the top-k eigenvectors.
+    """
+    x = jn.tensor(np.asarray(x, np.float32).reshape(len(x), -1))
+    mean = jn.mean(x, axis=0)
+    xc = x - mean
+    cov = jn.matmul(jn.transpose(xc), xc) / float(x.shape[0])
+    rng = np.random.default_rng(seed)
+    v = _orthonormalize(jn.tensor(rng.standard_normal((x.shape[1], k)).astype(np.float32)))
+    cov2 = jn.matmul(cov, cov)                 # squares the eigenvalue ratios: twice the convergence per step
+    for _ in range(iters):
+        v = _orthonormalize(jn.matmul(cov2, v))
+    return mean, v
+
+
+def pca_reconstruct(x, mean, components):
+    """Return the reconstructions (N, D) of the rows of x from their projection on ``components``."""
+    x = jn.tensor(np.asarray(x, np.float32).reshape(len(x), -1))
+    code = jn.matmul(x - mean, components)
+    return jn.matmul(code, jn.transpose(components)) + mean
+
+
+def pca_errors(x_train, x_test, k):
+    """Return {"pca_l2", "pca_mse"}: the test reconstruction errors of a k-component PCA fit on x_train."""
+    mean, comps = pca_fit(x_train, k)
+    xt = np.asarray(x_test, np.float32).reshape(len(x_test), -1)
+    d = pca_reconstruct(xt, mean, comps).numpy() - xt
+    sq = float((d.astype(np.float64) ** 2).sum())
+    return {"pca_l2": sq / len(xt), "pca_mse": sq / xt.size}
+
+
+def plot_autoencoder(model, x_test, y_test, path, n=10):
+    """Save a figure of test images, their reconstructions and (code size 2) the codes coloured by class."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("autoencoder: matplotlib is not installed, skipping the plot", flush=True)
+        return None
+    rec = model.reconstruct(x_test[:n]).reshape(n, 28, 28)
+    two_d = model.code_size == 2
+    fig = plt.figure(figsize=(12, 8 if two_d else 3))
+    for i in range(n):
+        for r, img in enumerate((x_test[i].reshape(28, 28), rec[i])):
+            ax = fig.add_subplot(3 if two_d else 2, n, r * n + i + 1)
+            ax.imshow(img, cmap="gray")
+            ax.axis("off")
+    if two_d:
+        codes = model.codes(x_test)
+        ax = fig.add_subplot(3, 1, 3)
+        sc = ax.scatter(codes[:, 0], codes[:, 1], c=y_test, cmap="tab10", s=2)
+        fig.colorbar(sc, ax=ax)
+        ax.set_title("2-D codes of the test set by class")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# ==============================================================================================================
+# Training commands
+# ==============================================================================================================
+
+class ClassifierCommand:
+    """The training command of one classifier: ``cmd(argv) -> exit code``; ``cmd.run(argv) -> final metrics``."""
+
+    def __init__(self, name, build, *, epochs, batch_size, lr, lr_decay=1.0, dataset="default",
+                 datasets=("default", "fashion-mnist", "mnist")):
+        self.name, self.build = name, build
+        self.defaults = dict(epochs=epochs, batch_size=batch_size, lr=lr, lr_decay=lr_decay, dataset=dataset,
+                             datasets=list(datasets))
+
+    def parser(self):
+        """Return the ArgumentParser of ``python -m jitnet train NAME``."""
+        return base_parser(self.name, self.build.__doc__.splitlines()[0], **self.defaults)
+
+    def run(self, argv=None):
+        """Train with the options in argv; return the last epoch's metrics (with "step" and "seconds")."""
+        args = self.parser().parse_args(argv)
+        args.model_name = self.name
+        logdir = setup_run(args)
+        xtr, ytr, xte, yte, src = load_dataset(args.dataset, args.data_dir, args.download, args.limit,
+                                               args.test_limit)
+        print(f"{self.name}: {len(ytr)} training / {len(yte)} test examples from {src}; logdir {logdir}",
+              flush=True)
+        args.lr = learning_rate(args, len(ytr))
+        model = self.build(args)
+        t0 = time.perf_counter()
+        metrics = fit(model, args, (xtr, ytr, xte, yte), logdir, self.name)
+        metrics["seconds"] = time.perf_counter() - t0
+        print(f"{self.name}: test accuracy {metrics['test_accuracy']:.4f} after {args.epochs} epochs "
+              f"({metrics['step']} steps), {metrics['seconds']:.0f} s", flush=True)
+        return metrics
+
+    def __call__(self, argv=None):
+        self.run(argv)
+        return 0
+
+
+def _build_logreg(args):
+    """Multinomial logistic regression (784 -> 10 softmax)."""
+    return LogisticRegression(lr=args.lr, jit=not args.no_jit)
+
+
+def _build_mlp(args):
+    """MLP 784-256-256-10 with ReLU and He init."""
+    return MLP(lr=args.lr, jit=not args.no_jit)
+
+
+def _build_cnn_mnist(args):
+    """CNN for 28x28 images: two conv5x5/pool layers, fc-1024, dropout 0.5."""
+    return CNNMnist(lr=args.lr, jit=not args.no_jit)
+
+
+def _build_cnn_cifar(args):
+    """CIFAR-10 CNN with batch norm on augmented 24x24 crops."""
+    return CNNCifar(lr=args.lr, seed=args.seed, jit=not args.no_jit)
+
+
+def autoencoder_parser():
+    """Return the ArgumentParser of ``python -m jitnet train autoencoder``."""
+    p = base_parser("autoencoder", "Autoencoder 784-1000-500-250-code with batch norm and sigmoid",
+                    epochs=10, batch_size=100, lr=1e-3, datasets=["default", "fashion-mnist", "mnist"])
+    p.add_argument("--code-size", type=int, default=2, help="code dimension (default 2; try 30)")
+    p.add_argument("--denoise", action="store_true", help="train on inputs with half the pixels zeroed")
+    p.add_argument("--no-pca", action="store_true", help="skip the PCA baseline")
+    p.add_argument("--plot", default=None, help="figure path (default LOGDIR/autoencoder.png)")
+    p.add_argument("--no-plot", action="store_true", help="skip the figure")
+    return p
+
+
+def run_autoencoder(args):
+    """Train the autoencoder described by parsed ``args``, compare with PCA, plot; return a dict of results."""
+    args.model_name = f"autoencoder{args.code_size}" + ("_denoise" if args.denoise else "")
+    logdir = setup_run(args)
+    xtr, ytr, xte, yte, src = load_dataset(args.dataset, args.data_dir, args.download, args.limit, args.test_limit)
+    print(f"autoencoder: code size {args.code_size}{', denoising' if args.denoise else ''}; {len(ytr)} training / "
+          f"{len(yte)} test examples from {src}; logdir {logdir}", flush=True)
+    model = Autoencoder(args.code_size, lr=learning_rate(args, len(ytr)), denoise=args.denoise,
+                        jit=not args.no_jit)
+    m = fit(model, args, (xtr, ytr, xte, yte), logdir, "autoencoder")
+    out = {"code_size": args.code_size, "denoise": args.denoise, "ae_l2": m["test_l2"], "ae_mse": m["test_mse"],
+           "steps": m["step"]}
+    print(f"autoencoder (code {args.code_size}): test per-example L2 {m['test_l2']:.3f}, "
+          f"per-pixel MSE {m['test_mse']:.5f}", flush=True)
+    if not args.no_pca:
+        out.update(pca_errors(xtr, xte, args.code_size))
+        print(f"PCA (k={args.code_size}): test per-example L2 {out['pca_l2']:.3f}, per-pixel MSE "
+              f"{out['pca_mse']:.5f} -> the autoencoder "
+              f"{'beats' if out['ae_l2'] < out['pca_l2'] else 'does not beat'} PCA", flush=True)
+    if not args.no_plot:
+        path = plot_autoencoder(model, xte, yte, args.plot or os.path.join(logdir, "autoencoder.png"))
+        if path:
+            print(f"autoencoder: figure written to {path}", flush=True)
+    return out
+
+
+def train_autoencoder(argv=None):
+    """Train the autoencoder with the options in argv (see --help); return the exit code."""
+    run_autoencoder(autoencoder_parser().parse_args(argv))
+    return 0
+
+
+TRAINERS = {
+    "logreg": ClassifierCommand("logreg", _build_logreg, epochs=10, batch_size=100, lr=0.05, lr_decay=0.8),
+    "mlp": ClassifierCommand("mlp", _build_mlp, epochs=20, batch_size=128, lr=1e-3, lr_decay=0.85),
+    "cnn_mnist": ClassifierCommand("cnn_mnist", _build_cnn_mnist, epochs=5, batch_size=64, lr=1e-3,
+                                   lr_decay=0.6),
+    "cnn_cifar": ClassifierCommand("cnn_cifar", _build_cnn_cifar, epochs=10, batch_size=128, lr=1e-3, lr_decay=0.9,
+                                   dataset="cifar10", datasets=["cifar10"]),
+    "autoencoder": train_autoencoder,
+}
