@@ -4,6 +4,14 @@ Eager like NumPy; ``jitnet.jit`` compiles a whole step. See README.md.
 """
 __version__ = "0.1.0"
 
+import warnings as _warnings  # noqa: E402
+
+from numba.core.errors import NumbaPerformanceWarning as _NPW  # noqa: E402
+
+# Numba's advice about jitnet's own kernels (e.g. np.dot on strided views) is for jitnet's developers, not
+# its users; the kernels that trigger it handle those layouts on purpose.
+_warnings.filterwarnings("ignore", category=_NPW)
+
 from . import runtime  # noqa: E402  (first: selects Numba's threading layer before any kernel runs)
 from . import autodiff, kernelgen, ops, random, testing  # noqa: E402
 from .autodiff import (enable_grad, grad, gradients, is_grad_enabled, no_grad,  # noqa: E402

@@ -142,6 +142,22 @@ def dtype_name(dt) -> str:
     return _DTYPE_NAMES[np.dtype(dt)]
 
 
+def _header(what):
+    """Return the first lines of a generated kernel module."""
+    return [f"# jitnet generated {what}, not this file", "import math", "import numpy as np",
+            "from numpy import float16, float32, float64, int8, int16, int32, int64, uint8, bool_",
+            "from numba import njit, prange", "from jitnet.kernels_scalar import *  # scalar helpers", ""]
+
+
+def _signature(parallel, nin, nout):
+    """Return the decorator and def lines of the serial or parallel kernel over nin inputs, nout outputs."""
+    args = [f"in{i}" for i in range(nin)] + [f"out{j}" for j in range(nout)]
+    if parallel:
+        return ["@njit(parallel=True, cache=True, nogil=True, error_model='numpy')",
+                f"def kernel_parallel({', '.join(args)}):"]
+    return ["@njit(cache=True, nogil=True, error_model='numpy')", f"def kernel_serial({', '.join(args)}):"]
+
+
 class ElementwiseProgram:
     """A straight-line program over scalars: inputs, a list of ops, outputs.
 
@@ -165,22 +181,9 @@ class ElementwiseProgram:
         ``rank``-dimensional shape (zero strides for broadcast dims). Scalar operands are size-1 arrays read
         once before the loop.
         """
-        nin, nout = len(self.inputs), len(self.outputs)
-        args = [f"in{i}" for i in range(nin)] + [f"out{j}" for j in range(nout)]
-        lines = [
-            "# jitnet generated elementwise kernel: edit the program, not this file",
-            "import math",
-            "import numpy as np",
-            "from numpy import float16, float32, float64, int8, int16, int32, int64, uint8, bool_",
-            "from numba import njit, prange",
-            "from jitnet.kernels_scalar import *  # scalar helpers",
-            "",
-        ]
+        lines = _header("elementwise kernel: edit the program")
         for par in (False, True):
-            name = "kernel_parallel" if par else "kernel_serial"
-            deco = ("@njit(parallel=True, cache=True, nogil=True, error_model='numpy')" if par
-                    else "@njit(cache=True, nogil=True, error_model='numpy')")
-            lines += [deco, f"def {name}({', '.join(args)}):"]
+            lines += _signature(par, len(self.inputs), len(self.outputs))
             ind = "    "
             for i, (dt, sc) in enumerate(self.inputs):
                 if sc:
@@ -190,7 +193,7 @@ class ElementwiseProgram:
                 for i, (dt, sc) in enumerate(self.inputs):
                     if not sc:
                         lines.append(f"{ind}f{i} = in{i}.reshape(n)")
-                for j in range(nout):
+                for j in range(len(self.outputs)):
                     lines.append(f"{ind}o{j} = out{j}.reshape(n)")
                 lines.append(f"{ind}for i in {'prange' if par else 'range'}(n):")
                 ind += "    "
@@ -220,22 +223,9 @@ def indexed_source(program: "ElementwiseProgram", out_rank: int, in_maps) -> str
     broadcast dim of length 1 (index 0); a map of ``"scalar"`` marks a size-1 operand read once. Operands may
     have any strides. Each program output ``j`` is written to ``out{j}`` of the output's shape.
     """
-    nin, nout = len(program.inputs), len(program.outputs)
-    args = [f"in{i}" for i in range(nin)] + [f"out{j}" for j in range(nout)]
-    lines = [
-        "# jitnet generated fused kernel: edit the graph, not this file",
-        "import math",
-        "import numpy as np",
-        "from numpy import float16, float32, float64, int8, int16, int32, int64, uint8, bool_",
-        "from numba import njit, prange",
-        "from jitnet.kernels_scalar import *  # scalar helpers",
-        "",
-    ]
+    lines = _header("fused kernel: edit the graph")
     for par in (False, True):
-        name = "kernel_parallel" if par else "kernel_serial"
-        deco = ("@njit(parallel=True, cache=True, nogil=True, error_model='numpy')" if par
-                else "@njit(cache=True, nogil=True, error_model='numpy')")
-        lines += [deco, f"def {name}({', '.join(args)}):"]
+        lines += _signature(par, len(program.inputs), len(program.outputs))
         ind = "    "
         for i, m in enumerate(in_maps):
             if m == "scalar":

@@ -165,6 +165,24 @@ class _SeqBase(Module):
         mt = None if m is None else Tensor._wrap(np.ascontiguousarray(m.T))
         return seq, mt
 
+    def _run_h(self, x, h0, lengths, mask, cell_fn):
+        """Run ``h = cell_fn(x_t, h, cell)`` over time for every layer; return (outputs, final h per layer)."""
+        x, m = self._prepare(x, lengths, mask)
+        seq, mt = self._time_major(x, m)
+        finals = []
+        for i, cell in enumerate(self.cells()):
+            h = ops.zeros((x.shape[0], self.hidden_size), x.dtype) if h0 is None else _t(h0)[i]
+
+            def body(h, inp, cell=cell):
+                xt, mk = inp if mt is not None else (inp, None)
+                hn = cell_fn(xt, h, cell)
+                h = hn if mk is None else ops.where(ops.reshape(mk, (-1, 1)) > 0, hn, h)
+                return h, h
+            h, seq = scan(body, h, seq if mt is None else (seq, mt))
+            finals.append(h)
+            seq = self._between(seq, i)
+        return self._outputs(seq, m), ops.stack(finals)
+
     def _between(self, seq, i):
         if self.dropout and self.training and i < self.num_layers - 1:
             return F.dropout(seq, self.dropout, True)
@@ -191,21 +209,8 @@ class RNN(_SeqBase):
 
     def forward(self, x, h0=None, lengths=None, mask=None):
         """Return (outputs (batch, time, hidden), final h (num_layers, batch, hidden))."""
-        x, m = self._prepare(x, lengths, mask)
-        seq, mt = self._time_major(x, m)
-        finals = []
-        for i, cell in enumerate(self.cells()):
-            h = ops.zeros((x.shape[0], self.hidden_size), x.dtype) if h0 is None else _t(h0)[i]
-
-            def body(h, inp, cell=cell):
-                xt, mk = inp if mt is not None else (inp, None)
-                hn = F.rnn_cell(xt, h, cell.W_ih, cell.W_hh, cell.b, cell.nonlinearity)
-                h = hn if mk is None else ops.where(ops.reshape(mk, (-1, 1)) > 0, hn, h)
-                return h, h
-            h, seq = scan(body, h, seq if mt is None else (seq, mt))
-            finals.append(h)
-            seq = self._between(seq, i)
-        return self._outputs(seq, m), ops.stack(finals)
+        return self._run_h(x, h0, lengths, mask,
+                           lambda xt, h, c: F.rnn_cell(xt, h, c.W_ih, c.W_hh, c.b, c.nonlinearity))
 
 
 class GRU(_SeqBase):
@@ -215,21 +220,8 @@ class GRU(_SeqBase):
 
     def forward(self, x, h0=None, lengths=None, mask=None):
         """Return (outputs (batch, time, hidden), final h (num_layers, batch, hidden))."""
-        x, m = self._prepare(x, lengths, mask)
-        seq, mt = self._time_major(x, m)
-        finals = []
-        for i, cell in enumerate(self.cells()):
-            h = ops.zeros((x.shape[0], self.hidden_size), x.dtype) if h0 is None else _t(h0)[i]
-
-            def body(h, inp, cell=cell):
-                xt, mk = inp if mt is not None else (inp, None)
-                hn = F.gru_cell(xt, h, cell.W_ih, cell.W_hh, cell.b_ih, cell.b_hh)
-                h = hn if mk is None else ops.where(ops.reshape(mk, (-1, 1)) > 0, hn, h)
-                return h, h
-            h, seq = scan(body, h, seq if mt is None else (seq, mt))
-            finals.append(h)
-            seq = self._between(seq, i)
-        return self._outputs(seq, m), ops.stack(finals)
+        return self._run_h(x, h0, lengths, mask,
+                           lambda xt, h, c: F.gru_cell(xt, h, c.W_ih, c.W_hh, c.b_ih, c.b_hh))
 
 
 class LSTM(_SeqBase):
