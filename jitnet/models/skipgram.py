@@ -30,7 +30,7 @@ import jitnet.nn.functional as F
 from jitnet.nn.embedding_ops import embedding
 
 __all__ = ["Vocab", "keep_probabilities", "subsample", "generate_batch", "skipgram_pairs", "unigram_table",
-           "sample_negatives", "sentences_from_tokens", "encode_sentences", "sg_ns_train_chunk", "SkipGram",
+           "sample_negatives", "noise_guide", "warm_fast_kernel", "sentences_from_tokens", "encode_sentences", "sg_ns_train_chunk", "SkipGram",
            "SkipGramModel", "train_model", "spearman", "read_similarity_file", "read_analogy_file",
            "pca_2d", "load_corpus", "gensim_test_file", "train_skipgram", "TRAINERS"]
 
@@ -237,59 +237,69 @@ def _lcg(r):
     return (r * _LCG_MUL + _LCG_ADD) & _LCG_MASK
 
 
+_GUIDE_SHIFT = 15           # guide buckets of 2**15 table units: 2**16 buckets over the 2**31 domain
+
+
+def noise_guide(cum):
+    """Return the guide table of a cumulative noise table: guide[b] = first word with cum > b * 2**15."""
+    nb = (int(cum[-1]) >> _GUIDE_SHIFT) + 1
+    return np.searchsorted(cum, np.arange(nb, dtype=np.int64) << _GUIDE_SHIFT, side="right").astype(np.int64)
+
+
 @njit(cache=True, nogil=True)
-def _bisect(table, v):
-    lo, hi = 0, table.shape[0] - 1
-    while lo < hi:
-        mid = (lo + hi) >> 1
-        if table[mid] > v:
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
+def _draw(cum, guide, v):
+    """Return the first word i with cum[i] > v (a noise word for the uniform integer v), via the guide."""
+    i = guide[v >> _GUIDE_SHIFT]
+    while cum[i] <= v:
+        i += 1
+    return i
 
 
 @njit(cache=True, fastmath=True, nogil=True)
-def _sg_ns_pair(w_in, w_out, cum, center, ctx, negative, alpha, work, r):
+def _sg_ns_pair(w_in, w_out, cum, guide, center, ctx, negative, alpha, work, r):
     """One (center, context) pair: the context's input row predicts the center against ``negative`` noise
     words; updates w_out rows and the input row in place; returns the generator state."""
     dim = w_in.shape[1]
+    l1 = w_in[ctx]
     for k in range(dim):
         work[k] = 0.0
     top = np.uint64(cum[cum.shape[0] - 1])
     for d in range(negative + 1):
         if d == 0:
             t = center
-            label = 1.0
+            label = np.float32(1.0)
         else:
             r = _lcg(r)
-            t = _bisect(cum, np.int64((r >> _SH16) % top))
+            t = _draw(cum, guide, np.int64((r >> _SH16) % top))
             if t == center:
                 continue
-            label = 0.0
-        f = 0.0
+            label = np.float32(0.0)
+        row = w_out[t]
+        f = np.float32(0.0)
         for k in range(dim):
-            f += w_in[ctx, k] * w_out[t, k]
+            f += l1[k] * row[k]
         if f > 6.0:
-            g = (label - 1.0) * alpha
+            g = (label - np.float32(1.0)) * alpha
         elif f < -6.0:
             g = label * alpha
         else:
-            g = (label - 1.0 / (1.0 + math.exp(-f))) * alpha
-        gf = np.float32(g)
+            g = (label - np.float32(1.0) / (np.float32(1.0) + np.exp(-f))) * alpha
         for k in range(dim):
-            work[k] += gf * w_out[t, k]
-        for k in range(dim):
-            w_out[t, k] += gf * w_in[ctx, k]
+            work[k] += g * row[k]
+            row[k] += g * l1[k]
     for k in range(dim):
-        w_in[ctx, k] += work[k]
+        l1[k] += work[k]
     return r
 
 
 @njit(cache=True, fastmath=True, nogil=True)
-def _sg_ns_sentences(ids, bounds, s_lo, s_hi, w_in, w_out, cum, sample_int, window, negative, alpha0, alpha1,
-                     pos0, total, r):
-    """Train sentences s_lo..s_hi-1 serially; return (generator state, words kept after subsampling)."""
+def _sg_ns_sentences(ids, bounds, s_lo, s_hi, w_in, w_out, cum, guide, sample_int, window, negative, alpha0,
+                     alpha1, pos0, total, done, r):
+    """Train sentences s_lo..s_hi-1 serially; return (generator state, words kept after subsampling).
+
+    The learning rate follows the words processed by all threads, pos0 + done[0] (word2vec's shared counter,
+    updated without a lock after each sentence).
+    """
     maxlen = 0
     for s in range(s_lo, s_hi):
         maxlen = max(maxlen, bounds[s + 1] - bounds[s])
@@ -297,10 +307,10 @@ def _sg_ns_sentences(ids, bounds, s_lo, s_hi, w_in, w_out, cum, sample_int, wind
     work = np.empty(w_in.shape[1], np.float32)
     kept = 0
     for s in range(s_lo, s_hi):
-        pos = pos0 + (bounds[s] - bounds[s_lo])
-        alpha = alpha0 - (alpha0 - alpha1) * pos / total
+        alpha = alpha0 - (alpha0 - alpha1) * (pos0 + done[0]) / total
         if alpha < alpha1:
             alpha = alpha1
+        alpha32 = np.float32(alpha)
         n = 0
         for i in range(bounds[s], bounds[s + 1]):
             w = ids[i]
@@ -317,29 +327,31 @@ def _sg_ns_sentences(ids, bounds, s_lo, s_hi, w_in, w_out, cum, sample_int, wind
             hi = min(n, i + window + 1 - b)
             for j in range(lo, hi):
                 if j != i:
-                    r = _sg_ns_pair(w_in, w_out, cum, buf[i], buf[j], negative, alpha, work, r)
+                    r = _sg_ns_pair(w_in, w_out, cum, guide, buf[i], buf[j], negative, alpha32, work, r)
+        done[0] += bounds[s + 1] - bounds[s]
     return r, kept
 
 
 @njit(cache=True, fastmath=True, parallel=True)
-def sg_ns_train_chunk(ids, bounds, s_lo, s_hi, w_in, w_out, cum, sample_int, window, negative, alpha0, alpha1,
-                      pos0, total, states):
+def sg_ns_train_chunk(ids, bounds, s_lo, s_hi, w_in, w_out, cum, guide, sample_int, window, negative, alpha0,
+                      alpha1, pos0, total, states):
     """Train sentences s_lo..s_hi-1 split into len(states) parts run in parallel (Hogwild); return kept words.
 
     ``pos0`` is the number of words processed before this chunk and ``total`` the number over all epochs:
-    the learning rate of a sentence decays linearly from alpha0 to alpha1 with its position. ``states`` holds
-    one generator state per part and is advanced in place.
+    the learning rate decays linearly from alpha0 to alpha1 with the words processed. ``cum``/``guide`` are
+    the noise table and its guide (:func:`unigram_table`, :func:`noise_guide`); ``sample_int`` the uint32
+    keep thresholds. ``states`` holds one generator state per part and is advanced in place.
     """
     nparts = states.shape[0]
     kept = np.zeros(nparts, np.int64)
+    done = np.zeros(1, np.int64)
     ns = s_hi - s_lo
     for p in prange(nparts):
         a = s_lo + ns * p // nparts
         b = s_lo + ns * (p + 1) // nparts
         if b > a:
-            off = bounds[a] - bounds[s_lo]
-            r, k = _sg_ns_sentences(ids, bounds, a, b, w_in, w_out, cum, sample_int, window, negative, alpha0,
-                                    alpha1, pos0 + off, total, states[p])
+            r, k = _sg_ns_sentences(ids, bounds, a, b, w_in, w_out, cum, guide, sample_int, window, negative,
+                                    alpha0, alpha1, pos0, total, done, states[p])
             states[p] = r
             kept[p] = k
     return kept.sum()
@@ -393,13 +405,15 @@ class SkipGram:
             ids = np.ascontiguousarray(sentences_ids, np.int32)
             bounds = np.ascontiguousarray(bounds, np.int64)
             cum = unigram_table(self.vocab.counts, ns_exponent)
+            guide = noise_guide(cum)
             sample_int = _sample_ints(keep_probabilities(self.vocab.counts, sample))
             w_in, w_out = self.vectors, self.out_weights.numpy()
             nparts = jn.get_num_threads()
             states = (np.arange(nparts, dtype=np.uint64) * np.uint64(7919) + np.uint64(self.seed * 1000003 + 1))
             n_words = int(bounds[-1])
             total = max(1, n_words * epochs)
-            chunk_words = chunk_words or max(MAX_SENTENCE * 2 * nparts, n_words // 200)
+            # big chunks: few barriers between the threads (the progress bar moves once per chunk)
+            chunk_words = chunk_words or max(MAX_SENTENCE * 8 * nparts, n_words // 20)
             # chunk boundaries (in sentences), about chunk_words each
             cuts = [0]
             target = chunk_words
@@ -413,7 +427,7 @@ class SkipGram:
             for ep in range(epochs):
                 for a, b in zip(cuts[:-1], cuts[1:]):
                     pos0 = ep * n_words + int(bounds[a])
-                    kept += int(sg_ns_train_chunk(ids, bounds, a, b, w_in, w_out, cum, sample_int, window,
+                    kept += int(sg_ns_train_chunk(ids, bounds, a, b, w_in, w_out, cum, guide, sample_int, window,
                                                   negative, alpha, min_alpha, pos0, total, states))
                     if progress is not None:
                         progress((pos0 + bounds[b] - bounds[a]) / total)
@@ -514,6 +528,14 @@ class SkipGram:
             for w, row in zip(self.vocab.words, self.vectors):
                 f.write(w + " " + " ".join(f"{x:.6f}" for x in row) + "\n")
         return path
+
+
+def warm_fast_kernel(sg):
+    """Compile (or load from Numba's disk cache) the fast kernel for ``sg``'s arrays; returns None."""
+    cum = unigram_table(sg.vocab.counts)
+    sg_ns_train_chunk(np.zeros(0, np.int32), np.zeros(2, np.int64), 0, 0, sg.vectors, sg.out_weights.numpy(),
+                      cum, noise_guide(cum), np.zeros(len(sg.vocab), np.uint32), 1, 1, 0.0, 0.0, 0, 1,
+                      np.ones(1, np.uint64))
 
 
 def pca_2d(x):
@@ -859,9 +881,7 @@ def train_skipgram(argv=None):
             if bar is not None:
                 bar.update(100 * frac - bar.n)
         # compile (or load from the disk cache) before timing
-        sg_ns_train_chunk(ids[:0], np.zeros(2, np.int64), 0, 0, sg.vectors, sg.out_weights.numpy(),
-                          unigram_table(vocab.counts), np.zeros(len(vocab), np.uint32), 1, 1, 0.0, 0.0, 0, 1,
-                          np.ones(1, np.uint64))
+        warm_fast_kernel(sg)
         stats = sg.train_fast(ids, bounds, raw, epochs=args.epochs, window=args.window, negative=args.negative,
                               alpha=args.alpha or 0.025, min_alpha=args.min_alpha, sample=args.sample,
                               threads=args.threads, progress=progress)
