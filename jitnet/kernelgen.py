@@ -28,8 +28,9 @@ _modules: dict[str, object] = {}
 _dispatchers: list = []          # every generated dispatcher, for compile / cache-hit counters
 _counters = {"modules_written": 0, "modules_loaded": 0, "modules_rebuilt": 0}
 
-#: Arrays with at least this many elements use the parallel kernel.
-PARALLEL_THRESHOLD = 1 << 16
+#: Arrays with at least this many elements use the parallel kernel (a parallel launch costs tens of
+#: microseconds, more on a busy machine: below about a megabyte of data it does not pay).
+PARALLEL_THRESHOLD = 1 << 18
 
 
 def cache_dir() -> str:

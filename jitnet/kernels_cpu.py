@@ -362,7 +362,13 @@ def topk_last(x, k, out_idx):
 
 def all_dispatchers():
     """Return every dispatcher defined in this module (for compile / cache-hit counters)."""
-    return [v for v in globals().values() if hasattr(v, "_cache_hits") and hasattr(v, "overloads")]
+    out = []
+    for v in globals().values():
+        if isinstance(v, Adaptive):
+            out += [v.parallel, v.serial]
+        elif hasattr(v, "_cache_hits") and hasattr(v, "overloads"):
+            out.append(v)
+    return out
 
 
 # ==============================================================================================================
@@ -1008,3 +1014,63 @@ def nn_lstm_step_dprev(g, dz, s, whh, mask, out, use_mask):
                 out[r, hd + j] = dc * s[r, 3 * hd + j]
         for j in range(2 * hd, 6 * hd):
             out[r, j] = 0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Serial twins of the parallel kernels
+# --------------------------------------------------------------------------------------------------------------
+# A parallel launch costs tens of microseconds (much more on a busy machine, where it waits for every worker
+# to be scheduled), and Numba's workqueue layer must not be entered from two Python threads at once. Each
+# always-parallel kernel therefore gets a serial twin compiled from the same Python function (renamed, so
+# Numba caches it separately: its cache key ignores the parallel flag), and calls pick the serial one for
+# small inputs and outside the main thread.
+
+import threading as _threading  # noqa: E402
+import types as _types  # noqa: E402
+
+SERIAL_BELOW = 1 << 18       # elements: smaller calls run the serial twin
+
+
+def serial_twin(disp, suffix="_serial"):
+    """Return a serial ``@njit(cache=True)`` dispatcher compiled from parallel dispatcher ``disp``'s function."""
+    f = disp.py_func
+    g = _types.FunctionType(f.__code__, f.__globals__, f.__name__ + suffix, f.__defaults__, f.__closure__)
+    g.__qualname__ = f.__qualname__ + suffix
+    g.__module__ = f.__module__
+    g.__doc__ = f.__doc__
+    opts = {k: v for k, v in disp.targetoptions.items() if k in ("fastmath", "error_model", "boundscheck")}
+    return njit(cache=True, nogil=True, **opts)(g)
+
+
+class Adaptive:
+    """A parallel kernel and its serial twin; a call runs the serial one for small inputs or off the main thread."""
+
+    def __init__(self, disp):
+        self.parallel = disp
+        self.serial = serial_twin(disp)
+        self.__name__ = disp.py_func.__name__
+        self.__doc__ = disp.py_func.__doc__
+
+    def __call__(self, *args):
+        n = 0
+        for a in args:
+            sz = getattr(a, "size", 0)
+            if sz > n:
+                n = sz
+        if n < SERIAL_BELOW or _threading.current_thread() is not _threading.main_thread():
+            return self.serial(*args)
+        return self.parallel(*args)
+
+
+def adaptive(disp):
+    """Return ``disp`` wrapped as an :class:`Adaptive` (serial for small inputs and worker threads)."""
+    return Adaptive(disp)
+
+
+for _name in ("arg_reduce_last", "logsumexp_last", "cumulative", "take_axis", "take_along_last",
+              "put_along_last_add", "one_hot_kernel", "argsort_last", "topk_last", "segment_sum_rows",
+              "sgd_sparse_update", "adagrad_sparse_update", "adam_sparse_update", "nn_im2col", "nn_col2im",
+              "nn_onp_to_nop", "nn_nop_to_onp", "nn_max_pool2d", "nn_max_pool2d_grad", "nn_avg_pool2d",
+              "nn_avg_pool2d_grad", "nn_xent_int", "nn_xent_int_grad", "nn_xent_prob", "nn_xent_prob_grad"):
+    if _name in globals():
+        globals()[_name] = Adaptive(globals()[_name])

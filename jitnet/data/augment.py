@@ -235,3 +235,14 @@ def per_image_standardization(x: Any) -> np.ndarray:
     if x.size:
         _standardize_kernel(x, out)
     return out
+
+
+# Serial for small batches and when called from a DataLoader prefetch thread (Numba's workqueue layer takes
+# parallel launches from one thread at a time).
+from ..kernels_cpu import Adaptive as _Adaptive  # noqa: E402
+
+_crop_kernel = _Adaptive(_crop_kernel)
+_flip_lr_kernel = _Adaptive(_flip_lr_kernel)
+_brightness_kernel = _Adaptive(_brightness_kernel)
+_contrast_kernel = _Adaptive(_contrast_kernel)
+_standardize_kernel = _Adaptive(_standardize_kernel)
