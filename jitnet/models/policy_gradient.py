@@ -86,7 +86,7 @@ class PolicyGradientAgent:
         self._learn_fn = wrap(self._learn_graph)
 
     # -- graphs ---------------------------------------------------------------------------------------------------
-    def _act_graph(self, obs, eps):
+    def _act_graph(self, obs, eps=None):
         logits = self.net(obs)
         if self.explore == "sample":
             u = jn.random.uniform(logits.shape, 1e-12, 1.0)
@@ -111,9 +111,10 @@ class PolicyGradientAgent:
     def act(self, obs):
         """Return the action (int) for one observation, sampled from the policy (or epsilon-greedy)."""
         x = jn.as_tensor(np.asarray(obs, np.float32).reshape(1, self.obs_dim))
+        if not self._mix:                        # pure sampling: no epsilon input to the graph
+            return int(self._act_fn(x).numpy()[0])
         self._eps[()] = self.epsilon(self.episodes)
-        a = self._act_fn(x, jn.as_tensor(self._eps))
-        return int(a.numpy()[0])
+        return int(self._act_fn(x, jn.as_tensor(self._eps)).numpy()[0])
 
     def policy(self, obs):
         """Return the action probabilities (NumPy) for a batch of observations (eager, no exploration)."""

@@ -433,19 +433,19 @@ def train_dqn(argv=None):
     """Train the DQN agent (``python -m jitnet train dqn-cartpole``); return the exit code."""
     from .dqn import DQNAgent
     p = _common_parser("dqn-cartpole", "DQN with experience replay and a target network on CartPole-v1",
-                       episodes=1000, lr=5e-4, gamma=0.99, hidden=(64, 64), target=195.0)
-    p.add_argument("--buffer-size", type=int, default=50000, help="replay capacity (default 50000)")
-    p.add_argument("--batch-size", type=int, default=64, help="replay batch (default 64)")
+                       episodes=1000, lr=1e-4, gamma=0.99, hidden=(128, 128), target=195.0)
+    p.add_argument("--buffer-size", type=int, default=10000, help="replay capacity (default 10000)")
+    p.add_argument("--batch-size", type=int, default=128, help="replay batch (default 128)")
     p.add_argument("--learning-starts", type=int, default=1000, help="steps before learning (default 1000)")
     p.add_argument("--train-freq", type=int, default=1, help="environment steps per update (default 1)")
     p.add_argument("--target-update", type=int, default=1000, help="steps between target copies (default 1000)")
     p.add_argument("--loss", default="huber", choices=["huber", "mse"], help="(default huber)")
-    p.add_argument("--tau", type=float, default=0.0, help="soft target update fraction per update; 0 copies "
-                                                        "every --target-update steps (default 0)")
+    p.add_argument("--tau", type=float, default=0.005, help="soft target update fraction per update; 0 copies "
+                                                          "every --target-update steps (default 0.005)")
     p.add_argument("--no-double", action="store_true", help="plain DQN targets (max of the target network)")
     p.add_argument("--clip-norm", type=float, default=10.0, help="gradient-norm clip, 0 for none (default 10)")
-    p.add_argument("--epsilon", default="linear:1,0.05,10000",
-                   help="epsilon schedule over steps (default linear:1,0.05,10000)")
+    p.add_argument("--epsilon", default="linear:1,0.05,5000",
+                   help="epsilon schedule over steps (default linear:1,0.05,5000)")
     args = p.parse_args(argv)
     env = make_env(args.env)
     obs_shape, n = env_spaces(env)
