@@ -26,8 +26,14 @@ __all__ = ["set_num_threads", "get_num_threads", "compile_stats", "flush_denorma
 
 
 def set_num_threads(n: int) -> None:
-    """Set the number of threads parallel kernels use."""
+    """Set the number of threads parallel kernels and BLAS (matmul) use."""
     numba.set_num_threads(int(n))
+    try:
+        import scipy.linalg.cython_blas  # noqa: F401  (load the BLAS that np.dot inside kernels calls)
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(limits=int(n), user_api="blas")
+    except ImportError:
+        pass
 
 
 def get_num_threads() -> int:
