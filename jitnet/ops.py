@@ -1080,44 +1080,14 @@ def log_softmax(x, axis=-1):
 # ==============================================================================================================
 
 def _matmul_impl(a, b):
+    """a @ b through NumPy's BLAS gemm (transposed views go to BLAS as transpose flags, not copies)."""
     dt = np.promote_types(a.dtype, b.dtype)
-    cdt = dt if dt.kind == "f" and dt != np.float16 else float64 if dt.kind != "f" else float32
+    cdt = dt if dt in (float32, float64) else float64 if dt.kind != "f" else float32
     if a.dtype != cdt:
         a = a.astype(cdt)
     if b.dtype != cdt:
         b = b.astype(cdt)
-    m, k = a.shape[-2:]
-    n = b.shape[-1]
-    if a.ndim == 2 and b.ndim == 2:
-        out = np.empty((m, n), cdt)
-        if m and n:
-            if k == 0:
-                out[...] = 0
-            else:
-                K.matmul_2d(a, b, out)
-        return out if cdt == dt else out.astype(dt)
-    batch = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
-    if b.ndim == 2 and a.flags.c_contiguous:
-        out = np.empty((int(np.prod(batch)) * m, n), cdt)
-        if out.size:
-            if k == 0:
-                out[...] = 0
-            else:
-                K.matmul_2d(a.reshape(-1, k), b, out)
-        out = out.reshape(batch + (m, n))
-        return out if cdt == dt else out.astype(dt)
-    nb = int(np.prod(batch))
-    a3 = np.broadcast_to(a, batch + (m, k)).reshape(nb, m, k) if a.shape[:-2] == batch else \
-        _contiguous(np.broadcast_to(a, batch + (m, k))).reshape(nb, m, k)
-    b3 = np.broadcast_to(b, batch + (k, n)).reshape(nb, k, n) if b.shape[:-2] == batch else \
-        _contiguous(np.broadcast_to(b, batch + (k, n))).reshape(nb, k, n)
-    out = np.empty((nb, m, n), cdt)
-    if out.size:
-        if k == 0:
-            out[...] = 0
-        else:
-            K.matmul_batched(a3, b3, out)
-    out = out.reshape(batch + (m, n))
+    out = np.matmul(a, b)
     return out if cdt == dt else out.astype(dt)
 
 

@@ -21,34 +21,14 @@ _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 def _matmul(ins, params, out):
     a, b = ins
-    if a.dtype != b.dtype or a.dtype not in _FLOATS or out.dtype != a.dtype:
+    if a.dtype != b.dtype or a.dtype not in _FLOATS or out.dtype != a.dtype or not out.size:
         return None
-    if len(a.shape) == 2 and len(b.shape) == 2 and a.shape[1] > 0 and out.size:
-        kern = K.matmul_2d
+    matmul = np.matmul
 
-        def fn(x, y, o):
-            kern(x, y, o)
-            return True
-        return fn
-    if len(a.shape) == 3 and len(b.shape) == 3 and a.shape[0] == b.shape[0] and a.shape[2] > 0 and out.size:
-        kern = K.matmul_batched
-
-        def fn(x, y, o):
-            kern(x, y, o)
-            return True
-        return fn
-    if len(a.shape) >= 3 and len(b.shape) == 2 and a.shape[-1] > 0 and out.size:
-        kern = K.matmul_2d
-        k, n = b.shape
-        rows = int(np.prod(a.shape[:-1]))
-
-        def fn(x, y, o):
-            if not x.flags.c_contiguous:
-                return False
-            kern(x.reshape(rows, k), y, o.reshape(rows, n))
-            return True
-        return fn
-    return None
+    def fn(x, y, o):
+        matmul(x, y, out=o)
+        return True
+    return fn
 
 
 def _reduce(ins, params, out):

@@ -227,7 +227,8 @@ class GRU(_SeqBase):
 class LSTM(_SeqBase):
     """Multi-layer LSTM over batch-first sequences; returns (outputs (B, T, H), (h, c) each (layers, B, H)).
 
-    Each step is one fused primitive (``F.lstm_step``) on the packed state [h, c, gates].
+    Each step is ``z = x_t W_ih + h W_hh + b`` (the input projection of all steps is one GEMM up front, the
+    recurrent one a BLAS call) followed by the elementwise gates, which ``jitnet.jit`` fuses.
     """
 
     _cell = LSTMCell
@@ -243,17 +244,27 @@ class LSTM(_SeqBase):
         hs_final, cs_final = [], []
         for i, cell in enumerate(self.cells()):
             if state is None:
-                s = ops.zeros((bsz, 6 * hd), x.dtype)
+                h = c = ops.zeros((bsz, hd), x.dtype)
             else:
-                s = F.lstm_state(_t(state[0])[i], _t(state[1])[i])
+                h, c = _t(state[0])[i], _t(state[1])[i]
             xw = ops.matmul(seq, cell.W_ih)            # the input projection of every step: one GEMM
 
-            def body(s, inp, cell=cell):
+            def body(carry, inp, cell=cell):
+                h, c = carry
                 xw_t, mk = inp if mt is not None else (inp, None)
-                s = F.lstm_step(xw_t, s, cell.W_hh, cell.b, mk)
-                return s, s[:, :hd]
-            s, seq = scan(body, s, xw if mt is None else (xw, mt))
-            hs_final.append(s[:, :hd])
-            cs_final.append(s[:, hd:2 * hd])
+                z = xw_t + ops.matmul(h, cell.W_hh) + cell.b       # BLAS; the gates below fuse under jit
+                i_ = ops.sigmoid(z[:, :hd])
+                f_ = ops.sigmoid(z[:, hd:2 * hd])
+                g_ = ops.tanh(z[:, 2 * hd:3 * hd])
+                o_ = ops.sigmoid(z[:, 3 * hd:])
+                c2 = f_ * c + i_ * g_
+                h2 = o_ * ops.tanh(c2)
+                if mk is not None:
+                    keep = ops.reshape(mk, (-1, 1)) > 0
+                    h2, c2 = ops.where(keep, h2, h), ops.where(keep, c2, c)
+                return (h2, c2), h2
+            (h, c), seq = scan(body, (h, c), xw if mt is None else (xw, mt))
+            hs_final.append(h)
+            cs_final.append(c)
             seq = self._between(seq, i)
         return self._outputs(seq, m), (ops.stack(hs_final), ops.stack(cs_final))
