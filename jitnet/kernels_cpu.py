@@ -142,47 +142,56 @@ def arg_reduce_last(x, out, is_max):
 # --------------------------------------------------------------------------------------------------------------
 
 @njit(cache=True, fastmath=_FM, inline="always")
-def _softmax_row(x, out, i, mode):
+def _softmax_row(x, out, i):
+    # a NaN in the row, or a row of -inf, gives NaN everywhere through the arithmetic itself (as in NumPy)
     n = x.shape[1]
     m = x[i, 0]
     for j in range(1, n):
         m = max(m, x[i, j])
-    if m != m:                              # a NaN in the row: NaN everywhere (NumPy's result)
-        for j in range(n):
-            out[i, j] = m
-        return
-    if m == -np.inf:                        # all -inf: exp(x - max) is NaN, as in NumPy
-        m = x[i, 0] * 0
-    zero = x[i, 0] * 0
-    s = zero
-    if mode == 0:                           # softmax
-        for j in range(n):
-            e = fexp(x[i, j] - m)
-            out[i, j] = e
-            s += e
-        r = (zero + 1) / s
-        for j in range(n):
-            out[i, j] *= r
-    else:                                   # log_softmax
-        for j in range(n):
-            s += fexp(x[i, j] - m)
-        ls = m + math.log(s)
-        for j in range(n):
-            out[i, j] = x[i, j] - ls
+    s = x[i, 0] * 0
+    for j in range(n):
+        e = fexp(x[i, j] - m)
+        out[i, j] = e
+        s += e
+    r = (s * 0 + 1) / s
+    for j in range(n):
+        out[i, j] *= r
+
+
+@njit(cache=True, fastmath=_FM, inline="always")
+def _log_softmax_row(x, out, i):
+    n = x.shape[1]
+    m = x[i, 0]
+    for j in range(1, n):
+        m = max(m, x[i, j])
+    s = x[i, 0] * 0
+    for j in range(n):
+        s += fexp(x[i, j] - m)
+    ls = m + math.log(s)
+    for j in range(n):
+        out[i, j] = x[i, j] - ls
 
 
 @njit(cache=True, fastmath=_FM, nogil=True)
 def softmax_last(x, out, mode):
     """Write softmax (mode 0) or log_softmax (mode 1) of each row of x (rows, n) into out."""
-    for i in range(x.shape[0]):
-        _softmax_row(x, out, i, mode)
+    if mode == 0:
+        for i in range(x.shape[0]):
+            _softmax_row(x, out, i)
+    else:
+        for i in range(x.shape[0]):
+            _log_softmax_row(x, out, i)
 
 
 @njit(cache=True, fastmath=_FM, parallel=True, nogil=True)
 def softmax_last_par(x, out, mode):
     """Parallel ``softmax_last``."""
-    for i in prange(x.shape[0]):
-        _softmax_row(x, out, i, mode)
+    if mode == 0:
+        for i in prange(x.shape[0]):
+            _softmax_row(x, out, i)
+    else:
+        for i in prange(x.shape[0]):
+            _log_softmax_row(x, out, i)
 
 
 @njit(cache=True, fastmath=_FM, parallel=True, nogil=True)
