@@ -218,6 +218,23 @@ def _flush_on_import() -> None:
     if v in ("0", "false", "no", "off"):
         return
     try:
-        flush_denormals(True)
+        _flush_main_thread_then_workers()
     except Exception:           # never make import fail over an optimisation
         pass
+
+
+def _flush_main_thread_then_workers() -> None:
+    """Set FTZ|DAZ on this thread; Numba's workers inherit it when they start (POSIX threads inherit the
+    floating-point environment), so the per-worker kernel only runs if the pool already exists."""
+    fn = _mxcsr_fn()
+    if fn is None:
+        return
+    fn(_MODE_SET)
+    _mxcsr_state["enabled"] = True
+    try:
+        from numba.np.ufunc import parallel as _par
+        started = bool(getattr(_par, "_is_initialized", True))
+    except ImportError:
+        started = True
+    if started:
+        _run_on_workers(fn, _MODE_SET)
