@@ -3,7 +3,7 @@
 Elementwise primitives are not here: their kernels are generated from the scalar templates in
 ``jitnet.ops`` by ``jitnet.kernelgen`` (one op eagerly, a fused group under ``jitnet.jit``); the scalar
 helpers those templates call live in ``kernels_scalar.py``. This file holds the kernels that are not
-elementwise: reductions, softmax, scans, matmul, gathers and scatters, sorting, and (appended by the
+elementwise: reductions, softmax, scans, gathers and scatters, sorting, and (appended by the
 layers and optimizers) convolution, pooling, losses and update kernels.
 
 Conventions: every kernel writes into an ``out`` array allocated by the caller; arrays arrive in a canonical
@@ -238,23 +238,6 @@ def cumulative(x, out, op, exclusive, reverse):
                     acc[k] *= v
                 if not exclusive:
                     out[o, j, k] = acc[k]
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Matmul through BLAS (np.dot inside @njit calls the BLAS gemm; never inside a prange)
-# --------------------------------------------------------------------------------------------------------------
-
-@njit(cache=True, nogil=True)
-def matmul_2d(a, b, out):
-    """Write a (m, k) @ b (k, n) into out (m, n) with one BLAS gemm."""
-    np.dot(a, b, out)
-
-
-@njit(cache=True, nogil=True)
-def matmul_batched(a, b, out):
-    """Write a[i] @ b[i] into out[i] for each i of the leading axis (one gemm each)."""
-    for i in range(out.shape[0]):
-        np.dot(a[i], b[i], out[i])
 
 
 # --------------------------------------------------------------------------------------------------------------

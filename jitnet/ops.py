@@ -1138,11 +1138,6 @@ def dot(a, b):
     return matmul(a, b)
 
 
-def tensordot_last(a, b):
-    """Return sum over the last axis of a and first of b (a (.., k) @ b (k, ..))."""
-    return matmul(a, b)
-
-
 # ==============================================================================================================
 # Joining, splitting, padding
 # ==============================================================================================================
@@ -1616,11 +1611,6 @@ def linspace(start, stop, num=50, dtype=float32):
 def eye(n, m=None, dtype=float32):
     """Return an identity matrix (n x m)."""
     return Tensor._wrap(np.eye(n, m, dtype=_normalize_dtype(dtype)))
-
-
-def zeros_from(t):
-    """Return zeros shaped like tensor ``t`` (alias of zeros_like)."""
-    return zeros_like(t)
 
 
 __all_ops__ = [n for n in dir() if not n.startswith("_") and n not in (

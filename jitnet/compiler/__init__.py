@@ -61,9 +61,7 @@ class JitFunction:
     # -- signature ------------------------------------------------------------------------------------------
     def _signature(self, args, kwargs):
         leaves, tree = flatten((tuple(args), dict(kwargs)))
-        sig, tensors, static_pos = [], [], []
-        nargs = len(args)
-        # which leaves belong to static arguments
+        sig, tensors = [], []
         for i, leaf in enumerate(leaves):
             if isinstance(leaf, np.ndarray):
                 leaf = leaves[i] = Tensor(leaf)
@@ -77,8 +75,6 @@ class JitFunction:
                     raise TypeError(f"jitnet.jit: argument value {leaf!r} of type {type(leaf).__name__} is not a "
                                     f"tensor and not hashable, so it cannot be part of the compiled signature")
                 sig.append(("static", type(leaf).__name__, leaf))
-                static_pos.append(i)
-        del nargs
         return (_hashable_tree(tree), tuple(sig)), leaves, tree, tensors
 
     def __call__(self, *args, **kwargs):

@@ -106,14 +106,6 @@ def _schedule(g, group_of):
     return units
 
 
-def _unit_inputs(u):
-    return u.inputs if hasattr(u, "members") else u.inputs
-
-
-def _unit_out(u):
-    return u.root.out if hasattr(u, "members") else u.out
-
-
 def build_plan(g, fuse_ops=True):
     """Return a Plan for graph ``g`` (after DCE/CSE): fuse, schedule, assign slots and buffers."""
     plan = Plan()
@@ -147,7 +139,7 @@ def build_plan(g, fuse_ops=True):
             alias_root[u.out.id] = alias_root.get(src.id, src.id)
     last_use = {}
     for pos, u in enumerate(units):
-        for v in _unit_inputs(u):
+        for v in u.inputs:
             r = alias_root.get(v.id, v.id)
             last_use[r] = pos
     escaping = {v.id for v in g.outputs} | {v.id for v in _grad_values(g)}
@@ -160,7 +152,7 @@ def build_plan(g, fuse_ops=True):
             pos_of[m.id] = pos
     n_consumers = {}
     for u in units:
-        for v in _unit_inputs(u):
+        for v in u.inputs:
             n_consumers[v.id] = n_consumers.get(v.id, 0) + 1
     write_into = {}        # group root value id -> state Value of the variable it writes
     folded = set()         # ids of assign nodes done by their group
