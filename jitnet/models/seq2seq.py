@@ -1,0 +1,701 @@
+"""Sequence-to-sequence with additive (Bahdanau) attention: model, fused step kernels, decoding, training.
+
+    python -m jitnet train seq2seq-dates   [--epochs N --hidden 128 --batch-size 64 --cell lstm|gru ...]
+    python -m jitnet train seq2seq-reverse [...]
+
+The model (:class:`Seq2Seq`): character embeddings, a multi-layer LSTM or GRU encoder (optionally reading the
+source reversed), and a decoder whose cell reads ``[embedding of the previous token; attention context]`` at
+every step. The attention query is the decoder's previous top-layer state, its keys and values the encoder
+outputs (padding masked out); the output layer sees ``[decoder state; context]``. Training uses teacher
+forcing, a padding-masked cross entropy (or a sampled softmax for large vocabularies), gradient clipping by
+global norm and Adam, all in one ``jitnet.jit`` step. The encoder and the attention decoder run on
+``jn.scan``, so a step compiles once per (bucketed) source length whatever that length is.
+
+Two primitives make the recurrent steps cheap, each one Numba kernel forward and one backward (their
+gradients are checked by central differences in the tests):
+
+* ``lstm_step_fused(xw, s, W_hh, mask)``: one LSTM step over a packed state ``[h, c, i, f, g, o]`` (the
+  recurrent GEMM is BLAS; the gates use a vectorizable exp/tanh);
+* ``additive_attention_step(q, pk, v, mask, values)``: Bahdanau scores ``v . tanh(pk + q)``, the masked
+  softmax over the source and the context vector, for one decoder step.
+
+Decoding: :meth:`Seq2Seq.greedy_decode` is one jitted scan over the output length; :func:`beam_search` runs
+on NumPy around a jitted single decoder step; :func:`exhaustive_search` (tiny vocabularies only) checks it.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+
+import numpy as np
+from numba import njit, types
+from numba.extending import overload
+
+import jitnet as jn
+import jitnet.nn as nn
+import jitnet.nn.functional as F
+from jitnet import ops
+from jitnet.autodiff.core import Primitive, apply
+from jitnet.data import seq_tasks as T
+from jitnet.kernels_scalar import exp_f32
+from jitnet.tensor import Parameter, Tensor, _infer_array
+
+__all__ = ["lstm_step_fused", "lstm_state", "additive_attention_step", "additive_attention_weights", "Seq2Seq",
+           "Seq2SeqTrainer", "beam_search", "exhaustive_search", "sequence_log_prob", "plot_attention",
+           "train_seq2seq_dates", "train_seq2seq_reverse", "TRAINERS"]
+
+_FM = {"reassoc", "nsz", "arcp", "contract"}     # fast math without nnan/ninf: NaN and inf stay exact
+
+
+# ==============================================================================================================
+# Scalar helpers: float32 tanh and sigmoid built on the vectorizable exp (libm's tanh stops vectorization);
+# float64 (used by the gradient checks) keeps libm's functions.
+# ==============================================================================================================
+
+def tanh_v(x):
+    """Return tanh(x) (a vectorizable float32 version inside kernels)."""
+    return math.tanh(x)
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _tanh_f32(x):
+    a = abs(x)
+    e = exp_f32(np.float32(-2.0) * a)
+    r = (np.float32(1.0) - e) / (np.float32(1.0) + e)        # accurate to a few ulp for |x| >= 0.125
+    x2 = x * x                                                # odd Taylor series below 0.125 (error < 1e-9)
+    p = x * (np.float32(1.0) + x2 * (np.float32(-1.0 / 3) + x2 * (np.float32(2.0 / 15)
+                                                                    + x2 * np.float32(-17.0 / 315))))
+    r = r if x >= np.float32(0.0) else -r
+    r = p if a < np.float32(0.125) else r
+    return x if x != x else r
+
+
+@overload(tanh_v)
+def _tanh_v_overload(x):
+    if isinstance(x, types.Float) and x.bitwidth == 32:
+        return lambda x: _tanh_f32(x)
+    return lambda x: math.tanh(x)
+
+
+def sigmoid_v(x):
+    """Return the logistic sigmoid of x (vectorizable for float32 inside kernels)."""
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _sigmoid_f32(x):
+    e = exp_f32(-abs(x))
+    r = np.float32(1.0) / (np.float32(1.0) + e)
+    return r if x >= np.float32(0.0) else e * r
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _sigmoid_f64(x):
+    e = math.exp(-abs(x))
+    r = 1.0 / (1.0 + e)
+    return r if x >= 0.0 else e * r
+
+
+@overload(sigmoid_v)
+def _sigmoid_v_overload(x):
+    if isinstance(x, types.Float) and x.bitwidth == 32:
+        return lambda x: _sigmoid_f32(x)
+    return lambda x: _sigmoid_f64(x)
+
+
+# ==============================================================================================================
+# LSTM step over a packed state s = [h, c, i, f, g, o] (B, 6H): the gates are kept for the backward pass
+# ==============================================================================================================
+
+@njit(cache=True, fastmath=_FM, nogil=True, error_model="numpy")
+def lstm_fwd_kernel(xw, s_prev, whh, mask, s_out, use_mask):
+    """One LSTM step: z = xw + h @ whh (BLAS), gates [i, f, g, o]; rows with mask 0 keep h and c."""
+    bsz = xw.shape[0]
+    hd = whh.shape[0]
+    z = np.dot(np.ascontiguousarray(s_prev[:, :hd]), whh)
+    for r in range(bsz):
+        if use_mask and mask[r] == 0:
+            for j in range(hd):
+                s_out[r, j] = s_prev[r, j]
+                s_out[r, hd + j] = s_prev[r, hd + j]
+            for j in range(2 * hd, 6 * hd):
+                s_out[r, j] = 0
+            continue
+        zr, xr, pr, orow = z[r], xw[r], s_prev[r], s_out[r]
+        for j in range(hd):
+            ig = sigmoid_v(zr[j] + xr[j])
+            fg = sigmoid_v(zr[hd + j] + xr[hd + j])
+            gg = tanh_v(zr[2 * hd + j] + xr[2 * hd + j])
+            og = sigmoid_v(zr[3 * hd + j] + xr[3 * hd + j])
+            c = fg * pr[hd + j] + ig * gg
+            orow[j] = og * tanh_v(c)
+            orow[hd + j] = c
+            orow[2 * hd + j] = ig
+            orow[3 * hd + j] = fg
+            orow[4 * hd + j] = gg
+            orow[5 * hd + j] = og
+
+
+@njit(cache=True, fastmath=_FM, nogil=True, error_model="numpy")
+def lstm_dz_kernel(g, s, s_prev, mask, dz, use_mask):
+    """Write d(pre-activations) dz (B, 4H) from g = d s (B, 6H) (its h and c parts) and the saved gates."""
+    bsz = s.shape[0]
+    hd = dz.shape[1] // 4
+    for r in range(bsz):
+        if use_mask and mask[r] == 0:
+            for j in range(4 * hd):
+                dz[r, j] = 0
+            continue
+        gr, sr, pr, dr = g[r], s[r], s_prev[r], dz[r]
+        for j in range(hd):
+            ig = sr[2 * hd + j]
+            fg = sr[3 * hd + j]
+            gg = sr[4 * hd + j]
+            og = sr[5 * hd + j]
+            tc = tanh_v(sr[hd + j])
+            dh = gr[j]
+            dc = gr[hd + j] + dh * og * (1 - tc * tc)
+            # the saved gates are outputs too: their own gradients (zero in every use here) are added
+            dr[j] = (dc * gg + gr[2 * hd + j]) * ig * (1 - ig)
+            dr[hd + j] = (dc * pr[hd + j] + gr[3 * hd + j]) * fg * (1 - fg)
+            dr[2 * hd + j] = (dc * ig + gr[4 * hd + j]) * (1 - gg * gg)
+            dr[3 * hd + j] = (dh * tc + gr[5 * hd + j]) * og * (1 - og)
+
+
+@njit(cache=True, fastmath=_FM, nogil=True, error_model="numpy")
+def lstm_dprev_kernel(g, dz, s, whh, mask, out, use_mask):
+    """Write d s_prev (B, 6H) = [dz @ whh.T, dc * f, 0, 0, 0, 0]; rows with mask 0 pass g's h and c through."""
+    bsz = s.shape[0]
+    hd = whh.shape[0]
+    dh = np.dot(dz, whh.T)
+    for r in range(bsz):
+        orow, gr, sr = out[r], g[r], s[r]
+        if use_mask and mask[r] == 0:
+            for j in range(2 * hd):
+                orow[j] = gr[j]
+        else:
+            for j in range(hd):
+                og = sr[5 * hd + j]
+                tc = tanh_v(sr[hd + j])
+                dc = gr[hd + j] + gr[j] * og * (1 - tc * tc)
+                orow[j] = dh[r, j]
+                orow[hd + j] = dc * sr[3 * hd + j]
+        for j in range(2 * hd, 6 * hd):
+            orow[j] = 0
+
+
+def _c(a):
+    return a if a.flags.c_contiguous else np.ascontiguousarray(a)
+
+
+def _mask_arg(mask):
+    return (_c(mask[0].astype(np.uint8, copy=False)), True) if mask else (np.ones(1, np.uint8), False)
+
+
+def _lstm_fwd_impl(xw, s_prev, whh, *mask):
+    out = np.empty(s_prev.shape, xw.dtype)
+    m, use = _mask_arg(mask)
+    lstm_fwd_kernel(_c(xw), _c(s_prev), _c(whh), m, out, use)
+    return out
+
+
+def _lstm_dz_impl(g, s, s_prev, *mask):
+    dz = np.empty((s.shape[0], 4 * (s.shape[1] // 6)), s.dtype)
+    m, use = _mask_arg(mask)
+    lstm_dz_kernel(_c(g), _c(s), _c(s_prev), m, dz, use)
+    return dz
+
+
+def _lstm_dprev_impl(g, dz, s, whh, *mask):
+    out = np.empty(s.shape, s.dtype)
+    m, use = _mask_arg(mask)
+    lstm_dprev_kernel(_c(g), _c(dz), _c(s), _c(whh), m, out, use)
+    return out
+
+
+def _lstm_dw_impl(s_prev, dz):
+    hd = dz.shape[1] // 4
+    return np.matmul(s_prev[:, :hd].T, dz)
+
+
+def _no_vjp(name):
+    def vjp(g, ans, ins, needs, **params):
+        raise TypeError(f"{name}: second-order gradients are not implemented (it is the backward kernel of a "
+                        f"fused seq2seq step)")
+    return vjp
+
+
+S2S_LSTM_DZ = Primitive("s2s_lstm_step_dz", impl={"cpu": _lstm_dz_impl}, vjp=_no_vjp("s2s_lstm_step_dz"))
+S2S_LSTM_DPREV = Primitive("s2s_lstm_step_dprev", impl={"cpu": _lstm_dprev_impl},
+                           vjp=_no_vjp("s2s_lstm_step_dprev"))
+S2S_LSTM_DW = Primitive("s2s_lstm_step_dw", impl={"cpu": _lstm_dw_impl}, vjp=_no_vjp("s2s_lstm_step_dw"))
+
+
+def _lstm_vjp(g, ans, ins, needs):
+    xw, s_prev, whh = ins[:3]
+    mask = ins[3:]
+    dz = apply(S2S_LSTM_DZ, g, ans, s_prev, *mask)
+    d_s = apply(S2S_LSTM_DPREV, g, dz, ans, whh, *mask) if needs[1] else None
+    d_w = apply(S2S_LSTM_DW, s_prev, dz) if needs[2] else None
+    return (dz if needs[0] else None, d_s, d_w) + (None,) * len(mask)
+
+
+S2S_LSTM = Primitive("s2s_lstm_step", impl={"cpu": _lstm_fwd_impl}, vjp=_lstm_vjp)
+
+
+def _t(x):
+    return x if isinstance(x, Tensor) else Tensor._wrap(_infer_array(x))
+
+
+def lstm_state(h, c):
+    """Return the packed LSTM state [h, c, 0, 0, 0, 0] (B, 6H) that :func:`lstm_step_fused` consumes."""
+    h, c = _t(h), _t(c)
+    return ops.concatenate([h, c, ops.zeros((h.shape[0], 4 * h.shape[1]), h.dtype)], axis=1)
+
+
+def lstm_step_fused(xw, s, W_hh, mask=None):
+    """Return the next packed LSTM state (B, 6H) = [h, c, i, f, g, o] from xw = x @ W_ih + b (B, 4H) and s.
+
+    One kernel: the recurrent product ``h @ W_hh`` (BLAS) and the gates [i, f, g, o]. Rows whose ``mask``
+    (B,) is 0 keep their h and c. ``s[:, :H]`` is h and ``s[:, H:2H]`` is c.
+    """
+    xw, s, W_hh = _t(xw), _t(s), _t(W_hh)
+    hd = W_hh.shape[0] if W_hh.ndim == 2 else -1
+    if W_hh.ndim != 2 or W_hh.shape != (hd, 4 * hd) or xw.shape != (s.shape[0], 4 * hd) or \
+            s.shape != (xw.shape[0], 6 * hd):
+        raise ValueError(f"lstm_step_fused: inconsistent shapes xw {xw.shape}, state {s.shape}, W_hh "
+                         f"{W_hh.shape} (expected (B, 4H), (B, 6H), (H, 4H))")
+    dt = W_hh.dtype
+    args = [a if a.dtype == dt else a.astype(dt) for a in (xw, s, W_hh)]
+    if mask is not None:
+        m = _t(mask)
+        if m.shape != (xw.shape[0],):
+            raise ValueError(f"lstm_step_fused: mask must have shape ({xw.shape[0]},), got {m.shape}")
+        args.append(m if m.dtype == np.uint8 else ops.astype(m != 0, np.uint8))
+    return apply(S2S_LSTM, *args)
+
+
+# ==============================================================================================================
+# One step of additive attention: scores v . tanh(pk + q), masked softmax over the source, context
+# ==============================================================================================================
+
+@njit(cache=True, fastmath=_FM, nogil=True, error_model="numpy")
+def _attn_scores(q, pk, v, mask, b, sc):
+    """Fill sc (S,) with the softmax weights of row b; return False when the row has no valid position."""
+    nsrc, nu = pk.shape[1], pk.shape[2]
+    qb = q[b]
+    m = -np.inf
+    for s in range(nsrc):
+        if mask[b, s]:
+            pks = pk[b, s]
+            acc = sc.dtype.type(0)
+            for u in range(nu):
+                acc += v[u] * tanh_v(pks[u] + qb[u])
+            sc[s] = acc
+            if acc > m:
+                m = acc
+    if m == -np.inf:
+        for s in range(nsrc):
+            sc[s] = 0
+        return False
+    tot = sc.dtype.type(0)
+    for s in range(nsrc):
+        if mask[b, s]:
+            e = math.exp(sc[s] - m)
+            sc[s] = e
+            tot += e
+        else:
+            sc[s] = 0
+    inv = 1 / tot
+    for s in range(nsrc):
+        sc[s] *= inv
+    return True
+
+
+@njit(cache=True, fastmath=_FM, nogil=True, error_model="numpy")
+def attention_fwd_kernel(q, pk, v, mask, vals, ctx, weights, want_weights):
+    """Write the context (B, D) (and the weights (B, S) when want_weights) of one additive-attention step."""
+    bsz, nsrc = pk.shape[0], pk.shape[1]
+    dv = vals.shape[2]
+    sc = np.empty(nsrc, ctx.dtype)
+    for b in range(bsz):
+        _attn_scores(q, pk, v, mask, b, sc)
+        cb = ctx[b]
+        for d in range(dv):
+            cb[d] = 0
+        for s in range(nsrc):
+            w = sc[s]
+            if want_weights:
+                weights[b, s] = w
+            if w != 0:
+                vs = vals[b, s]
+                for d in range(dv):
+                    cb[d] += w * vs[d]
+
+
+@njit(cache=True, fastmath=_FM, nogil=True, error_model="numpy")
+def attention_bwd_kernel(gc, q, pk, v, mask, vals, dq, dpk, dv_out, dvals):
+    """Write the gradients of one attention step w.r.t. q (B, U), pk (B, S, U), v (U,) and values (B, S, D)."""
+    bsz, nsrc, nu = pk.shape[0], pk.shape[1], pk.shape[2]
+    dv = vals.shape[2]
+    sc = np.empty(nsrc, q.dtype)
+    dw = np.empty(nsrc, q.dtype)
+    th = np.empty(nu, q.dtype)
+    for u in range(nu):
+        dv_out[u] = 0
+    for b in range(bsz):
+        ok = _attn_scores(q, pk, v, mask, b, sc)
+        gb = gc[b]
+        tot = q.dtype.type(0)
+        for s in range(nsrc):
+            vs = vals[b, s]
+            dvs = dvals[b, s]
+            w = sc[s]
+            acc = q.dtype.type(0)
+            for d in range(dv):
+                dvs[d] = w * gb[d]
+                acc += gb[d] * vs[d]
+            dw[s] = acc
+            tot += w * acc
+        dqb = dq[b]
+        for u in range(nu):
+            dqb[u] = 0
+        qb = q[b]
+        for s in range(nsrc):
+            dps = dpk[b, s]
+            dsc = sc[s] * (dw[s] - tot)          # softmax backward; 0 at masked positions (weight 0)
+            if not ok or dsc == 0:
+                for u in range(nu):
+                    dps[u] = 0
+                continue
+            pks = pk[b, s]
+            for u in range(nu):
+                th[u] = tanh_v(pks[u] + qb[u])
+            for u in range(nu):
+                t = th[u]
+                dpre = dsc * v[u] * (1 - t * t)
+                dps[u] = dpre
+                dqb[u] += dpre
+                dv_out[u] += dsc * t
+
+
+def _attn_check(q, pk, v, mask, vals):
+    bsz, nsrc, nu = pk.shape
+    if q.shape != (bsz, nu) or v.shape != (nu,) or mask.shape != (bsz, nsrc) or vals.shape[:2] != (bsz, nsrc):
+        raise ValueError(f"additive_attention_step: inconsistent shapes q {q.shape}, keys {pk.shape}, v {v.shape}, "
+                         f"mask {mask.shape}, values {vals.shape} (expected (B, U), (B, S, U), (U,), (B, S), "
+                         f"(B, S, D))")
+
+
+def _attn_impl(q, pk, v, mask, vals):
+    ctx = np.empty((pk.shape[0], vals.shape[2]), q.dtype)
+    attention_fwd_kernel(_c(q), _c(pk), _c(v), _c(mask), _c(vals), ctx, np.empty((1, 1), q.dtype), False)
+    return ctx
+
+
+def _attn_weights_impl(q, pk, v, mask, vals):
+    ctx = np.empty((pk.shape[0], vals.shape[2]), q.dtype)
+    w = np.empty(mask.shape, q.dtype)
+    attention_fwd_kernel(_c(q), _c(pk), _c(v), _c(mask), _c(vals), ctx, w, True)
+    return w
+
+
+def _attn_grad_impl(gc, q, pk, v, mask, vals):
+    bsz, nsrc, nu = pk.shape
+    dv = vals.shape[2]
+    sizes = [bsz * nu, bsz * nsrc * nu, nu, bsz * nsrc * dv]
+    flat = np.empty(sum(sizes), q.dtype)
+    o = np.cumsum([0] + sizes)
+    attention_bwd_kernel(_c(gc.astype(q.dtype, copy=False)), _c(q), _c(pk), _c(v), _c(mask), _c(vals),
+                         flat[o[0]:o[1]].reshape(bsz, nu), flat[o[1]:o[2]].reshape(bsz, nsrc, nu),
+                         flat[o[2]:o[3]], flat[o[3]:o[4]].reshape(bsz, nsrc, dv))
+    return flat
+
+
+def _unpack_impl(flat, offset, shape):
+    n = int(np.prod(shape))
+    return flat[offset:offset + n].reshape(shape)
+
+
+#: a view of part of a packed backward result (several gradients computed by one kernel)
+S2S_UNPACK = Primitive("s2s_unpack", impl={"cpu": _unpack_impl}, kind="view", vjp=_no_vjp("s2s_unpack"))
+ATTN_GRAD = Primitive("additive_attention_step_grad", impl={"cpu": _attn_grad_impl},
+                      vjp=_no_vjp("additive_attention_step_grad"))
+
+
+def _attn_vjp(g, ans, ins, needs):
+    q, pk, v, mask, vals = ins
+    flat = apply(ATTN_GRAD, g, q, pk, v, mask, vals)
+    bsz, nsrc, nu = pk.shape
+    out, off = [], 0
+    for shape, need in (((bsz, nu), needs[0]), ((bsz, nsrc, nu), needs[1]), ((nu,), needs[2]),
+                        (None, False), (vals.shape, needs[4])):
+        if shape is None:
+            out.append(None)
+            continue
+        out.append(apply(S2S_UNPACK, flat, offset=off, shape=tuple(shape)) if need else None)
+        off += int(np.prod(shape))
+    return tuple(out)
+
+
+ATTN = Primitive("additive_attention_step", impl={"cpu": _attn_impl}, vjp=_attn_vjp)
+ATTN_WEIGHTS = Primitive("additive_attention_weights", impl={"cpu": _attn_weights_impl}, nondiff=True)
+
+
+def _attn_args(q, pk, v, mask, values):
+    q, pk, v, values = _t(q), _t(pk), _t(v), _t(values)
+    m = _t(mask)
+    if pk.ndim != 3 or q.ndim != 2 or values.ndim != 3:
+        raise ValueError(f"additive_attention_step: expected q (B, U), keys (B, S, U), values (B, S, D), got "
+                         f"{q.shape}, {pk.shape}, {values.shape}")
+    _attn_check(q, pk, v, m, values)
+    dt = pk.dtype
+    q, v, values = (a if a.dtype == dt else a.astype(dt) for a in (q, v, values))
+    if m.dtype != np.uint8:
+        m = ops.astype(m != 0, np.uint8)
+    return q, pk, v, m, values
+
+
+def additive_attention_step(q, pk, v, mask, values):
+    """Return the context (B, D) of one additive-attention step (one fused kernel, its gradient another).
+
+    ``q`` (B, U) is the projected query, ``pk`` (B, S, U) the projected keys (bias included), ``v`` (U,) the
+    score vector, ``mask`` (B, S) nonzero where a source position is valid, ``values`` (B, S, D). Scores are
+    ``v . tanh(pk[b, s] + q[b])``, the weights their softmax over the valid positions (a row with none gets
+    zero weights and a zero context), the context the weighted sum of the values.
+    """
+    return apply(ATTN, *_attn_args(q, pk, v, mask, values))
+
+
+def additive_attention_weights(q, pk, v, mask, values):
+    """Return the attention weights (B, S) of :func:`additive_attention_step` (no gradient; for plots)."""
+    return apply(ATTN_WEIGHTS, *_attn_args(q, pk, v, mask, values))
+
+
+# ==============================================================================================================
+# The model
+# ==============================================================================================================
+
+def _gru_step(xw, h, W_hh, b_hh, mask=None):
+    """Return the next GRU state from xw = x @ W_ih + b_ih (B, 3H) (PyTorch's equations, gates [r, z, n])."""
+    hd = W_hh.shape[0]
+    gh = ops.matmul(h, W_hh) + b_hh
+    rz = ops.sigmoid(xw[:, :2 * hd] + gh[:, :2 * hd])
+    r, z = rz[:, :hd], rz[:, hd:]
+    n = ops.tanh(xw[:, 2 * hd:] + r * gh[:, 2 * hd:])
+    h2 = n + z * (h - n)
+    if mask is not None:
+        h2 = ops.where(ops.reshape(mask, (-1, 1)) > 0, h2, h)
+    return h2
+
+
+class Seq2Seq(nn.Module):
+    """Encoder-decoder with additive attention over character (or word) ids.
+
+    * encoder: embedding (src_vocab, embed) and ``layers`` LSTM or GRU layers of ``hidden`` units, run with
+      ``jn.scan`` under a padding mask (a padded step keeps the state), optionally over the reversed source
+      (``reverse_source``: each sequence's valid part is reversed by :meth:`source_arrays`);
+    * decoder: embedding (tgt_vocab, embed) and ``layers`` cells whose first layer reads [embedding of the
+      previous token; context]; the context comes from :class:`jitnet.nn.BahdanauAttention` (``attention_units``,
+      default ``hidden``) queried with the previous top-layer state; the initial decoder state is the
+      encoder's final state; logits = [top state; context] @ W_out + b.
+
+    Tensors are batch-first at the interface: ``src`` (B, S) int ids, ``src_mask`` (B, S) nonzero at valid
+    positions, ``tgt_in`` / ``tgt_out`` (B, T) (see :func:`jitnet.data.seq_tasks.make_batch`).
+    """
+
+    def __init__(self, src_vocab, tgt_vocab, embed=32, hidden=128, layers=1, cell="lstm", attention_units=None,
+                 reverse_source=False, dtype=jn.float32):
+        super().__init__()
+        if cell not in ("lstm", "gru"):
+            raise ValueError(f"Seq2Seq: cell must be 'lstm' or 'gru', got {cell!r}")
+        if layers < 1:
+            raise ValueError(f"Seq2Seq: layers must be >= 1, got {layers}")
+        self.src_vocab, self.tgt_vocab = int(src_vocab), int(tgt_vocab)
+        self.embed_dim, self.hidden, self.layers, self.cell = int(embed), int(hidden), int(layers), cell
+        self.units = int(attention_units or hidden)
+        self.reverse_source = bool(reverse_source)
+        self.src_embed = nn.Embedding(self.src_vocab, self.embed_dim, dtype=dtype)
+        self.tgt_embed = nn.Embedding(self.tgt_vocab, self.embed_dim, dtype=dtype)
+        Cell = nn.LSTMCell if cell == "lstm" else nn.GRUCell
+        for i in range(self.layers):
+            self.add_module(f"encoder_{i}", Cell(self.embed_dim if i == 0 else self.hidden, self.hidden, dtype=dtype))
+        for i in range(self.layers):
+            d_in = self.embed_dim + self.hidden if i == 0 else self.hidden
+            self.add_module(f"decoder_{i}", Cell(d_in, self.hidden, dtype=dtype))
+        self.attention = nn.BahdanauAttention(self.hidden, self.hidden, self.units, dtype=dtype)
+        self.out = nn.Linear(2 * self.hidden, self.tgt_vocab, dtype=dtype)
+
+    def extra_repr(self):
+        return (f"src_vocab={self.src_vocab}, tgt_vocab={self.tgt_vocab}, embed={self.embed_dim}, "
+                f"hidden={self.hidden}, layers={self.layers}, cell={self.cell!r}, units={self.units}, "
+                f"reverse_source={self.reverse_source}")
+
+    # -- inputs ------------------------------------------------------------------------------------------------
+    def source_arrays(self, src, lengths):
+        """Return (src ids, uint8 mask) NumPy arrays for padded ``src`` (B, S) with ``lengths`` (reversed if set)."""
+        src = np.array(src, dtype=np.int64, copy=True)
+        lengths = np.asarray(lengths, np.int64)
+        if self.reverse_source:
+            for i, n in enumerate(lengths):
+                src[i, :n] = src[i, :n][::-1]
+        mask = (np.arange(src.shape[1])[None, :] < lengths[:, None]).astype(np.uint8)
+        return src, mask
+
+    # -- pieces ------------------------------------------------------------------------------------------------
+    def _cells(self, side):
+        return [getattr(self, f"{side}_{i}") for i in range(self.layers)]
+
+    def _h(self, state):
+        return state[:, :self.hidden] if self.cell == "lstm" else state
+
+    def _zero_state(self, bsz, dtype):
+        width = 6 * self.hidden if self.cell == "lstm" else self.hidden
+        return ops.zeros((bsz, width), dtype)
+
+    def encode(self, src, src_mask):
+        """Return (outputs (S, B, H) time-major, final state per layer) of the encoder over src (B, S)."""
+        src, m = _t(src), _t(src_mask)
+        if src.ndim != 2 or m.shape != src.shape:
+            raise ValueError(f"Seq2Seq.encode: src (B, S) and src_mask (B, S) expected, got {src.shape} and "
+                             f"{m.shape}")
+        if m.dtype != np.uint8:
+            m = ops.astype(m != 0, np.uint8)
+        x = ops.take(self.src_embed.W, ops.transpose(src), axis=0)           # (S, B, E)
+        mt = ops.transpose(m)                                               # (S, B)
+        finals = []
+        for cell in self._cells("encoder"):
+            s0 = self._zero_state(src.shape[0], x.dtype)
+            if self.cell == "lstm":
+                xw = ops.matmul(x, cell.W_ih) + cell.b                    # every step's input projection: one GEMM
+
+                def body(s, inp, cell=cell):
+                    xw_t, m_t = inp
+                    s2 = lstm_step_fused(xw_t, s, cell.W_hh, m_t)
+                    return s2, s2[:, :self.hidden]
+            else:
+                xw = ops.matmul(x, cell.W_ih) + cell.b_ih
+
+                def body(h, inp, cell=cell):
+                    xw_t, m_t = inp
+                    h2 = _gru_step(xw_t, h, cell.W_hh, cell.b_hh, m_t)
+                    return h2, h2
+            s, x = jn.scan(body, s0, (xw, mt))
+            finals.append(s)
+        return x, finals
+
+    def _attention_inputs(self, enc):
+        """Return (values (B, S, H) contiguous, projected keys (B, S, U), score vector v (U,))."""
+        att = self.attention
+        vals = ops.copy(ops.transpose(enc, (1, 0, 2)))
+        pk = ops.matmul(vals, att.key_proj.W) + att.key_proj.b
+        return vals, pk, ops.reshape(att.v.W, (-1,))
+
+    def _dec_weights(self):
+        c0 = self.decoder_0
+        e = self.embed_dim
+        b0 = c0.b if self.cell == "lstm" else c0.b_ih
+        return c0.W_ih[:e], c0.W_ih[e:], b0
+
+    def _dec_step(self, states, xe_t, att_in, mask, w_c, want_weights=False):
+        """One decoder step from the projected input embedding xe_t; return (new states, h_top, ctx[, w])."""
+        vals, pk, v = att_in
+        q = ops.matmul(self._h(states[-1]), self.attention.query_proj.W)
+        ctx = additive_attention_step(q, pk, v, mask, vals)
+        x = xe_t + ops.matmul(ctx, w_c)
+        new = []
+        for i, cell in enumerate(self._cells("decoder")):
+            if i > 0:
+                x = ops.matmul(self._h(new[-1]), cell.W_ih) + (cell.b if self.cell == "lstm" else cell.b_ih)
+            if self.cell == "lstm":
+                new.append(lstm_step_fused(x, states[i], cell.W_hh))
+            else:
+                new.append(_gru_step(x, states[i], cell.W_hh, cell.b_hh))
+        out = (tuple(new), self._h(new[-1]), ctx)
+        if want_weights:
+            out += (additive_attention_weights(q, pk, v, mask, vals),)
+        return out
+
+    def _logits(self, h, ctx):
+        hd = self.hidden
+        return ops.matmul(h, self.out.W[:hd]) + ops.matmul(ctx, self.out.W[hd:]) + self.out.b
+
+    def decode_teacher_forced(self, enc, finals, src_mask, tgt_in):
+        """Return (top states (T, B, H), contexts (T, B, H)) of the decoder fed the gold previous tokens."""
+        m = _t(src_mask)
+        if m.dtype != np.uint8:
+            m = ops.astype(m != 0, np.uint8)
+        att_in = self._attention_inputs(enc)
+        w_e, w_c, b0 = self._dec_weights()
+        emb = ops.take(self.tgt_embed.W, ops.transpose(_t(tgt_in)), axis=0)     # (T, B, E)
+        xe = ops.matmul(emb, w_e) + b0                                         # (T, B, G): one GEMM
+
+        def body(states, xe_t):
+            new, h, ctx = self._dec_step(states, xe_t, att_in, m, w_c)
+            return new, (h, ctx)
+        _, (hs, ctxs) = jn.scan(body, tuple(finals), xe)
+        return hs, ctxs
+
+    def forward(self, src, src_mask, tgt_in):
+        """Return the teacher-forced logits (B, T, tgt_vocab)."""
+        enc, finals = self.encode(src, src_mask)
+        hs, ctxs = self.decode_teacher_forced(enc, finals, src_mask, tgt_in)
+        return ops.transpose(self._logits(hs, ctxs), (1, 0, 2))
+
+    def loss(self, src, src_mask, tgt_in, tgt_out, sampled=None, num_sampled=0):
+        """Return the mean cross entropy over the non-PAD target positions (teacher forcing).
+
+        With ``num_sampled`` > 0 the loss is TensorFlow's sampled softmax over ``num_sampled`` candidates;
+        ``sampled`` = (ids, true expected counts, sampled expected counts) from
+        ``F.log_uniform_candidate_sampler`` (drawn outside a compiled step).
+        """
+        enc, finals = self.encode(src, src_mask)
+        hs, ctxs = self.decode_teacher_forced(enc, finals, src_mask, tgt_in)
+        labels = ops.transpose(_t(tgt_out))                                   # (T, B)
+        n_rows = labels.shape[0] * labels.shape[1]
+        lab = ops.reshape(labels, (-1,))
+        mask = ops.astype(lab != T.PAD, hs.dtype)
+        if num_sampled:
+            x = ops.reshape(ops.concatenate([hs, ctxs], axis=-1), (n_rows, 2 * self.hidden))
+            per = F.sampled_softmax_loss(ops.transpose(self.out.W), self.out.b, ops.reshape(lab, (-1, 1)), x,
+                                         num_sampled, self.tgt_vocab, sampled_values=sampled,
+                                         remove_accidental_hits=False)
+        else:
+            logits = ops.reshape(self._logits(hs, ctxs), (n_rows, self.tgt_vocab))
+            per = F.cross_entropy(logits, lab, reduction="none")
+        return ops.sum(per * mask) / ops.maximum(ops.sum(mask), 1.0)
+
+    # -- inference -------------------------------------------------------------------------------------------
+    def encode_for_decoding(self, src, src_mask):
+        """Return (final states, attention inputs (values, keys, v)) for decoding."""
+        enc, finals = self.encode(src, src_mask)
+        return tuple(finals), self._attention_inputs(enc)
+
+    def decode_step(self, states, tokens, att_in, src_mask):
+        """Return (new states, log-probabilities (B, V), attention weights (B, S)) after feeding ``tokens`` (B,)."""
+        w_e, w_c, b0 = self._dec_weights()
+        xe = ops.matmul(ops.take(self.tgt_embed.W, _t(tokens), axis=0), w_e) + b0
+        new, h, ctx, w = self._dec_step(states, xe, att_in, _t(src_mask), w_c, want_weights=True)
+        return new, ops.log_softmax(self._logits(h, ctx), -1), w
+
+    def greedy(self, src, src_mask, max_len):
+        """Return (tokens (B, max_len) int64, attention weights (B, max_len, S)) by greedy decoding (a scan)."""
+        m = _t(src_mask)
+        if m.dtype != np.uint8:
+            m = ops.astype(m != 0, np.uint8)
+        with jn.no_grad():
+            states, att_in = self.encode_for_decoding(src, m)
+            w_e, w_c, b0 = self._dec_weights()
+            bsz = states[0].shape[0]
+            tok0 = ops.full((bsz,), T.SOS, np.int64)
+
+            def body(carry, _):
+                states, tok = carry
+                xe = ops.matmul(ops.take(self.tgt_embed.W, tok, axis=0), w_e) + b0
+                new, h, ctx, w = self._dec_step(states, xe, att_in, m, w_c, want_weights=True)
+                nxt = ops.argmax(self._logits(h, ctx), axis=-1)
+                return (new, nxt), (nxt, w)
+            _, (toks, ws) = jn.scan(body, (states, tok0), length=int(max_len))
+        return ops.transpose(toks), ops.transpose(ws, (1, 0, 2))
