@@ -1017,7 +1017,15 @@ def _cum_vjp(g, ans, ins, needs, axis, op, exclusive, reverse):
     x = ins[0]
     if op == "sum":
         return (cumsum(g, axis, exclusive=exclusive, reverse=not reverse),)
-    return (cumsum(g * ans, axis, exclusive=exclusive, reverse=not reverse) / x,)
+    # d out_j / d x_i = prod_{k in scan(j), k != i} x_k. Where x_i != 0 that is out_j / x_i. Where x_i == 0 it
+    # is zero unless x_i is the first zero of the scan, whose products skip it: recompute them with it set to 1
+    # (zeros after the first still zero every product that contains them, so their gradient comes out 0).
+    zero = equal(x, 0)
+    safe = where(zero, 1, x)
+    first = logical_and(zero, equal(cumsum(zero, axis, reverse=reverse), 1))
+    skip = cumprod(where(first, 1, x), axis, exclusive=exclusive, reverse=reverse)
+    at_zero = cumsum(g * skip, axis, exclusive=exclusive, reverse=not reverse)
+    return (where(zero, at_zero, cumsum(g * ans, axis, exclusive=exclusive, reverse=not reverse) / safe),)
 
 
 CUMULATIVE = Primitive("cumulative", impl={"cpu": _cum_impl}, vjp=_cum_vjp)

@@ -1,8 +1,9 @@
 """Sequence models of the curriculum and their training commands (``python -m jitnet train NAME``)."""
 from __future__ import annotations
 
+from .dnc import train_dnc_babi, train_dnc_copy
 from .skipgram import train_skipgram
 
 __all__ = ["TRAINERS"]
 
-TRAINERS = {"skipgram": train_skipgram}
+TRAINERS = {"skipgram": train_skipgram, "dnc-copy": train_dnc_copy, "dnc-babi": train_dnc_babi}
