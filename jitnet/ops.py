@@ -18,6 +18,7 @@ import numpy as np
 
 from . import kernelgen
 from . import kernels_cpu as K
+from . import tensor as _tensor
 from .autodiff.core import Primitive, apply, current_interpreter
 from .tensor import (Tensor, _infer_array, _normalize_dtype, bool_, float32, float64, int64)
 
@@ -451,7 +452,7 @@ def power(x, y):
     a, b = _coerce(x, y)
     if a.dtype.kind in "iub" and b.dtype.kind in "iub":
         bv = b._data if current_interpreter() is None else None
-        if bv is not None and (bv < 0).any():
+        if isinstance(bv, np.ndarray) and (bv < 0).any():
             raise ValueError("power: integers to negative integer powers are not allowed")
     return apply(POW, a, b)
 
@@ -1306,7 +1307,14 @@ def _take_impl(x, idx, axis):
 
 def _take_vjp(g, ans, ins, needs, axis):
     x, idx = ins
-    return scatter_add(zeros(x.shape, g.dtype), idx, g, axis), None
+    return scatter_add(_zeros_on(x.shape, g), idx, g, axis), None
+
+
+def _zeros_on(shape, like):
+    """Return zeros of ``shape`` with the dtype and device of tensor ``like``."""
+    if isinstance(like._data, np.ndarray):
+        return Tensor._wrap(np.zeros(shape, like.dtype))
+    return _filled(shape, 0, like.dtype, like.device)
 
 
 TAKE = Primitive("take", impl={"cpu": _take_impl}, vjp=_take_vjp)
@@ -1525,6 +1533,8 @@ def getitem(x, index):
     for v in index:
         if isinstance(v, (Tensor, np.ndarray, list)):
             t = _as_tensor(v)
+            if not isinstance(v, Tensor) and t.ndim and not isinstance(x._data, np.ndarray):
+                t = t.to(x.device)
             if t.dtype.kind == "f":
                 raise TypeError(f"getitem: float index of dtype {t.dtype}; indices must be integers or bools")
             template.append(("__arr__", len(arrays)))
@@ -1549,7 +1559,7 @@ def getitem(x, index):
 def nonzero(x):
     """Return a tuple of int64 index tensors where x is nonzero (eager only)."""
     x = _as_tensor(x)
-    return tuple(Tensor._wrap(np.asarray(i, dtype=np.int64)) for i in np.nonzero(x._data))
+    return tuple(Tensor._wrap(np.asarray(i, dtype=np.int64)) for i in np.nonzero(x.numpy()))
 
 
 # ==============================================================================================================
@@ -1562,62 +1572,100 @@ def _shape_arg(shape):
     return tuple(int(s) for s in shape)
 
 
-def zeros(shape, dtype=float32):
-    """Return a tensor of zeros."""
+def _on(device):
+    """Return the Device a constructor targets: ``device``, else the default device (see ``jn.device``)."""
+    return _tensor._DEVICE_STACK[-1] if device is None else _tensor.device(device)
+
+
+def _filled(shape, value, dtype, device):
+    """Return a tensor of ``shape`` filled with ``value`` on ``device`` (a fill kernel on a GPU)."""
+    shape, dtype = _shape_arg(shape), _normalize_dtype(dtype)
+    dev = _on(device)
+    if dev.type == "cpu":
+        return Tensor._wrap(np.full(shape, value, dtype))
+    from .backend_cuda import full as _device_full
+    return Tensor._wrap(_device_full(shape, value, dtype))
+
+
+def zeros(shape, dtype=float32, device=None):
+    """Return a tensor of zeros (on ``device``; default: the default device)."""
+    if device is not None or _tensor._DEVICE_STACK[-1].type != "cpu":
+        return _filled(shape, 0, dtype, device)
     return Tensor._wrap(np.zeros(_shape_arg(shape), _normalize_dtype(dtype)))
 
 
-def ones(shape, dtype=float32):
-    """Return a tensor of ones."""
+def ones(shape, dtype=float32, device=None):
+    """Return a tensor of ones (on ``device``; default: the default device)."""
+    if device is not None or _tensor._DEVICE_STACK[-1].type != "cpu":
+        return _filled(shape, 1, dtype, device)
     return Tensor._wrap(np.ones(_shape_arg(shape), _normalize_dtype(dtype)))
 
 
-def full(shape, fill_value, dtype=None):
-    """Return a tensor filled with ``fill_value``."""
+def full(shape, fill_value, dtype=None, device=None):
+    """Return a tensor filled with ``fill_value`` (on ``device``; default: the default device)."""
     if dtype is None:
         dtype = _weak_dtype(fill_value, None)
+    if device is not None or _tensor._DEVICE_STACK[-1].type != "cpu":
+        return _filled(shape, fill_value, dtype, device)
     return Tensor._wrap(np.full(_shape_arg(shape), fill_value, _normalize_dtype(dtype)))
 
 
 def zeros_like(x, dtype=None):
-    """Return zeros with the shape (and dtype) of x."""
+    """Return zeros with the shape (and dtype, and device) of x."""
     x = _as_tensor(x)
-    return zeros(x.shape, dtype or x.dtype)
+    if isinstance(x._data, np.ndarray):
+        return Tensor._wrap(np.zeros(x.shape, _normalize_dtype(dtype or x.dtype)))
+    return _filled(x.shape, 0, dtype or x.dtype, x.device)
 
 
 def ones_like(x, dtype=None):
-    """Return ones with the shape (and dtype) of x."""
+    """Return ones with the shape (and dtype, and device) of x."""
     x = _as_tensor(x)
-    return ones(x.shape, dtype or x.dtype)
+    if isinstance(x._data, np.ndarray):
+        return Tensor._wrap(np.ones(x.shape, _normalize_dtype(dtype or x.dtype)))
+    return _filled(x.shape, 1, dtype or x.dtype, x.device)
 
 
 def full_like(x, fill_value, dtype=None):
-    """Return a tensor like x filled with ``fill_value``."""
+    """Return a tensor like x (shape, dtype, device) filled with ``fill_value``."""
     x = _as_tensor(x)
-    return full(x.shape, fill_value, dtype or x.dtype)
+    return _filled(x.shape, fill_value, dtype or x.dtype, x.device)
 
 
-def empty(shape, dtype=float32):
-    """Return an uninitialised tensor."""
+def empty(shape, dtype=float32, device=None):
+    """Return an uninitialised tensor (on ``device``; default: the default device)."""
+    dev = _on(device)
+    if dev.type != "cpu":
+        from .backend_cuda import empty as _device_empty
+        return Tensor._wrap(_device_empty(_shape_arg(shape), _normalize_dtype(dtype)))
     return Tensor._wrap(np.empty(_shape_arg(shape), _normalize_dtype(dtype)))
 
 
-def arange(start, stop=None, step=1, dtype=None):
+def arange(start, stop=None, step=1, dtype=None, device=None):
     """Return evenly spaced values in [start, stop) (int64 for integer arguments, else float32)."""
     if stop is None:
         start, stop = 0, start
     if dtype is None:
         dtype = int64 if _all(isinstance(v, (int, np.integer)) for v in (start, stop, step)) else float32
+    if _on(device).type != "cpu":
+        from .backend_cuda import arange as _device_arange
+        return Tensor._wrap(_device_arange(start, stop, step, _normalize_dtype(dtype)))
     return Tensor._wrap(np.arange(start, stop, step, dtype=_normalize_dtype(dtype)))
 
 
-def linspace(start, stop, num=50, dtype=float32):
+def linspace(start, stop, num=50, dtype=float32, device=None):
     """Return ``num`` evenly spaced values from start to stop inclusive."""
+    if _on(device).type != "cpu":
+        from .backend_cuda import linspace as _device_linspace
+        return Tensor._wrap(_device_linspace(start, stop, int(num), _normalize_dtype(dtype)))
     return Tensor._wrap(np.linspace(start, stop, num, dtype=_normalize_dtype(dtype)))
 
 
-def eye(n, m=None, dtype=float32):
+def eye(n, m=None, dtype=float32, device=None):
     """Return an identity matrix (n x m)."""
+    if _on(device).type != "cpu":
+        from .backend_cuda import eye as _device_eye
+        return Tensor._wrap(_device_eye(int(n), int(n if m is None else m), _normalize_dtype(dtype)))
     return Tensor._wrap(np.eye(n, m, dtype=_normalize_dtype(dtype)))
 
 

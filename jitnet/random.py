@@ -1,21 +1,47 @@
-"""Random tensors from one seeded generator (PCG64): ``jitnet.random.seed(0)`` makes runs repeatable."""
+"""Random tensors from one seeded generator (PCG64): ``jitnet.random.seed(0)`` makes runs repeatable.
+
+On a CUDA device (the default device, see ``jn.device``) draws are made on the GPU by a counter-based
+generator (SplitMix64 of a key and a counter, see ``kernels_gpu.random_fill``): ``seed`` sets its key too,
+so GPU runs are repeatable as well, though they draw other numbers than the CPU generator.
+"""
 from __future__ import annotations
 
 import numpy as np
 
 from .autodiff.core import Primitive, apply
+from . import tensor as _tensor
 from .tensor import Tensor, _normalize_dtype, float32, int64
 
 __all__ = ["seed", "get_generator", "uniform", "normal", "truncated_normal", "bernoulli", "categorical",
            "permutation", "randint", "shuffle"]
 
 _gen = np.random.default_rng()
+_gpu = {"key": None, "offset": 0}          # the GPU generator: a 64-bit key and the next unused counter
+_M64 = (1 << 64) - 1
+
+
+def _splitmix(z):
+    z = (z + 0x9E3779B97F4A7C15) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
 
 
 def seed(s: int) -> None:
-    """Reseed the global generator."""
+    """Reseed the global generator (and the GPU generator's key)."""
     global _gen
     _gen = np.random.default_rng(s)
+    _gpu["key"] = _splitmix(int(s) & _M64)
+    _gpu["offset"] = 0
+
+
+def _gpu_counters(count):
+    """Return (key, first counter) for a GPU draw using ``count`` counters, and reserve them."""
+    if _gpu["key"] is None:
+        _gpu["key"] = _splitmix(int(_gen.integers(0, 1 << 62)))
+    off = _gpu["offset"]
+    _gpu["offset"] = (off + int(count)) & _M64
+    return _gpu["key"], off
 
 
 def get_generator() -> np.random.Generator:
@@ -66,6 +92,10 @@ SAMPLE.extra["random"] = True
 
 
 def _sample(kind, shape, dtype, a, b):
+    dev = _tensor._DEVICE_STACK[-1]
+    if dev.type != "cpu":           # drawn on the default device (the CPU impl never sees this parameter)
+        return apply(SAMPLE, kind=kind, shape=_shape(shape), dtype=_normalize_dtype(dtype), a=a, b=b,
+                     device=str(dev))
     return apply(SAMPLE, kind=kind, shape=_shape(shape), dtype=_normalize_dtype(dtype), a=a, b=b)
 
 

@@ -6,7 +6,8 @@ import numpy as np
 from .autodiff import core as _ad
 
 __all__ = ["Tensor", "Parameter", "Variable", "tensor", "as_tensor", "float32", "float64", "float16", "int32",
-           "int64", "int8", "uint8", "bool_", "Device", "device", "get_default_dtype"]
+           "int64", "int8", "uint8", "bool_", "Device", "device", "get_default_dtype", "get_default_device",
+           "set_default_device"]
 
 float16 = np.dtype(np.float16)
 float32 = np.dtype(np.float32)
@@ -27,7 +28,11 @@ def get_default_dtype():
 
 
 class Device:
-    """A device name (``cpu`` or ``cuda[:n]``)."""
+    """A device name (``cpu`` or ``cuda[:n]``); ``with jn.device("cuda"):`` makes it the default device.
+
+    Inside the block, constructors (``jn.zeros``, ``jn.tensor``, ``jn.random.normal``, layers' parameters, ...)
+    create their tensors on this device, as with ``torch.device`` used as a context manager.
+    """
 
     __slots__ = ("type", "index")
 
@@ -56,13 +61,53 @@ class Device:
 
     __repr__ = lambda self: f"device({str(self)!r})"  # noqa: E731
 
+    def __enter__(self):
+        if self.type == "cuda":
+            from . import cuda as _cuda
+            _cuda.require(f"jn.device({str(self)!r})", self.index)
+        _DEVICE_STACK.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        _DEVICE_STACK.pop()
+
 
 _CPU = Device("cpu")
+_CUDA0 = Device("cuda:0")
+_DEVICE_STACK = [_CPU]          # the default device is the last entry (``with jn.device(...)`` pushes one)
 
 
 def device(spec="cpu") -> Device:
-    """Return the Device named by ``spec`` ('cpu' or 'cuda[:n]')."""
-    return Device(spec)
+    """Return the Device named by ``spec`` ('cpu' or 'cuda[:n]'); raise if that device is not available."""
+    d = Device(spec)
+    if d.type == "cuda":
+        from . import cuda as _cuda
+        _cuda.require(f"jn.device({str(d)!r})", d.index)
+    return d
+
+
+def get_default_device() -> Device:
+    """Return the device on which constructors create tensors (cpu unless set or inside ``with jn.device``)."""
+    return _DEVICE_STACK[-1]
+
+
+def set_default_device(spec) -> None:
+    """Make ``spec`` ('cpu', 'cuda') the device on which constructors create tensors from now on."""
+    d = device(spec)
+    _DEVICE_STACK[0] = d
+    del _DEVICE_STACK[1:]
+
+
+def _on_device(arr, dev):
+    """Return host or device array ``arr`` placed on Device ``dev`` (a counted transfer when it moves)."""
+    if dev.type == "cpu":
+        if isinstance(arr, np.ndarray):
+            return arr
+        from . import cuda as _cuda
+        return _cuda.to_host(arr)
+    from . import cuda as _cuda
+    _cuda.require(f"to({str(dev)!r})", dev.index)
+    return _cuda.to_device(arr) if isinstance(arr, np.ndarray) else arr
 
 
 def _normalize_dtype(dtype):
@@ -88,7 +133,12 @@ def _infer_array(value, dtype=None):
     dt = _normalize_dtype(dtype)
     if isinstance(value, Tensor):
         arr = value._data
-        return arr if dt is None or arr.dtype == dt else arr.astype(dt)
+        if dt is None or arr.dtype == dt:
+            return arr
+        if not isinstance(arr, np.ndarray):
+            from .backend_cuda import cast
+            return cast(arr, dt)
+        return arr.astype(dt)
     if isinstance(value, np.ndarray):
         if dt is None:
             if value.dtype not in _SUPPORTED:
@@ -99,6 +149,12 @@ def _infer_array(value, dtype=None):
                 raise TypeError(f"unsupported dtype {value.dtype}")
             return value
         return value.astype(dt, copy=False)
+    from . import cuda as _cuda
+    if _cuda.is_device_array(value):
+        if dt is None or value.dtype == dt:
+            return value
+        from .backend_cuda import cast
+        return cast(value, dt)
     arr = np.asarray(value)
     if dt is not None:
         return arr.astype(dt, copy=False)
@@ -144,7 +200,8 @@ class Tensor:
     @property
     def shape(self):
         """The shape tuple."""
-        return self._data.shape
+        s = self._data.shape
+        return s if type(s) is tuple else tuple(s)     # (the CUDA simulator's shape is a tuple subclass)
 
     @property
     def dtype(self):
@@ -164,7 +221,21 @@ class Tensor:
     @property
     def device(self):
         """The Device holding the data."""
-        return _CPU
+        return _CPU if isinstance(self._data, (np.ndarray, tuple)) else _CUDA0
+
+    @property
+    def is_cuda(self):
+        """True when the data is on a CUDA device."""
+        return not isinstance(self._data, (np.ndarray, tuple))
+
+    @property
+    def __cuda_array_interface__(self):
+        """The CUDA array interface of a GPU tensor's data (CuPy, PyTorch and Numba take it without a copy)."""
+        d = self._data
+        if isinstance(d, (np.ndarray, tuple)):
+            raise AttributeError("a CPU tensor has no __cuda_array_interface__; move it with .to('cuda')")
+        from . import cuda as _cuda
+        return _cuda.array_interface(d)
 
     @property
     def is_leaf(self):
@@ -198,7 +269,8 @@ class Tensor:
     def __repr__(self):
         body = np.array2string(self.numpy(), separator=", ", prefix="Tensor(")
         extra = ", requires_grad=True" if self.requires_grad else ""
-        return f"Tensor({body}, shape={self.shape}, dtype={self.dtype}{extra})"
+        dev = "" if isinstance(self._data, np.ndarray) else ", device='cuda:0'"
+        return f"Tensor({body}, shape={self.shape}, dtype={self.dtype}{dev}{extra})"
 
     def __array__(self, dtype=None, copy=None):
         a = self.numpy()
@@ -209,33 +281,56 @@ class Tensor:
         return a
 
     def numpy(self):
-        """Return the data as a NumPy array (a view on the CPU: do not modify it)."""
-        return self._data
+        """Return the data as a NumPy array (a view on the CPU: do not modify it; a copy from a GPU)."""
+        d = self._data
+        if isinstance(d, np.ndarray):
+            return d
+        from . import cuda as _cuda
+        return _cuda.to_host(d)
 
     def item(self):
         """Return the single element as a Python number."""
         if self.size != 1:
             raise ValueError(f"item(): the tensor has {self.size} elements, expected 1 (shape {self.shape})")
-        return self._data.item()
+        return self.numpy().item()
 
     def tolist(self):
         """Return the data as nested Python lists."""
-        return self._data.tolist()
+        return self.numpy().tolist()
 
     def detach(self):
         """Return a tensor sharing the data, cut from the tape."""
         return Tensor._wrap(self._data)
 
     def to(self, dev):
-        """Return the tensor on device ``dev``."""
-        d = Device(dev)
-        if d.type == "cpu":
+        """Return the tensor on device ``dev`` ('cpu' or 'cuda'); itself when it is already there.
+
+        The copy is differentiable (the gradient goes back to this tensor's device) and counted as a transfer.
+        """
+        d = dev if isinstance(dev, Device) else Device(dev)
+        if d == self.device:
             return self
-        raise RuntimeError(f"device {d} is not available in this build (no CUDA backend loaded)")
+        from . import cuda as _cuda
+        _cuda.require(f"Tensor.to({str(d)!r})", d.index if d.type == "cuda" else 0)
+        return _ad.apply(_cuda.TRANSFER, self, device=str(d))
 
     def cpu(self):
         """Return the tensor on the CPU."""
         return self.to("cpu")
+
+    def cuda(self):
+        """Return the tensor on the GPU (cuda:0)."""
+        return self.to("cuda")
+
+    def _move_(self, dev):
+        """Move this tensor's data (and its ``.grad``) to ``dev`` in place; return self (``Module.to``)."""
+        d = dev if isinstance(dev, Device) else Device(dev)
+        if d != self.device:
+            self._data = _on_device(self._data, d)
+        g = self._grad if isinstance(self, Parameter) else self.grad
+        if isinstance(g, Tensor):
+            g._move_(d)
+        return self
 
     def backward(self, grad=None, create_graph=False):
         """Accumulate gradients of this tensor into ``.grad`` of the leaves that require them."""
@@ -249,7 +344,7 @@ class Tensor:
         if self.size != 1:
             raise ValueError(f"the truth value of a tensor with {self.size} elements is ambiguous; use "
                              ".any() or .all()")
-        return bool(self._data)
+        return bool(self.numpy())
 
     def __float__(self):
         return float(self.item())
@@ -321,7 +416,10 @@ Tensor.view = _view
 
 
 class Parameter(Tensor):
-    """A trainable state tensor (``requires_grad=True``) updated in place by optimizers and ``assign``."""
+    """A trainable state tensor (``requires_grad=True``) updated in place by optimizers and ``assign``.
+
+    It is created on ``device`` (default: the data's device for a GPU array, else the default device).
+    """
 
     __slots__ = ("trainable", "_grad")
 
@@ -341,9 +439,19 @@ class Parameter(Tensor):
             return
         self._grad = value
 
-    def __init__(self, data, dtype=None, requires_grad=None, trainable=True, name=None):
+    def __init__(self, data, dtype=None, requires_grad=None, trainable=True, name=None, device=None):
         arr = _infer_array(data, dtype)
-        super().__init__(np.array(arr, copy=True, order="C"))
+        if isinstance(arr, np.ndarray):
+            arr = np.array(arr, copy=True, order="C")
+            dev = _DEVICE_STACK[-1] if device is None else Device(device)
+            if dev.type != "cpu":                   # created under ``with jn.device("cuda")`` (or asked for)
+                arr = _on_device(arr, dev)
+        else:
+            from .backend_cuda import copy as _device_copy
+            arr = _device_copy(arr)
+            if device is not None and Device(device).type == "cpu":
+                arr = _on_device(arr, _CPU)
+        super().__init__(arr)
         self.trainable = trainable
         self.name = name
         rg = trainable if requires_grad is None else requires_grad
@@ -359,7 +467,17 @@ class Parameter(Tensor):
         v = value._data if isinstance(value, Tensor) else np.asarray(value)
         if v.shape != self.shape and np.broadcast_shapes(v.shape, self.shape) != self.shape:
             raise ValueError(f"assign: value of shape {v.shape} does not fit variable of shape {self.shape}")
-        np.copyto(self._data, v, casting="same_kind")
+        if isinstance(self._data, np.ndarray) and isinstance(v, np.ndarray):
+            np.copyto(self._data, v, casting="same_kind")
+            return self
+        if not np.can_cast(v.dtype, self.dtype, "same_kind"):
+            raise TypeError(f"assign: cannot cast a value of dtype {v.dtype} to variable dtype {self.dtype}")
+        if isinstance(self._data, np.ndarray):
+            from . import cuda as _cuda
+            np.copyto(self._data, _cuda.to_host(v), casting="same_kind")
+        else:
+            from .backend_cuda import copy_into
+            copy_into(self._data, v)
         return self
 
     def __repr__(self):
@@ -370,19 +488,40 @@ Variable = Parameter
 _ad._wrap = Tensor._wrap
 
 
-def tensor(data, dtype=None, requires_grad=False):
-    """Return a new tensor holding a copy of ``data`` (floats default to float32)."""
+def tensor(data, dtype=None, requires_grad=False, device=None):
+    """Return a new tensor holding a copy of ``data`` (floats default to float32) on ``device``.
+
+    ``device`` defaults to the data's device for a tensor, else to the default device (see ``jn.device``).
+    """
     if isinstance(data, Tensor):
-        arr = data._data.copy() if dtype is None else data._data.astype(_normalize_dtype(dtype))
+        src = data._data
+        if isinstance(src, np.ndarray):
+            arr = src.copy() if dtype is None else src.astype(_normalize_dtype(dtype))
+        else:
+            from .backend_cuda import cast, copy as _device_copy
+            arr = _device_copy(src) if dtype is None else cast(src, _normalize_dtype(dtype))
+        dev = Device(device) if device is not None else (_CPU if isinstance(src, np.ndarray) else _CUDA0)
     else:
         arr = _infer_array(data, dtype)
         if arr is data:
             arr = arr.copy()
-    return Tensor(arr, requires_grad=requires_grad)
+        dev = Device(device) if device is not None else _DEVICE_STACK[-1]
+    return Tensor(_on_device(arr, dev), requires_grad=requires_grad)
 
 
-def as_tensor(data, dtype=None):
-    """Return ``data`` as a tensor, sharing memory with a NumPy array where possible."""
-    if isinstance(data, Tensor) and (dtype is None or data.dtype == _normalize_dtype(dtype)):
-        return data
-    return Tensor(data, dtype=dtype)
+def as_tensor(data, dtype=None, device=None):
+    """Return ``data`` as a tensor, sharing memory with a NumPy array (or a CUDA array) where possible.
+
+    Objects exporting ``__cuda_array_interface__`` (CuPy, PyTorch CUDA tensors, Numba device arrays) become
+    GPU tensors without a copy.
+    """
+    if isinstance(data, Tensor):
+        t = data if (dtype is None or data.dtype == _normalize_dtype(dtype)) else Tensor(data, dtype=dtype)
+        return t if device is None else t.to(device)
+    if not isinstance(data, np.ndarray) and hasattr(data, "__cuda_array_interface__"):
+        from . import cuda as _cuda
+        t = Tensor._wrap(_cuda.from_cuda_array(data))
+        return t if dtype is None else Tensor(t, dtype=dtype)
+    dev = Device(device) if device is not None else _DEVICE_STACK[-1]
+    t = Tensor(data, dtype=dtype)
+    return t if dev.type == "cpu" else t.to(dev)

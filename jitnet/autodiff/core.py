@@ -134,10 +134,94 @@ def _apply_debug(prim, inputs, params):
     return arr
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Devices. ``_DEVICES`` turns true when the CUDA backend is loaded (jitnet.cuda.require); until then apply()
+# pays one global read for device support, and CPU kernels are called exactly as before.
+# --------------------------------------------------------------------------------------------------------------
+
+_DEVICES = False
+
+
+def enable_devices():
+    """Turn on per-op device dispatch (called once by the CUDA backend when it loads)."""
+    global _DEVICES
+    _DEVICES = True
+
+
+def _device_name(arr):
+    return "cpu" if isinstance(arr, (np.ndarray, tuple)) else "cuda:0"
+
+
+def select_impl(prim, inputs, params):
+    """Return the impl of ``prim`` for the device of its tensor ``inputs`` (checking they agree)."""
+    if not _DEVICES:
+        return prim.impl["cpu"]
+    dev, j = None, 0
+    for j, t in enumerate(inputs):
+        if not isinstance(t._data, (np.ndarray, tuple)):      # (a tuple: the several arrays of a loop node)
+            dev = t
+            break
+    if dev is None:
+        if not inputs and params.get("device", "cpu") != "cpu":
+            return _cuda_impl(prim)
+        return prim.impl["cpu"]
+    if not prim.extra.get("any_device"):
+        for i, t in enumerate(inputs):
+            d = t._data
+            if isinstance(d, np.ndarray) and d.ndim:      # 0-d host tensors are scalars: allowed, as in PyTorch
+                raise RuntimeError(
+                    f"{prim.name}: expected all tensors on the same device, got cuda:0 (input {j}, shape "
+                    f"{dev.shape}) and cpu (input {i}, shape {t.shape}); move them with .to('cuda') or .cpu()")
+    return _cuda_impl(prim)
+
+
+_CUDA_FACTORY = None     # builds a CUDA impl on first use (elementwise primitives registered after the backend)
+
+
+def set_cuda_factory(factory):
+    """Install the function that builds a missing CUDA impl of a primitive (or returns None)."""
+    global _CUDA_FACTORY
+    _CUDA_FACTORY = factory
+
+
+def _cuda_impl(prim):
+    f = prim.impl.get("cuda")
+    if f is None and _CUDA_FACTORY is not None:
+        f = _CUDA_FACTORY(prim)
+        if f is not None:
+            prim.impl["cuda"] = f
+    if f is None:
+        raise NotImplementedError(f"{prim.name}: this op has no CUDA kernel yet; run it on the CPU "
+                                  f"(.cpu()) and move the result back with .to('cuda')")
+    return f
+
+
+def _apply_devices(prim, inputs, params):
+    impl = select_impl(prim, inputs, params)
+    if DEBUG:
+        import time
+        t0 = time.perf_counter()
+        arr = impl(*[t._data for t in inputs], **params)
+        print(f"[jitnet] {prim.name}({', '.join(str(t.shape) for t in inputs)}) -> {arr.shape} {arr.dtype} on "
+              f"{_device_name(arr)}: {(time.perf_counter() - t0) * 1e6:.1f} us (launch)")
+        out = _wrap(arr)
+    else:
+        out = _wrap(impl(*[t._data for t in inputs], **params))
+    if _State.grad_enabled and not prim.nondiff and out._data.dtype.kind == "f":
+        for t in inputs:
+            if t.requires_grad:
+                out._node = Node(prim, inputs, params)
+                out.requires_grad = True
+                break
+    return out
+
+
 def apply(prim: Primitive, *inputs, **params):
     """Run primitive ``prim`` on tensors ``inputs``; return the output tensor (recording a tape node)."""
     if _State.interpreters:
         return _State.interpreters[-1].apply(prim, inputs, params)
+    if _DEVICES:
+        return _apply_devices(prim, inputs, params)
     if DEBUG:
         out = _wrap(_apply_debug(prim, inputs, params))
     else:

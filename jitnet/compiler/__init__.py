@@ -39,7 +39,7 @@ def _hashable_tree(tree):
 
 
 class _Compiled:
-    __slots__ = ("plan", "graph", "out_tree", "out_kinds", "tracer_vars")
+    __slots__ = ("plan", "graph", "out_tree", "out_kinds", "tracer_vars", "var_hosts")
 
 
 class JitFunction:
@@ -66,7 +66,7 @@ class JitFunction:
             if isinstance(leaf, np.ndarray):
                 leaf = leaves[i] = Tensor(leaf)
             if isinstance(leaf, Tensor) and not isinstance(leaf, TracerTensor):
-                sig.append((leaf.shape, leaf.dtype.str, leaf.requires_grad))
+                sig.append((leaf.shape, leaf.dtype.str, leaf.requires_grad, isinstance(leaf._data, np.ndarray)))
                 tensors.append(leaf)
             else:
                 try:
@@ -87,6 +87,9 @@ class JitFunction:
             if var._data.shape != shape:
                 del self._cache[key]
                 return self._trace_and_compile(key, leaves, tree)
+        if ad._DEVICES and comp.var_hosts != [isinstance(v._data, np.ndarray) for v, _ in comp.plan.var_shapes]:
+            del self._cache[key]                     # a variable moved between devices since the trace
+            return self._trace_and_compile(key, leaves, tree)
         _stats["plan_runs"] += 1
         env = comp.plan.run(tensors)
         outs = []
@@ -133,7 +136,11 @@ class JitFunction:
             comp, _ = _compile(tracer, result, self.fuse)
         finally:
             for var, data, grad in tracer.snapshots.values():
-                np.copyto(var._data, data)
+                if isinstance(var._data, np.ndarray):
+                    np.copyto(var._data, data)
+                else:
+                    from ..backend_cuda import copy_into
+                    copy_into(var._data, data)
                 var._grad = grad
         return comp.graph, comp.plan
 
@@ -155,10 +162,15 @@ def _compile(tracer, result, fuse_ops):
     dce(g)
     cse(g)
     dce(g)
-    plan = build_plan(g, fuse_ops)
+    if getattr(g, "cuda_values", None):         # a step on the GPU: its groups become CUDA kernels
+        from ..kernelgen_cuda import build_gpu_plan
+        plan = build_gpu_plan(g, fuse_ops)
+    else:
+        plan = build_plan(g, fuse_ops)
     _stats["plans"] += 1
     comp = _Compiled()
     comp.plan, comp.graph, comp.out_tree, comp.out_kinds = plan, g, out_tree, kinds
+    comp.var_hosts = [isinstance(v._data, np.ndarray) for v, _ in plan.var_shapes]
     lvl = _debug()
     if lvl >= 2:
         print(_describe(g, plan, sources=lvl >= 3))

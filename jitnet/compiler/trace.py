@@ -130,11 +130,17 @@ class Tracer:
         self.vars = {}               # id(var) -> var (in first-seen order)
         self._grads = {}             # id(var) -> (var, current .grad: TracerTensor, Tensor or None)
         self.snapshots = {} if snapshot_vars else None
+        self.graph.cuda_values = set()  # ids of values whose arrays live on the GPU (a GPU plan runs them)
+
+    def _mark(self, v, arr):
+        if ad._DEVICES and not isinstance(arr, (np.ndarray, tuple)):
+            self.graph.cuda_values.add(v.id)
 
     # -- values -----------------------------------------------------------------------------------------------
     def arg(self, t: Tensor, index: int) -> TracerTensor:
         self.n_args = max(self.n_args, index + 1)
         v = self.graph.new_value(t.shape, t.dtype, "arg", arg_index=index)
+        self._mark(v, t._data)
         tt = _make_tracer_tensor(t._data, v, self)
         tt.requires_grad = t.requires_grad
         return tt
@@ -152,6 +158,7 @@ class Tracer:
         v = self._consts.get(id(t))
         if v is None:
             v = self.graph.new_value(t.shape, t.dtype, "const", const=t._data)
+            self._mark(v, t._data)
             self._consts[id(t)] = v
             self._keep.append(t)
         return v
@@ -162,6 +169,7 @@ class Tracer:
             if isinstance(t, TracerTensor) and not self._is_ancestor(t._tracer):
                 raise TracingError("a tensor traced by another jitted function leaked into a loop body")
             v = self.graph.new_value(t.shape, t.dtype, "arg", arg_index=None)
+            self._mark(v, t._data)
             self._captured[id(t)] = v
             self.captures.append((t, v))
         return v
@@ -187,8 +195,9 @@ class Tracer:
             if key not in self.vars:
                 self.vars[key] = var
                 if self.snapshots is not None:
-                    self.snapshots[key] = (var, var._data.copy(), var._grad)
+                    self.snapshots[key] = (var, _copy_array(var._data), var._grad)
             v = self.graph.new_value(var.shape, var.dtype, "state", var=var, after=self._last_writer.get(key))
+            self._mark(v, var._data)
             v.name = var.name
             self._state[key] = v
             self._readers[key] = []
@@ -207,7 +216,7 @@ class Tracer:
         if inplace and self.parent is not None:
             raise TracingError(f"{prim.name}: updating a variable inside a jn.scan / jn.while_loop body is not "
                                f"supported; return the new value in the carry and assign it after the loop")
-        out_arr = prim.impl["cpu"](*arrays, **params)
+        out_arr = ad.select_impl(prim, inputs, params)(*arrays, **params)
         if isinstance(out_arr, tuple):
             out_arr = TupleArray(out_arr)
         is_random = bool(prim.extra.get("random")) if prim.extra else False
@@ -228,6 +237,7 @@ class Tracer:
                     if v.after is not None:
                         node.order_deps.add(v.after)
             ov = self.graph.new_value(out_arr.shape, out_arr.dtype, "node", node=node)
+            self._mark(ov, out_arr)
             node.out = ov
             for var in effects:
                 self._write_var(var, node)
@@ -258,13 +268,14 @@ class Tracer:
             raise TracingError("reading or writing .grad inside a jn.scan / jn.while_loop body is not supported")
         key = id(var)
         if self.snapshots is not None and key not in self.snapshots:
-            self.snapshots[key] = (var, var._data.copy(), var._grad)
+            self.snapshots[key] = (var, _copy_array(var._data), var._grad)
         if key in self._grads:
             return self._grads[key][1]
         g = var._grad
         if g is None:
             return None
         v = self.graph.new_value(g.shape, g.dtype, "gradin", var=var)
+        self._mark(v, g._data)
         t = _make_tracer_tensor(g._data, v, self)
         self._grads[key] = (var, t)
         return t
@@ -274,7 +285,7 @@ class Tracer:
         if self.parent is not None:
             raise TracingError("reading or writing .grad inside a jn.scan / jn.while_loop body is not supported")
         if self.snapshots is not None and id(var) not in self.snapshots:
-            self.snapshots[id(var)] = (var, var._data.copy(), var._grad)
+            self.snapshots[id(var)] = (var, _copy_array(var._data), var._grad)
         self._grads[id(var)] = (var, value)
 
     def finish_grads(self):
@@ -312,6 +323,14 @@ class Tracer:
             value = ops.broadcast_to(value, var.shape)
         with ad.no_grad():
             self.apply(ASSIGN, (var, value), {})
+
+
+def _copy_array(a):
+    """Return a copy of a host or device array (variable snapshots of ``explain``)."""
+    if isinstance(a, np.ndarray):
+        return a.copy()
+    from ..backend_cuda import copy
+    return copy(a)
 
 
 # -- substitution: recomputing a loop body with fresh leaves in place of the tensors it closes over ----------

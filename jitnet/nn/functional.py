@@ -495,7 +495,8 @@ def cross_entropy(logits, labels, reduction="mean", label_smoothing=0.0):
         if y.shape != x.shape[:-1]:
             raise ValueError(f"cross_entropy: integer labels of shape {y.shape} do not match logits of shape "
                              f"{x.shape} (expected {x.shape[:-1]})")
-        yv = y.numpy() if _is_eager() else None
+        yv = y.numpy() if _is_eager() and not y.is_cuda else None      # (no copy from the GPU: a label out
+                                                                          # of range is reported by the kernel)
         if yv is not None and yv.size and int(yv.max()) >= c:
             raise IndexError(f"cross_entropy: label {int(yv.max())} is out of range for {c} classes")
         y2 = ops.reshape(y, (-1,))
@@ -509,6 +510,9 @@ def cross_entropy(logits, labels, reduction="mean", label_smoothing=0.0):
             if yv is not None and (yv < 0).any():
                 n = int((yv >= 0).sum())
                 return ops.sum(loss) * (1.0 / n if n else 0.0)
+            if y.is_cuda and _is_eager():     # ignored (negative) labels counted on the device
+                n = ops.sum(ops.astype(y2 >= 0, x.dtype))
+                return ops.sum(loss) / ops.maximum(n, 1.0)
         return _reduce(loss, reduction, "cross_entropy")
     if y.shape != x.shape:
         raise ValueError(f"cross_entropy: probability labels of shape {y.shape} do not match logits of shape "

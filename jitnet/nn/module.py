@@ -163,16 +163,26 @@ class Module:
         return self
 
     def to(self, device):
-        """Return self with its variables on ``device`` (only 'cpu' is available in this build)."""
+        """Move every parameter and buffer (and its ``.grad``) to ``device`` in place; return self.
+
+        The variables stay the same objects (optimizers built before the move keep working; their slots
+        follow the parameters on the next step). Raises when ``device`` is not available.
+        """
         d = Device(device)
-        if d.type != "cpu":
-            raise RuntimeError(f"{type(self).__name__}.to({str(d)!r}): device {d} is not available in this "
-                               f"build (only 'cpu')")
+        if d.type == "cuda":
+            from .. import cuda as _cuda
+            _cuda.require(f"{type(self).__name__}.to({str(d)!r})", d.index)
+        for _, v in self.named_variables():
+            v._move_(d)
         return self
 
     def cpu(self):
-        """Return self on the CPU."""
+        """Move the module's variables to the CPU in place; return self."""
         return self.to("cpu")
+
+    def cuda(self):
+        """Move the module's variables to the GPU (cuda:0) in place; return self."""
+        return self.to("cuda")
 
     # -- state -------------------------------------------------------------------------------------------------
     def state_dict(self):

@@ -20,6 +20,7 @@ import numbers
 import numpy as np
 
 from .. import ops
+from ..autodiff import core as _ad
 from ..autodiff.core import enable_grad, gradients, no_grad
 from ..autodiff.sparse import IndexedSlices
 from ..tensor import Tensor, Variable
@@ -44,7 +45,7 @@ class Optimizer:
         self.param_groups = []
         self.state = {}                    # id(param) -> {slot name: Variable}
         self._owner = {}                   # id(param) -> group
-        self.global_step = Variable(np.array(0, np.int64), trainable=False, name="global_step")
+        self.global_step = Variable(np.array(0, np.int64), trainable=False, name="global_step", device="cpu")
         if isinstance(params, Tensor):
             raise TypeError("optimizer: params must be an iterable of tensors or of dicts, got a single Tensor "
                             "(wrap it in a list)")
@@ -108,6 +109,11 @@ class Optimizer:
             if name not in st:
                 base = p.name or f"param{len(self.state) - 1}"
                 st[name] = Variable(np.full(p.shape, init, p.dtype), trainable=False, name=f"{base}/{name}")
+        if _ad._DEVICES:                 # slots live on their parameter's device (it may have moved)
+            dev = p.device
+            for v in st.values():
+                if v.device != dev:
+                    v._move_(dev)
         return st
 
     def _all_params(self):

@@ -1,0 +1,1325 @@
+"""The CUDA implementations of jitnet's primitives: ``prim.impl["cuda"]``, installed when a GPU is first used.
+
+Each function here mirrors the primitive's CPU impl (same arguments, same static parameters, same results)
+on Numba device arrays, launching the kernels of :mod:`jitnet.kernels_gpu` or generated elementwise kernels
+(:mod:`jitnet.kernelgen_cuda`). 0-d host arrays among the inputs are scalars (a Python number in ``x * 2``,
+a learning rate): they are passed to kernels by value, never copied to the device. Nothing here copies
+between host and device except where a docstring says so.
+
+:func:`install` fills ``impl["cuda"]`` of every primitive it knows by name; elementwise primitives get a
+generated kernel from their template, including ones registered later (``autodiff.core`` asks
+:func:`elementwise_impl` on first use).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import cuda as C
+from . import kernels_gpu as KG
+from .autodiff import core as _ad
+from .kernelgen import ElementwiseProgram
+from .kernelgen_cuda import elementwise_kernel
+
+_bool = np.dtype(np.bool_)
+_i64 = np.dtype(np.int64)
+_f32 = np.dtype(np.float32)
+_f64 = np.dtype(np.float64)
+
+
+def _launch(kernel, n, *args):
+    """Launch a 1-D kernel for ``n`` work items (grid computed from n; nothing for n == 0)."""
+    if n > 0:
+        kernel[KG.grid(n), KG.BLOCK](*args)
+
+
+def _launch_rows(kernel, m, *args):
+    """Launch a block-per-row kernel over ``m`` rows."""
+    if m > 0:
+        kernel[max(1, min(m, KG.MAX_BLOCKS)), KG.BLOCK](*args)
+
+
+def _prod(shape):
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _is_host(a):
+    return isinstance(a, np.ndarray)
+
+
+def _err(name, what="index"):
+    return C.error_record(), C.error_op(name, what)
+
+
+# ==============================================================================================================
+# Allocation, views, copies
+# ==============================================================================================================
+
+def empty(shape, dtype):
+    """Return an uninitialised device array."""
+    return C.empty(shape, dtype)
+
+
+def full(shape, value, dtype):
+    """Return a device array of ``shape`` filled with ``value`` (a fill kernel: no transfer)."""
+    dtype = np.dtype(dtype)
+    out = C.empty(shape, dtype)
+    n = out.size
+    if n:
+        v = dtype.type(value)
+        if dtype == _bool:
+            v = np.uint8(bool(value))
+            flat = C.view(out, (n,), (1,), 0)
+            _launch(KG.fill, n, _as_u8(flat), v)
+        else:
+            _launch(KG.fill, n, C.reshape(out, (n,)), v)
+    return out
+
+
+def _as_u8(d):
+    """A bool device array seen as uint8 (kernels store 0/1 into it)."""
+    if C.simulator_enabled():
+        from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+        return FakeCUDAArray(d._ary.view(np.uint8))
+    return d.view(np.uint8)
+
+
+def zeros(shape, dtype):
+    """Return a device array of zeros."""
+    return full(shape, 0, dtype)
+
+
+def arange(start, stop, step, dtype):
+    """Return ``np.arange(start, stop, step)`` computed on the device."""
+    dtype = np.dtype(dtype)
+    n = max(0, int(math.ceil((stop - start) / step)))
+    out = C.empty((n,), dtype)
+    if dtype.kind in "iu":
+        _launch(KG.arange_fill, n, out, np.int64(start), np.int64(step))
+    else:
+        _launch(KG.arange_fill, n, out, np.float64(start), np.float64(step))
+    return out
+
+
+def linspace(start, stop, num, dtype):
+    """Return ``np.linspace(start, stop, num)`` computed on the device."""
+    step = (stop - start) / (num - 1) if num > 1 else 0.0
+    out = C.empty((num,), dtype)
+    _launch(KG.arange_fill, num, out, np.float64(start), np.float64(step))
+    if num > 1:
+        copy_into(C.view(out, (1,), (out.dtype.itemsize,), (num - 1) * out.dtype.itemsize),
+                  np.array(stop, dtype))
+    return out
+
+
+def eye(n, m, dtype, k=0):
+    """Return an n x m identity matrix (ones on diagonal k) on the device."""
+    out = C.empty((n, m), dtype)
+    _launch(KG.eye_fill, n * m, out, np.int64(k))
+    return out
+
+
+def transpose_view(d, axes):
+    """Return a view of ``d`` with axes permuted (no copy)."""
+    return C.view(d, [d.shape[a] for a in axes], [d.strides[a] for a in axes], 0)
+
+
+def broadcast_view(d, shape):
+    """Return a read-only style view of ``d`` broadcast to ``shape`` (zero strides; no copy)."""
+    shape = tuple(int(s) for s in shape)
+    if tuple(d.shape) == shape:
+        return d
+    pad = len(shape) - d.ndim
+    strides = [0] * pad + [0 if s == 1 and t != 1 else st for s, t, st in zip(d.shape, shape[pad:], d.strides)]
+    return C.view(d, shape, strides, 0)
+
+
+def contiguous(d):
+    """Return ``d`` if it is C-contiguous, else a contiguous copy (a copy kernel)."""
+    return d if C.is_contiguous(d) else copy(d)
+
+
+def reshape(d, shape):
+    """Return ``d`` with a new shape (a view when contiguous, else a copy first)."""
+    return C.reshape(contiguous(d), shape)
+
+
+def _flat(d):
+    return C.reshape(d, (d.size,))
+
+
+# ==============================================================================================================
+# Elementwise programs: one generated kernel per (expression, dtypes, layout)
+# ==============================================================================================================
+
+class _EwPlan:
+    __slots__ = ("oshape", "size", "kinds", "flat", "cshape", "cstrides", "ostrides", "kernel", "odtype")
+
+
+_PLANS: dict = {}
+
+
+def _sig(a):
+    if _is_host(a):
+        return ("h", a.dtype.str, a.shape)
+    return ("d", a.dtype.str, tuple(a.shape), tuple(a.strides))
+
+
+def _build(arrays, expr, odtype, out, name):
+    from .ops import _collapse
+    shapes = [tuple(a.shape) for a in arrays]
+    try:
+        oshape = np.broadcast_shapes(*shapes) if shapes else ()
+        if out is not None:
+            if np.broadcast_shapes(oshape, tuple(out.shape)) != tuple(out.shape):
+                raise ValueError
+            oshape = tuple(out.shape)
+    except ValueError:
+        extra = [] if out is None else [tuple(out.shape)]
+        raise ValueError(f"{name}: operands could not be broadcast together with shapes "
+                         + " and ".join(str(s) for s in shapes + extra)) from None
+    p = _EwPlan()
+    p.oshape, p.odtype = oshape, np.dtype(odtype)
+    p.size = size = _prod(oshape)
+    kinds, prog_in = [], []
+    for a in arrays:
+        if _is_host(a):
+            if a.size != 1:
+                raise RuntimeError(f"{name}: a host array of shape {a.shape} cannot be an operand of a CUDA op; "
+                                   f"move it with .to('cuda')")
+            kinds.append("host")
+            prog_in.append((a.dtype, True))
+        elif a.size == 1 and size != 1:
+            kinds.append("device")
+            prog_in.append((a.dtype, True))
+        else:
+            kinds.append("array")
+            prog_in.append((a.dtype, False))
+    p.kinds = kinds
+    out_contig = out is None or C.is_contiguous(out)
+    p.flat = out_contig and all(k != "array" or (tuple(a.shape) == oshape and C.is_contiguous(a))
+                                for a, k in zip(arrays, kinds))
+    if p.flat:
+        rank = 0
+    else:
+        strides = []
+        for a, k in zip(arrays, kinds):
+            if k != "array":
+                strides.append((0,) * len(oshape))
+                continue
+            pad = len(oshape) - a.ndim
+            strides.append(tuple([0] * pad + [0 if d == 1 else s for d, s in zip(a.shape, a.strides)]))
+        ost = tuple(out.strides) if out is not None else C.c_strides(oshape, p.odtype.itemsize)
+        cshape, cst = _collapse(oshape, strides + [ost])
+        p.cshape, p.cstrides, p.ostrides = cshape, cst[:-1], cst[-1]
+        rank = len(cshape)
+    prog = ElementwiseProgram(prog_in, [(expr, p.odtype)], [("t0", p.odtype)])
+    p.kernel, _ = elementwise_kernel(prog, rank, ["host" if k == "host" else "device" for k in kinds])
+    return p
+
+
+def run_program(arrays, expr, odtype, out=None, name="elementwise"):
+    """Compute ``expr`` (a scalar expression over x0, x1, ...) elementwise over broadcast ``arrays``.
+
+    Returns a new contiguous device array of dtype ``odtype``, or writes into device array ``out`` (any
+    non-negative strides) and returns it.
+    """
+    key = (expr, np.dtype(odtype).str, tuple(_sig(a) for a in arrays),
+           None if out is None else (tuple(out.shape), tuple(out.strides)))
+    p = _PLANS.get(key)
+    if p is None:
+        p = _build(arrays, expr, odtype, out, name)
+        if len(_PLANS) > 8192:
+            _PLANS.clear()
+        _PLANS[key] = p
+    o = out if out is not None else C.empty(p.oshape, p.odtype)
+    size = p.size
+    if size == 0:
+        return o
+    args = []
+    if p.flat:
+        for a, k in zip(arrays, p.kinds):
+            if k == "host":
+                args.append(a.reshape(-1)[0])
+            elif k == "device":
+                args.append(C.reshape(a, (1,)))
+            else:
+                args.append(C.reshape(a, (size,)))
+        ov = C.reshape(o, (size,))
+    else:
+        for a, k, st in zip(arrays, p.kinds, p.cstrides):
+            if k == "host":
+                args.append(a.reshape(-1)[0])
+            elif k == "device":
+                args.append(C.view(a, (1,), (a.dtype.itemsize,), 0))
+            else:
+                args.append(C.view(a, p.cshape, st, 0))
+        ov = C.view(o, p.cshape, p.ostrides, 0)
+    p.kernel[KG.grid(size), KG.BLOCK](size, *args, ov)
+    return o
+
+
+_EXPRS: dict = {}
+
+
+def elementwise_impl(prim):
+    """Return the CUDA impl of elementwise primitive ``prim`` (a kernel generated from its template)."""
+    from .ops import _expr
+
+    def impl(*arrays, **params):
+        dts = tuple(a.dtype for a in arrays)
+        key = (prim.name, dts, tuple(params.items()) if params else ())
+        e = _EXPRS.get(key)
+        if e is None:
+            cdt, odt = prim.dtype_rule(dts, params)
+            tpl = prim.template(params) if callable(prim.template) else prim.template
+            e = _EXPRS[key] = (_expr(tpl, dts, cdt, odt), np.dtype(odt))
+        return run_program(arrays, e[0], e[1], name=prim.name)
+    return impl
+
+
+def _ew(name, *arrays, **params):
+    return _ad.REGISTRY[name].impl["cuda"](*arrays, **params)
+
+
+def cast(d, dtype):
+    """Return ``d`` converted to ``dtype`` (a new array; ``d`` itself when the dtype is already right)."""
+    dtype = np.dtype(dtype)
+    if d.dtype == dtype:
+        return d
+    return _ew("cast", d, dtype=dtype)
+
+
+def copy(d):
+    """Return a new C-contiguous copy of device array ``d``."""
+    return _ew("copy", d)
+
+
+def copy_into(dst, src):
+    """Copy ``src`` (device, or host: one counted transfer) broadcast and cast into device array ``dst``."""
+    from .ops import _cast_template, _expr
+    if dst.size == 0:
+        return dst
+    if _is_host(src) and src.size != 1:
+        src = C.to_device(np.ascontiguousarray(src))
+    tpl = _cast_template({"dtype": dst.dtype})
+    expr = _expr(tpl, (src.dtype,), src.dtype, dst.dtype) if src.dtype != dst.dtype else "x0"
+    run_program([src], expr, dst.dtype, out=dst, name="copy")
+    return dst
+
+
+# ==============================================================================================================
+# Views and shape ops
+# ==============================================================================================================
+
+def _reshape_impl(x, shape):
+    return reshape(x, shape)
+
+
+def _transpose_impl(x, axes):
+    return transpose_view(x, axes)
+
+
+def _broadcast_impl(x, shape):
+    return broadcast_view(x, shape)
+
+
+def _probe(shape, strides, itemsize, idx):
+    """Return (shape, strides, byte offset) of NumPy basic indexing ``idx`` on a layout (no data touched)."""
+    probe = np.lib.stride_tricks.as_strided(np.zeros(1, np.dtype((np.void, itemsize))), tuple(shape),
+                                            tuple(strides))
+    idx2 = idx if any(v is Ellipsis for v in idx) else tuple(idx) + (Ellipsis,)
+    r = probe[idx2]
+    off = r.__array_interface__["data"][0] - probe.__array_interface__["data"][0]
+    return tuple(r.shape), tuple(r.strides), off
+
+
+def _extent_flat(x):
+    """Return a 1-D view of every element x spans, from its first element (strides must be >= 0)."""
+    isz = x.dtype.itemsize
+    ext = 1 + sum((s - 1) * st for s, st in zip(x.shape, x.strides)) // isz
+    return C.view(x, (ext,), (isz,), 0)
+
+
+def _gather_view(x, shape, strides, off):
+    """Return a contiguous copy of the view (shape, byte strides of any sign, byte offset) of x's memory."""
+    out = C.empty(shape, x.dtype)
+    n = out.size
+    if n:
+        isz = x.dtype.itemsize
+        sh = tuple(shape) or (1,)
+        st = tuple(s // isz for s in strides) or (0,)
+        _launch(KG.gather_strided, n, _extent_flat(x), off // isz, sh, st, _flat(out))
+    return out
+
+
+def _basic_getitem(x, idx):
+    try:
+        shape, strides, off = _probe(x.shape, x.strides, x.dtype.itemsize, idx)
+    except IndexError as e:
+        raise IndexError(f"getitem: {e} (tensor shape {tuple(x.shape)})") from None
+    if _prod(shape) == 0:
+        return C.empty(shape, x.dtype)
+    if all(s >= 0 for s in strides):
+        return C.view(x, shape, strides, off)
+    return _gather_view(x, shape, strides, off)
+
+
+def _flip_impl(x, axes):
+    idx = tuple(slice(None, None, -1) if i in axes else slice(None) for i in range(x.ndim))
+    return _basic_getitem(x, idx)
+
+
+def _expand_index(idx, ndim, op="getitem"):
+    """Return ``idx`` as a list of ndim entries (slices, ints, index arrays): Ellipsis expanded, rest padded."""
+    items = []
+    for v in idx:
+        if v is None:
+            raise NotImplementedError(f"{op}: None (newaxis) together with an index array is not supported on "
+                                      f"the GPU; index first, then jn.expand_dims")
+        if isinstance(v, (bool, np.bool_)):
+            raise NotImplementedError(f"{op}: a boolean index together with an index array is not supported on "
+                                      f"the GPU")
+        if _is_host(v):
+            if v.ndim:
+                raise RuntimeError(f"{op}: the index array is on the CPU and the tensor on cuda:0; move it with "
+                                   f".to('cuda')")
+            v = int(v)
+        elif not isinstance(v, (int, np.integer, slice)) and v is not Ellipsis:
+            if v.dtype == _bool:
+                raise NotImplementedError(f"{op}: boolean mask indexing of a cuda tensor needs the mask's values "
+                                          f"on the host (the result's shape depends on them); use jn.where, or "
+                                          f"index on the CPU")
+        items.append(v)
+    n_ell = sum(1 for v in items if v is Ellipsis)
+    if n_ell > 1:
+        raise IndexError(f"{op}: an index can only have a single ellipsis ('...')")
+    used = len(items) - n_ell
+    if used > ndim:
+        raise IndexError(f"{op}: too many indices for a tensor of {ndim} dimensions")
+    full = []
+    for v in items:
+        if v is Ellipsis:
+            full += [slice(None)] * (ndim - used)
+        else:
+            full.append(v)
+    full += [slice(None)] * (ndim - len(full))
+    return full
+
+
+def _wrap(idx_arr, n, name):
+    """Return int64 device indices wrapped into [0, n) (errors recorded for out-of-range ones)."""
+    idx_arr = contiguous(idx_arr)
+    out = C.empty(tuple(idx_arr.shape), _i64)
+    err, opid = _err(name, "index")
+    _launch(KG.wrap_index, idx_arr.size, _flat(idx_arr), _flat(out), np.int64(n), err, opid)
+    return out
+
+
+def _adv_plan(shape, strides, itemsize, fidx, name):
+    """Decompose an advanced index: basic view params, the advanced axes, and the linear device index."""
+    adv = [k for k, v in enumerate(fidx) if not isinstance(v, slice)]
+    rest = [k for k in range(len(fidx)) if k not in adv]
+    basic = tuple(slice(None) if k in adv else v for k, v in enumerate(fidx))
+    try:
+        vshape, vstrides, voff = _probe(shape, strides, itemsize, basic)
+    except IndexError as e:
+        raise IndexError(f"{name}: {e} (tensor shape {tuple(shape)})") from None
+    lin = None
+    for k in adv:
+        v = fidx[k]
+        nk = vshape[k]
+        if isinstance(v, (int, np.integer)):
+            v = int(v)
+            if not -nk <= v < nk:
+                raise IndexError(f"{name}: index {v} is out of bounds for axis {k} with size {nk}")
+            w = np.array(v % nk, np.int64)
+        else:
+            w = _wrap(v, nk, name)
+        if lin is None:
+            lin = w
+        elif _is_host(lin) and _is_host(w):
+            lin = np.array(int(lin) * nk + int(w), np.int64)
+        else:
+            lin = _ew("add", _ew("multiply", lin, np.array(nk, np.int64)), w)
+    adjacent = adv == list(range(adv[0], adv[0] + len(adv)))
+    return vshape, vstrides, voff, adv, rest, lin, adjacent
+
+
+def _adv_getitem(x, idx):
+    full_idx = _expand_index(idx, x.ndim)
+    vshape, vstrides, voff, adv, rest, lin, adjacent = _adv_plan(x.shape, x.strides, x.dtype.itemsize,
+                                                                  full_idx, "getitem")
+    if all(s >= 0 for s in vstrides):
+        V = C.view(x, vshape, vstrides, voff) if _prod(vshape) else C.empty(vshape, x.dtype)
+    else:
+        V = _gather_view(x, vshape, vstrides, voff)
+    perm = adv + rest
+    Vt = contiguous(transpose_view(V, perm))
+    P = _prod(vshape[k] for k in adv)
+    rest_shape = tuple(vshape[k] for k in rest)
+    merged = C.reshape(Vt, (P,) + rest_shape)
+    if _is_host(lin):                     # every advanced index was an int: one position
+        lin = full((), int(lin), _i64)
+    R = _take_impl(merged, lin, 0, name="getitem")
+    q = lin.ndim
+    p = adv[0]
+    if adjacent and p > 0 and q:
+        r = len(rest_shape)
+        R = transpose_view(R, list(range(q, q + p)) + list(range(q)) + list(range(q + p, q + r)))
+    return R
+
+
+def _getitem_impl(x, *arrays, template):
+    from .ops import _rebuild_index
+    idx = _rebuild_index(template, arrays)
+    if not arrays:
+        return _basic_getitem(x, idx)
+    return _adv_getitem(x, list(idx))
+
+
+def _getitem_grad_impl(g, *arrays, template, shape):
+    from .ops import _rebuild_index
+    idx = _rebuild_index(template, arrays)
+    shape = tuple(shape)
+    out = zeros(shape, g.dtype)
+    if out.size == 0:
+        return out
+    isz = g.dtype.itemsize
+    cst = C.c_strides(shape, isz)
+    if not arrays:
+        vshape, vstrides, voff = _probe(shape, cst, isz, idx)
+        n = _prod(vshape)
+        if n:
+            gb = contiguous(broadcast_view(g, vshape))
+            _launch(KG.scatter_strided, n, _flat(gb), _flat(out), voff // isz, vshape or (1,),
+                    tuple(s // isz for s in vstrides) or (0,))
+        return out
+    full_idx = _expand_index(list(idx), len(shape))
+    vshape, vstrides, voff, adv, rest, lin, adjacent = _adv_plan(shape, cst, isz, full_idx, "getitem")
+    if _is_host(lin):
+        lin = full((), int(lin), _i64)
+    q, p = lin.ndim, adv[0]
+    rest_shape = tuple(vshape[k] for k in rest)
+    r = len(rest_shape)
+    gR = g
+    if adjacent and p > 0 and q:
+        gR = transpose_view(g, list(range(p, p + q)) + list(range(p)) + list(range(p + q, p + q + r)))
+    L = lin.size
+    rs = _prod(rest_shape)
+    P = _prod(vshape[k] for k in adv)
+    gm = zeros((1, P, rs), g.dtype)
+    upd = C.reshape(contiguous(broadcast_view(gR, tuple(lin.shape) + rest_shape)), (1, L, rs))
+    err, opid = _err("getitem", "index")
+    _launch(KG.scatter_add_axis, upd.size, gm, _flat(contiguous(lin)), upd, err, opid)
+    perm = adv + rest
+    inv = [0] * len(perm)
+    for i, a in enumerate(perm):
+        inv[a] = i
+    gV = contiguous(transpose_view(C.reshape(gm, tuple(vshape[k] for k in perm)), inv))
+    n = _prod(vshape)
+    if n:
+        _launch(KG.scatter_strided, n, _flat(gV), _flat(out), voff // isz, vshape,
+                tuple(s // isz for s in vstrides))
+    return out
+
+
+def _concat_impl(*arrays, axis):
+    dt = arrays[0].dtype
+    for a in arrays[1:]:
+        dt = np.promote_types(dt, a.dtype)
+    shp = list(arrays[0].shape)
+    shp[axis] = sum(a.shape[axis] for a in arrays)
+    out = C.empty(shp, dt)
+    off = 0
+    st = out.strides
+    for a in arrays:
+        n = a.shape[axis]
+        vshape = list(shp)
+        vshape[axis] = n
+        if n and out.size:
+            copy_into(C.view(out, vshape, st, off * st[axis]), a)
+        off += n
+    return out
+
+
+def _pad_impl(x, pad_width, value):
+    shp = tuple(s + lo + hi for s, (lo, hi) in zip(x.shape, pad_width))
+    out = full(shp, value, x.dtype)
+    if x.size:
+        st = out.strides
+        off = sum(lo * s for (lo, hi), s in zip(pad_width, st))
+        copy_into(C.view(out, x.shape, st, off), x)
+    return out
+
+
+# ==============================================================================================================
+# Reductions
+# ==============================================================================================================
+
+_RED = {"sum": 0, "prod": 1, "max": 2, "min": 3}
+
+
+def _identity(code, dtype):
+    dtype = np.dtype(dtype)
+    if code == 0:
+        return dtype.type(0)
+    if code == 1:
+        return dtype.type(1)
+    if dtype.kind == "f":
+        return dtype.type(-np.inf if code == 2 else np.inf)
+    info = np.iinfo(dtype)
+    return dtype.type(info.min if code == 2 else info.max)
+
+
+def _rows_view(x, axes):
+    """Return (2-D array, reduce_first) with the reduced axes last (rows) or first (columns)."""
+    nd = x.ndim
+    kept = [i for i in range(nd) if i not in axes]
+    n = _prod(x.shape[a] for a in axes)
+    m = _prod(x.shape[a] for a in kept)
+    if C.is_contiguous(x):
+        if list(axes) == list(range(nd - len(axes), nd)):
+            return C.reshape(x, (m, n)), False
+        if list(axes) == list(range(len(axes))):
+            return C.reshape(x, (n, m)), True
+    xt = contiguous(transpose_view(x, kept + list(axes)))
+    return C.reshape(xt, (m, n)), False
+
+
+def reduce_rows(x2, code):
+    """Return the reduction (code) of each row of contiguous 2-D x2: shape (rows,)."""
+    ident = _identity(code, x2.dtype)
+    while True:
+        m, n = x2.shape
+        nch = max(1, -(-n // KG.ROW_CHUNK))
+        part = C.empty((m, nch), x2.dtype)
+        _launch_rows(KG.reduce_rows, m * nch, x2, part, np.int64(code), ident, np.int64(KG.ROW_CHUNK))
+        if nch == 1:
+            return C.reshape(part, (m,))
+        x2 = part
+
+
+def reduce_cols(x2, code):
+    """Return the reduction (code) of each column of 2-D x2 (n, m): shape (m,)."""
+    ident = _identity(code, x2.dtype)
+    while True:
+        n, m = x2.shape
+        nch = max(1, -(-n // KG.COL_CHUNK))
+        part = C.empty((nch, m), x2.dtype)
+        _launch(KG.reduce_cols, nch * m, x2, part, np.int64(code), ident, np.int64(KG.COL_CHUNK))
+        if nch == 1:
+            return C.reshape(part, (m,))
+        x2 = part
+
+
+def _reduce_impl(x, op, axes, keepdims):
+    code = _RED[op]
+    odt = x.dtype
+    if op in ("sum", "prod") and x.dtype.kind in "biu":
+        odt = _i64
+    elif op in ("max", "min") and x.dtype == _bool:
+        odt = _bool
+    work = np.dtype(np.uint8) if odt == _bool else odt
+    if x.dtype != work:
+        x = cast(x, work) if x.dtype != _bool else _ew("cast", x, dtype=work)
+    oshape_keep = tuple(1 if i in axes else s for i, s in enumerate(x.shape))
+    oshape = oshape_keep if keepdims else tuple(s for i, s in enumerate(x.shape) if i not in axes)
+    n = _prod(x.shape[a] for a in axes)
+    if n == 0:
+        if op in ("max", "min"):
+            raise ValueError(f"{op}: zero-size reduction over axes {axes} of shape {tuple(x.shape)} has no identity")
+        return full(oshape, 0 if op == "sum" else 1, odt)
+    if x.size == 0:
+        return C.empty(oshape, odt)
+    x2, first = _rows_view(x, axes)
+    out = reduce_cols(x2, code) if first else reduce_rows(x2, code)
+    out = C.reshape(out, oshape)
+    if odt == _bool:
+        out = cast(out, _bool)
+    return out
+
+
+def _last_axis_rows(x, axis):
+    """Return (contiguous 2-D rows with ``axis`` last, moved shape)."""
+    nd = x.ndim
+    if nd == 0:
+        return C.reshape(contiguous(x), (1, 1)), (1,)
+    if axis != nd - 1:
+        x = transpose_view(x, [i for i in range(nd) if i != axis] + [axis])
+    xc = contiguous(x)
+    mshape = tuple(x.shape)
+    return C.reshape(xc, (_prod(mshape[:-1]), mshape[-1])), mshape
+
+
+def _restore_axis(arr, moved_shape, axis, nd):
+    arr = C.reshape(arr, moved_shape)
+    if axis != nd - 1:
+        perm = list(range(nd - 1))
+        perm.insert(axis, nd - 1)
+        arr = transpose_view(arr, perm)
+    return arr
+
+
+def _arg_impl(x, axis, is_max, keepdims):
+    if axis is None:
+        rows = C.reshape(contiguous(x), (1, x.size))
+        oshape = (1,) * x.ndim if keepdims else ()
+    else:
+        rows, _ = _last_axis_rows(x, axis)
+        oshape = tuple(1 if i == axis else s for i, s in enumerate(x.shape)) if keepdims else \
+            tuple(s for i, s in enumerate(x.shape) if i != axis)
+    if rows.shape[1] == 0:
+        raise ValueError(f"{'argmax' if is_max else 'argmin'}: attempt to get the index of an empty sequence")
+    if rows.dtype == _bool:
+        rows = _ew("cast", rows, dtype=np.dtype(np.uint8))
+    m, n = rows.shape
+    out = C.empty((m,), _i64)
+    if n <= KG.SMALL_ROW:
+        _launch(KG.argreduce_rows_small, m, rows, out, bool(is_max))
+    else:
+        _launch_rows(KG.argreduce_rows, m, rows, out, bool(is_max))
+    return C.reshape(out, oshape)
+
+
+def _logsumexp_impl(x, axis, keepdims):
+    if x.shape[axis] == 0:
+        raise ValueError(f"logsumexp: zero-size axis {axis} of shape {tuple(x.shape)}")
+    rows, _ = _last_axis_rows(x, axis)
+    m, n = rows.shape
+    out = C.empty((m,), x.dtype)
+    if n <= KG.SMALL_ROW:
+        _launch(KG.logsumexp_rows_small, m, rows, out)
+    else:
+        _launch_rows(KG.logsumexp_rows, m, rows, out)
+    shp = tuple(1 if i == axis else s for i, s in enumerate(x.shape))
+    if not keepdims:
+        shp = tuple(s for i, s in enumerate(x.shape) if i != axis)
+    return C.reshape(out, shp)
+
+
+def _softmax_impl(x, axis, mode):
+    rows, mshape = _last_axis_rows(x, axis)
+    m, n = rows.shape
+    out = C.empty((m, n), x.dtype)
+    if n and m:
+        if n <= KG.SMALL_ROW:
+            _launch(KG.softmax_rows_small, m, rows, out, np.int64(mode))
+        else:
+            _launch_rows(KG.softmax_rows, m, rows, out, np.int64(mode))
+    return _restore_axis(out, mshape, axis, x.ndim)
+
+
+def _cum_impl(x, axis, op, exclusive, reverse):
+    odt = _i64 if x.dtype.kind in "biu" else x.dtype
+    if x.dtype != odt:
+        x = cast(x, odt)
+    x = contiguous(x)
+    outer = _prod(tuple(x.shape)[:axis])
+    inner = _prod(tuple(x.shape)[axis + 1:])
+    x3 = C.reshape(x, (outer, x.shape[axis], inner))
+    out = C.empty(x3.shape, odt)
+    if out.size:
+        _launch(KG.cumulative_lines, outer * inner, x3, out, np.int64(0 if op == "sum" else 1), bool(exclusive),
+                bool(reverse), odt.type(0 if op == "sum" else 1))
+    return C.reshape(out, x.shape)
+
+
+# ==============================================================================================================
+# Matmul
+# ==============================================================================================================
+
+def _batch3(a, batch):
+    """View ``a`` (..., R, C) as (prod(batch), R, C) broadcast over ``batch`` (a copy when dims don't merge)."""
+    r, c = tuple(a.shape)[-2:]
+    full_shape = tuple(batch) + (r, c)
+    v = broadcast_view(a, full_shape)
+    bs = [(s, st) for s, st in zip(full_shape[:-2], v.strides[:-2]) if s != 1]
+    B = _prod(batch)
+    stride = 0
+    ok = True
+    if bs:
+        stride = bs[-1][1]
+        for (s0, st0), (s1, st1) in zip(bs[:-1], bs[1:]):
+            if st0 != st1 * s1:
+                ok = False
+                break
+        if ok:
+            stride = bs[-1][1]
+    if not ok:
+        v = copy(v)
+        stride = v.strides[-3] if v.ndim >= 3 else 0
+        return C.view(v, (B, r, c), (stride if B > 1 else 0, v.strides[-2], v.strides[-1]), 0)
+    return C.view(v, (B, r, c), (stride, v.strides[-2], v.strides[-1]), 0)
+
+
+def matmul_arrays(a, b):
+    """Return a @ b for device arrays of at least 2 dims (broadcast batches) with the tiled kernel."""
+    dt = np.promote_types(a.dtype, b.dtype)
+    cdt = dt if dt in (_f32, _f64) else (_f64 if dt.kind != "f" else _f32)
+    if a.dtype != cdt:
+        a = cast(a, cdt)
+    if b.dtype != cdt:
+        b = cast(b, cdt)
+    batch = np.broadcast_shapes(tuple(a.shape)[:-2], tuple(b.shape)[:-2])
+    M, K = tuple(a.shape)[-2:]
+    N = tuple(b.shape)[-1]
+    out = C.empty(tuple(batch) + (M, N), cdt)
+    B = _prod(batch)
+    if out.size:
+        if K == 0:
+            out = zeros(out.shape, cdt)
+        else:
+            a3, b3 = _batch3(a, batch), _batch3(b, batch)
+            c3 = C.reshape(out, (B, M, N))
+            grid = (-(-N // KG.MM_BN), -(-M // KG.MM_BM), min(B, 65535))
+            KG.matmul_tiled[grid, KG.MM_THREADS](a3, b3, c3, cdt.type(0))
+    return out if cdt == dt else cast(out, dt)
+
+
+def _matmul_impl(a, b):
+    return matmul_arrays(a, b)
+
+
+# ==============================================================================================================
+# Gathers and scatters
+# ==============================================================================================================
+
+def _index_array(idx, bound, name, axis):
+    """Return a device index array; a host scalar index is checked now and placed by a fill kernel."""
+    if _is_host(idx):
+        if idx.dtype.kind not in "iu":
+            raise TypeError(f"{name}: indices must be integers, got dtype {idx.dtype}")
+        if idx.size != 1:
+            raise RuntimeError(f"{name}: the index array is on the CPU and the tensor on cuda:0; move it with "
+                               f".to('cuda')")
+        v = int(idx.reshape(-1)[0])
+        if not -bound <= v < bound:
+            raise IndexError(f"{name}: index {v} is out of bounds for axis {axis} with size {bound}")
+        return full(idx.shape, v % bound, _i64)
+    if idx.dtype.kind not in "iu":
+        if idx.dtype == _bool:
+            raise TypeError(f"{name}: boolean index where an integer index was expected")
+        raise TypeError(f"{name}: indices must be integers, got dtype {idx.dtype}")
+    return idx
+
+
+def _take_impl(x, idx, axis, name="take"):
+    idx = _index_array(idx, x.shape[axis], name, axis)
+    x = contiguous(x)
+    outer = _prod(tuple(x.shape)[:axis])
+    inner = _prod(tuple(x.shape)[axis + 1:])
+    n = x.shape[axis]
+    out = C.empty((outer, idx.size, inner), x.dtype)
+    if out.size:
+        err, opid = _err(name)
+        _launch(KG.take_axis, out.size, C.reshape(x, (outer, n, inner)), _flat(contiguous(idx)), out, err, opid)
+    return C.reshape(out, tuple(x.shape)[:axis] + tuple(idx.shape) + tuple(x.shape)[axis + 1:])
+
+
+_ATOMIC = {np.dtype(t) for t in (np.float32, np.float64, np.int32, np.int64, np.uint32, np.uint64)}
+
+
+def _scatter_add_impl(x, idx, upd, axis):
+    idx = _index_array(idx, x.shape[axis], "scatter_add", axis)
+    if x.dtype not in _ATOMIC:
+        raise TypeError(f"scatter_add: dtype {x.dtype} has no atomic add on the GPU (use float32/64 or int32/64)")
+    out = copy(x)
+    outer = _prod(tuple(x.shape)[:axis])
+    inner = _prod(tuple(x.shape)[axis + 1:])
+    want = tuple(x.shape)[:axis] + tuple(idx.shape) + tuple(x.shape)[axis + 1:]
+    if tuple(upd.shape) != want:
+        try:
+            if np.broadcast_shapes(tuple(upd.shape), want) != want:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"scatter_add: updates of shape {tuple(upd.shape)} do not match {want} (x "
+                             f"{tuple(x.shape)}, indices {tuple(idx.shape)}, axis {axis})") from None
+        upd = broadcast_view(upd, want) if not _is_host(upd) else full(want, upd.reshape(-1)[0], x.dtype)
+    if upd.dtype != out.dtype:
+        upd = cast(upd, out.dtype)
+    upd = contiguous(upd)
+    if upd.size:
+        err, opid = _err("scatter_add")
+        _launch(KG.scatter_add_axis, upd.size, C.reshape(out, (outer, x.shape[axis], inner)),
+                _flat(contiguous(idx)), C.reshape(upd, (outer, idx.size, inner)), err, opid)
+    return out
+
+
+def _one_hot_impl(idx, depth, dtype, on, off):
+    dtype = np.dtype(dtype)
+    if _is_host(idx):
+        idx = full(idx.shape, int(idx.reshape(-1)[0]), _i64)
+    flat = _flat(contiguous(idx))
+    out = C.empty((flat.size, depth), dtype)
+    if out.size:
+        if dtype == _bool:
+            o8 = _as_u8(out)
+            _launch(KG.one_hot_fill, out.size, flat, o8, np.uint8(bool(on)), np.uint8(bool(off)))
+        else:
+            _launch(KG.one_hot_fill, out.size, flat, out, dtype.type(on), dtype.type(off))
+    return C.reshape(out, tuple(idx.shape) + (depth,))
+
+
+def _tal_impl(x, idx, axis):
+    idx = _index_array(idx, x.shape[axis], "take_along_axis", axis)
+    rows, _ = _last_axis_rows(x, axis)
+    irows, imshape = _last_axis_rows(idx, axis)
+    if rows.shape[0] != irows.shape[0]:
+        raise ValueError(f"take_along_axis: x {tuple(x.shape)} and indices {tuple(idx.shape)} differ outside "
+                         f"axis {axis}")
+    out = C.empty(irows.shape, x.dtype)
+    if out.size:
+        err, opid = _err("take_along_axis")
+        _launch(KG.take_along_rows, out.size, rows, irows, out, err, opid)
+    return _restore_axis(out, imshape, axis, x.ndim)
+
+
+def _pal_impl(g, idx, shape, axis):
+    shape = tuple(shape)
+    nd = len(shape)
+    moved = tuple(s for i, s in enumerate(shape) if i != axis) + (shape[axis],)
+    target = zeros((_prod(moved[:-1]), moved[-1]), g.dtype)
+    irows, _ = _last_axis_rows(idx, axis)
+    grows, _ = _last_axis_rows(g, axis)
+    if grows.size:
+        err, opid = _err("put_along_axis")
+        _launch(KG.put_along_rows_add, grows.size, target, irows, grows, err, opid)
+    return _restore_axis(target, moved, axis, nd)
+
+
+def _argsort_impl(x, axis, descending):
+    rows, mshape = _last_axis_rows(x, axis)
+    out = C.empty(rows.shape, _i64)
+    if rows.size:
+        if rows.dtype == _bool:
+            rows = _ew("cast", rows, dtype=np.dtype(np.uint8))
+        _launch(KG.rank_sort_rows, rows.size, rows, out, bool(descending), np.int64(rows.shape[1]))
+    return _restore_axis(out, mshape, axis, x.ndim)
+
+
+def _topk_impl(x, k):
+    rows, _ = _last_axis_rows(x, x.ndim - 1)
+    out = C.empty((rows.shape[0], k), _i64)
+    if rows.size and k:
+        if rows.dtype == _bool:
+            rows = _ew("cast", rows, dtype=np.dtype(np.uint8))
+        _launch(KG.rank_sort_rows, rows.size, rows, out, True, np.int64(k))
+    return C.reshape(out, tuple(x.shape)[:-1] + (k,))
+
+
+def _embedding_impl(weight, ids):
+    vocab, dim = weight.shape
+    if _is_host(ids) or ids.dtype.kind not in "iu":
+        ids = _index_array(ids, vocab, "embedding", 0)
+    out = _take_impl(weight, ids, 0, name="embedding")
+    return out
+
+
+# ==============================================================================================================
+# Softmax cross entropy
+# ==============================================================================================================
+
+def _xent_int_impl(x, labels):
+    x = contiguous(x)
+    labels = contiguous(_index_array(labels, 1 << 62, "cross_entropy", 0)) if _is_host(labels) else \
+        contiguous(labels)
+    m, n = x.shape
+    out = C.empty((m,), x.dtype)
+    err, opid = _err("cross_entropy", "label")
+    if m:
+        if n <= KG.SMALL_ROW:
+            _launch(KG.xent_int_rows_small, m, x, _flat(labels), out, err, opid)
+        else:
+            _launch_rows(KG.xent_int_rows, m, x, _flat(labels), out, err, opid)
+    return out
+
+
+def _xent_int_grad_impl(x, labels, g):
+    x = contiguous(x)
+    labels = contiguous(labels)
+    g = contiguous(cast(g, x.dtype))
+    m, n = x.shape
+    out = C.empty((m, n), x.dtype)
+    if m:
+        if n <= KG.SMALL_ROW:
+            _launch(KG.xent_int_grad_rows_small, m, x, _flat(labels), _flat(g), out)
+        else:
+            _launch_rows(KG.xent_int_grad_rows, m, x, _flat(labels), _flat(g), out)
+    return out
+
+
+def _xent_prob_impl(x, p):
+    x = contiguous(x)
+    p = contiguous(cast(p, x.dtype))
+    m, n = x.shape
+    out = C.empty((m,), x.dtype)
+    if m:
+        if n <= KG.SMALL_ROW:
+            _launch(KG.xent_prob_rows_small, m, x, p, out)
+        else:
+            _launch_rows(KG.xent_prob_rows, m, x, p, out)
+    return out
+
+
+def _xent_prob_grad_impl(x, p, g):
+    x = contiguous(x)
+    p = contiguous(cast(p, x.dtype))
+    g = contiguous(cast(g, x.dtype))
+    m, n = x.shape
+    out = C.empty((m, n), x.dtype)
+    if m:
+        if n <= KG.SMALL_ROW:
+            _launch(KG.xent_prob_grad_rows_small, m, x, p, _flat(g), out)
+        else:
+            _launch_rows(KG.xent_prob_grad_rows, m, x, p, _flat(g), out)
+    return out
+
+
+# ==============================================================================================================
+# Random numbers
+# ==============================================================================================================
+
+_KINDS = {"uniform": 0, "normal": 1, "truncated_normal": 2, "bernoulli": 3, "randint": 4}
+_DRAWS = {0: 1, 1: 2, 2: 128, 3: 1, 4: 1}       # counters each element may use
+
+
+def _sample_impl(kind, shape, dtype, a, b, device=None):
+    from . import random as R
+    dtype = np.dtype(dtype)
+    code = _KINDS.get(kind)
+    if code is None:
+        raise ValueError(kind)
+    out = C.empty(shape, dtype)
+    n = out.size
+    if n:
+        key, offset = R._gpu_counters(n * _DRAWS[code])
+        tgt = _as_u8(out) if dtype == _bool else out
+        if code == 4:
+            if b <= a:
+                raise ValueError(f"randint: low {a} must be below high {b}")
+            av, bv = np.int64(a), np.int64(b)
+        else:
+            av, bv = np.float64(a), np.float64(b)
+        _launch(KG.random_fill, n, C.reshape(tgt, (n,)), np.int64(code), np.uint64(key), np.uint64(offset), av, bv)
+    return out
+
+
+# ==============================================================================================================
+# Optimizer updates (in place; scalars are read on the host: 0-d host tensors, no transfer)
+# ==============================================================================================================
+
+def _hval(a):
+    """Return the Python value of a 0-d array (a counted transfer when it is on the device)."""
+    if _is_host(a):
+        return a.reshape(-1)[0].item()
+    return C.to_host(a).reshape(-1)[0].item()
+
+
+def _state(a, what):
+    if not C.is_contiguous(a):
+        raise ValueError(f"optimizer update: the {what} array must be C-contiguous")
+    return _flat(a)
+
+
+def _grad(g, p):
+    if tuple(g.shape) != tuple(p.shape):
+        g = broadcast_view(g, p.shape) if not _is_host(g) else full(p.shape, g.reshape(-1)[0], p.dtype)
+    return _flat(contiguous(cast(g, p.dtype)))
+
+
+def _sgd_impl(p, g, lr, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0):
+    t = p.dtype.type
+    pf = _state(p, "parameter")
+    _launch(KG.sgd_update, pf.size, pf, _grad(g, p), pf, t(_hval(lr)), t(weight_decay), t(0), t(1), False, False)
+    return p
+
+
+def _sgd_momentum_impl(p, g, buf, lr, momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.0):
+    t = p.dtype.type
+    pf = _state(p, "parameter")
+    _launch(KG.sgd_update, pf.size, pf, _grad(g, p), _state(buf, "momentum"), t(_hval(lr)), t(weight_decay),
+            t(momentum), t(1.0 - dampening), bool(nesterov), momentum != 0)
+    return p
+
+
+def _adagrad_impl(p, g, acc, lr, eps=1e-7, weight_decay=0.0):
+    t = p.dtype.type
+    pf = _state(p, "parameter")
+    _launch(KG.adagrad_update, pf.size, pf, _grad(g, p), _state(acc, "accumulator"), t(_hval(lr)),
+            t(weight_decay), t(eps))
+    return p
+
+
+def _rmsprop_run(p, g, ms, mg, mom, lr, rho, eps, momentum, centered, weight_decay):
+    t = p.dtype.type
+    pf = _state(p, "parameter")
+    _launch(KG.rmsprop_update, pf.size, pf, _grad(g, p), _state(ms, "ms"),
+            _state(mg, "mg") if mg is not None else pf, _state(mom, "momentum") if mom is not None else pf,
+            t(_hval(lr)), t(weight_decay), t(rho), t(1.0 - rho), t(eps), t(momentum), bool(centered),
+            mom is not None)
+    return p
+
+
+def _rmsprop_impl(p, g, ms, lr, rho=0.9, eps=1e-10, weight_decay=0.0):
+    return _rmsprop_run(p, g, ms, None, None, lr, rho, eps, 0.0, False, weight_decay)
+
+
+def _rmsprop_momentum_impl(p, g, ms, mom, lr, rho=0.9, eps=1e-10, momentum=0.0, weight_decay=0.0):
+    return _rmsprop_run(p, g, ms, None, mom, lr, rho, eps, momentum, False, weight_decay)
+
+
+def _centered_rmsprop_impl(p, g, ms, mg, lr, rho=0.9, eps=1e-10, weight_decay=0.0):
+    return _rmsprop_run(p, g, ms, mg, None, lr, rho, eps, 0.0, True, weight_decay)
+
+
+def _centered_rmsprop_momentum_impl(p, g, ms, mg, mom, lr, rho=0.9, eps=1e-10, momentum=0.0, weight_decay=0.0):
+    return _rmsprop_run(p, g, ms, mg, mom, lr, rho, eps, momentum, True, weight_decay)
+
+
+def _adam_scalars(p, lr, step, beta1, beta2, eps, weight_decay):
+    t = p.dtype.type
+    n = float(_hval(step))
+    bc1 = 1.0 - beta1 ** n
+    bc2 = 1.0 - beta2 ** n
+    return (t(float(_hval(lr)) / bc1), t(weight_decay), t(beta1), t(1.0 - beta1), t(beta2), t(1.0 - beta2),
+            t(1.0 / math.sqrt(bc2)), t(eps))
+
+
+def _adam_impl(p, g, m, v, lr, step, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
+    pf = _state(p, "parameter")
+    _launch(KG.adam_update, pf.size, pf, _grad(g, p), _state(m, "m"), _state(v, "v"),
+            *_adam_scalars(p, lr, step, beta1, beta2, eps, weight_decay))
+    return p
+
+
+def _sparse_rows(p, values, indices, name):
+    """Return (2-D p view, dense summed gradient rows, row flags) for a sparse update (no transfer)."""
+    if p.ndim == 0:
+        raise ValueError("sparse update of a 0-d parameter")
+    rows = p.shape[0]
+    d = p.size // rows if rows else 0
+    p2 = C.reshape(p, (rows, d))
+    idx = _flat(contiguous(_index_array(indices, rows, name, 0)))
+    vals = C.reshape(contiguous(cast(values, p.dtype)), (1, idx.size, d))
+    gd = zeros((1, rows, d), p.dtype)
+    flags = zeros((rows,), np.int32)
+    err, opid = _err(f"{name} (sparse update)")
+    _launch(KG.scatter_add_axis, vals.size, gd, idx, vals, err, opid)
+    _launch(KG.rows_touched, idx.size, idx, flags, err, opid)
+    return p2, C.reshape(gd, (rows, d)), flags
+
+
+def _sgd_sparse_impl(p, values, indices, lr, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0):
+    t = p.dtype.type
+    p2, g2, flags = _sparse_rows(p, values, indices, "sgd")
+    _launch(KG.sgd_rows_update, p2.size, p2, g2, p2, flags, t(_hval(lr)), t(weight_decay), t(0), t(1), False,
+            False)
+    return p
+
+
+def _sgd_momentum_sparse_impl(p, values, indices, buf, lr, momentum=0.9, dampening=0.0, nesterov=False,
+                              weight_decay=0.0):
+    t = p.dtype.type
+    p2, g2, flags = _sparse_rows(p, values, indices, "sgd")
+    _launch(KG.sgd_rows_update, p2.size, p2, g2, C.reshape(buf, p2.shape), flags, t(_hval(lr)), t(weight_decay),
+            t(momentum), t(1.0 - dampening), bool(nesterov), momentum != 0)
+    return p
+
+
+def _adagrad_sparse_impl(p, values, indices, acc, lr, eps=1e-7, weight_decay=0.0):
+    t = p.dtype.type
+    p2, g2, flags = _sparse_rows(p, values, indices, "adagrad")
+    _launch(KG.adagrad_rows_update, p2.size, p2, g2, C.reshape(acc, p2.shape), flags, t(_hval(lr)),
+            t(weight_decay), t(eps))
+    return p
+
+
+def _adam_sparse_impl(p, values, indices, m, v, lr, step, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
+    p2, g2, flags = _sparse_rows(p, values, indices, "adam")
+    _launch(KG.adam_rows_update, p2.size, p2, g2, C.reshape(m, p2.shape), C.reshape(v, p2.shape), flags,
+            *_adam_scalars(p, lr, step, beta1, beta2, eps, weight_decay))
+    return p
+
+
+def _assign_impl(var, value):
+    copy_into(var, value)
+    return var
+
+
+# ==============================================================================================================
+# Convolution and pooling (NCHW)
+# ==============================================================================================================
+
+def _geom(xs, ws, stride, pads, dilation):
+    from .nn.functional import conv_output_size
+    n, c, h, w = xs
+    o, _, kh, kw = ws
+    oh = conv_output_size(h, kh, stride[0], pads[0][0], pads[0][1], dilation[0])
+    ow = conv_output_size(w, kw, stride[1], pads[1][0], pads[1][1], dilation[1])
+    return n, c, h, w, o, kh, kw, oh, ow
+
+
+def _i(v):
+    return np.int64(v)
+
+
+def _im2col(x, kh, kw, stride, pads, dilation, oh, ow):
+    n, c = tuple(x.shape)[:2]
+    cols = C.empty((c * kh * kw, n * oh * ow), x.dtype)
+    _launch(KG.im2col, cols.size, x, cols, _i(kh), _i(kw), _i(stride[0]), _i(stride[1]), _i(pads[0][0]),
+            _i(pads[1][0]), _i(dilation[0]), _i(dilation[1]), _i(oh), _i(ow))
+    return cols
+
+
+def _conv2d_impl(x, w, *b, stride, pads, dilation):
+    n, c, h, wd, o, kh, kw, oh, ow = _geom(x.shape, w.shape, stride, pads, dilation)
+    if n * o * oh * ow == 0:
+        return C.empty((n, o, oh, ow), x.dtype)
+    x = contiguous(x)
+    w2 = C.reshape(contiguous(w), (o, c * kh * kw))
+    cols = _im2col(x, kh, kw, stride, pads, dilation, oh, ow)
+    y2 = matmul_arrays(w2, cols)
+    out = C.empty((n, o, oh * ow), x.dtype)
+    bias = contiguous(b[0]) if b else w2
+    _launch(KG.onp_to_nop, out.size, y2, bias, out, bool(b))
+    return C.reshape(out, (n, o, oh, ow))
+
+
+def _conv2d_grad_input_impl(g, w, *, x_shape, stride, pads, dilation):
+    n, c, h, wd, o, kh, kw, oh, ow = _geom(x_shape, w.shape, stride, pads, dilation)
+    dx = zeros(x_shape, g.dtype)
+    if g.size == 0:
+        return dx
+    g3 = C.reshape(contiguous(g), (n, o, oh * ow))
+    g2 = C.empty((o, n * oh * ow), g.dtype)
+    _launch(KG.nop_to_onp, g3.size, g3, g2)
+    w2t = transpose_view(C.reshape(contiguous(w), (o, c * kh * kw)), (1, 0))
+    dcols = matmul_arrays(w2t, g2)
+    _launch(KG.col2im_add, dcols.size, dcols, dx, _i(kh), _i(kw), _i(stride[0]), _i(stride[1]), _i(pads[0][0]),
+            _i(pads[1][0]), _i(dilation[0]), _i(dilation[1]), _i(oh), _i(ow))
+    return dx
+
+
+def _conv2d_grad_weight_impl(x, g, *, w_shape, stride, pads, dilation):
+    n, c, h, wd, o, kh, kw, oh, ow = _geom(x.shape, w_shape, stride, pads, dilation)
+    if g.size == 0:
+        return zeros(w_shape, x.dtype)
+    g3 = C.reshape(contiguous(g), (n, o, oh * ow))
+    g2 = C.empty((o, n * oh * ow), g.dtype)
+    _launch(KG.nop_to_onp, g3.size, g3, g2)
+    cols = _im2col(contiguous(x), kh, kw, stride, pads, dilation, oh, ow)
+    dw = matmul_arrays(g2, transpose_view(cols, (1, 0)))
+    return C.reshape(dw, w_shape)
+
+
+def _max_pool_impl(x, k, s, p, out_hw):
+    out = C.empty(tuple(x.shape)[:2] + tuple(out_hw), x.dtype)
+    if out.size:
+        _launch(KG.max_pool2d, out.size, contiguous(x), out, _i(k[0]), _i(k[1]), _i(s[0]), _i(s[1]), _i(p[0]),
+                _i(p[1]))
+    return out
+
+
+def _max_pool_grad_impl(x, g, k, s, p):
+    dx = zeros(x.shape, g.dtype)
+    if g.size:
+        _launch(KG.max_pool2d_grad, g.size, contiguous(x), contiguous(g), dx, _i(k[0]), _i(k[1]), _i(s[0]),
+                _i(s[1]), _i(p[0]), _i(p[1]))
+    return dx
+
+
+def _avg_pool_impl(x, k, s, p, out_hw, include_pad):
+    out = C.empty(tuple(x.shape)[:2] + tuple(out_hw), x.dtype)
+    if out.size:
+        _launch(KG.avg_pool2d, out.size, contiguous(x), out, _i(k[0]), _i(k[1]), _i(s[0]), _i(s[1]), _i(p[0]),
+                _i(p[1]), bool(include_pad), x.dtype.type(0))
+    return out
+
+
+def _avg_pool_grad_impl(g, x_shape, k, s, p, include_pad):
+    dx = zeros(x_shape, g.dtype)
+    if g.size:
+        _launch(KG.avg_pool2d_grad, g.size, contiguous(g), dx, _i(k[0]), _i(k[1]), _i(s[0]), _i(s[1]), _i(p[0]),
+                _i(p[1]), bool(include_pad))
+    return dx
+
+
+# ==============================================================================================================
+# Installation
+# ==============================================================================================================
+
+_IMPLS = {
+    "identity": lambda x: x,
+    "stop_gradient": lambda x: x,
+    "reshape": _reshape_impl,
+    "transpose": _transpose_impl,
+    "broadcast_to": _broadcast_impl,
+    "flip": _flip_impl,
+    "getitem": _getitem_impl,
+    "getitem_grad": _getitem_grad_impl,
+    "concatenate": _concat_impl,
+    "pad": _pad_impl,
+    "reduce": _reduce_impl,
+    "argreduce": _arg_impl,
+    "logsumexp": _logsumexp_impl,
+    "softmax": lambda x, axis: _softmax_impl(x, axis, 0),
+    "log_softmax": lambda x, axis: _softmax_impl(x, axis, 1),
+    "cumulative": _cum_impl,
+    "matmul": _matmul_impl,
+    "take": _take_impl,
+    "scatter_add": _scatter_add_impl,
+    "one_hot": _one_hot_impl,
+    "take_along_axis": _tal_impl,
+    "put_along_axis_add": _pal_impl,
+    "argsort": _argsort_impl,
+    "top_k_indices": _topk_impl,
+    "embedding": _embedding_impl,
+    "cross_entropy_int": _xent_int_impl,
+    "cross_entropy_int_grad": _xent_int_grad_impl,
+    "cross_entropy_prob": _xent_prob_impl,
+    "cross_entropy_prob_grad": _xent_prob_grad_impl,
+    "random": _sample_impl,
+    "sgd_update": _sgd_impl,
+    "sgd_momentum_update": _sgd_momentum_impl,
+    "sgd_sparse_update": _sgd_sparse_impl,
+    "sgd_momentum_sparse_update": _sgd_momentum_sparse_impl,
+    "adagrad_update": _adagrad_impl,
+    "adagrad_sparse_update": _adagrad_sparse_impl,
+    "rmsprop_update": _rmsprop_impl,
+    "rmsprop_momentum_update": _rmsprop_momentum_impl,
+    "centered_rmsprop_update": _centered_rmsprop_impl,
+    "centered_rmsprop_momentum_update": _centered_rmsprop_momentum_impl,
+    "adam_update": _adam_impl,
+    "adam_sparse_update": _adam_sparse_impl,
+    "assign": _assign_impl,
+    "conv2d": _conv2d_impl,
+    "conv2d_grad_input": _conv2d_grad_input_impl,
+    "conv2d_grad_weight": _conv2d_grad_weight_impl,
+    "max_pool2d": _max_pool_impl,
+    "max_pool2d_grad": _max_pool_grad_impl,
+    "avg_pool2d": _avg_pool_impl,
+    "avg_pool2d_grad": _avg_pool_grad_impl,
+}
+
+
+def install():
+    """Set ``impl["cuda"]`` of every primitive with a CUDA implementation (called once by ``cuda.require``)."""
+    from . import ops, random  # noqa: F401  (register their primitives)
+    from .compiler import prims  # noqa: F401
+    from .nn import embedding_ops, functional  # noqa: F401
+    from .optim import updates  # noqa: F401
+    for name, prim in _ad.REGISTRY.items():
+        if "cuda" in prim.impl:
+            continue
+        f = _IMPLS.get(name)
+        if f is None and prim.kind == "elementwise" and prim.template is not None:
+            f = elementwise_impl(prim)
+        if f is not None:
+            prim.impl["cuda"] = f
+    _ad.set_cuda_factory(lambda prim: elementwise_impl(prim) if prim.kind == "elementwise" and prim.template
+                         is not None else None)

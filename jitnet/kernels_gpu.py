@@ -1,0 +1,1496 @@
+"""CUDA kernels of jitnet's primitives (``numba.cuda``), and the scalar helpers generated kernels call.
+
+Imported only when a CUDA device is first used (``jitnet.cuda.require``): importing jitnet never imports
+``numba.cuda``. Every kernel is a plain module-level ``@cuda.jit`` function over device arrays and scalars:
+
+* launches are computed from sizes (:func:`grid`): ``BLOCK`` threads per block (256 on a GPU), at most
+  ``MAX_BLOCKS`` blocks, and every kernel walks its work with a grid-stride loop, so any size runs on any grid;
+* reductions are shared-memory tree reductions (no warp shuffles: Numba's simulator runs them too), with a
+  ``cuda.syncthreads()`` between every write and read of shared memory;
+* scatters with possible duplicate targets use ``cuda.atomic.add``;
+* a kernel that meets a bad index cannot raise: it records the first one in the error record of
+  :mod:`jitnet.cuda` (a compare-and-swap on its first slot) and writes zero; the next synchronizing call raises.
+
+In Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) each thread is a Python thread, so block and tile sizes
+default to small values there (``BLOCK=16``): every kernel is written for any power-of-two block size. The
+environment variables ``JITNET_CUDA_BLOCK`` and ``JITNET_CUDA_MAX_BLOCKS`` override them.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+from numba import cuda
+from numba.core import config
+
+SIM = bool(config.ENABLE_CUDASIM)
+
+
+def _env_int(name, default):
+    try:
+        return int(os.environ.get(name, "") or default)
+    except ValueError:
+        return default
+
+
+#: threads per block of 1-D kernels (a power of two: the tree reductions halve it)
+BLOCK = _env_int("JITNET_CUDA_BLOCK", 16 if SIM else 256)
+if BLOCK < 1 or BLOCK & (BLOCK - 1):
+    raise ValueError(f"JITNET_CUDA_BLOCK must be a power of two, got {BLOCK}")
+#: the grid never has more blocks than this; grid-stride loops cover the rest
+MAX_BLOCKS = _env_int("JITNET_CUDA_MAX_BLOCKS", 2 if SIM else 16384)
+#: elements of one row that one block reduces before a second pass combines the partial results
+ROW_CHUNK = BLOCK * (4 if SIM else 32)
+#: rows one thread sums in a column reduction before a second pass
+COL_CHUNK = 4 if SIM else 64
+#: rows of at most this length are handled one thread per row (softmax family, arg-reductions)
+SMALL_ROW = 8 if SIM else 32
+#: matmul tiles: a block computes a BM x BN tile of C in BK-deep steps, each thread a TM x TN sub-tile
+MM_BM, MM_BN, MM_BK, MM_TM, MM_TN = (8, 8, 4, 2, 2) if SIM else (64, 64, 16, 4, 4)
+MM_TR = MM_BM // MM_TM          # thread rows of a tile
+MM_TC = MM_BN // MM_TN          # thread columns of a tile
+MM_THREADS = MM_TR * MM_TC
+
+_U64 = np.uint64
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+_S30 = np.uint64(30)
+_S27 = np.uint64(27)
+_S31 = np.uint64(31)
+_S11 = np.uint64(11)
+_S40 = np.uint64(40)
+_TWO53 = 1.0 / 9007199254740992.0
+_TWO24 = 1.0 / 16777216.0
+
+
+def grid(n, block=None):
+    """Return the number of blocks for ``n`` work items (at least 1, at most MAX_BLOCKS)."""
+    b = block or BLOCK
+    return max(1, min((int(n) + b - 1) // b, MAX_BLOCKS))
+
+
+# ==============================================================================================================
+# Scalar helpers (the elementwise templates call these by name; kernelgen_cuda imports them)
+# ==============================================================================================================
+# On a GPU math.exp / math.floor / math.fmod follow IEEE semantics (inf, NaN). The simulator runs the same
+# code as Python, whose math functions raise on inf and NaN instead: there the helpers guard those inputs and
+# return what the GPU returns.
+
+if SIM:
+    @cuda.jit(device=True)
+    def fexp(x):
+        """Return exp(x) (IEEE: exp(inf) = inf, exp(nan) = nan)."""
+        if x != x:
+            return x
+        if x > 709.0:
+            return math.inf
+        return math.exp(x)
+
+    @cuda.jit(device=True)
+    def floor_s(x):
+        """Return floor(x) as a float (NaN and inf unchanged)."""
+        if x != x or x == math.inf or x == -math.inf:
+            return x
+        return math.floor(x)
+
+    @cuda.jit(device=True)
+    def ceil_s(x):
+        """Return ceil(x) as a float (NaN and inf unchanged)."""
+        if x != x or x == math.inf or x == -math.inf:
+            return x
+        return math.ceil(x)
+
+    @cuda.jit(device=True)
+    def fmod_raw(a, b):
+        """Return C's fmod(a, b) (NaN when b is 0 or a is infinite)."""
+        if b == 0 or a != a or b != b or a == math.inf or a == -math.inf:
+            return math.nan
+        return math.fmod(a, b)
+
+    @cuda.jit(device=True)
+    def sin_s(x):
+        """Return sin(x) (NaN for infinite x)."""
+        if x != x or x == math.inf or x == -math.inf:
+            return math.nan
+        return math.sin(x)
+
+    @cuda.jit(device=True)
+    def cos_s(x):
+        """Return cos(x) (NaN for infinite x)."""
+        if x != x or x == math.inf or x == -math.inf:
+            return math.nan
+        return math.cos(x)
+else:
+    @cuda.jit(device=True)
+    def fexp(x):
+        """Return exp(x)."""
+        return math.exp(x)
+
+    @cuda.jit(device=True)
+    def floor_s(x):
+        """Return floor(x) as a float."""
+        return math.floor(x)
+
+    @cuda.jit(device=True)
+    def ceil_s(x):
+        """Return ceil(x) as a float."""
+        return math.ceil(x)
+
+    @cuda.jit(device=True)
+    def fmod_raw(a, b):
+        """Return C's fmod(a, b)."""
+        return math.fmod(a, b)
+
+    @cuda.jit(device=True)
+    def sin_s(x):
+        """Return sin(x)."""
+        return math.sin(x)
+
+    @cuda.jit(device=True)
+    def cos_s(x):
+        """Return cos(x)."""
+        return math.cos(x)
+
+
+@cuda.jit(device=True)
+def sigmoid_s(x, one):
+    """Return the logistic sigmoid of x, stable for large |x|."""
+    z = fexp(-abs(x))
+    if x >= 0:
+        return one / (one + z)
+    return z / (one + z)
+
+
+@cuda.jit(device=True)
+def softplus_s(x, zero):
+    """Return log(1 + exp(x)), stable for large |x|."""
+    m = x if x > zero else zero
+    return m + math.log1p(fexp(-abs(x)))
+
+
+@cuda.jit(device=True)
+def sign_s(x, zero):
+    """Return -1, 0 or 1 with the sign of x (NaN stays NaN)."""
+    if x > zero:
+        return zero + 1
+    if x < zero:
+        return zero - 1
+    return x * zero
+
+
+@cuda.jit(device=True)
+def maximum_s(a, b):
+    """Return the larger of a and b, NaN if either is NaN."""
+    if a != a:
+        return a
+    if b != b:
+        return b
+    return a if a >= b else b
+
+
+@cuda.jit(device=True)
+def minimum_s(a, b):
+    """Return the smaller of a and b, NaN if either is NaN."""
+    if a != a:
+        return a
+    if b != b:
+        return b
+    return a if a <= b else b
+
+
+@cuda.jit(device=True)
+def floordiv_s(a, b):
+    """Return floor(a / b) for floats."""
+    return floor_s(a / b)
+
+
+@cuda.jit(device=True)
+def ifloordiv_s(a, b):
+    """Return a // b for integers, 0 where b == 0."""
+    if b == 0:
+        return a * 0
+    return a // b
+
+
+@cuda.jit(device=True)
+def imod_s(a, b):
+    """Return a mod b for integers with the sign of b, 0 where b == 0."""
+    if b == 0:
+        return a * 0
+    return a % b
+
+
+@cuda.jit(device=True)
+def fmod_s(a, b):
+    """Return a mod b for floats with the sign of b (NumPy's remainder)."""
+    r = fmod_raw(a, b)
+    if r != 0 and ((r < 0) != (b < 0)):
+        r += b
+    return r
+
+
+@cuda.jit(device=True)
+def _better_max(a, b):
+    """Combine for max: NaN wins."""
+    if a != a:
+        return a
+    if b != b or b > a:
+        return b
+    return a
+
+
+@cuda.jit(device=True)
+def _better_min(a, b):
+    """Combine for min: NaN wins."""
+    if a != a:
+        return a
+    if b != b or b < a:
+        return b
+    return a
+
+
+@cuda.jit(device=True)
+def _combine(a, b, op):
+    """Combine two partial reductions: op 0 sum, 1 prod, 2 max, 3 min."""
+    if op == 0:
+        return a + b
+    if op == 1:
+        return a * b
+    if op == 2:
+        return _better_max(a, b)
+    return _better_min(a, b)
+
+
+@cuda.jit(device=True)
+def _report(err, code, value, bound, opid):
+    """Record an error (the first one wins: compare-and-swap on err[0])."""
+    if cuda.atomic.compare_and_swap(err, 0, code) == 0:
+        err[1] = value
+        err[2] = bound
+        err[3] = opid
+
+
+@cuda.jit(device=True)
+def _fix_index(v, n, err, opid):
+    """Return index v wrapped into [0, n) (negative counts from the end); report and return -1 if out of range."""
+    if v < 0:
+        v += n
+    if v < 0 or v >= n:
+        _report(err, 1, v if v >= 0 else v - n, n, opid)
+        return -1
+    return v
+
+
+# ==============================================================================================================
+# Fill, ranges, strided gather/scatter (views with any strides, negative ones included)
+# ==============================================================================================================
+
+@cuda.jit
+def fill(out, value):
+    """out[i] = value for a flat out."""
+    i = cuda.grid(1)
+    step = cuda.gridsize(1)
+    while i < out.shape[0]:
+        out[i] = value
+        i += step
+
+
+@cuda.jit
+def arange_fill(out, start, step_value):
+    """out[i] = start + i * step_value."""
+    i = cuda.grid(1)
+    step = cuda.gridsize(1)
+    while i < out.shape[0]:
+        out[i] = start + i * step_value
+        i += step
+
+
+@cuda.jit
+def eye_fill(out, k):
+    """out[i, j] = 1 where j == i + k, else 0 (out 2-D)."""
+    i = cuda.grid(1)
+    step = cuda.gridsize(1)
+    m = out.shape[1]
+    n = out.shape[0] * m
+    while i < n:
+        r = i // m
+        c = i - r * m
+        out[r, c] = 1 if c == r + k else 0
+        i += step
+
+
+@cuda.jit
+def gather_strided(src, offset, shape, strides, out):
+    """out[flat i] = src[offset + sum(idx_k * strides[k])] over the C-order multi-index of ``shape``.
+
+    ``src`` is the flat buffer a view lives in; ``strides`` are in elements and may be negative or zero.
+    """
+    i = cuda.grid(1)
+    step = cuda.gridsize(1)
+    nd = len(shape)
+    while i < out.shape[0]:
+        q = i
+        pos = offset
+        for kk in range(nd):
+            k = nd - 1 - kk
+            d = shape[k]
+            c = q % d
+            q = q // d
+            pos += c * strides[k]
+        out[i] = src[pos]
+        i += step
+
+
+@cuda.jit
+def scatter_strided(src, dst, offset, shape, strides):
+    """dst[offset + sum(idx_k * strides[k])] = src[flat i] (the inverse of ``gather_strided``; no duplicates)."""
+    i = cuda.grid(1)
+    step = cuda.gridsize(1)
+    nd = len(shape)
+    while i < src.shape[0]:
+        q = i
+        pos = offset
+        for kk in range(nd):
+            k = nd - 1 - kk
+            d = shape[k]
+            c = q % d
+            q = q // d
+            pos += c * strides[k]
+        dst[pos] = src[i]
+        i += step
+
+
+# ==============================================================================================================
+# Reductions: rows (m, n) over the last axis, columns (n, m) over the first. op: 0 sum, 1 prod, 2 max, 3 min
+# ==============================================================================================================
+
+@cuda.jit
+def reduce_rows(x, out, op, ident, chunk):
+    """out[r, c] = reduction of x[r, c*chunk:(c+1)*chunk]; one block per (row, chunk) task, tree in shared memory."""
+    sm = cuda.shared.array(BLOCK, dtype=x.dtype)
+    t = cuda.threadIdx.x
+    m = x.shape[0]
+    n = x.shape[1]
+    nch = out.shape[1]
+    task = cuda.blockIdx.x
+    while task < m * nch:
+        r = task // nch
+        c = task - r * nch
+        lo = c * chunk
+        hi = min(lo + chunk, n)
+        acc = ident
+        j = lo + t
+        while j < hi:
+            acc = _combine(acc, x[r, j], op)
+            j += BLOCK
+        sm[t] = acc
+        cuda.syncthreads()
+        s = BLOCK // 2
+        while s > 0:
+            if t < s:
+                sm[t] = _combine(sm[t], sm[t + s], op)
+            cuda.syncthreads()
+            s //= 2
+        if t == 0:
+            out[r, c] = sm[0]
+        cuda.syncthreads()          # sm is rewritten by the next task
+        task += cuda.gridDim.x
+
+
+@cuda.jit
+def reduce_cols(x, out, op, ident, chunk):
+    """out[c, j] = reduction of x[c*chunk:(c+1)*chunk, j]: one thread per (chunk, column), coalesced reads."""
+    i = cuda.grid(1)
+    step = cuda.gridsize(1)
+    n = x.shape[0]
+    m = x.shape[1]
+    nch = out.shape[0]
+    while i < nch * m:
+        c = i // m
+        j = i - c * m
+        lo = c * chunk
+        hi = min(lo + chunk, n)
+        acc = ident
+        for r in range(lo, hi):
+            acc = _combine(acc, x[r, j], op)
+        out[c, j] = acc
+        i += step
+
+
+@cuda.jit(device=True)
+def _arg_better(v, i, bv, bi, is_max):
+    """True when (v, i) beats (bv, bi): NaN first, then larger (smaller) value, then smaller index."""
+    if bi < 0:
+        return True
+    if v != v:
+        return bv == bv or i < bi
+    if bv != bv:
+        return False
+    if v == bv:
+        return i < bi
+    return v > bv if is_max else v < bv
+
+
+@cuda.jit
+def argreduce_rows(x, out, is_max):
+    """out[r] = index of the first max (min) of row r, NaN first; one block per row."""
+    sv = cuda.shared.array(BLOCK, dtype=x.dtype)
+    si = cuda.shared.array(BLOCK, dtype=np.int64)
+    t = cuda.threadIdx.x
+    m = x.shape[0]
+    n = x.shape[1]
+    r = cuda.blockIdx.x
+    while r < m:
+        bv = x[r, 0]
+        bi = -1
+        j = t
+        while j < n:
+            v = x[r, j]
+            if _arg_better(v, j, bv, bi, is_max):
+                bv = v
+                bi = j
+            j += BLOCK
+        sv[t] = bv
+        si[t] = bi
+        cuda.syncthreads()
+        s = BLOCK // 2
+        while s > 0:
+            if t < s:
+                oi = si[t + s]
+                if oi >= 0 and _arg_better(sv[t + s], oi, sv[t], si[t], is_max):
+                    sv[t] = sv[t + s]
+                    si[t] = oi
+            cuda.syncthreads()
+            s //= 2
+        if t == 0:
+            out[r] = si[0]
+        cuda.syncthreads()
+        r += cuda.gridDim.x
+
+
+@cuda.jit
+def argreduce_rows_small(x, out, is_max):
+    """out[r] = index of the first max (min) of row r; one thread per (short) row."""
+    r = cuda.grid(1)
+    step = cuda.gridsize(1)
+    while r < x.shape[0]:
+        bv = x[r, 0]
+        bi = 0
+        for j in range(1, x.shape[1]):
+            v = x[r, j]
+            if _arg_better(v, j, bv, bi, is_max):
+                bv = v
+                bi = j
+        out[r] = bi
+        r += step
+
+
+# ==============================================================================================================
+# Softmax family over the rows of (m, n): block-per-row kernels (three tree reductions) and thread-per-row ones
+# ==============================================================================================================
+
+@cuda.jit(device=True)
+def _block_max(sm, t, v):
+    """Return the max of v over the block (NaN wins) through shared array sm; every thread gets it."""
+    sm[t] = v
+    cuda.syncthreads()
+    s = BLOCK // 2
+    while s > 0:
+        if t < s:
+            sm[t] = _better_max(sm[t], sm[t + s])
+        cuda.syncthreads()
+        s //= 2
+    r = sm[0]
+    cuda.syncthreads()
+    return r
+
+
+@cuda.jit(device=True)
+def _block_sum(sm, t, v):
+    """Return the sum of v over the block through shared array sm; every thread gets it."""
+    sm[t] = v
+    cuda.syncthreads()
+    s = BLOCK // 2
+    while s > 0:
+        if t < s:
+            sm[t] += sm[t + s]
+        cuda.syncthreads()
+        s //= 2
+    r = sm[0]
+    cuda.syncthreads()
+    return r
+
+
+@cuda.jit
+def softmax_rows(x, out, mode):
+    """out = softmax (mode 0) or log_softmax (mode 1) of each row of x; one block per row."""
+    sm = cuda.shared.array(BLOCK, dtype=x.dtype)
+    t = cuda.threadIdx.x
+    m = x.shape[0]
+    n = x.shape[1]
+    r = cuda.blockIdx.x
+    while r < m:
+        mx = x[r, 0]
+        j = t
+        while j < n:
+            mx = _better_max(mx, x[r, j])
+            j += BLOCK
+        mx = _block_max(sm, t, mx)
+        s = mx - mx                 # 0, or NaN for an infinite or NaN max (the row's softmax is NaN then)
+        j = t
+        while j < n:
+            s += fexp(x[r, j] - mx)
+            j += BLOCK
+        s = _block_sum(sm, t, s)
+        if mode == 0:
+            inv = (s * 0 + 1) / s
+            j = t
+            while j < n:
+                out[r, j] = fexp(x[r, j] - mx) * inv
+                j += BLOCK
+        else:
+            ls = mx + math.log(s)
+            j = t
+            while j < n:
+                out[r, j] = x[r, j] - ls
+                j += BLOCK
+        r += cuda.gridDim.x
+
+
+@cuda.jit
+def softmax_rows_small(x, out, mode):
+    """``softmax_rows`` with one thread per (short) row."""
+    r = cuda.grid(1)
+    step = cuda.gridsize(1)
+    n = x.shape[1]
+    while r < x.shape[0]:
+        mx = x[r, 0]
+        for j in range(1, n):
+            mx = _better_max(mx, x[r, j])
+        s = mx - mx
+        for j in range(n):
+            s += fexp(x[r, j] - mx)
+        if mode == 0:
+            inv = (s * 0 + 1) / s
+            for j in range(n):
+                out[r, j] = fexp(x[r, j] - mx) * inv
+        else:
+            ls = mx + math.log(s)
+            for j in range(n):
+                out[r, j] = x[r, j] - ls
+        r += step
+
+
+@cuda.jit(device=True)
+def _lse_finish(mx, s):
+    """Return logsumexp from the row max and sum(exp(x - max)); an infinite or NaN max is the answer itself."""
+    if mx != mx or mx == math.inf or mx == -math.inf:
+        return mx
+    return mx + math.log(s)
+
+
+@cuda.jit
+def logsumexp_rows(x, out):
+    """out[r] = log(sum(exp(x[r]))), stable; one block per row."""
+    sm = cuda.shared.array(BLOCK, dtype=x.dtype)
+    t = cuda.threadIdx.x
+    m = x.shape[0]
+    n = x.shape[1]
+    r = cuda.blockIdx.x
+    while r < m:
+        mx = x[r, 0]
+        j = t
+        while j < n:
+            mx = _better_max(mx, x[r, j])
+            j += BLOCK
+        mx = _block_max(sm, t, mx)
+        s = mx * 0
+        if mx == mx and mx != math.inf and mx != -math.inf:
+            j = t
+            while j < n:
+                s += fexp(x[r, j] - mx)
+                j += BLOCK
+        s = _block_sum(sm, t, s)
+        if t == 0:
+            out[r] = _lse_finish(mx, s)
+        r += cuda.gridDim.x
+
+
+@cuda.jit(device=True)
+def _row_lse(x, r):
+    """Return logsumexp of row r of x (sequential: thread-per-row kernels)."""
+    n = x.shape[1]
+    mx = x[r, 0]
+    for j in range(1, n):
+        mx = _better_max(mx, x[r, j])
+    s = mx * 0
+    if mx == mx and mx != math.inf and mx != -math.inf:
+        for j in range(n):
+            s += fexp(x[r, j] - mx)
+    return _lse_finish(mx, s)
+
+
+@cuda.jit(device=True)
+def _block_row_lse(x, r, sm, t):
+    """Return logsumexp of row r of x computed by the whole block (every thread gets it)."""
+    n = x.shape[1]
+    mx = x[r, 0]
+    j = t
+    while j < n:
+        mx = _better_max(mx, x[r, j])
+        j += BLOCK
+    mx = _block_max(sm, t, mx)
+    s = mx * 0
+    if mx == mx and mx != math.inf and mx != -math.inf:
+        j = t
+        while j < n:
+            s += fexp(x[r, j] - mx)
+            j += BLOCK
+    s = _block_sum(sm, t, s)
+    return _lse_finish(mx, s)
+
+
+@cuda.jit
+def logsumexp_rows_small(x, out):
+    """``logsumexp_rows`` with one thread per (short) row."""
+    r = cuda.grid(1)
+    step = cuda.gridsize(1)
+    while r < x.shape[0]:
+        out[r] = _row_lse(x, r)
+        r += step
+
+
+# -- cross entropy (integer labels: a negative label is ignored; a label >= n is reported) ---------------------
+
+@cuda.jit
+def xent_int_rows(x, labels, out, err, opid):
+    """out[r] = logsumexp(x[r]) - x[r, labels[r]] (0 for a negative label); one block per row."""
+    sm = cuda.shared.array(BLOCK, dtype=x.dtype)
+    t = cuda.threadIdx.x
+    n = x.shape[1]
+    r = cuda.blockIdx.x
+    while r < x.shape[0]:
+        lse = _block_row_lse(x, r, sm, t)
+        if t == 0:
+            lab = labels[r]
+            if lab < 0:
+                out[r] = 0
+            elif lab >= n:
+                _report(err, 1, lab, n, opid)
+                out[r] = math.nan
+            else:
+                out[r] = lse - x[r, lab]
+        r += cuda.gridDim.x
+
+
+@cuda.jit
+def xent_int_rows_small(x, labels, out, err, opid):
+    """``xent_int_rows`` with one thread per (short) row."""
+    r = cuda.grid(1)
+    step = cuda.gridsize(1)
+    n = x.shape[1]
+    while r < x.shape[0]:
+        lab = labels[r]
+        if lab < 0:
+            out[r] = 0
+        elif lab >= n:
+            _report(err, 1, lab, n, opid)
+            out[r] = math.nan
+        else:
+            out[r] = _row_lse(x, r) - x[r, lab]
+        r += step
+
+
+@cuda.jit
+def xent_int_grad_rows(x, labels, g, out):
+    """out[r] = g[r] * (softmax(x[r]) - onehot(labels[r])) (zeros for a negative label); one block per row."""
+    sm = cuda.shared.array(BLOCK, dtype=x.dtype)
+    t = cuda.threadIdx.x
+    n = x.shape[1]
+    r = cuda.blockIdx.x
+    while r < x.shape[0]:
+        lse = _block_row_lse(x, r, sm, t)
+        lab = labels[r]
+        gi = g[r]
+        j = t
+        while j < n:
+            if lab < 0:
+                out[r, j] = 0
+            else:
+                v = gi * fexp(x[r, j] - lse)
+                out[r, j] = v - gi if j == lab else v
+            j += BLOCK
+        r += cuda.gridDim.x
+
+
+@cuda.jit
+def xent_int_grad_rows_small(x, labels, g, out):
+    """``xent_int_grad_rows`` with one thread per (short) row."""
+    r = cuda.grid(1)
+    step = cuda.gridsize(1)
+    n = x.shape[1]
+    while r < x.shape[0]:
+        lab = labels[r]
+        if lab < 0:
+            for j in range(n):
+                out[r, j] = 0
+        else:
+            lse = _row_lse(x, r)
+            gi = g[r]
+            for j in range(n):
+                v = gi * fexp(x[r, j] - lse)
+                out[r, j] = v - gi if j == lab else v
+        r += step
+
+
+@cuda.jit
+def xent_prob_rows(x, p, out):
+    """out[r] = sum_j p[r, j] * (logsumexp(x[r]) - x[r, j]); one block per row."""
+    sm = cuda.shared.array(BLOCK, dtype=x.dtype)
+    t = cuda.threadIdx.x
+    n = x.shape[1]
+    r = cuda.blockIdx.x
+    while r < x.shape[0]:
+        lse = _block_row_lse(x, r, sm, t)
+        s = lse * 0
+        j = t
+        while j < n:
+            pj = p[r, j]
+            if pj != 0:
+                s += pj * (lse - x[r, j])
+            j += BLOCK
+        s = _block_sum(sm, t, s)
+        if t == 0:
+            out[r] = s
+        r += cuda.gridDim.x
+
+
+@cuda.jit
+def xent_prob_rows_small(x, p, out):
+    """``xent_prob_rows`` with one thread per (short) row."""
+    r = cuda.grid(1)
+    step = cuda.gridsize(1)
+    while r < x.shape[0]:
+        lse = _row_lse(x, r)
+        s = lse * 0
+        for j in range(x.shape[1]):
+            pj = p[r, j]
+            if pj != 0:
+                s += pj * (lse - x[r, j])
+        out[r] = s
+        r += step
+
+
+@cuda.jit
+def xent_prob_grad_rows(x, p, g, out):
+    """out[r] = g[r] * (softmax(x[r]) * sum(p[r]) - p[r]); one block per row."""
+    sm = cuda.shared.array(BLOCK, dtype=x.dtype)
+    t = cuda.threadIdx.x
+    n = x.shape[1]
+    r = cuda.blockIdx.x
+    while r < x.shape[0]:
+        lse = _block_row_lse(x, r, sm, t)
+        sp = p[r, 0] * 0
+        j = t
+        while j < n:
+            sp += p[r, j]
+            j += BLOCK
+        sp = _block_sum(sm, t, sp)
+        gi = g[r]
+        j = t
+        while j < n:
+            out[r, j] = gi * (fexp(x[r, j] - lse) * sp - p[r, j])
+            j += BLOCK
+        r += cuda.gridDim.x
+
+
+@cuda.jit
+def xent_prob_grad_rows_small(x, p, g, out):
+    """``xent_prob_grad_rows`` with one thread per (short) row."""
+    r = cuda.grid(1)
+    step = cuda.gridsize(1)
+    n = x.shape[1]
+    while r < x.shape[0]:
+        lse = _row_lse(x, r)
+        sp = p[r, 0] * 0
+        for j in range(n):
+            sp += p[r, j]
+        gi = g[r]
+        for j in range(n):
+            out[r, j] = gi * (fexp(x[r, j] - lse) * sp - p[r, j])
+        r += step
+
+
+# ==============================================================================================================
+# Matmul: c[b] = a[b] @ b[b] for (batch, M, K) @ (batch, K, N), any strides (transposed views need no copy)
+# ==============================================================================================================
+
+@cuda.jit
+def matmul_tiled(a, b, c, zero):
+    """Tiled shared-memory matmul with a TM x TN register tile per thread (blocks of MM_THREADS threads).
+
+    Grid: (ceil(N / BN), ceil(M / BM), batches); a block loops over batches with a grid stride in z. Tiles
+    of A (BM x BK) and B (BK x BN) are staged in shared memory, zero-padded at the edges; A's tile is stored
+    transposed with one column of padding so that the staging writes do not conflict on shared-memory banks.
+    Each thread owns rows ``tr + MM_TR * i`` and columns ``tc + MM_TC * j`` of the tile, so a warp reads
+    consecutive words of B's tile and writes consecutive columns of C.
+    """
+    As = cuda.shared.array((MM_BK, MM_BM + 1), dtype=c.dtype)
+    Bs = cuda.shared.array((MM_BK, MM_BN), dtype=c.dtype)
+    acc = cuda.local.array((MM_TM, MM_TN), dtype=c.dtype)
+    ra = cuda.local.array(MM_TM, dtype=c.dtype)
+    rb = cuda.local.array(MM_TN, dtype=c.dtype)
+    tid = cuda.threadIdx.x
+    tr = tid // MM_TC
+    tc = tid - tr * MM_TC
+    M = c.shape[1]
+    N = c.shape[2]
+    K = a.shape[2]
+    row0 = cuda.blockIdx.y * MM_BM
+    col0 = cuda.blockIdx.x * MM_BN
+    bz = cuda.blockIdx.z
+    while bz < c.shape[0]:
+        for i in range(MM_TM):
+            for j in range(MM_TN):
+                acc[i, j] = zero
+        for k0 in range(0, K, MM_BK):
+            e = tid
+            while e < MM_BM * MM_BK:
+                rr = e // MM_BK
+                kk = e - rr * MM_BK
+                gr = row0 + rr
+                gk = k0 + kk
+                As[kk, rr] = a[bz, gr, gk] if (gr < M and gk < K) else zero
+                e += MM_THREADS
+            e = tid
+            while e < MM_BK * MM_BN:
+                kk = e // MM_BN
+                cc = e - kk * MM_BN
+                gk = k0 + kk
+                gc = col0 + cc
+                Bs[kk, cc] = b[bz, gk, gc] if (gk < K and gc < N) else zero
+                e += MM_THREADS
+            cuda.syncthreads()
+            for kk in range(MM_BK):
+                for i in range(MM_TM):
+                    ra[i] = As[kk, tr + MM_TR * i]
+                for j in range(MM_TN):
+                    rb[j] = Bs[kk, tc + MM_TC * j]
+                for i in range(MM_TM):
+                    for j in range(MM_TN):
+                        acc[i, j] += ra[i] * rb[j]
+            cuda.syncthreads()
+        for i in range(MM_TM):
+            gr = row0 + tr + MM_TR * i
+            if gr < M:
+                for j in range(MM_TN):
+                    gc = col0 + tc + MM_TC * j
+                    if gc < N:
+                        c[bz, gr, gc] = acc[i, j]
+        bz += cuda.gridDim.z
+
+
+# ==============================================================================================================
+# Gathers and scatters (indices of any integer dtype; negative ones count from the end)
+# ==============================================================================================================
+
+@cuda.jit
+def take_axis(x, idx, out, err, opid):
+    """out[o, j, k] = x[o, idx[j], k] for x (outer, n, inner), idx (m,), out (outer, m, inner)."""
+    i = cuda.grid(1)
+    step = cuda.gridsize(1)
+    outer = out.shape[0]
+    m = out.shape[1]
+    inner = out.shape[2]
+    n = x.shape[1]
+    while i < outer * m * inner:
+        o = i // (m * inner)
+        rem = i - o * m * inner
+        j = rem // inner
+        k = rem - j * inner
+        src = _fix_index(idx[j], n, err, opid)
+        if src < 0:
+            out[o, j, k] = 0
+        else:
+            out[o, j, k] = x[o, src, k]
+        i += step
+
+
+@cuda.jit
+def scatter_add_axis(target, idx, upd, err, opid):
+    """target[o, idx[j], k] += upd[o, j, k] with atomics (duplicate indices accumulate)."""
+    i = cuda.grid(1)
+    step = cuda.gridsize(1)
+    outer = upd.shape[0]
+    m = upd.shape[1]
+    inner = upd.shape[2]
+    n = target.shape[1]
+    while i < outer * m * inner:
+        o = i // (m * inner)
+        rem = i - o * m * inner
+        j = rem // inner
+        k = rem - j * inner
+        dst = _fix_index(idx[j], n, err, opid)
+        if dst >= 0:
+            cuda.atomic.add(target, (o, dst, k), upd[o, j, k])
+        i += step
+
+
+@cuda.jit
+def one_hot_fill(idx, out, on, off):
+    """out[i, j] = on where j == idx[i] else off (an index outside [0, depth) gives a row of off)."""
+    i = cuda.grid(1)
+    step = cuda.gridsize(1)
+    depth = out.shape[1]
+    while i < out.shape[0] * depth:
+        r = i // depth
+        j = i - r * depth
+        out[r, j] = on if idx[r] == j else off
+        i += step
+
+
+@cuda.jit
+def take_along_rows(x, idx, out, err, opid):
+    """out[r, j] = x[r, idx[r, j]] for x (rows, n), idx and out (rows, k)."""
+    i = cuda.grid(1)
+    step = cuda.gridsize(1)
+    k = out.shape[1]
+    n = x.shape[1]
+    while i < out.shape[0] * k:
+        r = i // k
+        j = i - r * k
+        src = _fix_index(idx[r, j], n, err, opid)
+        out[r, j] = x[r, src] if src >= 0 else 0
+        i += step
+
+
+@cuda.jit
+def put_along_rows_add(target, idx, upd, err, opid):
+    """target[r, idx[r, j]] += upd[r, j] with atomics."""
+    i = cuda.grid(1)
+    step = cuda.gridsize(1)
+    k = upd.shape[1]
+    n = target.shape[1]
+    while i < upd.shape[0] * k:
+        r = i // k
+        j = i - r * k
+        dst = _fix_index(idx[r, j], n, err, opid)
+        if dst >= 0:
+            cuda.atomic.add(target, (r, dst), upd[r, j])
+        i += step
+
+
+# ==============================================================================================================
+# Scans, sorting
+# ==============================================================================================================
+
+@cuda.jit
+def cumulative_lines(x, out, op, exclusive, reverse, init):
+    """Cumulative sum (op 0) / product (op 1) of x (outer, n, inner) along axis 1: one thread per line.
+
+    ``init`` is 0 (sum) or 1 (product) in out's dtype."""
+    i = cuda.grid(1)
+    step = cuda.gridsize(1)
+    outer = x.shape[0]
+    n = x.shape[1]
+    inner = x.shape[2]
+    while i < outer * inner:
+        o = i // inner
+        k = i - o * inner
+        acc = init
+        for jj in range(n):
+            j = n - 1 - jj if reverse else jj
+            v = x[o, j, k]
+            if exclusive:
+                out[o, j, k] = acc
+            if op == 0:
+                acc += v
+            else:
+                acc *= v
+            if not exclusive:
+                out[o, j, k] = acc
+        i += step
+
+
+@cuda.jit(device=True)
+def _sorts_before(a, i, b, j, descending):
+    """True when element (a, i) comes before (b, j) in a stable sort; NaN last in both directions."""
+    if a != a:
+        return b != b and i < j
+    if b != b:
+        return True
+    if a == b:
+        return i < j
+    return a > b if descending else a < b
+
+
+@cuda.jit
+def rank_sort_rows(x, out, descending, k):
+    """Stable argsort of each row (rank sort: one thread per element counts what sorts before it).
+
+    out[r, rank(i)] = i for the elements whose rank is below k (k = n: a full argsort; smaller: top-k).
+    O(n) work per element: meant for rows of up to a few thousand entries.
+    """
+    i = cuda.grid(1)
+    step = cuda.gridsize(1)
+    n = x.shape[1]
+    while i < x.shape[0] * n:
+        r = i // n
+        e = i - r * n
+        v = x[r, e]
+        rank = 0
+        for j in range(n):
+            if _sorts_before(x[r, j], j, v, e, descending):
+                rank += 1
+        if rank < k:
+            out[r, rank] = e
+        i += step
+
+
+# ==============================================================================================================
+# Random numbers: a counter-based generator (SplitMix64 of key + counter * golden gamma), no state on the device
+# ==============================================================================================================
+
+@cuda.jit(device=True)
+def _mix64(z):
+    """The SplitMix64 output function of state z (uint64)."""
+    z = (z ^ (z >> _S30)) * _MIX1
+    z = (z ^ (z >> _S27)) * _MIX2
+    return z ^ (z >> _S31)
+
+
+@cuda.jit(device=True)
+def _bits(key, counter):
+    """Return 64 random bits for (key, counter)."""
+    return _mix64(key + counter * _GOLDEN)
+
+
+@cuda.jit(device=True)
+def _unit53(h):
+    """Return a float64 in [0, 1) from the top 53 bits of h."""
+    return (h >> _S11) * _TWO53
+
+
+@cuda.jit(device=True)
+def _normal_pair(key, c):
+    """Return a standard normal draw (Box-Muller on two uniforms of counters 2c and 2c+1)."""
+    u1 = ((_bits(key, c + c) >> _S11) + _U64(1)) * _TWO53          # (0, 1]
+    u2 = _unit53(_bits(key, c + c + _U64(1)))
+    return math.sqrt(-2.0 * math.log(u1)) * math.cos(6.283185307179586 * u2)
+
+
+@cuda.jit
+def random_fill(out, kind, key, offset, a, b):
+    """Fill flat ``out`` with draws of ``kind``: 0 uniform[a, b), 1 normal(a, b), 2 truncated normal (|z| <= 2),
+    3 bernoulli(a), 4 integers in [a, b). Element i uses counters from ``offset + i`` (truncated normal: up
+    to 64 rounds of ``offset + round * n + i``), so draws never overlap when the caller advances ``offset``."""
+    i = cuda.grid(1)
+    step = cuda.gridsize(1)
+    n = out.shape[0]
+    while i < n:
+        c = offset + _U64(i)
+        if kind == 0:
+            out[i] = a + (b - a) * _unit53(_bits(key, c))
+        elif kind == 1:
+            out[i] = a + b * _normal_pair(key, c)
+        elif kind == 2:
+            z = _normal_pair(key, c)
+            rnd = 1
+            while (z > 2.0 or z < -2.0) and rnd < 64:
+                z = _normal_pair(key, offset + _U64(rnd) * _U64(n) + _U64(i))
+                rnd += 1
+            if z > 2.0 or z < -2.0:
+                z = 0.0
+            out[i] = a + b * z
+        elif kind == 3:
+            out[i] = 1 if _unit53(_bits(key, c)) < a else 0
+        else:
+            span = _U64(b - a)
+            out[i] = a + np.int64(_bits(key, c) % span)
+        i += step
+
+
+# ==============================================================================================================
+# Optimizer updates: in place over flat parameter, gradient and slot arrays (scalars in the parameter's dtype)
+# ==============================================================================================================
+
+@cuda.jit
+def sgd_update(p, g, buf, lr, wd, momentum, omd, nesterov, use_mom):
+    """p -= lr * (g + wd p), through a momentum buffer (optionally Nesterov) when use_mom."""
+    i = cuda.grid(1)
+    step = cuda.gridsize(1)
+    while i < p.shape[0]:
+        gi = g[i]
+        if wd != 0:
+            gi = gi + wd * p[i]
+        if use_mom:
+            bv = momentum * buf[i] + omd * gi
+            buf[i] = bv
+            if nesterov:
+                gi = gi + momentum * bv
+            else:
+                gi = bv
+        p[i] = p[i] - lr * gi
+        i += step
+
+
+@cuda.jit
+def adagrad_update(p, g, acc, lr, wd, eps):
+    """acc += g^2; p -= lr * g / (sqrt(acc) + eps)."""
+    i = cuda.grid(1)
+    step = cuda.gridsize(1)
+    while i < p.shape[0]:
+        gi = g[i]
+        if wd != 0:
+            gi = gi + wd * p[i]
+        av = acc[i] + gi * gi
+        acc[i] = av
+        p[i] = p[i] - lr * gi / (math.sqrt(av) + eps)
+        i += step
+
+
+@cuda.jit
+def rmsprop_update(p, g, ms, mg, mom, lr, wd, rho, omr, eps, momentum, centered, use_mom):
+    """ms = rho ms + (1-rho) g^2 (centered: minus mg^2); p -= (momentum of) lr g / sqrt(ms + eps)."""
+    i = cuda.grid(1)
+    step = cuda.gridsize(1)
+    while i < p.shape[0]:
+        gi = g[i]
+        if wd != 0:
+            gi = gi + wd * p[i]
+        s = rho * ms[i] + omr * gi * gi
+        ms[i] = s
+        if centered:
+            av = rho * mg[i] + omr * gi
+            mg[i] = av
+            s = s - av * av
+            if s < 0:
+                s = s * 0
+        stp = lr * gi / math.sqrt(s + eps)
+        if use_mom:
+            stp = momentum * mom[i] + stp
+            mom[i] = stp
+        p[i] = p[i] - stp
+        i += step
+
+
+@cuda.jit
+def adam_update(p, g, m, v, lr_c, wd, b1, omb1, b2, omb2, inv_sqrt_bc2, eps):
+    """Adam: m, v moments; p -= lr_c * m / (sqrt(v) / sqrt(bc2) + eps) with lr_c = lr / bc1."""
+    i = cuda.grid(1)
+    step = cuda.gridsize(1)
+    while i < p.shape[0]:
+        gi = g[i]
+        if wd != 0:
+            gi = gi + wd * p[i]
+        mi = b1 * m[i] + omb1 * gi
+        vi = b2 * v[i] + omb2 * gi * gi
+        m[i] = mi
+        v[i] = vi
+        p[i] = p[i] - lr_c * mi / (math.sqrt(vi) * inv_sqrt_bc2 + eps)
+        i += step
+
+
+@cuda.jit
+def rows_touched(idx, flags, err, opid):
+    """flags[idx[j]] = 1 for every j (marks the rows a sparse gradient names)."""
+    i = cuda.grid(1)
+    step = cuda.gridsize(1)
+    n = flags.shape[0]
+    while i < idx.shape[0]:
+        r = _fix_index(idx[i], n, err, opid)
+        if r >= 0:
+            flags[r] = 1
+        i += step
+
+
+@cuda.jit
+def sgd_rows_update(p, g, buf, flags, lr, wd, momentum, omd, nesterov, use_mom):
+    """``sgd_update`` on the rows of 2-D p whose flag is set (g: summed gradient rows, dense)."""
+    i = cuda.grid(1)
+    step = cuda.gridsize(1)
+    d = p.shape[1]
+    while i < p.shape[0] * d:
+        r = i // d
+        c = i - r * d
+        if flags[r] != 0:
+            gi = g[r, c]
+            if wd != 0:
+                gi = gi + wd * p[r, c]
+            if use_mom:
+                bv = momentum * buf[r, c] + omd * gi
+                buf[r, c] = bv
+                if nesterov:
+                    gi = gi + momentum * bv
+                else:
+                    gi = bv
+            p[r, c] = p[r, c] - lr * gi
+        i += step
+
+
+@cuda.jit
+def adagrad_rows_update(p, g, acc, flags, lr, wd, eps):
+    """``adagrad_update`` on the flagged rows of 2-D p."""
+    i = cuda.grid(1)
+    step = cuda.gridsize(1)
+    d = p.shape[1]
+    while i < p.shape[0] * d:
+        r = i // d
+        c = i - r * d
+        if flags[r] != 0:
+            gi = g[r, c]
+            if wd != 0:
+                gi = gi + wd * p[r, c]
+            av = acc[r, c] + gi * gi
+            acc[r, c] = av
+            p[r, c] = p[r, c] - lr * gi / (math.sqrt(av) + eps)
+        i += step
+
+
+@cuda.jit
+def adam_rows_update(p, g, m, v, flags, lr_c, wd, b1, omb1, b2, omb2, inv_sqrt_bc2, eps):
+    """``adam_update`` on the flagged rows of 2-D p (lazy Adam: other rows and their moments keep still)."""
+    i = cuda.grid(1)
+    step = cuda.gridsize(1)
+    d = p.shape[1]
+    while i < p.shape[0] * d:
+        r = i // d
+        c = i - r * d
+        if flags[r] != 0:
+            gi = g[r, c]
+            if wd != 0:
+                gi = gi + wd * p[r, c]
+            mi = b1 * m[r, c] + omb1 * gi
+            vi = b2 * v[r, c] + omb2 * gi * gi
+            m[r, c] = mi
+            v[r, c] = vi
+            p[r, c] = p[r, c] - lr_c * mi / (math.sqrt(vi) * inv_sqrt_bc2 + eps)
+        i += step
+
+
+# ==============================================================================================================
+# Convolution (im2col / col2im around the tiled matmul) and pooling, NCHW
+# ==============================================================================================================
+
+@cuda.jit
+def im2col(x, cols, kh_, kw_, sh, sw, ph, pw, dh, dw, oh_, ow_):
+    """cols[c*kh*kw + ky*kw + kx, n*oh*ow + oy*ow + ox] = x[n, c, oy*sh - ph + ky*dh, ox*sw - pw + kx*dw] (0 outside)."""
+    i = cuda.grid(1)
+    step = cuda.gridsize(1)
+    ncols = cols.shape[1]
+    total = cols.shape[0] * ncols
+    hw = oh_ * ow_
+    while i < total:
+        row = i // ncols
+        col = i - row * ncols
+        c = row // (kh_ * kw_)
+        rk = row - c * kh_ * kw_
+        ky = rk // kw_
+        kx = rk - ky * kw_
+        n = col // hw
+        rc = col - n * hw
+        oy = rc // ow_
+        ox = rc - oy * ow_
+        iy = oy * sh - ph + ky * dh
+        ix = ox * sw - pw + kx * dw
+        if 0 <= iy < x.shape[2] and 0 <= ix < x.shape[3]:
+            cols[row, col] = x[n, c, iy, ix]
+        else:
+            cols[row, col] = 0
+        i += step
+
+
+@cuda.jit
+def col2im_add(cols, dx, kh_, kw_, sh, sw, ph, pw, dh, dw, oh_, ow_):
+    """dx[n, c, iy, ix] += cols[...] (the adjoint of ``im2col``), with atomics for overlapping windows."""
+    i = cuda.grid(1)
+    step = cuda.gridsize(1)
+    ncols = cols.shape[1]
+    total = cols.shape[0] * ncols
+    hw = oh_ * ow_
+    while i < total:
+        row = i // ncols
+        col = i - row * ncols
+        c = row // (kh_ * kw_)
+        rk = row - c * kh_ * kw_
+        ky = rk // kw_
+        kx = rk - ky * kw_
+        n = col // hw
+        rc = col - n * hw
+        oy = rc // ow_
+        ox = rc - oy * ow_
+        iy = oy * sh - ph + ky * dh
+        ix = ox * sw - pw + kx * dw
+        if 0 <= iy < dx.shape[2] and 0 <= ix < dx.shape[3]:
+            cuda.atomic.add(dx, (n, c, iy, ix), cols[row, col])
+        i += step
+
+
+@cuda.jit
+def onp_to_nop(y2, bias, out, has_bias):
+    """out[n, o, p] = y2[o, n*P + p] (+ bias[o]): the (O, N*P) matmul result to NCHW order."""
+    i = cuda.grid(1)
+    step = cuda.gridsize(1)
+    nb = out.shape[0]
+    o_ = out.shape[1]
+    pp = out.shape[2]
+    while i < nb * o_ * pp:
+        n = i // (o_ * pp)
+        rem = i - n * o_ * pp
+        o = rem // pp
+        p = rem - o * pp
+        v = y2[o, n * pp + p]
+        out[n, o, p] = v + bias[o] if has_bias else v
+        i += step
+
+
+@cuda.jit
+def nop_to_onp(g, out):
+    """out[o, n*P + p] = g[n, o, p]."""
+    i = cuda.grid(1)
+    step = cuda.gridsize(1)
+    nb = g.shape[0]
+    o_ = g.shape[1]
+    pp = g.shape[2]
+    while i < nb * o_ * pp:
+        n = i // (o_ * pp)
+        rem = i - n * o_ * pp
+        o = rem // pp
+        p = rem - o * pp
+        out[o, n * pp + p] = g[n, o, p]
+        i += step
+
+
+@cuda.jit
+def max_pool2d(x, out, kh_, kw_, sh, sw, ph, pw):
+    """out[n, c, oy, ox] = max of the window (padding never wins; NaN propagates)."""
+    i = cuda.grid(1)
+    step = cuda.gridsize(1)
+    nb, ch, oh_, ow_ = out.shape
+    while i < nb * ch * oh_ * ow_:
+        ox = i % ow_
+        q = i // ow_
+        oy = q % oh_
+        q = q // oh_
+        c = q % ch
+        n = q // ch
+        best = x[n, c, 0, 0]
+        have = False
+        for ky in range(kh_):
+            iy = oy * sh - ph + ky
+            if 0 <= iy < x.shape[2]:
+                for kx in range(kw_):
+                    ix = ox * sw - pw + kx
+                    if 0 <= ix < x.shape[3]:
+                        v = x[n, c, iy, ix]
+                        if not have:
+                            best = v
+                            have = True
+                        else:
+                            best = _better_max(best, v)
+        out[n, c, oy, ox] = best
+        i += step
+
+
+@cuda.jit
+def max_pool2d_grad(x, g, dx, kh_, kw_, sh, sw, ph, pw):
+    """dx[argmax of each window] += g (the first maximum of the window, as on the CPU; atomics for overlaps)."""
+    i = cuda.grid(1)
+    step = cuda.gridsize(1)
+    nb, ch, oh_, ow_ = g.shape
+    while i < nb * ch * oh_ * ow_:
+        ox = i % ow_
+        q = i // ow_
+        oy = q % oh_
+        q = q // oh_
+        c = q % ch
+        n = q // ch
+        best = x[n, c, 0, 0]
+        by = -1
+        bx = -1
+        for ky in range(kh_):
+            iy = oy * sh - ph + ky
+            if 0 <= iy < x.shape[2]:
+                for kx in range(kw_):
+                    ix = ox * sw - pw + kx
+                    if 0 <= ix < x.shape[3]:
+                        v = x[n, c, iy, ix]
+                        if by < 0 or v > best:
+                            best = v
+                            by = iy
+                            bx = ix
+        if by >= 0:
+            cuda.atomic.add(dx, (n, c, by, bx), g[n, c, oy, ox])
+        i += step
+
+
+@cuda.jit
+def avg_pool2d(x, out, kh_, kw_, sh, sw, ph, pw, include_pad, zero):
+    """out = mean over the window (over the window's in-bounds part unless include_pad); zero in x's dtype."""
+    i = cuda.grid(1)
+    step = cuda.gridsize(1)
+    nb, ch, oh_, ow_ = out.shape
+    while i < nb * ch * oh_ * ow_:
+        ox = i % ow_
+        q = i // ow_
+        oy = q % oh_
+        q = q // oh_
+        c = q % ch
+        n = q // ch
+        s = zero
+        cnt = 0
+        for ky in range(kh_):
+            iy = oy * sh - ph + ky
+            for kx in range(kw_):
+                ix = ox * sw - pw + kx
+                if 0 <= iy < x.shape[2] and 0 <= ix < x.shape[3]:
+                    s += x[n, c, iy, ix]
+                    cnt += 1
+        if include_pad:
+            h0 = oy * sh - ph
+            w0 = ox * sw - pw
+            cnt = (min(h0 + kh_, x.shape[2] + ph) - h0) * (min(w0 + kw_, x.shape[3] + pw) - w0)
+        out[n, c, oy, ox] = s / max(cnt, 1)
+        i += step
+
+
+@cuda.jit
+def avg_pool2d_grad(g, dx, kh_, kw_, sh, sw, ph, pw, include_pad):
+    """dx += g / count spread over each window (atomics for overlapping windows)."""
+    i = cuda.grid(1)
+    step = cuda.gridsize(1)
+    nb, ch, oh_, ow_ = g.shape
+    while i < nb * ch * oh_ * ow_:
+        ox = i % ow_
+        q = i // ow_
+        oy = q % oh_
+        q = q // oh_
+        c = q % ch
+        n = q // ch
+        h0 = oy * sh - ph
+        w0 = ox * sw - pw
+        if include_pad:
+            cnt = (min(h0 + kh_, dx.shape[2] + ph) - h0) * (min(w0 + kw_, dx.shape[3] + pw) - w0)
+        else:
+            cnt = (min(h0 + kh_, dx.shape[2]) - max(h0, 0)) * (min(w0 + kw_, dx.shape[3]) - max(w0, 0))
+        v = g[n, c, oy, ox] / max(cnt, 1)
+        for ky in range(kh_):
+            iy = oy * sh - ph + ky
+            for kx in range(kw_):
+                ix = ox * sw - pw + kx
+                if 0 <= iy < dx.shape[2] and 0 <= ix < dx.shape[3]:
+                    cuda.atomic.add(dx, (n, c, iy, ix), v)
+        i += step
+
+
+@cuda.jit
+def wrap_index(idx, out, n, err, opid):
+    """out[i] = idx[i] wrapped into [0, n) (negative counts from the end); 0 and a report when out of range."""
+    i = cuda.grid(1)
+    step = cuda.gridsize(1)
+    while i < idx.shape[0]:
+        v = _fix_index(idx[i], n, err, opid)
+        out[i] = v if v >= 0 else 0
+        i += step
