@@ -274,6 +274,89 @@ def test_trace_and_state_continuation():
     np.testing.assert_allclose(np.concatenate([y1.numpy(), y2.numpy()], 1), y.numpy(), atol=1e-12)
 
 
+def test_errors_name_the_problem():
+    with pytest.raises(ValueError, match=r"dnc_memory_step: .*4x3 memory with 1 read heads.*\(batch, 47\).*\(batch, 20\)"):
+        D.dnc_memory_step(_t(np.zeros((2, 5))), _t(np.zeros((2, 15))), 4, 3, 1)
+    with pytest.raises(TypeError, match="share a float dtype"):
+        D.dnc_memory_step(_t(np.zeros((2, D.packed_size(4, 3, 1)))),
+                          jn.zeros((2, D.interface_size(1, 3)), dtype=jn.float32), 4, 3, 1)
+    with pytest.raises(ValueError, match=r"split_interface: expected an interface of shape \(batch, 20\)"):
+        D.split_interface(_t(np.zeros((2, 19))), 1, 3)
+    with pytest.raises(ValueError, match=r"DNC: expected input of shape \(batch, time, 3\), got \(2, 4\)"):
+        _tiny()(_t(np.zeros((2, 4))))
+    with pytest.raises(ValueError, match="min_len"):
+        D.copy_batch(np.random.default_rng(0), 2, 3, 2, 4)
+    assert D.interface_size(4, 16) == 4 * 16 + 3 * 16 + 5 * 4 + 3
+
+
+def test_copy_and_repeat_copy_batches():
+    rng = np.random.default_rng(9)
+    x, y, mask = D.copy_batch(rng, 6, 1, 4, 5)
+    assert x.shape == (6, 9, 6) and y.shape == (6, 9, 5) and mask.shape == (6, 9)
+    for b in range(6):
+        L = int(np.argmax(x[b, :, 5]))                         # the delimiter step
+        assert 1 <= L <= 4 and x[b, :, 5].sum() == 1 and mask[b].sum() == L
+        np.testing.assert_array_equal(y[b, L + 1:2 * L + 1], x[b, :L, :5])
+        assert not x[b, L:, :5].any() and not y[b, mask[b] == 0].any()
+    x, y, mask = D.repeat_copy_batch(rng, 5, 1, 3, 4, 1, 3)
+    assert x.shape == (5, 14, 6) and y.shape == (5, 14, 5)
+    for b in range(5):
+        L = int(np.argmax(x[b, :, 4]))
+        n = int(round(x[b, L, 5] * 3))
+        np.testing.assert_array_equal(y[b, L + 1:L + 1 + n * L, :4], np.tile(x[b, :L, :4], (n, 1)))
+        assert y[b, L + 1 + n * L, 4] == 1 and mask[b].sum() == n * L + 1
+    logits = np.where(y > 0.5, 3.0, -3.0)
+    logits[0, np.nonzero(mask[0])[0][0], 0] *= -1               # one wrong bit
+    assert D.bit_errors(logits, y, mask) == (1, int(mask.sum()) * 5)
+
+
+def test_babi_sequences_from_generated_and_file_stories(tmp_path):
+    stories = BB.generated_babi_stories(4, seed=2)
+    vocab = BB.BabiVocab.build(stories)
+    assert vocab.words[0] == BB.PAD and BB.ANSWER in vocab
+    toks, answers = BB.story_tokens(stories[0])
+    assert toks.count(BB.ANSWER) == len(answers) == len(stories[0])
+    assert [q.answer for q in stories[0]] == answers
+    # the slot follows its question, and every sentence of the context comes before it, in order
+    first_slot = toks.index(BB.ANSWER)
+    assert toks[first_slot - 1] == "?" and toks[:first_slot].count(".") == len(stories[0][0].context)
+    data = BB.encode_stories(stories, vocab)
+    x, y, mask = next(BB.babi_batches(data, vocab, 3, shuffle=False))
+    T = BB.pad_length(data)
+    assert x.shape == (3, T, len(vocab)) and T % 8 == 0
+    np.testing.assert_array_equal(x[0].argmax(-1)[:len(toks)], vocab.encode(toks))
+    assert vocab.decode(y[0][mask[0] > 0]) == answers
+    # the file reader: the real format, a multi-word answer gets one slot per word
+    p = tmp_path / "qa8_lists-sets_train.txt"
+    p.write_text("1 Mary took the apple.\n2 Mary got the football there.\n3 What is Mary carrying?\tapple,football\t1 2\n")
+    (story,) = BB.babi_stories(path=str(p))
+    toks, answers = BB.story_tokens(story)
+    assert answers == ["apple", "football"] and toks[-3:] == ["?", "-", "-"]
+    assert BB.babi_stories(task=1, path=str(tmp_path / "missing")) is None
+    with pytest.raises(KeyError, match="not in the vocabulary"):
+        vocab.encode(["zebra"])
+
+
+def test_babi_model_step_and_evaluation():
+    stories = BB.generated_babi_stories(4, seed=3, questions_per_story=2)
+    vocab = BB.BabiVocab.build(stories)
+    data = BB.encode_stories(stories, vocab)
+    jn.random.seed(0)
+    m = D.BabiModel(len(vocab), hidden_size=8, memory_size=4, word_size=4, num_reads=1, jit=False, dtype=F64)
+    x, y, mask = next(BB.babi_batches(data, vocab, 4, shuffle=False))
+    loss = float(m.train_step(x, y, mask).item())
+    assert np.isfinite(loss) and abs(loss - np.log(len(vocab))) < 1.0
+    ev = m.evaluate(BB.babi_batches(data, vocab, 4, shuffle=False))
+    assert ev["answers"] == 8 and 0.0 <= ev["answer_accuracy"] <= 1.0
+
+
+def test_training_commands_are_registered():
+    from jitnet.models import get_trainer
+    assert get_trainer("dnc-copy") is D.train_dnc_copy and get_trainer("dnc-babi") is D.train_dnc_babi
+    args = D.copy_parser().parse_args(["--max-len", "5", "--repeat-copy"])
+    assert args.max_len == 5 and args.repeat_copy and args.hidden == 64
+
+
 def test_plot_memory_writes_a_file(tmp_path):
     net = _tiny()
     _, trace = net(_t(np.ones((1, 3, 3))), return_trace=True)

@@ -343,8 +343,8 @@ def packed_size(memory_size, word_size, num_reads):
     return N * W + N + N * N + N + R * N + N + R * W
 
 
-@njit(cache=True)
-def _offsets(N, W, R):
+def _offsets_py(N, W, R):
+    """Start of each part of a packed row: memory, usage, link, precedence, read weights, write weights, reads."""
     oM = 0
     ou = oM + N * W
     oL = ou + N
@@ -353,6 +353,9 @@ def _offsets(N, W, R):
     oww = owr + R * N
     orv = oww + N
     return oM, ou, oL, op, owr, oww, orv
+
+
+_offsets = njit(cache=True, no_cpython_wrapper=True)(_offsets_py)
 
 
 def pack_state(state):
@@ -368,14 +371,14 @@ def unpack_state(packed, memory_size, word_size, num_reads):
     if S != packed_size(N, W, R):
         raise ValueError(f"unpack_state: a packed state of {N}x{W} memory with {R} read heads has "
                          f"{packed_size(N, W, R)} columns, got shape {tuple(packed.shape)}")
-    oM, ou, oL, op, owr, oww, orv = _offsets(N, W, R)
+    oM, ou, oL, op, owr, oww, orv = _offsets_py(N, W, R)
     return MemoryState(ops.reshape(packed[:, oM:ou], (B, N, W)), packed[:, ou:oL],
                        ops.reshape(packed[:, oL:op], (B, N, N)), packed[:, op:owr],
                        ops.reshape(packed[:, owr:oww], (B, R, N)), packed[:, oww:orv],
                        ops.reshape(packed[:, orv:], (B, R, W)))
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, no_cpython_wrapper=True, error_model="numpy")
 def _sigm(x):
     if x >= 0:
         return 1.0 / (1.0 + math.exp(-x))
@@ -383,12 +386,12 @@ def _sigm(x):
     return z / (1.0 + z)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, no_cpython_wrapper=True, error_model="numpy")
 def _softplus(x):
     return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
 
 
-@njit(cache=True)
+@njit(cache=True, no_cpython_wrapper=True, error_model="numpy")
 def _content_fwd(mem, key, beta, eps, norms, sim, w):
     """Rows' norms, cosine similarities and softmax weights of one key over mem (N, W)."""
     N, W = mem.shape
@@ -415,7 +418,7 @@ def _content_fwd(mem, key, beta, eps, norms, sim, w):
     return kn
 
 
-@njit(cache=True)
+@njit(cache=True, no_cpython_wrapper=True, error_model="numpy")
 def _content_bwd(mem, key, beta, eps, kn, norms, sim, w, gw, gmem, gkey):
     """Accumulate the gradients of the content weights ``w`` (given ``gw``) into gmem and gkey; return gbeta."""
     N, W = mem.shape
@@ -441,135 +444,16 @@ def _content_bwd(mem, key, beta, eps, kn, norms, sim, w, gw, gmem, gkey):
     return gbeta
 
 
-@njit(cache=True)
-def _row_forward(s, x, N, W, R, eps, o, iv, psi, pre, phi, prefix, alloc, n0, sw, cw, n1, sr, cr, fw, bw, kn):
-    """One example's memory step: read the packed row s and raw interface x, write the new row o.
+@njit(cache=True, error_model="numpy")
+def _memory_kernel(state, xi, g, N, W, R, eps, out, grad):
+    """The memory step of every row of ``state`` (B, S) under the raw interface ``xi`` (B, I).
 
-    Every intermediate the gradient needs is left in the scratch arrays (iv: the interface after its
-    nonlinearities; psi, pre, phi, prefix, alloc: usage and allocation; n0, sw, cw: write content lookup; n1,
-    sr, cr: read content lookups; fw, bw: forward and backward weightings; kn: the keys' norms).
-    """
-    oM, ou, oL, op, owr, oww, orv = _offsets(N, W, R)
-    RW = R * W
-    o_br, o_kw = RW, RW + R
-    o_bw = o_kw + W
-    o_e = o_bw + 1
-    o_v = o_e + W
-    o_f = o_v + W
-    o_ga = o_f + R
-    o_gw = o_ga + 1
-    o_pi = o_gw + 1
-    for k in range(x.shape[0]):
-        iv[k] = x[k]
-    for i in range(R):
-        iv[o_br + i] = 1.0 + _softplus(x[o_br + i])
-        iv[o_f + i] = _sigm(x[o_f + i])
-        mx = max(x[o_pi + 3 * i], max(x[o_pi + 3 * i + 1], x[o_pi + 3 * i + 2]))
-        t = 0.0
-        for m in range(3):
-            iv[o_pi + 3 * i + m] = math.exp(x[o_pi + 3 * i + m] - mx)
-            t += iv[o_pi + 3 * i + m]
-        for m in range(3):
-            iv[o_pi + 3 * i + m] /= t
-    iv[o_bw] = 1.0 + _softplus(x[o_bw])
-    for k in range(W):
-        iv[o_e + k] = _sigm(x[o_e + k])
-    ga = iv[o_ga] = _sigm(x[o_ga])
-    gw = iv[o_gw] = _sigm(x[o_gw])
-    M0 = s[oM:ou].reshape((N, W))
-    M = o[oM:ou].reshape((N, W))
-    L0 = s[oL:op].reshape((N, N))
-    L = o[oL:op].reshape((N, N))
-    wr0 = s[owr:oww].reshape((R, N))
-    wr = o[owr:oww].reshape((R, N))
-    u = o[ou:oL]
-    ww = o[oww:orv]
-    # 1. usage: retention by the free gates of last step's reads, then last step's write
-    for n in range(N):
-        p = 1.0
-        for i in range(R):
-            p *= 1.0 - iv[o_f + i] * wr0[i, n]
-        psi[n] = p
-        pre[n] = s[ou + n] + s[oww + n] - s[ou + n] * s[oww + n]
-        u[n] = pre[n] * p
-    # 2. allocation: stable ascending sort of the usage (insertion sort), exclusive product
-    for n in range(N):
-        j = n
-        while j > 0 and u[phi[j - 1]] > u[n]:
-            phi[j] = phi[j - 1]
-            j -= 1
-        phi[j] = n
-    acc = 1.0
-    for j in range(N):
-        prefix[j] = acc
-        alloc[phi[j]] = (1.0 - u[phi[j]]) * acc
-        acc *= u[phi[j]]
-    # 3-4. write weighting from the old memory
-    kn[R] = _content_fwd(M0, iv[o_kw:o_kw + W], iv[o_bw], eps, n0, sw, cw)
-    for n in range(N):
-        ww[n] = gw * (ga * alloc[n] + (1.0 - ga) * cw[n])
-    # 5. erase and write
-    for n in range(N):
-        for k in range(W):
-            M[n, k] = M0[n, k] * (1.0 - ww[n] * iv[o_e + k]) + ww[n] * iv[o_v + k]
-    # 6-7. temporal links and precedence
-    tot = 0.0
-    for n in range(N):
-        tot += ww[n]
-    for i in range(N):
-        for j in range(N):
-            L[i, j] = 0.0 if i == j else (1.0 - ww[i] - ww[j]) * L0[i, j] + ww[i] * s[op + j]
-    for n in range(N):
-        o[op + n] = (1.0 - tot) * s[op + n] + ww[n]
-    # 8-10. read weightings: backward, content, forward
-    for r in range(R):
-        kn[r] = _content_fwd(M, iv[r * W:(r + 1) * W], iv[o_br + r], eps, n1[r], sr[r], cr[r])
-        for i in range(N):
-            f = 0.0
-            b = 0.0
-            for j in range(N):
-                f += L[i, j] * wr0[r, j]
-                b += wr0[r, j] * L[j, i]
-            fw[r, i] = f
-            bw[r, i] = b
-        for n in range(N):
-            wr[r, n] = iv[o_pi + 3 * r] * bw[r, n] + iv[o_pi + 3 * r + 1] * cr[r, n] + iv[o_pi + 3 * r + 2] * fw[r, n]
-    # 11. read vectors
-    for r in range(R):
-        for k in range(W):
-            t = 0.0
-            for n in range(N):
-                t += wr[r, n] * M[n, k]
-            o[orv + r * W + k] = t
-
-
-@njit(cache=True)
-def _scratch(N, W, R, I, dt):
-    return (np.empty(I, dt), np.empty(N, dt), np.empty(N, dt), np.empty(N, np.int64), np.empty(N, dt),
-            np.empty(N, dt), np.empty(N, dt), np.empty(N, dt), np.empty(N, dt), np.empty((R, N), dt),
-            np.empty((R, N), dt), np.empty((R, N), dt), np.empty((R, N), dt), np.empty((R, N), dt),
-            np.empty(R + 1, dt))
-
-
-@njit(cache=True)
-def dnc_memory_forward(state, xi, N, W, R, eps, out):
-    """Write the next packed memory state of every row of ``state`` (B, S) under the raw interface ``xi``."""
-    iv, psi, pre, phi, prefix, alloc, n0, sw, cw, n1, sr, cr, fw, bw, kn = _scratch(N, W, R, xi.shape[1],
-                                                                                    state.dtype)
-    for b in range(state.shape[0]):
-        _row_forward(state[b], xi[b], N, W, R, eps, out[b], iv, psi, pre, phi, prefix, alloc, n0, sw, cw, n1,
-                     sr, cr, fw, bw, kn)
-
-
-@njit(cache=True)
-def dnc_memory_backward(state, xi, g, N, W, R, eps, out):
-    """Write [d(loss)/d(state) | d(loss)/d(xi)] into out (B, S + I) given g = d(loss)/d(next state).
-
-    The forward step is recomputed row by row (nothing but the step's inputs is kept between the passes).
+    ``grad`` False: write the next packed state into ``out`` (B, S). ``grad`` True: recompute the step and write
+    [d(loss)/d(state) | d(loss)/d(xi)] into ``out`` (B, S + I) given ``g`` = d(loss)/d(next state). One function
+    does both so that the step's code is compiled once.
     """
     dt = state.dtype
-    iv, psi, pre, phi, prefix, alloc, n0, sw, cw, n1, sr, cr, fw, bw, kn = _scratch(N, W, R, xi.shape[1], dt)
-    o = np.empty(state.shape[1], dt)
+    S, I = state.shape[1], xi.shape[1]
     oM, ou, oL, op, owr, oww, orv = _offsets(N, W, R)
     RW = R * W
     o_br, o_kw = RW, RW + R
@@ -580,29 +464,116 @@ def dnc_memory_backward(state, xi, g, N, W, R, eps, out):
     o_ga = o_f + R
     o_gw = o_ga + 1
     o_pi = o_gw + 1
-    gM = np.empty((N, W), dt)          # gradient of the new memory
+    # scratch: the interface after its nonlinearities, usage and allocation, content lookups, link weightings
+    iv = np.empty(I, dt)
+    psi, pre, prefix, alloc = np.empty(N, dt), np.empty(N, dt), np.empty(N, dt), np.empty(N, dt)
+    phi = np.empty(N, np.int64)
+    n0, sw, cw = np.empty(N, dt), np.empty(N, dt), np.empty(N, dt)
+    n1, sr, cr = np.empty((R, N), dt), np.empty((R, N), dt), np.empty((R, N), dt)
+    fw, bw = np.empty((R, N), dt), np.empty((R, N), dt)
+    kn = np.empty(R + 1, dt)
+    tmp = np.empty(S, dt)
+    # gradients of the new memory, links, read weights, write weights, usage; of content and allocation weights
+    gM = np.empty((N, W), dt)
     gL = np.empty((N, N), dt)
     gwr = np.empty((R, N), dt)
     gww = np.empty(N, dt)
     gu = np.empty(N, dt)
     gc = np.empty(N, dt)
     gsa = np.empty(N, dt)
-    giv = np.empty(xi.shape[1], dt)    # gradient of the interface after its nonlinearities
+    giv = np.empty(I, dt)    # gradient of the interface after its nonlinearities
     for b in range(state.shape[0]):
         s = state[b]
-        gb = g[b]
-        _row_forward(s, xi[b], N, W, R, eps, o, iv, psi, pre, phi, prefix, alloc, n0, sw, cw, n1, sr, cr, fw, bw,
-                     kn)
-        gs = out[b, :state.shape[1]]
-        gs[:] = 0.0
-        giv[:] = 0.0
+        x = xi[b]
+        o = tmp if grad else out[b]
+        for k in range(x.shape[0]):
+            iv[k] = x[k]
+        for i in range(R):
+            iv[o_br + i] = 1.0 + _softplus(x[o_br + i])
+            iv[o_f + i] = _sigm(x[o_f + i])
+            mx = max(x[o_pi + 3 * i], max(x[o_pi + 3 * i + 1], x[o_pi + 3 * i + 2]))
+            t = 0.0
+            for m in range(3):
+                iv[o_pi + 3 * i + m] = math.exp(x[o_pi + 3 * i + m] - mx)
+                t += iv[o_pi + 3 * i + m]
+            for m in range(3):
+                iv[o_pi + 3 * i + m] /= t
+        iv[o_bw] = 1.0 + _softplus(x[o_bw])
+        for k in range(W):
+            iv[o_e + k] = _sigm(x[o_e + k])
+        ga = iv[o_ga] = _sigm(x[o_ga])
+        gw = iv[o_gw] = _sigm(x[o_gw])
         M0 = s[oM:ou].reshape((N, W))
         M = o[oM:ou].reshape((N, W))
         L0 = s[oL:op].reshape((N, N))
         L = o[oL:op].reshape((N, N))
         wr0 = s[owr:oww].reshape((R, N))
         wr = o[owr:oww].reshape((R, N))
+        u = o[ou:oL]
         ww = o[oww:orv]
+        # 1. usage: retention by the free gates of last step's reads, then last step's write
+        for n in range(N):
+            p = 1.0
+            for i in range(R):
+                p *= 1.0 - iv[o_f + i] * wr0[i, n]
+            psi[n] = p
+            pre[n] = s[ou + n] + s[oww + n] - s[ou + n] * s[oww + n]
+            u[n] = pre[n] * p
+        # 2. allocation: stable ascending sort of the usage (insertion sort), exclusive product
+        for n in range(N):
+            j = n
+            while j > 0 and u[phi[j - 1]] > u[n]:
+                phi[j] = phi[j - 1]
+                j -= 1
+            phi[j] = n
+        acc = 1.0
+        for j in range(N):
+            prefix[j] = acc
+            alloc[phi[j]] = (1.0 - u[phi[j]]) * acc
+            acc *= u[phi[j]]
+        # 3-4. write weighting from the old memory
+        kn[R] = _content_fwd(M0, iv[o_kw:o_kw + W], iv[o_bw], eps, n0, sw, cw)
+        for n in range(N):
+            ww[n] = gw * (ga * alloc[n] + (1.0 - ga) * cw[n])
+        # 5. erase and write
+        for n in range(N):
+            for k in range(W):
+                M[n, k] = M0[n, k] * (1.0 - ww[n] * iv[o_e + k]) + ww[n] * iv[o_v + k]
+        # 6-7. temporal links and precedence
+        tot = 0.0
+        for n in range(N):
+            tot += ww[n]
+        for i in range(N):
+            for j in range(N):
+                L[i, j] = 0.0 if i == j else (1.0 - ww[i] - ww[j]) * L0[i, j] + ww[i] * s[op + j]
+        for n in range(N):
+            o[op + n] = (1.0 - tot) * s[op + n] + ww[n]
+        # 8-10. read weightings: backward, content, forward
+        for r in range(R):
+            kn[r] = _content_fwd(M, iv[r * W:(r + 1) * W], iv[o_br + r], eps, n1[r], sr[r], cr[r])
+            for i in range(N):
+                fsum = 0.0
+                bsum = 0.0
+                for j in range(N):
+                    fsum += L[i, j] * wr0[r, j]
+                    bsum += wr0[r, j] * L[j, i]
+                fw[r, i] = fsum
+                bw[r, i] = bsum
+            for n in range(N):
+                wr[r, n] = iv[o_pi + 3 * r] * bw[r, n] + iv[o_pi + 3 * r + 1] * cr[r, n] + iv[o_pi + 3 * r + 2] * fw[r, n]
+        # 11. read vectors
+        for r in range(R):
+            for k in range(W):
+                t = 0.0
+                for n in range(N):
+                    t += wr[r, n] * M[n, k]
+                o[orv + r * W + k] = t
+        if not grad:
+            continue
+        gb = g[b]
+        gs = out[b, :S]
+        gs[:] = 0.0
+        giv[:] = 0.0
         gM0 = gs[oM:ou].reshape((N, W))
         gL0 = gs[oL:op].reshape((N, N))
         gwr0 = gs[owr:oww].reshape((R, N))
@@ -713,7 +684,7 @@ def dnc_memory_backward(state, xi, g, N, W, R, eps, out):
                 giv[o_f + i] -= gq * wr0[i, n]
                 gwr0[i, n] -= gq * iv[o_f + i]
         # the interface's nonlinearities
-        gx = out[b, state.shape[1]:]
+        gx = out[b, S:]
         for k in range(xi.shape[1]):
             gx[k] = giv[k]
         x = xi[b]
@@ -732,6 +703,18 @@ def dnc_memory_backward(state, xi, g, N, W, R, eps, out):
             gx[o_e + k] = giv[o_e + k] * e * (1.0 - e)
         gx[o_ga] = giv[o_ga] * ga * (1.0 - ga)
         gx[o_gw] = giv[o_gw] * gwt * (1.0 - gwt)
+
+
+def dnc_memory_forward(state, xi, N, W, R, eps, out):
+    """Write the next packed memory state of every row of ``state`` (B, S) under the raw interface ``xi`` into
+    ``out`` (B, S) (C-contiguous arrays of one float dtype)."""
+    _memory_kernel(state, xi, state, N, W, R, eps, out, False)
+
+
+def dnc_memory_backward(state, xi, g, N, W, R, eps, out):
+    """Write [d(loss)/d(state) | d(loss)/d(xi)] into ``out`` (B, S + I) given ``g`` = d(loss)/d(next state),
+    recomputing the forward step (nothing but the step's inputs is kept between the passes)."""
+    _memory_kernel(state, xi, g, N, W, R, eps, out, True)
 
 
 def _mem_fwd_impl(state, xi, N, W, R, eps):
