@@ -665,10 +665,10 @@ def _sampled_logits(weights, biases, labels, inputs, num_sampled, num_classes, n
     true_logits = true_logits - ops.log(ops.astype(true_exp, inputs.dtype))
     samp_logits = samp_logits - ops.log(ops.astype(samp_exp, inputs.dtype))
     if remove_accidental_hits:
-        hit = np.any(labels.numpy()[:, :, None] == sampled.numpy()[None, None, :], axis=1)
-        if hit.any():
-            samp_logits = ops.where(Tensor._wrap(hit), ops.full_like(samp_logits, -1e30 if inputs.dtype ==
-                                                                     np.float64 else -3e37), samp_logits)
+        # graph ops, not NumPy: the labels may be traced (a jitted step)
+        hit = ops.any(ops.equal(ops.expand_dims(labels, 2), ops.reshape(sampled, (1, 1, -1))), axis=1)
+        samp_logits = ops.where(hit, ops.full_like(samp_logits, -1e30 if inputs.dtype == np.float64 else -3e37),
+                                samp_logits)
     logits = ops.concatenate([true_logits, samp_logits], axis=1)
     return logits, bsz
 
