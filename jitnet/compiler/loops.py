@@ -18,6 +18,7 @@ from ..autodiff import core as ad
 from ..autodiff.core import Primitive, apply
 from ..tensor import Tensor
 from .passes import cse, dce
+from .native import loop_driver
 from .plan import build_plan
 from .trace import Tracer, TracingError, flatten, substituting, unflatten
 
@@ -117,7 +118,9 @@ def _trace_body(outer, fn, example_arrays, n_carry, n_x, grad=False):
     cse(g)
     dce(g)
     plan = build_plan(g)
-    return Body(plan, g, n_carry, n_x, len(caps), len(outs)), caps, outs
+    body = Body(plan, g, n_carry, n_x, len(caps), len(outs))
+    body.native = loop_driver(plan, n_carry, n_x) if n_x or n_carry else None
+    return body, caps, outs
 
 
 def _check_carry(new, old, where):
@@ -140,6 +143,10 @@ def _scan_impl(*arrays, body, length, reverse, save, y_specs):
     caps = list(arrays[nc + nx:])
     ys = [np.empty((length,) + shp, dt) for shp, dt in y_specs]
     saved = [np.empty((length,) + c.shape, c.dtype) for c in carry] if save else []
+    if body.native is not None and length > 0:
+        final = body.native.run(length, bool(reverse), list(arrays), ys, saved)
+        if final is not None:
+            return tuple([np.array(c, copy=True) for c in final] + ys + saved)
     order = range(length - 1, -1, -1) if reverse else range(length)
     for t in order:
         for k, c in enumerate(carry):

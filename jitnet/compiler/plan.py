@@ -17,6 +17,7 @@ from .. import kernelgen
 from ..autodiff.sparse import IndexedSlices
 from ..tensor import Tensor
 from .codegen import cpu_kernels
+from .native import nativize
 from .passes import _grad_values, fuse
 from .specialize import specializer
 
@@ -41,6 +42,8 @@ class Plan:
         self.kernel_count = 0
         self.buffer_bytes = 0
         self.var_shapes = []
+        self.infos = []            # per step: what it computes, for native segments (see native.py)
+        self.slot_shapes = {}      # slot -> shape of its value
 
     def run(self, tensors):
         """Run the step on the flattened tensor arguments; return the environment of arrays."""
@@ -118,6 +121,7 @@ def build_plan(g, fuse_ops=True):
         if s is None:
             s = slot_of[v.id] = plan.nslots
             plan.nslots += 1
+            plan.slot_shapes[s] = v.shape
         return s
 
     # inputs
@@ -198,12 +202,15 @@ def build_plan(g, fuse_ops=True):
             kshape = out.shape or (1,)
             name = f"fused[{'+'.join(m.prim.name for m in u.members)}"
             if out.id in write_into:
-                plan.steps.append(_group_step_into(kernel, in_slots, o, slot(write_into[out.id]), kshape))
+                vs = slot(write_into[out.id])
+                plan.steps.append(_group_step_into(kernel, in_slots, o, vs, kshape))
                 plan.step_names.append(f"{name}+assign] -> {out.shape}")
+                plan.infos.append(("group", u, kernel, in_slots, o, vs))
             else:
                 buf = buffer_for(out, pos)
                 plan.steps.append(_group_step(kernel, in_slots, o, kshape, out.shape, out.dtype, buf))
                 plan.step_names.append(f"{name}] -> {out.shape}")
+                plan.infos.append(("group", u, kernel, in_slots, o, None))
         else:
             n = u
             if n.id in folded:
@@ -219,6 +226,7 @@ def build_plan(g, fuse_ops=True):
             else:
                 plan.steps.append(_node_step(n.prim.impl["cpu"], in_slots, o, n.params))
                 plan.step_names.append(f"{n.prim.name} -> {n.out.shape}")
+            plan.infos.append(("node", n, None, in_slots, o, None))
             if n.prim.kind != "view":
                 plan.kernel_count += 1
         for key, buf in release_at.pop(pos, ()):
@@ -229,6 +237,7 @@ def build_plan(g, fuse_ops=True):
     plan.grad_writes = [(var, None if v is None else ("sparse", slot(v[1]), slot(v[2]), v[3])
                          if isinstance(v, tuple) else slot(v)) for var, v in g.grad_outputs]
     plan.var_shapes = [(var, var.shape) for _, var in plan.state_slots]
+    nativize(plan)
     return plan
 
 

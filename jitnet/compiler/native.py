@@ -1,0 +1,596 @@
+"""Native segments: runs of plan steps compiled into one generated ``@njit`` driver function.
+
+A plan runs its steps from Python, one Numba call per fused kernel, BLAS call or view: each costs a few
+microseconds of argument unboxing and dispatch, which dominates steps made of many small ops (an LSTM cell
+unrolled over time, a loop body). This pass finds maximal runs of steps whose primitives have a *native
+emitter* (fused groups, 2-D/batched matmul, basic indexing and its gradient, trailing/leading reductions,
+reshape, transpose, stop_gradient), writes their source as one driver function (``seg(s1, s2, ...) ->
+(outputs...)``, local variables instead of the plan's environment, intermediates allocated by Numba's
+runtime) and replaces the run with a single step: one Python-to-native transition per run instead of one per
+op. The driver module goes through the same disk cache as fused kernels, so a new process compiles nothing.
+
+When a loop body's plan is one segment over its arguments, ``loop_driver`` also generates the whole loop
+(``jn.scan``) natively: the body's driver is called T times from compiled code.
+
+A driver that fails to compile (a layout or dtype its emitters did not foresee) is dropped at its first call
+and the run goes back to its Python steps, so this pass never changes what a plan computes.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .. import kernelgen
+
+__all__ = ["nativize", "MIN_STEPS"]
+
+#: Runs shorter than this stay Python steps (one saved transition does not pay for a compile).
+MIN_STEPS = 3
+#: Longer runs are cut into drivers of at most this many steps (Numba's compile time grows faster than
+#: linearly with the size of a function; a few transitions per step cost nothing next to that).
+MAX_STEPS = 160
+
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _enabled():
+    return os.environ.get("JITNET_NATIVE", "1") not in ("0", "false", "no")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# emitters: (node, input names, output name, globals) -> source lines, or None when not native
+# --------------------------------------------------------------------------------------------------------------
+
+def _dt(dtype):
+    return "np." + kernelgen.dtype_name(dtype)
+
+
+def _index_expr(template):
+    """Return the source of a basic index (ints and slices only), or None."""
+    parts = []
+    for it in template:
+        if isinstance(it, bool):
+            return None
+        if isinstance(it, int):
+            parts.append(str(it))
+        elif isinstance(it, slice):
+            a, b, c = (("" if v is None else str(int(v))) for v in (it.start, it.stop, it.step))
+            parts.append(f"{a}:{b}" + (f":{c}" if c else ""))
+        else:
+            return None
+    if not parts:
+        return None
+    return ", ".join(parts) if len(parts) > 1 else parts[0]
+
+
+def _shape(s):
+    s = tuple(int(d) for d in s)
+    return "(" + ", ".join(map(str, s)) + ("," if len(s) == 1 else "") + ")"
+
+
+def _emit_matmul(n, a, o, g):
+    x, y = n.inputs
+    if x.dtype != y.dtype or x.dtype not in _FLOATS or n.out.dtype != x.dtype or not n.out.size:
+        return None
+    dt = _dt(x.dtype)
+    if len(x.shape) == 2 and len(y.shape) == 2:
+        return [f"{o} = np.empty({_shape(n.out.shape)}, {dt})", f"np.dot({a[0]}, {a[1]}, {o})"]
+    if len(x.shape) == 3 and len(y.shape) == 3 and x.shape[0] == y.shape[0]:
+        return [f"{o} = np.empty({_shape(n.out.shape)}, {dt})",
+                f"for _i in range({x.shape[0]}):",
+                f"    np.dot({a[0]}[_i], {a[1]}[_i], {o}[_i])"]
+    if len(x.shape) == 3 and len(y.shape) == 2:          # (B, m, k) @ (k, n): one GEMM over B*m rows
+        b, m, k = x.shape
+        return [f"{o} = np.empty({_shape(n.out.shape)}, {dt})",
+                f"np.dot(np.ascontiguousarray({a[0]}).reshape(({b * m}, {k})), {a[1]}, "
+                f"{o}.reshape(({b * m}, {y.shape[1]})))"]
+    return None
+
+
+def _emit_reduce(n, a, o, g):
+    from .. import ops
+    (x,) = n.inputs
+    op, axes = n.params["op"], tuple(n.params["axes"])
+    if x.dtype not in _FLOATS or n.out.dtype != x.dtype or not axes or x.size == 0:
+        return None
+    nd = len(x.shape)
+    code = ops._RED_CODE[op]
+    cnt = int(np.prod([x.shape[i] for i in axes]))
+    m = x.size // cnt
+    dt = _dt(x.dtype)
+    lines = [f"_c = np.ascontiguousarray({a[0]})", f"_r = np.empty(({m},), {dt})"]
+    if axes == tuple(range(nd - len(axes), nd)):
+        lines.append(f"K.reduce_last(_c.reshape(({m}, {cnt})), _r, {code})")
+    elif axes == tuple(range(len(axes))):
+        lines.append(f"K.reduce_first(_c.reshape(({cnt}, {m})), _r, {code})")
+    else:
+        return None
+    lines.append(f"{o} = _r.reshape({_shape(n.out.shape)})")
+    return lines
+
+
+def _emit_reshape(n, a, o, g):
+    return [f"{o} = np.ascontiguousarray({a[0]}).reshape({_shape(n.out.shape)})"]
+
+
+def _emit_transpose(n, a, o, g):
+    axes = tuple(n.params["axes"])
+    if axes == (1, 0):
+        return [f"{o} = {a[0]}.T"]
+    return [f"{o} = np.transpose({a[0]}, {_shape(axes)})"]
+
+
+def _emit_identity(n, a, o, g):
+    return [f"{o} = {a[0]}"]
+
+
+def _emit_getitem(n, a, o, g):
+    if len(n.inputs) != 1 or not n.out.shape:
+        return None
+    idx = _index_expr(n.params["template"])
+    if idx is None:
+        return None
+    return [f"{o} = {a[0]}[{idx}]"]
+
+
+def _emit_getitem_grad(n, a, o, g):
+    if len(n.inputs) != 1 or not n.inputs[0].shape:
+        return None
+    idx = _index_expr(n.params["template"])
+    if idx is None:
+        return None
+    return [f"{o} = np.zeros({_shape(n.out.shape)}, {_dt(n.out.dtype)})", f"{o}[{idx}] = {a[0]}"]
+
+
+def _emit_softmax(mode):
+    def emit(n, a, o, kernels):
+        (x,) = n.inputs
+        if x.dtype not in _FLOATS or n.params["axis"] != len(x.shape) - 1 or not x.size:
+            return None
+        cols = x.shape[-1]
+        rows = x.size // cols
+        from .. import kernels_cpu as K
+        k = use_kernel(kernels, K.softmax_last_par if x.size >= kernelgen.PARALLEL_THRESHOLD else K.softmax_last)
+        return [f"{o} = np.empty(({rows}, {cols}), {_dt(x.dtype)})",
+                f"{k}(np.ascontiguousarray({a[0]}).reshape(({rows}, {cols})), {o}, {mode})",
+                f"{o} = {o}.reshape({_shape(x.shape)})"]
+    return emit
+
+
+def _emit_xent_int(grad):
+    def emit(n, a, o, kernels):
+        x, lab = n.inputs[0], n.inputs[1]
+        if x.dtype not in _FLOATS or len(x.shape) != 2 or lab.dtype.kind not in "iu" or len(lab.shape) != 1:
+            return None
+        if grad and n.inputs[2].dtype != x.dtype:
+            return None
+        from .. import kernels_cpu as K
+        k = use_kernel(kernels, K.nn_xent_int_grad if grad else K.nn_xent_int, x.size)
+        lines = [f"_l = np.ascontiguousarray({a[1]}).astype(np.int64)",
+                 f"{o} = np.empty({_shape(n.out.shape)}, {_dt(x.dtype)})"]
+        extra = f"np.ascontiguousarray({a[2]}), " if grad else ""
+        lines.append(f"{k}(np.ascontiguousarray({a[0]}), _l, {extra}{o})")
+        return lines
+    return emit
+
+
+def _emit_update(kernel, n_state, h_fn, flags=()):
+    """Emitter of a dense optimizer update: ``kernel(p, g, *state, h, *flags)`` with ``h`` built in the driver."""
+    def emit(n, a, o, kernels):
+        from .. import kernels_cpu as K
+        p, g = n.inputs[0], n.inputs[1]
+        if p.dtype not in _FLOATS or g.shape != p.shape or g.dtype != p.dtype:
+            return None
+        k = getattr(K, kernel + ("_par" if p.size >= kernelgen.PARALLEL_THRESHOLD else ""))
+        kname = use_kernel(kernels, k)
+        state = [f"{a[2 + i]}.reshape(-1)" for i in range(n_state)]
+        scal = a[2 + n_state:]
+        h = h_fn(n.params, [f"np.float64({v}[()])" for v in scal])
+        fl = [f(n.params) for f in flags]
+        return [f"_h = np.array([{', '.join(h)}], {_dt(p.dtype)})",
+                f"{kname}({a[0]}.reshape(-1), np.ascontiguousarray({a[1]}).reshape(-1), "
+                f"{', '.join(state + ['_h'] + fl)})",
+                f"{o} = {a[0]}"]
+    return emit
+
+
+def _f(v):
+    return repr(float(v))
+
+
+def _sgd_h(P, s):
+    return [s[0], _f(P.get("weight_decay", 0.0)), _f(P.get("momentum", 0.0)), _f(1.0 - P.get("dampening", 0.0))]
+
+
+def _rms_h(P, s):
+    rho = P.get("rho", 0.9)
+    return [s[0], _f(P.get("weight_decay", 0.0)), _f(rho), _f(1.0 - rho), _f(P.get("eps", 1e-10)),
+            _f(P.get("momentum", 0.0))]
+
+
+def _adam_h(P, s):
+    b1, b2 = P.get("beta1", 0.9), P.get("beta2", 0.999)
+    return [f"{s[0]} / (1.0 - {_f(b1)} ** {s[1]})", _f(P.get("weight_decay", 0.0)), _f(b1), _f(1.0 - b1), _f(b2),
+            _f(1.0 - b2), f"1.0 / np.sqrt(1.0 - {_f(b2)} ** {s[1]})", _f(P.get("eps", 1e-8))]
+
+
+def _sgd_plain(n, a, o, kernels):
+    # sgd without momentum: the momentum slot is the parameter itself (the kernel never reads it)
+    return _emit_update("sgd_update", 1, lambda P, s: [s[0], _f(P.get("weight_decay", 0.0)), "0.0", "1.0"],
+                        (lambda P: "False", lambda P: "False"))(n, [a[0], a[1], a[0]] + a[2:], o, kernels)
+
+
+def _rms(centered, momentum):
+    def emit(n, a, o, kernels):
+        # inputs: p, g, ms, [mg], [mom], lr; the kernel always takes ms, mg, mom (p stands in for absent ones)
+        ms = a[2]
+        i = 3
+        mg = a[i] if centered else a[0]
+        i += centered
+        mom = a[i] if momentum else a[0]
+        i += momentum
+        args = [a[0], a[1], ms, mg, mom] + a[i:]
+        return _emit_update("rmsprop_update", 3, _rms_h, (lambda P: repr(bool(centered)),
+                                                           lambda P: repr(bool(momentum))))(n, args, o, kernels)
+    return emit
+
+
+EMITTERS = {
+    "matmul": _emit_matmul,
+    "reduce": _emit_reduce,
+    "reshape": _emit_reshape,
+    "transpose": _emit_transpose,
+    "stop_gradient": _emit_identity,
+    "getitem": _emit_getitem,
+    "getitem_grad": _emit_getitem_grad,
+    "softmax": _emit_softmax(0),
+    "log_softmax": _emit_softmax(1),
+    "cross_entropy_int": _emit_xent_int(False),
+    "cross_entropy_int_grad": _emit_xent_int(True),
+    "sgd_update": _sgd_plain,
+    "sgd_momentum_update": _emit_update("sgd_update", 1, _sgd_h, (lambda P: repr(bool(P.get("nesterov"))),
+                                                                  lambda P: repr(P.get("momentum", 0.0) != 0))),
+    "adagrad_update": _emit_update("adagrad_update", 1, lambda P, s: [s[0], _f(P.get("weight_decay", 0.0)),
+                                                                      _f(P.get("eps", 1e-7))]),
+    "rmsprop_update": _rms(False, False),
+    "rmsprop_momentum_update": _rms(False, True),
+    "centered_rmsprop_update": _rms(True, False),
+    "centered_rmsprop_momentum_update": _rms(True, True),
+    "adam_update": _emit_update("adam_update", 2, _adam_h),
+}
+
+
+def _emit(info, names, kernels):
+    """Return the source lines of one plan step, or None when it has no native form."""
+    kind, unit, kernel, in_slots, o, into = info
+    a = [names(s) for s in in_slots]
+    if kind == "group":
+        out = unit.root.out
+        if out.dtype == np.dtype(object):
+            return None
+        kname = use_kernel(kernels, kernel)
+        kshape = out.shape or (1,)
+        if into is not None:
+            dst = f"{names(into)}.reshape({_shape(kshape)})"
+            return [f"{kname}({', '.join(a + [dst])})", f"{names(o)} = {names(into)}"]
+        buf = f"_b{o}"
+        lines = [f"{buf} = np.empty({_shape(kshape)}, {_dt(out.dtype)})", f"{kname}({', '.join(a + [buf])})"]
+        lines.append(f"{names(o)} = {buf}" if kshape == out.shape else
+                     f"{names(o)} = {buf}.reshape({_shape(out.shape)})")
+        return lines
+    n = unit
+    if n.out is None or n.out.dtype == np.dtype(object) or any(v.dtype == np.dtype(object) for v in n.inputs):
+        return None
+    em = n.prim.extra.get("native") or EMITTERS.get(n.prim.name)
+    if em is None:
+        return None
+    return em(n, a, names(o), kernels)
+
+
+def use_kernel(kernels, kernel, size=0):
+    """Return the driver-global name of ``kernel`` (a Numba dispatcher or a kernels_cpu ``Adaptive``).
+
+    An ``Adaptive`` kernel contributes its serial twin below the parallel threshold (by ``size``), else its
+    parallel dispatcher. Emitters call this for every kernel their lines call.
+    """
+    from ..kernels_cpu import SERIAL_BELOW, Adaptive
+    if isinstance(kernel, Adaptive):
+        which = "parallel" if size >= SERIAL_BELOW else "serial"
+        line = f"from jitnet.kernels_cpu import {kernel.__name__} as _a"
+        for kname, ln in kernels:
+            if ln == (line, which):
+                return kname
+        kname = f"k{len(kernels)}"
+        kernels.append((kname, (line, which)))
+        return kname
+    line = f"from {kernel.py_func.__module__} import {kernel.py_func.__name__} as"
+    for kname, ln in kernels:
+        if ln == line:
+            return kname
+    kname = f"k{len(kernels)}"
+    kernels.append((kname, line))
+    return kname
+
+
+# --------------------------------------------------------------------------------------------------------------
+# segments
+# --------------------------------------------------------------------------------------------------------------
+
+def _module_source(fn_lines, kernels, name="segment"):
+    lines = ["# jitnet generated native driver: edit the graph, not this file", "import numpy as np",
+             "from numba import njit", "import jitnet.kernels_cpu as K"]
+    for kname, ln in kernels:
+        if isinstance(ln, tuple):
+            lines += [ln[0], f"{kname} = _a.{ln[1]}"]
+        else:
+            lines.append(f"{ln} {kname}")
+    lines += ["", ""] + fn_lines
+    return "\n".join(lines) + "\n"
+
+
+class Segment:
+    """A compiled run of plan steps: reads ``in_slots``, writes ``out_slots``; its driver and source."""
+
+    def __init__(self, start, stop, in_slots, out_slots, source, fn_name="segment"):
+        self.start, self.stop = start, stop
+        self.in_slots, self.out_slots = in_slots, out_slots
+        self.source = source
+        self.fn_name = fn_name
+        self._fn = None
+
+    def function(self):
+        if self._fn is None:
+            mod = kernelgen.load_source(self.source, "cpu", "native")
+            self._fn = getattr(mod, self.fn_name)
+        return self._fn
+
+
+def _segment_source(infos, start, stop, in_slots, out_slots):
+    kernels = []
+    body = []
+
+    def names(s):
+        return f"s{s}"
+    for info in infos[start:stop]:
+        lines = _emit(info, names, kernels)
+        body += ["    " + ln for ln in lines]
+    args = ", ".join(f"s{s}" for s in in_slots)
+    ret = "(" + "".join(f"s{s}, " for s in out_slots) + ")" if out_slots else "0"
+    fn = ["@njit(cache=True, nogil=True, error_model='numpy')", f"def segment({args}):"] + body + \
+         [f"    return {ret}"]
+    return _module_source(fn, kernels)
+
+
+def _emittable(info):
+    kernels = []
+    try:
+        return _emit(info, lambda s: f"s{s}", kernels) is not None
+    except Exception:
+        return False
+
+
+def _segment_step(seg, fallback_steps):
+    """Return the plan step that runs ``seg``'s driver, falling back to the Python steps if it fails to compile."""
+    ins, outs = seg.in_slots, seg.out_slots
+    state = {"fn": None, "failed": False}
+
+    def python(env):
+        for st in fallback_steps:
+            st(env)
+
+    def step(env):
+        if state["failed"]:
+            return python(env)
+        fn = state["fn"]
+        args = [env[i] for i in ins]
+        if fn is None:
+            try:
+                disp = seg.function()
+                r = disp(*args)
+            except Exception as e:              # a typing error: keep the Python steps for this run
+                from numba.core.errors import NumbaError
+                if not isinstance(e, (NumbaError, TypeError, AttributeError, NotImplementedError)):
+                    raise
+                state["failed"] = True
+                seg.error = e
+                return python(env)
+            state["fn"] = kernelgen.entry_point(disp, args) or disp
+        else:
+            r = fn(*args)
+        if outs:
+            for o, arr in zip(outs, r):
+                env[o] = arr
+    step.segment = seg
+    return step
+
+
+def nativize(plan, min_steps=None):
+    """Replace runs of native-emittable steps of ``plan`` by compiled driver steps (in place)."""
+    if not _enabled() or not plan.infos or len(plan.infos) != len(plan.steps):
+        return plan
+    min_steps = MIN_STEPS if min_steps is None else min_steps
+    ok = [_emittable(info) for info in plan.infos]
+    # slots read after each position (and by the plan's results)
+    final_reads = set()
+    for s in plan.out_slots:
+        if not isinstance(s, tuple):
+            final_reads.add(s)
+    for _, s in plan.grad_writes:
+        if s is None:
+            continue
+        if isinstance(s, tuple):
+            final_reads.update((s[1], s[2]))
+        else:
+            final_reads.add(s)
+    n = len(plan.infos)
+    reads_after = [None] * (n + 1)
+    acc = set(final_reads)
+    reads_after[n] = set(acc)
+    for i in range(n - 1, -1, -1):
+        acc.update(plan.infos[i][3])
+        if plan.infos[i][5] is not None:
+            acc.add(plan.infos[i][5])
+        reads_after[i] = set(acc)
+
+    runs = []
+    i = 0
+    while i < n:
+        if not ok[i]:
+            i += 1
+            continue
+        j = i
+        while j < n and ok[j]:
+            j += 1
+        if j - i >= min_steps:
+            nchunks = -(-(j - i) // MAX_STEPS)
+            size = -(-(j - i) // nchunks)
+            for a in range(i, j, size):
+                runs.append((a, min(a + size, j)))
+        i = j
+    if not runs:
+        return plan
+    new_steps, new_names, new_infos = [], [], []
+    plan.segments = []
+    pos = 0
+    for (i, j) in runs:
+        new_steps += plan.steps[pos:i]
+        new_names += plan.step_names[pos:i]
+        new_infos += plan.infos[pos:i]
+        produced, in_slots = set(), []
+        for info in plan.infos[i:j]:
+            for s in list(info[3]) + ([info[5]] if info[5] is not None else []):
+                if s not in produced and s not in in_slots:
+                    in_slots.append(s)
+            produced.add(info[4])
+        out_slots = [info[4] for info in plan.infos[i:j] if info[4] in reads_after[j]]
+        out_slots = list(dict.fromkeys(out_slots))
+        src = _segment_source(plan.infos, i, j, in_slots, out_slots)
+        seg = Segment(i, j, in_slots, out_slots, src)
+        plan.segments.append(seg)
+        plan.sources.append(src)
+        new_steps.append(_segment_step(seg, plan.steps[i:j]))
+        new_names.append(f"native[{j - i} steps]")
+        new_infos.append(("segment", seg, None, in_slots, None, None))
+        pos = j
+    new_steps += plan.steps[pos:]
+    new_names += plan.step_names[pos:]
+    new_infos += plan.infos[pos:]
+    plan.steps, plan.step_names, plan.infos = new_steps, new_names, new_infos
+    return plan
+
+
+# --------------------------------------------------------------------------------------------------------------
+# native loops
+# --------------------------------------------------------------------------------------------------------------
+
+def _loop_source(plan, seg, n_carry, n_x, n_args, save):
+    """Source of ``loop(length, reverse, a0.., q0.., y0.., v0..)`` running the body segment ``length`` times."""
+    slot_arg = {s: i for s, i in plan.arg_slots}
+    slot_const = {s: k for k, (s, _) in enumerate(plan.const_env)}
+    nq = len(plan.const_env)
+    ny = len(plan.out_slots) - n_carry
+
+    def expr(s):
+        if s in slot_const:
+            return f"q{slot_const[s]}"
+        i = slot_arg.get(s)
+        if i is None:
+            return None
+        if i < n_carry:
+            return f"c{i}"
+        if i < n_carry + n_x:
+            return f"a{i}[t]"
+        return f"a{i}"
+
+    seg_args = [expr(s) for s in seg.in_slots]
+    if any(e is None for e in seg_args):
+        return None
+    outs = []
+    for s in plan.out_slots:
+        if isinstance(s, tuple):
+            return None
+        if s in seg.out_slots:
+            outs.append(f"r[{seg.out_slots.index(s)}]")
+        else:
+            e = expr(s)
+            if e is None:
+                return None
+            outs.append(e)
+    args = ["length", "reverse"] + [f"a{i}" for i in range(n_args)] + [f"q{k}" for k in range(nq)] + \
+        [f"y{k}" for k in range(ny)] + ([f"v{k}" for k in range(n_carry)] if save else [])
+    lines = ["@njit(cache=True, nogil=True, error_model='numpy')", f"def loop({', '.join(args)}):"]
+    for k in range(n_carry):
+        lines.append(f"    c{k} = a{k}")
+    lines += ["    for i in range(length):", "        t = length - 1 - i if reverse else i"]
+    if save:
+        for k in range(n_carry):
+            lines.append(f"        v{k}[t] = c{k}" if plan.carry_ranks[k] else f"        v{k}[t] = c{k}[()]")
+    lines.append(f"        r = body({', '.join(seg_args)})")
+    for k in range(ny):
+        o = outs[n_carry + k]
+        lines.append(f"        y{k}[t] = {o}" if plan.y_ranks[k] else f"        y{k}[t] = {o}[()]")
+    for k in range(n_carry):
+        lines.append(f"        n{k} = {outs[k]}")
+    for k in range(n_carry):
+        lines.append(f"        c{k} = n{k}")
+    lines.append("    return (" + "".join(f"c{k}, " for k in range(n_carry)) + ")")
+    head = ["# jitnet generated native loop: edit the graph, not this file", "import numpy as np",
+            "from numba import njit", "from {segmod} import segment as body", "", ""]
+    return "\n".join(head + lines) + "\n"
+
+
+class NativeLoop:
+    """A scan body's plan compiled with its loop: ``run(length, reverse, arrays, y_out, saved_out)``."""
+
+    def __init__(self, plan, seg, n_carry, n_x):
+        self.plan, self.seg, self.n_carry, self.n_x = plan, seg, n_carry, n_x
+        self._fns = {}
+        self.failed = False
+
+    def _function(self, save, n_args):
+        fn = self._fns.get(save)
+        if fn is None:
+            r = _loop_source(self.plan, self.seg, self.n_carry, self.n_x, n_args, save)
+            if r is None:
+                raise TypeError("no native loop for this body")
+            segmod = self.seg.function().py_func.__module__
+            src = r.replace("{segmod}", segmod)
+            fn = self._fns[save] = getattr(kernelgen.load_source(src, "cpu", "native-loop"), "loop")
+        return fn
+
+    def run(self, length, reverse, arrays, ys, saved):
+        """Run the loop; return the final carry arrays, or None when it cannot run natively."""
+        if self.failed:
+            return None
+        consts = [a for _, a in self.plan.const_env]
+        try:
+            fn = self._function(bool(saved), len(arrays))
+            return fn(length, reverse, *arrays, *consts, *ys, *saved)
+        except Exception as e:
+            from numba.core.errors import NumbaError
+            if not isinstance(e, (NumbaError, TypeError, AttributeError, NotImplementedError)):
+                raise
+            self.failed = True
+            self.error = e
+            return None
+
+
+def loop_driver(plan, n_carry, n_x):
+    """Return a NativeLoop when ``plan`` (a loop body's) is one native segment over its arguments, else None."""
+    segs = getattr(plan, "segments", None)
+    if not segs or len(segs) != 1 or len(plan.steps) != 1 or plan.state_slots or plan.gradin_slots \
+            or plan.grad_writes:
+        return None
+    seg = segs[0]
+    ranks = {s: len(sh) for s, sh in getattr(plan, "slot_shapes", {}).items()}
+    arg_of = {i: s for s, i in plan.arg_slots}
+    # per-step x slices of rank 0 would be scalars inside Numba: keep those loops in Python
+    for i in range(n_carry, n_carry + n_x):
+        if ranks.get(arg_of.get(i), 1) == 0:
+            return None
+    plan.carry_ranks = [ranks.get(arg_of.get(k), 1) for k in range(n_carry)]
+    plan.y_ranks = [ranks.get(s, 1) for s in plan.out_slots[n_carry:]]
+    if _loop_source(plan, seg, n_carry, n_x, len(arg_of), False) is None:
+        return None
+    return NativeLoop(plan, seg, n_carry, n_x)

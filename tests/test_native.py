@@ -1,0 +1,123 @@
+"""Native segments (jitnet/compiler/native.py): drivers compute exactly what the Python plan steps compute."""
+import numpy as np
+import pytest
+
+import jitnet as jn
+import jitnet.nn as nn
+import jitnet.nn.functional as F
+from jitnet.compiler import native
+
+
+def _mlp_step(optname, **kw):
+    jn.random.seed(0)
+    m = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    opt = getattr(jn.optim, optname)(m.parameters(), **kw)
+
+    def step(x, y):
+        opt.zero_grad()
+        loss = F.cross_entropy(m(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+    return m, step
+
+
+def _native_steps(fn, *args):
+    _, plan = fn.lower(*args)
+    return [n for n in plan.step_names if n.startswith("native")]
+
+
+@pytest.mark.parametrize("optname,kw", [
+    ("SGD", dict(lr=0.1)),
+    ("SGD", dict(lr=0.1, momentum=0.9, nesterov=True)),
+    ("Adam", dict(lr=1e-2)),
+    ("AdaGrad", dict(lr=0.1)),
+    ("RMSProp", dict(lr=1e-2, momentum=0.9, centered=True)),
+])
+def test_training_step_is_one_native_driver_and_matches_eager(optname, kw):
+    rng = np.random.default_rng(0)
+    x = jn.tensor(rng.standard_normal((8, 6), dtype=np.float32))
+    y = jn.tensor(np.arange(8) % 3)
+    m1, s1 = _mlp_step(optname, **kw)
+    m2, s2 = _mlp_step(optname, **kw)
+    js = jn.jit(s2)
+    for _ in range(3):
+        a, b = s1(x, y).item(), js(x, y).item()
+        assert a == pytest.approx(b, rel=1e-5)
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        np.testing.assert_allclose(p.numpy(), q.numpy(), rtol=1e-5, atol=1e-6)
+    _, plan = js.lower(x, y)
+    assert len(plan.steps) == 1 and plan.step_names[0].startswith("native"), plan.step_names
+
+
+def test_unrolled_cell_gradients_match_python_plan(monkeypatch):
+    rng = np.random.default_rng(1)
+    H = 4
+
+    def loss(xs, h, W, U):
+        for t in range(xs.shape[0]):
+            z = xs[t] @ W + h @ U
+            h = jn.tanh(z[:, :H]) * jn.sigmoid(z[:, H:])
+        return jn.sum(h * h)
+    args = [jn.tensor(rng.standard_normal(s).astype(np.float32)) for s in [(5, 3, 2), (3, H), (2, 2 * H), (H, 2 * H)]]
+    vg = jn.jit(jn.value_and_grad(loss, argnums=(2, 3)))
+    v, g = vg(*args)
+    assert _native_steps(vg, *args)
+    monkeypatch.setenv("JITNET_NATIVE", "0")
+    vg0 = jn.jit(jn.value_and_grad(loss, argnums=(2, 3)))
+    v0, g0 = vg0(*args)
+    assert not _native_steps(vg0, *args)
+    assert v.item() == pytest.approx(v0.item(), rel=1e-6)
+    for a, b in zip(g, g0):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_scan_body_runs_as_a_native_loop_forward_and_backward():
+    rng = np.random.default_rng(2)
+    W = jn.tensor(rng.standard_normal((3, 3)).astype(np.float64) * 0.5)
+
+    def f(xs, h0):
+        (h,), ys = jn.scan(lambda c, x: ((jn.tanh(c[0] @ W + x),), c[0] * 2.0), (h0,), xs)
+        return jn.sum(ys) + jn.sum(h * h)
+    xs = jn.tensor(rng.standard_normal((6, 2, 3)))
+    h0 = jn.tensor(rng.standard_normal((2, 3)))
+    jg = jn.jit(jn.value_and_grad(f, argnums=(0, 1)))
+    v, (gx, gh) = jg(xs, h0)
+    ev, (egx, egh) = jn.value_and_grad(f, argnums=(0, 1))(xs, h0)
+    assert v.item() == pytest.approx(ev.item(), rel=1e-12)
+    np.testing.assert_allclose(gx.numpy(), egx.numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(gh.numpy(), egh.numpy(), rtol=1e-10, atol=1e-12)
+    g, _ = jg.lower(xs, h0)
+    loops = [n.params["body"].native for n in g.live_nodes() if n.prim.name == "scan"]
+    assert loops and all(nl is not None and not nl.failed for nl in loops)
+
+
+def test_driver_that_fails_to_compile_falls_back_to_python_steps(monkeypatch):
+    def bad(n, a, o, kernels):
+        return [f"{o} = {a[0]}.no_such_method()"]
+    monkeypatch.setitem(native.EMITTERS, "transpose", bad)
+    rng = np.random.default_rng(3)
+    a = jn.tensor(rng.standard_normal((3, 4)).astype(np.float32))
+    b = jn.tensor(rng.standard_normal((3, 5)).astype(np.float32))
+
+    def f(a, b):
+        return jn.sum(jn.tanh(a.T @ b) * 2.0 + 1.0)
+    jf = jn.jit(f)
+    assert jf(a, b).item() == pytest.approx(f(a, b).item(), rel=1e-5)
+    assert jf(a, b).item() == pytest.approx(f(a, b).item(), rel=1e-5)
+    (comp,) = jf._cache.values()
+    segs = getattr(comp.plan, "segments", [])
+    assert segs and getattr(segs[0], "error", None) is not None
+
+
+def test_segment_with_only_in_place_effects():
+    v = jn.Variable(np.zeros((4,), np.float32))
+
+    @jn.jit
+    def bump(x):
+        v.assign(v + jn.tanh(x) * 2.0 + 1.0)
+
+    x = jn.tensor(np.ones(4, np.float32))
+    bump(x)
+    bump(x)
+    np.testing.assert_allclose(v.numpy(), 2 * (np.tanh(1.0) * 2 + 1), rtol=1e-6)
