@@ -244,6 +244,10 @@ def reverse_task(n_train=10000, n_test=1000, min_len=3, max_len=12, alphabet="ab
         raise ValueError(f"reverse_task: need 1 <= min_len <= max_len, got {min_len}, {max_len}")
     rng = np.random.default_rng(seed)
     letters = np.asarray(list(alphabet))
+    possible = sum(len(letters) ** k for k in range(min_len, max_len + 1))
+    if n_train + n_test > possible:
+        raise ValueError(f"reverse_task: {n_train} + {n_test} distinct strings requested, but only {possible} "
+                         f"strings of length {min_len}-{max_len} exist over {len(letters)} letters")
 
     def draw(n, exclude):
         out, seen = [], set()
@@ -251,8 +255,6 @@ def reverse_task(n_train=10000, n_test=1000, min_len=3, max_len=12, alphabet="ab
             k = int(rng.integers(min_len, max_len + 1))
             s = "".join(letters[rng.integers(0, len(letters), k)])
             if s in exclude or s in seen:
-                if len(seen) + len(exclude) >= len(letters) ** max_len:
-                    raise ValueError("reverse_task: not enough distinct strings for the requested sizes")
                 continue
             seen.add(s)
             out.append(s)

@@ -660,8 +660,7 @@ class Seq2Seq(nn.Module):
         if num_sampled:
             x = ops.reshape(ops.concatenate([hs, ctxs], axis=-1), (n_rows, 2 * self.hidden))
             per = F.sampled_softmax_loss(ops.transpose(self.out.W), self.out.b, ops.reshape(lab, (-1, 1)), x,
-                                         num_sampled, self.tgt_vocab, sampled_values=sampled,
-                                         remove_accidental_hits=False)
+                                         num_sampled, self.tgt_vocab, sampled_values=sampled)
         else:
             logits = ops.reshape(self._logits(hs, ctxs), (n_rows, self.tgt_vocab))
             per = F.cross_entropy(logits, lab, reduction="none")
@@ -681,7 +680,11 @@ class Seq2Seq(nn.Module):
         return new, ops.log_softmax(self._logits(h, ctx), -1), w
 
     def greedy(self, src, src_mask, max_len):
-        """Return (tokens (B, max_len) int64, attention weights (B, max_len, S)) by greedy decoding (a scan)."""
+        """Return (tokens (B, max_len) int64, attention weights (B, max_len, S)) by greedy decoding (a scan).
+
+        Each step feeds back the most likely token (PAD and SOS are never chosen); the tokens after the first
+        EOS are whatever the decoder goes on to produce (:meth:`CharVocab.decode` stops at EOS).
+        """
         m = _t(src_mask)
         if m.dtype != np.uint8:
             m = ops.astype(m != 0, np.uint8)
@@ -690,12 +693,537 @@ class Seq2Seq(nn.Module):
             w_e, w_c, b0 = self._dec_weights()
             bsz = states[0].shape[0]
             tok0 = ops.full((bsz,), T.SOS, np.int64)
+            never = np.zeros(self.tgt_vocab, np.float32)
+            never[[T.PAD, T.SOS]] = -np.inf                                   # never emitted
+            never = Tensor._wrap(never.astype(states[0].dtype))
 
             def body(carry, _):
                 states, tok = carry
                 xe = ops.matmul(ops.take(self.tgt_embed.W, tok, axis=0), w_e) + b0
                 new, h, ctx, w = self._dec_step(states, xe, att_in, m, w_c, want_weights=True)
-                nxt = ops.argmax(self._logits(h, ctx), axis=-1)
+                nxt = ops.argmax(self._logits(h, ctx) + never, axis=-1)
                 return (new, nxt), (nxt, w)
             _, (toks, ws) = jn.scan(body, (states, tok0), length=int(max_len))
         return ops.transpose(toks), ops.transpose(ws, (1, 0, 2))
+
+
+# ==============================================================================================================
+# Training and evaluation
+# ==============================================================================================================
+
+class Seq2SeqTrainer:
+    """Adam on a :class:`Seq2Seq` with one jitted step, plus decoding and exact-match evaluation.
+
+    The step (``jitnet.jit``, compiled once per source bucket length) is: forward with teacher forcing, the
+    padding-masked loss, backward, ``clip_by_global_norm`` of all gradients to ``clip_norm`` and the Adam
+    update. With ``num_sampled`` > 0 the loss is a sampled softmax whose candidates are drawn per step outside
+    the compiled function. ``net`` and ``opt`` are what checkpoints save.
+    """
+
+    def __init__(self, net, src_vocab, tgt_vocab, lr=1e-3, clip_norm=5.0, num_sampled=0, max_len=None,
+                 eval_batch=256, jit=True):
+        self.net = net
+        self.src_vocab, self.tgt_vocab = src_vocab, tgt_vocab
+        self.opt = jn.optim.Adam(net.parameters(), lr=lr)
+        self.clip_norm, self.num_sampled = float(clip_norm), int(num_sampled)
+        if self.num_sampled >= net.tgt_vocab:
+            raise ValueError(f"Seq2SeqTrainer: num_sampled={self.num_sampled} must be less than the target "
+                             f"vocabulary ({net.tgt_vocab})")
+        self.max_len = max_len
+        self.eval_batch = int(eval_batch)
+        self.jit = jit
+        self._step = jn.jit(self._train_step) if jit else self._train_step
+        self._greedy = jn.jit(self._greedy_fn) if jit else self._greedy_fn
+        self._encode = jn.jit(self._encode_fn) if jit else self._encode_fn
+        self._dstep = jn.jit(self._decode_step_fn) if jit else self._decode_step_fn
+
+    # -- the compiled functions ----------------------------------------------------------------------------------
+    def _train_step(self, src, src_mask, tgt_in, tgt_out, *sampled):
+        self.opt.zero_grad()
+        loss = self.net.loss(src, src_mask, tgt_in, tgt_out, tuple(sampled) or None, self.num_sampled)
+        loss.backward()
+        norm = self.opt.clip_grad_norm(self.clip_norm)
+        self.opt.step()
+        return loss, norm
+
+    def _greedy_fn(self, src, src_mask, max_len):
+        return self.net.greedy(src, src_mask, max_len)
+
+    def _encode_fn(self, src, src_mask):
+        with jn.no_grad():
+            return self.net.encode_for_decoding(src, src_mask)
+
+    def _decode_step_fn(self, states, tokens, att_in, src_mask):
+        with jn.no_grad():
+            return self.net.decode_step(states, tokens, att_in, src_mask)
+
+    # -- training ----------------------------------------------------------------------------------------------
+    def step_inputs(self, batch):
+        """Return the step's tensors (src, src_mask, tgt_in, tgt_out) of a batch dict (see ``make_batch``)."""
+        src, mask = self.net.source_arrays(batch["src"], batch["src_len"])
+        return [jn.tensor(src), jn.tensor(mask), jn.tensor(np.ascontiguousarray(batch["tgt_in"])),
+                jn.tensor(np.ascontiguousarray(batch["tgt_out"]))]
+
+    def train_step(self, batch):
+        """Run one optimization step on a batch dict; return (loss, global gradient norm before clipping)."""
+        self.net.train()
+        args = self.step_inputs(batch)
+        if self.num_sampled:
+            labels = np.asarray(batch["tgt_out"], np.int64).T.reshape(-1, 1)
+            args += list(F.log_uniform_candidate_sampler(jn.tensor(labels), 1, self.num_sampled, True,
+                                                         self.net.tgt_vocab))
+        return self._step(*args)
+
+    # -- decoding ------------------------------------------------------------------------------------------------
+    def _source_batch(self, sources, length=None):
+        ids = [s if isinstance(s, np.ndarray) else self.src_vocab.encode(s) for s in sources]
+        padded, lens = T.pad_batch(ids, length)
+        return self.net.source_arrays(padded, lens)
+
+    def greedy_decode(self, sources, max_len=None, return_weights=False, src_len=None):
+        """Return the greedy decodings (strings) of ``sources`` (strings or id arrays), batched and jitted.
+
+        Batches are padded to ``eval_batch`` rows and to ``src_len`` (default: the longest source) so that
+        one compiled decoder serves every batch. With ``return_weights`` also return the attention weights
+        (T, S) of each example (over the padded, possibly reversed, source).
+        """
+        max_len = int(max_len or self.max_len or 32)
+        n = len(sources)
+        if n == 0:
+            return ([], []) if return_weights else []
+        ids = [s if isinstance(s, np.ndarray) else self.src_vocab.encode(s) for s in sources]
+        length = int(src_len or max(len(i) for i in ids))
+        self.net.eval()
+        out, weights = [], []
+        bs = min(self.eval_batch, n) if not self.jit else self.eval_batch
+        for i in range(0, n, bs):
+            chunk = ids[i:i + bs]
+            k = len(chunk)
+            if k < bs:
+                chunk = chunk + [chunk[0]] * (bs - k)               # fixed shape: one compiled decoder
+            src, mask = self._source_batch(chunk, length)
+            toks, ws = self._greedy(jn.tensor(src), jn.tensor(mask), max_len)
+            toks = toks.numpy()
+            for j in range(k):
+                out.append(self.tgt_vocab.decode(toks[j]))
+            if return_weights:
+                wn = ws.numpy()
+                weights.extend(wn[j].copy() for j in range(k))
+        self.net.train()
+        return (out, weights) if return_weights else out
+
+    def beam_decode(self, sources, beam_size=4, max_len=None, length_penalty=0.0):
+        """Return the beam-search decodings (strings) of ``sources`` (see :func:`beam_search`)."""
+        max_len = int(max_len or self.max_len or 32)
+        src, mask = self._source_batch(sources)
+        res = beam_search(self, src, mask, beam_size, max_len, length_penalty)
+        return [self.tgt_vocab.decode(toks) for toks, _ in res]
+
+    def evaluate(self, data, limit=None, max_len=None):
+        """Return {"exact_match", "char_accuracy", "n"} of greedy decoding on a Seq2SeqData split."""
+        srcs, tgts = data.sources, data.targets
+        if limit is not None:
+            srcs, tgts = srcs[:limit], tgts[:limit]
+        pred = self.greedy_decode(srcs, max_len)
+        exact = sum(p == t for p, t in zip(pred, tgts))
+        chars = sum(sum(a == b for a, b in zip(p, t)) for p, t in zip(pred, tgts))
+        total = sum(max(len(p), len(t)) for p, t in zip(pred, tgts))
+        n = max(len(tgts), 1)
+        return {"exact_match": exact / n, "char_accuracy": chars / max(total, 1), "n": len(tgts)}
+
+
+def _rows(x, idx):
+    """Return tensor x with its rows taken at NumPy indices ``idx`` (a new tensor)."""
+    return jn.tensor(np.ascontiguousarray(x.numpy()[idx]))
+
+
+def beam_search(trainer, src, src_mask, beam_size=4, max_len=20, length_penalty=0.0):
+    """Return [(tokens, score)] per source row: the best hypothesis of a beam search of width ``beam_size``.
+
+    ``src`` / ``src_mask`` are NumPy arrays (B, S) as :meth:`Seq2Seq.source_arrays` returns them. A hypothesis
+    is finished when it emits EOS (included in its tokens) or reaches ``max_len`` tokens; PAD and SOS are never
+    emitted. Its score is the sum of the token log-probabilities; hypotheses are ranked by
+    ``score / len ** length_penalty`` (0: the plain sum). The NumPy side keeps the beams; the encoder and one
+    decoder step over all B * beam_size rows are jitted functions of ``trainer`` (a :class:`Seq2SeqTrainer`).
+    With length_penalty 0 a row stops as soon as its best finished score beats every live beam (scores only
+    fall), so with a beam at least as wide as the number of hypotheses the result is the exact optimum.
+    """
+    k = int(beam_size)
+    if k < 1:
+        raise ValueError(f"beam_search: beam_size must be >= 1, got {beam_size}")
+    src = np.asarray(src, np.int64)
+    mask = np.asarray(src_mask, np.uint8)
+    bsz = src.shape[0]
+    rep = np.repeat(np.arange(bsz), k)
+    states, att_in = trainer._encode(jn.tensor(src), jn.tensor(mask))
+    states = tuple(_rows(s, rep) for s in states)
+    att_in = tuple(_rows(a, rep) if a.ndim == 3 else a for a in att_in)
+    mask_r = jn.tensor(np.ascontiguousarray(mask[rep]))
+    scores = np.full((bsz, k), -np.inf)
+    scores[:, 0] = 0.0
+    hist = np.zeros((bsz, k, 0), np.int64)
+    tokens = np.full(bsz * k, T.SOS, np.int64)
+    finished = [[] for _ in range(bsz)]
+    done = np.zeros(bsz, bool)
+
+    def rank(score, n):
+        return score / (n ** length_penalty) if length_penalty else score
+
+    for t in range(max_len):
+        states, logp, _ = trainer._dstep(states, jn.tensor(tokens), att_in, mask_r)
+        lp = logp.numpy().astype(np.float64).reshape(bsz, k, -1)
+        lp[:, :, T.PAD] = -np.inf
+        lp[:, :, T.SOS] = -np.inf
+        vsz = lp.shape[2]
+        cand = scores[:, :, None] + lp
+        last = t == max_len - 1
+        new_scores = np.full((bsz, k), -np.inf)
+        parents = np.zeros((bsz, k), np.int64)
+        new_tok = np.full((bsz, k), T.EOS, np.int64)
+        for b in range(bsz):
+            if done[b]:
+                continue
+            flat = cand[b].reshape(-1)
+            order = np.argsort(-flat, kind="stable")
+            j = nfin = 0
+            for idx in order:
+                sc = flat[idx]
+                if not np.isfinite(sc) or j == k or (last and nfin == k):
+                    break
+                p, tok = divmod(int(idx), vsz)
+                if tok == T.EOS or last:
+                    seq = list(hist[b, p]) + [tok]
+                    finished[b].append((rank(sc, len(seq)), sc, seq))
+                    nfin += 1
+                else:
+                    new_scores[b, j], parents[b, j], new_tok[b, j] = sc, p, tok
+                    j += 1
+            alive = new_scores[b][np.isfinite(new_scores[b])]
+            if last or alive.size == 0:
+                done[b] = True
+            elif finished[b] and not length_penalty and max(f[1] for f in finished[b]) >= alive.max():
+                done[b] = True
+            if done[b]:
+                new_scores[b] = -np.inf
+        if done.all():
+            break
+        hist = np.concatenate([np.take_along_axis(hist, parents[:, :, None], 1), new_tok[:, :, None]], axis=2)
+        scores = new_scores
+        rows = (np.arange(bsz)[:, None] * k + parents).reshape(-1)
+        states = tuple(_rows(s, rows) for s in states)
+        tokens = new_tok.reshape(-1)
+    out = []
+    for b in range(bsz):
+        if not finished[b]:
+            out.append(([], -np.inf))
+            continue
+        best = max(finished[b], key=lambda f: f[0])
+        out.append(([int(x) for x in best[2]], float(best[1])))
+    return out
+
+
+def sequence_log_prob(net, src, src_mask, sequences):
+    """Return the log-probability (float64) the model gives each token sequence (ending in EOS or not).
+
+    ``src`` / ``src_mask`` are NumPy (1, S) or (N, S) arrays (one row is repeated for every sequence).
+    """
+    seqs = [np.asarray(s, np.int64) for s in sequences]
+    n = len(seqs)
+    src = np.asarray(src, np.int64)
+    mask = np.asarray(src_mask, np.uint8)
+    if src.shape[0] == 1 and n > 1:
+        src, mask = np.repeat(src, n, 0), np.repeat(mask, n, 0)
+    length = max(len(s) for s in seqs)
+    b = T.make_batch([np.zeros(1)] * n, seqs, 1, length)
+    with jn.no_grad():
+        logits = net(jn.tensor(src), jn.tensor(mask), jn.tensor(b["tgt_in"]))
+        lp = ops.log_softmax(logits.astype(np.float64), -1).numpy()
+    out = np.zeros(n)
+    for i, s in enumerate(seqs):
+        out[i] = sum(lp[i, t, tok] for t, tok in enumerate(s))
+    return out
+
+
+def exhaustive_search(net, src, src_mask, max_len, tokens=None):
+    """Return (best tokens, score) over every output sequence of at most ``max_len`` tokens (tiny vocabularies).
+
+    A sequence is some non-EOS tokens then EOS, or ``max_len`` non-EOS tokens (the hypotheses of
+    :func:`beam_search`). ``tokens`` are the non-special ids to enumerate (default: every id after EOS).
+    ``src`` / ``src_mask`` hold one source row (1, S).
+    """
+    import itertools
+    toks = list(range(T.EOS + 1, net.tgt_vocab)) if tokens is None else list(tokens)
+    seqs = []
+    for n in range(max_len + 1):
+        for body in itertools.product(toks, repeat=n):
+            if n < max_len:
+                seqs.append(list(body) + [T.EOS])
+            else:
+                seqs.append(list(body))
+    if len(seqs) > 200000:
+        raise ValueError(f"exhaustive_search: {len(seqs)} sequences is too many; use a smaller vocabulary or "
+                         f"max_len")
+    scores = sequence_log_prob(net, src, src_mask, seqs)
+    i = int(np.argmax(scores))
+    return seqs[i], float(scores[i])
+
+
+def plot_attention(weights, src_tokens, out_tokens, path, title=None):
+    """Save a heat map of attention ``weights`` (T, S) with source tokens on x and outputs on y; return path.
+
+    Returns None (after printing why) when matplotlib is not installed.
+    """
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("seq2seq: matplotlib is not installed, skipping the attention plot (pip install matplotlib)",
+              flush=True)
+        return None
+    w = np.asarray(weights)[:len(out_tokens), :len(src_tokens)]
+    fig, ax = plt.subplots(figsize=(max(4, 0.35 * len(src_tokens) + 2), max(3, 0.35 * len(out_tokens) + 1.5)))
+    im = ax.imshow(w, cmap="viridis", aspect="auto", vmin=0.0, vmax=max(float(w.max()), 1e-6))
+    ax.set_xticks(range(len(src_tokens)))
+    ax.set_xticklabels([repr(c)[1:-1] if c != " " else "␣" for c in src_tokens], fontsize=8)
+    ax.set_yticks(range(len(out_tokens)))
+    ax.set_yticklabels(out_tokens, fontsize=8)
+    ax.set_xlabel("source")
+    ax.set_ylabel("output")
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def ascii_attention(weights, src_tokens, out_tokens):
+    """Return the attention weights (T, S) as a text heat map (one character per cell, darker = larger)."""
+    shades = " .:-=+*#%@"
+    w = np.asarray(weights)[:len(out_tokens), :len(src_tokens)]
+    lines = ["     " + "".join(c if c != " " else "_" for c in src_tokens)]
+    for t, o in enumerate(out_tokens):
+        row = "".join(shades[min(int(x * (len(shades) - 1) + 0.5), len(shades) - 1)] for x in w[t])
+        lines.append(f"{o:>4} {row}")
+    return "\n".join(lines)
+
+
+# ==============================================================================================================
+# Training commands
+# ==============================================================================================================
+
+def _parser(name, description, *, epochs, batch_size, lr, hidden, embed, target):
+    p = argparse.ArgumentParser(prog=f"python -m jitnet train {name}", description=description)
+    p.add_argument("--train-size", type=int, default=None, help="training examples (default: the task's)")
+    p.add_argument("--test-size", type=int, default=None, help="held-out test examples (default: the task's)")
+    p.add_argument("--epochs", type=int, default=epochs, help=f"maximum epochs (default {epochs})")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
+    p.add_argument("--batch-size", type=int, default=batch_size, help=f"examples per step (default {batch_size})")
+    p.add_argument("--lr", type=float, default=lr, help=f"Adam learning rate (default {lr})")
+    p.add_argument("--clip-norm", type=float, default=5.0, help="clip gradients to this global norm (default 5)")
+    p.add_argument("--embed", type=int, default=embed, help=f"embedding size (default {embed})")
+    p.add_argument("--hidden", type=int, default=hidden, help=f"encoder/decoder units (default {hidden})")
+    p.add_argument("--layers", type=int, default=1, help="recurrent layers in the encoder and decoder (default 1)")
+    p.add_argument("--cell", choices=["lstm", "gru"], default="lstm", help="recurrent cell (default lstm)")
+    p.add_argument("--attention-units", type=int, default=None, help="attention units (default: --hidden)")
+    p.add_argument("--reverse-source", action="store_true", help="read each source sequence reversed")
+    p.add_argument("--num-sampled", type=int, default=0,
+                   help="sampled softmax with this many candidates (default 0: full softmax)")
+    p.add_argument("--buckets", type=int, default=3, help="source length buckets (compiled shapes, default 3)")
+    p.add_argument("--target", type=float, default=target,
+                   help=f"stop once the held-out exact match reaches this (default {target}; 0: never)")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="evaluate every N steps (default 0: at the end of each epoch)")
+    p.add_argument("--eval-batch", type=int, default=256,
+                   help="rows per decoding batch (every batch is padded to it: one compiled decoder; default 256)")
+    p.add_argument("--beam", type=int, default=4, help="beam width of the decoded samples (default 4; 0: none)")
+    p.add_argument("--samples", type=int, default=6, help="decoded test samples to print (default 6)")
+    p.add_argument("--seed", type=int, default=0, help="data and initialization seed (default 0)")
+    p.add_argument("--logdir", default=None, help=f"TensorBoard events, metrics.csv, checkpoints/ and the "
+                                                  f"attention plot (default runs/{name})")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --logdir")
+    p.add_argument("--keep", type=int, default=3, help="checkpoints to keep (default 3)")
+    p.add_argument("--no-plot", action="store_true", help="skip the attention heat map")
+    p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
+    p.add_argument("--no-jit", action="store_true", help="run the steps eagerly")
+    p.add_argument("--threads", type=int, default=None, help="kernel threads (default: all cores)")
+    return p
+
+
+def build(task, args):
+    """Return the :class:`Seq2SeqTrainer` (with its :class:`Seq2Seq`) that ``args`` describe for ``task``."""
+    net = Seq2Seq(len(task.src_vocab), len(task.tgt_vocab), embed=args.embed, hidden=args.hidden,
+                  layers=args.layers, cell=args.cell, attention_units=args.attention_units,
+                  reverse_source=args.reverse_source)
+    return Seq2SeqTrainer(net, task.src_vocab, task.tgt_vocab, lr=args.lr, clip_norm=args.clip_norm,
+                          num_sampled=args.num_sampled, max_len=task.max_target_len, eval_batch=args.eval_batch,
+                          jit=not args.no_jit)
+
+
+def fit(trainer, task, args, name):
+    """Train on ``task`` with evaluation, early stop at ``args.target``, checkpoints and logs; return metrics.
+
+    Returns the last evaluation's metrics plus "step", "epochs", "train_seconds" (the clock stops while
+    evaluating) and "reached_target_s" (training seconds when the target was first reached, else None).
+    """
+    from ._train import Progress, restore_checkpoint, save_checkpoint
+    logdir = args.logdir or os.path.join("runs", name)
+    os.makedirs(logdir, exist_ok=True)
+    src, tgt = T.encode_pairs(task.train, task.src_vocab, task.tgt_vocab)
+    batcher = T.BucketBatcher(src, tgt, args.batch_size, n_buckets=args.buckets, seed=args.seed)
+    if len(batcher) == 0:
+        raise SystemExit(f"{name}: {len(src)} training examples make no full batch of {args.batch_size}")
+    saver = jn.io.Saver(os.path.join(logdir, "checkpoints"), max_to_keep=args.keep)
+    start_epoch, step = 0, 0
+    if args.resume:
+        path = saver.latest_checkpoint()
+        if path is None:
+            print(f"{name}: no checkpoint in {saver.directory}, starting from scratch", flush=True)
+        else:
+            start_epoch, step = restore_checkpoint(path, trainer)
+            print(f"{name}: resumed from {path} (epoch {start_epoch}, step {step})", flush=True)
+    writer = jn.io.SummaryWriter(logdir)
+    csv = jn.io.CSVLogger(os.path.join(logdir, "metrics.csv"))
+    metrics, train_s, reached, last_eval = {}, 0.0, None, -1
+    test_len = max(len(s) for s in task.test.sources)
+
+    def evaluate(epoch):
+        nonlocal reached, last_eval
+        last_eval = step
+        m = trainer.evaluate(task.test)
+        row = {"epoch": epoch, "step": step, "train_seconds": round(train_s, 3), **m}
+        csv.log(row)
+        writer.add_scalar("test/exact_match", m["exact_match"], step)
+        writer.add_scalar("test/char_accuracy", m["char_accuracy"], step)
+        writer.flush()
+        if reached is None and args.target and m["exact_match"] >= args.target:
+            reached = train_s
+        return m
+
+    try:
+        stop = False
+        epoch = start_epoch
+        for epoch in range(start_epoch, args.epochs):
+            bar = Progress(len(batcher), f"{name} epoch {epoch + 1}/{args.epochs}", enabled=not args.no_progress)
+            losses = []
+            for batch in batcher.batches(epoch):
+                t0 = time.perf_counter()
+                loss, norm = trainer.train_step(batch)
+                lv = float(loss.item())
+                train_s += time.perf_counter() - t0
+                step += 1
+                losses.append(lv)
+                bar.update(lv)
+                if step % 20 == 0:
+                    writer.add_scalar("train/loss", lv, step)
+                    writer.add_scalar("train/grad_norm", float(norm.item()), step)
+                if args.eval_every and step % args.eval_every == 0:
+                    metrics = evaluate(epoch + 1)
+                    if reached is not None:
+                        stop = True
+                        break
+                if args.max_steps and step >= args.max_steps:
+                    stop = True
+                    break
+            bar.close()
+            if last_eval != step:
+                metrics = evaluate(epoch + 1)
+            print(f"{name} epoch {epoch + 1}: step {step}, train loss {np.mean(losses):.4f}, held-out exact match "
+                  f"{metrics['exact_match']:.4f} (char accuracy {metrics['char_accuracy']:.4f}), "
+                  f"{train_s:.1f} s training", flush=True)
+            save_checkpoint(saver, trainer, epoch + 1, step)
+            if stop or reached is not None:
+                break
+    finally:
+        writer.close()
+        csv.close()
+    metrics.update(step=step, epochs=epoch + 1, train_seconds=train_s, reached_target_s=reached, logdir=logdir,
+                   test_src_len=test_len)
+    return metrics
+
+
+def show_samples(trainer, task, n=6, beam=4, plot_path=None):
+    """Print ``n`` held-out sources with their greedy and beam decodings, and an attention map of the first."""
+    srcs, tgts = task.test.sources[:n], task.test.targets[:n]
+    if not srcs:
+        return None
+    greedy, weights = trainer.greedy_decode(srcs, return_weights=True)
+    beams = trainer.beam_decode(srcs, beam_size=beam) if beam else [None] * len(srcs)
+    for s, t, g, b in zip(srcs, tgts, greedy, beams):
+        mark = "ok " if g == t else "BAD"
+        extra = f"   beam{beam}: {b!r}" if b is not None else ""
+        print(f"  [{mark}] {s!r:34} -> {g!r:14} (target {t!r}){extra}", flush=True)
+    src_toks = list(srcs[0][::-1] if trainer.net.reverse_source else srcs[0])
+    out_toks = list(greedy[0]) + ["</s>"]
+    print(ascii_attention(weights[0], src_toks, out_toks), flush=True)
+    if plot_path:
+        p = plot_attention(weights[0], src_toks, out_toks, plot_path, title=f"{srcs[0]!r} -> {greedy[0]!r}")
+        if p:
+            print(f"seq2seq: attention heat map written to {p}", flush=True)
+        return p
+    return None
+
+
+def _run(name, args, task):
+    if args.threads:
+        jn.set_num_threads(args.threads)
+    jn.random.seed(args.seed)
+    trainer = build(task, args)
+    print(f"{name}: {len(task.train)} training / {len(task.test)} held-out pairs; vocabularies "
+          f"{len(task.src_vocab)} -> {len(task.tgt_vocab)}; {trainer.net.extra_repr()}", flush=True)
+    m = fit(trainer, task, args, name)
+    reached = (f"reached {args.target:.0%} after {m['reached_target_s']:.1f} s of training"
+               if m["reached_target_s"] is not None else f"did not reach {args.target:.0%}")
+    print(f"{name}: held-out exact match {m['exact_match']:.4f} after {m['step']} steps; {reached}", flush=True)
+    plot = None if args.no_plot else os.path.join(m["logdir"], "attention.png")
+    show_samples(trainer, task, args.samples, args.beam, plot)
+    return trainer, m
+
+
+def dates_parser():
+    """Return the ArgumentParser of ``python -m jitnet train seq2seq-dates``."""
+    return _parser("seq2seq-dates", "Seq2seq with attention: human-written dates -> ISO YYYY-MM-DD "
+                   "(character level, held-out dates and format/month pairs)", epochs=20, batch_size=64,
+                   lr=2e-3, hidden=128, embed=32, target=0.99)
+
+
+def reverse_parser():
+    """Return the ArgumentParser of ``python -m jitnet train seq2seq-reverse``."""
+    p = _parser("seq2seq-reverse", "Seq2seq with attention: reverse random letter strings", epochs=10,
+                batch_size=64, lr=2e-3, hidden=64, embed=16, target=0.99)
+    p.add_argument("--min-len", type=int, default=3)
+    p.add_argument("--max-len", type=int, default=12)
+    p.add_argument("--alphabet", default="abcdefghijklmnopqrstuvwxyz")
+    return p
+
+
+def run_dates(argv=None):
+    """Train on the date task with the options in argv; return (trainer, final metrics)."""
+    args = dates_parser().parse_args(argv)
+    task = T.date_task(args.train_size or 20000, args.test_size or 2000, seed=args.seed)
+    return _run("seq2seq-dates", args, task)
+
+
+def run_reverse(argv=None):
+    """Train on the reversal task with the options in argv; return (trainer, final metrics)."""
+    args = reverse_parser().parse_args(argv)
+    task = T.reverse_task(args.train_size or 10000, args.test_size or 1000, args.min_len, args.max_len,
+                          args.alphabet, seed=args.seed)
+    return _run("seq2seq-reverse", args, task)
+
+
+def train_seq2seq_dates(argv=None):
+    """Command ``seq2seq-dates``; return the exit code."""
+    run_dates(argv)
+    return 0
+
+
+def train_seq2seq_reverse(argv=None):
+    """Command ``seq2seq-reverse``; return the exit code."""
+    run_reverse(argv)
+    return 0
+
+
+TRAINERS = {"seq2seq-dates": train_seq2seq_dates, "seq2seq-reverse": train_seq2seq_reverse}

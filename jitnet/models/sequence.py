@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 from .dnc import train_dnc_babi, train_dnc_copy
+from .seq2seq import train_seq2seq_dates, train_seq2seq_reverse
 from .skipgram import train_skipgram
 
 __all__ = ["TRAINERS"]
 
-TRAINERS = {"skipgram": train_skipgram, "dnc-copy": train_dnc_copy, "dnc-babi": train_dnc_babi}
+TRAINERS = {"skipgram": train_skipgram, "dnc-copy": train_dnc_copy, "dnc-babi": train_dnc_babi,
+            "seq2seq-dates": train_seq2seq_dates, "seq2seq-reverse": train_seq2seq_reverse}
