@@ -8,6 +8,11 @@ import jitnet.nn.functional as F
 from jitnet.compiler import native
 
 
+@pytest.fixture(autouse=True)
+def _drivers_at_once(monkeypatch):
+    monkeypatch.setattr(native, "NATIVE_AFTER", 0)
+
+
 def _mlp_step(optname, **kw):
     jn.random.seed(0)
     m = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))

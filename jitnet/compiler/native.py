@@ -30,6 +30,10 @@ MIN_STEPS = 3
 #: Longer runs are cut into drivers of at most this many steps (Numba's compile time grows faster than
 #: linearly with the size of a function; a few transitions per step cost nothing next to that).
 MAX_STEPS = 160
+#: A driver is compiled on the run after this many runs of its Python steps (a plan run once or twice,
+#: as in tests and one-off calls, never pays Numba's compile time; a training loop gets the driver at
+#: its third step). ``JITNET_NATIVE_AFTER`` overrides it.
+NATIVE_AFTER = int(os.environ.get("JITNET_NATIVE_AFTER", "2"))
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -373,7 +377,7 @@ def _emittable(info):
 def _segment_step(seg, fallback_steps):
     """Return the plan step that runs ``seg``'s driver, falling back to the Python steps if it fails to compile."""
     ins, outs = seg.in_slots, seg.out_slots
-    state = {"fn": None, "failed": False}
+    state = {"fn": None, "failed": False, "runs": 0}
 
     def python(env):
         for st in fallback_steps:
@@ -383,6 +387,9 @@ def _segment_step(seg, fallback_steps):
         if state["failed"]:
             return python(env)
         fn = state["fn"]
+        if fn is None and state["runs"] < NATIVE_AFTER:
+            state["runs"] += 1
+            return python(env)
         args = [env[i] for i in ins]
         if fn is None:
             try:
@@ -547,6 +554,7 @@ class NativeLoop:
         self.plan, self.seg, self.n_carry, self.n_x = plan, seg, n_carry, n_x
         self._fns = {}
         self.failed = False
+        self.runs = 0
 
     def _function(self, save, n_args):
         fn = self._fns.get(save)
@@ -562,6 +570,9 @@ class NativeLoop:
     def run(self, length, reverse, arrays, ys, saved):
         """Run the loop; return the final carry arrays, or None when it cannot run natively."""
         if self.failed:
+            return None
+        if self.runs < NATIVE_AFTER:
+            self.runs += 1
             return None
         consts = [a for _, a in self.plan.const_env]
         try:
