@@ -287,6 +287,10 @@ def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="min_len"):
         D.copy_batch(np.random.default_rng(0), 2, 3, 2, 4)
     assert D.interface_size(4, 16) == 4 * 16 + 3 * 16 + 5 * 4 + 3
+    p = _t(np.full((1, D.packed_size(4, 3, 1)), 0.1))
+    g = jn.grad(lambda x: jn.sum(D.dnc_memory_step(p, x, 4, 3, 1) ** 2))
+    with pytest.raises(TypeError, match="first-order gradients only"):
+        jn.grad(lambda x: jn.sum(g(x) ** 2))(_t(np.ones((1, D.interface_size(1, 3)))))
 
 
 def test_copy_and_repeat_copy_batches():

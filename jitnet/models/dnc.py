@@ -168,7 +168,11 @@ def update_memory(memory, ww, erase, write_vector):
 
 
 def update_link(link, ww, precedence):
-    """Return L_ij = (1 - w_i - w_j) L_ij + w_i p_j with a zero diagonal (B, N, N)."""
+    """Return L_ij = (1 - w_i - w_j) L_ij + w_i p_j with a zero diagonal (B, N, N).
+
+    The paper's equation: w_i p_j enters once (adding w_i a second time, as some published code does, is a
+    known error that lets link rows sum past 1).
+    """
     n = link.shape[-1]
     wi, wj = ops.expand_dims(ww, -1), ops.expand_dims(ww, -2)
     off_diag = 1.0 - ops.eye(n, dtype=link.dtype)
@@ -739,7 +743,12 @@ def _mem_vjp(g, ans, ins, needs, N, W, R, eps):
     return (both[:, :S] if needs[0] else None), (both[:, S:] if needs[1] else None)
 
 
-_MEM_BWD = Primitive("dnc_memory_step_grad", impl={"cpu": _mem_bwd_impl})
+def _no_second_order(g, ans, ins, needs, **params):
+    raise TypeError("dnc_memory_step: the fused memory step has first-order gradients only (its gradient is a "
+                    "kernel, not jitnet ops); for higher-order gradients use DNC(..., fused=False) or memory_step")
+
+
+_MEM_BWD = Primitive("dnc_memory_step_grad", impl={"cpu": _mem_bwd_impl}, vjp=_no_second_order)
 _MEM_STEP = Primitive("dnc_memory_step", impl={"cpu": _mem_fwd_impl}, vjp=_mem_vjp)
 
 
