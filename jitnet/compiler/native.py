@@ -240,6 +240,25 @@ def _rms(centered, momentum):
     return emit
 
 
+def _emit_kernel(kernel, n_args, out_shape):
+    """Emitter of ``out = empty(out_shape(node)); kernel(*contiguous inputs, mask or ones(1), out, has_mask)``.
+
+    The form of the fused LSTM step primitives: ``n_args`` array inputs, then an optional mask input.
+    """
+    def emit(n, a, o, kernels):
+        from .. import kernels_cpu as K
+        dt = n.inputs[0].dtype
+        if dt not in _FLOATS or any(v.dtype != dt for v in n.inputs):
+            return None
+        kname = use_kernel(kernels, getattr(K, kernel))
+        args = [f"np.ascontiguousarray({x})" for x in a[:n_args]]
+        has_mask = len(a) > n_args
+        mask = f"np.ascontiguousarray({a[n_args]})" if has_mask else f"np.ones(1, {_dt(dt)})"
+        return [f"{o} = np.empty({_shape(out_shape(n))}, {_dt(dt)})",
+                f"{kname}({', '.join(args)}, {mask}, {o}, {has_mask})"]
+    return emit
+
+
 EMITTERS = {
     "matmul": _emit_matmul,
     "reduce": _emit_reduce,
@@ -262,6 +281,9 @@ EMITTERS = {
     "centered_rmsprop_update": _rms(True, False),
     "centered_rmsprop_momentum_update": _rms(True, True),
     "adam_update": _emit_update("adam_update", 2, _adam_h),
+    "lstm_step": _emit_kernel("nn_lstm_step", 4, lambda n: (n.inputs[1].shape[0], 6 * n.inputs[2].shape[0])),
+    "lstm_step_dz": _emit_kernel("nn_lstm_step_dz", 3, lambda n: (n.inputs[1].shape[0], 4 * n.inputs[1].shape[1] // 6)),
+    "lstm_step_dprev": _emit_kernel("nn_lstm_step_dprev", 4, lambda n: n.inputs[2].shape),
 }
 
 
