@@ -180,7 +180,9 @@ def view(d, shape, strides, offset=0):
     """Return a device array sharing ``d``'s memory: ``shape``, byte ``strides`` (>= 0) and byte ``offset``.
 
     The first element sits ``offset`` bytes after ``d``'s first element. Strides may be 0 (broadcast) but not
-    negative (a negative-stride view is materialized by a gather kernel instead).
+    negative (a negative-stride view is materialized by a gather kernel instead). The view holds a reference to
+    ``d`` (``_jn_base``), so ``d``'s reference count tells whether any view of it is alive (plans recycle the
+    arrays they return only when nothing refers to them).
     """
     shape = tuple(int(s) for s in shape)
     strides = tuple(int(s) for s in strides)
@@ -192,7 +194,9 @@ def view(d, shape, strides, offset=0):
         ptr = base.__array_interface__["data"][0] if base.size else 0
         h.__array_interface__ = {"data": (ptr + offset, False), "shape": shape, "strides": strides,
                                  "typestr": base.dtype.str, "version": 3}
-        return FakeCUDAArray(np.asarray(h))
+        v = FakeCUDAArray(np.asarray(h))
+        v._jn_base = d
+        return v
     from numba.cuda.cudadrv.devicearray import DeviceNDArray
     gpu_data = d.gpu_data
     n = 1
@@ -200,7 +204,9 @@ def view(d, shape, strides, offset=0):
         n *= s
     if offset and n:
         gpu_data = gpu_data.view(offset)
-    return DeviceNDArray(shape, strides, d.dtype, gpu_data=gpu_data)
+    v = DeviceNDArray(shape, strides, d.dtype, gpu_data=gpu_data)
+    v._jn_base = d
+    return v
 
 
 def reshape(d, shape):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import time
 
 import numpy as np
@@ -346,11 +347,29 @@ def _gpu_group_step(kernel, in_slots, o, out, maps, kinds, buf):
             if sc:
                 a = a.reshape(())[()] if h else _cuda.reshape(a, (1,))
             args.append(a)
-        dst = buf if buf is not None else _cuda.empty(kshape, dtype)
+        dst = buf if buf is not None else _recycled(held, kshape, dtype)
         if n:
             kernel[grid, block](n, *args, dst)
-        env[o] = _cuda.reshape(dst, oshape)
+        env[o] = dst if kshape == oshape else _cuda.reshape(dst, oshape)
+    held = [None, None]
     return step
+
+
+def _recycled(held, shape, dtype):
+    """Return a device array for a value the step returns: one of the last two if nothing refers to it anymore.
+
+    Every view jitnet makes of a device array refers to it (``cuda.view``), so a reference count of 3 (``held``,
+    the local name and getrefcount's argument) means the caller dropped the result and no view of it is alive.
+    Kernels run in launch order on one stream, so a kernel that still reads the old value finishes first.
+    """
+    for k in (0, 1):
+        a = held[k]
+        if a is not None and sys.getrefcount(a) == 3:
+            return a
+    a = _cuda.empty(shape, dtype)
+    held[1] = held[0]
+    held[0] = a
+    return a
 
 
 def _cpu_group_step(kernel, in_slots, o, out):

@@ -12,13 +12,13 @@ Imported only when a CUDA device is first used (``jitnet.cuda.require``): import
   :mod:`jitnet.cuda` (a compare-and-swap on its first slot) and writes zero; the next synchronizing call raises.
 
 In Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) each thread is a Python thread, so block and tile sizes
-default to small values there (``BLOCK=16``): every kernel is written for any power-of-two block size. The
-environment variables ``JITNET_CUDA_BLOCK`` and ``JITNET_CUDA_MAX_BLOCKS`` override them.
+are small there (``BLOCK=16``): every kernel is written for any power-of-two block size. The sizes are
+constants of this file on purpose: kernels are compiled with ``cache=True`` and Numba's cache key does not
+see global values, but it does see an edit of the file.
 """
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 from numba import cuda
@@ -27,19 +27,10 @@ from numba.core import config
 SIM = bool(config.ENABLE_CUDASIM)
 
 
-def _env_int(name, default):
-    try:
-        return int(os.environ.get(name, "") or default)
-    except ValueError:
-        return default
-
-
 #: threads per block of 1-D kernels (a power of two: the tree reductions halve it)
-BLOCK = _env_int("JITNET_CUDA_BLOCK", 16 if SIM else 256)
-if BLOCK < 1 or BLOCK & (BLOCK - 1):
-    raise ValueError(f"JITNET_CUDA_BLOCK must be a power of two, got {BLOCK}")
+BLOCK = 16 if SIM else 256
 #: the grid never has more blocks than this; grid-stride loops cover the rest
-MAX_BLOCKS = _env_int("JITNET_CUDA_MAX_BLOCKS", 2 if SIM else 16384)
+MAX_BLOCKS = 2 if SIM else 16384
 #: elements of one row that one block reduces before a second pass combines the partial results
 ROW_CHUNK = BLOCK * (4 if SIM else 32)
 #: rows one thread sums in a column reduction before a second pass
@@ -48,9 +39,18 @@ COL_CHUNK = 4 if SIM else 64
 SMALL_ROW = 8 if SIM else 32
 #: matmul tiles: a block computes a BM x BN tile of C in BK-deep steps, each thread a TM x TN sub-tile
 MM_BM, MM_BN, MM_BK, MM_TM, MM_TN = (8, 8, 4, 2, 2) if SIM else (64, 64, 16, 4, 4)
+MM_BMP = MM_BM + 1              # A's tile is stored transposed with one padding column (no bank conflicts)
 MM_TR = MM_BM // MM_TM          # thread rows of a tile
 MM_TC = MM_BN // MM_TN          # thread columns of a tile
 MM_THREADS = MM_TR * MM_TC
+#: large tiles for big products (at least MB_MIN_OUTPUTS outputs per matrix): 8 x 8 outputs per thread, so each
+#: pair of shared-memory loads feeds 4 multiply-adds instead of 2
+MB_BM, MB_BN, MB_BK, MB_TM, MB_TN = (16, 16, 4, 4, 4) if SIM else (128, 128, 8, 8, 8)
+MB_BMP = MB_BM + 1
+MB_TR = MB_BM // MB_TM
+MB_TC = MB_BN // MB_TN
+MB_THREADS = MB_TR * MB_TC
+MB_MIN_OUTPUTS = 256 if SIM else 1 << 20
 
 _U64 = np.uint64
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -287,7 +287,7 @@ def _fix_index(v, n, err, opid):
 # Fill, ranges, strided gather/scatter (views with any strides, negative ones included)
 # ==============================================================================================================
 
-@cuda.jit
+@cuda.jit(cache=True)
 def fill(out, value):
     """out[i] = value for a flat out."""
     i = cuda.grid(1)
@@ -297,7 +297,7 @@ def fill(out, value):
         i += step
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def arange_fill(out, start, step_value):
     """out[i] = start + i * step_value."""
     i = cuda.grid(1)
@@ -307,7 +307,7 @@ def arange_fill(out, start, step_value):
         i += step
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def eye_fill(out, k):
     """out[i, j] = 1 where j == i + k, else 0 (out 2-D)."""
     i = cuda.grid(1)
@@ -321,7 +321,7 @@ def eye_fill(out, k):
         i += step
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def gather_strided(src, offset, shape, strides, out):
     """out[flat i] = src[offset + sum(idx_k * strides[k])] over the C-order multi-index of ``shape``.
 
@@ -343,7 +343,7 @@ def gather_strided(src, offset, shape, strides, out):
         i += step
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def scatter_strided(src, dst, offset, shape, strides):
     """dst[offset + sum(idx_k * strides[k])] = src[flat i] (the inverse of ``gather_strided``; no duplicates)."""
     i = cuda.grid(1)
@@ -366,7 +366,7 @@ def scatter_strided(src, dst, offset, shape, strides):
 # Reductions: rows (m, n) over the last axis, columns (n, m) over the first. op: 0 sum, 1 prod, 2 max, 3 min
 # ==============================================================================================================
 
-@cuda.jit
+@cuda.jit(cache=True)
 def reduce_rows(x, out, op, ident, chunk):
     """out[r, c] = reduction of x[r, c*chunk:(c+1)*chunk]; one block per (row, chunk) task, tree in shared memory."""
     sm = cuda.shared.array(BLOCK, dtype=x.dtype)
@@ -399,7 +399,7 @@ def reduce_rows(x, out, op, ident, chunk):
         task += cuda.gridDim.x
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def reduce_cols(x, out, op, ident, chunk):
     """out[c, j] = reduction of x[c*chunk:(c+1)*chunk, j]: one thread per (chunk, column), coalesced reads."""
     i = cuda.grid(1)
@@ -433,7 +433,7 @@ def _arg_better(v, i, bv, bi, is_max):
     return v > bv if is_max else v < bv
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def argreduce_rows(x, out, is_max):
     """out[r] = index of the first max (min) of row r, NaN first; one block per row."""
     sv = cuda.shared.array(BLOCK, dtype=x.dtype)
@@ -470,7 +470,7 @@ def argreduce_rows(x, out, is_max):
         r += cuda.gridDim.x
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def argreduce_rows_small(x, out, is_max):
     """out[r] = index of the first max (min) of row r; one thread per (short) row."""
     r = cuda.grid(1)
@@ -523,7 +523,7 @@ def _block_sum(sm, t, v):
     return r
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def softmax_rows(x, out, mode):
     """out = softmax (mode 0) or log_softmax (mode 1) of each row of x; one block per row."""
     sm = cuda.shared.array(BLOCK, dtype=x.dtype)
@@ -559,7 +559,7 @@ def softmax_rows(x, out, mode):
         r += cuda.gridDim.x
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def softmax_rows_small(x, out, mode):
     """``softmax_rows`` with one thread per (short) row."""
     r = cuda.grid(1)
@@ -591,7 +591,7 @@ def _lse_finish(mx, s):
     return mx + math.log(s)
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def logsumexp_rows(x, out):
     """out[r] = log(sum(exp(x[r]))), stable; one block per row."""
     sm = cuda.shared.array(BLOCK, dtype=x.dtype)
@@ -652,7 +652,7 @@ def _block_row_lse(x, r, sm, t):
     return _lse_finish(mx, s)
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def logsumexp_rows_small(x, out):
     """``logsumexp_rows`` with one thread per (short) row."""
     r = cuda.grid(1)
@@ -664,7 +664,7 @@ def logsumexp_rows_small(x, out):
 
 # -- cross entropy (integer labels: a negative label is ignored; a label >= n is reported) ---------------------
 
-@cuda.jit
+@cuda.jit(cache=True)
 def xent_int_rows(x, labels, out, err, opid):
     """out[r] = logsumexp(x[r]) - x[r, labels[r]] (0 for a negative label); one block per row."""
     sm = cuda.shared.array(BLOCK, dtype=x.dtype)
@@ -685,7 +685,7 @@ def xent_int_rows(x, labels, out, err, opid):
         r += cuda.gridDim.x
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def xent_int_rows_small(x, labels, out, err, opid):
     """``xent_int_rows`` with one thread per (short) row."""
     r = cuda.grid(1)
@@ -703,7 +703,7 @@ def xent_int_rows_small(x, labels, out, err, opid):
         r += step
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def xent_int_grad_rows(x, labels, g, out):
     """out[r] = g[r] * (softmax(x[r]) - onehot(labels[r])) (zeros for a negative label); one block per row."""
     sm = cuda.shared.array(BLOCK, dtype=x.dtype)
@@ -725,7 +725,7 @@ def xent_int_grad_rows(x, labels, g, out):
         r += cuda.gridDim.x
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def xent_int_grad_rows_small(x, labels, g, out):
     """``xent_int_grad_rows`` with one thread per (short) row."""
     r = cuda.grid(1)
@@ -745,7 +745,7 @@ def xent_int_grad_rows_small(x, labels, g, out):
         r += step
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def xent_prob_rows(x, p, out):
     """out[r] = sum_j p[r, j] * (logsumexp(x[r]) - x[r, j]); one block per row."""
     sm = cuda.shared.array(BLOCK, dtype=x.dtype)
@@ -767,7 +767,7 @@ def xent_prob_rows(x, p, out):
         r += cuda.gridDim.x
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def xent_prob_rows_small(x, p, out):
     """``xent_prob_rows`` with one thread per (short) row."""
     r = cuda.grid(1)
@@ -783,7 +783,7 @@ def xent_prob_rows_small(x, p, out):
         r += step
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def xent_prob_grad_rows(x, p, g, out):
     """out[r] = g[r] * (softmax(x[r]) * sum(p[r]) - p[r]); one block per row."""
     sm = cuda.shared.array(BLOCK, dtype=x.dtype)
@@ -806,7 +806,7 @@ def xent_prob_grad_rows(x, p, g, out):
         r += cuda.gridDim.x
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def xent_prob_grad_rows_small(x, p, g, out):
     """``xent_prob_grad_rows`` with one thread per (short) row."""
     r = cuda.grid(1)
@@ -827,7 +827,7 @@ def xent_prob_grad_rows_small(x, p, g, out):
 # Matmul: c[b] = a[b] @ b[b] for (batch, M, K) @ (batch, K, N), any strides (transposed views need no copy)
 # ==============================================================================================================
 
-@cuda.jit
+@cuda.jit(cache=True)
 def matmul_tiled(a, b, c, zero):
     """Tiled shared-memory matmul with a TM x TN register tile per thread (blocks of MM_THREADS threads).
 
@@ -837,7 +837,7 @@ def matmul_tiled(a, b, c, zero):
     Each thread owns rows ``tr + MM_TR * i`` and columns ``tc + MM_TC * j`` of the tile, so a warp reads
     consecutive words of B's tile and writes consecutive columns of C.
     """
-    As = cuda.shared.array((MM_BK, MM_BM + 1), dtype=c.dtype)
+    As = cuda.shared.array((MM_BK, MM_BMP), dtype=c.dtype)
     Bs = cuda.shared.array((MM_BK, MM_BN), dtype=c.dtype)
     acc = cuda.local.array((MM_TM, MM_TN), dtype=c.dtype)
     ra = cuda.local.array(MM_TM, dtype=c.dtype)
@@ -892,11 +892,79 @@ def matmul_tiled(a, b, c, zero):
         bz += cuda.gridDim.z
 
 
+@cuda.jit(cache=True)
+def matmul_tiled_big(a, b, c, zero):
+    """``matmul_tiled`` with the large tiles (MB_*: 128 x 128 tiles of C, 8 x 8 outputs per thread) for big
+    products; the same code with other constants (Numba freezes a kernel's globals when it compiles it).
+
+    Tiled shared-memory matmul with a TM x TN register tile per thread (blocks of MB_THREADS threads).
+
+    Grid: (ceil(N / BN), ceil(M / BM), batches); a block loops over batches with a grid stride in z. Tiles
+    of A (BM x BK) and B (BK x BN) are staged in shared memory, zero-padded at the edges; A's tile is stored
+    transposed with one column of padding so that the staging writes do not conflict on shared-memory banks.
+    Each thread owns rows ``tr + MB_TR * i`` and columns ``tc + MB_TC * j`` of the tile, so a warp reads
+    consecutive words of B's tile and writes consecutive columns of C.
+    """
+    As = cuda.shared.array((MB_BK, MB_BMP), dtype=c.dtype)
+    Bs = cuda.shared.array((MB_BK, MB_BN), dtype=c.dtype)
+    acc = cuda.local.array((MB_TM, MB_TN), dtype=c.dtype)
+    ra = cuda.local.array(MB_TM, dtype=c.dtype)
+    rb = cuda.local.array(MB_TN, dtype=c.dtype)
+    tid = cuda.threadIdx.x
+    tr = tid // MB_TC
+    tc = tid - tr * MB_TC
+    M = c.shape[1]
+    N = c.shape[2]
+    K = a.shape[2]
+    row0 = cuda.blockIdx.y * MB_BM
+    col0 = cuda.blockIdx.x * MB_BN
+    bz = cuda.blockIdx.z
+    while bz < c.shape[0]:
+        for i in range(MB_TM):
+            for j in range(MB_TN):
+                acc[i, j] = zero
+        for k0 in range(0, K, MB_BK):
+            e = tid
+            while e < MB_BM * MB_BK:
+                rr = e // MB_BK
+                kk = e - rr * MB_BK
+                gr = row0 + rr
+                gk = k0 + kk
+                As[kk, rr] = a[bz, gr, gk] if (gr < M and gk < K) else zero
+                e += MB_THREADS
+            e = tid
+            while e < MB_BK * MB_BN:
+                kk = e // MB_BN
+                cc = e - kk * MB_BN
+                gk = k0 + kk
+                gc = col0 + cc
+                Bs[kk, cc] = b[bz, gk, gc] if (gk < K and gc < N) else zero
+                e += MB_THREADS
+            cuda.syncthreads()
+            for kk in range(MB_BK):
+                for i in range(MB_TM):
+                    ra[i] = As[kk, tr + MB_TR * i]
+                for j in range(MB_TN):
+                    rb[j] = Bs[kk, tc + MB_TC * j]
+                for i in range(MB_TM):
+                    for j in range(MB_TN):
+                        acc[i, j] += ra[i] * rb[j]
+            cuda.syncthreads()
+        for i in range(MB_TM):
+            gr = row0 + tr + MB_TR * i
+            if gr < M:
+                for j in range(MB_TN):
+                    gc = col0 + tc + MB_TC * j
+                    if gc < N:
+                        c[bz, gr, gc] = acc[i, j]
+        bz += cuda.gridDim.z
+
+
 # ==============================================================================================================
 # Gathers and scatters (indices of any integer dtype; negative ones count from the end)
 # ==============================================================================================================
 
-@cuda.jit
+@cuda.jit(cache=True)
 def take_axis(x, idx, out, err, opid):
     """out[o, j, k] = x[o, idx[j], k] for x (outer, n, inner), idx (m,), out (outer, m, inner)."""
     i = cuda.grid(1)
@@ -918,7 +986,7 @@ def take_axis(x, idx, out, err, opid):
         i += step
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def scatter_add_axis(target, idx, upd, err, opid):
     """target[o, idx[j], k] += upd[o, j, k] with atomics (duplicate indices accumulate)."""
     i = cuda.grid(1)
@@ -938,7 +1006,7 @@ def scatter_add_axis(target, idx, upd, err, opid):
         i += step
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def one_hot_fill(idx, out, on, off):
     """out[i, j] = on where j == idx[i] else off (an index outside [0, depth) gives a row of off)."""
     i = cuda.grid(1)
@@ -951,7 +1019,7 @@ def one_hot_fill(idx, out, on, off):
         i += step
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def take_along_rows(x, idx, out, err, opid):
     """out[r, j] = x[r, idx[r, j]] for x (rows, n), idx and out (rows, k)."""
     i = cuda.grid(1)
@@ -966,7 +1034,7 @@ def take_along_rows(x, idx, out, err, opid):
         i += step
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def put_along_rows_add(target, idx, upd, err, opid):
     """target[r, idx[r, j]] += upd[r, j] with atomics."""
     i = cuda.grid(1)
@@ -986,7 +1054,7 @@ def put_along_rows_add(target, idx, upd, err, opid):
 # Scans, sorting
 # ==============================================================================================================
 
-@cuda.jit
+@cuda.jit(cache=True)
 def cumulative_lines(x, out, op, exclusive, reverse, init):
     """Cumulative sum (op 0) / product (op 1) of x (outer, n, inner) along axis 1: one thread per line.
 
@@ -1026,7 +1094,7 @@ def _sorts_before(a, i, b, j, descending):
     return a > b if descending else a < b
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def rank_sort_rows(x, out, descending, k):
     """Stable argsort of each row (rank sort: one thread per element counts what sorts before it).
 
@@ -1081,7 +1149,7 @@ def _normal_pair(key, c):
     return math.sqrt(-2.0 * math.log(u1)) * math.cos(6.283185307179586 * u2)
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def random_fill(out, kind, key, offset, a, b):
     """Fill flat ``out`` with draws of ``kind``: 0 uniform[a, b), 1 normal(a, b), 2 truncated normal (|z| <= 2),
     3 bernoulli(a), 4 integers in [a, b). Element i uses counters from ``offset + i`` (truncated normal: up
@@ -1116,7 +1184,7 @@ def random_fill(out, kind, key, offset, a, b):
 # Optimizer updates: in place over flat parameter, gradient and slot arrays (scalars in the parameter's dtype)
 # ==============================================================================================================
 
-@cuda.jit
+@cuda.jit(cache=True)
 def sgd_update(p, g, buf, lr, wd, momentum, omd, nesterov, use_mom):
     """p -= lr * (g + wd p), through a momentum buffer (optionally Nesterov) when use_mom."""
     i = cuda.grid(1)
@@ -1136,7 +1204,7 @@ def sgd_update(p, g, buf, lr, wd, momentum, omd, nesterov, use_mom):
         i += step
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def adagrad_update(p, g, acc, lr, wd, eps):
     """acc += g^2; p -= lr * g / (sqrt(acc) + eps)."""
     i = cuda.grid(1)
@@ -1151,7 +1219,7 @@ def adagrad_update(p, g, acc, lr, wd, eps):
         i += step
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def rmsprop_update(p, g, ms, mg, mom, lr, wd, rho, omr, eps, momentum, centered, use_mom):
     """ms = rho ms + (1-rho) g^2 (centered: minus mg^2); p -= (momentum of) lr g / sqrt(ms + eps)."""
     i = cuda.grid(1)
@@ -1176,7 +1244,7 @@ def rmsprop_update(p, g, ms, mg, mom, lr, wd, rho, omr, eps, momentum, centered,
         i += step
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def adam_update(p, g, m, v, lr_c, wd, b1, omb1, b2, omb2, inv_sqrt_bc2, eps):
     """Adam: m, v moments; p -= lr_c * m / (sqrt(v) / sqrt(bc2) + eps) with lr_c = lr / bc1."""
     i = cuda.grid(1)
@@ -1193,7 +1261,7 @@ def adam_update(p, g, m, v, lr_c, wd, b1, omb1, b2, omb2, inv_sqrt_bc2, eps):
         i += step
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def rows_touched(idx, flags, err, opid):
     """flags[idx[j]] = 1 for every j (marks the rows a sparse gradient names)."""
     i = cuda.grid(1)
@@ -1206,7 +1274,7 @@ def rows_touched(idx, flags, err, opid):
         i += step
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def sgd_rows_update(p, g, buf, flags, lr, wd, momentum, omd, nesterov, use_mom):
     """``sgd_update`` on the rows of 2-D p whose flag is set (g: summed gradient rows, dense)."""
     i = cuda.grid(1)
@@ -1230,7 +1298,7 @@ def sgd_rows_update(p, g, buf, flags, lr, wd, momentum, omd, nesterov, use_mom):
         i += step
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def adagrad_rows_update(p, g, acc, flags, lr, wd, eps):
     """``adagrad_update`` on the flagged rows of 2-D p."""
     i = cuda.grid(1)
@@ -1249,7 +1317,7 @@ def adagrad_rows_update(p, g, acc, flags, lr, wd, eps):
         i += step
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def adam_rows_update(p, g, m, v, flags, lr_c, wd, b1, omb1, b2, omb2, inv_sqrt_bc2, eps):
     """``adam_update`` on the flagged rows of 2-D p (lazy Adam: other rows and their moments keep still)."""
     i = cuda.grid(1)
@@ -1274,7 +1342,7 @@ def adam_rows_update(p, g, m, v, flags, lr_c, wd, b1, omb1, b2, omb2, inv_sqrt_b
 # Convolution (im2col / col2im around the tiled matmul) and pooling, NCHW
 # ==============================================================================================================
 
-@cuda.jit
+@cuda.jit(cache=True)
 def im2col(x, cols, kh_, kw_, sh, sw, ph, pw, dh, dw, oh_, ow_):
     """cols[c*kh*kw + ky*kw + kx, n*oh*ow + oy*ow + ox] = x[n, c, oy*sh - ph + ky*dh, ox*sw - pw + kx*dw] (0 outside)."""
     i = cuda.grid(1)
@@ -1302,7 +1370,7 @@ def im2col(x, cols, kh_, kw_, sh, sw, ph, pw, dh, dw, oh_, ow_):
         i += step
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def col2im_add(cols, dx, kh_, kw_, sh, sw, ph, pw, dh, dw, oh_, ow_):
     """dx[n, c, iy, ix] += cols[...] (the adjoint of ``im2col``), with atomics for overlapping windows."""
     i = cuda.grid(1)
@@ -1328,7 +1396,7 @@ def col2im_add(cols, dx, kh_, kw_, sh, sw, ph, pw, dh, dw, oh_, ow_):
         i += step
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def onp_to_nop(y2, bias, out, has_bias):
     """out[n, o, p] = y2[o, n*P + p] (+ bias[o]): the (O, N*P) matmul result to NCHW order."""
     i = cuda.grid(1)
@@ -1346,7 +1414,7 @@ def onp_to_nop(y2, bias, out, has_bias):
         i += step
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def nop_to_onp(g, out):
     """out[o, n*P + p] = g[n, o, p]."""
     i = cuda.grid(1)
@@ -1363,7 +1431,7 @@ def nop_to_onp(g, out):
         i += step
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def max_pool2d(x, out, kh_, kw_, sh, sw, ph, pw):
     """out[n, c, oy, ox] = max of the window (padding never wins; NaN propagates)."""
     i = cuda.grid(1)
@@ -1394,7 +1462,7 @@ def max_pool2d(x, out, kh_, kw_, sh, sw, ph, pw):
         i += step
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def max_pool2d_grad(x, g, dx, kh_, kw_, sh, sw, ph, pw):
     """dx[argmax of each window] += g (the first maximum of the window, as on the CPU; atomics for overlaps)."""
     i = cuda.grid(1)
@@ -1426,7 +1494,7 @@ def max_pool2d_grad(x, g, dx, kh_, kw_, sh, sw, ph, pw):
         i += step
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def avg_pool2d(x, out, kh_, kw_, sh, sw, ph, pw, include_pad, zero):
     """out = mean over the window (over the window's in-bounds part unless include_pad); zero in x's dtype."""
     i = cuda.grid(1)
@@ -1456,7 +1524,7 @@ def avg_pool2d(x, out, kh_, kw_, sh, sw, ph, pw, include_pad, zero):
         i += step
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def avg_pool2d_grad(g, dx, kh_, kw_, sh, sw, ph, pw, include_pad):
     """dx += g / count spread over each window (atomics for overlapping windows)."""
     i = cuda.grid(1)
@@ -1485,7 +1553,7 @@ def avg_pool2d_grad(g, dx, kh_, kw_, sh, sw, ph, pw, include_pad):
         i += step
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def wrap_index(idx, out, n, err, opid):
     """out[i] = idx[i] wrapped into [0, n) (negative counts from the end); 0 and a report when out of range."""
     i = cuda.grid(1)

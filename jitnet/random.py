@@ -91,40 +91,40 @@ SAMPLE = Primitive("random", impl={"cpu": _sample_impl}, nondiff=True)
 SAMPLE.extra["random"] = True
 
 
-def _sample(kind, shape, dtype, a, b):
-    dev = _tensor._DEVICE_STACK[-1]
+def _sample(kind, shape, dtype, a, b, device=None):
+    dev = _tensor._DEVICE_STACK[-1] if device is None else _tensor.device(device)
     if dev.type != "cpu":           # drawn on the default device (the CPU impl never sees this parameter)
         return apply(SAMPLE, kind=kind, shape=_shape(shape), dtype=_normalize_dtype(dtype), a=a, b=b,
                      device=str(dev))
     return apply(SAMPLE, kind=kind, shape=_shape(shape), dtype=_normalize_dtype(dtype), a=a, b=b)
 
 
-def uniform(shape=(), low=0.0, high=1.0, dtype=float32):
-    """Return samples from U[low, high)."""
+def uniform(shape=(), low=0.0, high=1.0, dtype=float32, device=None):
+    """Return samples from U[low, high) (on ``device``; default: the default device)."""
     if isinstance(low, Tensor) or isinstance(high, Tensor):
         return Tensor._wrap(_gen.uniform(_val(low), _val(high), _shape(shape)).astype(_normalize_dtype(dtype)))
-    return _sample("uniform", shape, dtype, float(low), float(high))
+    return _sample("uniform", shape, dtype, float(low), float(high), device)
 
 
-def normal(shape=(), mean=0.0, std=1.0, dtype=float32):
-    """Return samples from N(mean, std**2)."""
+def normal(shape=(), mean=0.0, std=1.0, dtype=float32, device=None):
+    """Return samples from N(mean, std**2) (on ``device``; default: the default device)."""
     if isinstance(mean, Tensor) or isinstance(std, Tensor):
         return Tensor._wrap(_gen.normal(_val(mean), _val(std), _shape(shape)).astype(_normalize_dtype(dtype)))
-    return _sample("normal", shape, dtype, float(mean), float(std))
+    return _sample("normal", shape, dtype, float(mean), float(std), device)
 
 
-def truncated_normal(shape=(), mean=0.0, std=1.0, dtype=float32):
+def truncated_normal(shape=(), mean=0.0, std=1.0, dtype=float32, device=None):
     """Return N(mean, std**2) samples redrawn until within two standard deviations (TensorFlow semantics)."""
-    return _sample("truncated_normal", shape, dtype, float(mean), float(std))
+    return _sample("truncated_normal", shape, dtype, float(mean), float(std), device)
 
 
-def bernoulli(p=0.5, shape=None, dtype=float32):
+def bernoulli(p=0.5, shape=None, dtype=float32, device=None):
     """Return 0/1 samples that are 1 with probability ``p`` (a scalar or a tensor)."""
     if isinstance(p, Tensor) or np.ndim(p):
         pv = np.asarray(_val(p))
         shp = pv.shape if shape is None else _shape(shape)
         return Tensor._wrap((_gen.random(shp) < pv).astype(_normalize_dtype(dtype)))
-    return _sample("bernoulli", () if shape is None else shape, dtype, float(p), 0.0)
+    return _sample("bernoulli", () if shape is None else shape, dtype, float(p), 0.0, device)
 
 
 def categorical(logits=None, probs=None, num_samples=1):
@@ -157,11 +157,11 @@ def permutation(n):
     return take(t, permutation(t.shape[0]), axis=0)
 
 
-def randint(low, high=None, shape=(), dtype=int64):
+def randint(low, high=None, shape=(), dtype=int64, device=None):
     """Return integers from [low, high)."""
     if high is None:
         low, high = 0, low
-    return _sample("randint", shape, dtype, int(low), int(high))
+    return _sample("randint", shape, dtype, int(low), int(high), device)
 
 
 def shuffle(n):

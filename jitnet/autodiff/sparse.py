@@ -109,7 +109,8 @@ class IndexedSlices:
     def to_dense(self):
         """Return the dense Tensor (zeros with ``values`` scatter-added at ``indices``)."""
         from .. import ops
-        return ops.scatter_add(ops.zeros(self.dense_shape, self.dtype), self.indices, self.values, 0)
+        zeros = ops.zeros(self.dense_shape, self.dtype, device=self.values.device if self.values.is_cuda else None)
+        return ops.scatter_add(zeros, self.indices, self.values, 0)
 
     def numpy(self):
         """Return the dense tensor as a NumPy array."""

@@ -399,7 +399,8 @@ def dropout(x, rate=0.5, training=True):
     if not training or rate == 0:
         return x
     keep = 1.0 - rate
-    mask = _random.bernoulli(keep, x.shape, dtype=x.dtype if x.dtype.kind == "f" else np.float32)
+    mask = _random.bernoulli(keep, x.shape, dtype=x.dtype if x.dtype.kind == "f" else np.float32,
+                             device=x.device)
     return x * (mask * (1.0 / keep))
 
 
