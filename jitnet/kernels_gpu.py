@@ -1344,7 +1344,9 @@ def adam_rows_update(p, g, m, v, flags, lr_c, wd, b1, omb1, b2, omb2, inv_sqrt_b
 
 @cuda.jit(cache=True)
 def im2col(x, cols, kh_, kw_, sh, sw, ph, pw, dh, dw, oh_, ow_):
-    """cols[c*kh*kw + ky*kw + kx, n*oh*ow + oy*ow + ox] = x[n, c, oy*sh - ph + ky*dh, ox*sw - pw + kx*dw] (0 outside)."""
+    """cols[c*kh*kw + ky*kw + kx, n*oh*ow + oy*ow + ox] = x[n, c, oy*sh - ph + ky*dh, ox*sw - pw + kx*dw].
+
+    Positions outside the image (padding) get 0."""
     i = cuda.grid(1)
     step = cuda.gridsize(1)
     ncols = cols.shape[1]
