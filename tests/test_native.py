@@ -126,3 +126,30 @@ def test_segment_with_only_in_place_effects():
     bump(x)
     bump(x)
     np.testing.assert_allclose(v.numpy(), 2 * (np.tanh(1.0) * 2 + 1), rtol=1e-6)
+
+
+def test_while_loop_runs_natively_with_a_data_dependent_trip_count():
+    W = jn.tensor(np.array([[0.5, 0.1], [0.0, 0.5]]))
+
+    def f(x, limit):
+        def cond(c):
+            return jn.sum(c[0] * c[0]) > limit
+
+        def body(c):
+            return (jn.tanh(c[0] @ W) * 0.9, c[1] + 1.0)
+        return jn.while_loop(cond, body, (x, jn.zeros((), jn.float64)))
+    x = jn.tensor(np.array([[3.0, -2.0]]))
+    jf = jn.jit(f)
+    for limit in (1e-3, 1e-6):
+        ex, en = f(x, jn.tensor(limit))
+        jx, jnum = jf(x, jn.tensor(limit))
+        np.testing.assert_allclose(jx.numpy(), ex.numpy(), rtol=1e-12)
+        assert jnum.item() == en.item() > 3
+    g, _ = jf.lower(x, jn.tensor(1e-3))
+    (node,) = [n for n in g.live_nodes() if n.prim.name == "while_loop"]
+    nw = node.params["body"].native_while
+    assert nw is not None
+    (comp,) = jf._cache.values()
+    (live,) = [n for n in comp.graph.live_nodes() if n.prim.name == "while_loop"]
+    nw = live.params["body"].native_while
+    assert nw._fn is not None and not nw.failed

@@ -18,7 +18,7 @@ from ..autodiff import core as ad
 from ..autodiff.core import Primitive, apply
 from ..tensor import Tensor
 from .passes import cse, dce
-from .native import loop_driver
+from .native import loop_driver, while_driver
 from .plan import build_plan
 from .trace import Tracer, TracingError, flatten, substituting, unflatten
 
@@ -77,6 +77,9 @@ def _split(tt, n):
 class Body:
     """A traced loop body: its plan, and how many carry / per-step / captured inputs and outputs it has."""
 
+    native = None           # a native.NativeLoop running the whole scan, when the body is one native segment
+    native_while = None     # a native.NativeWhile, for a while_loop whose cond and body are native segments
+
     def __init__(self, plan, graph, n_carry, n_x, n_caps, n_out):
         self.plan, self.graph = plan, graph
         self.n_carry, self.n_x, self.n_caps, self.n_out = n_carry, n_x, n_caps, n_out
@@ -118,9 +121,7 @@ def _trace_body(outer, fn, example_arrays, n_carry, n_x, grad=False):
     cse(g)
     dce(g)
     plan = build_plan(g)
-    body = Body(plan, g, n_carry, n_x, len(caps), len(outs))
-    body.native = loop_driver(plan, n_carry, n_x) if n_x or n_carry else None
-    return body, caps, outs
+    return Body(plan, g, n_carry, n_x, len(caps), len(outs)), caps, outs
 
 
 def _check_carry(new, old, where):
@@ -293,6 +294,7 @@ def _scan_traced(outer, body, init, xs, length, reverse):
     examples = [c._data for c in c_leaves] + [
         (x._data[t0, ...] if length else np.zeros(x.shape[1:], x.dtype)) for x in x_leaves]
     b, caps, outs = _trace_body(outer, flat_fn, examples, nc, nx)
+    b.native = loop_driver(b.plan, nc, nx)
 
     # the function the backward pass recomputes: the body on explicit leaves (captures passed in too)
     def fwd_fn(*leaves):
@@ -325,6 +327,11 @@ def _while_impl(*arrays, cond, body, n_carry):
     carry = list(arrays[:n_carry])
     ccaps = list(arrays[n_carry:n_carry + cond.n_caps])
     bcaps = list(arrays[n_carry + cond.n_caps:])
+    nw = getattr(body, "native_while", None)
+    if nw is not None:
+        final = nw.run(carry, ccaps, bcaps)
+        if final is not None:
+            return tuple(np.array(c, copy=True) for c in final)
     while bool(cond(carry + ccaps)[0]):
         carry = body(carry + bcaps)
     return tuple(np.array(c, copy=True) for c in carry)
@@ -378,6 +385,7 @@ def while_loop(cond, body, init):
     examples = [c._data for c in c_leaves]
     cb, ccaps, _ = _trace_body(interp, cond_fn, examples, n, 0)
     bb, bcaps, _ = _trace_body(interp, body_fn, examples, n, 0)
+    bb.native_while = while_driver(cb.plan, bb.plan, n, len(ccaps), len(bcaps))
     tt = interp.apply(WHILE, tuple(c_leaves + ccaps + bcaps), dict(cond=cb, body=bb, n_carry=n))
     return unflatten(c_tree, _split(tt, n))
 

@@ -616,6 +616,8 @@ def loop_driver(plan, n_carry, n_x):
             or plan.grad_writes:
         return None
     seg = segs[0]
+    if len(plan.out_slots) < n_carry:
+        return None
     ranks = {s: len(sh) for s, sh in getattr(plan, "slot_shapes", {}).items()}
     arg_of = {i: s for s, i in plan.arg_slots}
     # per-step x slices of rank 0 would be scalars inside Numba: keep those loops in Python
@@ -627,3 +629,93 @@ def loop_driver(plan, n_carry, n_x):
     if _loop_source(plan, seg, n_carry, n_x, len(arg_of), False) is None:
         return None
     return NativeLoop(plan, seg, n_carry, n_x)
+
+
+def _while_source(cond_plan, cond_seg, body_plan, body_seg, n_carry, n_ccaps, n_bcaps):
+    """Source of ``wloop(a0.., ca0.., ba0.., cq0.., bq0..)``: the body's driver while the cond's driver is true."""
+    def exprs(plan, seg, caps_prefix, cq_prefix):
+        slot_arg = {s: i for s, i in plan.arg_slots}
+        slot_const = {s: k for k, (s, _) in enumerate(plan.const_env)}
+
+        def expr(s):
+            if s in slot_const:
+                return f"{cq_prefix}{slot_const[s]}"
+            i = slot_arg.get(s)
+            if i is None:
+                return None
+            return f"c{i}" if i < n_carry else f"{caps_prefix}{i - n_carry}"
+        args = [expr(s) for s in seg.in_slots]
+        outs = []
+        for s in plan.out_slots:
+            if isinstance(s, tuple):
+                return None, None
+            outs.append(f"r[{seg.out_slots.index(s)}]" if s in seg.out_slots else expr(s))
+        if any(e is None for e in args + outs):
+            return None, None
+        return args, outs
+    cargs, couts = exprs(cond_plan, cond_seg, "ck", "cq")
+    bargs, bouts = exprs(body_plan, body_seg, "bk", "bq")
+    if cargs is None or bargs is None or len(couts) != 1 or len(bouts) != n_carry:
+        return None
+    args = [f"a{k}" for k in range(n_carry)] + [f"ck{k}" for k in range(n_ccaps)] + \
+        [f"bk{k}" for k in range(n_bcaps)] + [f"cq{k}" for k in range(len(cond_plan.const_env))] + \
+        [f"bq{k}" for k in range(len(body_plan.const_env))]
+    cond_out = couts[0].replace("r[", "rc[")
+    lines = ["# jitnet generated native while loop: edit the graph, not this file", "import numpy as np",
+             "from numba import njit", "from {condmod} import segment as cond",
+             "from {bodymod} import segment as body", "", "",
+             "@njit(cache=True, nogil=True, error_model='numpy')", f"def wloop({', '.join(args)}):"]
+    lines += [f"    c{k} = a{k}" for k in range(n_carry)]
+    lines += ["    while True:", f"        rc = cond({', '.join(cargs)})", f"        if not {cond_out}[()]:",
+              "            break", f"        r = body({', '.join(bargs)})"]
+    lines += [f"        n{k} = {bouts[k]}" for k in range(n_carry)]
+    lines += [f"        c{k} = n{k}" for k in range(n_carry)]
+    lines.append("    return (" + "".join(f"c{k}, " for k in range(n_carry)) + ")")
+    return "\n".join(lines) + "\n"
+
+
+class NativeWhile:
+    """A while_loop whose cond and body plans are each one native segment, run as one compiled loop."""
+
+    def __init__(self, cond_plan, body_plan, n_carry, n_ccaps, n_bcaps):
+        self.cond_plan, self.body_plan = cond_plan, body_plan
+        self.n_carry, self.n_ccaps, self.n_bcaps = n_carry, n_ccaps, n_bcaps
+        self._fn = None
+        self.failed = False
+        self.runs = 0
+
+    def run(self, carry, ccaps, bcaps):
+        """Return the final carry arrays, or None when the loop cannot run natively."""
+        if self.failed:
+            return None
+        if self.runs < NATIVE_AFTER:
+            self.runs += 1
+            return None
+        try:
+            if self._fn is None:
+                src = _while_source(self.cond_plan, self.cond_plan.segments[0], self.body_plan,
+                                    self.body_plan.segments[0], self.n_carry, self.n_ccaps, self.n_bcaps)
+                src = src.replace("{condmod}", self.cond_plan.segments[0].function().py_func.__module__)
+                src = src.replace("{bodymod}", self.body_plan.segments[0].function().py_func.__module__)
+                self._fn = kernelgen.load_source(src, "cpu", "native-while").wloop
+            consts = [a for _, a in self.cond_plan.const_env] + [a for _, a in self.body_plan.const_env]
+            return self._fn(*carry, *ccaps, *bcaps, *consts)
+        except Exception as e:
+            from numba.core.errors import NumbaError
+            if not isinstance(e, (NumbaError, TypeError, AttributeError, NotImplementedError)):
+                raise
+            self.failed = True
+            self.error = e
+            return None
+
+
+def while_driver(cond_plan, body_plan, n_carry, n_ccaps, n_bcaps):
+    """Return a NativeWhile when both plans are single native segments over their arguments, else None."""
+    for p in (cond_plan, body_plan):
+        segs = getattr(p, "segments", None)
+        if not segs or len(segs) != 1 or len(p.steps) != 1 or p.state_slots or p.gradin_slots or p.grad_writes:
+            return None
+    if _while_source(cond_plan, cond_plan.segments[0], body_plan, body_plan.segments[0], n_carry, n_ccaps,
+                     n_bcaps) is None:
+        return None
+    return NativeWhile(cond_plan, body_plan, n_carry, n_ccaps, n_bcaps)
