@@ -148,7 +148,7 @@ def _softmax_row(x, out, i):
     m = x[i, 0]
     for j in range(1, n):
         m = max(m, x[i, j])
-    s = x[i, 0] * 0
+    s = m * 0          # 0 of the row's type (x[i, 0] * 0 would be NaN for a masked -inf first entry)
     for j in range(n):
         e = fexp(x[i, j] - m)
         out[i, j] = e
@@ -164,7 +164,7 @@ def _log_softmax_row(x, out, i):
     m = x[i, 0]
     for j in range(1, n):
         m = max(m, x[i, j])
-    s = x[i, 0] * 0
+    s = m * 0
     for j in range(n):
         s += fexp(x[i, j] - m)
     ls = m + math.log(s)
@@ -203,12 +203,9 @@ def logsumexp_last(x, out):
             if x[i, j] > m:
                 m = x[i, j]
         if m == -np.inf or m == np.inf or m != m:
-            s = x[i, 0] * 0
-            for j in range(x.shape[1]):
-                s += fexp(x[i, j])
-            out[i] = math.log(s) if m != m or m == -np.inf else m
+            out[i] = m         # all -inf: -inf; any +inf: +inf; NaN (m != m): NaN
             continue
-        s = x[i, 0] * 0
+        s = m * 0
         for j in range(x.shape[1]):
             s += fexp(x[i, j] - m)
         out[i] = m + math.log(s)
@@ -857,7 +854,7 @@ def _nn_row_lse(x, i):
             m = x[i, j]
     if m == -np.inf or m == np.inf or m != m:
         return m
-    s = x[i, 0] * 0
+    s = m * 0
     for j in range(n):
         s += math.exp(x[i, j] - m)
     return m + math.log(s)

@@ -848,3 +848,17 @@ def test_random_distributions():
     np.testing.assert_array_equal(rows[:, 1], rows[:, 0] + 1)
     with pytest.raises(ValueError):
         jn.random.categorical()
+
+
+def test_softmax_family_with_masked_minus_inf_entries():
+    x = np.array([[-np.inf, 1.0, 2.0], [0.5, -np.inf, -1.0]], np.float32)
+    e = np.exp(x - x.max(1, keepdims=True))
+    ref = e / e.sum(1, keepdims=True)
+    np.testing.assert_allclose(jn.softmax(jn.tensor(x)).numpy(), ref, rtol=1e-6)
+    ls = jn.log_softmax(jn.tensor(x)).numpy()
+    assert ls[0, 0] == -np.inf and ls[1, 1] == -np.inf
+    np.testing.assert_allclose(ls[0, 1:], np.log(ref[0, 1:]), rtol=1e-6)
+    lse = jn.logsumexp(jn.tensor(np.array([[-np.inf, -np.inf], [-np.inf, 0.0]], np.float32)), axis=1).numpy()
+    assert lse[0] == -np.inf and lse[1] == pytest.approx(0.0)
+    loss = jn.nn.functional.cross_entropy(jn.tensor(x), jn.tensor(np.array([2, 0])), reduction="none").numpy()
+    np.testing.assert_allclose(loss, -np.log([ref[0, 2], ref[1, 0]]), rtol=1e-6)
