@@ -396,8 +396,20 @@ def _softplus(x):
 
 
 @njit(cache=True, no_cpython_wrapper=True, error_model="numpy")
-def _content_fwd(mem, key, beta, eps, norms, sim, w):
-    """Rows' norms, cosine similarities and softmax weights of one key over mem (N, W)."""
+def _row_norms(mem, eps, norms):
+    """Write sqrt(sum_k mem[n, k]^2 + eps) of every row of mem (N, W) into norms."""
+    N, W = mem.shape
+    for n in range(N):
+        sq = 0.0
+        for k in range(W):
+            sq += mem[n, k] * mem[n, k]
+        norms[n] = math.sqrt(sq + eps)
+
+
+@njit(cache=True, no_cpython_wrapper=True, error_model="numpy")
+def _content_fwd(mem, norms, key, beta, eps, sim, w):
+    """Cosine similarities and softmax weights of one key over mem (N, W) with row norms ``norms``; return the
+    key's norm."""
     N, W = mem.shape
     kn = 0.0
     for k in range(W):
@@ -405,12 +417,9 @@ def _content_fwd(mem, key, beta, eps, norms, sim, w):
     kn = math.sqrt(kn + eps)
     mx = -np.inf
     for n in range(N):
-        sq = 0.0
         dot = 0.0
         for k in range(W):
-            sq += mem[n, k] * mem[n, k]
             dot += mem[n, k] * key[k]
-        norms[n] = math.sqrt(sq + eps)
         sim[n] = dot / (kn * norms[n] + eps)
         mx = max(mx, beta * sim[n])
     tot = 0.0
@@ -423,8 +432,9 @@ def _content_fwd(mem, key, beta, eps, norms, sim, w):
 
 
 @njit(cache=True, no_cpython_wrapper=True, error_model="numpy")
-def _content_bwd(mem, key, beta, eps, kn, norms, sim, w, gw, gmem, gkey):
-    """Accumulate the gradients of the content weights ``w`` (given ``gw``) into gmem and gkey; return gbeta."""
+def _content_bwd(mem, norms, key, beta, eps, kn, sim, w, gw, gmem, gnorms, gkey):
+    """Accumulate the gradients of the content weights ``w`` (given ``gw``) into gmem, gnorms (the row norms'
+    gradient, applied to gmem by :func:`_norms_bwd`) and gkey; return gbeta."""
     N, W = mem.shape
     s = 0.0
     for n in range(N):
@@ -439,13 +449,23 @@ def _content_bwd(mem, key, beta, eps, kn, norms, sim, w, gw, gmem, gkey):
         gdot = gsim / den
         gden = -gsim * sim[n] / den
         gkn += gden * norms[n]
-        gnorm = gden * kn / norms[n]
+        gnorms[n] += gden * kn
         for k in range(W):
             gkey[k] += gdot * mem[n, k]
-            gmem[n, k] += gdot * key[k] + gnorm * mem[n, k]
+            gmem[n, k] += gdot * key[k]
     for k in range(W):
         gkey[k] += gkn * key[k] / kn
     return gbeta
+
+
+@njit(cache=True, no_cpython_wrapper=True, error_model="numpy")
+def _norms_bwd(mem, norms, gnorms, gmem):
+    """Add the row norms' gradient ``gnorms`` to gmem (d norm_n / d mem[n, k] = mem[n, k] / norm_n)."""
+    N, W = mem.shape
+    for n in range(N):
+        c = gnorms[n] / norms[n]
+        for k in range(W):
+            gmem[n, k] += c * mem[n, k]
 
 
 @njit(cache=True, error_model="numpy")
@@ -473,7 +493,7 @@ def _memory_kernel(state, xi, g, N, W, R, eps, out, grad):
     psi, pre, prefix, alloc = np.empty(N, dt), np.empty(N, dt), np.empty(N, dt), np.empty(N, dt)
     phi = np.empty(N, np.int64)
     n0, sw, cw = np.empty(N, dt), np.empty(N, dt), np.empty(N, dt)
-    n1, sr, cr = np.empty((R, N), dt), np.empty((R, N), dt), np.empty((R, N), dt)
+    n1, sr, cr = np.empty(N, dt), np.empty((R, N), dt), np.empty((R, N), dt)
     fw, bw = np.empty((R, N), dt), np.empty((R, N), dt)
     kn = np.empty(R + 1, dt)
     tmp = np.empty(S, dt)
@@ -486,6 +506,7 @@ def _memory_kernel(state, xi, g, N, W, R, eps, out, grad):
     gc = np.empty(N, dt)
     gsa = np.empty(N, dt)
     giv = np.empty(I, dt)    # gradient of the interface after its nonlinearities
+    gn = np.empty(N, dt)     # gradient of the memory rows' norms
     for b in range(state.shape[0]):
         s = state[b]
         x = xi[b]
@@ -536,7 +557,8 @@ def _memory_kernel(state, xi, g, N, W, R, eps, out, grad):
             alloc[phi[j]] = (1.0 - u[phi[j]]) * acc
             acc *= u[phi[j]]
         # 3-4. write weighting from the old memory
-        kn[R] = _content_fwd(M0, iv[o_kw:o_kw + W], iv[o_bw], eps, n0, sw, cw)
+        _row_norms(M0, eps, n0)
+        kn[R] = _content_fwd(M0, n0, iv[o_kw:o_kw + W], iv[o_bw], eps, sw, cw)
         for n in range(N):
             ww[n] = gw * (ga * alloc[n] + (1.0 - ga) * cw[n])
         # 5. erase and write
@@ -553,8 +575,9 @@ def _memory_kernel(state, xi, g, N, W, R, eps, out, grad):
         for n in range(N):
             o[op + n] = (1.0 - tot) * s[op + n] + ww[n]
         # 8-10. read weightings: backward, content, forward
+        _row_norms(M, eps, n1)
         for r in range(R):
-            kn[r] = _content_fwd(M, iv[r * W:(r + 1) * W], iv[o_br + r], eps, n1[r], sr[r], cr[r])
+            kn[r] = _content_fwd(M, n1, iv[r * W:(r + 1) * W], iv[o_br + r], eps, sr[r], cr[r])
             for i in range(N):
                 fsum = 0.0
                 bsum = 0.0
@@ -601,6 +624,7 @@ def _memory_kernel(state, xi, g, N, W, R, eps, out, grad):
                     gM[n, k] += wr[r, n] * gr
                 gwr[r, n] += t
         # 10-8. read modes, content lookups, forward/backward weightings
+        gn[:] = 0.0
         for r in range(R):
             p0, p1, p2 = iv[o_pi + 3 * r], iv[o_pi + 3 * r + 1], iv[o_pi + 3 * r + 2]
             a0 = a1 = a2 = 0.0
@@ -612,8 +636,8 @@ def _memory_kernel(state, xi, g, N, W, R, eps, out, grad):
             giv[o_pi + 3 * r] += a0
             giv[o_pi + 3 * r + 1] += a1
             giv[o_pi + 3 * r + 2] += a2
-            giv[o_br + r] += _content_bwd(M, iv[r * W:(r + 1) * W], iv[o_br + r], eps, kn[r], n1[r], sr[r], cr[r],
-                                          gc, gM, giv[r * W:(r + 1) * W])
+            giv[o_br + r] += _content_bwd(M, n1, iv[r * W:(r + 1) * W], iv[o_br + r], eps, kn[r], sr[r], cr[r], gc,
+                                          gM, gn, giv[r * W:(r + 1) * W])
             # f_i = sum_j L_ij wr0_j ; b_j = sum_i wr0_i L_ij
             for i in range(N):
                 gf = p2 * gwr[r, i]
@@ -623,6 +647,7 @@ def _memory_kernel(state, xi, g, N, W, R, eps, out, grad):
                     gwr0[r, j] += gf * L[i, j]
                     gL[j, i] += wr0[r, j] * gbk
                     gwr0[r, j] += gbk * L[j, i]
+        _norms_bwd(M, n1, gn, gM)
         # 7. precedence p = (1 - sum ww) p0 + ww
         tot = 0.0
         gtot = 0.0
@@ -663,8 +688,10 @@ def _memory_kernel(state, xi, g, N, W, R, eps, out, grad):
             gc[n] = gww[n] * gwt * (1.0 - ga)
             gsa[n] = gww[n] * gwt * ga              # gradient of the allocation weighting, by row for now
         # 3. write content lookup on the old memory
-        giv[o_bw] += _content_bwd(M0, iv[o_kw:o_kw + W], iv[o_bw], eps, kn[R], n0, sw, cw, gc, gM0,
+        gn[:] = 0.0
+        giv[o_bw] += _content_bwd(M0, n0, iv[o_kw:o_kw + W], iv[o_bw], eps, kn[R], sw, cw, gc, gM0, gn,
                                   giv[o_kw:o_kw + W])
+        _norms_bwd(M0, n0, gn, gM0)
         # 2. allocation: sa_j = (1 - su_j) P_j with P_j = prod_{k<j} su_k; with c_m = gsa_m (1 - su_m) and
         # Q_j = sum_{m>j} c_m prod_{j<k<m} su_k (Q_j = c_{j+1} + su_{j+1} Q_{j+1}): d/d su_j = P_j (Q_j - gsa_j)
         q = 0.0
