@@ -195,19 +195,26 @@ def _conv2d_grad_input_impl(g, w, *, x_shape, stride, pads, dilation):
 
 def _conv2d_grad_weight_impl(x, g, *, w_shape, stride, pads, dilation):
     n, c, h, wd, o, kh, kw, oh, ow = _geom(x.shape, w_shape, stride, pads, dilation)
-    dw = np.zeros((o, c * kh * kw), x.dtype)
+    # dW^T (C*kh*kw, O) = cols @ g2^T, accumulated over chunks of images: BLAS runs this orientation (a tall
+    # product with a small N) several times faster than dW = g2 @ cols^T, whose long K sits on a transposed operand
+    dwt = np.zeros((c * kh * kw, o), x.dtype)
     if g.size == 0:
-        return dw.reshape(w_shape)
+        return np.ascontiguousarray(dwt.T).reshape(w_shape)
     x, g3 = _c(x), _c(g).reshape(n, o, oh * ow)
-    tmp = np.empty_like(dw)
+    tmp = np.empty_like(dwt)
     ohw = oh * ow
+    first = True
     for n0, n1 in _chunks(n, c * kh * kw * ohw, x.itemsize):
         g2 = np.empty((o, (n1 - n0) * ohw), g.dtype)
         K.nn_nop_to_onp(g3[n0:n1], g2)
         cols = _im2col(x[n0:n1], kh, kw, stride, pads, dilation, oh, ow)
-        K.nn_gemm(g2, cols.T, tmp)
-        dw += tmp
-    return dw.reshape(w_shape)
+        if first:
+            K.nn_gemm(cols, g2.T, dwt)
+            first = False
+        else:
+            K.nn_gemm(cols, g2.T, tmp)
+            dwt += tmp
+    return np.ascontiguousarray(dwt.T).reshape(w_shape)
 
 
 def _conv2d_vjp(g, ans, ins, needs, stride, pads, dilation):
