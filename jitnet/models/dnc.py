@@ -176,6 +176,8 @@ def update_link(link, ww, precedence):
     n = link.shape[-1]
     wi, wj = ops.expand_dims(ww, -1), ops.expand_dims(ww, -2)
     off_diag = 1.0 - ops.eye(n, dtype=link.dtype)
+    if link.is_cuda:
+        off_diag = off_diag.to(link.device)
     return ((1.0 - wi - wj) * link + wi * ops.expand_dims(precedence, -2)) * off_diag
 
 
@@ -211,10 +213,10 @@ class MemoryState(NamedTuple):
     read_vectors: object     # (B, R, W)
 
 
-def initial_memory_state(batch, memory_size, word_size, num_reads, dtype=jn.float32):
+def initial_memory_state(batch, memory_size, word_size, num_reads, dtype=jn.float32, device=None):
     """Return the all-zero :class:`MemoryState` of a batch (empty memory, unused, no links, no reads)."""
     B, N, W, R = int(batch), int(memory_size), int(word_size), int(num_reads)
-    z = lambda *s: ops.zeros(s, dtype)  # noqa: E731
+    z = lambda *s: ops.zeros(s, dtype, device=device)  # noqa: E731
     return MemoryState(z(B, N, W), z(B, N), z(B, N, N), z(B, N), z(B, R, N), z(B, N), z(B, R, W))
 
 
@@ -242,7 +244,8 @@ class DNC(nn.Module):
     with ``num_reads`` read heads and one write head; ``forward(x (B, T, X)) -> logits (B, T, output_size)``.
 
     ``fused=True`` (default) runs each memory step as one primitive (a Numba kernel and its gradient kernel);
-    ``fused=False`` runs :func:`memory_step`, the same equations written with jitnet ops.
+    ``fused=False`` runs :func:`memory_step`, the same equations written with jitnet ops (which is also what
+    a model moved to a GPU runs: the fused kernel is CPU code).
     """
 
     def __init__(self, input_size, output_size, hidden_size=64, memory_size=16, word_size=16, num_reads=1,
@@ -267,9 +270,10 @@ class DNC(nn.Module):
         return self.controller.W_hh.dtype
 
     def initial_state(self, batch):
-        """Return the zero state (controller state (B, 6H), memory state) of a batch of ``batch`` sequences."""
-        ctrl = ops.zeros((batch, 6 * self.hidden_size), self.dtype)
-        mem = initial_memory_state(batch, self.memory_size, self.word_size, self.num_reads, self.dtype)
+        """Return the zero state ((h, c) of the controller, memory state) of a batch of ``batch`` sequences."""
+        dev = self.controller.W_hh.device if self.controller.W_hh.is_cuda else None
+        ctrl = tuple(ops.zeros((batch, self.hidden_size), self.dtype, device=dev) for _ in range(2))
+        mem = initial_memory_state(batch, self.memory_size, self.word_size, self.num_reads, self.dtype, dev)
         return ctrl, (pack_state(mem) if self.fused else mem)
 
     def unpack(self, mem):
@@ -286,6 +290,9 @@ class DNC(nn.Module):
         return ops.reshape(mem.read_vectors, (mem.read_vectors.shape[0], rw))
 
     def _mem_step(self, mem, xi):
+        if self.fused and mem.is_cuda:         # the fused kernel is CPU code: the same step from jitnet ops
+            st = unpack_state(mem, self.memory_size, self.word_size, self.num_reads)
+            return pack_state(memory_step(st, xi, self.num_reads, self.word_size))
         if self.fused:
             return dnc_memory_step(mem, xi, self.memory_size, self.word_size, self.num_reads)
         return memory_step(mem, xi, self.num_reads, self.word_size)
@@ -294,7 +301,7 @@ class DNC(nn.Module):
         """Return the logits (B, T, output_size) of the sequences ``x`` (B, T, input_size).
 
         ``state`` continues from a previous call's final state (``return_state=True`` returns it too, as
-        (controller, memory)). ``return_trace=True`` also returns {"usage" (T, B, N), "write_weights"
+        ((h, c) of the controller, memory)). ``return_trace=True`` also returns {"usage" (T, B, N), "write_weights"
         (T, B, N), "read_weights" (T, B, R, N)}, the addressing over time (see :func:`plot_memory`).
         """
         x = x if isinstance(x, jn.Tensor) else jn.tensor(x)
@@ -309,17 +316,19 @@ class DNC(nn.Module):
         w_read = c.W_ih[X:]
 
         def body(carry, xw_t):
-            s, m = carry
-            s = F.lstm_step(xw_t + ops.matmul(self._reads(m), w_read), s, c.W_hh, c.b)
-            h = s[:, :H]
+            h, cs, m = carry
+            z = xw_t + ops.matmul(self._reads(m), w_read) + ops.matmul(h, c.W_hh) + c.b   # gates i, f, g, o
+            cs = ops.sigmoid(z[:, H:2 * H]) * cs + ops.sigmoid(z[:, :H]) * ops.tanh(z[:, 2 * H:3 * H])
+            h = ops.sigmoid(z[:, 3 * H:]) * ops.tanh(cs)
             m = self._mem_step(m, self.interface(h))
             ys = (h, self._reads(m))
             if return_trace:
                 ms = self.unpack(m)
                 ys = ys + (ms.usage, ms.write_weights, ms.read_weights)
-            return (s, m), ys
+            return (h, cs, m), ys
 
-        (ctrl, mem), ys = scan(body, (ctrl, mem), xw)
+        (h, cs, mem), ys = scan(body, (ctrl[0], ctrl[1], mem), xw)
+        ctrl = (h, cs)
         out = self.output(ops.concatenate([ys[0], ys[1]], axis=-1))
         out = ops.transpose(out, (1, 0, 2))
         res = (out,)
@@ -587,7 +596,8 @@ def _memory_kernel(state, xi, g, N, W, R, eps, out, grad):
                 fw[r, i] = fsum
                 bw[r, i] = bsum
             for n in range(N):
-                wr[r, n] = iv[o_pi + 3 * r] * bw[r, n] + iv[o_pi + 3 * r + 1] * cr[r, n] + iv[o_pi + 3 * r + 2] * fw[r, n]
+                wr[r, n] = (iv[o_pi + 3 * r] * bw[r, n] + iv[o_pi + 3 * r + 1] * cr[r, n]
+                            + iv[o_pi + 3 * r + 2] * fw[r, n])
         # 11. read vectors
         for r in range(R):
             for k in range(W):
