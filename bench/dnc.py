@@ -38,7 +38,7 @@ def _set_blas_threads(n):
 def torch_dnc(torch, net):
     """Return a PyTorch module computing the same function as jitnet DNC ``net``, with a copy of its weights."""
     F = torch.nn.functional
-    X, Y, H = net.input_size, net.output_size, net.hidden_size
+    X, H = net.input_size, net.hidden_size
     N, W, R = net.memory_size, net.word_size, net.num_reads
     eps = 1e-6
 
