@@ -47,7 +47,7 @@ from jitnet.models.policy_gradient import PolicyGradientAgent, discounted_return
 from jitnet.models.rl import LinearSchedule, make_env, train_agent  # noqa: E402
 
 PG = dict(hidden=(16, 16), lr=0.01, gamma=0.99, batch_episodes=1)
-DQN = dict(hidden=(128, 128), lr=1e-4, gamma=0.99, buffer_size=10000, batch_size=128, learning_starts=1000,
+DQN = dict(hidden=(128, 128), lr=5e-4, gamma=0.99, buffer_size=50000, batch_size=128, learning_starts=1000,
            train_freq=1, target_update=1000, tau=0.005)
 DQN_EPS = (1.0, 0.05, 5000)
 

@@ -93,7 +93,7 @@ def copy_parameters(src, dst):
 class DQNAgent:
     """DQN (Mnih et al.) with a replay buffer, a periodically copied target network and annealed epsilon-greedy."""
 
-    def __init__(self, obs_dim, n_actions, hidden=(128, 128), lr=1e-4, gamma=0.99, buffer_size=10000,
+    def __init__(self, obs_dim, n_actions, hidden=(128, 128), lr=5e-4, gamma=0.99, buffer_size=50000,
                  batch_size=128, learning_starts=1000, train_freq=1, target_update=1000, loss="huber",
                  epsilon="linear:1,0.05,5000", optimizer="adam", double=True, clip_norm=10.0, tau=0.005, seed=None,
                  use_jit=True, q_network=None, obs_shape=None):

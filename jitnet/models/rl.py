@@ -433,8 +433,8 @@ def train_dqn(argv=None):
     """Train the DQN agent (``python -m jitnet train dqn-cartpole``); return the exit code."""
     from .dqn import DQNAgent
     p = _common_parser("dqn-cartpole", "DQN with experience replay and a target network on CartPole-v1",
-                       episodes=1000, lr=1e-4, gamma=0.99, hidden=(128, 128), target=195.0)
-    p.add_argument("--buffer-size", type=int, default=10000, help="replay capacity (default 10000)")
+                       episodes=1000, lr=5e-4, gamma=0.99, hidden=(128, 128), target=195.0)
+    p.add_argument("--buffer-size", type=int, default=50000, help="replay capacity (default 50000)")
     p.add_argument("--batch-size", type=int, default=128, help="replay batch (default 128)")
     p.add_argument("--learning-starts", type=int, default=1000, help="steps before learning (default 1000)")
     p.add_argument("--train-freq", type=int, default=1, help="environment steps per update (default 1)")
