@@ -17,7 +17,7 @@ import datetime as _dt
 import numpy as np
 
 __all__ = ["PAD", "SOS", "EOS", "CharVocab", "DATE_FORMATS", "format_date", "date_task", "reverse_task",
-           "DateTask", "ReverseTask", "pad_batch", "encode_pairs", "BucketBatcher", "Seq2SeqData"]
+           "DateTask", "ReverseTask", "MONTH_STYLES", "pad_batch", "encode_pairs", "BucketBatcher", "Seq2SeqData"]
 
 PAD, SOS, EOS = 0, 1, 2
 _SPECIALS = ("<pad>", "<s>", "</s>")
@@ -59,6 +59,17 @@ DATE_FORMATS = (
     ("yyyy MMMM d", lambda d: f"{d.year} {_MONTHS[d.month - 1]} {d.day}"),
     ("d mmm 'yy", lambda d: f"{d.day} {_MONTHS[d.month - 1][:3].lower()} '{d.year % 100:02d}"),
 )
+
+#: how each format writes the month: a (format, month) pair is held out only when another format that writes
+#: months the same way keeps that month in training (no spelling is then unseen, e.g. "NOVEMBER" in capitals)
+MONTH_STYLES = {
+    "d MMMM yyyy": "Month", "dd MMMM yyyy": "Month", "MMMM d, yyyy": "Month", "mmmm d, yyyy": "month",
+    "MMMM-UPPER d yyyy": "MONTH", "d MMM yyyy": "Mon", "MMM d, yyyy": "Mon", "MMM dd yyyy": "Mon",
+    "d-MMM-yyyy": "Mon", "mm/dd/yyyy": "mm", "m/d/yy": "m", "dd.mm.yyyy": "mm", "yyyy.mm.dd": "mm",
+    "yyyy/m/d": "m", "yyyymmdd": "mm", "EEE MMM d yyyy": "Mon", "EEEE, MMMM d, yyyy": "Month",
+    "dth of MMMM, yy": "Month", "the dth of mmmm yyyy": "month", "MMMM dth, yyyy": "Month",
+    "yyyy MMMM d": "Month", "d mmm 'yy": "mon",
+}
 
 #: the calendar the task draws from: two-digit years are unambiguous in it (50-99 -> 19xx, 00-49 -> 20xx)
 FIRST_DATE, LAST_DATE = _dt.date(1950, 1, 1), _dt.date(2049, 12, 31)
@@ -162,7 +173,9 @@ def date_task(n_train=20000, n_test=2000, seed=0, held_out_dates=0.1, held_out_c
     """Return a :class:`DateTask` of (human date, ISO date) pairs drawn with ``seed``.
 
     ``held_out_dates`` is the share of calendar days (1950-2049) kept out of training; ``held_out_combos`` the
-    number of months per format whose (format, month) pairs are kept out of training (0 for none). The test
+    number of months per format whose (format, month) pairs are kept out of training (0 for none), chosen so
+    that another format writing months the same way (see MONTH_STYLES) still shows that month in training;
+    formats whose month spelling is their own ("NOVEMBER", "nov") hold out no month. The test
     examples are drawn from the held-out space only: a held-out date, or a held-out (format, month) pair.
     ``formats`` restricts the task to some format indices or names (default: all of DATE_FORMATS).
     """
@@ -175,13 +188,19 @@ def date_task(n_train=20000, n_test=2000, seed=0, held_out_dates=0.1, held_out_c
     n_days = (LAST_DATE - FIRST_DATE).days + 1
     if not 0.0 <= held_out_dates < 1.0:
         raise ValueError(f"date_task: held_out_dates must be in [0, 1), got {held_out_dates}")
-    if not 0 <= held_out_combos < 12:
-        raise ValueError(f"date_task: held_out_combos must be in [0, 12), got {held_out_combos}")
+    if not 0 <= held_out_combos <= 6:
+        raise ValueError(f"date_task: held_out_combos must be in [0, 6], got {held_out_combos}")
     held = np.zeros(n_days, bool)
     held[rng.choice(n_days, int(round(held_out_dates * n_days)), replace=False)] = True
     combos = np.zeros((len(DATE_FORMATS), 13), bool)          # [format, month]
-    for f in fmts:
-        combos[f, 1 + rng.choice(12, held_out_combos, replace=False)] = True
+    for style in sorted({MONTH_STYLES[names[f]] for f in fmts}):
+        group = [f for f in fmts if MONTH_STYLES[names[f]] == style]
+        if len(group) < 2:
+            continue                                            # its spelling of a month exists nowhere else
+        months = rng.permutation(12)
+        for i, f in enumerate(group):                           # months spread over the group: none is held
+            for j in range(held_out_combos):                    # out by every format of the style
+                combos[f, 1 + months[(i * held_out_combos + j) % 12]] = True
     ords = FIRST_DATE.toordinal()
 
     def draw(n, want_test):

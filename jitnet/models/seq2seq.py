@@ -11,13 +11,17 @@ forcing, a padding-masked cross entropy (or a sampled softmax for large vocabula
 global norm and Adam, all in one ``jitnet.jit`` step. The encoder and the attention decoder run on
 ``jn.scan``, so a step compiles once per (bucketed) source length whatever that length is.
 
-Two primitives make the recurrent steps cheap, each one Numba kernel forward and one backward (their
+Fused primitives make the recurrent steps cheap, each one Numba kernel forward and one backward (their
 gradients are checked by central differences in the tests):
 
 * ``lstm_step_fused(xw, s, W_hh, mask)``: one LSTM step over a packed state ``[h, c, i, f, g, o]`` (the
   recurrent GEMM is BLAS; the gates use a vectorizable exp/tanh);
 * ``additive_attention_step(q, pk, v, mask, values)``: Bahdanau scores ``v . tanh(pk + q)``, the masked
-  softmax over the source and the context vector, for one decoder step.
+  softmax over the source and the context vector, for one decoder step (two kernels: the tanh, kept for the
+  backward pass, and the scores/softmax/context).
+
+Both also come with *native emitters*, so that jitnet's native segments compile each scan body, and the loop
+around it, into one generated function.
 
 Decoding: :meth:`Seq2Seq.greedy_decode` is one jitted scan over the output length; :func:`beam_search` runs
 on NumPy around a jitted single decoder step; :func:`exhaustive_search` (tiny vocabularies only) checks it.
@@ -42,8 +46,8 @@ from jitnet.data import seq_tasks as T
 from jitnet.kernels_scalar import exp_f32
 from jitnet.tensor import Parameter, Tensor, _infer_array
 
-__all__ = ["lstm_step_fused", "lstm_state", "additive_attention_step", "additive_attention_weights", "Seq2Seq",
-           "Seq2SeqTrainer", "beam_search", "exhaustive_search", "sequence_log_prob", "plot_attention",
+__all__ = ["lstm_step_fused", "lstm_state", "additive_attention_step", "additive_attention_weights",
+           "additive_attention_tanh", "additive_attention_context", "Seq2Seq", "Seq2SeqTrainer", "beam_search", "exhaustive_search", "sequence_log_prob", "plot_attention",
            "train_seq2seq_dates", "train_seq2seq_reverse", "TRAINERS"]
 
 _FM = {"reassoc", "nsz", "arcp", "contract"}     # fast math without nnan/ninf: NaN and inf stay exact
@@ -109,6 +113,9 @@ def _sigmoid_v_overload(x):
 # LSTM step over a packed state s = [h, c, i, f, g, o] (B, 6H): the gates are kept for the backward pass
 # ==============================================================================================================
 
+# Every inner loop below is one simple pass over a row (LLVM vectorizes those; a loop body touching many arrays
+# at once is left scalar, 5x slower here).
+
 @njit(cache=True, fastmath=_FM, nogil=True, error_model="numpy")
 def lstm_fwd_kernel(xw, s_prev, whh, mask, s_out, use_mask):
     """One LSTM step: z = xw + h @ whh (BLAS), gates [i, f, g, o]; rows with mask 0 keep h and c."""
@@ -116,52 +123,63 @@ def lstm_fwd_kernel(xw, s_prev, whh, mask, s_out, use_mask):
     hd = whh.shape[0]
     z = np.dot(np.ascontiguousarray(s_prev[:, :hd]), whh)
     for r in range(bsz):
+        orow, prow = s_out[r], s_prev[r]
         if use_mask and mask[r] == 0:
-            for j in range(hd):
-                s_out[r, j] = s_prev[r, j]
-                s_out[r, hd + j] = s_prev[r, hd + j]
+            for j in range(2 * hd):
+                orow[j] = prow[j]
             for j in range(2 * hd, 6 * hd):
-                s_out[r, j] = 0
+                orow[j] = 0
             continue
-        zr, xr, pr, orow = z[r], xw[r], s_prev[r], s_out[r]
+        zr, xr = z[r], xw[r]
+        for j in range(4 * hd):
+            zr[j] += xr[j]
         for j in range(hd):
-            ig = sigmoid_v(zr[j] + xr[j])
-            fg = sigmoid_v(zr[hd + j] + xr[hd + j])
-            gg = tanh_v(zr[2 * hd + j] + xr[2 * hd + j])
-            og = sigmoid_v(zr[3 * hd + j] + xr[3 * hd + j])
-            c = fg * pr[hd + j] + ig * gg
-            orow[j] = og * tanh_v(c)
-            orow[hd + j] = c
-            orow[2 * hd + j] = ig
-            orow[3 * hd + j] = fg
-            orow[4 * hd + j] = gg
-            orow[5 * hd + j] = og
+            orow[2 * hd + j] = sigmoid_v(zr[j])
+        for j in range(hd):
+            orow[3 * hd + j] = sigmoid_v(zr[hd + j])
+        for j in range(hd):
+            orow[4 * hd + j] = tanh_v(zr[2 * hd + j])
+        for j in range(hd):
+            orow[5 * hd + j] = sigmoid_v(zr[3 * hd + j])
+        for j in range(hd):
+            orow[hd + j] = orow[3 * hd + j] * prow[hd + j] + orow[2 * hd + j] * orow[4 * hd + j]
+        for j in range(hd):
+            orow[j] = orow[5 * hd + j] * tanh_v(orow[hd + j])
 
 
 @njit(cache=True, fastmath=_FM, nogil=True, error_model="numpy")
 def lstm_dz_kernel(g, s, s_prev, mask, dz, use_mask):
-    """Write d(pre-activations) dz (B, 4H) from g = d s (B, 6H) (its h and c parts) and the saved gates."""
+    """Write d(pre-activations) dz (B, 4H) from g = d s (B, 6H) and the saved gates.
+
+    The saved gates are outputs too: their own gradients in g (zero in every use here) are included.
+    """
     bsz = s.shape[0]
     hd = dz.shape[1] // 4
+    tc = np.empty(hd, s.dtype)
+    dc = np.empty(hd, s.dtype)
     for r in range(bsz):
+        dr = dz[r]
         if use_mask and mask[r] == 0:
             for j in range(4 * hd):
-                dz[r, j] = 0
+                dr[j] = 0
             continue
-        gr, sr, pr, dr = g[r], s[r], s_prev[r], dz[r]
+        gr, sr, pr = g[r], s[r], s_prev[r]
+        for j in range(hd):
+            tc[j] = tanh_v(sr[hd + j])
+        for j in range(hd):
+            dc[j] = gr[hd + j] + gr[j] * sr[5 * hd + j] * (1 - tc[j] * tc[j])
         for j in range(hd):
             ig = sr[2 * hd + j]
+            dr[j] = (dc[j] * sr[4 * hd + j] + gr[2 * hd + j]) * ig * (1 - ig)
+        for j in range(hd):
             fg = sr[3 * hd + j]
+            dr[hd + j] = (dc[j] * pr[hd + j] + gr[3 * hd + j]) * fg * (1 - fg)
+        for j in range(hd):
             gg = sr[4 * hd + j]
+            dr[2 * hd + j] = (dc[j] * sr[2 * hd + j] + gr[4 * hd + j]) * (1 - gg * gg)
+        for j in range(hd):
             og = sr[5 * hd + j]
-            tc = tanh_v(sr[hd + j])
-            dh = gr[j]
-            dc = gr[hd + j] + dh * og * (1 - tc * tc)
-            # the saved gates are outputs too: their own gradients (zero in every use here) are added
-            dr[j] = (dc * gg + gr[2 * hd + j]) * ig * (1 - ig)
-            dr[hd + j] = (dc * pr[hd + j] + gr[3 * hd + j]) * fg * (1 - fg)
-            dr[2 * hd + j] = (dc * ig + gr[4 * hd + j]) * (1 - gg * gg)
-            dr[3 * hd + j] = (dh * tc + gr[5 * hd + j]) * og * (1 - og)
+            dr[3 * hd + j] = (gr[j] * tc[j] + gr[5 * hd + j]) * og * (1 - og)
 
 
 @njit(cache=True, fastmath=_FM, nogil=True, error_model="numpy")
@@ -170,18 +188,20 @@ def lstm_dprev_kernel(g, dz, s, whh, mask, out, use_mask):
     bsz = s.shape[0]
     hd = whh.shape[0]
     dh = np.dot(dz, whh.T)
+    tc = np.empty(hd, s.dtype)
     for r in range(bsz):
         orow, gr, sr = out[r], g[r], s[r]
         if use_mask and mask[r] == 0:
             for j in range(2 * hd):
                 orow[j] = gr[j]
         else:
+            dhr = dh[r]
             for j in range(hd):
-                og = sr[5 * hd + j]
-                tc = tanh_v(sr[hd + j])
-                dc = gr[hd + j] + gr[j] * og * (1 - tc * tc)
-                orow[j] = dh[r, j]
-                orow[hd + j] = dc * sr[3 * hd + j]
+                tc[j] = tanh_v(sr[hd + j])
+            for j in range(hd):
+                orow[j] = dhr[j]
+            for j in range(hd):
+                orow[hd + j] = (gr[hd + j] + gr[j] * sr[5 * hd + j] * (1 - tc[j] * tc[j])) * sr[3 * hd + j]
         for j in range(2 * hd, 6 * hd):
             orow[j] = 0
 
@@ -278,107 +298,122 @@ def lstm_step_fused(xw, s, W_hh, mask=None):
 
 
 # ==============================================================================================================
-# One step of additive attention: scores v . tanh(pk + q), masked softmax over the source, context
+# One step of additive attention, as two primitives:
+#   th  = tanh(pk + q)                          (B, S, U)  additive_attention_tanh
+#   ctx = softmax_masked(th . v) @ values       (B, D)     additive_attention_context
+# Keeping th in the graph means a backward pass recomputing the forward (jn.scan's) takes one tanh pass
+# instead of two, and the context's gradient needs no tanh at all.
 # ==============================================================================================================
 
 @njit(cache=True, fastmath=_FM, nogil=True, error_model="numpy")
-def _attn_scores(q, pk, v, mask, b, sc):
-    """Fill sc (S,) with the softmax weights of row b; return False when the row has no valid position."""
-    nsrc, nu = pk.shape[1], pk.shape[2]
-    qb = q[b]
-    m = -np.inf
-    for s in range(nsrc):
-        if mask[b, s]:
-            pks = pk[b, s]
-            acc = sc.dtype.type(0)
-            for u in range(nu):
-                acc += v[u] * tanh_v(pks[u] + qb[u])
-            sc[s] = acc
-            if acc > m:
-                m = acc
-    if m == -np.inf:
+def attention_tanh_kernel(q, pk, mask, th):
+    """th[b, s] = tanh(pk[b, s] + q[b]) at valid positions (mask nonzero), 0 elsewhere."""
+    bsz, nsrc, nu = pk.shape[0], pk.shape[1], pk.shape[2]
+    for b in range(bsz):
+        qb = q[b]
         for s in range(nsrc):
-            sc[s] = 0
-        return False
-    tot = sc.dtype.type(0)
-    for s in range(nsrc):
-        if mask[b, s]:
-            e = math.exp(sc[s] - m)
-            sc[s] = e
-            tot += e
-        else:
-            sc[s] = 0
-    inv = 1 / tot
-    for s in range(nsrc):
-        sc[s] *= inv
-    return True
+            tr = th[b, s]
+            if mask[b, s]:
+                pks = pk[b, s]
+                for u in range(nu):
+                    tr[u] = tanh_v(pks[u] + qb[u])
+            else:
+                for u in range(nu):
+                    tr[u] = 0
 
 
 @njit(cache=True, fastmath=_FM, nogil=True, error_model="numpy")
-def attention_fwd_kernel(q, pk, v, mask, vals, ctx, weights, want_weights):
-    """Write the context (B, D) (and the weights (B, S) when want_weights) of one additive-attention step."""
-    bsz, nsrc = pk.shape[0], pk.shape[1]
-    dv = vals.shape[2]
-    sc = np.empty(nsrc, ctx.dtype)
+def attention_tanh_bwd_kernel(g, th, dpk, dq):
+    """dpk = g * (1 - th^2) (B, S, U) and dq = dpk summed over the source axis (B, U)."""
+    bsz, nsrc, nu = th.shape[0], th.shape[1], th.shape[2]
     for b in range(bsz):
-        _attn_scores(q, pk, v, mask, b, sc)
+        dqb = dq[b]
+        for u in range(nu):
+            dqb[u] = 0
+        for s in range(nsrc):
+            gs, ts, ds = g[b, s], th[b, s], dpk[b, s]
+            for u in range(nu):
+                ds[u] = gs[u] * (1 - ts[u] * ts[u])
+            for u in range(nu):
+                dqb[u] += ds[u]
+
+
+@njit(cache=True, fastmath=_FM, nogil=True, error_model="numpy")
+def _softmax_row(th, v, mask, b, w):
+    """Fill w (S,) with the masked softmax of the scores th[b, s] . v; all zeros when no position is valid."""
+    nsrc, nu = th.shape[1], th.shape[2]
+    zero = w.dtype.type(0)
+    m = -np.inf
+    for s in range(nsrc):
+        if mask[b, s]:
+            ts = th[b, s]
+            acc = zero
+            for u in range(nu):
+                acc += v[u] * ts[u]
+            w[s] = acc
+            m = max(m, acc)
+    tot = zero
+    for s in range(nsrc):
+        e = math.exp(w[s] - m) if mask[b, s] else zero
+        w[s] = e
+        tot += e
+    inv = 1 / tot if tot > 0 else zero
+    for s in range(nsrc):
+        w[s] *= inv
+
+
+@njit(cache=True, fastmath=_FM, nogil=True, error_model="numpy")
+def attention_context_kernel(th, v, mask, vals, ctx, weights, want_weights):
+    """Write the context (B, D) (and the weights (B, S) when want_weights) from th (B, S, U)."""
+    bsz, nsrc = th.shape[0], th.shape[1]
+    dv = vals.shape[2]
+    w = np.empty(nsrc, ctx.dtype)
+    for b in range(bsz):
+        _softmax_row(th, v, mask, b, w)
         cb = ctx[b]
         for d in range(dv):
             cb[d] = 0
         for s in range(nsrc):
-            w = sc[s]
+            ws = w[s]
             if want_weights:
-                weights[b, s] = w
-            if w != 0:
+                weights[b, s] = ws
+            if ws != 0:
                 vs = vals[b, s]
                 for d in range(dv):
-                    cb[d] += w * vs[d]
+                    cb[d] += ws * vs[d]
 
 
 @njit(cache=True, fastmath=_FM, nogil=True, error_model="numpy")
-def attention_bwd_kernel(gc, q, pk, v, mask, vals, dq, dpk, dv_out, dvals):
-    """Write the gradients of one attention step w.r.t. q (B, U), pk (B, S, U), v (U,) and values (B, S, D)."""
-    bsz, nsrc, nu = pk.shape[0], pk.shape[1], pk.shape[2]
+def attention_context_bwd_kernel(gc, th, v, mask, vals, dth, dv_out, dvals):
+    """Write the gradients of the context w.r.t. th (B, S, U), v (U,) and values (B, S, D)."""
+    bsz, nsrc, nu = th.shape[0], th.shape[1], th.shape[2]
     dv = vals.shape[2]
-    sc = np.empty(nsrc, q.dtype)
-    dw = np.empty(nsrc, q.dtype)
-    th = np.empty(nu, q.dtype)
+    zero = th.dtype.type(0)
+    w = np.empty(nsrc, th.dtype)
+    dw = np.empty(nsrc, th.dtype)
     for u in range(nu):
         dv_out[u] = 0
     for b in range(bsz):
-        ok = _attn_scores(q, pk, v, mask, b, sc)
+        _softmax_row(th, v, mask, b, w)
         gb = gc[b]
-        tot = q.dtype.type(0)
+        wdw = zero
         for s in range(nsrc):
-            vs = vals[b, s]
-            dvs = dvals[b, s]
-            w = sc[s]
-            acc = q.dtype.type(0)
+            vs, dvs = vals[b, s], dvals[b, s]
+            ws = w[s]
             for d in range(dv):
-                dvs[d] = w * gb[d]
+                dvs[d] = ws * gb[d]
+            acc = zero
+            for d in range(dv):
                 acc += gb[d] * vs[d]
             dw[s] = acc
-            tot += w * acc
-        dqb = dq[b]
-        for u in range(nu):
-            dqb[u] = 0
-        qb = q[b]
+            wdw += ws * acc
         for s in range(nsrc):
-            dps = dpk[b, s]
-            dsc = sc[s] * (dw[s] - tot)          # softmax backward; 0 at masked positions (weight 0)
-            if not ok or dsc == 0:
-                for u in range(nu):
-                    dps[u] = 0
-                continue
-            pks = pk[b, s]
+            dsc = w[s] * (dw[s] - wdw)           # softmax backward; 0 at masked positions (weight 0)
+            ds, ts = dth[b, s], th[b, s]
             for u in range(nu):
-                th[u] = tanh_v(pks[u] + qb[u])
+                ds[u] = dsc * v[u]
             for u in range(nu):
-                t = th[u]
-                dpre = dsc * v[u] * (1 - t * t)
-                dps[u] = dpre
-                dqb[u] += dpre
-                dv_out[u] += dsc * t
+                dv_out[u] += dsc * ts[u]
 
 
 def _attn_check(q, pk, v, mask, vals):
@@ -389,28 +424,48 @@ def _attn_check(q, pk, v, mask, vals):
                          f"(B, S, D))")
 
 
-def _attn_impl(q, pk, v, mask, vals):
-    ctx = np.empty((pk.shape[0], vals.shape[2]), q.dtype)
-    attention_fwd_kernel(_c(q), _c(pk), _c(v), _c(mask), _c(vals), ctx, np.empty((1, 1), q.dtype), False)
+def _packed(sizes, dtype):
+    """Return (flat buffer, offsets) for several arrays computed by one kernel."""
+    off = np.cumsum([0] + [int(np.prod(sh)) for sh in sizes])
+    return np.empty(int(off[-1]), dtype), off
+
+
+def _parts(flat, off, shapes):
+    return [flat[off[i]:off[i + 1]].reshape(sh) for i, sh in enumerate(shapes)]
+
+
+def _tanh_impl(q, pk, mask):
+    th = np.empty(pk.shape, pk.dtype)
+    attention_tanh_kernel(_c(q), _c(pk), _c(mask), th)
+    return th
+
+
+def _tanh_grad_impl(g, th):
+    bsz, nsrc, nu = th.shape
+    shapes = [(bsz, nsrc, nu), (bsz, nu)]
+    flat, off = _packed(shapes, th.dtype)
+    attention_tanh_bwd_kernel(_c(g.astype(th.dtype, copy=False)), _c(th), *_parts(flat, off, shapes))
+    return flat
+
+
+def _ctx_impl(th, v, mask, vals):
+    ctx = np.empty((th.shape[0], vals.shape[2]), th.dtype)
+    attention_context_kernel(_c(th), _c(v), _c(mask), _c(vals), ctx, np.empty((1, 1), th.dtype), False)
     return ctx
 
 
-def _attn_weights_impl(q, pk, v, mask, vals):
-    ctx = np.empty((pk.shape[0], vals.shape[2]), q.dtype)
-    w = np.empty(mask.shape, q.dtype)
-    attention_fwd_kernel(_c(q), _c(pk), _c(v), _c(mask), _c(vals), ctx, w, True)
+def _weights_impl(th, v, mask, vals):
+    ctx = np.empty((th.shape[0], vals.shape[2]), th.dtype)
+    w = np.empty(mask.shape, th.dtype)
+    attention_context_kernel(_c(th), _c(v), _c(mask), _c(vals), ctx, w, True)
     return w
 
 
-def _attn_grad_impl(gc, q, pk, v, mask, vals):
-    bsz, nsrc, nu = pk.shape
-    dv = vals.shape[2]
-    sizes = [bsz * nu, bsz * nsrc * nu, nu, bsz * nsrc * dv]
-    flat = np.empty(sum(sizes), q.dtype)
-    o = np.cumsum([0] + sizes)
-    attention_bwd_kernel(_c(gc.astype(q.dtype, copy=False)), _c(q), _c(pk), _c(v), _c(mask), _c(vals),
-                         flat[o[0]:o[1]].reshape(bsz, nu), flat[o[1]:o[2]].reshape(bsz, nsrc, nu),
-                         flat[o[2]:o[3]], flat[o[3]:o[4]].reshape(bsz, nsrc, dv))
+def _ctx_grad_impl(gc, th, v, mask, vals):
+    shapes = [th.shape, v.shape, vals.shape]
+    flat, off = _packed(shapes, th.dtype)
+    attention_context_bwd_kernel(_c(gc.astype(th.dtype, copy=False)), _c(th), _c(v), _c(mask), _c(vals),
+                                 *_parts(flat, off, shapes))
     return flat
 
 
@@ -421,17 +476,15 @@ def _unpack_impl(flat, offset, shape):
 
 #: a view of part of a packed backward result (several gradients computed by one kernel)
 S2S_UNPACK = Primitive("s2s_unpack", impl={"cpu": _unpack_impl}, kind="view", vjp=_no_vjp("s2s_unpack"))
-ATTN_GRAD = Primitive("additive_attention_step_grad", impl={"cpu": _attn_grad_impl},
-                      vjp=_no_vjp("additive_attention_step_grad"))
+ATTN_TANH_GRAD = Primitive("additive_attention_tanh_grad", impl={"cpu": _tanh_grad_impl},
+                           vjp=_no_vjp("additive_attention_tanh_grad"))
+ATTN_CTX_GRAD = Primitive("additive_attention_context_grad", impl={"cpu": _ctx_grad_impl},
+                          vjp=_no_vjp("additive_attention_context_grad"))
 
 
-def _attn_vjp(g, ans, ins, needs):
-    q, pk, v, mask, vals = ins
-    flat = apply(ATTN_GRAD, g, q, pk, v, mask, vals)
-    bsz, nsrc, nu = pk.shape
+def _unpack(flat, shapes, needs):
     out, off = [], 0
-    for shape, need in (((bsz, nu), needs[0]), ((bsz, nsrc, nu), needs[1]), ((nu,), needs[2]),
-                        (None, False), (vals.shape, needs[4])):
+    for shape, need in zip(shapes, needs):
         if shape is None:
             out.append(None)
             continue
@@ -440,8 +493,154 @@ def _attn_vjp(g, ans, ins, needs):
     return tuple(out)
 
 
-ATTN = Primitive("additive_attention_step", impl={"cpu": _attn_impl}, vjp=_attn_vjp)
-ATTN_WEIGHTS = Primitive("additive_attention_weights", impl={"cpu": _attn_weights_impl}, nondiff=True)
+def _tanh_vjp(g, ans, ins, needs):
+    q, pk, mask = ins
+    flat = apply(ATTN_TANH_GRAD, g, ans)
+    d_pk, d_q = _unpack(flat, [pk.shape, q.shape], [needs[1], needs[0]])
+    return d_q, d_pk, None
+
+
+def _ctx_vjp(g, ans, ins, needs):
+    th, v, mask, vals = ins
+    flat = apply(ATTN_CTX_GRAD, g, th, v, mask, vals)
+    d_th, d_v, d_vals = _unpack(flat, [th.shape, v.shape, vals.shape], [needs[0], needs[1], needs[3]])
+    return d_th, d_v, None, d_vals
+
+
+ATTN_TANH = Primitive("additive_attention_tanh", impl={"cpu": _tanh_impl}, vjp=_tanh_vjp)
+ATTN_CTX = Primitive("additive_attention_context", impl={"cpu": _ctx_impl}, vjp=_ctx_vjp)
+ATTN_WEIGHTS = Primitive("additive_attention_weights", impl={"cpu": _weights_impl}, nondiff=True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Native emitters: the same kernel calls as the impls above, as source lines of a generated driver, so that
+# jitnet's native segments (jitnet.compiler.native) can run a whole scan body, and then the whole loop, as
+# compiled code. An emitter returns None for inputs it does not handle; the step then stays a Python call.
+# --------------------------------------------------------------------------------------------------------------
+
+def _np_dt(dtype):
+    from jitnet.kernelgen import dtype_name
+    return "np." + dtype_name(dtype)
+
+
+def _shape_src(shape):
+    shape = tuple(int(d) for d in shape)
+    return "(" + ", ".join(map(str, shape)) + ("," if len(shape) == 1 else "") + ")"
+
+
+def _floats_alike(vals, n=None):
+    vals = list(vals)[:n]
+    dt = vals[0].dtype
+    return dt in (np.dtype(np.float32), np.dtype(np.float64)) and all(v.dtype == dt for v in vals)
+
+
+def _mask_src(n, a, i):
+    """Return (mask expression, use flag) for an optional uint8 mask input at position i, or None if unusable."""
+    if len(n.inputs) <= i:
+        return "np.ones(1, np.uint8)", "False"
+    if n.inputs[i].dtype != np.uint8:
+        return None
+    return f"np.ascontiguousarray({a[i]})", "True"
+
+
+def _contig(names):
+    return ", ".join(f"np.ascontiguousarray({x})" for x in names)
+
+
+def _use(kernels, kernel):
+    from jitnet.compiler.native import use_kernel
+    return use_kernel(kernels, kernel)
+
+
+def _emit_lstm_fwd(n, a, o, kernels):
+    m = _mask_src(n, a, 3)
+    if m is None or not _floats_alike(n.inputs, 3):
+        return None
+    k = _use(kernels, lstm_fwd_kernel)
+    return [f"{o} = np.empty({_shape_src(n.out.shape)}, {_np_dt(n.out.dtype)})",
+            f"{k}({_contig(a[:3])}, {m[0]}, {o}, {m[1]})"]
+
+
+def _emit_lstm_dz(n, a, o, kernels):
+    m = _mask_src(n, a, 3)
+    if m is None or not _floats_alike(n.inputs, 3):
+        return None
+    k = _use(kernels, lstm_dz_kernel)
+    return [f"{o} = np.empty({_shape_src(n.out.shape)}, {_np_dt(n.out.dtype)})",
+            f"{k}({_contig(a[:3])}, {m[0]}, {o}, {m[1]})"]
+
+
+def _emit_lstm_dprev(n, a, o, kernels):
+    m = _mask_src(n, a, 4)
+    if m is None or not _floats_alike(n.inputs, 4):
+        return None
+    k = _use(kernels, lstm_dprev_kernel)
+    return [f"{o} = np.empty({_shape_src(n.out.shape)}, {_np_dt(n.out.dtype)})",
+            f"{k}({_contig(a[:4])}, {m[0]}, {o}, {m[1]})"]
+
+
+def _emit_lstm_dw(n, a, o, kernels):
+    if not _floats_alike(n.inputs):
+        return None
+    hd = n.out.shape[0]
+    return [f"{o} = np.empty({_shape_src(n.out.shape)}, {_np_dt(n.out.dtype)})",
+            f"np.dot(np.ascontiguousarray({a[0]}[:, :{hd}]).T, np.ascontiguousarray({a[1]}), {o})"]
+
+
+def _emit_attn_tanh(n, a, o, kernels):
+    if n.inputs[2].dtype != np.uint8 or not _floats_alike(n.inputs, 2):
+        return None
+    k = _use(kernels, attention_tanh_kernel)
+    return [f"{o} = np.empty({_shape_src(n.out.shape)}, {_np_dt(n.out.dtype)})", f"{k}({_contig(a)}, {o})"]
+
+
+def _emit_packed(kernel, shapes, n, a, o, kernels):
+    off = np.cumsum([0] + [int(np.prod(sh)) for sh in shapes])
+    parts = [f"{o}[{off[i]}:{off[i + 1]}].reshape({_shape_src(sh)})" for i, sh in enumerate(shapes)]
+    k = _use(kernels, kernel)
+    return [f"{o} = np.empty({int(off[-1])}, {_np_dt(n.out.dtype)})", f"{k}({_contig(a)}, {', '.join(parts)})"]
+
+
+def _emit_attn_tanh_grad(n, a, o, kernels):
+    if not _floats_alike(n.inputs):
+        return None
+    bsz, nsrc, nu = n.inputs[1].shape
+    return _emit_packed(attention_tanh_bwd_kernel, [(bsz, nsrc, nu), (bsz, nu)], n, a, o, kernels)
+
+
+def _emit_attn_ctx(weights):
+    def emit(n, a, o, kernels):
+        if n.inputs[2].dtype != np.uint8 or not _floats_alike([n.inputs[i] for i in (0, 1, 3)]):
+            return None
+        th, vals = n.inputs[0], n.inputs[3]
+        dt = _np_dt(th.dtype)
+        k = _use(kernels, attention_context_kernel)
+        ctx = _shape_src((th.shape[0], vals.shape[2]))
+        if weights:
+            return [f"{o} = np.empty({_shape_src(n.out.shape)}, {dt})",
+                    f"{k}({_contig(a)}, np.empty({ctx}, {dt}), {o}, True)"]
+        return [f"{o} = np.empty({ctx}, {dt})", f"{k}({_contig(a)}, {o}, np.empty((1, 1), {dt}), False)"]
+    return emit
+
+
+def _emit_attn_ctx_grad(n, a, o, kernels):
+    if n.inputs[3].dtype != np.uint8 or not _floats_alike([n.inputs[i] for i in (0, 1, 2, 4)]):
+        return None
+    th, v, vals = n.inputs[1], n.inputs[2], n.inputs[4]
+    return _emit_packed(attention_context_bwd_kernel, [th.shape, v.shape, vals.shape], n, a, o, kernels)
+
+
+def _emit_unpack(n, a, o, kernels):
+    off, shape = int(n.params["offset"]), tuple(n.params["shape"])
+    size = int(np.prod(shape))
+    return [f"{o} = {a[0]}[{off}:{off + size}].reshape({_shape_src(shape)})"]
+
+
+for _prim, _em in ((S2S_LSTM, _emit_lstm_fwd), (S2S_LSTM_DZ, _emit_lstm_dz), (S2S_LSTM_DPREV, _emit_lstm_dprev),
+                   (S2S_LSTM_DW, _emit_lstm_dw), (ATTN_TANH, _emit_attn_tanh), (ATTN_TANH_GRAD, _emit_attn_tanh_grad),
+                   (ATTN_CTX, _emit_attn_ctx(False)), (ATTN_WEIGHTS, _emit_attn_ctx(True)),
+                   (ATTN_CTX_GRAD, _emit_attn_ctx_grad), (S2S_UNPACK, _emit_unpack)):
+    _prim.extra["native"] = _em
 
 
 def _attn_args(q, pk, v, mask, values):
@@ -458,20 +657,32 @@ def _attn_args(q, pk, v, mask, values):
     return q, pk, v, m, values
 
 
+def additive_attention_tanh(q, pk, mask):
+    """Return tanh(pk + q[:, None]) (B, S, U), zero where ``mask`` (B, S) is 0 (the first half of a step)."""
+    return apply(ATTN_TANH, q, pk, mask)
+
+
+def additive_attention_context(th, v, mask, values):
+    """Return the context (B, D): the values weighted by the masked softmax of the scores th . v."""
+    return apply(ATTN_CTX, th, v, mask, values)
+
+
 def additive_attention_step(q, pk, v, mask, values):
-    """Return the context (B, D) of one additive-attention step (one fused kernel, its gradient another).
+    """Return the context (B, D) of one additive-attention step (two fused kernels, two for the gradient).
 
     ``q`` (B, U) is the projected query, ``pk`` (B, S, U) the projected keys (bias included), ``v`` (U,) the
     score vector, ``mask`` (B, S) nonzero where a source position is valid, ``values`` (B, S, D). Scores are
     ``v . tanh(pk[b, s] + q[b])``, the weights their softmax over the valid positions (a row with none gets
     zero weights and a zero context), the context the weighted sum of the values.
     """
-    return apply(ATTN, *_attn_args(q, pk, v, mask, values))
+    q, pk, v, m, values = _attn_args(q, pk, v, mask, values)
+    return additive_attention_context(additive_attention_tanh(q, pk, m), v, m, values)
 
 
 def additive_attention_weights(q, pk, v, mask, values):
     """Return the attention weights (B, S) of :func:`additive_attention_step` (no gradient; for plots)."""
-    return apply(ATTN_WEIGHTS, *_attn_args(q, pk, v, mask, values))
+    q, pk, v, m, values = _attn_args(q, pk, v, mask, values)
+    return apply(ATTN_WEIGHTS, additive_attention_tanh(q, pk, m), v, m, values)
 
 
 # ==============================================================================================================
@@ -489,6 +700,15 @@ def _gru_step(xw, h, W_hh, b_hh, mask=None):
     if mask is not None:
         h2 = ops.where(ops.reshape(mask, (-1, 1)) > 0, h2, h)
     return h2
+
+
+def _mm(x, W):
+    """Return x @ W for x (..., K) as one 2-D GEMM (its weight gradient is then one GEMM too, not one per row)."""
+    if x.ndim == 2:
+        return ops.matmul(x, W)
+    lead = x.shape[:-1]
+    y = ops.matmul(ops.reshape(x, (-1, x.shape[-1])), W)
+    return ops.reshape(y, lead + (W.shape[-1],))
 
 
 class Seq2Seq(nn.Module):
@@ -569,14 +789,16 @@ class Seq2Seq(nn.Module):
         for cell in self._cells("encoder"):
             s0 = self._zero_state(src.shape[0], x.dtype)
             if self.cell == "lstm":
-                xw = ops.matmul(x, cell.W_ih) + cell.b                    # every step's input projection: one GEMM
+                xw = _mm(x, cell.W_ih)                                    # every step's input projection: one GEMM
 
                 def body(s, inp, cell=cell):
                     xw_t, m_t = inp
-                    s2 = lstm_step_fused(xw_t, s, cell.W_hh, m_t)
+                    # the bias is added per step: the body is then 3 ops, a native segment and loop when the
+                    # compiler builds those (runs of fewer steps stay Python calls)
+                    s2 = lstm_step_fused(xw_t + cell.b, s, cell.W_hh, m_t)
                     return s2, s2[:, :self.hidden]
             else:
-                xw = ops.matmul(x, cell.W_ih) + cell.b_ih
+                xw = _mm(x, cell.W_ih) + cell.b_ih
 
                 def body(h, inp, cell=cell):
                     xw_t, m_t = inp
@@ -590,7 +812,7 @@ class Seq2Seq(nn.Module):
         """Return (values (B, S, H) contiguous, projected keys (B, S, U), score vector v (U,))."""
         att = self.attention
         vals = ops.copy(ops.transpose(enc, (1, 0, 2)))
-        pk = ops.matmul(vals, att.key_proj.W) + att.key_proj.b
+        pk = _mm(vals, att.key_proj.W) + att.key_proj.b
         return vals, pk, ops.reshape(att.v.W, (-1,))
 
     def _dec_weights(self):
@@ -602,8 +824,11 @@ class Seq2Seq(nn.Module):
     def _dec_step(self, states, xe_t, att_in, mask, w_c, want_weights=False):
         """One decoder step from the projected input embedding xe_t; return (new states, h_top, ctx[, w])."""
         vals, pk, v = att_in
+        if mask.dtype != np.uint8:
+            mask = ops.astype(mask != 0, np.uint8)
         q = ops.matmul(self._h(states[-1]), self.attention.query_proj.W)
-        ctx = additive_attention_step(q, pk, v, mask, vals)
+        th = additive_attention_tanh(q, pk, mask)
+        ctx = additive_attention_context(th, v, mask, vals)
         x = xe_t + ops.matmul(ctx, w_c)
         new = []
         for i, cell in enumerate(self._cells("decoder")):
@@ -615,12 +840,12 @@ class Seq2Seq(nn.Module):
                 new.append(_gru_step(x, states[i], cell.W_hh, cell.b_hh))
         out = (tuple(new), self._h(new[-1]), ctx)
         if want_weights:
-            out += (additive_attention_weights(q, pk, v, mask, vals),)
+            out += (apply(ATTN_WEIGHTS, th, v, mask, vals),)
         return out
 
     def _logits(self, h, ctx):
         hd = self.hidden
-        return ops.matmul(h, self.out.W[:hd]) + ops.matmul(ctx, self.out.W[hd:]) + self.out.b
+        return _mm(h, self.out.W[:hd]) + _mm(ctx, self.out.W[hd:]) + self.out.b
 
     def decode_teacher_forced(self, enc, finals, src_mask, tgt_in):
         """Return (top states (T, B, H), contexts (T, B, H)) of the decoder fed the gold previous tokens."""
@@ -630,7 +855,7 @@ class Seq2Seq(nn.Module):
         att_in = self._attention_inputs(enc)
         w_e, w_c, b0 = self._dec_weights()
         emb = ops.take(self.tgt_embed.W, ops.transpose(_t(tgt_in)), axis=0)     # (T, B, E)
-        xe = ops.matmul(emb, w_e) + b0                                         # (T, B, G): one GEMM
+        xe = _mm(emb, w_e) + b0                                                # (T, B, G): one GEMM
 
         def body(states, xe_t):
             new, h, ctx = self._dec_step(states, xe_t, att_in, m, w_c)
