@@ -418,8 +418,7 @@ def _segment_step(seg, fallback_steps):
                 disp = seg.function()
                 r = disp(*args)
             except Exception as e:              # a typing error: keep the Python steps for this run
-                from numba.core.errors import NumbaError
-                if not isinstance(e, (NumbaError, TypeError, AttributeError, NotImplementedError)):
+                if not _compile_error(e):
                     raise
                 state["failed"] = True
                 seg.error = e
@@ -509,6 +508,36 @@ def nativize(plan, min_steps=None):
     return plan
 
 
+def _compile_error(e):
+    """True for the errors a driver that Numba cannot compile raises (the run then stays in Python)."""
+    from numba.core.errors import NumbaError
+    return isinstance(e, (NumbaError, TypeError, AttributeError, NotImplementedError))
+
+
+class _Tiered:
+    """A native path compiled on the run after ``NATIVE_AFTER`` and dropped for good if it fails to compile."""
+
+    def __init__(self):
+        self.failed = False
+        self.runs = 0
+
+    def attempt(self, call):
+        """Return ``call()``, or None while the Python path should run (early runs, or after a failure)."""
+        if self.failed:
+            return None
+        if self.runs < NATIVE_AFTER:
+            self.runs += 1
+            return None
+        try:
+            return call()
+        except Exception as e:
+            if not _compile_error(e):
+                raise
+            self.failed = True
+            self.error = e
+            return None
+
+
 # --------------------------------------------------------------------------------------------------------------
 # native loops
 # --------------------------------------------------------------------------------------------------------------
@@ -569,14 +598,13 @@ def _loop_source(plan, seg, n_carry, n_x, n_args, save):
     return "\n".join(head + lines) + "\n"
 
 
-class NativeLoop:
+class NativeLoop(_Tiered):
     """A scan body's plan compiled with its loop: ``run(length, reverse, arrays, y_out, saved_out)``."""
 
     def __init__(self, plan, seg, n_carry, n_x):
+        super().__init__()
         self.plan, self.seg, self.n_carry, self.n_x = plan, seg, n_carry, n_x
         self._fns = {}
-        self.failed = False
-        self.runs = 0
 
     def _function(self, save, n_args):
         fn = self._fns.get(save)
@@ -591,22 +619,9 @@ class NativeLoop:
 
     def run(self, length, reverse, arrays, ys, saved):
         """Run the loop; return the final carry arrays, or None when it cannot run natively."""
-        if self.failed:
-            return None
-        if self.runs < NATIVE_AFTER:
-            self.runs += 1
-            return None
         consts = [a for _, a in self.plan.const_env]
-        try:
-            fn = self._function(bool(saved), len(arrays))
-            return fn(length, reverse, *arrays, *consts, *ys, *saved)
-        except Exception as e:
-            from numba.core.errors import NumbaError
-            if not isinstance(e, (NumbaError, TypeError, AttributeError, NotImplementedError)):
-                raise
-            self.failed = True
-            self.error = e
-            return None
+        return self.attempt(lambda: self._function(bool(saved), len(arrays))(
+            length, reverse, *arrays, *consts, *ys, *saved))
 
 
 def loop_driver(plan, n_carry, n_x):
@@ -674,39 +689,28 @@ def _while_source(cond_plan, cond_seg, body_plan, body_seg, n_carry, n_ccaps, n_
     return "\n".join(lines) + "\n"
 
 
-class NativeWhile:
+class NativeWhile(_Tiered):
     """A while_loop whose cond and body plans are each one native segment, run as one compiled loop."""
 
     def __init__(self, cond_plan, body_plan, n_carry, n_ccaps, n_bcaps):
+        super().__init__()
         self.cond_plan, self.body_plan = cond_plan, body_plan
         self.n_carry, self.n_ccaps, self.n_bcaps = n_carry, n_ccaps, n_bcaps
         self._fn = None
-        self.failed = False
-        self.runs = 0
+
+    def _function(self):
+        if self._fn is None:
+            src = _while_source(self.cond_plan, self.cond_plan.segments[0], self.body_plan,
+                                self.body_plan.segments[0], self.n_carry, self.n_ccaps, self.n_bcaps)
+            src = src.replace("{condmod}", self.cond_plan.segments[0].function().py_func.__module__)
+            src = src.replace("{bodymod}", self.body_plan.segments[0].function().py_func.__module__)
+            self._fn = kernelgen.load_source(src, "cpu", "native-while").wloop
+        return self._fn
 
     def run(self, carry, ccaps, bcaps):
         """Return the final carry arrays, or None when the loop cannot run natively."""
-        if self.failed:
-            return None
-        if self.runs < NATIVE_AFTER:
-            self.runs += 1
-            return None
-        try:
-            if self._fn is None:
-                src = _while_source(self.cond_plan, self.cond_plan.segments[0], self.body_plan,
-                                    self.body_plan.segments[0], self.n_carry, self.n_ccaps, self.n_bcaps)
-                src = src.replace("{condmod}", self.cond_plan.segments[0].function().py_func.__module__)
-                src = src.replace("{bodymod}", self.body_plan.segments[0].function().py_func.__module__)
-                self._fn = kernelgen.load_source(src, "cpu", "native-while").wloop
-            consts = [a for _, a in self.cond_plan.const_env] + [a for _, a in self.body_plan.const_env]
-            return self._fn(*carry, *ccaps, *bcaps, *consts)
-        except Exception as e:
-            from numba.core.errors import NumbaError
-            if not isinstance(e, (NumbaError, TypeError, AttributeError, NotImplementedError)):
-                raise
-            self.failed = True
-            self.error = e
-            return None
+        consts = [a for _, a in self.cond_plan.const_env] + [a for _, a in self.body_plan.const_env]
+        return self.attempt(lambda: self._function()(*carry, *ccaps, *bcaps, *consts))
 
 
 def while_driver(cond_plan, body_plan, n_carry, n_ccaps, n_bcaps):
