@@ -171,23 +171,18 @@ def test_lstm_step_fused_matches_textbook_and_gradcheck():
 
 def test_vectorized_tanh_and_sigmoid_float32_accuracy():
     x = np.concatenate([np.linspace(-20, 20, 4001), np.geomspace(1e-8, 0.2, 200), -np.geomspace(1e-8, 0.2, 200),
-                        [0.0, np.inf, -np.inf]]).astype(np.float32)
-    from numba import njit
-
-    @njit(cache=False, error_model="numpy")
-    def run(x, t, s):
-        for i in range(x.size):
-            t[i] = S.tanh_v(x[i])
-            s[i] = S.sigmoid_v(x[i])
-    t, s = np.empty_like(x), np.empty_like(x)
-    run(x, t, s)
-    x64 = x.astype(np.float64)
-    np.testing.assert_allclose(t, np.tanh(x64), rtol=2e-6, atol=1e-30)
+                        [0.0, np.inf, -np.inf, np.nan]]).astype(np.float32)
+    n = x.size
+    # through the production kernels: th = tanh(pk + 0); the LSTM's input gate = sigmoid(xw + 0 @ W_hh)
+    t = S._tanh_impl(np.zeros((1, n), np.float32), x.reshape(1, 1, n), np.ones((1, 1), np.uint8)).reshape(-1)
+    xw = np.zeros((n, 4), np.float32)
+    xw[:, 0] = x
+    s = S._lstm_fwd_impl(xw, np.zeros((n, 6), np.float32), np.zeros((1, 4), np.float32))[:, 2]
+    x64 = x[:-1].astype(np.float64)
+    np.testing.assert_allclose(t[:-1], np.tanh(x64), rtol=2e-6, atol=1e-30)
     with np.errstate(over="ignore"):
-        np.testing.assert_allclose(s, 1 / (1 + np.exp(-x64)), rtol=2e-6, atol=1e-30)
-    nan = np.array([np.nan], np.float32)
-    run(nan, t[:1], s[:1])
-    assert np.isnan(t[0])
+        np.testing.assert_allclose(s[:-1], 1 / (1 + np.exp(-x64)), rtol=2e-6, atol=1e-30)
+    assert np.isnan(t[-1]) and np.isnan(s[-1])
 
 
 def _attention_reference(q, pk, v, mask, vals):

@@ -1,6 +1,6 @@
 """Sequence-to-sequence with additive (Bahdanau) attention: model, fused step kernels, decoding, training.
 
-    python -m jitnet train seq2seq-dates   [--epochs N --hidden 128 --batch-size 64 --cell lstm|gru ...]
+    python -m jitnet train seq2seq-dates   [--epochs N --hidden 64 --batch-size 64 --cell lstm|gru ...]
     python -m jitnet train seq2seq-reverse [...]
 
 The model (:class:`Seq2Seq`): character embeddings, a multi-layer LSTM or GRU encoder (optionally reading the
@@ -784,7 +784,7 @@ class Seq2Seq(nn.Module):
         if m.dtype != np.uint8:
             m = ops.astype(m != 0, np.uint8)
         x = ops.take(self.src_embed.W, ops.transpose(src), axis=0)           # (S, B, E)
-        mt = ops.transpose(m)                                               # (S, B)
+        mt = ops.copy(ops.transpose(m))                         # (S, B), contiguous: scan slices rows of it
         finals = []
         for cell in self._cells("encoder"):
             s0 = self._zero_state(src.shape[0], x.dtype)
@@ -1411,7 +1411,7 @@ def dates_parser():
     """Return the ArgumentParser of ``python -m jitnet train seq2seq-dates``."""
     return _parser("seq2seq-dates", "Seq2seq with attention: human-written dates -> ISO YYYY-MM-DD "
                    "(character level, held-out dates and format/month pairs)", epochs=20, batch_size=64,
-                   lr=2e-3, hidden=128, embed=32, target=0.99)
+                   lr=2e-3, hidden=64, embed=32, target=0.99)
 
 
 def reverse_parser():
