@@ -239,42 +239,45 @@ def rev():
     return task, batcher, trainer
 
 
-def _grads(net, args):
-    for p in net.parameters():
-        p.grad = None
-    loss = net.loss(*args)
-    loss.backward()
-    return loss, [p.grad for p in net.parameters()]
-
-
-def test_loss_and_gradients_jit_equal_eager():
-    cell, layers, reverse = "lstm", 2, True
+def _twin_trainers(task, **kw):
+    """Return (jitted, eager) trainers of two fixture-shaped models with the same initial weights."""
     jn.random.seed(3)
-    task = T.reverse_task(64, 8, 2, 5, alphabet="abcd", seed=1)
+    nets = [S.Seq2Seq(len(task.src_vocab), len(task.tgt_vocab), embed=8, hidden=24, **kw) for _ in range(2)]
+    nets[1].load_state_dict({k: v.numpy().copy() for k, v in nets[0].state_dict().items()})
+    return (S.Seq2SeqTrainer(nets[0], task.src_vocab, task.tgt_vocab, lr=1e-2),
+            S.Seq2SeqTrainer(nets[1], task.src_vocab, task.tgt_vocab, lr=1e-2, jit=False))
+
+
+def test_jitted_step_equals_eager_step(rev):
+    task, batcher, _ = rev
+    tj, te = _twin_trainers(task)
+    for _, b in zip(range(3), batcher.batches(5)):          # forward, masked loss, backward, clip, Adam
+        lj, nj = tj.train_step(b)
+        le, ne = te.train_step(b)
+        np.testing.assert_allclose(lj.numpy(), le.numpy(), rtol=1e-5)
+        np.testing.assert_allclose(nj.numpy(), ne.numpy(), rtol=1e-4)
+        for (name, pj), pe in zip(tj.net.named_parameters(), te.net.parameters()):
+            np.testing.assert_allclose(pj.numpy(), pe.numpy(), rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_masked_loss_and_padding_invariance(rev):
+    task, _, _ = rev
+    _, te = _twin_trainers(task, layers=2, reverse_source=True)
+    net = te.net
     src, tgt = T.encode_pairs(task.train, task.src_vocab, task.tgt_vocab)
     batch = T.make_batch(src[:6], tgt[:6], 5, 6)
-    net = S.Seq2Seq(len(task.src_vocab), len(task.tgt_vocab), embed=5, hidden=6, layers=layers, cell=cell,
-                    reverse_source=reverse)
-    tr = S.Seq2SeqTrainer(net, task.src_vocab, task.tgt_vocab, jit=False)
-    args = tr.step_inputs(batch)
-    loss_e, g_e = _grads(net, args)
-    g_e = [g.numpy().copy() for g in g_e]
-    jg = jn.jit(lambda *a: _grads(net, a))
-    for _ in range(2):
-        loss_j, g_j = jg(*args)
-        np.testing.assert_allclose(loss_j.numpy(), loss_e.numpy(), rtol=1e-5)
-        for a, b in zip(g_j, g_e):
-            np.testing.assert_allclose(a.numpy(), b, rtol=1e-4, atol=1e-6)
-    # padding invariance: more PAD columns (masked) change nothing
+    args = te.step_inputs(batch)
+    loss = net.loss(*args)
+    # more PAD columns (masked) change nothing
     wide = T.make_batch(src[:6], tgt[:6], 8, 6)
-    np.testing.assert_allclose(net.loss(*tr.step_inputs(wide)).numpy(), loss_e.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(net.loss(*te.step_inputs(wide)).numpy(), loss.numpy(), rtol=1e-5)
     # the loss is the masked mean of the per-token cross entropy of the logits
     logits = net(*args[:3]).numpy().astype(np.float64)
     lp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     y = batch["tgt_out"]
     m = y != T.PAD
     want = -(np.take_along_axis(lp, y[..., None], -1)[..., 0] * m).sum() / m.sum()
-    np.testing.assert_allclose(loss_e.numpy(), want, rtol=1e-5)
+    np.testing.assert_allclose(loss.numpy(), want, rtol=1e-5)
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
@@ -309,23 +312,17 @@ def test_source_arrays_reverse_only_the_valid_part():
     assert src.tolist() == [[5, 4, 3, 0], [7, 6, 0, 0]] and mask.tolist() == [[1, 1, 1, 0], [1, 1, 0, 0]]
 
 
-def test_step_compiles_once_per_bucket_length(rev):
-    task, _, _ = rev
+def test_compiled_step_does_not_grow_with_the_length(rev, monkeypatch):
+    task, _, tr = rev
+    monkeypatch.setenv("JITNET_NATIVE", "0")                 # the graph is the point: skip native compiles
     src, tgt = T.encode_pairs(task.train, task.src_vocab, task.tgt_vocab)
-    net = S.Seq2Seq(len(task.src_vocab), len(task.tgt_vocab), embed=8, hidden=24)
-    tr = S.Seq2SeqTrainer(net, task.src_vocab, task.tgt_vocab, lr=1e-2)
-    bb = T.BucketBatcher(src, tgt, 32, edges=[3, 5], seed=0)
-    lengths = []
-    for b in bb.batches(0):
-        tr.train_step(b)
-        lengths.append(b["src"].shape[1])
-        if len(set(lengths)) == 2 and len(lengths) >= 4:
-            break
-    lengths = set(lengths)
-    assert lengths == {3, 5} and len(tr._step._cache) == 2
-    # the graph does not grow with the length: both compiled steps have the same plan size
-    plans = [c.plan for c in tr._step._cache.values()]
-    assert len(plans[0].steps) == len(plans[1].steps)
+    short = [i for i, x in enumerate(src) if len(x) <= 3][:32]
+    sizes = set()
+    for length in (3, 5, 9):                  # trace and plan only (lower): the scans keep the graph fixed
+        batch = T.make_batch([src[i] for i in short], [tgt[i] for i in short], length, 6)
+        g, plan = tr._step.lower(*tr.step_inputs(batch))
+        sizes.add((len([n for n in g.nodes if n.alive]), len(plan.steps)))
+    assert len(sizes) == 1, sizes
 
 
 def test_learns_reversal_in_a_few_hundred_steps(rev):
@@ -337,6 +334,7 @@ def test_learns_reversal_in_a_few_hundred_steps(rev):
             losses.append(float(loss.item()))
             assert np.isfinite(float(norm.item()))
     assert np.mean(losses[-10:]) < 0.25 * np.mean(losses[:10])
+    assert len(tr._step._cache) == 1                        # one bucket: one compiled step for every batch
     m = tr.evaluate(task.test)
     assert m["exact_match"] >= 0.9, m
     # the jitted greedy decoder (a compiled scan) agrees with the eager one (a Python loop)
@@ -371,11 +369,28 @@ def test_greedy_is_beam_one_and_beam_matches_exhaustive_search():
         assert narrow[1] <= score + 1e-6                     # the exhaustive search is the optimum
 
 
-def test_sampled_softmax_training_step_runs_under_jit(rev):
+def test_sampled_softmax_loss_under_jit_with_accidental_hits():
+    jn.random.seed(6)
+    W, b = jn.Parameter(jn.random.normal((10, 4))), jn.Parameter(jn.zeros(10))
+    x, y = jn.random.normal((6, 4)), jn.tensor(np.array([[1], [2], [3], [1], [0], [5]]))
+    sv = (jn.tensor(np.array([1, 4, 6, 9])), jn.tensor(np.full((6, 1), 0.5, np.float32)),
+          jn.tensor(np.full(4, 0.5, np.float32)))                  # label 1 is also a sampled class: a hit
+
+    def f(x, y, *sv):
+        return F.sampled_softmax_loss(W, b, y, x, 4, 10, sampled_values=sv)
+    eager = f(x, y, *sv).numpy()
+    np.testing.assert_allclose(jn.jit(f)(x, y, *sv).numpy(), eager, rtol=1e-6)
+    logits = (x.numpy() @ W.numpy().T).astype(np.float64) - np.log(0.5)
+    for i, label in enumerate(y.numpy()[:, 0]):                     # TensorFlow's definition, by hand
+        row = [logits[i, label]] + [logits[i, c] if c != label else -np.inf for c in (1, 4, 6, 9)]
+        assert eager[i] == pytest.approx(-row[0] + np.log(np.sum(np.exp(row))), rel=1e-5)
+
+
+def test_sampled_softmax_training(rev):
     task, batcher, _ = rev
     jn.random.seed(6)
     net = S.Seq2Seq(len(task.src_vocab), len(task.tgt_vocab), embed=8, hidden=24)
-    tr = S.Seq2SeqTrainer(net, task.src_vocab, task.tgt_vocab, lr=1e-2, num_sampled=4)
+    tr = S.Seq2SeqTrainer(net, task.src_vocab, task.tgt_vocab, lr=1e-2, num_sampled=4, jit=False)
     before = net.out.W.numpy().copy()
     losses = [float(tr.train_step(b)[0].item()) for _, b in zip(range(12), batcher.batches(0))]
     assert all(np.isfinite(losses)) and np.mean(losses[-3:]) < np.mean(losses[:3])

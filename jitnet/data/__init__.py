@@ -29,15 +29,19 @@ from .datasets import (
 )
 from .download import dataset_cache_dir, download_url, find_dataset_files, sha256_file
 from .loader import ArrayDataset, DataLoader
+from .seq_tasks import BucketBatcher, CharVocab, date_task, pad_batch, reverse_task
 
 __all__ = [
     "ArrayDataset",
     "BabiQuery",
+    "BucketBatcher",
+    "CharVocab",
     "CHECKSUMS",
     "CIFAR10_CLASSES",
     "DataLoader",
     "center_crop",
     "dataset_cache_dir",
+    "date_task",
     "download_url",
     "find_dataset_files",
     "generate_babi_single_fact",
@@ -49,6 +53,7 @@ __all__ = [
     "load_mnist",
     "load_text8",
     "load_text_corpus",
+    "pad_batch",
     "parse_babi",
     "per_image_standardization",
     "random_brightness",
@@ -57,6 +62,7 @@ __all__ = [
     "random_flip_left_right",
     "read_cifar10_batch",
     "read_idx",
+    "reverse_task",
     "sha256_file",
     "text8_preprocess",
 ]
