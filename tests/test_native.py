@@ -153,3 +153,22 @@ def test_while_loop_runs_natively_with_a_data_dependent_trip_count():
     (live,) = [n for n in comp.graph.live_nodes() if n.prim.name == "while_loop"]
     nw = live.params["body"].native_while
     assert nw._fn is not None and not nw.failed
+
+
+def test_compiled_step_reads_operands_of_another_layout_correctly(monkeypatch):
+    # a loop body's carry is contiguous on the first step and a strided view afterwards: a kernel caller that
+    # kept the first call's compiled entry point read the views as if they were contiguous (wrong values)
+    monkeypatch.setattr(native, "NATIVE_AFTER", 10**9)          # the Python plan steps: fused-kernel callers
+
+    def body(c, x):
+        z = jn.tanh(c * 0.5 + x)
+        w = jn.concatenate([z, z * 2.0], axis=1)
+        return w[:, :3], jn.sum(c)
+
+    def f(c0, xs):
+        return jn.scan(body, c0, xs)
+    c0 = jn.tensor(np.ones((2, 3)))
+    xs = jn.tensor(np.arange(30.0).reshape(5, 2, 3) / 30)
+    (ec, ey), (jc, jy) = f(c0, xs), jn.jit(f)(c0, xs)
+    np.testing.assert_allclose(jc.numpy(), ec.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(jy.numpy(), ey.numpy(), rtol=1e-12)

@@ -423,7 +423,7 @@ def _segment_step(seg, fallback_steps):
                 state["failed"] = True
                 seg.error = e
                 return python(env)
-            state["fn"] = kernelgen.entry_point(disp, args) or disp
+            state["fn"] = disp      # the dispatcher checks types and layouts (an entry point would not)
         else:
             r = fn(*args)
         if outs:

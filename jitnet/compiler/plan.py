@@ -242,18 +242,24 @@ def build_plan(g, fuse_ops=True):
 
 
 def _fast(kernel):
-    """Return a caller of ``kernel`` that uses its compiled entry point once known (no type dispatch)."""
-    box = [None]
+    """Return a caller of ``kernel`` that skips type dispatch while its operands keep the first call's strides.
+
+    A compiled entry point does not check array layouts (a strided view passed where a contiguous array was
+    compiled for is read as if it were contiguous), so it is used only when every operand has the strides it
+    was compiled for; dtypes and shapes are fixed by the plan, so equal strides mean an equal Numba type.
+    """
+    box = [None, None]          # strides of the operands the entry point was compiled for, the entry point
 
     def call(*args):
-        ep = box[0]
-        if ep is not None:
+        key = tuple([a.strides for a in args])
+        if key == box[0]:
             try:
-                return ep(*args)
-            except TypeError:          # an operand of another Numba type than the first call's
+                return box[1](*args)
+            except TypeError:          # an operand of another Numba type (read-only)
                 pass
         r = kernel(*args)
-        box[0] = kernelgen.entry_point(kernel, args)
+        ep = kernelgen.entry_point(kernel, args)
+        box[0], box[1] = (key, ep) if ep is not None else (None, None)
         return r
     return call
 
