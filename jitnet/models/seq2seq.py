@@ -44,11 +44,13 @@ from jitnet import ops
 from jitnet.autodiff.core import Primitive, apply
 from jitnet.data import seq_tasks as T
 from jitnet.kernels_scalar import exp_f32
-from jitnet.tensor import Parameter, Tensor, _infer_array
+from jitnet.tensor import Tensor, _infer_array
 
 __all__ = ["lstm_step_fused", "lstm_state", "additive_attention_step", "additive_attention_weights",
-           "additive_attention_tanh", "additive_attention_context", "Seq2Seq", "Seq2SeqTrainer", "beam_search", "exhaustive_search", "sequence_log_prob", "plot_attention",
-           "train_seq2seq_dates", "train_seq2seq_reverse", "TRAINERS"]
+           "additive_attention_tanh", "additive_attention_context", "Seq2Seq", "Seq2SeqTrainer", "beam_search",
+           "exhaustive_search", "sequence_log_prob", "plot_attention", "ascii_attention", "show_samples", "build",
+           "fit", "run_dates", "run_reverse", "dates_parser", "reverse_parser", "train_seq2seq_dates",
+           "train_seq2seq_reverse", "TRAINERS"]
 
 _FM = {"reassoc", "nsz", "arcp", "contract"}     # fast math without nnan/ninf: NaN and inf stay exact
 
