@@ -339,11 +339,41 @@ def use_kernel(kernels, kernel, size=0):
     return kname
 
 
+def _compile_error(e):
+    """True for the errors a driver that Numba cannot compile raises (the run then stays in Python)."""
+    from numba.core.errors import NumbaError
+    return isinstance(e, (NumbaError, TypeError, AttributeError, NotImplementedError))
+
+
+class _Tiered:
+    """A native path compiled on the run after ``NATIVE_AFTER`` and dropped for good if it fails to compile."""
+
+    def __init__(self):
+        self.failed = False
+        self.runs = 0
+
+    def attempt(self, call):
+        """Return ``call()``, or None while the Python path should run (early runs, or after a failure)."""
+        if self.failed:
+            return None
+        if self.runs < NATIVE_AFTER:
+            self.runs += 1
+            return None
+        try:
+            return call()
+        except Exception as e:
+            if not _compile_error(e):
+                raise
+            self.failed = True
+            self.error = e
+            return None
+
+
 # --------------------------------------------------------------------------------------------------------------
 # segments
 # --------------------------------------------------------------------------------------------------------------
 
-def _module_source(fn_lines, kernels, name="segment"):
+def _module_source(fn_lines, kernels):
     lines = ["# jitnet generated native driver: edit the graph, not this file", "import numpy as np",
              "from numba import njit", "import jitnet.kernels_cpu as K"]
     for kname, ln in kernels:
@@ -355,10 +385,11 @@ def _module_source(fn_lines, kernels, name="segment"):
     return "\n".join(lines) + "\n"
 
 
-class Segment:
+class Segment(_Tiered):
     """A compiled run of plan steps: reads ``in_slots``, writes ``out_slots``; its driver and source."""
 
     def __init__(self, start, stop, in_slots, out_slots, source, fn_name="segment"):
+        super().__init__()
         self.start, self.stop = start, stop
         self.in_slots, self.out_slots = in_slots, out_slots
         self.source = source
@@ -399,34 +430,14 @@ def _emittable(info):
 def _segment_step(seg, fallback_steps):
     """Return the plan step that runs ``seg``'s driver, falling back to the Python steps if it fails to compile."""
     ins, outs = seg.in_slots, seg.out_slots
-    state = {"fn": None, "failed": False, "runs": 0}
-
-    def python(env):
-        for st in fallback_steps:
-            st(env)
 
     def step(env):
-        if state["failed"]:
-            return python(env)
-        fn = state["fn"]
-        if fn is None and state["runs"] < NATIVE_AFTER:
-            state["runs"] += 1
-            return python(env)
-        args = [env[i] for i in ins]
-        if fn is None:
-            try:
-                disp = seg.function()
-                r = disp(*args)
-            except Exception as e:              # a typing error: keep the Python steps for this run
-                if not _compile_error(e):
-                    raise
-                state["failed"] = True
-                seg.error = e
-                return python(env)
-            state["fn"] = disp      # the dispatcher checks types and layouts (an entry point would not)
-        else:
-            r = fn(*args)
-        if outs:
+        # the dispatcher, not a compiled entry point: it checks operand layouts (an entry point would not)
+        r = seg.attempt(lambda: seg.function()(*[env[i] for i in ins]))
+        if r is None:
+            for st in fallback_steps:
+                st(env)
+        elif outs:
             for o, arr in zip(outs, r):
                 env[o] = arr
     step.segment = seg
@@ -508,36 +519,6 @@ def nativize(plan, min_steps=None):
     return plan
 
 
-def _compile_error(e):
-    """True for the errors a driver that Numba cannot compile raises (the run then stays in Python)."""
-    from numba.core.errors import NumbaError
-    return isinstance(e, (NumbaError, TypeError, AttributeError, NotImplementedError))
-
-
-class _Tiered:
-    """A native path compiled on the run after ``NATIVE_AFTER`` and dropped for good if it fails to compile."""
-
-    def __init__(self):
-        self.failed = False
-        self.runs = 0
-
-    def attempt(self, call):
-        """Return ``call()``, or None while the Python path should run (early runs, or after a failure)."""
-        if self.failed:
-            return None
-        if self.runs < NATIVE_AFTER:
-            self.runs += 1
-            return None
-        try:
-            return call()
-        except Exception as e:
-            if not _compile_error(e):
-                raise
-            self.failed = True
-            self.error = e
-            return None
-
-
 # --------------------------------------------------------------------------------------------------------------
 # native loops
 # --------------------------------------------------------------------------------------------------------------
@@ -545,6 +526,7 @@ class _Tiered:
 def _loop_source(plan, seg, n_carry, n_x, n_args, save):
     """Source of ``loop(length, reverse, a0.., q0.., y0.., v0..)`` running the body segment ``length`` times."""
     slot_arg = {s: i for s, i in plan.arg_slots}
+    arg_of = {i: s for s, i in plan.arg_slots}
     slot_const = {s: k for k, (s, _) in enumerate(plan.const_env)}
     nq = len(plan.const_env)
     ny = len(plan.out_slots) - n_carry
@@ -575,6 +557,8 @@ def _loop_source(plan, seg, n_carry, n_x, n_args, save):
             if e is None:
                 return None
             outs.append(e)
+    carry_ranks = [len(plan.slot_shapes.get(arg_of.get(k), (0,))) for k in range(n_carry)]
+    y_ranks = [len(plan.slot_shapes.get(s, (0,))) for s in plan.out_slots[n_carry:]]
     args = ["length", "reverse"] + [f"a{i}" for i in range(n_args)] + [f"q{k}" for k in range(nq)] + \
         [f"y{k}" for k in range(ny)] + ([f"v{k}" for k in range(n_carry)] if save else [])
     lines = ["@njit(cache=True, nogil=True, error_model='numpy')", f"def loop({', '.join(args)}):"]
@@ -583,11 +567,11 @@ def _loop_source(plan, seg, n_carry, n_x, n_args, save):
     lines += ["    for i in range(length):", "        t = length - 1 - i if reverse else i"]
     if save:
         for k in range(n_carry):
-            lines.append(f"        v{k}[t] = c{k}" if plan.carry_ranks[k] else f"        v{k}[t] = c{k}[()]")
+            lines.append(f"        v{k}[t] = c{k}" if carry_ranks[k] else f"        v{k}[t] = c{k}[()]")
     lines.append(f"        r = body({', '.join(seg_args)})")
     for k in range(ny):
         o = outs[n_carry + k]
-        lines.append(f"        y{k}[t] = {o}" if plan.y_ranks[k] else f"        y{k}[t] = {o}[()]")
+        lines.append(f"        y{k}[t] = {o}" if y_ranks[k] else f"        y{k}[t] = {o}[()]")
     for k in range(n_carry):
         lines.append(f"        n{k} = {outs[k]}")
     for k in range(n_carry):
@@ -633,14 +617,11 @@ def loop_driver(plan, n_carry, n_x):
     seg = segs[0]
     if len(plan.out_slots) < n_carry:
         return None
-    ranks = {s: len(sh) for s, sh in getattr(plan, "slot_shapes", {}).items()}
     arg_of = {i: s for s, i in plan.arg_slots}
     # per-step x slices of rank 0 would be scalars inside Numba: keep those loops in Python
     for i in range(n_carry, n_carry + n_x):
-        if ranks.get(arg_of.get(i), 1) == 0:
+        if not plan.slot_shapes.get(arg_of.get(i), (0,)):
             return None
-    plan.carry_ranks = [ranks.get(arg_of.get(k), 1) for k in range(n_carry)]
-    plan.y_ranks = [ranks.get(s, 1) for s in plan.out_slots[n_carry:]]
     if _loop_source(plan, seg, n_carry, n_x, len(arg_of), False) is None:
         return None
     return NativeLoop(plan, seg, n_carry, n_x)
