@@ -21,13 +21,13 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-import time
 
 import numpy as np
 
 from . import cuda as _cuda
 from . import kernelgen
 from . import kernels_gpu as KG
+from .compiler.plan import Plan
 from .kernelgen import dtype_name
 
 __all__ = ["elementwise_kernel", "group_kernel", "launch_elementwise", "build_gpu_plan", "GpuPlan"]
@@ -147,74 +147,10 @@ def _is_dev(a):
     return not isinstance(a, (np.ndarray, tuple))
 
 
-class GpuPlan:
-    """A compiled step whose arrays live on the GPU: the interface of ``compiler.plan.Plan``."""
+class GpuPlan(Plan):
+    """A compiled step whose arrays live on the GPU (a ``compiler.plan.Plan`` whose steps launch CUDA kernels)."""
 
-    def __init__(self):
-        self.nslots = 0
-        self.arg_slots = []
-        self.state_slots = []
-        self.gradin_slots = []
-        self.const_env = []
-        self.steps = []
-        self.step_names = []
-        self.out_slots = []
-        self.grad_writes = []
-        self.groups = []
-        self.sources = []
-        self.kernel_count = 0
-        self.buffer_bytes = 0
-        self.var_shapes = []
-
-    def run(self, tensors):
-        """Run the step on the flattened tensor arguments; return the environment of arrays."""
-        return self.run_arrays([t._data for t in tensors])
-
-    def outputs(self, env):
-        """Return the arrays of the returned values from an environment."""
-        return [s[1]._data if isinstance(s, tuple) else env[s] for s in self.out_slots]
-
-    def run_arrays(self, arrays):
-        """Run the step on the flattened argument arrays; return the environment of arrays."""
-        from .autodiff.sparse import IndexedSlices
-        from .tensor import Tensor
-        env = [None] * self.nslots
-        for slot, arr in self.const_env:
-            env[slot] = arr
-        for slot, i in self.arg_slots:
-            env[slot] = arrays[i]
-        for slot, var in self.state_slots:
-            env[slot] = var._data
-        for slot, var in self.gradin_slots:
-            g = var._grad
-            if g is None:
-                raise RuntimeError(f"jitnet.jit: the compiled step reads the accumulated .grad of variable "
-                                   f"{var.name or ''} {var.shape}, which is now None; call the step with the "
-                                   f"same gradient state as when it was traced (e.g. always zero_grad() first)")
-            env[slot] = g._data
-        if _debug_level():
-            for name, step in zip(self.step_names, self.steps):
-                t0 = time.perf_counter()
-                step(env)
-                print(f"[jitnet] {name}: {(time.perf_counter() - t0) * 1e6:.1f} us (launch)")
-        else:
-            for step in self.steps:
-                step(env)
-        for var, slot in self.grad_writes:
-            if slot is None:
-                var._grad = None
-            elif isinstance(slot, tuple):
-                var._grad = IndexedSlices(Tensor._wrap(env[slot[1]]), Tensor._wrap(env[slot[2]]), slot[3])
-            else:
-                var._grad = Tensor._wrap(env[slot])
-        return env
-
-
-def _debug_level():
-    try:
-        return int(os.environ.get("JITNET_DEBUG", "0") or 0)
-    except ValueError:
-        return 0
+    debug_note = " (launch)"     # JITNET_DEBUG times a step's launch: CUDA kernels run asynchronously
 
 
 def build_gpu_plan(g, fuse_ops=True):

@@ -27,6 +27,8 @@ __all__ = ["Plan", "build_plan"]
 class Plan:
     """A compiled step: slots, steps, and how inputs, variables and outputs map to slots."""
 
+    debug_note = ""              # appended to the per-step times JITNET_DEBUG prints
+
     def __init__(self):
         self.nslots = 0
         self.arg_slots = []        # (slot, flat tensor-argument index)
@@ -74,7 +76,7 @@ class Plan:
             for name, step in zip(self.step_names, self.steps):
                 t0 = time.perf_counter()
                 step(env)
-                print(f"[jitnet] {name}: {(time.perf_counter() - t0) * 1e6:.1f} us")
+                print(f"[jitnet] {name}: {(time.perf_counter() - t0) * 1e6:.1f} us{self.debug_note}")
         else:
             for step in self.steps:
                 step(env)
