@@ -221,8 +221,9 @@ def indexed_source(program: "ElementwiseProgram", out_rank: int, in_maps) -> str
 
     The loop nest runs over the output's ``out_rank`` dims (at least 1: a 0-d output is passed as shape
     (1,)). ``in_maps[i]`` gives, for each dim of input ``i``, the output loop index it follows or ``None`` for a
-    broadcast dim of length 1 (index 0); a map of ``"scalar"`` marks a size-1 operand read once. Operands may
-    have any strides. Each program output ``j`` is written to ``out{j}`` of the output's shape.
+    broadcast dim of length 1 (index 0), or a source expression over the loop indices (an input read through
+    a basic slice: ``"64 + i1"``); a map of ``"scalar"`` marks a size-1 operand read once. Operands may have
+    any strides. Each program output ``j`` is written to ``out{j}`` of the output's shape.
     """
     lines = _header("fused kernel: edit the graph")
     for par in (False, True):
@@ -237,7 +238,7 @@ def indexed_source(program: "ElementwiseProgram", out_rank: int, in_maps) -> str
             ind += "    "
         for i, m in enumerate(in_maps):
             if m != "scalar":
-                idx = ", ".join("0" if d is None else f"i{d}" for d in m)
+                idx = ", ".join("0" if d is None else d if isinstance(d, str) else f"i{d}" for d in m)
                 lines.append(f"{ind}x{i} = in{i}[{idx}]")
         for k, (expr, dt) in enumerate(program.ops):
             lines.append(f"{ind}t{k} = {dtype_name(dt)}({expr})")

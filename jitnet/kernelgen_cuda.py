@@ -34,7 +34,7 @@ __all__ = ["elementwise_kernel", "group_kernel", "launch_elementwise", "build_gp
 
 # Template calls whose Python semantics differ from the GPU's on inf/NaN get the helpers of kernels_gpu
 _REWRITES = (("math.floor(", "floor_s("), ("math.ceil(", "ceil_s("), ("math.sin(", "sin_s("),
-             ("math.cos(", "cos_s("))
+             ("math.cos(", "cos_s("), ("tanh_v(", "math.tanh("))     # the CPU's vectorizable tanh: CUDA's is fine
 _HELPERS = ("fexp", "floor_s", "ceil_s", "sin_s", "cos_s", "sigmoid_s", "softplus_s", "sign_s", "maximum_s",
             "minimum_s", "floordiv_s", "ifloordiv_s", "imod_s", "fmod_s")
 

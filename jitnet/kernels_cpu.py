@@ -915,94 +915,104 @@ def nn_xent_prob_grad(x, p, g, out):
             out[i, j] = gi * (math.exp(x[i, j] - lse) * sp - p[i, j])
 
 
-@njit(cache=True, fastmath=_FM, inline="always")
-def _nn_sig(v):
-    if v >= 0:
-        return 1 / (1 + math.exp(-v))
-    e = math.exp(v)
-    return e / (1 + e)
+# The LSTM step kernels below make every inner loop one simple pass over a row (LLVM vectorizes those, with
+# the vectorizable float32 sigmoid/tanh of kernels_scalar; a loop body touching many arrays at once, or a libm
+# call, stays scalar and runs 5-20x slower).
 
-
-@njit(cache=True, fastmath=_FM, nogil=True)
+@njit(cache=True, fastmath=_FM, nogil=True, error_model="numpy")
 def nn_lstm_step(xw, s_prev, whh, b, mask, s_out, use_mask):
     """One LSTM step. xw (B, 4H): input projection; s_prev / s_out (B, 6H) = [h, c, i, f, g, o]; gates i f g o.
 
-    Rows whose mask is 0 (when use_mask) carry h and c through unchanged.
+    z = xw + h @ whh + b (the recurrent GEMM is BLAS). Rows whose mask is 0 (when use_mask) carry h and c
+    through unchanged (their gates are written as zeros).
     """
     bsz = xw.shape[0]
     hd = whh.shape[0]
     z = np.empty((bsz, 4 * hd), dtype=xw.dtype)
     np.dot(np.ascontiguousarray(s_prev[:, :hd]), whh, z)
     for r in range(bsz):
-        keep = use_mask and mask[r] == 0
+        orow, prow = s_out[r], s_prev[r]
+        if use_mask and mask[r] == 0:
+            for j in range(2 * hd):
+                orow[j] = prow[j]
+            for j in range(2 * hd, 6 * hd):
+                orow[j] = 0
+            continue
+        zr, xr = z[r], xw[r]
+        for j in range(4 * hd):
+            zr[j] += xr[j] + b[j]
         for j in range(hd):
-            if keep:
-                s_out[r, j] = s_prev[r, j]
-                s_out[r, hd + j] = s_prev[r, hd + j]
-                s_out[r, 2 * hd + j] = 0
-                s_out[r, 3 * hd + j] = 1
-                s_out[r, 4 * hd + j] = 0
-                s_out[r, 5 * hd + j] = 0
-                continue
-            ig = _nn_sig(z[r, j] + xw[r, j] + b[j])
-            fg = _nn_sig(z[r, hd + j] + xw[r, hd + j] + b[hd + j])
-            gg = math.tanh(z[r, 2 * hd + j] + xw[r, 2 * hd + j] + b[2 * hd + j])
-            og = _nn_sig(z[r, 3 * hd + j] + xw[r, 3 * hd + j] + b[3 * hd + j])
-            c = fg * s_prev[r, hd + j] + ig * gg
-            s_out[r, j] = og * math.tanh(c)
-            s_out[r, hd + j] = c
-            s_out[r, 2 * hd + j] = ig
-            s_out[r, 3 * hd + j] = fg
-            s_out[r, 4 * hd + j] = gg
-            s_out[r, 5 * hd + j] = og
+            orow[2 * hd + j] = sigmoid_v(zr[j])
+        for j in range(hd):
+            orow[3 * hd + j] = sigmoid_v(zr[hd + j])
+        for j in range(hd):
+            orow[4 * hd + j] = tanh_v(zr[2 * hd + j])
+        for j in range(hd):
+            orow[5 * hd + j] = sigmoid_v(zr[3 * hd + j])
+        for j in range(hd):
+            orow[hd + j] = orow[3 * hd + j] * prow[hd + j] + orow[2 * hd + j] * orow[4 * hd + j]
+        for j in range(hd):
+            orow[j] = orow[5 * hd + j] * tanh_v(orow[hd + j])
 
 
-@njit(cache=True, fastmath=_FM, nogil=True)
+@njit(cache=True, fastmath=_FM, nogil=True, error_model="numpy")
 def nn_lstm_step_dz(g, s, s_prev, mask, dz, use_mask):
-    """Write the gradient w.r.t. the gate pre-activations dz (B, 4H) from g = d s (B, 6H) (only h, c parts used)."""
+    """Write the gradient w.r.t. the gate pre-activations dz (B, 4H) from g = d s (B, 6H).
+
+    The saved gates are outputs of the step too: their own gradients (the i, f, g, o parts of g) are included.
+    """
     bsz = s.shape[0]
     hd = dz.shape[1] // 4
+    tc = np.empty(hd, s.dtype)
+    dc = np.empty(hd, s.dtype)
     for r in range(bsz):
+        dr = dz[r]
         if use_mask and mask[r] == 0:
             for j in range(4 * hd):
-                dz[r, j] = 0
+                dr[j] = 0
             continue
+        gr, sr, pr = g[r], s[r], s_prev[r]
         for j in range(hd):
-            c = s[r, hd + j]
-            ig = s[r, 2 * hd + j]
-            fg = s[r, 3 * hd + j]
-            gg = s[r, 4 * hd + j]
-            og = s[r, 5 * hd + j]
-            tc = math.tanh(c)
-            dh = g[r, j]
-            dc = g[r, hd + j] + dh * og * (1 - tc * tc)
-            dz[r, j] = dc * gg * ig * (1 - ig)
-            dz[r, hd + j] = dc * s_prev[r, hd + j] * fg * (1 - fg)
-            dz[r, 2 * hd + j] = dc * ig * (1 - gg * gg)
-            dz[r, 3 * hd + j] = dh * tc * og * (1 - og)
+            tc[j] = tanh_v(sr[hd + j])
+        for j in range(hd):
+            dc[j] = gr[hd + j] + gr[j] * sr[5 * hd + j] * (1 - tc[j] * tc[j])
+        for j in range(hd):
+            ig = sr[2 * hd + j]
+            dr[j] = (dc[j] * sr[4 * hd + j] + gr[2 * hd + j]) * ig * (1 - ig)
+        for j in range(hd):
+            fg = sr[3 * hd + j]
+            dr[hd + j] = (dc[j] * pr[hd + j] + gr[3 * hd + j]) * fg * (1 - fg)
+        for j in range(hd):
+            gg = sr[4 * hd + j]
+            dr[2 * hd + j] = (dc[j] * sr[2 * hd + j] + gr[4 * hd + j]) * (1 - gg * gg)
+        for j in range(hd):
+            og = sr[5 * hd + j]
+            dr[3 * hd + j] = (gr[j] * tc[j] + gr[5 * hd + j]) * og * (1 - og)
 
 
-@njit(cache=True, fastmath=_FM, nogil=True)
+@njit(cache=True, fastmath=_FM, nogil=True, error_model="numpy")
 def nn_lstm_step_dprev(g, dz, s, whh, mask, out, use_mask):
-    """Write d s_prev (B, 6H) = [dz @ whh.T, dc * f, 0...] (carried rows pass g through) into out."""
+    """Write d s_prev (B, 6H) = [dz @ whh.T, dc * f, 0, 0, 0, 0]; rows with mask 0 pass g's h and c through."""
     bsz = s.shape[0]
     hd = whh.shape[0]
     dh = np.empty((bsz, hd), dtype=dz.dtype)
     np.dot(dz, whh.T, dh)
+    tc = np.empty(hd, s.dtype)
     for r in range(bsz):
-        keep = use_mask and mask[r] == 0
-        for j in range(hd):
-            if keep:
-                out[r, j] = g[r, j]
-                out[r, hd + j] = g[r, hd + j]
-            else:
-                og = s[r, 5 * hd + j]
-                tc = math.tanh(s[r, hd + j])
-                dc = g[r, hd + j] + g[r, j] * og * (1 - tc * tc)
-                out[r, j] = dh[r, j]
-                out[r, hd + j] = dc * s[r, 3 * hd + j]
+        orow, gr, sr = out[r], g[r], s[r]
+        if use_mask and mask[r] == 0:
+            for j in range(2 * hd):
+                orow[j] = gr[j]
+        else:
+            dhr = dh[r]
+            for j in range(hd):
+                tc[j] = tanh_v(sr[hd + j])
+            for j in range(hd):
+                orow[j] = dhr[j]
+            for j in range(hd):
+                orow[hd + j] = (gr[hd + j] + gr[j] * sr[5 * hd + j] * (1 - tc[j] * tc[j])) * sr[3 * hd + j]
         for j in range(2 * hd, 6 * hd):
-            out[r, j] = 0
+            orow[j] = 0
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import numpy as np
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
-__all__ = ["fexp", "exp_f32", "sigmoid_s", "softplus_s", "sign_s", "maximum_s", "minimum_s", "floordiv_s",
+__all__ = ["fexp", "exp_f32", "tanh_v", "sigmoid_v", "sigmoid_s", "softplus_s", "sign_s", "maximum_s", "minimum_s", "floordiv_s",
            "ifloordiv_s", "imod_s", "fmod_s"]
 
 
@@ -61,6 +61,62 @@ def _fexp_overload(x):
     if isinstance(x, types.Float) and x.bitwidth == 32:
         return lambda x: exp_f32(x)
     return lambda x: math.exp(x)
+
+# --------------------------------------------------------------------------------------------------------------
+# Vectorizable float32 tanh and sigmoid built on exp_f32 (libm's tanh is a call LLVM cannot vectorize: 20x
+# slower over a row); other dtypes keep libm's functions (float64 is what the gradient checks use).
+# --------------------------------------------------------------------------------------------------------------
+
+def tanh_v(x):
+    """Return tanh(x) (a vectorizable float32 version inside kernels)."""
+    return math.tanh(x)
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _tanh_f32(x):
+    a = abs(x)
+    e = exp_f32(np.float32(-2.0) * a)
+    r = (np.float32(1.0) - e) / (np.float32(1.0) + e)        # accurate to a few ulp for |x| >= 0.125
+    x2 = x * x                                                # odd Taylor series below 0.125 (error < 1e-9)
+    p = x * (np.float32(1.0) + x2 * (np.float32(-1.0 / 3) + x2 * (np.float32(2.0 / 15)
+                                                                    + x2 * np.float32(-17.0 / 315))))
+    r = r if x >= np.float32(0.0) else -r
+    r = p if a < np.float32(0.125) else r
+    return x if x != x else r
+
+
+@overload(tanh_v)
+def _tanh_v_overload(x):
+    if isinstance(x, types.Float) and x.bitwidth == 32:
+        return lambda x: _tanh_f32(x)
+    return lambda x: math.tanh(x)
+
+
+def sigmoid_v(x):
+    """Return the logistic sigmoid of x (vectorizable for float32 inside kernels)."""
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _sigmoid_f32(x):
+    e = exp_f32(-abs(x))
+    r = np.float32(1.0) / (np.float32(1.0) + e)
+    return r if x >= np.float32(0.0) else e * r
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _sigmoid_f64(x):
+    e = math.exp(-abs(x))
+    r = 1.0 / (1.0 + e)
+    return r if x >= 0.0 else e * r
+
+
+@overload(sigmoid_v)
+def _sigmoid_v_overload(x):
+    if isinstance(x, types.Float) and x.bitwidth == 32:
+        return lambda x: _sigmoid_f32(x)
+    return lambda x: _sigmoid_f64(x)
+
 
 # --------------------------------------------------------------------------------------------------------------
 # Scalar helpers used by the elementwise templates (inlined into the generated kernels)

@@ -11,7 +11,6 @@ Each primitive is defined by ``Primitive(name, impl=..., vjp=..., template=...)`
 from __future__ import annotations
 
 import builtins
-import math
 import numbers
 
 import numpy as np
@@ -332,7 +331,7 @@ SQUARE = elementwise("square", "{0} * {0}", _rule_arith, lambda g, ans, ins, nee
 RECIP = elementwise("reciprocal", "{T}(1) / {0}", _rule_float, lambda g, ans, ins, needs: (-g * ans * ans,))
 SIN = elementwise("sin", "math.sin({0})", _rule_float, lambda g, ans, ins, needs: (g * cos(ins[0]),))
 COS = elementwise("cos", "math.cos({0})", _rule_float, lambda g, ans, ins, needs: (-g * sin(ins[0]),))
-TANH = elementwise("tanh", "math.tanh({0})", _rule_float, lambda g, ans, ins, needs: (g * (1 - ans * ans),))
+TANH = elementwise("tanh", "tanh_v({0})", _rule_float, lambda g, ans, ins, needs: (g * (1 - ans * ans),))
 SIGMOID = elementwise("sigmoid", "sigmoid_s({0}, {T}(1))", _rule_float,
                       lambda g, ans, ins, needs: (g * ans * (1 - ans),))
 RELU = elementwise("relu", "{T}(0) if {0} <= {T}(0) else {0}", _rule_arith,

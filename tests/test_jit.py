@@ -113,6 +113,31 @@ def test_broadcast_bias_relu_is_one_kernel():
     assert plan.kernel_count == 1
 
 
+def test_fused_groups_read_basic_slices_in_place():
+    # x[t], x[:, a:b], reversed and strided slices feed a kernel directly: no view step, same values as eager
+    z, x, b = jn.random.normal((6, 16)), jn.random.normal((3, 6, 8)), jn.random.normal((1, 16))
+
+    def f(z, x, b):
+        gates = jn.sigmoid(z[:, :8]) * jn.tanh(z[:, 8:])
+        rev = x[1, ::-1, 1::2] + z[:, ::4] * x[2][:, :4]
+        bc = jn.exp(b[0, 3:11]) + x[0]                  # a broadcast view
+        return gates, rev, bc, z[1:3, :2] * 2.0         # the last one: a view whose result is also an output
+
+    plan = _plan(f, z, x, b)
+    assert not any(name.startswith("getitem") for name in plan.step_names), plan.step_names
+    assert any("8 + i1" in src for src in plan.sources)
+    for got, want in zip(jn.jit(f)(z, x, b), f(z, x, b)):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-6)
+
+
+def test_float32_tanh_matches_float64():
+    x = np.concatenate([np.linspace(-30, 30, 20001), [0.0, -0.0, 1e-8, -1e-30, 0.124, 0.126]]).astype(np.float32)
+    got = jn.tanh(jn.tensor(x)).numpy()
+    np.testing.assert_allclose(got, np.tanh(x.astype(np.float64)), rtol=2e-6, atol=1e-37)
+    special = jn.tanh(jn.tensor(np.array([np.nan, np.inf, -np.inf], np.float32))).numpy()
+    assert np.isnan(special[0]) and special[1] == 1 and special[2] == -1
+
+
 def test_softmax_is_at_most_two_kernels():
     x = jn.random.normal((32, 10))
     plan = _plan(lambda x: jn.softmax(x, axis=-1), x)

@@ -22,10 +22,13 @@ def group_program(grp) -> ElementwiseProgram:
     """Return the scalar program of fusion group ``grp`` (inputs ``x{i}``, member results ``t{k}``)."""
     names, dtypes = {}, {}
     inputs = []
+    views = getattr(grp, "views", None) or {}
     for i, v in enumerate(grp.inputs):
+        if i in views:                      # read through a view: members name the view's value
+            v = views[i][0]
         names[v.id] = f"x{i}"
         dtypes[v.id] = v.dtype
-        inputs.append((v.dtype, v.size == 1))
+        inputs.append((v.dtype, v.size == 1 and i not in views))
     ops = []
     for k, m in enumerate(grp.members):
         in_dts = tuple(dtypes[v.id] for v in m.inputs)
@@ -45,14 +48,35 @@ def index_maps(grp):
     oshape = grp.root.out.shape or (1,)
     r = len(oshape)
     maps = []
-    for v in grp.inputs:
-        if v.size == 1:
+    views = getattr(grp, "views", None) or {}
+    for i, v in enumerate(grp.inputs):
+        view = views.get(i)
+        if view is None and v.size == 1:
             maps.append("scalar")
             continue
-        shp = v.shape or (1,)
+        shp = (view[0].shape if view else v.shape) or (1,)
         off = r - len(shp)
-        maps.append(tuple(None if (d == 1 and oshape[off + j] != 1) else off + j for j, d in enumerate(shp)))
+        m = tuple(None if (d == 1 and oshape[off + j] != 1) else off + j for j, d in enumerate(shp))
+        maps.append(m if view is None else _through_view(m, view[1]))
     return maps
+
+
+def _through_view(m, items):
+    """Compose an index map of a view with its basic index: per base dim, a source expression."""
+    out, k = [], 0
+    for it in items:
+        if it[0] == "int":
+            out.append(str(it[1]))
+            continue
+        d = m[k]
+        k += 1
+        start, step = it[1], it[2]
+        if d is None:
+            out.append(str(start))
+        else:
+            term = f"i{d}" if step == 1 else f"{step} * i{d}"
+            out.append(term if start == 0 else f"{start} + {term}")
+    return tuple(out)
 
 
 def group_source(grp) -> str:

@@ -18,7 +18,7 @@ from ..autodiff.sparse import IndexedSlices
 from ..tensor import Tensor
 from .codegen import cpu_kernels
 from .native import nativize
-from .passes import _grad_values, fuse
+from .passes import _grad_values, absorb_views, fuse
 from .specialize import specializer
 
 __all__ = ["Plan", "build_plan"]
@@ -115,6 +115,7 @@ def build_plan(g, fuse_ops=True):
     """Return a Plan for graph ``g`` (after DCE/CSE): fuse, schedule, assign slots and buffers."""
     plan = Plan()
     group_of = fuse(g) if fuse_ops else {}
+    absorb_views(g, group_of)
     units = _schedule(g, group_of)
     slot_of = {}
 

@@ -34,8 +34,7 @@ import os
 import time
 
 import numpy as np
-from numba import njit, types
-from numba.extending import overload
+from numba import njit
 
 import jitnet as jn
 import jitnet.nn as nn
@@ -43,7 +42,8 @@ import jitnet.nn.functional as F
 from jitnet import ops
 from jitnet.autodiff.core import Primitive, apply
 from jitnet.data import seq_tasks as T
-from jitnet.kernels_scalar import exp_f32
+from jitnet.kernels_cpu import nn_lstm_step_dprev, nn_lstm_step_dz
+from jitnet.kernels_scalar import sigmoid_v, tanh_v
 from jitnet.tensor import Tensor, _infer_array
 
 __all__ = ["lstm_step_fused", "lstm_state", "additive_attention_step", "additive_attention_weights",
@@ -53,62 +53,6 @@ __all__ = ["lstm_step_fused", "lstm_state", "additive_attention_step", "additive
            "train_seq2seq_reverse", "TRAINERS"]
 
 _FM = {"reassoc", "nsz", "arcp", "contract"}     # fast math without nnan/ninf: NaN and inf stay exact
-
-
-# ==============================================================================================================
-# Scalar helpers: float32 tanh and sigmoid built on the vectorizable exp (libm's tanh stops vectorization);
-# float64 (used by the gradient checks) keeps libm's functions.
-# ==============================================================================================================
-
-def tanh_v(x):
-    """Return tanh(x) (a vectorizable float32 version inside kernels)."""
-    return math.tanh(x)
-
-
-@njit(cache=True, inline="always", error_model="numpy")
-def _tanh_f32(x):
-    a = abs(x)
-    e = exp_f32(np.float32(-2.0) * a)
-    r = (np.float32(1.0) - e) / (np.float32(1.0) + e)        # accurate to a few ulp for |x| >= 0.125
-    x2 = x * x                                                # odd Taylor series below 0.125 (error < 1e-9)
-    p = x * (np.float32(1.0) + x2 * (np.float32(-1.0 / 3) + x2 * (np.float32(2.0 / 15)
-                                                                    + x2 * np.float32(-17.0 / 315))))
-    r = r if x >= np.float32(0.0) else -r
-    r = p if a < np.float32(0.125) else r
-    return x if x != x else r
-
-
-@overload(tanh_v)
-def _tanh_v_overload(x):
-    if isinstance(x, types.Float) and x.bitwidth == 32:
-        return lambda x: _tanh_f32(x)
-    return lambda x: math.tanh(x)
-
-
-def sigmoid_v(x):
-    """Return the logistic sigmoid of x (vectorizable for float32 inside kernels)."""
-    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
-
-
-@njit(cache=True, inline="always", error_model="numpy")
-def _sigmoid_f32(x):
-    e = exp_f32(-abs(x))
-    r = np.float32(1.0) / (np.float32(1.0) + e)
-    return r if x >= np.float32(0.0) else e * r
-
-
-@njit(cache=True, inline="always", error_model="numpy")
-def _sigmoid_f64(x):
-    e = math.exp(-abs(x))
-    r = 1.0 / (1.0 + e)
-    return r if x >= 0.0 else e * r
-
-
-@overload(sigmoid_v)
-def _sigmoid_v_overload(x):
-    if isinstance(x, types.Float) and x.bitwidth == 32:
-        return lambda x: _sigmoid_f32(x)
-    return lambda x: _sigmoid_f64(x)
 
 
 # ==============================================================================================================
@@ -149,63 +93,9 @@ def lstm_fwd_kernel(xw, s_prev, whh, mask, s_out, use_mask):
             orow[j] = orow[5 * hd + j] * tanh_v(orow[hd + j])
 
 
-@njit(cache=True, fastmath=_FM, nogil=True, error_model="numpy")
-def lstm_dz_kernel(g, s, s_prev, mask, dz, use_mask):
-    """Write d(pre-activations) dz (B, 4H) from g = d s (B, 6H) and the saved gates.
-
-    The saved gates are outputs too: their own gradients in g (zero in every use here) are included.
-    """
-    bsz = s.shape[0]
-    hd = dz.shape[1] // 4
-    tc = np.empty(hd, s.dtype)
-    dc = np.empty(hd, s.dtype)
-    for r in range(bsz):
-        dr = dz[r]
-        if use_mask and mask[r] == 0:
-            for j in range(4 * hd):
-                dr[j] = 0
-            continue
-        gr, sr, pr = g[r], s[r], s_prev[r]
-        for j in range(hd):
-            tc[j] = tanh_v(sr[hd + j])
-        for j in range(hd):
-            dc[j] = gr[hd + j] + gr[j] * sr[5 * hd + j] * (1 - tc[j] * tc[j])
-        for j in range(hd):
-            ig = sr[2 * hd + j]
-            dr[j] = (dc[j] * sr[4 * hd + j] + gr[2 * hd + j]) * ig * (1 - ig)
-        for j in range(hd):
-            fg = sr[3 * hd + j]
-            dr[hd + j] = (dc[j] * pr[hd + j] + gr[3 * hd + j]) * fg * (1 - fg)
-        for j in range(hd):
-            gg = sr[4 * hd + j]
-            dr[2 * hd + j] = (dc[j] * sr[2 * hd + j] + gr[4 * hd + j]) * (1 - gg * gg)
-        for j in range(hd):
-            og = sr[5 * hd + j]
-            dr[3 * hd + j] = (gr[j] * tc[j] + gr[5 * hd + j]) * og * (1 - og)
-
-
-@njit(cache=True, fastmath=_FM, nogil=True, error_model="numpy")
-def lstm_dprev_kernel(g, dz, s, whh, mask, out, use_mask):
-    """Write d s_prev (B, 6H) = [dz @ whh.T, dc * f, 0, 0, 0, 0]; rows with mask 0 pass g's h and c through."""
-    bsz = s.shape[0]
-    hd = whh.shape[0]
-    dh = np.dot(dz, whh.T)
-    tc = np.empty(hd, s.dtype)
-    for r in range(bsz):
-        orow, gr, sr = out[r], g[r], s[r]
-        if use_mask and mask[r] == 0:
-            for j in range(2 * hd):
-                orow[j] = gr[j]
-        else:
-            dhr = dh[r]
-            for j in range(hd):
-                tc[j] = tanh_v(sr[hd + j])
-            for j in range(hd):
-                orow[j] = dhr[j]
-            for j in range(hd):
-                orow[hd + j] = (gr[hd + j] + gr[j] * sr[5 * hd + j] * (1 - tc[j] * tc[j])) * sr[3 * hd + j]
-        for j in range(2 * hd, 6 * hd):
-            orow[j] = 0
+# the backward kernels are jitnet.nn's (the same packed state; its forward kernel also adds a bias)
+lstm_dz_kernel = nn_lstm_step_dz
+lstm_dprev_kernel = nn_lstm_step_dprev
 
 
 def _c(a):
