@@ -114,6 +114,28 @@ def test_compiled_scan_does_not_grow_with_length():
     assert sizes[0] == sizes[1]
 
 
+def test_scan_checkpoint_false_stores_every_step_same_gradients():
+    # checkpoint=False unrolls into the step's graph (no recompute): graph grows with T, gradients equal
+    rng = np.random.default_rng(2)
+    W = jn.tensor(rng.standard_normal((3, 3)) * 0.5)
+
+    def loss(h0, xs, W, checkpoint):
+        (h, s), ys = jn.scan(_rnn_body(W), (h0, jn.zeros((), dtype=jn.float64)), xs, checkpoint=checkpoint)
+        return jn.sum(ys * ys) + s
+
+    h0, xs = jn.tensor(rng.standard_normal((2, 3))), jn.tensor(rng.standard_normal((5, 2, 3)))
+    ref = jn.jit(jn.grad(loss, argnums=(0, 1, 2)), static_argnums=(3,))
+    nodes = {}
+    for cp in (True, False):
+        got = ref(h0, xs, W, cp)
+        for a, b in zip(got, jn.grad(loss, argnums=(0, 1, 2))(h0, xs, W, True)):
+            np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-9, atol=1e-12)
+        g, _ = ref.lower(h0, xs, W, cp)
+        nodes[cp] = (len(g.live_nodes()), sum(n.prim.name == "scan" for n in g.live_nodes()))
+    assert nodes[True][1] == 2 and nodes[False][1] == 0        # forward + reverse scan vs none
+    assert nodes[False][0] > nodes[True][0]
+
+
 def test_carry_shape_or_dtype_change_names_the_entry():
     def grows(c, x):
         return (c[0], jn.concatenate([c[1], x])), x

@@ -241,13 +241,19 @@ def _scan_eager(body, init, xs, length, reverse):
     return carry, unflatten(y_tree, stacked)
 
 
-def scan(body, init, xs=None, length=None, reverse=False):
+def scan(body, init, xs=None, length=None, reverse=False, checkpoint=True):
     """Return ``(final_carry, stacked_ys)`` of ``carry, y = body(carry, x)`` over the leading axis of ``xs``.
 
     ``init`` and ``xs`` may be tensors or nested tuples/lists/dicts of tensors; ``length`` is needed when
     ``xs`` is None. With ``reverse=True`` the steps run from the last element to the first (ys keep the
     order of xs). Eagerly this is a Python loop; under ``jitnet.jit`` the body compiles once into a native
     loop and its gradient is a reverse scan that recomputes each step from the saved carry.
+
+    ``checkpoint=False`` trades memory for time the other way: under ``jitnet.jit`` the loop is unrolled
+    into the step's graph, so every step's intermediates are stored for the backward pass and nothing is
+    recomputed (the backward is a little faster; memory grows with the step's intermediates times the
+    length, and the graph, the generated source and the compile time grow with the length too). Eagerly
+    the tape always stores every step.
     """
     x_leaves = flatten(xs)[0] if xs is not None else []
     if xs is not None:
@@ -266,7 +272,7 @@ def scan(body, init, xs=None, length=None, reverse=False):
         raise ValueError("scan: give xs or length")
     length = int(length)
     interp = ad.current_interpreter()
-    if not isinstance(interp, Tracer):
+    if not isinstance(interp, Tracer) or not checkpoint:
         return _scan_eager(body, init, xs, length, reverse)
     return _scan_traced(interp, body, init, xs, length, reverse)
 
