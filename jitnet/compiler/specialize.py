@@ -24,6 +24,13 @@ def _matmul(ins, params, out):
     if a.dtype != b.dtype or a.dtype not in _FLOATS or out.dtype != a.dtype or not out.size:
         return None
     matmul = np.matmul
+    if len(a.shape) > 2 and len(b.shape) == 2:          # one GEMM over all rows (see ops._matmul_impl)
+        rows, k, n = int(np.prod(a.shape[:-1])), a.shape[-1], b.shape[1]
+
+        def fn3(x, y, o):
+            matmul(x.reshape(rows, k), y, out=o.reshape(rows, n))
+            return True
+        return fn3
 
     def fn(x, y, o):
         matmul(x, y, out=o)
