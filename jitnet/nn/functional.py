@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import math
 
+import numba
 import numpy as np
 
+from .. import kernels_conv as KC
 from .. import kernels_cpu as K
 from .. import ops
 from .. import random as _random
@@ -123,12 +125,12 @@ def _conv_padding(padding, hw, khw, stride, dilation, op):
 _WORKSPACE: dict = {}
 
 
-def _workspace(size, dtype):
-    """Return a reusable 1-D scratch buffer of at least ``size`` elements (the im2col matrix)."""
-    key = np.dtype(dtype)
+def _workspace(size, dtype, tag="cols"):
+    """Return a reusable 1-D scratch buffer of at least ``size`` elements (one per tag and dtype)."""
+    key = (tag, np.dtype(dtype))
     buf = _WORKSPACE.get(key)
     if buf is None or buf.size < size:
-        buf = np.empty(size, key)
+        buf = np.empty(size, key[1])
         _WORKSPACE[key] = buf
     return buf[:size]
 
@@ -141,20 +143,23 @@ def _geom(xs, ws, stride, pads, dilation):
     return n, c, h, w, o, kh, kw, oh, ow
 
 
-CHUNK_BYTES = 8 << 20     # the im2col matrix of one chunk of images stays this small (cache-resident)
+# The im2col matrix of one chunk of images stays about this small per thread, so that im2col writes it into the
+# L2 cache and the gemm reads it from there (8 MiB chunks, spilling to L3, made im2col + gemm ~1.3x slower).
+CHUNK_BYTES = 512 << 10
 
 
 def _chunks(n, per_image_elems, itemsize):
-    """Return [(n0, n1)] batch ranges whose im2col matrix fits in CHUNK_BYTES."""
-    nb = max(1, min(n, CHUNK_BYTES // max(per_image_elems * itemsize, 1)))
+    """Return [(n0, n1)] batch ranges whose im2col matrix fits in CHUNK_BYTES per thread (at least one image)."""
+    nb = max(1, min(n, CHUNK_BYTES * numba.get_num_threads() // max(per_image_elems * itemsize, 1)))
     return [(i, min(n, i + nb)) for i in range(0, n, nb)]
 
 
-def _im2col(x, kh, kw, stride, pads, dilation, oh, ow):
-    n, c = x.shape[:2]
-    cols = _workspace(c * kh * kw * n * oh * ow, x.dtype).reshape(c * kh * kw, n * oh * ow)
-    K.nn_im2col(x, cols, kh, kw, stride[0], stride[1], pads[0][0], pads[1][0], dilation[0], dilation[1],
-                oh, ow)
+def _im2col(x, n0, n1, kh, kw, stride, pads, dilation, oh, ow):
+    """Return the (C*KH*KW, nb*OH*OW) patch matrix of images n0..n1 of contiguous x, in the scratch buffer."""
+    c = x.shape[1]
+    cols = _workspace(c * kh * kw * (n1 - n0) * oh * ow, x.dtype).reshape(c * kh * kw, (n1 - n0) * oh * ow)
+    KC.im2col_chunk(x[n0:n1], cols, kh, kw, stride[0], stride[1], pads[0][0], pads[1][0], dilation[0],
+                    dilation[1], oh, ow)
     return cols
 
 
@@ -167,10 +172,10 @@ def _conv2d_impl(x, w, *b, stride, pads, dilation):
     bias = _c(b[0]) if b else np.zeros(1, x.dtype)
     ohw = oh * ow
     for n0, n1 in _chunks(n, c * kh * kw * ohw, x.itemsize):
-        cols = _im2col(x[n0:n1], kh, kw, stride, pads, dilation, oh, ow)
-        y2 = np.empty((o, (n1 - n0) * ohw), x.dtype)
-        K.nn_gemm(w2, cols, y2)
-        K.nn_onp_to_nop(y2, bias, out[n0:n1], bool(b))
+        cols = _im2col(x, n0, n1, kh, kw, stride, pads, dilation, oh, ow)
+        y2 = _workspace(o * (n1 - n0) * ohw, x.dtype, "gemm").reshape(o, (n1 - n0) * ohw)
+        np.dot(w2, cols, out=y2)
+        KC.onp_to_nop_bias(y2, bias, out[n0:n1], bool(b))
     return out.reshape(n, o, oh, ow)
 
 
@@ -180,39 +185,52 @@ def _conv2d_grad_input_impl(g, w, *, x_shape, stride, pads, dilation):
     if g.size == 0:
         dx[...] = 0
         return dx
+    if stride == (1, 1) and o <= c:
+        # With stride 1 the input gradient is g correlated with the flipped, transposed filters over g padded by
+        # d*(k-1) - pad. With no more output than input channels that forward convolution's im2col is no larger
+        # than col2im's scratch and its gemm has the long K = O*KH*KW, which BLAS runs faster than K = O.
+        lo = (dilation[0] * (kh - 1) - pads[0][0], dilation[1] * (kw - 1) - pads[1][0])
+        hi = (h + pads[0][0] - oh, wd + pads[1][0] - ow)                  # d*(k-1) - bottom / right padding
+        if min(lo + hi) >= 0:
+            wt = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+            return _conv2d_impl(g, wt, stride=stride, pads=((lo[0], hi[0]), (lo[1], hi[1])), dilation=dilation)
     g3 = _c(g).reshape(n, o, oh * ow)
-    w2t = np.ascontiguousarray(_c(w).reshape(o, c * kh * kw).T)
+    w2t = _c(w).reshape(o, c * kh * kw).T               # a transposed operand costs BLAS nothing
     ohw = oh * ow
     for n0, n1 in _chunks(n, c * kh * kw * ohw, g.itemsize):
-        g2 = np.empty((o, (n1 - n0) * ohw), g.dtype)
-        K.nn_nop_to_onp(g3[n0:n1], g2)
+        if n1 - n0 == 1:
+            g2 = g3[n0]                                  # one image: its (O, OH*OW) gradient is already a matrix
+        else:
+            g2 = _workspace(o * (n1 - n0) * ohw, g.dtype, "gemm").reshape(o, (n1 - n0) * ohw)
+            KC.nop_to_onp(g3[n0:n1], g2)
         dcols = _workspace(c * kh * kw * (n1 - n0) * ohw, g.dtype).reshape(c * kh * kw, (n1 - n0) * ohw)
-        K.nn_gemm(w2t, g2, dcols)
-        K.nn_col2im(dcols, dx[n0:n1], kh, kw, stride[0], stride[1], pads[0][0], pads[1][0], dilation[0],
-                    dilation[1], oh, ow)
+        np.dot(w2t, g2, out=dcols)
+        KC.col2im_chunk(dcols, dx[n0:n1], kh, kw, stride[0], stride[1], pads[0][0], pads[1][0], dilation[0],
+                        dilation[1], oh, ow)
     return dx
 
 
 def _conv2d_grad_weight_impl(x, g, *, w_shape, stride, pads, dilation):
     n, c, h, wd, o, kh, kw, oh, ow = _geom(x.shape, w_shape, stride, pads, dilation)
     # dW^T (C*kh*kw, O) = cols @ g2^T, accumulated over chunks of images: BLAS runs this orientation (a tall
-    # product with a small N) several times faster than dW = g2 @ cols^T, whose long K sits on a transposed operand
+    # product with a small N) faster than dW = g2 @ cols^T, whose long K sits on a transposed operand
     dwt = np.zeros((c * kh * kw, o), x.dtype)
     if g.size == 0:
         return np.ascontiguousarray(dwt.T).reshape(w_shape)
     x, g3 = _c(x), _c(g).reshape(n, o, oh * ow)
     tmp = np.empty_like(dwt)
     ohw = oh * ow
-    first = True
-    for n0, n1 in _chunks(n, c * kh * kw * ohw, x.itemsize):
-        g2 = np.empty((o, (n1 - n0) * ohw), g.dtype)
-        K.nn_nop_to_onp(g3[n0:n1], g2)
-        cols = _im2col(x[n0:n1], kh, kw, stride, pads, dilation, oh, ow)
-        if first:
-            K.nn_gemm(cols, g2.T, dwt)
-            first = False
+    for i, (n0, n1) in enumerate(_chunks(n, c * kh * kw * ohw, x.itemsize)):
+        if n1 - n0 == 1:
+            g2 = g3[n0]
         else:
-            K.nn_gemm(cols, g2.T, tmp)
+            g2 = _workspace(o * (n1 - n0) * ohw, g.dtype, "gemm").reshape(o, (n1 - n0) * ohw)
+            KC.nop_to_onp(g3[n0:n1], g2)
+        cols = _im2col(x, n0, n1, kh, kw, stride, pads, dilation, oh, ow)
+        if i == 0:
+            np.dot(cols, g2.T, out=dwt)
+        else:
+            np.dot(cols, g2.T, out=tmp)
             dwt += tmp
     return np.ascontiguousarray(dwt.T).reshape(w_shape)
 
@@ -224,8 +242,21 @@ def _conv2d_vjp(g, ans, ins, needs, stride, pads, dilation):
     gw = apply(CONV2D_GRAD_WEIGHT, x, g, w_shape=w.shape, **p) if needs[1] else None
     res = (gx, gw)
     if len(ins) == 3:
-        res += (ops.sum(g, axis=(0, 2, 3)) if needs[2] else None,)
+        res += (_conv2d_bias_grad(g) if needs[2] else None,)
     return res
+
+
+def _conv2d_bias_grad_impl(g):
+    out = np.empty(g.shape[1], g.dtype)
+    KC.channel_sum(_c(g).reshape(g.shape[0], g.shape[1], -1), out)
+    return out
+
+
+def _conv2d_bias_grad(g):
+    """Return the sum of g (N, O, OH, OW) over all but the channel axis (one pass over contiguous rows)."""
+    if g.is_cuda or g.size == 0:
+        return ops.sum(g, axis=(0, 2, 3))
+    return apply(CONV2D_BIAS_GRAD, g)
 
 
 def _conv2d_grad_input_vjp(g, ans, ins, needs, x_shape, stride, pads, dilation):
@@ -242,6 +273,9 @@ def _conv2d_grad_weight_vjp(g, ans, ins, needs, w_shape, stride, pads, dilation)
             apply(CONV2D, x, g, **p) if needs[1] else None)
 
 
+CONV2D_BIAS_GRAD = Primitive("conv2d_bias_grad", impl={"cpu": _conv2d_bias_grad_impl},
+                             vjp=lambda g, ans, ins, needs: (
+                                 ops.broadcast_to(ops.reshape(g, (1, -1, 1, 1)), ins[0].shape),))
 CONV2D = Primitive("conv2d", impl={"cpu": _conv2d_impl}, vjp=_conv2d_vjp)
 CONV2D_GRAD_INPUT = Primitive("conv2d_grad_input", impl={"cpu": _conv2d_grad_input_impl},
                               vjp=_conv2d_grad_input_vjp)
@@ -334,16 +368,28 @@ def _pool_args(x, kernel_size, stride, padding, op):
     return x, k, s, pads, (oh, ow)
 
 
+def _is_2x2(k, s, p):
+    """True for the common 2x2 window with stride 2 and no padding (disjoint windows: a fast path)."""
+    return k == (2, 2) and s == (2, 2) and p == (0, 0)
+
+
 def _max_pool_impl(x, k, s, p, out_hw):
     out = np.empty(x.shape[:2] + out_hw, x.dtype)
-    if out.size:
+    if not out.size:
+        return out
+    if _is_2x2(k, s, p):
+        KC.max_pool2x2(_c(x), out)
+    else:
         K.nn_max_pool2d(_c(x), out, k[0], k[1], s[0], s[1], p[0], p[1])
     return out
 
 
 def _max_pool_grad_impl(x, g, k, s, p):
     dx = np.empty(x.shape, g.dtype)
-    K.nn_max_pool2d_grad(_c(x), _c(g), dx, k[0], k[1], s[0], s[1], p[0], p[1])
+    if _is_2x2(k, s, p) and g.size:
+        KC.max_pool2x2_grad(_c(x), _c(g), dx)
+    else:
+        K.nn_max_pool2d_grad(_c(x), _c(g), dx, k[0], k[1], s[0], s[1], p[0], p[1])
     return dx
 
 
