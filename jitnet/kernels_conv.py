@@ -23,14 +23,39 @@ from .kernels_cpu import _FM, Adaptive
 # im2col / col2im over a chunk of images
 # ==============================================================================================================
 
+# Both directions go through a zero-bordered copy of one image plane, ``pad`` (hp, wp), and for each kernel column
+# kw its "column view" ``e`` (hp, OW): e[r, ow] = pad[r, ow*sw + kw*dw]. With stride 1 the cols row of (kh, kw)
+# is then rows kh*dh .. kh*dh+OH of e, one contiguous run of OH*OW elements: the kernel copies each plane column
+# KW times instead of copying KH*KW rows of OW (a few) elements each, which ran ~3x slower.
+# The per-plane loops live in serial helpers that the prange kernels call: written inline in a prange body,
+# such loops ran several times slower (Numba's parallel lowering kept them from vectorizing).
+
 @njit(cache=True, nogil=True)
-def _window_offsets(oh_, ow_, sh, sw, wp):
-    """Return the offset in a row-major padded plane of row length wp of each output position's window corner."""
-    idx = np.empty(oh_ * ow_, np.intp)
-    for oh in range(oh_):
-        for ow in range(ow_):
-            idx[oh * ow_ + ow] = oh * sh * wp + ow * sw
-    return idx
+def _im2col_plane(plane, cols, r0, base, kh_, kw_, sh, sw, ph, pw, dh, dw, oh_, ow_, hp, wp):
+    h_, w_ = plane.shape
+    pad = np.zeros(hp * wp, plane.dtype)
+    for ih in range(h_):
+        row = pad[(ih + ph) * wp + pw:]
+        for iw in range(w_):
+            row[iw] = plane[ih, iw]
+    ohw = oh_ * ow_
+    e = np.empty(hp * ow_, plane.dtype)
+    for kw in range(kw_):
+        for r in range(hp):
+            src = pad[r * wp + kw * dw:]
+            for ow in range(ow_):
+                e[r * ow_ + ow] = src[ow * sw]
+        for kh in range(kh_):
+            dst = cols[r0 + kh * kw_ + kw][base:base + ohw]
+            if sh == 1:
+                src = e[kh * dh * ow_:]
+                for q in range(ohw):
+                    dst[q] = src[q]
+            else:
+                for oh in range(oh_):
+                    src = e[(oh * sh + kh * dh) * ow_:]
+                    for ow in range(ow_):
+                        dst[oh * ow_ + ow] = src[ow]
 
 
 @njit(cache=True, parallel=True, nogil=True)
@@ -38,61 +63,59 @@ def im2col_chunk(x, cols, kh_, kw_, sh, sw, ph, pw, dh, dw, oh_, ow_):
     """Write the patches of the images of x (nb, C, H, W) into cols (C*KH*KW, nb*OH*OW).
 
     Row (c, kh, kw) of cols holds, for each image and output position (oh, ow), x[n, c, oh*sh-ph+kh*dh,
-    ow*sw-pw+kw*dw], or 0 where that falls in the padding. Each plane is first copied into a zero-bordered
-    padded plane, so the copy into a row is one branch-free loop over all OH*OW positions (a gather through
-    the window offsets): rows of a few elements copied one by one ran ~2.5x slower.
+    ow*sw-pw+kw*dw], or 0 where that falls in the padding.
     """
     c_, h_, w_ = x.shape[1], x.shape[2], x.shape[3]
-    ohw = oh_ * ow_
-    nb = cols.shape[1] // ohw
     hp = max(ph + h_, (oh_ - 1) * sh + (kh_ - 1) * dh + 1)
     wp = max(pw + w_, (ow_ - 1) * sw + (kw_ - 1) * dw + 1)
-    idx = _window_offsets(oh_, ow_, sh, sw, wp)
-    for t in prange(nb * c_):
+    for t in prange(x.shape[0] * c_):
         j = t // c_
         c = t - j * c_
-        plane = x[j, c]
-        pad = np.zeros(hp * wp, x.dtype)
-        for ih in range(h_):
-            r = (ih + ph) * wp + pw
-            for iw in range(w_):
-                pad[r + iw] = plane[ih, iw]
-        base = j * ohw
+        _im2col_plane(x[j, c], cols, c * kh_ * kw_, j * oh_ * ow_, kh_, kw_, sh, sw, ph, pw, dh, dw, oh_, ow_,
+                      hp, wp)
+
+
+@njit(cache=True, nogil=True)
+def _col2im_plane(cols, plane, r0, base, kh_, kw_, sh, sw, ph, pw, dh, dw, oh_, ow_, hp, wp):
+    h_, w_ = plane.shape
+    pad = np.zeros(hp * wp, plane.dtype)
+    ohw = oh_ * ow_
+    e = np.empty(hp * ow_, plane.dtype)
+    for kw in range(kw_):
+        e[:] = 0
         for kh in range(kh_):
-            for kw in range(kw_):
-                dst = cols[(c * kh_ + kh) * kw_ + kw][base:base + ohw]
-                src = pad[kh * dh * wp + kw * dw:]
+            src = cols[r0 + kh * kw_ + kw][base:base + ohw]
+            if sh == 1:
+                dst = e[kh * dh * ow_:]
                 for q in range(ohw):
-                    dst[q] = src[idx[q]]
+                    dst[q] += src[q]
+            else:
+                for oh in range(oh_):
+                    dst = e[(oh * sh + kh * dh) * ow_:]
+                    for ow in range(ow_):
+                        dst[ow] += src[oh * ow_ + ow]
+        for r in range(hp):
+            dst = pad[r * wp + kw * dw:]
+            for ow in range(ow_):
+                dst[ow * sw] += e[r * ow_ + ow]
+    for ih in range(h_):
+        row = pad[(ih + ph) * wp + pw:]
+        for iw in range(w_):
+            plane[ih, iw] = row[iw]
 
 
 @njit(cache=True, parallel=True, nogil=True)
 def col2im_chunk(cols, dx, kh_, kw_, sh, sw, ph, pw, dh, dw, oh_, ow_):
     """Write into dx (nb, C, H, W) the sum of the patch gradients cols (C*KH*KW, nb*OH*OW): the adjoint of
-    ``im2col_chunk`` (every plane is overwritten). Sums into a padded plane (the adjoint of its gather) and
-    copies the interior out."""
+    ``im2col_chunk`` (every plane is overwritten)."""
     c_, h_, w_ = dx.shape[1], dx.shape[2], dx.shape[3]
-    ohw = oh_ * ow_
-    nb = cols.shape[1] // ohw
     hp = max(ph + h_, (oh_ - 1) * sh + (kh_ - 1) * dh + 1)
     wp = max(pw + w_, (ow_ - 1) * sw + (kw_ - 1) * dw + 1)
-    idx = _window_offsets(oh_, ow_, sh, sw, wp)
-    for t in prange(nb * c_):
+    for t in prange(dx.shape[0] * c_):
         j = t // c_
         c = t - j * c_
-        pad = np.zeros(hp * wp, dx.dtype)
-        base = j * ohw
-        for kh in range(kh_):
-            for kw in range(kw_):
-                src = cols[(c * kh_ + kh) * kw_ + kw][base:base + ohw]
-                dst = pad[kh * dh * wp + kw * dw:]
-                for q in range(ohw):
-                    dst[idx[q]] += src[q]
-        plane = dx[j, c]
-        for ih in range(h_):
-            r = (ih + ph) * wp + pw
-            for iw in range(w_):
-                plane[ih, iw] = pad[r + iw]
+        _col2im_plane(cols, dx[j, c], c * kh_ * kw_, j * oh_ * ow_, kh_, kw_, sh, sw, ph, pw, dh, dw, oh_, ow_,
+                      hp, wp)
 
 
 @njit(cache=True, parallel=True, nogil=True)
@@ -151,9 +174,6 @@ def channel_sum(g, out):
 # ==============================================================================================================
 # 2x2 max pooling with stride 2 and no padding
 # ==============================================================================================================
-
-# The per-plane loops live in serial helpers that the prange kernels call: written inline in the prange body the
-# same loops ran ~10x slower (Numba's parallel lowering kept them from vectorizing).
 
 @njit(cache=True, nogil=True)
 def _max_pool2x2_plane(xp, op):

@@ -140,3 +140,42 @@ def test_jitted_conv_pool_step_matches_eager():
     for _ in range(2):
         for e, j in zip(eager, js(x)):
             np.testing.assert_allclose(j.numpy(), e, rtol=1e-4, atol=1e-4)
+
+
+def test_parallel_twins_match_serial():
+    """Small tests run the serial twins (kernels_cpu.Adaptive); the prange twins must agree with them."""
+    r = rng(13)
+    x = r.normal(size=(3, 5, 9, 8))
+    for args in [(3, 3, 1, 1, 1, 1, 1, 1, 9, 8), (3, 2, 2, 1, 1, 0, 1, 2, 4, 7)]:
+        kh, kw, oh, ow = args[0], args[1], args[8], args[9]
+        c1, c2 = np.empty((5 * kh * kw, 3 * oh * ow)), np.empty((5 * kh * kw, 3 * oh * ow))
+        KC.im2col_chunk.serial(x, c1, *args)
+        KC.im2col_chunk.parallel(x, c2, *args)
+        np.testing.assert_array_equal(c1, c2)
+        d1, d2 = np.empty_like(x), np.empty_like(x)
+        KC.col2im_chunk.serial(c1, d1, *args)
+        KC.col2im_chunk.parallel(c1, d2, *args)
+        np.testing.assert_array_equal(d1, d2)
+    y1, y2 = np.empty((4, 5, 3 * 2)), np.empty((4, 5, 3 * 2))
+    z = r.normal(size=(5, 4 * 6))
+    KC.onp_to_nop_bias.serial(z, np.arange(5.0), y1, True)
+    KC.onp_to_nop_bias.parallel(z, np.arange(5.0), y2, True)
+    np.testing.assert_array_equal(y1, y2)
+    z1, z2 = np.empty_like(z), np.empty_like(z)
+    KC.nop_to_onp.serial(y1, z1)
+    KC.nop_to_onp.parallel(y1, z2)
+    np.testing.assert_array_equal(z1, z2)
+    s1, s2 = np.empty(5), np.empty(5)
+    KC.channel_sum.serial(y1, s1)
+    KC.channel_sum.parallel(y1, s2)
+    np.testing.assert_allclose(s1, s2, rtol=1e-12)
+    xp = r.normal(size=(3, 4, 8, 7))
+    p1, p2 = np.empty((3, 4, 4, 3)), np.empty((3, 4, 4, 3))
+    KC.max_pool2x2.serial(xp, p1)
+    KC.max_pool2x2.parallel(xp, p2)
+    np.testing.assert_array_equal(p1, p2)
+    g = r.normal(size=p1.shape)
+    g1, g2 = np.empty_like(xp), np.empty_like(xp)
+    KC.max_pool2x2_grad.serial(xp, g, g1)
+    KC.max_pool2x2_grad.parallel(xp, g, g2)
+    np.testing.assert_array_equal(g1, g2)
