@@ -1,17 +1,20 @@
 """Convolution and pooling kernels (used by ``jitnet.nn.functional``).
 
-A convolution runs chunk by chunk over the batch: ``im2col_chunk`` writes the patches of a few images into a
-cols matrix (C*KH*KW, nb*OH*OW) small enough to stay in cache, one BLAS gemm multiplies it, and the gemm's
-(O, nb*OH*OW) result is scattered to NCHW with the bias added (``onp_to_nop_bias``). The input gradient runs
-the same chunks backwards (``col2im_chunk``). Kernels overwrite their whole output (no caller-side zero fill)
-and keep their inner loops long and branch-free over contiguous rows (row views of contiguous arrays).
+A convolution runs chunk by chunk over the batch (see ``nn.functional._conv2d_impl``): ``im2col_chunk`` writes
+the patches of a few images into a cols matrix (C*KH*KW, nb*OH*OW) small enough to stay in cache, and NumPy's
+BLAS multiplies it by the filters, one gemm per image straight into the NCHW output. The input gradient runs
+the same chunks backwards (gemm, then ``col2im_chunk``); ``nop_to_onp`` lays a chunk of an NCHW gradient out
+as one (O, nb*OH*OW) matrix; ``channel_sum`` is the bias gradient. Kernels overwrite their whole output (no
+caller-side zero fill) and keep their inner loops long and branch-free over contiguous runs.
 
 Max pooling has a fast path for the common 2x2 window with stride 2 and no padding (``max_pool2x2`` /
 ``max_pool2x2_grad``: the windows do not overlap, so the gradient writes every input position exactly once);
 other windows use the general kernels in ``kernels_cpu``.
 
 Each kernel is ``parallel=True`` with ``prange`` over (image, channel) planes and wrapped in
-``kernels_cpu.Adaptive``, which runs its serial twin for small inputs and off the main thread.
+``kernels_cpu.Adaptive``, which runs its serial twin for small inputs and off the main thread. The per-plane
+loops live in serial ``_*_plane`` helpers that the prange loop calls: written inline in a prange body, such
+loops ran several times slower (Numba's parallel lowering kept them from vectorizing).
 """
 import numpy as np
 from numba import njit, prange
@@ -27,8 +30,6 @@ from .kernels_cpu import _FM, Adaptive
 # kw its "column view" ``e`` (hp, OW): e[r, ow] = pad[r, ow*sw + kw*dw]. With stride 1 the cols row of (kh, kw)
 # is then rows kh*dh .. kh*dh+OH of e, one contiguous run of OH*OW elements: the kernel copies each plane column
 # KW times instead of copying KH*KW rows of OW (a few) elements each, which ran ~3x slower.
-# The per-plane loops live in serial helpers that the prange kernels call: written inline in a prange body,
-# such loops ran several times slower (Numba's parallel lowering kept them from vectorizing).
 
 @njit(cache=True, nogil=True)
 def _im2col_plane(plane, cols, r0, base, kh_, kw_, sh, sw, ph, pw, dh, dw, oh_, ow_, hp, wp):
@@ -116,26 +117,6 @@ def col2im_chunk(cols, dx, kh_, kw_, sh, sw, ph, pw, dh, dw, oh_, ow_):
         c = t - j * c_
         _col2im_plane(cols, dx[j, c], c * kh_ * kw_, j * oh_ * ow_, kh_, kw_, sh, sw, ph, pw, dh, dw, oh_, ow_,
                       hp, wp)
-
-
-@njit(cache=True, parallel=True, nogil=True)
-def onp_to_nop_bias(y2, bias, out, has_bias):
-    """out[j, o, p] = y2[o, j*P + p] (+ bias[o]) for y2 (O, nb*P) and out (nb, O, P)."""
-    o_, p_ = out.shape[1], out.shape[2]
-    nb = y2.shape[1] // p_
-    for t in prange(nb * o_):
-        j = t // o_
-        o = t - j * o_
-        src = y2[o]
-        dst = out[j, o]
-        s0 = j * p_
-        if has_bias:
-            b = bias[o]
-            for p in range(p_):
-                dst[p] = src[s0 + p] + b
-        else:
-            for p in range(p_):
-                dst[p] = src[s0 + p]
 
 
 @njit(cache=True, parallel=True, nogil=True)
@@ -234,6 +215,6 @@ def max_pool2x2_grad(x, g, dx):
         _max_pool2x2_grad_plane(x[n, c], g[n, c], dx[n, c])
 
 
-for _name in ("im2col_chunk", "col2im_chunk", "onp_to_nop_bias", "nop_to_onp", "channel_sum", "max_pool2x2",
+for _name in ("im2col_chunk", "col2im_chunk", "nop_to_onp", "channel_sum", "max_pool2x2",
               "max_pool2x2_grad"):
     globals()[_name] = Adaptive(globals()[_name])

@@ -154,6 +154,12 @@ def _chunks(n, per_image_elems, itemsize):
     return [(i, min(n, i + nb)) for i in range(0, n, nb)]
 
 
+def _grad_chunks(n, per_image_elems, itemsize, ohw):
+    """Chunks for the gradients: one image each once an image has 256+ output positions. The gradient g of one
+    image is already an (O, OH*OW) matrix, so a gemm per image beats copying a chunk of g into (O, nb*OH*OW)."""
+    return [(i, i + 1) for i in range(n)] if ohw >= 256 else _chunks(n, per_image_elems, itemsize)
+
+
 def _im2col(x, n0, n1, kh, kw, stride, pads, dilation, oh, ow):
     """Return the (C*KH*KW, nb*OH*OW) patch matrix of images n0..n1 of contiguous x, in the scratch buffer."""
     c = x.shape[1]
@@ -169,13 +175,13 @@ def _conv2d_impl(x, w, *b, stride, pads, dilation):
     if out.size == 0:
         return out.reshape(n, o, oh, ow)
     x, w2 = _c(x), _c(w).reshape(o, c * kh * kw)
-    bias = _c(b[0]) if b else np.zeros(1, x.dtype)
     ohw = oh * ow
     for n0, n1 in _chunks(n, c * kh * kw * ohw, x.itemsize):
         cols = _im2col(x, n0, n1, kh, kw, stride, pads, dilation, oh, ow)
-        y2 = _workspace(o * (n1 - n0) * ohw, x.dtype, "gemm").reshape(o, (n1 - n0) * ohw)
-        np.dot(w2, cols, out=y2)
-        KC.onp_to_nop_bias(y2, bias, out[n0:n1], bool(b))
+        for j in range(n1 - n0):         # one gemm per image, straight into its (O, OH*OW) block of the output
+            np.dot(w2, cols[:, j * ohw:(j + 1) * ohw], out=out[n0 + j])
+        if b:
+            out[n0:n1] += b[0][:, None]  # while the chunk is in cache
     return out.reshape(n, o, oh, ow)
 
 
@@ -197,7 +203,7 @@ def _conv2d_grad_input_impl(g, w, *, x_shape, stride, pads, dilation):
     g3 = _c(g).reshape(n, o, oh * ow)
     w2t = _c(w).reshape(o, c * kh * kw).T               # a transposed operand costs BLAS nothing
     ohw = oh * ow
-    for n0, n1 in _chunks(n, c * kh * kw * ohw, g.itemsize):
+    for n0, n1 in _grad_chunks(n, c * kh * kw * ohw, g.itemsize, ohw):
         if n1 - n0 == 1:
             g2 = g3[n0]                                  # one image: its (O, OH*OW) gradient is already a matrix
         else:
@@ -220,7 +226,7 @@ def _conv2d_grad_weight_impl(x, g, *, w_shape, stride, pads, dilation):
     x, g3 = _c(x), _c(g).reshape(n, o, oh * ow)
     tmp = np.empty_like(dwt)
     ohw = oh * ow
-    for i, (n0, n1) in enumerate(_chunks(n, c * kh * kw * ohw, x.itemsize)):
+    for i, (n0, n1) in enumerate(_grad_chunks(n, c * kh * kw * ohw, x.itemsize, ohw)):
         if n1 - n0 == 1:
             g2 = g3[n0]
         else:
