@@ -2,9 +2,10 @@
 
 A convolution runs chunk by chunk over the batch (see ``nn.functional._conv2d_impl``): ``im2col_chunk`` writes
 the patches of a few images into a cols matrix (C*KH*KW, nb*OH*OW) small enough to stay in cache, and NumPy's
-BLAS multiplies it by the filters, one gemm per image straight into the NCHW output. The input gradient runs
-the same chunks backwards (gemm, then ``col2im_chunk``); ``nop_to_onp`` lays a chunk of an NCHW gradient out
-as one (O, nb*OH*OW) matrix; ``channel_sum`` is the bias gradient. Kernels overwrite their whole output (no
+BLAS multiplies it by the filters, one gemm per image straight into the NCHW output (with several threads, one
+gemm per chunk, scattered to NCHW by ``onp_to_nop_bias``). The input gradient runs the same chunks backwards
+(gemm, then ``col2im_chunk``); ``nop_to_onp`` lays a chunk of an NCHW gradient out as one (O, nb*OH*OW)
+matrix; ``channel_sum`` is the bias gradient. Kernels overwrite their whole output (no
 caller-side zero fill) and keep their inner loops long and branch-free over contiguous runs.
 
 Max pooling has a fast path for the common 2x2 window with stride 2 and no padding (``max_pool2x2`` /
@@ -120,6 +121,20 @@ def col2im_chunk(cols, dx, kh_, kw_, sh, sw, ph, pw, dh, dw, oh_, ow_):
 
 
 @njit(cache=True, parallel=True, nogil=True)
+def onp_to_nop_bias(y2, bias, out, has_bias):
+    """out[j, o, p] = y2[o, j*P + p] (+ bias[o]) for y2 (O, nb*P) and out (nb, O, P)."""
+    o_, p_ = out.shape[1], out.shape[2]
+    for t in prange(out.shape[0] * o_):
+        j = t // o_
+        o = t - j * o_
+        src = y2[o][j * p_:(j + 1) * p_]
+        dst = out[j, o]
+        b = bias[o] if has_bias else src[0] * 0
+        for p in range(p_):
+            dst[p] = src[p] + b
+
+
+@njit(cache=True, parallel=True, nogil=True)
 def nop_to_onp(g, out):
     """out[o, j*P + p] = g[j, o, p] for g (nb, O, P) and out (O, nb*P)."""
     o_, p_ = g.shape[1], g.shape[2]
@@ -215,6 +230,6 @@ def max_pool2x2_grad(x, g, dx):
         _max_pool2x2_grad_plane(x[n, c], g[n, c], dx[n, c])
 
 
-for _name in ("im2col_chunk", "col2im_chunk", "nop_to_onp", "channel_sum", "max_pool2x2",
-              "max_pool2x2_grad"):
+for _name in ("im2col_chunk", "col2im_chunk", "onp_to_nop_bias", "nop_to_onp", "channel_sum",
+              "max_pool2x2", "max_pool2x2_grad"):
     globals()[_name] = Adaptive(globals()[_name])

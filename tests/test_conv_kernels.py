@@ -45,10 +45,13 @@ CASES = [  # x shape, w shape, stride, pads ((top, bottom), (left, right)), dila
 ]
 
 
+@pytest.mark.parametrize("per_image", [True, False])
 @pytest.mark.parametrize("chunk", [1, 600, 1 << 20])
 @pytest.mark.parametrize("xs,ws,stride,pads,dil", CASES)
-def test_conv_impls_match_numpy(monkeypatch, chunk, xs, ws, stride, pads, dil):
+def test_conv_impls_match_numpy(monkeypatch, per_image, chunk, xs, ws, stride, pads, dil):
     monkeypatch.setattr(F, "CHUNK_BYTES", chunk)          # 1: one image per chunk; 600: a few; 1 MiB: all
+    monkeypatch.setattr(F, "CHUNK_BYTES_THREADED", chunk)
+    monkeypatch.setattr(F, "_per_image_gemms", lambda: per_image)     # False: the several-threads layout
     r = rng(7)
     x, w, b = r.normal(size=xs), r.normal(size=ws), r.normal(size=ws[0])
     p = dict(stride=stride, pads=pads, dilation=dil)
@@ -157,8 +160,13 @@ def test_parallel_twins_match_serial():
         KC.col2im_chunk.serial(c1, d1, *args)
         KC.col2im_chunk.parallel(c1, d2, *args)
         np.testing.assert_array_equal(d1, d2)
-    y1 = r.normal(size=(4, 5, 3 * 2))
-    z1, z2 = np.empty((5, 4 * 6)), np.empty((5, 4 * 6))
+    y1, y2 = np.empty((4, 5, 3 * 2)), np.empty((4, 5, 3 * 2))
+    z = r.normal(size=(5, 4 * 6))
+    KC.onp_to_nop_bias.serial(z, np.arange(5.0), y1, True)
+    KC.onp_to_nop_bias.parallel(z, np.arange(5.0), y2, True)
+    np.testing.assert_array_equal(y1, y2)
+    np.testing.assert_array_equal(y1[1, 2], z[2, 6:12] + 2)
+    z1, z2 = np.empty_like(z), np.empty_like(z)
     KC.nop_to_onp.serial(y1, z1)
     KC.nop_to_onp.parallel(y1, z2)
     np.testing.assert_array_equal(z1, z2)

@@ -143,21 +143,33 @@ def _geom(xs, ws, stride, pads, dilation):
     return n, c, h, w, o, kh, kw, oh, ow
 
 
-# The im2col matrix of one chunk of images stays about this small per thread, so that im2col writes it into the
-# L2 cache and the gemm reads it from there (8 MiB chunks, spilling to L3, made im2col + gemm ~1.3x slower).
+# One thread: the im2col matrix of a chunk of images stays about CHUNK_BYTES small, so that im2col writes it into
+# the L2 cache and the gemm reads it from there (8 MiB chunks, spilling to L3, made im2col + gemm ~1.3x slower),
+# and the gemms go one per image. Several threads: BLAS splits each gemm over the threads, and hundreds of small
+# threaded gemms alternating with single-threaded im2col made a 2-thread training step 2x slower than one
+# thread (BLAS workers spin between calls), so chunks of CHUNK_BYTES_THREADED take one gemm each.
 CHUNK_BYTES = 512 << 10
+CHUNK_BYTES_THREADED = 8 << 20
+
+
+def _per_image_gemms():
+    return numba.get_num_threads() == 1
 
 
 def _chunks(n, per_image_elems, itemsize):
-    """Return [(n0, n1)] batch ranges whose im2col matrix fits in CHUNK_BYTES per thread (at least one image)."""
-    nb = max(1, min(n, CHUNK_BYTES * numba.get_num_threads() // max(per_image_elems * itemsize, 1)))
+    """Return [(n0, n1)] batch ranges whose im2col matrix fits in the chunk budget (at least one image each)."""
+    budget = CHUNK_BYTES if _per_image_gemms() else max(CHUNK_BYTES, CHUNK_BYTES_THREADED)
+    nb = max(1, min(n, budget // max(per_image_elems * itemsize, 1)))
     return [(i, min(n, i + nb)) for i in range(0, n, nb)]
 
 
 def _grad_chunks(n, per_image_elems, itemsize, ohw):
-    """Chunks for the gradients: one image each once an image has 256+ output positions. The gradient g of one
-    image is already an (O, OH*OW) matrix, so a gemm per image beats copying a chunk of g into (O, nb*OH*OW)."""
-    return [(i, i + 1) for i in range(n)] if ohw >= 256 else _chunks(n, per_image_elems, itemsize)
+    """Chunks for the gradients: with one thread, one image each once an image has 256+ output positions (the
+    gradient g of one image is already an (O, OH*OW) matrix, so a gemm per image beats copying a chunk of g
+    into (O, nb*OH*OW))."""
+    if ohw >= 256 and _per_image_gemms():
+        return [(i, i + 1) for i in range(n)]
+    return _chunks(n, per_image_elems, itemsize)
 
 
 def _im2col(x, n0, n1, kh, kw, stride, pads, dilation, oh, ow):
@@ -176,12 +188,18 @@ def _conv2d_impl(x, w, *b, stride, pads, dilation):
         return out.reshape(n, o, oh, ow)
     x, w2 = _c(x), _c(w).reshape(o, c * kh * kw)
     ohw = oh * ow
+    per_image = _per_image_gemms()
     for n0, n1 in _chunks(n, c * kh * kw * ohw, x.itemsize):
         cols = _im2col(x, n0, n1, kh, kw, stride, pads, dilation, oh, ow)
-        for j in range(n1 - n0):         # one gemm per image, straight into its (O, OH*OW) block of the output
-            np.dot(w2, cols[:, j * ohw:(j + 1) * ohw], out=out[n0 + j])
-        if b:
-            out[n0:n1] += b[0][:, None]  # while the chunk is in cache
+        if per_image or n1 - n0 == 1:
+            for j in range(n1 - n0):     # one gemm per image, straight into its (O, OH*OW) block of the output
+                np.dot(w2, cols[:, j * ohw:(j + 1) * ohw], out=out[n0 + j])
+            if b:
+                out[n0:n1] += b[0][:, None]
+        else:                            # one gemm for the chunk, scattered to NCHW with the bias added
+            y2 = _workspace(o * (n1 - n0) * ohw, x.dtype, "gemm").reshape(o, (n1 - n0) * ohw)
+            np.dot(w2, cols, out=y2)
+            KC.onp_to_nop_bias(y2, _c(b[0]) if b else np.zeros(o, x.dtype), out[n0:n1], bool(b))
     return out.reshape(n, o, oh, ow)
 
 
