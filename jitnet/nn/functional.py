@@ -158,7 +158,7 @@ def _per_image_gemms():
 
 def _chunks(n, per_image_elems, itemsize):
     """Return [(n0, n1)] batch ranges whose im2col matrix fits in the chunk budget (at least one image each)."""
-    budget = CHUNK_BYTES if _per_image_gemms() else max(CHUNK_BYTES, CHUNK_BYTES_THREADED)
+    budget = CHUNK_BYTES if _per_image_gemms() else CHUNK_BYTES_THREADED
     nb = max(1, min(n, budget // max(per_image_elems * itemsize, 1)))
     return [(i, min(n, i + nb)) for i in range(0, n, nb)]
 
