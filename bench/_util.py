@@ -24,6 +24,30 @@ def timeit(fn, repeat=7, number=None, min_time=0.2, warmup=2):
     return statistics.median(times)
 
 
+def compare(fn_a, fn_b, repeats, per_block=3, gap=0.3, warmup=2):
+    """Return the median seconds per call of ``fn_a`` and of ``fn_b``, timed in alternating blocks.
+
+    Each block runs one function ``per_block`` times after a pause of ``gap`` seconds and one untimed call.
+    Calls are not interleaved one by one: each library keeps its own pool of threads that spin for a while
+    after a parallel region (OpenBLAS's, PyTorch's OpenMP), so a call right after the other library's ran on
+    a 2-core machine measured the other's spinning threads (PyTorch's LSTM: 62 ms interleaved, 33 ms in
+    blocks). Alternating blocks still spread slow spells of a shared machine over both.
+    """
+    for _ in range(warmup):
+        fn_a()
+        fn_b()
+    ta, tb = [], []
+    for _ in range(max(1, -(-repeats // per_block))):
+        for fn, out in ((fn_a, ta), (fn_b, tb)):
+            time.sleep(gap)
+            fn()
+            for _ in range(per_block):
+                t = time.perf_counter()
+                fn()
+                out.append(time.perf_counter() - t)
+    return statistics.median(ta), statistics.median(tb)
+
+
 def set_threads(n):
     """Set jitnet's and (if installed) PyTorch's thread counts to ``n``."""
     import jitnet as jn

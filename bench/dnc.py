@@ -8,7 +8,8 @@ R read heads, the interface layout R*W + 3W + 5R + 3, allocation by sorting usag
 the temporal link matrix with a zero diagonal, and outputs from [h_t, r_t]. The PyTorch model starts from
 jitnet's weights and its logits are checked against jitnet's before anything is timed.
 
-Timed (median of ``--repeats`` alternating runs after warm-up, per batch and per sequence):
+Timed (median of ``--repeats`` runs in alternating blocks after warm-up, see ``bench/_util.compare``; per
+batch and per sequence):
 
 * fwd+bwd: forward over the padded copy-task sequence, masked sigmoid cross-entropy, backward (gradients of
   every parameter). jitnet: one ``jitnet.jit`` function (the time loop a ``jn.scan``, the memory step the fused
@@ -130,19 +131,7 @@ def main(argv=None):
     except ImportError:
         pass
 
-    def alternate(fn_a, fn_b, repeats):
-        for _ in range(3):
-            fn_a()
-            fn_b()
-        ta, tb = [], []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn_a()
-            ta.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            fn_b()
-            tb.append(time.perf_counter() - t)
-        return float(np.median(ta)), float(np.median(tb))
+    from _util import compare as alternate
 
     B, T = args.batch, 2 * args.max_len + 1
     sizes = f"B{B} T{T} H{args.hidden} N{args.memory_size} W{args.word_size} R{args.reads}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 
 import numpy as np
@@ -31,6 +32,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--n", type=int, default=10_000_000)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=5, help="alternating measurement rounds (medians reported)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     set_threads(args.threads)
@@ -39,24 +41,31 @@ def main(argv=None):
     arrs = [rng.standard_normal(n, dtype=np.float32) for _ in range(5)]
     a, b, c, d, e = arrs
 
-    # STREAM triad bandwidth
     x = np.empty_like(a)
-    t_triad = timeit(lambda: triad(x, b, c, np.float32(3.0)))
-    bw_triad = 12 * n / t_triad
 
     f = jn.jit(lambda a, b, c, d, e: jn.relu(a * b + c) * d - e)
     ts = [jn.tensor(v) for v in arrs]
     ref = np.maximum(a * b + c, 0) * d - e
     np.testing.assert_allclose(f(*ts).numpy(), ref, rtol=1e-6)
-    t_jn = timeit(lambda: f(*ts))
-    t_np = timeit(lambda: np.maximum(a * b + c, 0) * d - e)
-    rows = []
     try:
         import torch
         tt = [torch.from_numpy(v) for v in arrs]
-        t_torch = timeit(lambda: torch.relu(tt[0] * tt[1] + tt[2]) * tt[3] - tt[4])
+        torch_fn = lambda: torch.relu(tt[0] * tt[1] + tt[2]) * tt[3] - tt[4]  # noqa: E731
     except ImportError:
-        t_torch = None
+        torch_fn = None
+    # Shared machines drift by 2x within a minute: measure the contenders in alternation, several rounds,
+    # and take each one's median, so a slow spell hits all of them.
+    got = {"triad": [], "jn": [], "np": [], "torch": []}
+    for _ in range(args.rounds):
+        got["triad"].append(timeit(lambda: triad(x, b, c, np.float32(3.0)), repeat=3))
+        got["jn"].append(timeit(lambda: f(*ts), repeat=3))
+        got["np"].append(timeit(lambda: np.maximum(a * b + c, 0) * d - e, repeat=3))
+        if torch_fn is not None:
+            got["torch"].append(timeit(torch_fn, repeat=3))
+    t_triad, t_jn, t_np = (statistics.median(got[k]) for k in ("triad", "jn", "np"))
+    t_torch = statistics.median(got["torch"]) if got["torch"] else None
+    bw_triad = 12 * n / t_triad
+    rows = []
     bw_jn = 24 * n / t_jn
     rows.append(dict(bench="relu(a*b+c)*d-e", n=n, jitnet_ms=t_jn * 1e3, numpy_ms=t_np * 1e3,
                      vs_numpy=t_np / t_jn, torch_ms=None if t_torch is None else t_torch * 1e3,

@@ -3,15 +3,15 @@
     JITNET_CACHE_DIR=... python bench/layers.py [--threads 2] [--repeats 15]
 
 Cases: Conv2d on (128, 64, 12, 12) with 64 5x5 filters ("same" padding, bias), and a one-layer LSTM (batch 32,
-50 steps, 256 inputs, 256 hidden, batch-first). Each case is warmed up, then timed alternately (jitnet,
-PyTorch) and the medians compared; ratio = PyTorch time / jitnet time (>= goal means met).
+50 steps, 256 inputs, 256 hidden, batch-first). Each case is warmed up, then timed in alternating blocks
+(jitnet, PyTorch; see bench/_util.compare) and the medians compared; ratio = PyTorch time / jitnet time
+(>= goal means met).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-import time
 
 
 def _set_blas_threads(n):
@@ -40,19 +40,8 @@ def main(argv=None):
     except ImportError:
         pass
 
-    def timeit(fn_a, fn_b, repeats):
-        for _ in range(3):
-            fn_a()
-            fn_b()
-        ta, tb = [], []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn_a()
-            ta.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            fn_b()
-            tb.append(time.perf_counter() - t)
-        return float(np.median(ta)), float(np.median(tb))
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _util import compare as timeit
 
     rows = []
     rs = np.random.default_rng(0)
@@ -122,7 +111,7 @@ def main(argv=None):
         tj, tt = timeit(j_lstm, t_lstm, args.repeats)
         rows.append(("LSTM fwd+bwd B32 T50 256->256", tj, tt, 0.8))
 
-        jl = jn.jit(j_lstm)             # the same step compiled (the layer's jn.scan becomes one loop node)
+        jl = jn.jit(j_lstm)             # the same step compiled (the layer's lstm_seq is one node of the plan)
         jl()
         np.testing.assert_allclose(cell.W_hh.grad.numpy(), gj, rtol=1e-3, atol=1e-5)
         tj, tt = timeit(jl, t_lstm, args.repeats)

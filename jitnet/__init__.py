@@ -11,6 +11,9 @@ from numba.core.errors import NumbaPerformanceWarning as _NPW  # noqa: E402
 # Numba's advice about jitnet's own kernels (e.g. np.dot on strided views) is for jitnet's developers, not
 # its users; the kernels that trigger it handle those layouts on purpose.
 _warnings.filterwarnings("ignore", category=_NPW)
+# Numba's SSA pass flags a phi variable of the vectorizable float32 exp (kernels_scalar.fexp) as "not in scope"
+# (a pedantic internal check; the compiled code is tested against NumPy): not something a user can act on.
+_warnings.filterwarnings("ignore", message=r"variable '_fexp_overload", module=r"numba\.core\.ssa")
 
 from . import runtime  # noqa: E402  (first: selects Numba's threading layer before any kernel runs)
 from . import autodiff, kernelgen, ops, random, testing  # noqa: E402

@@ -475,6 +475,40 @@ def test_lstm_input_gradient_and_float32():
     assert "LSTMCell(3, 5)" in repr(lstm)
 
 
+def test_lstm_seq_matches_step_loop_gradcheck_zero_length_and_jit():
+    r = rng(14)
+    t, b, hd = 4, 3, 2
+    xw, whh, bias = r.normal(size=(t, b, 4 * hd)), r.normal(0, 0.5, (hd, 4 * hd)), r.normal(size=4 * hd)
+    s0 = np.concatenate([r.normal(size=(b, 2 * hd)), np.zeros((b, 4 * hd))], axis=1)
+    mask = np.array([[1, 1, 1], [1, 0, 1], [1, 0, 1], [0, 0, 1]], float)
+    for m in (None, mask):
+        got = F.lstm_seq(T64(xw), T64(s0), T64(whh), T64(bias), mask=m).numpy()
+        s = T64(s0)
+        for k in range(t):
+            s = F.lstm_step(T64(xw[k]), s, T64(whh), T64(bias), None if m is None else T64(m[k]))
+            np.testing.assert_allclose(got[k], s.numpy(), rtol=1e-12, atol=1e-14)
+        wts = T64(r.normal(size=(t, b, 6 * hd)))        # gradients reach h, c and the saved gates
+        assert gradcheck(lambda *a: F.lstm_seq(*a, mask=m) * wts, T64(xw), T64(s0), T64(whh), T64(bias))
+    # jitted: forward and every gradient equal the eager ones
+    ws = [jn.tensor(v, requires_grad=True) for v in (xw, s0, whh, bias)]
+
+    def loss(*a):
+        return jn.sum(F.lstm_seq(*a, mask=mask) ** 2)
+    eager = jn.grad(loss, argnums=(0, 1, 2, 3))(*ws)
+    jitted = jn.jit(jn.grad(loss, argnums=(0, 1, 2, 3)))(*ws)
+    for e, j in zip(eager, jitted):
+        np.testing.assert_allclose(j.numpy(), e.numpy(), rtol=1e-12, atol=1e-14)
+    # zero steps: empty states, zero gradients
+    z = F.lstm_seq(T64(np.zeros((0, b, 4 * hd))), T64(s0), T64(whh), T64(bias))
+    assert z.shape == (0, b, 6 * hd)
+    g = jn.grad(lambda w: jn.sum(F.lstm_seq(T64(np.zeros((0, b, 4 * hd))), T64(s0), w, T64(bias))))(T64(whh))
+    assert np.array_equal(g.numpy(), np.zeros_like(whh))
+    with pytest.raises(ValueError, match=r"lstm_seq: inconsistent shapes"):
+        F.lstm_seq(T64(xw), T64(s0[:, :5]), T64(whh), T64(bias))
+    with pytest.raises(ValueError, match=r"lstm_seq: mask has shape \(3, 4\)"):
+        F.lstm_seq(T64(xw), T64(s0), T64(whh), T64(bias), mask=mask.T)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Attention
 # ---------------------------------------------------------------------------------------------------------------

@@ -79,15 +79,15 @@ def _emit_matmul(n, a, o, g):
         return None
     dt = _dt(x.dtype)
     if len(x.shape) == 2 and len(y.shape) == 2:
-        return [f"{o} = np.empty({_shape(n.out.shape)}, {dt})", f"np.dot({a[0]}, {a[1]}, {o})"]
+        return [f"{o} = np.empty({_shape(n.out.shape)}, {dt})", f"K.gemm({a[0]}, {a[1]}, {o})"]
     if len(x.shape) == 3 and len(y.shape) == 3 and x.shape[0] == y.shape[0]:
         return [f"{o} = np.empty({_shape(n.out.shape)}, {dt})",
                 f"for _i in range({x.shape[0]}):",
-                f"    np.dot({a[0]}[_i], {a[1]}[_i], {o}[_i])"]
+                f"    K.gemm({a[0]}[_i], {a[1]}[_i], {o}[_i])"]
     if len(x.shape) == 3 and len(y.shape) == 2:          # (B, m, k) @ (k, n): one GEMM over B*m rows
         b, m, k = x.shape
         return [f"{o} = np.empty({_shape(n.out.shape)}, {dt})",
-                f"np.dot(np.ascontiguousarray({a[0]}).reshape(({b * m}, {k})), {a[1]}, "
+                f"K.gemm(np.ascontiguousarray({a[0]}).reshape(({b * m}, {k})), {a[1]}, "
                 f"{o}.reshape(({b * m}, {y.shape[1]})))"]
     return None
 

@@ -36,6 +36,8 @@ import time
 import numpy as np
 from numba import njit
 
+from jitnet.blas import gemm
+
 import jitnet as jn
 import jitnet.nn as nn
 import jitnet.nn.functional as F
@@ -67,7 +69,8 @@ def lstm_fwd_kernel(xw, s_prev, whh, mask, s_out, use_mask):
     """One LSTM step: z = xw + h @ whh (BLAS), gates [i, f, g, o]; rows with mask 0 keep h and c."""
     bsz = xw.shape[0]
     hd = whh.shape[0]
-    z = np.dot(np.ascontiguousarray(s_prev[:, :hd]), whh)
+    z = np.empty((bsz, 4 * hd), xw.dtype)
+    gemm(s_prev[:, :hd], whh, z)
     for r in range(bsz):
         orow, prow = s_out[r], s_prev[r]
         if use_mask and mask[r] == 0:
@@ -476,7 +479,7 @@ def _emit_lstm_dw(n, a, o, kernels):
         return None
     hd = n.out.shape[0]
     return [f"{o} = np.empty({_shape_src(n.out.shape)}, {_np_dt(n.out.dtype)})",
-            f"np.dot(np.ascontiguousarray({a[0]}[:, :{hd}]).T, np.ascontiguousarray({a[1]}), {o})"]
+            f"K.gemm({a[0]}[:, :{hd}].T, {a[1]}, {o})"]
 
 
 def _emit_attn_tanh(n, a, o, kernels):

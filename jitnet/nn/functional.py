@@ -26,7 +26,7 @@ __all__ = ["relu", "sigmoid", "tanh", "softplus", "softmax", "log_softmax", "lea
            "linear", "conv2d", "conv2d_grad_input", "conv2d_grad_weight", "conv_output_size", "max_pool2d",
            "avg_pool2d", "dropout", "batch_norm", "cross_entropy", "binary_cross_entropy_with_logits",
            "mse_loss", "l2_loss", "huber_loss", "log_uniform_candidate_sampler", "nce_loss",
-           "sampled_softmax_loss", "l1_regularizer", "l2_regularizer", "max_norm", "lstm_step", "lstm_cell",
+           "sampled_softmax_loss", "l1_regularizer", "l2_regularizer", "max_norm", "lstm_step", "lstm_seq", "lstm_cell",
            "gru_cell", "rnn_cell"]
 
 
@@ -909,6 +909,81 @@ def _lstm_step_vjp(g, ans, ins, needs):
 
 
 LSTM_STEP = Primitive("lstm_step", impl={"cpu": _lstm_step_impl}, vjp=_lstm_step_vjp)
+
+
+# ---- a whole LSTM sequence in one primitive (the layer's path): one kernel call forward, one backward ----
+
+def _lstm_seq_impl(xw, s0, whh, b, *mask):
+    t, bsz, hd = xw.shape[0], s0.shape[0], whh.shape[0]
+    out = np.empty((t, bsz, 6 * hd), xw.dtype)
+    m = _c(mask[0]) if mask else np.ones((1, 1), xw.dtype)
+    K.nn_lstm_seq(_c(xw), _c(s0), _c(whh), _c(b), m, out, bool(mask))
+    return out
+
+
+def _lstm_seq_bwd_impl(g, S, s0, whh, *mask):
+    t, bsz, h6 = S.shape
+    hd = h6 // 6
+    sizes = (t * bsz * 4 * hd, bsz * h6, hd * 4 * hd, 4 * hd)
+    flat = np.empty(sum(sizes), S.dtype)
+    o = np.cumsum((0,) + sizes)
+    m = _c(mask[0]) if mask else np.ones((1, 1), S.dtype)
+    K.nn_lstm_seq_bwd(_c(g), _c(S), _c(s0), _c(whh), m, bool(mask), flat[o[0]:o[1]].reshape(t, bsz, 4 * hd),
+                      flat[o[1]:o[2]].reshape(bsz, h6), flat[o[2]:o[3]].reshape(hd, 4 * hd), flat[o[3]:o[4]])
+    return flat
+
+
+def _no_second_order(name):
+    def vjp(g, ans, ins, needs, **params):
+        raise NotImplementedError(f"{name}: no second-order gradient (differentiate lstm_step over jn.scan "
+                                  f"instead)")
+    return vjp
+
+
+LSTM_SEQ_BWD = Primitive("lstm_seq_bwd", impl={"cpu": _lstm_seq_bwd_impl},
+                         vjp=_no_second_order("lstm_seq_bwd"))
+
+
+def _lstm_seq_vjp(g, ans, ins, needs):
+    xw, s0, whh, b = ins[:4]
+    mask = ins[4:]
+    t, bsz, h4 = xw.shape
+    hd = h4 // 4
+    flat = apply(LSTM_SEQ_BWD, g, ans, s0, whh, *mask)
+    o = np.cumsum((0, t * bsz * h4, bsz * 6 * hd, hd * h4, h4)).tolist()
+    part = [flat[o[i]:o[i + 1]] for i in range(4)]
+    return (ops.reshape(part[0], (t, bsz, h4)) if needs[0] else None,
+            ops.reshape(part[1], (bsz, 6 * hd)) if needs[1] else None,
+            ops.reshape(part[2], (hd, h4)) if needs[2] else None,
+            part[3] if needs[3] else None) + (None,) * len(mask)
+
+
+LSTM_SEQ = Primitive("lstm_seq", impl={"cpu": _lstm_seq_impl}, vjp=_lstm_seq_vjp)
+
+
+def lstm_seq(xw, s0, W_hh, b, mask=None):
+    """Run an LSTM over time in one primitive; return the packed states S (T, B, 6H) = [h, c, i, f, g, o].
+
+    ``xw`` (T, B, 4H) is the input projection of every step, ``s0`` (B, 6H) the packed initial state (see
+    ``lstm_state``), ``mask`` (T, B) stops finished rows (they keep h and c). The forward is one kernel
+    call (a BLAS GEMM and a fused gate pass per step); the backward is one reverse loop plus a single GEMM
+    over all steps for ``W_hh``'s gradient (the layout cuDNN and PyTorch use), so neither grows the tape or
+    a jitted graph with the sequence length. ``S[..., :H]`` are the outputs h_t.
+    """
+    xw, s0, W_hh, b = _t(xw), _t(s0), _t(W_hh), _t(b)
+    hd = W_hh.shape[0]
+    if xw.ndim != 3 or W_hh.shape != (hd, 4 * hd) or xw.shape[2] != 4 * hd or s0.shape != (xw.shape[1], 6 * hd) \
+            or b.shape != (4 * hd,):
+        raise ValueError(f"lstm_seq: inconsistent shapes xw {xw.shape}, s0 {s0.shape}, W_hh {W_hh.shape}, "
+                         f"b {b.shape} (expected (T, B, 4H), (B, 6H), (H, 4H), (4H,))")
+    dt = W_hh.dtype
+    args = [a if a.dtype == dt else a.astype(dt) for a in (xw, s0, W_hh, b)]
+    if mask is not None:
+        m = _t(mask)
+        if m.shape != xw.shape[:2]:
+            raise ValueError(f"lstm_seq: mask has shape {m.shape}, expected (T, B) = {xw.shape[:2]}")
+        args.append(m if m.dtype == dt else m.astype(dt))
+    return apply(LSTM_SEQ, *args)
 
 
 def lstm_state(h, c):

@@ -1,8 +1,9 @@
 """Recurrent layers: RNNCell / LSTMCell / GRUCell and batch-first multi-layer RNN / LSTM / GRU.
 
-The sequence layers run one clean per-step function (``F.lstm_step``, ``F.gru_cell``, ``F.rnn_cell``) over
-time with ``jn.scan``: a Python loop eagerly, one compiled loop under ``jitnet.jit`` (the LSTM projects the
-input of every step with one GEMM first); ``lengths=`` or ``mask=`` (batch, time) stop the state of finished rows
+The LSTM runs its whole sequence in one fused primitive (``F.lstm_seq``: the input projection of every step
+is one GEMM first, then one kernel call runs the steps forward and one the reverse loop backward). The GRU
+and RNN run one clean per-step function (``F.gru_cell``, ``F.rnn_cell``) over time with ``jn.scan``: a Python
+loop eagerly, one compiled loop under ``jitnet.jit``; ``lengths=`` or ``mask=`` (batch, time) stop the state of finished rows
 (their outputs are zero past their length and the final state is the one at their last valid step).
 Weights: W_ih (in, G*H), W_hh (H, G*H) with gates in the order [i, f, g, o] (LSTM) and [r, z, n] (GRU).
 """
@@ -227,8 +228,10 @@ class GRU(_SeqBase):
 class LSTM(_SeqBase):
     """Multi-layer LSTM over batch-first sequences; returns (outputs (B, T, H), (h, c) each (layers, B, H)).
 
-    Each step is ``z = x_t W_ih + h W_hh + b`` (the input projection of all steps is one GEMM up front, the
-    recurrent one a BLAS call) followed by the elementwise gates, which ``jitnet.jit`` fuses.
+    Each step is ``z = x_t W_ih + h W_hh + b``: the input projection of all steps is one GEMM up front, then
+    ``F.lstm_seq`` runs every step (a BLAS call and one fused gate pass each) in one kernel call, and its
+    backward is one reverse loop plus one GEMM over all steps for ``W_hh``'s gradient, eagerly and under
+    ``jitnet.jit`` alike (so a jitted step compiles once whatever the length).
     """
 
     _cell = LSTMCell
@@ -248,22 +251,11 @@ class LSTM(_SeqBase):
             else:
                 h, c = _t(state[0])[i], _t(state[1])[i]
             xw = ops.matmul(seq, cell.W_ih)            # the input projection of every step: one GEMM
-
-            def body(carry, inp, cell=cell):
-                h, c = carry
-                xw_t, mk = inp if mt is not None else (inp, None)
-                z = xw_t + ops.matmul(h, cell.W_hh) + cell.b       # BLAS; the gates below fuse under jit
-                i_ = ops.sigmoid(z[:, :hd])
-                f_ = ops.sigmoid(z[:, hd:2 * hd])
-                g_ = ops.tanh(z[:, 2 * hd:3 * hd])
-                o_ = ops.sigmoid(z[:, 3 * hd:])
-                c2 = f_ * c + i_ * g_
-                h2 = o_ * ops.tanh(c2)
-                if mk is not None:
-                    keep = ops.reshape(mk, (-1, 1)) > 0
-                    h2, c2 = ops.where(keep, h2, h), ops.where(keep, c2, c)
-                return (h2, c2), h2
-            (h, c), seq = scan(body, (h, c), xw if mt is None else (xw, mt))
+            if seq.shape[0] == 0:
+                seq = ops.zeros((0, bsz, hd), x.dtype)
+            else:                                      # every step in one primitive (a kernel call each way)
+                S = F.lstm_seq(xw, F.lstm_state(h, c), cell.W_hh, cell.b, mask=mt)
+                seq, h, c = S[:, :, :hd], S[-1, :, :hd], S[-1, :, hd:2 * hd]
             hs_final.append(h)
             cs_final.append(c)
             seq = self._between(seq, i)
