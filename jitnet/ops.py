@@ -13,6 +13,7 @@ from __future__ import annotations
 import builtins
 import numbers
 
+import numba
 import numpy as np
 
 from . import kernelgen
@@ -792,8 +793,8 @@ def _reduce_impl(x, op, axes, keepdims):
     x2, first = _to_rows(x, axes)
     if first:
         out = np.empty(x2.shape[1], dtype=x2.dtype)
-        if x2.size >= kernelgen.PARALLEL_THRESHOLD and x2.shape[0] >= 4 * K.numba.get_num_threads():
-            K.reduce_first_par(x2, out, code, int(K.numba.get_num_threads()))
+        if x2.size >= kernelgen.PARALLEL_THRESHOLD and x2.shape[0] >= 4 * numba.get_num_threads():
+            K.reduce_first_par(x2, out, code, int(numba.get_num_threads()))
         else:
             K.reduce_first(x2, out, code)
     else:

@@ -8,6 +8,7 @@ fit (the plan then falls back to the general ``impl``).
 """
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 from .. import kernelgen
@@ -58,7 +59,7 @@ def _reduce(ins, params, out):
             return True
         return fn
     if list(axes) == list(range(len(axes))):
-        nthreads = K.numba.get_num_threads()
+        nthreads = numba.get_num_threads()
         if par and n >= 4 * nthreads:
             kern = K.reduce_first_par
 
