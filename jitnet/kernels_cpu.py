@@ -121,6 +121,42 @@ def reduce_first_par(x, out, op, nchunks):
     _reduce_cols_block(part, out, op, 1, used)
 
 
+@njit(cache=True, fastmath=_FM, inline="always")
+def _combine(acc, v, op):
+    if op == 0:
+        return acc + v
+    if op == 1:
+        return acc * v
+    if acc != acc:
+        return acc
+    if v != v or (op == 2 and v > acc) or (op == 3 and v < acc):
+        return v
+    return acc
+
+
+@njit(cache=True, fastmath=_FM, inline="always")
+def _reduce_mid(x, m, op):
+    acc = _reduce_row(x[0], m, op)          # x[a] is a C-contiguous (M, B) block: rows vectorize
+    for a in range(1, x.shape[0]):
+        acc = _combine(acc, _reduce_row(x[a], m, op), op)
+    return acc
+
+
+@njit(cache=True, fastmath=_FM, nogil=True)
+def reduce_middle(x, out, op):
+    """Reduce x (A, M, B) over its first and last axes with op into out (M,): e.g. a (N, C, H, W) batch over
+    (0, 2, 3) per channel, in place (each channel's B-runs are contiguous, no transposed copy)."""
+    for m in range(x.shape[1]):
+        out[m] = _reduce_mid(x, m, op)
+
+
+@njit(cache=True, fastmath=_FM, parallel=True, nogil=True)
+def reduce_middle_par(x, out, op):
+    """Parallel ``reduce_middle`` (over M)."""
+    for m in prange(x.shape[1]):
+        out[m] = _reduce_mid(x, m, op)
+
+
 @njit(cache=True, nogil=True, parallel=True)
 def arg_reduce_last(x, out, is_max):
     """Write the index of the max (is_max) or min of each row of x (rows, n) into out (rows,) int64."""

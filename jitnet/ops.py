@@ -772,6 +772,16 @@ def _to_rows(x, axes):
     return xt.reshape(m, n), False
 
 
+def _middle_split(shape, axes):
+    """(A, M, B) when the reduced axes are a leading and a trailing block around the kept ones, else None."""
+    nd = len(shape)
+    kept = [i for i in range(nd) if i not in axes]
+    if not kept or not axes or kept != list(range(kept[0], kept[-1] + 1)) or kept[0] == 0 or kept[-1] == nd - 1:
+        return None
+    prod = lambda dims: int(np.prod([shape[i] for i in dims])) if dims else 1  # noqa: E731
+    return prod(range(kept[0])), prod(kept), prod(range(kept[-1] + 1, nd))
+
+
 def _reduce_impl(x, op, axes, keepdims):
     code = _RED_CODE[op]
     odt = x.dtype
@@ -790,6 +800,13 @@ def _reduce_impl(x, op, axes, keepdims):
         return np.full(oshape, 0 if op == "sum" else 1, dtype=odt)
     if x.size == 0:
         return np.empty(oshape, dtype=odt)
+    mid = _middle_split(x.shape, axes) if x.flags.c_contiguous else None
+    if mid is not None:                      # kept axes in the middle: reduce in place, no transposed copy
+        out = np.empty(mid[1], dtype=x.dtype)
+        (K.reduce_middle_par if x.size >= kernelgen.PARALLEL_THRESHOLD else K.reduce_middle)(
+            x.reshape(mid), out, code)
+        out = out.reshape(oshape)
+        return out.astype(bool_) if odt == bool_ else out
     x2, first = _to_rows(x, axes)
     if first:
         out = np.empty(x2.shape[1], dtype=x2.dtype)

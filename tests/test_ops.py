@@ -444,6 +444,24 @@ def test_large_reductions_use_parallel_kernels():
     assert_close(jn.sum(t.T, axis=0), a.T.sum(axis=0), rtol=1e-10)
 
 
+@pytest.mark.parametrize("shape,axes", [((4, 3, 5, 6), (0, 2, 3)), ((2, 3, 4), (0, 2)), ((5, 2, 3, 4), (0, 3)),
+                                        ((3, 4, 5, 6, 2), (0, 1, 4)), ((64, 8, 20, 20), (0, 2, 3))])
+def test_reductions_over_leading_and_trailing_axes(shape, axes):
+    """Kept axes in the middle (batch-norm statistics over (0, 2, 3)) reduce in place, serial and parallel,
+    eagerly and jitted, with NaN propagation for max/min like NumPy."""
+    a = np.random.default_rng(1).standard_normal(shape)
+    a.flat[7] = np.nan
+    for op in ("sum", "max", "min", "prod"):
+        f = getattr(jn, op)
+        ref = getattr(np, op)(a, axis=axes)
+        assert_close(f(jn.tensor(a), axis=axes), ref, rtol=1e-10)
+        assert_close(jn.jit(lambda x: f(x, axis=axes) * 2.0)(jn.tensor(a)), ref * 2, rtol=1e-10)
+    b = a.astype(np.float32)
+    b.flat[7] = 0
+    assert_close(jn.sum(jn.tensor(b), axis=axes), b.astype(np.float64).sum(axis=axes), rtol=1e-4, atol=1e-3,
+                 dtype=np.float32)
+
+
 @SOME
 @given(shape=nonscalar_shapes, layout=st.sampled_from(["c", "t", "s", "r"]), seed=seeds, data=st.data())
 def test_argmax_argmin(shape, layout, seed, data):

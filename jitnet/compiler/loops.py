@@ -180,33 +180,44 @@ def _scan_vjp(g, ans, ins, needs, body, length, reverse, save, y_specs):
     g_ys = [parts[nc + k] if parts[nc + k] is not None else ops.zeros((length,) + y_specs[k][0], y_specs[k][1])
             for k in range(ny)]
     fwd = body.fn
+    # only the xs and captures whose gradients are asked for are differentiated (a per-step input such as a
+    # token sequence or a mask, or a weight the caller treats as constant, costs no GEMM per step)
+    need_x = [bool(needs[nc + k]) for k in range(nx)]
+    need_k = [bool(needs[nc + nx + k]) for k in range(ncap)]
+    kx = [k for k in range(nx) if need_x[k]]
+    kk = [k for k in range(ncap) if need_k[k]]
 
     def bwd_body(bcarry, step):
         gc, gcap = bcarry
         c_t, x_t, gy_t = step
         with ad.enable_grad():
             leaves_c = [_leaf(c) for c in c_t]
-            leaves_x = [_leaf(x) for x in x_t]
-            leaves_k = [_leaf(k) for k in caps]
+            leaves_x = [_leaf(x) if need_x[k] else ops.stop_gradient(x) for k, x in enumerate(x_t)]
+            leaves_k = [_leaf(c) if need_k[k] else ops.stop_gradient(c) for k, c in enumerate(caps)]
             outs_t = fwd(*leaves_c, *leaves_x, *leaves_k)
             targets = list(outs_t[:nc]) + list(outs_t[nc:])
             seeds = list(gc) + list(gy_t)
             pairs = [(o, s) for o, s in zip(targets, seeds) if o.requires_grad]
-            wrt = leaves_c + leaves_x + leaves_k
+            wrt = leaves_c + [leaves_x[k] for k in kx] + [leaves_k[k] for k in kk]
             if pairs:
                 grads = ad.gradients([o for o, _ in pairs], wrt, grad_ys=[s for _, s in pairs],
                                      create_graph=True)
             else:
                 grads = [ops.zeros_like(w) for w in wrt]
         new_gc = list(grads[:nc])
-        gx = list(grads[nc:nc + nx])
-        new_gcap = [a + b for a, b in zip(gcap, grads[nc + nx:])]
+        gx = list(grads[nc:nc + len(kx)])
+        new_gcap = [a + b for a, b in zip(gcap, grads[nc + len(kx):])]
         return (new_gc, new_gcap), gx
 
-    g_caps0 = [ops.zeros_like(k) for k in caps]
+    g_caps0 = [ops.zeros_like(caps[k]) for k in kk]
     (gc_final, gcap_final), gxs = scan(bwd_body, (g_carry, g_caps0), (list(saved), list(xs), g_ys),
                                        length=length, reverse=not reverse)
-    return tuple(list(gc_final) + list(gxs) + list(gcap_final))
+    gx_all, gk_all = [None] * nx, [None] * ncap
+    for k, v in zip(kx, gxs):
+        gx_all[k] = v
+    for k, v in zip(kk, gcap_final):
+        gk_all[k] = v
+    return tuple(list(gc_final) + gx_all + gk_all)
 
 
 SCAN = Primitive("scan", impl={"cpu": _scan_impl}, vjp=_scan_vjp)

@@ -58,6 +58,16 @@ def _reduce(ins, params, out):
             kern(a.reshape(m, n), o.reshape(m), code)
             return True
         return fn
+    mid = ops._middle_split(tuple(x.shape), axes)
+    if mid is not None:
+        kern = K.reduce_middle_par if par else K.reduce_middle
+
+        def fn(a, o):
+            if not a.flags.c_contiguous:
+                return False
+            kern(a.reshape(mid), o.reshape(mid[1]), code)
+            return True
+        return fn
     if list(axes) == list(range(len(axes))):
         nthreads = numba.get_num_threads()
         if par and n >= 4 * nthreads:
