@@ -59,6 +59,27 @@ def test_scan_gradients_gradcheck_eager_and_jit(reverse):
             np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-9, atol=1e-12)
 
 
+def test_backward_scan_stores_no_carries_unless_a_second_order_gradient_reads_them():
+    rng = np.random.default_rng(2)
+    args = [jn.tensor(rng.standard_normal(s)) for s in ((2, 3), (5, 2, 3), (3, 3))]
+
+    def loss(h0, xs, W):
+        (h, s), ys = jn.scan(_rnn_body(W), (h0, jn.zeros((), dtype=jn.float64)), xs)
+        return jn.sum(ys * ys) + s
+
+    g, _ = jn.jit(jn.grad(loss, argnums=(0, 2))).lower(*args)
+    scans = [n for n in g.nodes if n.alive and n.prim.name == "scan"]
+    assert len(scans) == 2                       # the forward scan and the reverse scan of its gradient
+    fwd, bwd = scans
+    assert fwd.params["save"] and not bwd.params["save"]
+    # a gradient of a gradient: right eagerly (the tape of the Python loop); under jit a clear error, not a
+    # silently wrong value (the compiled reverse scan is not differentiable twice)
+    gg = lambda W: jn.sum(jn.grad(loss, argnums=2)(args[0], args[1], W) ** 2)  # noqa: E731
+    assert gradcheck(gg, rng.standard_normal((3, 3)))
+    with pytest.raises(NotImplementedError, match="gradient of a gradient through a compiled scan"):
+        jn.jit(jn.grad(gg))(args[2])
+
+
 def test_scan_gradient_reaches_captured_variables_under_jit():
     jn.random.seed(2)
     W = jn.Parameter(jn.random.normal((3, 3), std=0.5, dtype=jn.float64), name="W")

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..autodiff import core as ad
 from ..tensor import Parameter, Tensor
-from .passes import cse, dce
+from .passes import cse, dce, prune_scan_saves
 from .plan import build_plan
 from .trace import Tracer, TracerTensor, TracingError, flatten, unflatten
 
@@ -162,6 +162,7 @@ def _compile(tracer, result, fuse_ops):
     dce(g)
     cse(g)
     dce(g)
+    prune_scan_saves(g)
     if getattr(g, "cuda_values", None):         # a step on the GPU: its groups become CUDA kernels
         from ..kernelgen_cuda import build_gpu_plan
         plan = build_gpu_plan(g, fuse_ops)

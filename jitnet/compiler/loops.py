@@ -17,7 +17,7 @@ from .. import ops
 from ..autodiff import core as ad
 from ..autodiff.core import Primitive, apply
 from ..tensor import Tensor
-from .passes import cse, dce
+from .passes import cse, dce, prune_scan_saves
 from .native import loop_driver, while_driver
 from .plan import build_plan
 from .trace import Tracer, TracingError, flatten, substituting, unflatten
@@ -120,6 +120,7 @@ def _trace_body(outer, fn, example_arrays, n_carry, n_x, grad=False):
     dce(g)
     cse(g)
     dce(g)
+    prune_scan_saves(g)
     plan = build_plan(g)
     return Body(plan, g, n_carry, n_x, len(caps), len(outs)), caps, outs
 
@@ -169,7 +170,15 @@ def _leaf(t):
     return r
 
 
+_TRACING_BACKWARD = []      # non-empty while _scan_vjp traces the reverse scan of a gradient
+
+
 def _scan_vjp(g, ans, ins, needs, body, length, reverse, save, y_specs):
+    if getattr(body, "is_backward", False):
+        raise NotImplementedError(
+            "jn.scan under jitnet.jit: a gradient of a gradient through a compiled scan is not supported (its "
+            "reverse scan differentiates each step against detached copies of the step's inputs); take "
+            "higher-order gradients eagerly, or use jn.scan(..., checkpoint=False) to unroll the loop")
     nc, nx, ncap = body.n_carry, body.n_x, body.n_caps
     ny = len(y_specs)
     parts = g.parts
@@ -210,8 +219,12 @@ def _scan_vjp(g, ans, ins, needs, body, length, reverse, save, y_specs):
         return (new_gc, new_gcap), gx
 
     g_caps0 = [ops.zeros_like(caps[k]) for k in kk]
-    (gc_final, gcap_final), gxs = scan(bwd_body, (g_carry, g_caps0), (list(saved), list(xs), g_ys),
-                                       length=length, reverse=not reverse)
+    _TRACING_BACKWARD.append(True)
+    try:
+        (gc_final, gcap_final), gxs = scan(bwd_body, (g_carry, g_caps0), (list(saved), list(xs), g_ys),
+                                           length=length, reverse=not reverse)
+    finally:
+        _TRACING_BACKWARD.pop()
     gx_all, gk_all = [None] * nx, [None] * ncap
     for k, v in zip(kx, gxs):
         gx_all[k] = v
@@ -325,6 +338,7 @@ def _scan_traced(outer, body, init, xs, length, reverse):
         return _leaves_as_tensors(nl, "scan: carry") + _leaves_as_tensors(yl, "scan: y")
 
     b.fn = fwd_fn
+    b.is_backward = bool(_TRACING_BACKWARD)
     y_specs = tuple((tuple(o.shape), o.dtype) for o in outs[nc:])
     inputs = c_leaves + x_leaves + caps
     save = ad.is_grad_enabled() and any(t.requires_grad for t in inputs)

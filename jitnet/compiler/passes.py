@@ -55,6 +55,36 @@ def dce(g: Graph) -> int:
     return removed
 
 
+def prune_scan_saves(g: Graph) -> int:
+    """Stop scans from storing their per-step carries when nothing reads them; return how many changed.
+
+    A scan traced with gradients enabled saves every step's carry for its own backward pass. The reverse
+    scan of a backward pass is traced that way too (for a possible second-order gradient), and when no
+    second-order gradient follows, those saves are dead weight: with three weight gradients in the carry
+    they were 64 MB of the 77 MB peak of an LSTM h128 T=200 value-and-grad step. Run after DCE.
+    """
+    used = {}
+    for n in g.nodes:
+        if not n.alive:
+            continue
+        for v in n.inputs:
+            if v.kind == "node" and v.node.prim.name == "scan":
+                idx = n.params.get("index") if n.prim.name == "tuple_get" else None
+                used.setdefault(v.node.id, []).append(idx)
+    changed = 0
+    for n in g.nodes:
+        if not (n.alive and n.prim.name == "scan" and n.params.get("save")):
+            continue
+        first_saved = n.params["body"].n_carry + len(n.params["y_specs"])
+        if any(i is None or i >= first_saved for i in used.get(n.id, [])):
+            continue
+        if any(v.id == n.out.id for v in g.outputs):
+            continue
+        n.params = dict(n.params, save=False)
+        changed += 1
+    return changed
+
+
 def _freeze(v):
     if isinstance(v, np.ndarray):
         raise TypeError
