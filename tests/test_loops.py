@@ -135,26 +135,34 @@ def test_compiled_scan_does_not_grow_with_length():
     assert sizes[0] == sizes[1]
 
 
-def test_scan_checkpoint_false_stores_every_step_same_gradients():
-    # checkpoint=False unrolls into the step's graph (no recompute): graph grows with T, gradients equal
+@pytest.mark.parametrize("reverse", [False, True])
+def test_scan_checkpoint_modes_same_gradients(reverse):
+    # False: residuals stacked by the forward loop; True: recompute from saved carries; "unroll": in the graph
     rng = np.random.default_rng(2)
     W = jn.tensor(rng.standard_normal((3, 3)) * 0.5)
 
     def loss(h0, xs, W, checkpoint):
-        (h, s), ys = jn.scan(_rnn_body(W), (h0, jn.zeros((), dtype=jn.float64)), xs, checkpoint=checkpoint)
-        return jn.sum(ys * ys) + s
+        (h, s), ys = jn.scan(_rnn_body(W), (h0, jn.zeros((), dtype=jn.float64)), xs, reverse=reverse,
+                             checkpoint=checkpoint)
+        return jn.sum(ys * ys) + s + jn.sum(h * h)
 
     h0, xs = jn.tensor(rng.standard_normal((2, 3))), jn.tensor(rng.standard_normal((5, 2, 3)))
     ref = jn.jit(jn.grad(loss, argnums=(0, 1, 2)), static_argnums=(3,))
+    eager = jn.grad(loss, argnums=(0, 1, 2))(h0, xs, W, True)
     nodes = {}
-    for cp in (True, False):
-        got = ref(h0, xs, W, cp)
-        for a, b in zip(got, jn.grad(loss, argnums=(0, 1, 2))(h0, xs, W, True)):
-            np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-9, atol=1e-12)
+    for cp in (False, True, "unroll"):
+        for _ in range(3):                       # the third call runs the native loops
+            got = ref(h0, xs, W, cp)
+            for a, b in zip(got, eager):
+                np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-9, atol=1e-12)
         g, _ = ref.lower(h0, xs, W, cp)
-        nodes[cp] = (len(g.live_nodes()), sum(n.prim.name == "scan" for n in g.live_nodes()))
-    assert nodes[True][1] == 2 and nodes[False][1] == 0        # forward + reverse scan vs none
-    assert nodes[False][0] > nodes[True][0]
+        scans = [n for n in g.live_nodes() if n.prim.name == "scan"]
+        nodes[cp] = (len(g.live_nodes()), len(scans), [getattr(n.params["body"], "store", None) for n in scans])
+    assert nodes[False][1] == 2 and nodes[False][2][0] is not None      # the forward scan stacks residuals
+    assert nodes[True][1] == 2 and nodes[True][2] == [None, None]       # recompute: carries only
+    assert nodes["unroll"][1] == 0 and nodes["unroll"][0] > nodes[True][0]
+    with pytest.raises(ValueError, match="checkpoint must be"):
+        jn.scan(_rnn_body(W), (h0, jn.zeros(())), xs, checkpoint="sometimes")
 
 
 def test_carry_shape_or_dtype_change_names_the_entry():

@@ -5,9 +5,9 @@ Eagerly both are plain Python loops over the body (debuggable, differentiable th
 node of the step's graph that runs that plan for every iteration, so the step's graph, generated source and
 compile time do not grow with the sequence length.
 
-The gradient of a compiled scan is another scan, over the reversed sequence, whose body recomputes the
-forward body at step t from the carry saved for step t and applies its VJP (per-step checkpointing: the
-forward scan stores only the carries, never the body's intermediates).
+The gradient of a compiled scan is another scan, over the reversed sequence, that applies the step's VJP
+at step t: on residuals the forward loop stacked (the default), or on the forward step recomputed from the
+carry saved for step t (``checkpoint=True``: the forward scan stores only the carries).
 """
 from __future__ import annotations
 
@@ -178,7 +178,7 @@ def _scan_vjp(g, ans, ins, needs, body, length, reverse, save, y_specs):
         raise NotImplementedError(
             "jn.scan under jitnet.jit: a gradient of a gradient through a compiled scan is not supported (its "
             "reverse scan differentiates each step against detached copies of the step's inputs); take "
-            "higher-order gradients eagerly, or use jn.scan(..., checkpoint=False) to unroll the loop")
+            "higher-order gradients eagerly, or use jn.scan(..., checkpoint='unroll') to unroll the loop")
     nc, nx, ncap = body.n_carry, body.n_x, body.n_caps
     ny = len(y_specs)
     parts = g.parts
@@ -195,6 +195,10 @@ def _scan_vjp(g, ans, ins, needs, body, length, reverse, save, y_specs):
     need_k = [bool(needs[nc + nx + k]) for k in range(ncap)]
     kx = [k for k in range(nx) if need_x[k]]
     kk = [k for k in range(ncap) if need_k[k]]
+    st = getattr(body, "store", None)
+    if st is not None:
+        return _scan_vjp_stored(st, body, g_carry, g_ys, outs, saved, xs, caps, kx, kk, nc, nx, ncap, ny,
+                                length, reverse)
 
     def bwd_body(bcarry, step):
         gc, gcap = bcarry
@@ -222,6 +226,53 @@ def _scan_vjp(g, ans, ins, needs, body, length, reverse, save, y_specs):
     _TRACING_BACKWARD.append(True)
     try:
         (gc_final, gcap_final), gxs = scan(bwd_body, (g_carry, g_caps0), (list(saved), list(xs), g_ys),
+                                           length=length, reverse=not reverse)
+    finally:
+        _TRACING_BACKWARD.pop()
+    gx_all, gk_all = [None] * nx, [None] * ncap
+    for k, v in zip(kx, gxs):
+        gx_all[k] = v
+    for k, v in zip(kk, gcap_final):
+        gk_all[k] = v
+    return tuple(list(gc_final) + gx_all + gk_all)
+
+
+def _scan_vjp_stored(st, body, g_carry, g_ys, outs, saved, xs, caps, kx, kk, nc, nx, ncap, ny, length, reverse):
+    """The reverse scan of a residual-storing scan: each step runs the step's VJP on its stored residuals."""
+    nu = body.n_user_out - nc                       # the user's ys; the rest of the ys are residuals
+    res = outs[nc + nu:nc + ny]
+    g_user = g_ys[:nu]
+    leaves_c, leaves_x, leaves_k = st.lc, st.lx, st.lk
+
+    def bwd_body(bcarry, step):
+        gc, gcap = bcarry
+        c_t, x_t, gy_t, r_t = step
+        m = {id(t): v for t, v in zip(leaves_c, c_t)}
+        m.update({id(t): v for t, v in zip(leaves_x, x_t)})
+        m.update({id(t): v for t, v in zip(leaves_k, caps)})
+        m.update({id(t): v for t, v in zip(st.res, r_t)})
+        sm = substituting([], [])
+        sm.map = m
+        with ad.enable_grad(), sm:
+            targets = st.outs
+            seeds = list(gc) + list(gy_t)
+            pairs = [(o, s) for o, s in zip(targets, seeds) if o.requires_grad]
+            wrt = list(leaves_c) + [leaves_x[k] for k in kx] + [leaves_k[k] for k in kk]
+            if pairs:
+                grads = ad.gradients([o for o, _ in pairs], wrt, grad_ys=[s for _, s in pairs],
+                                     create_graph=True)
+            else:
+                grads = [ops.zeros_like(w) for w in wrt]
+        new_gc = list(grads[:nc])
+        gx = list(grads[nc:nc + len(kx)])
+        new_gcap = [a + b for a, b in zip(gcap, grads[nc + len(kx):])]
+        return (new_gc, new_gcap), gx
+
+    g_caps0 = [ops.zeros_like(caps[k]) for k in kk]
+    _TRACING_BACKWARD.append(True)
+    try:
+        (gc_final, gcap_final), gxs = scan(bwd_body, (g_carry, g_caps0), (list(saved), list(xs), g_user,
+                                                                        list(res)),
                                            length=length, reverse=not reverse)
     finally:
         _TRACING_BACKWARD.pop()
@@ -265,19 +316,22 @@ def _scan_eager(body, init, xs, length, reverse):
     return carry, unflatten(y_tree, stacked)
 
 
-def scan(body, init, xs=None, length=None, reverse=False, checkpoint=True):
+def scan(body, init, xs=None, length=None, reverse=False, checkpoint=False):
     """Return ``(final_carry, stacked_ys)`` of ``carry, y = body(carry, x)`` over the leading axis of ``xs``.
 
     ``init`` and ``xs`` may be tensors or nested tuples/lists/dicts of tensors; ``length`` is needed when
     ``xs`` is None. With ``reverse=True`` the steps run from the last element to the first (ys keep the
-    order of xs). Eagerly this is a Python loop; under ``jitnet.jit`` the body compiles once into a native
-    loop and its gradient is a reverse scan that recomputes each step from the saved carry.
+    order of xs). Eagerly this is a Python loop (the tape stores every step). Under ``jitnet.jit`` the body
+    compiles once into a native loop whatever the length, and its gradient is a reverse scan:
 
-    ``checkpoint=False`` trades memory for time the other way: under ``jitnet.jit`` the loop is unrolled
-    into the step's graph, so every step's intermediates are stored for the backward pass and nothing is
-    recomputed (the backward is a little faster; memory grows with the step's intermediates times the
-    length, and the graph, the generated source and the compile time grow with the length too). Eagerly
-    the tape always stores every step.
+    * ``checkpoint=False`` (default): the forward loop also stacks the *residuals* of each step, the
+      intermediates its VJP reads (found by tracing the step's backward once), and the reverse scan runs the
+      step's VJP on them. Memory grows with those residuals times the length. If a body cannot be split
+      this way the scan falls back to recomputing.
+    * ``checkpoint=True``: store only the carry of each step and recompute the step in the reverse scan
+      (least memory, one extra forward step per step).
+    * ``checkpoint="unroll"``: unroll the loop into the step's graph (the graph, generated source and compile
+      time grow with the length; for short fixed loops).
     """
     x_leaves = flatten(xs)[0] if xs is not None else []
     if xs is not None:
@@ -296,12 +350,15 @@ def scan(body, init, xs=None, length=None, reverse=False, checkpoint=True):
         raise ValueError("scan: give xs or length")
     length = int(length)
     interp = ad.current_interpreter()
-    if not isinstance(interp, Tracer) or not checkpoint:
+    if checkpoint not in (True, False, "unroll"):
+        raise ValueError(f"scan: checkpoint must be False (store residuals), True (recompute) or 'unroll', "
+                         f"got {checkpoint!r}")
+    if not isinstance(interp, Tracer) or checkpoint == "unroll":
         return _scan_eager(body, init, xs, length, reverse)
-    return _scan_traced(interp, body, init, xs, length, reverse)
+    return _scan_traced(interp, body, init, xs, length, reverse, store=checkpoint is False)
 
 
-def _scan_traced(outer, body, init, xs, length, reverse):
+def _scan_traced(outer, body, init, xs, length, reverse, store=False):
     c_leaves, c_tree = flatten(init)
     c_leaves = _leaves_as_tensors(c_leaves, "scan: init carry")
     x_leaves, x_tree = flatten(xs) if xs is not None else ([], None)
@@ -342,12 +399,126 @@ def _scan_traced(outer, body, init, xs, length, reverse):
     y_specs = tuple((tuple(o.shape), o.dtype) for o in outs[nc:])
     inputs = c_leaves + x_leaves + caps
     save = ad.is_grad_enabled() and any(t.requires_grad for t in inputs)
+    n_user_y = len(y_specs)
+    if store and save and not b.is_backward:
+        sb = _store_body(outer, fwd_fn, examples, nc, nx, caps, len(outs))
+        if sb is not None:                     # the forward loop also stacks the residuals its VJP reads
+            b = sb
+            y_specs = y_specs + tuple((tuple(r.shape), r.dtype) for r in sb.store.res)
     tt = outer.apply(SCAN, tuple(inputs), dict(body=b, length=length, reverse=reverse, save=save,
                                                y_specs=y_specs))
     parts = _split(tt, nc + len(y_specs) + (nc if save else 0))
     carry = unflatten(c_tree, parts[:nc])
-    ys = unflatten(y_tree_box[0], parts[nc:nc + len(y_specs)])
+    ys = unflatten(y_tree_box[0], parts[nc:nc + n_user_y])
     return carry, ys
+
+
+class _Store:
+    """What a residual-storing scan keeps from tracing its step with gradients: the step's tape (its outputs,
+    the leaves standing for carry / x / captures) and the tape tensors its VJP reads (stacked per step)."""
+
+    def __init__(self, outs, lc, lx, lk, res):
+        self.outs, self.lc, self.lx, self.lk, self.res = outs, lc, lx, lk, res
+
+
+class _Hits(dict):
+    """A substitution map that records which keys were looked up."""
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.hit = set()
+
+    def get(self, k, default=None):
+        r = super().get(k, default)
+        if r is not None:
+            self.hit.add(k)
+        return r
+
+
+def _step_tape(fwd_fn, args, nc, nx, caps):
+    """Run ``fwd_fn`` on fresh leaves for carry, x and captures with gradients on; return (outs, lc, lx, lk)."""
+    with ad.enable_grad():
+        lc = [_leaf(a) for a in args[:nc]]
+        lx = [_leaf(a) if a.dtype.kind == "f" else ops.stop_gradient(a) for a in args[nc:nc + nx]]
+        lk = [_leaf(k) if k.dtype.kind == "f" else ops.stop_gradient(k) for k in caps]
+        outs = fwd_fn(*lc, *lx, *lk)
+    return list(outs), lc, lx, lk
+
+
+def _tape_tensors(outs, leaves):
+    """Traced tensors of the step's tape (results and operands of its nodes), leaves excluded, in order."""
+    from .trace import TracerTensor
+    skip = {id(t) for t in leaves}
+    seen, found = set(), []
+    for t in ad._toposort([o for o in outs if o.requires_grad]):
+        node = t._node
+        if node is None:
+            continue
+        for u in (t,) + tuple(node.inputs):
+            if isinstance(u, TracerTensor) and id(u) not in skip and id(u) not in seen \
+                    and u.dtype != np.dtype(object):
+                seen.add(id(u))
+                found.append(u)
+    return found
+
+
+def _store_body(outer, fwd_fn, examples, nc, nx, caps, n_out):
+    """Trace a scan body that also returns the residuals of its VJP, or return None (then: recompute).
+
+    The step is traced once with gradients on; a trial trace of its backward (on placeholder seeds, with
+    every tape tensor substituted by a placeholder) tells which tape tensors the VJP really reads; the body
+    is traced again returning those as extra per-step outputs. The reverse scan then runs the step's VJP on
+    the stacked residuals instead of recomputing the step.
+    """
+    try:
+        box = {}
+
+        def probe_fn(*args):
+            outs, lc, lx, lk = _step_tape(fwd_fn, args, nc, nx, caps)
+            box["tape"] = (outs, lc, lx, lk, _tape_tensors(outs, lc + lx + lk))
+            return outs
+        _trace_body(outer, probe_fn, examples, nc, nx)
+        outs, lc, lx, lk, cand = box["tape"]
+        # trial backward: which candidates does the VJP read?
+        sub = Tracer(parent=outer)
+        ph = [sub.arg(Tensor._wrap(np.zeros(t.shape, t.dtype)), i) for i, t in enumerate(cand)]
+        seeds = [sub.arg(Tensor._wrap(np.ones(o.shape, o.dtype)), len(cand) + i) for i, o in enumerate(outs)]
+        leaves = lc + lx + lk
+        hits = _Hits({id(t): v for t, v in zip(cand, ph)})
+        lmap = {id(t): sub.arg(Tensor._wrap(np.asarray(t._data)), len(cand) + len(outs) + i)
+                for i, t in enumerate(leaves)}
+        sm = substituting([], [])
+        sm.map = _Hits({**lmap, **hits})
+        with ad.push_interpreter(sub), ad.enable_grad(), sm:
+            pairs = [(o, s) for o, s in zip(outs, seeds) if o.requires_grad]
+            if pairs:
+                ad.gradients([o for o, _ in pairs], leaves, grad_ys=[s for _, s in pairs], create_graph=True)
+        used = [t for t in cand if id(t) in sm.map.hit]
+        box.clear()
+        nres = len(used)
+
+        def res_fn(*args):
+            outs2, lc2, lx2, lk2 = _step_tape(fwd_fn, args, nc, nx, caps)
+            tape = _tape_tensors(outs2, lc2 + lx2 + lk2)
+            if len(tape) != len(cand):
+                raise TracingError("scan store: the step traced differently")
+            keep = [tape[i] for i, t in enumerate(cand) if id(t) in sm.map.hit]
+            box["store"] = _Store(outs2, lc2, lx2, lk2, keep)
+            return outs2 + keep
+        b, caps2, _ = _trace_body(outer, res_fn, examples, nc, nx)
+        if [id(c) for c in caps2] != [id(c) for c in caps] or len(box["store"].res) != nres:
+            raise TracingError("the step's captures or residuals changed between traces")
+        b.native = loop_driver(b.plan, nc, nx)
+        b.store = box["store"]
+        b.fn = fwd_fn
+        b.n_user_out = n_out
+        b.is_backward = False
+        return b
+    except Exception as e:                  # any surprise: the recompute scan, which always works
+        from .plan import _debug_level
+        if _debug_level():
+            print(f"[jitnet] scan: residuals not stored ({type(e).__name__}: {e}); the backward recomputes")
+        return None
 
 
 # --------------------------------------------------------------------------------------------------------------
