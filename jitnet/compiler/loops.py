@@ -173,6 +173,35 @@ def _leaf(t):
 _TRACING_BACKWARD = []      # non-empty while _scan_vjp traces the reverse scan of a gradient
 
 
+def _step_grads(targets, seeds, wrt, gcap, nc, nkx):
+    """One reverse step: the VJP of the step's outputs ``targets`` for ``seeds`` w.r.t. ``wrt`` (carry leaves,
+    needed x leaves, needed capture leaves); return ((carry grads, accumulated capture grads), x grads)."""
+    pairs = [(o, s) for o, s in zip(targets, seeds) if o.requires_grad]
+    if pairs:
+        grads = ad.gradients([o for o, _ in pairs], wrt, grad_ys=[s for _, s in pairs], create_graph=True)
+    else:
+        grads = [ops.zeros_like(w) for w in wrt]
+    new_gcap = [a + b for a, b in zip(gcap, grads[nc + nkx:])]
+    return (list(grads[:nc]), new_gcap), list(grads[nc:nc + nkx])
+
+
+def _reverse_scan(bwd_body, g_carry, caps, steps, kx, kk, nx, ncap, length, reverse):
+    """Run the reverse scan of a gradient; return the VJP tuple (carry, xs, captures; None where unneeded)."""
+    g_caps0 = [ops.zeros_like(caps[k]) for k in kk]
+    _TRACING_BACKWARD.append(True)
+    try:
+        (gc_final, gcap_final), gxs = scan(bwd_body, (g_carry, g_caps0), steps, length=length,
+                                           reverse=not reverse)
+    finally:
+        _TRACING_BACKWARD.pop()
+    gx_all, gk_all = [None] * nx, [None] * ncap
+    for k, v in zip(kx, gxs):
+        gx_all[k] = v
+    for k, v in zip(kk, gcap_final):
+        gk_all[k] = v
+    return tuple(list(gc_final) + gx_all + gk_all)
+
+
 def _scan_vjp(g, ans, ins, needs, body, length, reverse, save, y_specs):
     if getattr(body, "is_backward", False):
         raise NotImplementedError(
@@ -186,8 +215,9 @@ def _scan_vjp(g, ans, ins, needs, body, length, reverse, save, y_specs):
     outs = _split(ans, nc + ny + (nc if save else 0))
     saved = outs[nc + ny:]
     g_carry = [parts[k] if parts[k] is not None else ops.zeros_like(carry_in[k]) for k in range(nc)]
+    nu = getattr(body, "n_user_out", nc + ny) - nc  # the caller's ys (a residual-storing scan adds its own)
     g_ys = [parts[nc + k] if parts[nc + k] is not None else ops.zeros((length,) + y_specs[k][0], y_specs[k][1])
-            for k in range(ny)]
+            for k in range(nu)]
     fwd = body.fn
     # only the xs and captures whose gradients are asked for are differentiated (a per-step input such as a
     # token sequence or a mask, or a weight the caller treats as constant, costs no GEMM per step)
@@ -197,7 +227,7 @@ def _scan_vjp(g, ans, ins, needs, body, length, reverse, save, y_specs):
     kk = [k for k in range(ncap) if need_k[k]]
     st = getattr(body, "store", None)
     if st is not None:
-        return _scan_vjp_stored(st, body, g_carry, g_ys, outs, saved, xs, caps, kx, kk, nc, nx, ncap, ny,
+        return _scan_vjp_stored(st, g_carry, g_ys, outs[nc + nu:nc + ny], saved, xs, caps, kx, kk, nc, nx, ncap,
                                 length, reverse)
 
     def bwd_body(bcarry, step):
@@ -208,40 +238,15 @@ def _scan_vjp(g, ans, ins, needs, body, length, reverse, save, y_specs):
             leaves_x = [_leaf(x) if need_x[k] else ops.stop_gradient(x) for k, x in enumerate(x_t)]
             leaves_k = [_leaf(c) if need_k[k] else ops.stop_gradient(c) for k, c in enumerate(caps)]
             outs_t = fwd(*leaves_c, *leaves_x, *leaves_k)
-            targets = list(outs_t[:nc]) + list(outs_t[nc:])
-            seeds = list(gc) + list(gy_t)
-            pairs = [(o, s) for o, s in zip(targets, seeds) if o.requires_grad]
             wrt = leaves_c + [leaves_x[k] for k in kx] + [leaves_k[k] for k in kk]
-            if pairs:
-                grads = ad.gradients([o for o, _ in pairs], wrt, grad_ys=[s for _, s in pairs],
-                                     create_graph=True)
-            else:
-                grads = [ops.zeros_like(w) for w in wrt]
-        new_gc = list(grads[:nc])
-        gx = list(grads[nc:nc + len(kx)])
-        new_gcap = [a + b for a, b in zip(gcap, grads[nc + len(kx):])]
-        return (new_gc, new_gcap), gx
+            return _step_grads(list(outs_t), list(gc) + list(gy_t), wrt, gcap, nc, len(kx))
 
-    g_caps0 = [ops.zeros_like(caps[k]) for k in kk]
-    _TRACING_BACKWARD.append(True)
-    try:
-        (gc_final, gcap_final), gxs = scan(bwd_body, (g_carry, g_caps0), (list(saved), list(xs), g_ys),
-                                           length=length, reverse=not reverse)
-    finally:
-        _TRACING_BACKWARD.pop()
-    gx_all, gk_all = [None] * nx, [None] * ncap
-    for k, v in zip(kx, gxs):
-        gx_all[k] = v
-    for k, v in zip(kk, gcap_final):
-        gk_all[k] = v
-    return tuple(list(gc_final) + gx_all + gk_all)
+    return _reverse_scan(bwd_body, g_carry, caps, (list(saved), list(xs), g_ys), kx, kk, nx, ncap, length,
+                         reverse)
 
 
-def _scan_vjp_stored(st, body, g_carry, g_ys, outs, saved, xs, caps, kx, kk, nc, nx, ncap, ny, length, reverse):
-    """The reverse scan of a residual-storing scan: each step runs the step's VJP on its stored residuals."""
-    nu = body.n_user_out - nc                       # the user's ys; the rest of the ys are residuals
-    res = outs[nc + nu:nc + ny]
-    g_user = g_ys[:nu]
+def _scan_vjp_stored(st, g_carry, g_ys, res, saved, xs, caps, kx, kk, nc, nx, ncap, length, reverse):
+    """The reverse scan of a residual-storing scan: each step runs the step's VJP on its stacked residuals."""
     leaves_c, leaves_x, leaves_k = st.lc, st.lx, st.lk
 
     def bwd_body(bcarry, step):
@@ -254,34 +259,11 @@ def _scan_vjp_stored(st, body, g_carry, g_ys, outs, saved, xs, caps, kx, kk, nc,
         sm = substituting([], [])
         sm.map = m
         with ad.enable_grad(), sm:
-            targets = st.outs
-            seeds = list(gc) + list(gy_t)
-            pairs = [(o, s) for o, s in zip(targets, seeds) if o.requires_grad]
             wrt = list(leaves_c) + [leaves_x[k] for k in kx] + [leaves_k[k] for k in kk]
-            if pairs:
-                grads = ad.gradients([o for o, _ in pairs], wrt, grad_ys=[s for _, s in pairs],
-                                     create_graph=True)
-            else:
-                grads = [ops.zeros_like(w) for w in wrt]
-        new_gc = list(grads[:nc])
-        gx = list(grads[nc:nc + len(kx)])
-        new_gcap = [a + b for a, b in zip(gcap, grads[nc + len(kx):])]
-        return (new_gc, new_gcap), gx
+            return _step_grads(st.outs, list(gc) + list(gy_t), wrt, gcap, nc, len(kx))
 
-    g_caps0 = [ops.zeros_like(caps[k]) for k in kk]
-    _TRACING_BACKWARD.append(True)
-    try:
-        (gc_final, gcap_final), gxs = scan(bwd_body, (g_carry, g_caps0), (list(saved), list(xs), g_user,
-                                                                        list(res)),
-                                           length=length, reverse=not reverse)
-    finally:
-        _TRACING_BACKWARD.pop()
-    gx_all, gk_all = [None] * nx, [None] * ncap
-    for k, v in zip(kx, gxs):
-        gx_all[k] = v
-    for k, v in zip(kk, gcap_final):
-        gk_all[k] = v
-    return tuple(list(gc_final) + gx_all + gk_all)
+    return _reverse_scan(bwd_body, g_carry, caps, (list(saved), list(xs), g_ys, list(res)), kx, kk, nx, ncap,
+                         length, reverse)
 
 
 SCAN = Primitive("scan", impl={"cpu": _scan_impl}, vjp=_scan_vjp)
