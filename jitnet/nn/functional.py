@@ -976,14 +976,9 @@ def lstm_seq(xw, s0, W_hh, b, mask=None):
             or b.shape != (4 * hd,):
         raise ValueError(f"lstm_seq: inconsistent shapes xw {xw.shape}, s0 {s0.shape}, W_hh {W_hh.shape}, "
                          f"b {b.shape} (expected (T, B, 4H), (B, 6H), (H, 4H), (4H,))")
-    dt = W_hh.dtype
-    args = [a if a.dtype == dt else a.astype(dt) for a in (xw, s0, W_hh, b)]
-    if mask is not None:
-        m = _t(mask)
-        if m.shape != xw.shape[:2]:
-            raise ValueError(f"lstm_seq: mask has shape {m.shape}, expected (T, B) = {xw.shape[:2]}")
-        args.append(m if m.dtype == dt else m.astype(dt))
-    return apply(LSTM_SEQ, *args)
+    if mask is not None and _t(mask).shape != xw.shape[:2]:
+        raise ValueError(f"lstm_seq: mask has shape {_t(mask).shape}, expected (T, B) = {xw.shape[:2]}")
+    return apply(LSTM_SEQ, *_in_dtype(W_hh.dtype, xw, s0, W_hh, b, mask))
 
 
 def lstm_state(h, c):
@@ -1004,9 +999,9 @@ def lstm_step(xw, s, W_hh, b, mask=None):
             b.shape != (4 * hd,):
         raise ValueError(f"lstm_step: inconsistent shapes xw {xw.shape}, state {s.shape}, W_hh {W_hh.shape}, "
                          f"b {b.shape} (expected (B, 4H), (B, 6H), (H, 4H), (4H,))")
-    dt = W_hh.dtype
-    args = [a if a.dtype == dt else a.astype(dt) for a in (xw, s, W_hh, b)]
-    if mask is not None:
-        m = _t(mask)
-        args.append(m if m.dtype == dt else m.astype(dt))
-    return apply(LSTM_STEP, *args)
+    return apply(LSTM_STEP, *_in_dtype(W_hh.dtype, xw, s, W_hh, b, mask))
+
+
+def _in_dtype(dt, *tensors):
+    """The tensors (None dropped) cast to ``dt`` where they differ: the fused LSTM kernels take one dtype."""
+    return [t if t.dtype == dt else t.astype(dt) for t in map(_t, (x for x in tensors if x is not None))]
