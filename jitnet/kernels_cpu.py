@@ -58,16 +58,9 @@ def _reduce_row(x, i, op):
     return acc
 
 
-@njit(cache=True, fastmath=_FM, nogil=True)
-def reduce_last(x, out, op):
-    """Reduce each row of x (rows, n) with op into out (rows,)."""
-    for i in range(x.shape[0]):
-        out[i] = _reduce_row(x, i, op)
-
-
 @njit(cache=True, fastmath=_FM, parallel=True, nogil=True)
 def reduce_last_par(x, out, op):
-    """Parallel ``reduce_last``."""
+    """Reduce each row of x (rows, n) with op into out (rows,); ``reduce_last`` is its serial twin."""
     for i in prange(x.shape[0]):
         out[i] = _reduce_row(x, i, op)
 
@@ -142,17 +135,11 @@ def _reduce_mid(x, m, op):
     return acc
 
 
-@njit(cache=True, fastmath=_FM, nogil=True)
-def reduce_middle(x, out, op):
-    """Reduce x (A, M, B) over its first and last axes with op into out (M,): e.g. a (N, C, H, W) batch over
-    (0, 2, 3) per channel, in place (each channel's B-runs are contiguous, no transposed copy)."""
-    for m in range(x.shape[1]):
-        out[m] = _reduce_mid(x, m, op)
-
-
 @njit(cache=True, fastmath=_FM, parallel=True, nogil=True)
 def reduce_middle_par(x, out, op):
-    """Parallel ``reduce_middle`` (over M)."""
+    """Reduce x (A, M, B) over its first and last axes with op into out (M,): e.g. a (N, C, H, W) batch over
+    (0, 2, 3) per channel, in place (each channel's B-runs are contiguous, no transposed copy). Parallel over
+    M; ``reduce_middle`` is its serial twin."""
     for m in prange(x.shape[1]):
         out[m] = _reduce_mid(x, m, op)
 
@@ -1041,6 +1028,11 @@ def serial_twin(disp, suffix="_serial"):
     return njit(cache=True, nogil=True, **opts)(g)
 
 
+# the serial reductions are the parallel ones compiled without threads
+reduce_last = serial_twin(reduce_last_par)
+reduce_middle = serial_twin(reduce_middle_par)
+
+
 class Adaptive:
     """A parallel kernel and its serial twin; a call runs the serial one for small inputs or off the main thread."""
 
@@ -1068,7 +1060,8 @@ def adaptive(disp):
 
 for _name in ("arg_reduce_last", "logsumexp_last", "cumulative", "take_axis", "take_along_last",
               "put_along_last_add", "one_hot_kernel", "argsort_last", "topk_last", "segment_sum_rows",
-              "sgd_sparse_update", "adagrad_sparse_update", "adam_sparse_update", "nn_max_pool2d", "nn_max_pool2d_grad", "nn_avg_pool2d",
-              "nn_avg_pool2d_grad", "nn_xent_int", "nn_xent_int_grad", "nn_xent_prob", "nn_xent_prob_grad"):
+              "sgd_sparse_update", "adagrad_sparse_update", "adam_sparse_update", "nn_max_pool2d",
+              "nn_max_pool2d_grad", "nn_avg_pool2d", "nn_avg_pool2d_grad", "nn_xent_int", "nn_xent_int_grad",
+              "nn_xent_prob", "nn_xent_prob_grad"):
     if _name in globals():
         globals()[_name] = Adaptive(globals()[_name])

@@ -104,15 +104,17 @@ def _leaves_as_tensors(leaves, what):
     return out
 
 
+def _child_trace(outer, fn, example_arrays, grad=False):
+    """Run ``fn`` on argument tensors of a new child tracer of ``outer``; return (tracer, fn's outputs)."""
+    sub = Tracer(parent=outer)
+    targs = [sub.arg(Tensor._wrap(a), i) for i, a in enumerate(example_arrays)]
+    with ad.push_interpreter(sub), (ad.enable_grad() if grad else ad.no_grad()):
+        return sub, fn(*targs)
+
+
 def _trace_body(outer, fn, example_arrays, n_carry, n_x, grad=False):
     """Trace ``fn(*tensors) -> list of tensors`` under a child tracer; return (Body, captures, outputs)."""
-    sub = Tracer(parent=outer)
-    targs = []
-    for i, a in enumerate(example_arrays):
-        targs.append(sub.arg(Tensor._wrap(a), i))
-    ctx = ad.enable_grad() if grad else ad.no_grad()
-    with ad.push_interpreter(sub), ctx:
-        outs = fn(*targs)
+    sub, outs = _child_trace(outer, fn, example_arrays, grad)
     caps = sub.finish_captures()
     g = sub.graph
     for o in outs:
@@ -252,13 +254,8 @@ def _scan_vjp_stored(st, g_carry, g_ys, res, saved, xs, caps, kx, kk, nc, nx, nc
     def bwd_body(bcarry, step):
         gc, gcap = bcarry
         c_t, x_t, gy_t, r_t = step
-        m = {id(t): v for t, v in zip(leaves_c, c_t)}
-        m.update({id(t): v for t, v in zip(leaves_x, x_t)})
-        m.update({id(t): v for t, v in zip(leaves_k, caps)})
-        m.update({id(t): v for t, v in zip(st.res, r_t)})
-        sm = substituting([], [])
-        sm.map = m
-        with ad.enable_grad(), sm:
+        with ad.enable_grad(), substituting([*leaves_c, *leaves_x, *leaves_k, *st.res],
+                                            [*c_t, *x_t, *caps, *r_t]):
             wrt = list(leaves_c) + [leaves_x[k] for k in kx] + [leaves_k[k] for k in kk]
             return _step_grads(st.outs, list(gc) + list(gy_t), wrt, gcap, nc, len(kx))
 
@@ -453,32 +450,25 @@ def _store_body(outer, fwd_fn, examples, nc, nx, caps, n_out):
     the stacked residuals instead of recomputing the step.
     """
     try:
-        box = {}
-
-        def probe_fn(*args):
-            outs, lc, lx, lk = _step_tape(fwd_fn, args, nc, nx, caps)
-            box["tape"] = (outs, lc, lx, lk, _tape_tensors(outs, lc + lx + lk))
-            return outs
-        _trace_body(outer, probe_fn, examples, nc, nx)
-        outs, lc, lx, lk, cand = box["tape"]
-        # trial backward: which candidates does the VJP read?
+        # 1. the step's tape (traced only: no plan is built for it)
+        _, (outs, lc, lx, lk) = _child_trace(outer, lambda *args: _step_tape(fwd_fn, args, nc, nx, caps),
+                                             examples)
+        leaves = lc + lx + lk
+        cand = _tape_tensors(outs, leaves)
+        # 2. a trial backward on placeholders: which tape tensors does the VJP read?
         sub = Tracer(parent=outer)
         ph = [sub.arg(Tensor._wrap(np.zeros(t.shape, t.dtype)), i) for i, t in enumerate(cand)]
         seeds = [sub.arg(Tensor._wrap(np.ones(o.shape, o.dtype)), len(cand) + i) for i, o in enumerate(outs)]
-        leaves = lc + lx + lk
-        hits = _Hits({id(t): v for t, v in zip(cand, ph)})
-        lmap = {id(t): sub.arg(Tensor._wrap(np.asarray(t._data)), len(cand) + len(outs) + i)
-                for i, t in enumerate(leaves)}
-        sm = substituting([], [])
-        sm.map = _Hits({**lmap, **hits})
+        lph = [sub.arg(Tensor._wrap(np.asarray(t._data)), len(cand) + len(outs) + i) for i, t in enumerate(leaves)]
+        sm = substituting(cand + leaves, ph + lph)
+        sm.map = _Hits(sm.map)
         with ad.push_interpreter(sub), ad.enable_grad(), sm:
             pairs = [(o, s) for o, s in zip(outs, seeds) if o.requires_grad]
             if pairs:
                 ad.gradients([o for o, _ in pairs], leaves, grad_ys=[s for _, s in pairs], create_graph=True)
-        used = [t for t in cand if id(t) in sm.map.hit]
-        box.clear()
-        nres = len(used)
+        box = {}
 
+        # 3. the body again, returning those tensors as extra per-step outputs
         def res_fn(*args):
             outs2, lc2, lx2, lk2 = _step_tape(fwd_fn, args, nc, nx, caps)
             tape = _tape_tensors(outs2, lc2 + lx2 + lk2)
@@ -488,13 +478,12 @@ def _store_body(outer, fwd_fn, examples, nc, nx, caps, n_out):
             box["store"] = _Store(outs2, lc2, lx2, lk2, keep)
             return outs2 + keep
         b, caps2, _ = _trace_body(outer, res_fn, examples, nc, nx)
-        if [id(c) for c in caps2] != [id(c) for c in caps] or len(box["store"].res) != nres:
-            raise TracingError("the step's captures or residuals changed between traces")
+        if [id(c) for c in caps2] != [id(c) for c in caps]:
+            raise TracingError("the step's captures changed between traces")
         b.native = loop_driver(b.plan, nc, nx)
         b.store = box["store"]
         b.fn = fwd_fn
         b.n_user_out = n_out
-        b.is_backward = False
         return b
     except Exception as e:                  # any surprise: the recompute scan, which always works
         from .plan import _debug_level

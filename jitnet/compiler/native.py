@@ -108,9 +108,9 @@ def _emit_reduce(n, a, o, g):
         lines.append(f"K.reduce_last(_c.reshape(({m}, {cnt})), _r, {code})")
     elif axes == tuple(range(len(axes))):
         lines.append(f"K.reduce_first(_c.reshape(({cnt}, {m})), _r, {code})")
-    elif ops._middle_split(tuple(x.shape), axes) is not None:
+    elif (mid := ops._middle_split(tuple(x.shape), axes)) is not None:
         kname = "reduce_middle_par" if x.size >= kernelgen.PARALLEL_THRESHOLD else "reduce_middle"
-        lines.append(f"K.{kname}(_c.reshape({_shape(ops._middle_split(tuple(x.shape), axes))}), _r, {code})")
+        lines.append(f"K.{kname}(_c.reshape({_shape(mid)}), _r, {code})")
     else:
         return None
     lines.append(f"{o} = _r.reshape({_shape(n.out.shape)})")

@@ -921,15 +921,20 @@ def _lstm_seq_impl(xw, s0, whh, b, *mask):
     return out
 
 
+def _lstm_seq_bwd_parts(t, bsz, hd):
+    """(start, stop, shape) of dxw, ds0, dW_hh and db in the flat output of ``lstm_seq_bwd``."""
+    shapes = ((t, bsz, 4 * hd), (bsz, 6 * hd), (hd, 4 * hd), (4 * hd,))
+    ends = np.cumsum([0] + [int(np.prod(s)) for s in shapes]).tolist()
+    return [(ends[i], ends[i + 1], shapes[i]) for i in range(4)]
+
+
 def _lstm_seq_bwd_impl(g, S, s0, whh, *mask):
     t, bsz, h6 = S.shape
-    hd = h6 // 6
-    sizes = (t * bsz * 4 * hd, bsz * h6, hd * 4 * hd, 4 * hd)
-    flat = np.empty(sum(sizes), S.dtype)
-    o = np.cumsum((0,) + sizes)
+    parts = _lstm_seq_bwd_parts(t, bsz, h6 // 6)
+    flat = np.empty(parts[-1][1], S.dtype)
     m = _c(mask[0]) if mask else np.ones((1, 1), S.dtype)
-    K.nn_lstm_seq_bwd(_c(g), _c(S), _c(s0), _c(whh), m, bool(mask), flat[o[0]:o[1]].reshape(t, bsz, 4 * hd),
-                      flat[o[1]:o[2]].reshape(bsz, h6), flat[o[2]:o[3]].reshape(hd, 4 * hd), flat[o[3]:o[4]])
+    K.nn_lstm_seq_bwd(_c(g), _c(S), _c(s0), _c(whh), m, bool(mask),
+                      *[flat[a:b].reshape(shp) for a, b, shp in parts])
     return flat
 
 
@@ -947,15 +952,10 @@ LSTM_SEQ_BWD = Primitive("lstm_seq_bwd", impl={"cpu": _lstm_seq_bwd_impl},
 def _lstm_seq_vjp(g, ans, ins, needs):
     xw, s0, whh, b = ins[:4]
     mask = ins[4:]
-    t, bsz, h4 = xw.shape
-    hd = h4 // 4
     flat = apply(LSTM_SEQ_BWD, g, ans, s0, whh, *mask)
-    o = np.cumsum((0, t * bsz * h4, bsz * 6 * hd, hd * h4, h4)).tolist()
-    part = [flat[o[i]:o[i + 1]] for i in range(4)]
-    return (ops.reshape(part[0], (t, bsz, h4)) if needs[0] else None,
-            ops.reshape(part[1], (bsz, 6 * hd)) if needs[1] else None,
-            ops.reshape(part[2], (hd, h4)) if needs[2] else None,
-            part[3] if needs[3] else None) + (None,) * len(mask)
+    parts = _lstm_seq_bwd_parts(xw.shape[0], xw.shape[1], whh.shape[0])
+    return tuple(ops.reshape(flat[a:b], shp) if need else None
+                 for (a, b, shp), need in zip(parts, needs[:4])) + (None,) * len(mask)
 
 
 LSTM_SEQ = Primitive("lstm_seq", impl={"cpu": _lstm_seq_impl}, vjp=_lstm_seq_vjp)

@@ -3,8 +3,9 @@
 The LSTM runs its whole sequence in one fused primitive (``F.lstm_seq``: the input projection of every step
 is one GEMM first, then one kernel call runs the steps forward and one the reverse loop backward). The GRU
 and RNN run one clean per-step function (``F.gru_cell``, ``F.rnn_cell``) over time with ``jn.scan``: a Python
-loop eagerly, one compiled loop under ``jitnet.jit``; ``lengths=`` or ``mask=`` (batch, time) stop the state of finished rows
-(their outputs are zero past their length and the final state is the one at their last valid step).
+loop eagerly, one compiled loop under ``jitnet.jit``. ``lengths=`` or ``mask=`` (batch, time) stop the state
+of finished rows (their outputs are zero past their length and the final state is the one at their last valid
+step).
 Weights: W_ih (in, G*H), W_hh (H, G*H) with gates in the order [i, f, g, o] (LSTM) and [r, z, n] (GRU).
 """
 from __future__ import annotations
