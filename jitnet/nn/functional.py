@@ -18,6 +18,7 @@ from .. import kernels_conv as KC
 from .. import kernels_cpu as K
 from .. import ops
 from .. import random as _random
+from .. import winograd
 from ..autodiff.core import Primitive, apply
 from ..ops import log_softmax, relu, sigmoid, softmax, softplus, tanh
 from ..tensor import Tensor, _infer_array
@@ -183,6 +184,8 @@ def _im2col(x, n0, n1, kh, kw, stride, pads, dilation, oh, ow):
 
 def _conv2d_impl(x, w, *b, stride, pads, dilation):
     n, c, h, wd, o, kh, kw, oh, ow = _geom(x.shape, w.shape, stride, pads, dilation)
+    if n * o * oh * ow and winograd.supported(x.shape, w.shape, stride, dilation, x.dtype):
+        return winograd.conv2d(x, w, b[0] if b else None, pads)
     out = np.empty((n, o, oh * ow), x.dtype)
     if out.size == 0:
         return out.reshape(n, o, oh, ow)
@@ -209,10 +212,11 @@ def _conv2d_grad_input_impl(g, w, *, x_shape, stride, pads, dilation):
     if g.size == 0:
         dx[...] = 0
         return dx
-    if stride == (1, 1) and o <= c:
+    if stride == (1, 1) and (o <= c or winograd.supported(g.shape, (c, o, kh, kw), stride, dilation, g.dtype)):
         # With stride 1 the input gradient is g correlated with the flipped, transposed filters over g padded by
         # d*(k-1) - pad. With no more output than input channels that forward convolution's im2col is no larger
-        # than col2im's scratch and its gemm has the long K = O*KH*KW, which BLAS runs faster than K = O.
+        # than col2im's scratch and its gemm has the long K = O*KH*KW, which BLAS runs faster than K = O; where
+        # it runs in Winograd tiles it is faster still.
         lo = (dilation[0] * (kh - 1) - pads[0][0], dilation[1] * (kw - 1) - pads[1][0])
         hi = (h + pads[0][0] - oh, wd + pads[1][0] - ow)                  # d*(k-1) - bottom / right padding
         if min(lo + hi) >= 0:
@@ -236,6 +240,8 @@ def _conv2d_grad_input_impl(g, w, *, x_shape, stride, pads, dilation):
 
 def _conv2d_grad_weight_impl(x, g, *, w_shape, stride, pads, dilation):
     n, c, h, wd, o, kh, kw, oh, ow = _geom(x.shape, w_shape, stride, pads, dilation)
+    if g.size and winograd.supported(x.shape, w_shape, stride, dilation, x.dtype):
+        return winograd.conv2d_grad_weight(x, g, w_shape, pads)
     # dW^T (C*kh*kw, O) = cols @ g2^T, accumulated over chunks of images: BLAS runs this orientation (a tall
     # product with a small N) faster than dW = g2 @ cols^T, whose long K sits on a transposed operand
     dwt = np.zeros((c * kh * kw, o), x.dtype)

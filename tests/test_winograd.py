@@ -1,0 +1,85 @@
+"""Winograd convolutions (jitnet.winograd): the transforms' defining identity, forward and filter gradient
+against NumPy loops in float64 and float32, every padding, partial tiles and lane blocks, the routing from
+nn.functional, and gradcheck through F.conv2d."""
+from __future__ import annotations
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+import jitnet as jn
+from jitnet import winograd as W
+from jitnet.nn import functional as F
+from jitnet.testing import gradcheck
+from test_conv_kernels import np_conv2d_grads
+from test_nn import np_conv2d, rng
+
+
+@pytest.mark.parametrize("m,r", [(2, 3), (4, 3), (2, 5), (4, 5), (3, 5)])
+def test_matrices_compute_correlation_exactly(m, r):
+    AT, G, BT = W.matrices(m, r)
+    a = m + r - 1
+    for trial in range(3):
+        d = [Fraction(int(v)) for v in rng(trial).integers(-9, 9, size=a)]
+        g = [Fraction(int(v)) for v in rng(trial + 10).integers(-9, 9, size=r)]
+        gg = [sum(G[j][k] * g[k] for k in range(r)) for j in range(a)]
+        dd = [sum(BT[j][l] * d[l] for l in range(a)) for j in range(a)]
+        y = [sum(AT[i][j] * gg[j] * dd[j] for j in range(a)) for i in range(m)]
+        assert y == [sum(d[i + k] * g[k] for k in range(r)) for i in range(m)]
+
+
+CASES = [  # x shape, w shape, pads ((top, bottom), (left, right))
+    ((2, 8, 12, 12), (8, 8, 5, 5), ((2, 2), (2, 2))),          # "same", whole tiles
+    ((3, 9, 7, 10), (10, 9, 3, 3), ((1, 1), (1, 1))),          # partial tiles, lanes not a multiple of 16
+    ((2, 8, 9, 11), (8, 8, 5, 5), ((0, 0), (0, 0))),           # "valid"
+    ((1, 8, 9, 11), (12, 8, 5, 5), ((1, 3), (2, 0))),          # asymmetric padding
+    ((2, 70, 6, 5), (72, 70, 3, 3), ((1, 1), (1, 1))),         # more than one lane block (LB = 64)
+]
+
+
+@pytest.mark.parametrize("xs,ws,pads", CASES)
+def test_forward_and_filter_gradient_match_numpy(xs, ws, pads):
+    r = rng(3)
+    x, w, b = r.normal(size=xs), r.normal(size=ws), r.normal(size=ws[0])
+    assert W.supported(xs, ws, (1, 1), (1, 1), np.float64)
+    y = W.conv2d(x, w, b, pads)
+    ref = np_conv2d(x, w, b, (1, 1), pads, (1, 1))
+    np.testing.assert_allclose(y, ref, rtol=1e-10, atol=1e-10)
+    g = r.normal(size=y.shape)
+    _, dw_ref = np_conv2d_grads(x, w, g, (1, 1), pads, (1, 1))
+    np.testing.assert_allclose(W.conv2d_grad_weight(x, g, ws, pads), dw_ref, rtol=1e-10, atol=1e-10)
+    # float32: within a few units of float32 rounding of the output's scale
+    y32 = W.conv2d(x.astype(np.float32), w.astype(np.float32), b.astype(np.float32), pads)
+    assert y32.dtype == np.float32
+    assert np.abs(y32 - ref).max() <= 2e-5 * np.abs(ref).max()
+    dw32 = W.conv2d_grad_weight(x.astype(np.float32), g.astype(np.float32), ws, pads)
+    assert np.abs(dw32 - dw_ref).max() <= 2e-5 * np.abs(dw_ref).max()
+
+
+def test_functional_routes_eligible_convs_and_gradients_check(monkeypatch):
+    r = rng(5)
+    x = jn.tensor(r.normal(size=(2, 8, 6, 7)), requires_grad=True)
+    w = jn.tensor(r.normal(size=(9, 8, 3, 3)) * 0.3, requires_grad=True)
+    b = jn.tensor(r.normal(size=9), requires_grad=True)
+    calls = []
+    orig = W.conv2d
+
+    def spy(*a):
+        calls.append(1)
+        return orig(*a)
+    monkeypatch.setattr(W, "conv2d", spy)
+    y = F.conv2d(x, w, b, padding="same")
+    np.testing.assert_allclose(y.numpy(), np_conv2d(x.numpy(), w.numpy(), b.numpy(), (1, 1), ((1, 1), (1, 1)),
+                                                    (1, 1)), rtol=1e-10, atol=1e-10)
+    assert calls, "an eligible stride-1 3x3 conv did not run in Winograd tiles"
+    gradcheck(lambda x, w, b: (F.conv2d(x, w, b, padding="same") ** 2).sum(), x, w, b)
+    gradcheck(lambda x, w: (F.conv2d(x, w, padding="valid") ** 2).sum(), x, w)
+
+
+def test_ineligible_convs_stay_on_im2col():
+    assert not W.supported((2, 8, 9, 9), (8, 8, 3, 3), (2, 2), (1, 1), np.float32)      # stride
+    assert not W.supported((2, 8, 9, 9), (8, 8, 3, 3), (1, 1), (2, 2), np.float32)      # dilation
+    assert not W.supported((2, 3, 9, 9), (8, 3, 5, 5), (1, 1), (1, 1), np.float32)      # few input channels
+    assert not W.supported((2, 8, 9, 9), (8, 8, 3, 5), (1, 1), (1, 1), np.float32)      # not square
+    assert not W.supported((2, 8, 9, 9), (8, 8, 7, 7), (1, 1), (1, 1), np.float32)      # no tile for 7x7
