@@ -36,6 +36,7 @@ from .compiler.loops import scan, while_loop  # noqa: E402
 from . import runtime as _runtime  # noqa: E402
 
 _runtime._flush_on_import()           # FTZ/DAZ on every kernel thread unless JITNET_FLUSH_DENORMALS=0
+_runtime._tune_malloc_on_import()     # keep large freed blocks for reuse unless JITNET_MALLOC_TUNING=0
 
 
 def save(state, path, metadata=None):

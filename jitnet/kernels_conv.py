@@ -230,6 +230,88 @@ def max_pool2x2_grad(x, g, dx):
         _max_pool2x2_grad_plane(x[n, c], g[n, c], dx[n, c])
 
 
+# ==============================================================================================================
+# Batch normalization: per-channel moments, per-channel affine map and its gradient sums
+# ==============================================================================================================
+# On (N, C, S) views (S = 1 for (N, C) inputs). Sums accumulate in float64, the moments shifted by the channel's
+# first value so that a large mean does not cancel the variance away.
+
+@njit(cache=True, nogil=True, fastmath=_FM)
+def _shifted_sums(row, k):
+    s1 = 0.0
+    s2 = 0.0
+    for p in range(row.shape[0]):
+        d = np.float64(row[p]) - k
+        s1 += d
+        s2 += d * d
+    return s1, s2
+
+
+@njit(cache=True, nogil=True, fastmath=_FM)
+def _dot_sum(g, x):
+    s1 = 0.0
+    s2 = 0.0
+    for p in range(g.shape[0]):
+        gp = np.float64(g[p])
+        s1 += gp
+        s2 += gp * np.float64(x[p])
+    return s1, s2
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def bn_moments(x, out):
+    """out[0, c], out[1, c] = mean and biased variance of x[:, c, :] for x (N, C, S)."""
+    n_, c_, s_ = x.shape
+    cnt = n_ * s_
+    for c in prange(c_):
+        k = np.float64(x[0, c, 0])
+        a = 0.0
+        b = 0.0
+        for n in range(n_):
+            a1, b1 = _shifted_sums(x[n, c], k)
+            a += a1
+            b += b1
+        m = a / cnt
+        out[0, c] = k + m
+        out[1, c] = max(b / cnt - m * m, 0.0)
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def channel_affine_sums(g, x, out):
+    """out[0, c] = sum of g[:, c, :], out[1, c] = sum of g[:, c, :] * x[:, c, :] for g, x (N, C, S)."""
+    n_, c_, s_ = x.shape
+    for c in prange(c_):
+        a = 0.0
+        b = 0.0
+        for n in range(n_):
+            a1, b1 = _dot_sum(g[n, c], x[n, c])
+            a += a1
+            b += b1
+        out[0, c] = a
+        out[1, c] = b
+
+
+@njit(cache=True, nogil=True, fastmath=_FM)
+def _affine_row(x, a, b, y):
+    for p in range(x.shape[0]):
+        y[p] = x[p] * a + b
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def channel_affine(x, a, b, y):
+    """y[n, c, s] = x[n, c, s] * a[c] + b[c] for x, y (N, C, S)."""
+    n_, c_, s_ = x.shape
+    if s_ == 1:
+        for n in prange(n_):
+            for c in range(c_):
+                y[n, c, 0] = x[n, c, 0] * a[c] + b[c]
+    else:
+        for t in prange(n_ * c_):
+            n = t // c_
+            c = t - n * c_
+            _affine_row(x[n, c], a[c], b[c], y[n, c])
+
+
 for _name in ("im2col_chunk", "col2im_chunk", "onp_to_nop_bias", "nop_to_onp", "channel_sum",
-              "max_pool2x2", "max_pool2x2_grad"):
+              "max_pool2x2", "max_pool2x2_grad", "bn_moments", "channel_affine_sums", "channel_affine"):
     globals()[_name] = Adaptive(globals()[_name])

@@ -238,3 +238,28 @@ def _flush_main_thread_then_workers() -> None:
         started = True
     if started:
         _run_on_workers(fn, _MODE_SET)
+
+
+# glibc returns large freed blocks to the kernel (munmap, or trimming the heap top) and the next allocation of
+# that size faults every page in again, zeroed. A training step allocates the same multi-megabyte activations
+# every call: six live (128, 64, 24, 24) float32 buffers cost 19 ms allocated fresh vs 4.7 ms recycled (2-core
+# machine). jitnet therefore raises malloc's mmap threshold to its maximum (32 MiB on 64-bit) and its trim
+# threshold to 1 GiB, so such blocks stay in the process heap for reuse. The cost: freed memory up to that
+# size is kept by the process instead of returned to the system.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+malloc_tuned = False
+
+
+def _tune_malloc_on_import() -> None:
+    """Apply ``JITNET_MALLOC_TUNING`` (default on, glibc only; 0/false/no/off leaves malloc alone)."""
+    global malloc_tuned
+    v = os.environ.get("JITNET_MALLOC_TUNING", "1").strip().lower()
+    if v in ("0", "false", "no", "off") or sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(32 << 20))
+        ok &= libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(1 << 30))
+        malloc_tuned = bool(ok)
+    except (OSError, AttributeError):        # never make import fail over an optimisation
+        pass

@@ -37,7 +37,6 @@ from numba import njit, prange
 
 from . import kernelgen
 from .blas import gemm
-from .kernels_cpu import _FM
 
 __all__ = ["matrices", "supported", "conv2d", "conv2d_grad_weight", "TILE"]
 
@@ -51,7 +50,7 @@ _POINTS = [Fraction(0), Fraction(1), Fraction(-1), Fraction(2), Fraction(-2), Fr
 
 def _solve_exact(P, E):
     """Solve P X = E exactly (P: rows x n Fractions, E: rows x k), for a consistent system of full column rank."""
-    rows, n, k = len(P), len(P[0]), len(E[0])
+    rows, n = len(P), len(P[0])
     aug = [list(P[i]) + list(E[i]) for i in range(rows)]
     piv_row = 0
     for col in range(n):

@@ -165,3 +165,19 @@ def test_flush_denormals_is_a_no_op_off_x86(monkeypatch):
     assert runtime.flush_denormals(True) is False
     assert runtime.denormals_flushed() is False
     assert runtime.denormal_state()["supported"] is False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# malloc tuning
+# ---------------------------------------------------------------------------------------------------------------
+
+GLIBC = sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
+
+
+@pytest.mark.parametrize("setting,expect", [("1", GLIBC), ("0", False)])
+def test_malloc_tuning_follows_the_environment(setting, expect):
+    env = dict(os.environ, JITNET_MALLOC_TUNING=setting)
+    p = subprocess.run([sys.executable, "-c", "import jitnet.runtime as r, jitnet; print(r.malloc_tuned)"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == str(expect)

@@ -350,6 +350,57 @@ def test_batch_norm_gradient():
     assert gradcheck(f, T64(x), T64(g), T64(b))
 
 
+@pytest.mark.parametrize("shape,layer", [((4, 3, 5, 2), "BatchNorm2d"), ((6, 3, 4), "BatchNorm1d")])
+def test_batch_norm_gradient_nd(shape, layer):
+    r = rng(8)
+    x, g, b = r.normal(1.0, 2.0, size=shape), r.normal(size=3), r.normal(size=3)
+    w = T64(r.normal(size=shape))
+
+    def f(x, g, b):
+        bn = getattr(nn, layer)(3, dtype=jn.float64)
+        bn.gamma, bn.beta = g, b
+        return (bn(x) * w).sum() + (bn(x) ** 2 * w).sum()
+    assert gradcheck(f, T64(x), T64(g), T64(b))
+
+
+def test_batch_moments_and_channel_affine():
+    r = rng(9)
+    x = (r.normal(size=(16, 5, 7, 3)) * 0.01 + 1e4).astype(np.float32)     # large mean, small spread
+    m, v = F.batch_moments(jn.tensor(x))
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(m.numpy(), x64.mean((0, 2, 3)), rtol=1e-6)
+    np.testing.assert_allclose(v.numpy(), x64.var((0, 2, 3)), rtol=1e-3)
+    a, b = r.normal(size=5), r.normal(size=5)
+    x2 = r.normal(size=(3, 5, 4))
+    y = F.channel_affine(T64(x2), T64(a), T64(b))
+    np.testing.assert_allclose(y.numpy(), x2 * a[None, :, None] + b[None, :, None], rtol=1e-12)
+    wt = T64(r.normal(size=x2.shape))
+    assert gradcheck(lambda x, a, b: (F.channel_affine(x, a, b) * wt).sum(), T64(x2), T64(a), T64(b))
+    assert gradcheck(lambda x: (F.batch_moments(x)[0] * T64(a)).sum() + (F.batch_moments(x)[1] * T64(b)).sum(),
+                     T64(x2))
+    with pytest.raises(ValueError, match="channel_affine"):
+        F.channel_affine(T64(x2), T64(a[:4]), T64(b))
+
+
+def test_batch_norm_jit_matches_eager():
+    r = rng(10)
+    x = r.normal(0.5, 2.0, size=(6, 4, 5, 5))
+    bn = nn.BatchNorm2d(4, dtype=jn.float64)
+    bn.gamma.assign(r.normal(size=4))
+    bn.beta.assign(r.normal(size=4))
+    w = T64(r.normal(size=x.shape))
+
+    def f(x):
+        return ((bn(x) * w) ** 2).sum()
+    ge = jn.grad(f)(T64(x)).numpy()
+    gj = jn.jit(jn.grad(f))(T64(x)).numpy()
+    np.testing.assert_allclose(gj, ge, rtol=1e-10, atol=1e-10)
+    n = 6 * 25
+    mu, var = x.mean((0, 2, 3)), x.var((0, 2, 3)) * n / (n - 1)
+    np.testing.assert_allclose(bn.moving_mean.numpy(), 0.19 * mu, rtol=1e-10)    # two updates of 0.1
+    np.testing.assert_allclose(bn.moving_var.numpy(), 0.81 + 0.19 * var, rtol=1e-10)
+
+
 def test_dropout_train_eval():
     jn.random.seed(0)
     x = jn.ones((200, 50))

@@ -487,6 +487,91 @@ def dropout(x, rate=0.5, training=True):
     return x * (mask * (1.0 / keep))
 
 
+def _ncs(x):
+    """x (N, C, ...) as a contiguous (N, C, S) array."""
+    return _c(x).reshape(x.shape[0], x.shape[1], -1)
+
+
+def _channel_shape(x):
+    return (1, x.shape[1]) + (1,) * (x.ndim - 2)
+
+
+def _bn_moments_impl(x):
+    out = np.empty((2, x.shape[1]), x.dtype)
+    KC.bn_moments(_ncs(x), out)
+    return out
+
+
+def _bn_moments_vjp(g, ans, ins, needs):
+    x = ins[0]
+    shape = _channel_shape(x)
+    n = x.size // x.shape[1]
+    gm, gv, m = (ops.reshape(ops.getitem(t, i), shape) for t, i in ((g, 0), (g, 1), (ans, 0)))
+    return ((gm + gv * 2.0 * (x - ops.stop_gradient(m))) * (1.0 / n),)
+
+
+def _channel_affine_impl(x, a, b):
+    y = np.empty(x.shape, x.dtype)
+    KC.channel_affine(_ncs(x), _c(a), _c(b), y.reshape(x.shape[0], x.shape[1], -1))
+    return y
+
+
+def _channel_affine_sums_impl(g, x):
+    out = np.empty((2, x.shape[1]), x.dtype)
+    KC.channel_affine_sums(_ncs(g), _ncs(x), out)
+    return out
+
+
+def _channel_affine_vjp(g, ans, ins, needs):
+    x, a, _ = ins
+    gx = g * ops.reshape(a, _channel_shape(x)) if needs[0] else None
+    if not (needs[1] or needs[2]):
+        return gx, None, None
+    sums = apply(CHANNEL_AFFINE_SUMS, g, x)          # one pass over g and x for both parameter gradients
+    return gx, ops.getitem(sums, 1), ops.getitem(sums, 0)
+
+
+def _no_second_order_bn(g, ans, ins, needs):
+    raise NotImplementedError("channel_affine_sums: a gradient of the batch-norm gradient is not implemented")
+
+
+BN_MOMENTS = Primitive("bn_moments", impl={"cpu": _bn_moments_impl}, vjp=_bn_moments_vjp)
+CHANNEL_AFFINE = Primitive("channel_affine", impl={"cpu": _channel_affine_impl}, vjp=_channel_affine_vjp)
+CHANNEL_AFFINE_SUMS = Primitive("channel_affine_sums", impl={"cpu": _channel_affine_sums_impl},
+                                vjp=_no_second_order_bn)
+
+
+def batch_moments(x):
+    """Return (mean, biased variance) of x (N, C, ...) per channel (axis 1), each (C,).
+
+    On the CPU one pass over x (float64 sums); the gradient is the usual (g_mean + 2 g_var (x - mean)) / n.
+    """
+    x = _t(x)
+    if x.ndim < 2:
+        raise ValueError(f"batch_moments: input must have a batch and a channel axis, got shape {x.shape}")
+    if x.is_cuda or x.dtype.kind != "f" or x.size == 0:
+        axes = (0,) + tuple(range(2, x.ndim))
+        return ops.mean(x, axes), ops.var(x, axes)
+    st = apply(BN_MOMENTS, x)
+    return ops.getitem(st, 0), ops.getitem(st, 1)
+
+
+def channel_affine(x, a, b):
+    """Return x * a[c] + b[c] along the channel axis 1 of x (N, C, ...): one pass on the CPU, and one pass over
+    the output gradient and x for both a's and b's gradients."""
+    x, a, b = _t(x), _t(a), _t(b)
+    if a.shape != (x.shape[1],) or b.shape != (x.shape[1],):
+        raise ValueError(f"channel_affine: a {a.shape} and b {b.shape} must be ({x.shape[1]},) for x {x.shape}")
+    if x.is_cuda or x.dtype.kind != "f" or x.size == 0:
+        shape = _channel_shape(x)
+        return x * ops.reshape(a, shape) + ops.reshape(b, shape)
+    if a.dtype != x.dtype:
+        a = a.astype(x.dtype)
+    if b.dtype != x.dtype:
+        b = b.astype(x.dtype)
+    return apply(CHANNEL_AFFINE, x, a, b)
+
+
 def batch_norm(x, mean, var, gamma=None, beta=None, eps=1e-5, axis=1):
     """Return (x - mean) / sqrt(var + eps) * gamma + beta, with the statistics broadcast along ``axis``."""
     x = _t(x)

@@ -148,15 +148,21 @@ class _BatchNorm(Module):
         n = int(np.prod([x.shape[a] for a in axes]))
         if n < 2:
             raise ValueError(f"{name}: training needs more than one value per channel, got input shape {x.shape}")
-        mean = ops.mean(x, axes)
-        var = ops.var(x, axes)
+        mean, var = F.batch_moments(x)
         m = self.momentum
         with no_grad():
             mm = ops.stop_gradient(mean)
             vv = ops.stop_gradient(var) * (n / (n - 1.0))
             self.moving_mean.assign(self.moving_mean * (1.0 - m) + mm * m)
             self.moving_var.assign(self.moving_var * (1.0 - m) + vv * m)
-        return F.batch_norm(x, mean, var, self.gamma, self.beta, self.eps)
+        # y = x * a + b per channel: the (C,)-sized algebra stays in ops, the two passes over x are primitives
+        a = ops.reciprocal(ops.sqrt(var + self.eps))
+        if self.gamma is not None:
+            a = a * self.gamma
+        b = -mean * a
+        if self.beta is not None:
+            b = b + self.beta
+        return F.channel_affine(x, a, b)
 
     def extra_repr(self):
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
