@@ -861,18 +861,23 @@ def nn_lstm_step(xw, s_prev, whh, b, mask, s_out, use_mask):
         zr, xr = z[r], xw[r]
         for j in range(4 * hd):
             zr[j] += xr[j] + b[j]
+        # slices first: an index like hd + j (signed, runtime hd) makes LLVM gather instead of load
+        zi, zf, zg, zo = zr[:hd], zr[hd:2 * hd], zr[2 * hd:3 * hd], zr[3 * hd:]
+        oh, oc, oi, of, og, oo = (orow[:hd], orow[hd:2 * hd], orow[2 * hd:3 * hd], orow[3 * hd:4 * hd],
+                                  orow[4 * hd:5 * hd], orow[5 * hd:])
+        pc = prow[hd:2 * hd]
         for j in range(hd):
-            orow[2 * hd + j] = sigmoid_v(zr[j])
+            oi[j] = sigmoid_v(zi[j])
         for j in range(hd):
-            orow[3 * hd + j] = sigmoid_v(zr[hd + j])
+            of[j] = sigmoid_v(zf[j])
         for j in range(hd):
-            orow[4 * hd + j] = tanh_v(zr[2 * hd + j])
+            og[j] = tanh_v(zg[j])
         for j in range(hd):
-            orow[5 * hd + j] = sigmoid_v(zr[3 * hd + j])
+            oo[j] = sigmoid_v(zo[j])
         for j in range(hd):
-            orow[hd + j] = orow[3 * hd + j] * prow[hd + j] + orow[2 * hd + j] * orow[4 * hd + j]
+            oc[j] = of[j] * pc[j] + oi[j] * og[j]
         for j in range(hd):
-            orow[j] = orow[5 * hd + j] * tanh_v(orow[hd + j])
+            oh[j] = oo[j] * tanh_v(oc[j])
 
 
 @njit(cache=True, fastmath=_FM, nogil=True, error_model="numpy")
@@ -892,22 +897,27 @@ def nn_lstm_step_dz(g, s, s_prev, mask, dz, use_mask):
                 dr[j] = 0
             continue
         gr, sr, pr = g[r], s[r], s_prev[r]
+        gh, gc, gi, gf, gg_, go = (gr[:hd], gr[hd:2 * hd], gr[2 * hd:3 * hd], gr[3 * hd:4 * hd],
+                                   gr[4 * hd:5 * hd], gr[5 * hd:])
+        sc, si, sf, sg, so = sr[hd:2 * hd], sr[2 * hd:3 * hd], sr[3 * hd:4 * hd], sr[4 * hd:5 * hd], sr[5 * hd:]
+        pc = pr[hd:2 * hd]
+        di, df, dg, do = dr[:hd], dr[hd:2 * hd], dr[2 * hd:3 * hd], dr[3 * hd:]
         for j in range(hd):
-            tc[j] = tanh_v(sr[hd + j])
+            tc[j] = tanh_v(sc[j])
         for j in range(hd):
-            dc[j] = gr[hd + j] + gr[j] * sr[5 * hd + j] * (1 - tc[j] * tc[j])
+            dc[j] = gc[j] + gh[j] * so[j] * (1 - tc[j] * tc[j])
         for j in range(hd):
-            ig = sr[2 * hd + j]
-            dr[j] = (dc[j] * sr[4 * hd + j] + gr[2 * hd + j]) * ig * (1 - ig)
+            ig = si[j]
+            di[j] = (dc[j] * sg[j] + gi[j]) * ig * (1 - ig)
         for j in range(hd):
-            fg = sr[3 * hd + j]
-            dr[hd + j] = (dc[j] * pr[hd + j] + gr[3 * hd + j]) * fg * (1 - fg)
+            fg = sf[j]
+            df[j] = (dc[j] * pc[j] + gf[j]) * fg * (1 - fg)
         for j in range(hd):
-            gg = sr[4 * hd + j]
-            dr[2 * hd + j] = (dc[j] * sr[2 * hd + j] + gr[4 * hd + j]) * (1 - gg * gg)
+            gg = sg[j]
+            dg[j] = (dc[j] * si[j] + gg_[j]) * (1 - gg * gg)
         for j in range(hd):
-            og = sr[5 * hd + j]
-            dr[3 * hd + j] = (gr[j] * tc[j] + gr[5 * hd + j]) * og * (1 - og)
+            og = so[j]
+            do[j] = (gh[j] * tc[j] + go[j]) * og * (1 - og)
 
 
 @njit(cache=True, fastmath=_FM, nogil=True, error_model="numpy")
@@ -930,12 +940,14 @@ def _lstm_dprev(g, dz, s, whh, mask, out, use_mask, add, use_add):
             for j in range(2 * hd):
                 orow[j] = gr[j]
         else:
+            sc, sf, so = sr[hd:2 * hd], sr[3 * hd:4 * hd], sr[5 * hd:]
+            gh, gc, oc = gr[:hd], gr[hd:2 * hd], orow[hd:2 * hd]
             for j in range(hd):
-                tc[j] = tanh_v(sr[hd + j])
+                tc[j] = tanh_v(sc[j])
             for j in range(hd):
                 orow[j] = dht[j, r]
             for j in range(hd):
-                orow[hd + j] = (gr[hd + j] + gr[j] * sr[5 * hd + j] * (1 - tc[j] * tc[j])) * sr[3 * hd + j]
+                oc[j] = (gc[j] + gh[j] * so[j] * (1 - tc[j] * tc[j])) * sf[j]
         if use_add:
             ar = add[r]
             for j in range(2 * hd):
