@@ -34,7 +34,7 @@ def run_jitnet(sentences, a, seed):
     t0 = time.perf_counter()
     vocab = S.Vocab.build(sentences, a.min_count)
     t_vocab = time.perf_counter() - t0
-    sg = S.SkipGram(vocab, a.dim, seed=seed)
+    sg = S.SkipGram(vocab, a.dim, seed=seed, init=a.init)
     # compile / load the kernel from the disk cache, untimed
     S.warm_fast_kernel(sg)
     t0 = time.perf_counter()
@@ -88,6 +88,8 @@ def main(argv=None):
     p.add_argument("--min-count", type=int, default=5)
     p.add_argument("--sample", type=float, default=1e-3)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--init", default="gensim", choices=["gensim", "word2vec"],
+                   help="input-vector initialisation: gensim's uniform(-1/D, 1/D) (the peer's) or word2vec.c's")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     jn.set_num_threads(a.threads)

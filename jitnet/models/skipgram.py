@@ -371,8 +371,8 @@ class SkipGram:
         self.vocab, self.dim = vocab, dim
         rng = np.random.default_rng(seed)
         v = len(vocab)
-        if init == "word2vec":       # uniform(-0.5/D, 0.5/D) inputs, zero outputs
-            w_in = (rng.random((v, dim), dtype=np.float32) - 0.5) / dim
+        if init in ("word2vec", "gensim"):   # uniform(-0.5/D, 0.5/D) (word2vec.c) or (-1/D, 1/D) (gensim 4)
+            w_in = (rng.random((v, dim), dtype=np.float32) - 0.5) * ((1.0 if init == "word2vec" else 2.0) / dim)
             w_out = np.zeros((v, dim), np.float32)
         else:                        # the TensorFlow tutorial: uniform(-1, 1), truncated normal(1/sqrt(D))
             w_in = rng.uniform(-1.0, 1.0, (v, dim)).astype(np.float32)
