@@ -217,3 +217,12 @@ def test_pca_2d_and_cli_registry():
     assert xy.shape == (50, 2) and xy[:, 0].var() > xy[:, 1].var() > 0
     from jitnet.models import get_trainer
     assert get_trainer("skipgram") is S.train_skipgram
+
+
+@pytest.mark.parametrize("init,bound", [("word2vec", 0.5), ("gensim", 1.0)])
+def test_embedding_initialisations(init, bound):
+    v = S.Vocab([f"w{i}" for i in range(400)], np.ones(400, np.int64))
+    sg = S.SkipGram(v, dim=10, seed=3, init=init)
+    w = sg.vectors
+    assert np.abs(w).max() <= bound / 10 and np.abs(w).max() > 0.9 * bound / 10     # uniform(-b/D, b/D)
+    assert not sg.out_weights.numpy().any()
