@@ -30,6 +30,7 @@ F(4x4, 5x5) (a = 8). In float32 their results match direct convolution to a few 
 """
 from __future__ import annotations
 
+import threading
 from fractions import Fraction
 
 import numpy as np
@@ -106,10 +107,15 @@ MIN_CHANNELS = {3: 32, 5: 16}
 
 
 def supported(x_shape, w_shape, stride, dilation, dtype):
-    """True where a conv2d of these shapes runs (and pays) in Winograd tiles."""
+    """True where a conv2d of these shapes runs (and pays) in Winograd tiles.
+
+    Only on the main thread: the transform kernels are always parallel, and Numba's workqueue layer takes
+    parallel launches from one thread at a time (elsewhere the im2col path runs its serial kernels).
+    """
     o, c, kh, kw = w_shape
     return (stride == (1, 1) and dilation == (1, 1) and kh == kw and kh in TILE
-            and min(c, o) >= MIN_CHANNELS[kh] and np.dtype(dtype) in (np.float32, np.float64))
+            and min(c, o) >= MIN_CHANNELS[kh] and np.dtype(dtype) in (np.float32, np.float64)
+            and threading.current_thread() is threading.main_thread())
 
 
 # --------------------------------------------------------------------------------------------------------------

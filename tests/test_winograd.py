@@ -85,3 +85,20 @@ def test_ineligible_convs_stay_on_im2col():
     assert W.supported((2, 16, 9, 9), (16, 16, 5, 5), (1, 1), (1, 1), np.float32)
     assert not W.supported((2, 32, 9, 9), (32, 32, 3, 5), (1, 1), (1, 1), np.float32)   # not square
     assert not W.supported((2, 32, 9, 9), (32, 32, 7, 7), (1, 1), (1, 1), np.float32)   # no tile for 7x7
+
+
+def test_other_threads_use_im2col():
+    import threading
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(W.supported((2, 16, 9, 9), (16, 16, 5, 5), (1, 1), (1, 1),
+                                                                np.float32)))
+    t.start()
+    t.join()
+    assert seen == [False]
+    x = jn.tensor(rng(1).normal(size=(2, 16, 6, 6)))
+    w = jn.tensor(rng(2).normal(size=(16, 16, 5, 5)))
+    out = []
+    t = threading.Thread(target=lambda: out.append(F.conv2d(x, w, padding="same").numpy()))
+    t.start()
+    t.join()
+    np.testing.assert_allclose(out[0], F.conv2d(x, w, padding="same").numpy(), rtol=1e-10, atol=1e-10)
