@@ -249,13 +249,15 @@ class LSTM(_SeqBase):
         for i, cell in enumerate(self.cells()):
             if state is None:
                 h = c = ops.zeros((bsz, hd), x.dtype)
+                s0 = ops.zeros((bsz, 6 * hd), x.dtype)      # the packed zero state, no concatenation
             else:
                 h, c = _t(state[0])[i], _t(state[1])[i]
+                s0 = F.lstm_state(h, c)
             xw = ops.matmul(seq, cell.W_ih)            # the input projection of every step: one GEMM
             if seq.shape[0] == 0:
                 seq = ops.zeros((0, bsz, hd), x.dtype)
             else:                                      # every step in one primitive (a kernel call each way)
-                S = F.lstm_seq(xw, F.lstm_state(h, c), cell.W_hh, cell.b, mask=mt)
+                S = F.lstm_seq(xw, s0, cell.W_hh, cell.b, mask=mt)
                 seq, h, c = S[:, :, :hd], S[-1, :, :hd], S[-1, :, hd:2 * hd]
             hs_final.append(h)
             cs_final.append(c)
