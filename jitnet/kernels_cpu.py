@@ -896,28 +896,33 @@ def nn_lstm_step_dz(g, s, s_prev, mask, dz, use_mask):
             for j in range(4 * hd):
                 dr[j] = 0
             continue
-        gr, sr, pr = g[r], s[r], s_prev[r]
-        gh, gc, gi, gf, gg_, go = (gr[:hd], gr[hd:2 * hd], gr[2 * hd:3 * hd], gr[3 * hd:4 * hd],
-                                   gr[4 * hd:5 * hd], gr[5 * hd:])
-        sc, si, sf, sg, so = sr[hd:2 * hd], sr[2 * hd:3 * hd], sr[3 * hd:4 * hd], sr[4 * hd:5 * hd], sr[5 * hd:]
-        pc = pr[hd:2 * hd]
-        di, df, dg, do = dr[:hd], dr[hd:2 * hd], dr[2 * hd:3 * hd], dr[3 * hd:]
-        for j in range(hd):
-            tc[j] = tanh_v(sc[j])
-        for j in range(hd):
-            dc[j] = gc[j] + gh[j] * so[j] * (1 - tc[j] * tc[j])
-        for j in range(hd):
-            ig = si[j]
-            di[j] = (dc[j] * sg[j] + gi[j]) * ig * (1 - ig)
-        for j in range(hd):
-            fg = sf[j]
-            df[j] = (dc[j] * pc[j] + gf[j]) * fg * (1 - fg)
-        for j in range(hd):
-            gg = sg[j]
-            dg[j] = (dc[j] * si[j] + gg_[j]) * (1 - gg * gg)
-        for j in range(hd):
-            og = so[j]
-            do[j] = (gh[j] * tc[j] + go[j]) * og * (1 - og)
+        _lstm_row_dz(g[r], s[r], s_prev[r], dr, tc, dc, hd)
+
+
+@njit(cache=True, fastmath=_FM, nogil=True, error_model="numpy")
+def _lstm_row_dz(gr, sr, pr, dr, tc, dc, hd):
+    """dz of one row (see nn_lstm_step_dz); leaves tanh(c) in tc and dc = d c in dc."""
+    gh, gc, gi, gf, gg_, go = (gr[:hd], gr[hd:2 * hd], gr[2 * hd:3 * hd], gr[3 * hd:4 * hd], gr[4 * hd:5 * hd],
+                               gr[5 * hd:])
+    sc, si, sf, sg, so = sr[hd:2 * hd], sr[2 * hd:3 * hd], sr[3 * hd:4 * hd], sr[4 * hd:5 * hd], sr[5 * hd:]
+    pc = pr[hd:2 * hd]
+    di, df, dg, do = dr[:hd], dr[hd:2 * hd], dr[2 * hd:3 * hd], dr[3 * hd:]
+    for j in range(hd):
+        tc[j] = tanh_v(sc[j])
+    for j in range(hd):
+        dc[j] = gc[j] + gh[j] * so[j] * (1 - tc[j] * tc[j])
+    for j in range(hd):
+        ig = si[j]
+        di[j] = (dc[j] * sg[j] + gi[j]) * ig * (1 - ig)
+    for j in range(hd):
+        fg = sf[j]
+        df[j] = (dc[j] * pc[j] + gf[j]) * fg * (1 - fg)
+    for j in range(hd):
+        gg = sg[j]
+        dg[j] = (dc[j] * si[j] + gg_[j]) * (1 - gg * gg)
+    for j in range(hd):
+        og = so[j]
+        do[j] = (gh[j] * tc[j] + go[j]) * og * (1 - og)
 
 
 @njit(cache=True, fastmath=_FM, nogil=True, error_model="numpy")
@@ -974,35 +979,15 @@ def _lstm_bwd_step(g, s, s_prev, whh, mask, use_mask, dz, out, add, use_add):
     for r in range(bsz):
         dr, orow, gr = dz[r], out[r], g[r]
         oc = orow[hd:2 * hd]
-        gh, gc = gr[:hd], gr[hd:2 * hd]
+        gc = gr[hd:2 * hd]
         if use_mask and mask[r] == 0:
             for j in range(4 * hd):
                 dr[j] = 0
             for j in range(hd):
                 oc[j] = gc[j]
         else:
-            sr, pr = s[r], s_prev[r]
-            gi, gf, gg_, go = gr[2 * hd:3 * hd], gr[3 * hd:4 * hd], gr[4 * hd:5 * hd], gr[5 * hd:]
-            sc, si, sf, sg, so = (sr[hd:2 * hd], sr[2 * hd:3 * hd], sr[3 * hd:4 * hd], sr[4 * hd:5 * hd],
-                                  sr[5 * hd:])
-            pc = pr[hd:2 * hd]
-            di, df, dg, do = dr[:hd], dr[hd:2 * hd], dr[2 * hd:3 * hd], dr[3 * hd:]
-            for j in range(hd):
-                tc[j] = tanh_v(sc[j])
-            for j in range(hd):
-                dc[j] = gc[j] + gh[j] * so[j] * (1 - tc[j] * tc[j])
-            for j in range(hd):
-                ig = si[j]
-                di[j] = (dc[j] * sg[j] + gi[j]) * ig * (1 - ig)
-            for j in range(hd):
-                fg = sf[j]
-                df[j] = (dc[j] * pc[j] + gf[j]) * fg * (1 - fg)
-            for j in range(hd):
-                gg = sg[j]
-                dg[j] = (dc[j] * si[j] + gg_[j]) * (1 - gg * gg)
-            for j in range(hd):
-                og = so[j]
-                do[j] = (gh[j] * tc[j] + go[j]) * og * (1 - og)
+            _lstm_row_dz(gr, s[r], s_prev[r], dr, tc, dc, hd)
+            sf = s[r][3 * hd:4 * hd]
             for j in range(hd):
                 oc[j] = dc[j] * sf[j]
         rest = orow[2 * hd:]
