@@ -48,6 +48,13 @@ def compare(fn_a, fn_b, repeats, per_block=3, gap=0.3, warmup=2):
     return statistics.median(ta), statistics.median(tb)
 
 
+def set_blas_threads_env(n):
+    """Set the BLAS/OpenMP thread variables to ``n`` (call before NumPy or PyTorch load their libraries)."""
+    import os
+    for v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[v] = str(n)
+
+
 def set_threads(n):
     """Set jitnet's and (if installed) PyTorch's thread counts to ``n``."""
     import jitnet as jn

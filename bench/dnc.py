@@ -31,11 +31,6 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
-def _set_blas_threads(n):
-    for v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[v] = str(n)
-
-
 def torch_dnc(torch, net):
     """Return a PyTorch module computing the same function as jitnet DNC ``net``, with a copy of its weights."""
     F = torch.nn.functional
@@ -115,7 +110,8 @@ def main(argv=None):
     ap.add_argument("--train-steps", type=int, default=0, help="then train copy for N steps and report bit error")
     ap.add_argument("--json", default=None, help="write the rows here")
     args = ap.parse_args(argv)
-    _set_blas_threads(args.threads)
+    from _util import set_blas_threads_env
+    set_blas_threads_env(args.threads)
 
     import numpy as np
     import torch

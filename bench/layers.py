@@ -14,18 +14,15 @@ import os
 import sys
 
 
-def _set_blas_threads(n):
-    for v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[v] = str(n)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--only", choices=["conv", "lstm"], default=None)
     args = ap.parse_args(argv)
-    _set_blas_threads(args.threads)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _util import set_blas_threads_env
+    set_blas_threads_env(args.threads)
 
     import numpy as np
     import torch
@@ -40,7 +37,6 @@ def main(argv=None):
     except ImportError:
         pass
 
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from _util import compare as timeit
 
     rows = []
