@@ -321,6 +321,17 @@ def _input_tiles(x, r, pads, m, ty, tx, mod):
     return v
 
 
+#: Scratch budget per batch chunk: the transformed tiles of the input (and of the output) take about
+#: (a/m)^2 times the input (4x for F(4x4, 5x5)), so large batches run in chunks of images whose planes fit.
+CHUNK_BYTES = 64 << 20
+
+
+def _batch_chunks(n, ty, tx, a, lanes, itemsize):
+    per_image = ty * tx * a * a * max(lanes) * itemsize
+    nb = max(1, min(n, CHUNK_BYTES // max(per_image, 1)))
+    return [(i, min(n, i + nb)) for i in range(0, n, nb)]
+
+
 def conv2d(x, w, b, pads):
     """Stride-1 cross-correlation of x (N, C, H, W) with w (O, C, r, r) (+ b) in Winograd tiles."""
     n, c, h, wd = x.shape
@@ -329,17 +340,20 @@ def conv2d(x, w, b, pads):
     a = m + r - 1
     oh, ow, ty, tx = _geometry(h, wd, r, pads, m)
     mod = _kernels(m, r, x.dtype)
-    v = _input_tiles(x, r, pads, m, ty, tx, mod)
     _, G, _ = _float_mats(m, r)
     # U[xi*a+nu] (C, O) = (G g G^T)[xi, nu] for each filter g = w[o, c]
     u = np.einsum("ir,ocrs,js->ijco", G, w.astype(np.float64), G, optimize=True)
     u = np.ascontiguousarray(u.reshape(a * a, c, o), dtype=x.dtype)
-    mbuf, mx = _planes("m", ty * tx * n, a * a, o, x.dtype)
-    _gemms(v, u, mx)
-    y = _work("y", (n, ty * m, tx * m, o), x.dtype)
-    mod.output_transform(mbuf, y, tx, ty * tx)
     out = np.empty((n, o, oh, ow), x.dtype)
-    from_nhwc(y, out, b if b is not None else np.zeros(1, x.dtype), b is not None)
+    bias = b if b is not None else np.zeros(1, x.dtype)
+    for n0, n1 in _batch_chunks(n, ty, tx, a, (c, o), x.itemsize):
+        k = n1 - n0
+        v = _input_tiles(x[n0:n1], r, pads, m, ty, tx, mod)
+        mbuf, mx = _planes("m", ty * tx * k, a * a, o, x.dtype)
+        _gemms(v, u, mx)
+        y = _work("y", (k, ty * m, tx * m, o), x.dtype)
+        mod.output_transform(mbuf, y, tx, ty * tx)
+        from_nhwc(y, out[n0:n1], bias, b is not None)
     return out
 
 
@@ -351,13 +365,21 @@ def conv2d_grad_weight(x, g, w_shape, pads):
     a = m + r - 1
     oh, ow, ty, tx = _geometry(h, wd, r, pads, m)
     mod = _kernels(m, r, x.dtype)
-    v = _input_tiles(x, r, pads, m, ty, tx, mod)
-    gp = _work("y", (n, ty * m, tx * m, o), x.dtype)
-    to_nhwc(np.ascontiguousarray(g), gp, 0, 0)
-    dbuf, dm = _planes("m", ty * tx * n, a * a, o, x.dtype)
-    mod.output_transform_adjoint(gp, dbuf, tx, ty * tx)
     du = np.empty((a * a, c, o), x.dtype)
-    _gemms_tn(v, dm, du)
+    part = None
+    for n0, n1 in _batch_chunks(n, ty, tx, a, (c, o), x.itemsize):
+        k = n1 - n0
+        v = _input_tiles(x[n0:n1], r, pads, m, ty, tx, mod)
+        gp = _work("y", (k, ty * m, tx * m, o), x.dtype)
+        to_nhwc(np.ascontiguousarray(g[n0:n1]), gp, 0, 0)
+        dbuf, dm = _planes("m", ty * tx * k, a * a, o, x.dtype)
+        mod.output_transform_adjoint(gp, dbuf, tx, ty * tx)
+        if n0 == 0:
+            _gemms_tn(v, dm, du)
+        else:                                   # later chunks add their products
+            part = np.empty_like(du) if part is None else part
+            _gemms_tn(v, dm, part)
+            du += part
     _, G, _ = _float_mats(m, r)
     dw = np.einsum("ir,ijco,js->ocrs", G, du.reshape(a, a, c, o).astype(np.float64), G, optimize=True)
     return np.ascontiguousarray(dw, dtype=x.dtype)

@@ -36,16 +36,14 @@ import time
 import numpy as np
 from numba import njit
 
-from jitnet.blas import gemm
-
 import jitnet as jn
 import jitnet.nn as nn
 import jitnet.nn.functional as F
 from jitnet import ops
 from jitnet.autodiff.core import Primitive, apply
 from jitnet.data import seq_tasks as T
-from jitnet.kernels_cpu import nn_lstm_step_dprev, nn_lstm_step_dz
-from jitnet.kernels_scalar import sigmoid_v, tanh_v
+from jitnet.kernels_cpu import nn_lstm_step, nn_lstm_step_dprev, nn_lstm_step_dz
+from jitnet.kernels_scalar import tanh_v
 from jitnet.tensor import Tensor, _infer_array
 
 __all__ = ["lstm_step_fused", "lstm_state", "additive_attention_step", "additive_attention_weights",
@@ -61,42 +59,16 @@ _FM = {"reassoc", "nsz", "arcp", "contract"}     # fast math without nnan/ninf: 
 # LSTM step over a packed state s = [h, c, i, f, g, o] (B, 6H): the gates are kept for the backward pass
 # ==============================================================================================================
 
-# Every inner loop below is one simple pass over a row (LLVM vectorizes those; a loop body touching many arrays
-# at once is left scalar, 5x slower here).
-
 @njit(cache=True, fastmath=_FM, nogil=True, error_model="numpy")
 def lstm_fwd_kernel(xw, s_prev, whh, mask, s_out, use_mask):
-    """One LSTM step: z = xw + h @ whh (BLAS), gates [i, f, g, o]; rows with mask 0 keep h and c."""
-    bsz = xw.shape[0]
-    hd = whh.shape[0]
-    z = np.empty((bsz, 4 * hd), xw.dtype)
-    gemm(s_prev[:, :hd], whh, z)
-    for r in range(bsz):
-        orow, prow = s_out[r], s_prev[r]
-        if use_mask and mask[r] == 0:
-            for j in range(2 * hd):
-                orow[j] = prow[j]
-            for j in range(2 * hd, 6 * hd):
-                orow[j] = 0
-            continue
-        zr, xr = z[r], xw[r]
-        for j in range(4 * hd):
-            zr[j] += xr[j]
-        for j in range(hd):
-            orow[2 * hd + j] = sigmoid_v(zr[j])
-        for j in range(hd):
-            orow[3 * hd + j] = sigmoid_v(zr[hd + j])
-        for j in range(hd):
-            orow[4 * hd + j] = tanh_v(zr[2 * hd + j])
-        for j in range(hd):
-            orow[5 * hd + j] = sigmoid_v(zr[3 * hd + j])
-        for j in range(hd):
-            orow[hd + j] = orow[3 * hd + j] * prow[hd + j] + orow[2 * hd + j] * orow[4 * hd + j]
-        for j in range(hd):
-            orow[j] = orow[5 * hd + j] * tanh_v(orow[hd + j])
+    """One LSTM step: z = xw + h @ whh (BLAS), gates [i, f, g, o]; rows with mask 0 keep h and c.
+
+    jitnet.nn's step kernel with a zero bias (the decoder folds its bias into xw).
+    """
+    nn_lstm_step(xw, s_prev, whh, np.zeros(4 * whh.shape[0], xw.dtype), mask, s_out, use_mask)
 
 
-# the backward kernels are jitnet.nn's (the same packed state; its forward kernel also adds a bias)
+# the backward kernels are jitnet.nn's too (the same packed state)
 lstm_dz_kernel = nn_lstm_step_dz
 lstm_dprev_kernel = nn_lstm_step_dprev
 
