@@ -216,6 +216,7 @@ def cmd_info(args) -> int:
         ("threading layer", layer),
         ("threads", f"{numba.get_num_threads()} (NUMBA_NUM_THREADS={numba.config.NUMBA_NUM_THREADS})"),
         ("denormals flushed", ftz + (f" [JITNET_FLUSH_DENORMALS={env}]" if env is not None else "")),
+        ("malloc tuned", _malloc_line()),
         ("kernel cache", cdir),
         ("kernel cache size", f"{mb:.1f} MB in {nfiles} files"),
         ("numba cache", _numba_cache_line()),
@@ -228,6 +229,14 @@ def cmd_info(args) -> int:
         for k, v in rows:
             print(f"{k:<{w}}  {v}")
     return 0
+
+
+def _malloc_line():
+    from jitnet import runtime
+    env = os.environ.get("JITNET_MALLOC_TUNING")
+    v = ("yes (large freed blocks kept for reuse: mmap threshold 32 MiB, trim threshold 1 GiB)"
+         if runtime.malloc_tuned else "no")
+    return v + (f" [JITNET_MALLOC_TUNING={env}]" if env is not None else "")
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -92,7 +92,7 @@ def test_info_prints_cache_dir_and_runtime(caches):
     out = p.stdout
     assert str(caches / "kernels") in out
     for key in ("numba", "numpy", "llvmlite", "python", "threading layer", "threads", "denormals flushed",
-                "kernel cache size", "cuda available"):
+                "malloc tuned", "kernel cache size", "cuda available"):
         assert key in out, key
     if X86_64:
         assert "denormals flushed  yes" in out
