@@ -16,17 +16,19 @@ convolution of the output gradient with the flipped, transposed filters (``nn.fu
 filter gradient is the adjoint of the forward map: dM = A dY A^T per output block, dU[xi nu] = V[xi nu]^T dM[xi
 nu] (one long-K GEMM per position), dg = G^T dU G. It is the exact gradient of the forward computation.
 
-Layout: the transforms vectorize over the batch and channel axes, so the kernels work on "HWQ" arrays (rows,
-columns, N*C) that ``to_hwq`` / ``from_hwq`` transpose to and from NCHW (with the zero padding and the cropping
-of the last partial tiles). The transform kernels are generated for each (m, r) and dtype with the matrices'
-entries as literals and zero terms dropped, written through ``kernelgen.load_source`` (so they are cached on
-disk like every generated kernel): each job transforms one tile for a block of QB lanes in two passes (rows,
-then columns) through a small scratch block that stays in L1.
+Layout: the transforms vectorize over channels, so images are NHWC (``to_nhwc`` / ``from_nhwc`` transpose to
+and from NCHW, with the zero padding and the cropping of the last partial tiles), and the transformed tiles
+live in "planes": row t*N + n holds tile t of image n as a*a runs of channels, and the GEMMs read position
+(xi, nu) of every row through a leading dimension. The transform kernels are generated for each (m, r) and
+dtype with the matrices' entries as literals and zero terms dropped, written through ``kernelgen.load_source``
+(so they are cached on disk like every generated kernel): each job transforms one (tile, image) block, LB
+channels at a time, in two passes (rows, then columns) between scratch buffers that stay in L1. Large
+batches run in chunks (``CHUNK_BYTES``).
 
 The transforms come from the Toom-Cook construction on the points 0, 1, -1, 2, -2, 1/2, -1/2, ... and infinity
 (``matrices``); B^T is solved exactly (fractions) from the defining identity. Tiles: F(4x4, 3x3) (a = 6) and
-F(4x4, 5x5) (a = 8). In float32 their results match direct convolution to a few ulps of the output's scale
-(tests/test_winograd.py measures it).
+F(4x4, 5x5) (a = 8). In float32 their results match direct convolution to about 3e-6 of the output's scale
+(tests/test_winograd.py checks 2e-5).
 """
 from __future__ import annotations
 
