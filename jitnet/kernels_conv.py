@@ -23,6 +23,20 @@ from numba import njit, prange
 from .kernels_cpu import _FM, Adaptive
 
 
+_WORKSPACE: dict = {}
+
+
+def workspace(size, dtype, tag="cols"):
+    """Return a reusable 1-D scratch buffer of at least ``size`` elements (one per tag and dtype): the
+    convolutions' multi-megabyte scratch would otherwise cost more in page faults than the kernels filling it."""
+    key = (tag, np.dtype(dtype))
+    buf = _WORKSPACE.get(key)
+    if buf is None or buf.size < size:
+        buf = np.empty(size, key[1])
+        _WORKSPACE[key] = buf
+    return buf[:size]
+
+
 # ==============================================================================================================
 # im2col / col2im over a chunk of images
 # ==============================================================================================================

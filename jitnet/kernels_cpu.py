@@ -928,12 +928,6 @@ def _lstm_row_dz(gr, sr, pr, dr, tc, dc, hd):
 @njit(cache=True, fastmath=_FM, nogil=True, error_model="numpy")
 def nn_lstm_step_dprev(g, dz, s, whh, mask, out, use_mask):
     """Write d s_prev (B, 6H) = [dz @ whh.T, dc * f, 0, 0, 0, 0]; rows with mask 0 pass g's h and c through."""
-    _lstm_dprev(g, dz, s, whh, mask, out, use_mask, out, False)
-
-
-@njit(cache=True, fastmath=_FM, nogil=True, error_model="numpy")
-def _lstm_dprev(g, dz, s, whh, mask, out, use_mask, add, use_add):
-    """nn_lstm_step_dprev, plus ``add`` (B, 6H) when use_add (the reverse loop's next g in the same pass)."""
     bsz = s.shape[0]
     hd = whh.shape[0]
     dht = np.empty((hd, bsz), dtype=dz.dtype)       # (dz @ whh.T).T: this operand order is ~1.8x faster in
@@ -953,20 +947,13 @@ def _lstm_dprev(g, dz, s, whh, mask, out, use_mask, add, use_add):
                 orow[j] = dht[j, r]
             for j in range(hd):
                 oc[j] = (gc[j] + gh[j] * so[j] * (1 - tc[j] * tc[j])) * sf[j]
-        if use_add:
-            ar = add[r]
-            for j in range(2 * hd):
-                orow[j] += ar[j]
-            for j in range(2 * hd, 6 * hd):
-                orow[j] = ar[j]
-        else:
-            for j in range(2 * hd, 6 * hd):
-                orow[j] = 0
+        for j in range(2 * hd, 6 * hd):
+            orow[j] = 0
 
 
 @njit(cache=True, fastmath=_FM, nogil=True, error_model="numpy")
 def _lstm_bwd_step(g, s, s_prev, whh, mask, use_mask, dz, out, add, use_add):
-    """One step of the reverse loop: ``nn_lstm_step_dz`` and ``_lstm_dprev`` in one pass over the rows.
+    """One step of the reverse loop: ``nn_lstm_step_dz`` and ``nn_lstm_step_dprev`` in one pass over the rows.
 
     Writes dz (B, 4H) from g = d s (B, 6H), and out = d s_prev (+ add when use_add) = [dz @ whh.T, dc * f, 0,
     0, 0, 0]; masked rows get dz = 0 and pass g's h and c through. tanh(c) and dc are computed once per row

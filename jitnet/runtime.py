@@ -212,10 +212,14 @@ def denormal_state() -> dict:
             "threads": int(len(set(tid.tolist())))}
 
 
+def _env_off(name) -> bool:
+    """True when the on-by-default switch ``name`` is set to 0/false/no/off."""
+    return os.environ.get(name, "1").strip().lower() in ("0", "false", "no", "off")
+
+
 def _flush_on_import() -> None:
     """Apply ``JITNET_FLUSH_DENORMALS`` (default on; 0/false/no/off disables) when jitnet is imported."""
-    v = os.environ.get("JITNET_FLUSH_DENORMALS", "1").strip().lower()
-    if v in ("0", "false", "no", "off"):
+    if _env_off("JITNET_FLUSH_DENORMALS"):
         return
     try:
         _flush_main_thread_then_workers()
@@ -253,8 +257,7 @@ malloc_tuned = False
 def _tune_malloc_on_import() -> None:
     """Apply ``JITNET_MALLOC_TUNING`` (default on, glibc only; 0/false/no/off leaves malloc alone)."""
     global malloc_tuned
-    v = os.environ.get("JITNET_MALLOC_TUNING", "1").strip().lower()
-    if v in ("0", "false", "no", "off") or sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+    if _env_off("JITNET_MALLOC_TUNING") or sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
         return
     try:
         libc = ctypes.CDLL("libc.so.6")

@@ -40,6 +40,7 @@ from numba import njit, prange
 
 from . import kernelgen
 from .blas import gemm
+from .kernels_conv import workspace
 
 __all__ = ["matrices", "supported", "conv2d", "conv2d_grad_weight", "TILE"]
 
@@ -163,7 +164,8 @@ def _separable(name, doc, p1, p2, rin, cin, src_image, tname):
          f"        for i in range({rin}):", f"            for j in range({cin}):",
          f"                o = (i * {cin} + j) * LB"]
     if src_image:
-        L += ["                for k in range(nl):", "                    bi[o + k] = src[n, y0 + i, x0 + j, u64(c0 + k)]"]
+        L += ["                for k in range(nl):",
+              "                    bi[o + k] = src[n, y0 + i, x0 + j, u64(c0 + k)]"]
     else:
         L += [f"                s0 = (i * {cin} + j) * nc + c0", "                for k in range(nl):",
               "                    bi[o + k] = src[row, u64(s0 + k)]"]
@@ -176,18 +178,20 @@ def _separable(name, doc, p1, p2, rin, cin, src_image, tname):
     L += [f"                w{i} = bt[b0 + {i * n1 * LB} + k]" for i in range(rin)]
     L += [f"                bi[b0 + {xi * n1 * LB} + k] = {_lin(p2[xi], [f'w{i}' for i in range(rin)], tname)}"
           for xi in range(n2)]
-    L += [f"        for i in range({n2}):", f"            for j in range({n1}):", f"                o = (i * {n1} + j) * LB"]
+    L += [f"        for i in range({n2}):", f"            for j in range({n1}):",
+          f"                o = (i * {n1} + j) * LB"]
     if src_image:
         L += [f"                d0 = (i * {n1} + j) * nc + c0", "                for k in range(nl):",
               "                    dst[row, u64(d0 + k)] = bi[o + k]"]
     else:
-        L += ["                for k in range(nl):", "                    dst[n, y0 + i, x0 + j, u64(c0 + k)] = bi[o + k]"]
+        L += ["                for k in range(nl):",
+              "                    dst[n, y0 + i, x0 + j, u64(c0 + k)] = bi[o + k]"]
     L += ["", "", "@njit(parallel=True, cache=True, nogil=True, error_model='numpy')",
           f"def {name}(src, dst, tx_n, n_tiles):", f'    """{doc}"""', f"    nn = {img}.shape[0]",
           "    for job in prange(nn * n_tiles):", "        n = job // n_tiles",
           f"        bi = np.empty({max(rin * cin, n1 * n2) * LB}, src.dtype)",
           f"        bt = np.empty({rin * n1 * LB}, src.dtype)",
-          "        _{name}_job(src, dst, job - n * n_tiles, n, tx_n, bi, bt)".replace("{name}", name), "", ""]
+          f"        _{name}_job(src, dst, job - n * n_tiles, n, tx_n, bi, bt)", "", ""]
     return L
 
 
@@ -289,18 +293,9 @@ def _geometry(h, w, r, pads, m):
     return oh, ow, ty, tx
 
 
-_WORK = {}
-
-
 def _work(tag, shape, dtype):
-    """A reusable scratch array (one per tag and dtype): fresh multi-megabyte arrays cost more in page faults
-    than the transforms that fill them."""
-    size = int(np.prod(shape))
-    key = (tag, np.dtype(dtype))
-    buf = _WORK.get(key)
-    if buf is None or buf.size < size:
-        buf = _WORK[key] = np.empty(size, dtype)
-    return buf[:size].reshape(shape)
+    """A reusable scratch array of ``shape`` (``kernels_conv.workspace``, one per tag and dtype)."""
+    return workspace(int(np.prod(shape)), dtype, "winograd-" + tag).reshape(shape)
 
 
 def _planes(tag, rows, p, lanes, dtype):

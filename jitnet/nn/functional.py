@@ -123,19 +123,6 @@ def _conv_padding(padding, hw, khw, stride, dilation, op):
     raise ValueError(f"{op}: cannot read padding {padding!r}")
 
 
-_WORKSPACE: dict = {}
-
-
-def _workspace(size, dtype, tag="cols"):
-    """Return a reusable 1-D scratch buffer of at least ``size`` elements (one per tag and dtype)."""
-    key = (tag, np.dtype(dtype))
-    buf = _WORKSPACE.get(key)
-    if buf is None or buf.size < size:
-        buf = np.empty(size, key[1])
-        _WORKSPACE[key] = buf
-    return buf[:size]
-
-
 def _geom(xs, ws, stride, pads, dilation):
     n, c, h, w = xs
     o, _, kh, kw = ws
@@ -176,7 +163,7 @@ def _grad_chunks(n, per_image_elems, itemsize, ohw):
 def _im2col(x, n0, n1, kh, kw, stride, pads, dilation, oh, ow):
     """Return the (C*KH*KW, nb*OH*OW) patch matrix of images n0..n1 of contiguous x, in the scratch buffer."""
     c = x.shape[1]
-    cols = _workspace(c * kh * kw * (n1 - n0) * oh * ow, x.dtype).reshape(c * kh * kw, (n1 - n0) * oh * ow)
+    cols = KC.workspace(c * kh * kw * (n1 - n0) * oh * ow, x.dtype).reshape(c * kh * kw, (n1 - n0) * oh * ow)
     KC.im2col_chunk(x[n0:n1], cols, kh, kw, stride[0], stride[1], pads[0][0], pads[1][0], dilation[0],
                     dilation[1], oh, ow)
     return cols
@@ -200,7 +187,7 @@ def _conv2d_impl(x, w, *b, stride, pads, dilation):
             if b:
                 out[n0:n1] += b[0][:, None]
         else:                            # one gemm for the chunk, scattered to NCHW with the bias added
-            y2 = _workspace(o * (n1 - n0) * ohw, x.dtype, "gemm").reshape(o, (n1 - n0) * ohw)
+            y2 = KC.workspace(o * (n1 - n0) * ohw, x.dtype, "gemm").reshape(o, (n1 - n0) * ohw)
             np.dot(w2, cols, out=y2)
             KC.onp_to_nop_bias(y2, _c(b[0]) if b else np.zeros(o, x.dtype), out[n0:n1], bool(b))
     return out.reshape(n, o, oh, ow)
@@ -229,9 +216,9 @@ def _conv2d_grad_input_impl(g, w, *, x_shape, stride, pads, dilation):
         if n1 - n0 == 1:
             g2 = g3[n0]                                  # one image: its (O, OH*OW) gradient is already a matrix
         else:
-            g2 = _workspace(o * (n1 - n0) * ohw, g.dtype, "gemm").reshape(o, (n1 - n0) * ohw)
+            g2 = KC.workspace(o * (n1 - n0) * ohw, g.dtype, "gemm").reshape(o, (n1 - n0) * ohw)
             KC.nop_to_onp(g3[n0:n1], g2)
-        dcols = _workspace(c * kh * kw * (n1 - n0) * ohw, g.dtype).reshape(c * kh * kw, (n1 - n0) * ohw)
+        dcols = KC.workspace(c * kh * kw * (n1 - n0) * ohw, g.dtype).reshape(c * kh * kw, (n1 - n0) * ohw)
         np.dot(w2t, g2, out=dcols)
         KC.col2im_chunk(dcols, dx[n0:n1], kh, kw, stride[0], stride[1], pads[0][0], pads[1][0], dilation[0],
                         dilation[1], oh, ow)
@@ -254,7 +241,7 @@ def _conv2d_grad_weight_impl(x, g, *, w_shape, stride, pads, dilation):
         if n1 - n0 == 1:
             g2 = g3[n0]
         else:
-            g2 = _workspace(o * (n1 - n0) * ohw, g.dtype, "gemm").reshape(o, (n1 - n0) * ohw)
+            g2 = KC.workspace(o * (n1 - n0) * ohw, g.dtype, "gemm").reshape(o, (n1 - n0) * ohw)
             KC.nop_to_onp(g3[n0:n1], g2)
         cols = _im2col(x, n0, n1, kh, kw, stride, pads, dilation, oh, ow)
         if i == 0:
