@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import FEW, gradcheck, pair_shapes, seeds
+from helpers import FEW, gradcheck, pair_shapes, seeds
 from hypothesis import given
 
 import jitnet as jn

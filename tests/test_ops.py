@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import (FEW, SOME, Operand, assert_close, gradcheck, layouts, nonscalar_shapes, pair_shapes,
+from helpers import (FEW, SOME, Operand, assert_close, gradcheck, layouts, nonscalar_shapes, pair_shapes,
                       sample, seeds, shapes)
 from hypothesis import given
 from hypothesis import strategies as st

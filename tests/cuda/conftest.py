@@ -2,8 +2,9 @@
 real GPU when one is present.
 
 CI runs this directory in its own pytest process with the simulator on (``.ci/run``). Without the simulator
-and without a GPU the directory is skipped (``python -m pytest tests`` on a CPU machine), except under CI,
-where that is an error.
+and without a GPU the directory is skipped (``python -m pytest tests`` on a CPU machine),
+unless ``JITNET_REQUIRE_CUDA_TESTS=1`` is set (``.ci/run`` sets it for its simulator run), where that is an
+error.
 
 The simulator runs kernels as Python and its device arrays wrap NumPy arrays, so host code could use them in
 ways a real ``DeviceNDArray`` refuses (NumPy arithmetic, element indexing, implicit copies). Here the simulator
@@ -36,7 +37,7 @@ def _gpu_present():
 
 
 if not SIM and not _gpu_present():
-    if os.environ.get("CI"):
+    if os.environ.get("JITNET_REQUIRE_CUDA_TESTS") == "1":
         raise RuntimeError("tests/cuda need NUMBA_ENABLE_CUDASIM=1 (set before Numba is imported) or a GPU")
     collect_ignore_glob = ["test_*.py"]
 

@@ -1,4 +1,5 @@
-"""Shared hypothesis strategies and helpers for the core's tests (ops, autodiff, errors).
+"""Shared hypothesis strategies and helpers for the core's tests (ops, autodiff, errors): a plain module, not a
+conftest (tests/cuda has its own conftest, and two modules named ``conftest`` collide on import).
 
 Operands are drawn as a *base* array plus a *layout* that turns it into the operand with jitnet view ops, so
 the same construction exercises contiguous, transposed, step-sliced (positive and negative steps) and
