@@ -56,9 +56,11 @@ def set_blas_threads_env(n):
 
 
 def set_threads(n):
-    """Set jitnet's and (if installed) PyTorch's thread counts to ``n``."""
+    """Set jitnet's and (if installed) PyTorch's thread counts to ``n``, and apply the training CLI's process
+    setting (malloc keeps large freed blocks for reuse; it serves both libraries in the process alike)."""
     import jitnet as jn
     jn.set_num_threads(n)
+    jn.set_malloc_tuning(True)
     try:
         import torch
         torch.set_num_threads(n)

@@ -27,7 +27,7 @@ from .tensor import (Device, Parameter, Tensor, Variable, as_tensor, bool_, devi
 from . import cuda  # noqa: E402  (no numba.cuda import until a GPU is used)
 from . import nn  # noqa: E402
 from .runtime import (compile_stats, denormals_flushed, flush_denormals, get_num_threads,  # noqa: E402
-                      set_num_threads)
+                      set_malloc_tuning, set_num_threads)
 from . import data, io  # noqa: E402
 from . import optim  # noqa: E402
 from .autodiff.sparse import IndexedSlices  # noqa: E402
@@ -35,8 +35,8 @@ from .compiler import TracingError, explain, jit  # noqa: E402
 from .compiler.loops import scan, while_loop  # noqa: E402
 from . import runtime as _runtime  # noqa: E402
 
-_runtime._flush_on_import()           # FTZ/DAZ on every kernel thread unless JITNET_FLUSH_DENORMALS=0
-_runtime._tune_malloc_on_import()     # keep large freed blocks for reuse unless JITNET_MALLOC_TUNING=0
+_runtime._flush_on_import()           # FTZ/DAZ only with JITNET_FLUSH_DENORMALS=1 (the process's FP environment)
+_runtime._tune_malloc_on_import()     # malloc tuning only with JITNET_MALLOC_TUNING=1 (the process's allocator)
 
 
 def save(state, path, metadata=None):

@@ -22,7 +22,7 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "workqueue"
 
 __all__ = ["set_num_threads", "get_num_threads", "compile_stats", "flush_denormals", "denormals_flushed",
-           "denormal_state"]
+           "denormal_state", "set_malloc_tuning"]
 
 
 def set_num_threads(n: int) -> None:
@@ -212,14 +212,18 @@ def denormal_state() -> dict:
             "threads": int(len(set(tid.tolist())))}
 
 
-def _env_off(name) -> bool:
-    """True when the on-by-default switch ``name`` is set to 0/false/no/off."""
-    return os.environ.get(name, "1").strip().lower() in ("0", "false", "no", "off")
+def _env_on(name) -> bool:
+    """True when the opt-in switch ``name`` is set to 1/true/yes/on."""
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _flush_on_import() -> None:
-    """Apply ``JITNET_FLUSH_DENORMALS`` (default on; 0/false/no/off disables) when jitnet is imported."""
-    if _env_off("JITNET_FLUSH_DENORMALS"):
+    """Apply ``JITNET_FLUSH_DENORMALS=1`` (opt-in) when jitnet is imported.
+
+    Off by default: FTZ/DAZ is the thread's floating-point environment, shared with NumPy, PyTorch and Python's
+    own float arithmetic, so setting it at import would change the results of code that is not jitnet's.
+    """
+    if not _env_on("JITNET_FLUSH_DENORMALS"):
         return
     try:
         _flush_main_thread_then_workers()
@@ -247,22 +251,39 @@ def _flush_main_thread_then_workers() -> None:
 # glibc returns large freed blocks to the kernel (munmap, or trimming the heap top) and the next allocation of
 # that size faults every page in again, zeroed. A training step allocates the same multi-megabyte activations
 # every call: six live (128, 64, 24, 24) float32 buffers cost 19 ms allocated fresh vs 4.7 ms recycled (2-core
-# machine). jitnet therefore raises malloc's mmap threshold to its maximum (32 MiB on 64-bit) and its trim
-# threshold to 1 GiB, so such blocks stay in the process heap for reuse. The cost: freed memory up to that
-# size is kept by the process instead of returned to the system.
+# machine). ``set_malloc_tuning(True)`` therefore raises malloc's mmap threshold to its maximum (32 MiB on
+# 64-bit) and its trim threshold to 1 GiB, so such blocks stay in the process heap for reuse. The cost: freed
+# memory up to that size is kept by the process instead of returned to the system. malloc's settings belong to
+# the whole process (every library's allocations), so this is opt-in: the training CLI turns it on (it owns
+# its process), a library import never does (``JITNET_MALLOC_TUNING=1`` opts in at import).
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_GLIBC_DEFAULT_THRESHOLD = 128 * 1024        # glibc's initial M_MMAP_THRESHOLD and M_TRIM_THRESHOLD
 malloc_tuned = False
 
 
-def _tune_malloc_on_import() -> None:
-    """Apply ``JITNET_MALLOC_TUNING`` (default on, glibc only; 0/false/no/off leaves malloc alone)."""
+def set_malloc_tuning(enable: bool = True) -> bool:
+    """Keep large freed blocks in the heap for reuse (glibc only); return True if malloc's settings changed.
+
+    This changes the allocator of the whole process, so it is opt-in (``python -m jitnet train`` turns it on).
+    ``set_malloc_tuning(False)`` puts back glibc's initial thresholds (128 KiB each; glibc's own dynamic
+    adjustment of the mmap threshold stays off once any threshold has been set).
+    """
     global malloc_tuned
-    if _env_off("JITNET_MALLOC_TUNING") or sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
-        return
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        return False
     try:
         libc = ctypes.CDLL("libc.so.6")
-        ok = libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(32 << 20))
-        ok &= libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(1 << 30))
-        malloc_tuned = bool(ok)
-    except (OSError, AttributeError):        # never make import fail over an optimisation
-        pass
+        mmap_t, trim_t = (32 << 20, 1 << 30) if enable else (_GLIBC_DEFAULT_THRESHOLD,) * 2
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(mmap_t))
+        ok &= libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(trim_t))
+    except (OSError, AttributeError):
+        return False
+    if ok:
+        malloc_tuned = bool(enable)
+    return bool(ok)
+
+
+def _tune_malloc_on_import() -> None:
+    """Apply ``JITNET_MALLOC_TUNING=1`` (opt-in; glibc only) when jitnet is imported."""
+    if _env_on("JITNET_MALLOC_TUNING"):
+        set_malloc_tuning(True)
