@@ -257,6 +257,9 @@ def cmd_train(args) -> int:
     except KeyError as e:
         print(f"jitnet train: {e.args[0]}", file=sys.stderr)
         return 2
+    from jitnet import runtime
+    if os.environ.get("JITNET_MALLOC_TUNING", "1").strip().lower() not in ("0", "false", "no", "off"):
+        runtime.set_malloc_tuning(True)      # the CLI owns its process: keep activations' memory for reuse
     return int(fn(args.rest) or 0)
 
 
