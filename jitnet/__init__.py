@@ -9,8 +9,10 @@ import warnings as _warnings  # noqa: E402
 from numba.core.errors import NumbaPerformanceWarning as _NPW  # noqa: E402
 
 # Numba's advice about jitnet's own kernels (e.g. np.dot on strided views) is for jitnet's developers, not
-# its users; the kernels that trigger it handle those layouts on purpose.
-_warnings.filterwarnings("ignore", category=_NPW)
+# its users; the kernels that trigger it handle those layouts on purpose. Numba reports a compile warning at
+# the compiled function's file (warn_explicit: the "module" is that path without ".py"), so the filter is
+# limited to jitnet's package and its generated kernels: other code's Numba warnings still show.
+_warnings.filterwarnings("ignore", category=_NPW, module=r".*([/\\]jitnet[/\\]|[/\\]jitnet_k_)")
 # Numba's SSA pass flags a phi variable of the vectorizable float32 exp (kernels_scalar.fexp) as "not in scope"
 # (a pedantic internal check; the compiled code is tested against NumPy): not something a user can act on.
 _warnings.filterwarnings("ignore", message=r"variable '_fexp_overload", module=r"numba\.core\.ssa")

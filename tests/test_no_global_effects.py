@@ -92,3 +92,23 @@ def test_set_malloc_tuning_turns_on_and_off():
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     assert p.stdout.split() == ["True", "True", "True", "False"]
+
+
+def test_import_keeps_other_codes_numba_warnings():
+    code = r'''
+import warnings, numpy as np
+import jitnet
+from numba import njit
+
+@njit
+def f(a, b):
+    return np.dot(a, b)            # non-contiguous operands: Numba warns about performance
+
+a = np.ones((4, 4))
+with warnings.catch_warnings(record=True) as w:
+    f(a[:, ::2], a[::2, :])
+print(sorted({x.category.__name__ for x in w}))
+'''
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "NumbaPerformanceWarning" in p.stdout
