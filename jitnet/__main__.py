@@ -255,7 +255,7 @@ def cmd_train(args) -> int:
     try:
         fn = get_trainer(args.model)
     except KeyError as e:
-        print(f"jitnet train: {e.args[0]}", file=sys.stderr)
+        print(f"jitnet train: error: {e.args[0]}", file=sys.stderr)
         return 2
     from jitnet import runtime
     if os.environ.get("JITNET_MALLOC_TUNING", "1").strip().lower() not in ("0", "false", "no", "off"):
@@ -264,7 +264,10 @@ def cmd_train(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="jitnet", description="jitnet command line")
+    from .models._train import ArgumentParser         # errors in one line, pointing at --help
+    p = ArgumentParser(prog="jitnet", description="jitnet command line")
+    p.add_argument("--traceback", action="store_true",
+                   help="show the full traceback of an error (anywhere on the line; or set JITNET_DEBUG)")
     sub = p.add_subparsers(dest="cmd", metavar="command")
     sub.required = True
 
@@ -292,10 +295,66 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Errors: the user's mistakes are one line and exit 2; bugs keep their traceback
+# --------------------------------------------------------------------------------------------------------------
+
+_OPTIONAL = {"gymnasium": "rl", "tqdm": "progress", "matplotlib": "plot", "torch": "bench", "gensim": "bench",
+             "numba_cuda": "cuda", "tensorboard": "dev"}
+_PATH_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, FileExistsError)
+
+
+def _one_line(text) -> str:
+    return " ".join(str(text).split())
+
+
+def user_error(e: BaseException):
+    """Return (message, exit code) when ``e`` is a user error to report in one line, else None (a bug)."""
+    from .models._train import NonFiniteError, UsageError
+    if isinstance(e, SystemExit):
+        return (_one_line(e.code), 2) if isinstance(e.code, str) else None
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted", 130
+    if isinstance(e, UsageError) or isinstance(e, _PATH_ERRORS):
+        return _one_line(e), 2
+    if isinstance(e, (NonFiniteError, FloatingPointError)):
+        return _one_line(e), 1
+    if isinstance(e, ImportError):
+        name = (getattr(e, "name", None) or "").split(".")[0]
+        if name == "jitnet":
+            return None
+        if name in _OPTIONAL:
+            return (f"this needs the optional package {name} (pip install 'jitnet[{_OPTIONAL[name]}]' or "
+                    f"pip install {name})"), 2
+        if not name:                                    # an ImportError raised with its own advice
+            return _one_line(e), 2
+        return f"this needs the package {name} (pip install {name}): {_one_line(e)}", 2
+    return None
+
+
+def _show_traceback(argv) -> bool:
+    return "--traceback" in argv or os.environ.get("JITNET_DEBUG", "").strip() not in ("", "0")
+
+
 def main(argv=None) -> int:
     """Run the jitnet command line with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    show_tb = _show_traceback(argv)
+    args = build_parser().parse_args([a for a in argv if a != "--traceback"])
+    try:
+        return args.func(args)
+    except (Exception, SystemExit, KeyboardInterrupt) as e:
+        if isinstance(e, SystemExit) and not isinstance(e.code, str):
+            raise                                       # --help (0) and argparse's own errors (2)
+        found = user_error(e)
+        if found is None:
+            raise
+        msg, code = found
+        if show_tb:
+            import traceback
+            traceback.print_exc()
+        print(f"jitnet {args.cmd}: error: {msg}", file=sys.stderr, flush=True)
+        return code
 
 
 if __name__ == "__main__":

@@ -7,23 +7,50 @@ dict of metrics``, ``batches(x, y, loader)`` (turns a loader's batches into step
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
 
 import numpy as np
+from numba.core import event as _numba_event
 
 import jitnet as jn
 from jitnet.data import DataLoader
 
 __all__ = ["base_parser", "learning_rate", "load_dataset", "Progress", "save_checkpoint", "restore_checkpoint",
-           "fit", "setup_run"]
+           "fit", "setup_run", "ArgumentParser", "UsageError", "NonFiniteError", "NonFiniteGuard",
+           "add_nonfinite_args", "compile_notice"]
+
+
+class UsageError(Exception):
+    """A mistake in the command's options or inputs (a bad path, a bad value): reported in one line, exit 2."""
+
+
+class NonFiniteError(FloatingPointError):
+    """Training stopped on a non-finite loss or state; the message names the step and the last good checkpoint."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr (and exit 2) that points at ``--help``."""
+
+    def error(self, message):
+        """Print ``message`` in one line and exit with status 2; never returns."""
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def add_nonfinite_args(p):
+    """Add ``--skip-nonfinite [N]`` to parser ``p``; return ``p``."""
+    p.add_argument("--skip-nonfinite", type=int, nargs="?", const=10, default=None, metavar="N",
+                   help="skip a step whose loss or parameters are not finite (the state before it is restored) "
+                        "instead of stopping; give up after N such steps in a row (default N: 10)")
+    return p
 
 
 def base_parser(prog, description, *, epochs, batch_size, lr, lr_decay=1.0, dataset="default",
                 datasets=None):
     """Return an ArgumentParser with the options every training command shares."""
-    p = argparse.ArgumentParser(prog=f"python -m jitnet train {prog}", description=description)
+    p = ArgumentParser(prog=f"python -m jitnet train {prog}", description=description)
     p.add_argument("--dataset", default=dataset,
                    choices=datasets or ["default", "fashion-mnist", "mnist", "cifar10"],
                    help="default: full Fashion-MNIST when found locally, else the embedded subset "
@@ -46,6 +73,7 @@ def base_parser(prog, description, *, epochs, batch_size, lr, lr_decay=1.0, data
     p.add_argument("--keep", type=int, default=3, help="checkpoints to keep (default 3)")
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
     p.add_argument("--threads", type=int, default=None, help="kernel threads (default: all cores)")
+    add_nonfinite_args(p)
     return p
 
 
@@ -59,6 +87,16 @@ def learning_rate(args, n_train):
 
 def load_dataset(name, data_dir=None, download=False, limit=None, test_limit=None):
     """Return (x_train, y_train, x_test, y_test, source) as float32 NCHW in [0, 1] and int64 labels."""
+    if data_dir is not None and not os.path.exists(data_dir):
+        raise UsageError(f"--data-dir {data_dir}: no such file or directory")
+    try:
+        return _load_dataset(name, data_dir, download, limit, test_limit)
+    except (OSError, ValueError, EOFError) as e:      # missing, unreadable or malformed files: the user's data
+        where = f" from {data_dir}" if data_dir else ""
+        raise UsageError(f"dataset {name}{where}: {e}") from e
+
+
+def _load_dataset(name, data_dir, download, limit, test_limit):
     from jitnet import data as D
     if name == "default":
         xtr, ytr, src = D.load_default_images("train", path=data_dir, as_float=True)
@@ -80,26 +118,106 @@ def load_dataset(name, data_dir=None, download=False, limit=None, test_limit=Non
     return xtr, ytr, xte, yte, src
 
 
+class _CompileListener(_numba_event.Listener):
+    """Numba compile-event listener: on the first compile past ``after`` seconds, calls ``say(notice)`` once."""
+
+    def __init__(self, say, after):
+        self.say, self.after, self.t0, self.shown, self.done = say, after, time.perf_counter(), False, False
+
+    def on_start(self, event):
+        """Show the notice once the work has compiled for ``after`` seconds; returns None."""
+        if not self.shown and time.perf_counter() - self.t0 >= self.after:
+            self.shown = True
+            from jitnet import kernelgen
+            self.say(f"compiling kernels (once; cached in {kernelgen.cache_dir()}) ...")
+
+    def on_end(self, event):
+        """Nothing to do at the end of one compile; returns None."""
+
+
+_NOTICE_SHOWN = [False]       # the notice is shown once per process, on the first run of steps that compiles
+
+
+class compile_notice:
+    """Context that says "compiling kernels (once; cached in DIR) ..." while the code inside compiles kernels.
+
+    Numba's compile events are watched only inside the context: the notice appears at the first compile after
+    ``after`` seconds (a warm run that loads everything from the disk cache says nothing), and leaving the
+    context says how long it took. ``say`` prints one line (default: to stderr).
+    """
+
+    def __init__(self, say=None, after=0.5):
+        self._say = say or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self._after = after
+        self._listener = None
+
+    @property
+    def shown(self):
+        """Return whether the notice was shown inside this context."""
+        return self._listener is not None and self._listener.shown
+
+    def __enter__(self):
+        event = _numba_event
+        if not _NOTICE_SHOWN[0]:
+            self._listener = _CompileListener(self._say, self._after)
+            event.register("numba:compile", self._listener)
+        return self
+
+    def __exit__(self, *exc):
+        if self._listener is None or self._listener.done:
+            return False
+        self._listener.done = True
+        _numba_event.unregister("numba:compile", self._listener)
+        if self._listener.shown:
+            _NOTICE_SHOWN[0] = True
+            if exc[0] is None:
+                self._say(f"kernels ready after {time.perf_counter() - self._listener.t0:.1f} s")
+        return False
+
+
 class Progress:
-    """A tqdm progress bar over one epoch's steps, or plain periodic prints when tqdm is missing or disabled."""
+    """A tqdm progress bar over one epoch's steps, or plain periodic prints when tqdm is missing or disabled.
+
+    The first step runs inside :class:`compile_notice`, and the bar appears once it is done, starting its clock
+    there (``initial=1``): its rate and ETA leave out the time spent compiling.
+    """
 
     def __init__(self, total, desc, enabled=True):
         self.total, self.desc, self.n = total, desc, 0
         self.bar = None
+        self._tqdm = None
         self._t0 = time.perf_counter()
         self._last = self._t0
         if enabled:
             try:
                 from tqdm import tqdm
-                self.bar = tqdm(total=total, desc=desc, leave=True, dynamic_ncols=True, file=sys.stderr)
+                self._tqdm = tqdm
             except ImportError:
                 pass
+        self._notice = compile_notice(self.write)
+        self._notice.__enter__()
+
+    def write(self, msg):
+        """Print one line to stderr without breaking the bar; returns None."""
+        if self.bar is not None:
+            self.bar.write(msg, file=sys.stderr)
+        else:
+            print(msg, file=sys.stderr, flush=True)
+
+    def _first(self):
+        self._notice.__exit__(None, None, None)
+        if self._tqdm is not None:
+            self.bar = self._tqdm(total=self.total, initial=1, desc=self.desc, leave=True, dynamic_ncols=True,
+                                  file=sys.stderr)
 
     def update(self, loss=None):
         """Advance by one step, showing ``loss``; returns None."""
         self.n += 1
+        if self.n == 1:
+            self._first()
         if self.bar is not None:
-            self.bar.update(1)
+            if self.n > 1:
+                self.bar.update(1)
             if loss is not None and (self.n % 10 == 0 or self.n == self.total):
                 self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             return
@@ -111,8 +229,90 @@ class Progress:
 
     def close(self):
         """Close the bar; returns None."""
+        self._notice.__exit__(None, None, None)
         if self.bar is not None:
             self.bar.close()
+
+
+def _state_variables(model):
+    """Return the variables a checkpoint holds: the network's, the optimizer's slots and its step counter."""
+    out, seen = [], set()
+    opt = model.opt
+    slots = []
+    for p in opt._all_params():
+        slots.extend(opt._slots(p, opt._owner[id(p)]).values())     # created now if the first step has not run
+    for v in list(model.net.state_dict().values()) + slots + [opt.global_step]:
+        if id(v) not in seen:
+            seen.add(id(v))
+            out.append(v)
+    return out
+
+
+def _finite(variables):
+    return all(np.isfinite(v.numpy()).all() for v in variables if v.dtype.kind == "f")
+
+
+class NonFiniteGuard:
+    """Checks each step's loss and the state before each save: stops training, or skips the step.
+
+    Without ``skip`` the first non-finite loss (or state) raises :class:`NonFiniteError` naming the epoch, the
+    step and the last good checkpoint. With ``skip=N`` the state is copied before each step and a step whose
+    loss or state is not finite is undone (the copy restored) and counted; N such steps in a row raise.
+    """
+
+    def __init__(self, model, saver, name, skip=None):
+        self.model, self.saver, self.name, self.skip = model, saver, name, skip
+        self.skipped = self.in_a_row = 0
+        self._vars = self._copies = None
+
+    def before(self):
+        """Copy the state when skipping is on (nothing otherwise); returns None."""
+        if self.skip is None:
+            return
+        if self._vars is None:
+            self._vars = _state_variables(self.model)
+            self._copies = [v.numpy().copy() for v in self._vars]
+        else:
+            for c, v in zip(self._copies, self._vars):
+                np.copyto(c, v.numpy())
+
+    def after(self, loss, where):
+        """Return True when the step at ``where`` counts, False when it was skipped; raise when it must stop."""
+        ok = math.isfinite(loss)
+        if self.skip is None:
+            if not ok:
+                self._stop(f"the loss is {loss} at {where}")
+            return True
+        ok = ok and _finite(self._vars)
+        if ok:
+            self.in_a_row = 0
+            return True
+        for c, v in zip(self._copies, self._vars):
+            v.assign(c)
+        self.skipped += 1
+        self.in_a_row += 1
+        if self.in_a_row >= self.skip:
+            self._stop(f"{self.in_a_row} steps in a row up to {where} had a non-finite loss or parameters "
+                       f"(each was skipped)")
+        return False
+
+    def check_state(self, epoch, step, loss=None):
+        """Raise NonFiniteError unless ``loss`` (when given) and every state variable are finite; returns None."""
+        if loss is not None and not math.isfinite(loss):
+            self._stop(f"the loss is {loss} at the end of epoch {epoch} (step {step})")
+        if not _finite(self._vars or _state_variables(self.model)):
+            self._stop(f"parameters or optimizer state are not finite at epoch {epoch}, step {step}")
+
+    def _stop(self, what):
+        last = self.saver.latest_checkpoint() if self.saver is not None else None
+        keep = (f"the last good checkpoint is {last} (nothing was saved after it)" if last
+                else "no checkpoint was saved")
+        hint = "" if self.skip is not None else "; --skip-nonfinite skips such steps"
+        raise NonFiniteError(f"{self.name}: training diverged: {what}; {keep}. A smaller --lr may help{hint}")
+
+    def report(self):
+        """Return a line counting the skipped steps, or '' when none was skipped."""
+        return f"{self.name}: skipped {self.skipped} steps with a non-finite loss or state" if self.skipped else ""
 
 
 def save_checkpoint(saver, model, epoch, step):
@@ -135,7 +335,7 @@ def restore_checkpoint(path, model):
 def setup_run(args):
     """Apply --device, --threads and --seed; return the log directory."""
     if args.device != "cpu":
-        raise SystemExit(f"--device {args.device}: only 'cpu' is available in this build")
+        raise UsageError(f"--device {args.device}: only 'cpu' is available in this build")
     if args.threads:
         jn.set_num_threads(args.threads)
     jn.random.seed(args.seed)
@@ -165,11 +365,12 @@ def fit(model, args, data, logdir, name):
             print(f"{name}: resumed from {path} (epoch {start_epoch}, step {step})", flush=True)
     loader = DataLoader((xtr, ytr), batch_size=args.batch_size, shuffle=True, seed=args.seed, drop_last=True)
     if len(loader) == 0:
-        raise SystemExit(f"{name}: {len(xtr)} training examples is less than one batch of {args.batch_size}")
+        raise UsageError(f"{name}: {len(xtr)} training examples is less than one batch of {args.batch_size}")
     writer = jn.io.SummaryWriter(logdir)
     csv = jn.io.CSVLogger(os.path.join(logdir, "metrics.csv"))
     metrics = {}
     log_every = max(1, min(100, len(loader) // 4))
+    guard = NonFiniteGuard(model, saver, name, getattr(args, "skip_nonfinite", None))
     try:
         if start_epoch >= args.epochs:
             metrics = model.evaluate(xte, yte)
@@ -179,17 +380,25 @@ def fit(model, args, data, logdir, name):
             bar = Progress(len(loader), f"{name} epoch {epoch + 1}/{args.epochs}", enabled=not args.no_progress)
             t0 = time.perf_counter()
             total, count = 0.0, 0
-            for batch in model.batches(loader):
-                loss = float(model.train_step(*batch).item())
-                step += 1
-                total += loss
-                count += 1
-                bar.update(loss)
-                if step % log_every == 0:
-                    writer.add_scalar("train/loss", loss, step)
-            bar.close()
+            try:
+                for i, batch in enumerate(model.batches(loader)):
+                    guard.before()
+                    with np.errstate(over="ignore", invalid="ignore"):   # the guard reports a diverging run
+                        loss = float(model.train_step(*batch).item())
+                    if not guard.after(loss, f"epoch {epoch + 1}, batch {i + 1} (step {step + 1})"):
+                        bar.update(None)
+                        continue
+                    step += 1
+                    total += loss
+                    count += 1
+                    bar.update(loss)
+                    if step % log_every == 0:
+                        writer.add_scalar("train/loss", loss, step)
+            finally:
+                bar.close()
             seconds = time.perf_counter() - t0
-            metrics = {"train_loss": total / max(count, 1)}
+            metrics = {"train_loss": total / count if count else float("nan")}
+            guard.check_state(epoch + 1, step, metrics["train_loss"] if count else None)
             metrics.update(model.evaluate(xte, yte))
             row = {"epoch": epoch + 1, "step": step, **metrics, "epoch_seconds": seconds,
                    "examples_per_s": count * args.batch_size / seconds}
@@ -204,5 +413,8 @@ def fit(model, args, data, logdir, name):
     finally:
         writer.close()
         csv.close()
+        if guard.report():
+            print(guard.report(), file=sys.stderr, flush=True)
     metrics["step"] = step
+    metrics["skipped_steps"] = guard.skipped
     return metrics
