@@ -2,11 +2,7 @@
 import csv
 import json
 import os
-import signal
 import struct
-import subprocess
-import sys
-import time
 import zlib
 
 import numpy as np
@@ -17,8 +13,6 @@ from hypothesis.extra import numpy as hnp
 
 import jitnet.io as jio
 from jitnet.io import safetensors as st_mod
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 ALL_DTYPES = {
     "F32": np.float32, "F64": np.float64, "F16": np.float16, "I64": np.int64, "I32": np.int32,
@@ -309,63 +303,6 @@ def test_new_file_gets_normal_permissions(tmp_path):
     assert (path.stat().st_mode & 0o777) == (0o666 & ~umask)
 
 
-_KILL_CHILD = r"""
-import sys
-sys.path.insert(0, sys.argv[1])
-import numpy as np
-from jitnet.io import Saver
-saver = Saver(sys.argv[2], max_to_keep=2)
-big = np.ones(50_000_000, dtype=np.float32)  # 200 MB
-print("ready", flush=True)
-saver.save({"w": big}, 2)
-print("finished", flush=True)
-"""
-
-
-@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
-def test_sigkill_during_large_save(tmp_path):
-    ckdir = tmp_path / "ck"
-    saver = jio.Saver(ckdir, max_to_keep=2)
-    old = {"layer": {"W": np.arange(12.0).reshape(3, 4)}}
-    first = saver.save(old, 1)
-
-    proc = subprocess.Popen([sys.executable, "-c", _KILL_CHILD, ROOT, str(ckdir)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
-        full = 50_000_000 * 4
-        seen = None
-        deadline = time.monotonic() + 20
-        while seen is None and time.monotonic() < deadline:
-            for entry in os.scandir(ckdir):
-                if entry.name.endswith(".tmp") and "ckpt-2" in entry.name:
-                    size = entry.stat().st_size
-                    if size > 0:
-                        seen = size
-                        break
-        assert seen is not None, "child never started writing the large checkpoint"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    assert seen < full + 1024, "observed the temp file while it was still being written"
-
-    # The interrupted checkpoint never appears under its real name ...
-    assert not (ckdir / "ckpt-2.safetensors").exists()
-    # ... the previous one is intact and is what latest_checkpoint reports ...
-    latest = jio.latest_checkpoint(ckdir)
-    assert latest == first
-    np.testing.assert_array_equal(jio.load(latest)["layer/W"], old["layer"]["W"])
-    # ... and a fresh saver keeps working despite the leftover temp file.
-    saver2 = jio.Saver(ckdir, max_to_keep=2)
-    p3 = saver2.save({"w": np.ones(3)}, 3)
-    assert jio.latest_checkpoint(ckdir) == p3
-    assert saver2.restore()["w"].tolist() == [1.0, 1.0, 1.0]
-
-
 # ------------------------------------------------------------------------------------------------
 # checkpoint save/load, flattening, check_state
 
@@ -463,19 +400,28 @@ def test_latest_checkpoint_with_corrupt_index(tmp_path):
     (tmp_path / "checkpoint").write_text("{ this is not json")
     assert jio.latest_checkpoint(tmp_path) == str(tmp_path / "ckpt-20.safetensors")
 
-    # Newest file broken too: skip it and fall back to the next valid one.
+    # Newest file broken too: skip it (with a warning naming it) and fall back to the next valid one.
     newest = tmp_path / "ckpt-20.safetensors"
     newest.write_bytes(newest.read_bytes()[:30])
-    assert jio.latest_checkpoint(tmp_path) == str(tmp_path / "ckpt-10.safetensors")
+
+    def skipped():
+        return pytest.warns(UserWarning, match="skipped checkpoint .*ckpt-20.safetensors")
+
+    with skipped():
+        assert jio.latest_checkpoint(tmp_path) == str(tmp_path / "ckpt-10.safetensors")
 
     # Index that parses but points at a broken / missing / escaping file.
     (tmp_path / "checkpoint").write_text(json.dumps({"latest": "ckpt-20.safetensors", "kept": []}))
-    assert jio.latest_checkpoint(tmp_path) == str(tmp_path / "ckpt-10.safetensors")
+    with skipped():
+        assert jio.latest_checkpoint(tmp_path) == str(tmp_path / "ckpt-10.safetensors")
     (tmp_path / "checkpoint").write_text(json.dumps({"latest": "../x.safetensors", "kept": []}))
-    assert jio.latest_checkpoint(tmp_path) == str(tmp_path / "ckpt-10.safetensors")
+    with skipped():
+        assert jio.latest_checkpoint(tmp_path) == str(tmp_path / "ckpt-10.safetensors")
     os.remove(tmp_path / "checkpoint")
-    assert jio.latest_checkpoint(tmp_path) == str(tmp_path / "ckpt-10.safetensors")
-    assert jio.Saver(tmp_path).restore()["w"].tolist() == [10, 10, 10]
+    with skipped():
+        assert jio.latest_checkpoint(tmp_path) == str(tmp_path / "ckpt-10.safetensors")
+    with skipped():
+        assert jio.Saver(tmp_path).restore()["w"].tolist() == [10, 10, 10]
 
 
 # ------------------------------------------------------------------------------------------------

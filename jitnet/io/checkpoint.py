@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import warnings
 from collections.abc import Mapping
 
 import numpy as np
@@ -155,23 +156,64 @@ def _safe_name(name):
     return bool(name) and os.path.basename(name) == name and name not in (".", "..")
 
 
+def _candidates(directory, prefix):
+    """Return checkpoint paths in ``directory`` to try, newest first, without duplicates.
+
+    The index's ``latest`` comes first, then its ``kept`` list newest first, then any other
+    ``<prefix>-<step>.safetensors`` files, highest step first.
+    """
+    names = []
+    index = _read_index(directory)
+    if index is not None:
+        names.append(index["latest"])
+        names.extend(reversed(index["kept"]))
+    names.extend(n for _, n in reversed(_scan(directory, prefix)))
+    seen, out = set(), []
+    for n in names:
+        if _safe_name(n) and n not in seen:
+            seen.add(n)
+            out.append(os.path.join(directory, n))
+    return out
+
+
+def _skip_warning(path, problem):
+    where = f"{os.fspath(path)}: "
+    text = str(problem)
+    if text.startswith(where):
+        text = text[len(where):]
+    warnings.warn(f"skipped checkpoint {os.fspath(path)}: {text}", UserWarning, stacklevel=3)
+
+
 def latest_checkpoint(directory, prefix="ckpt"):
     """Return the path of the newest valid checkpoint in ``directory``, or None if there is none.
 
     Trusts the ``checkpoint`` index when it is readable and names a valid file; otherwise scans
-    for ``<prefix>-<step>.safetensors`` files, newest step first, skipping broken ones.
+    for ``<prefix>-<step>.safetensors`` files, newest step first. Broken files are skipped with a
+    warning naming the file and the problem (only their headers and sizes are checked here).
     """
     directory = os.fspath(directory)
-    index = _read_index(directory)
-    if index is not None and _safe_name(index["latest"]):
-        path = os.path.join(directory, index["latest"])
-        if _st.validate_file(path):
-            return path
-    for _, name in reversed(_scan(directory, prefix)):
-        path = os.path.join(directory, name)
-        if _st.validate_file(path):
-            return path
+    for path in _candidates(directory, prefix):
+        try:
+            with _st._open(path) as f:
+                _st._read_header(f, path)
+        except FileNotFoundError:
+            continue  # listed in the index but gone: nothing to report
+        except (OSError, ValueError) as e:
+            _skip_warning(path, e)
+            continue
+        return path
     return None
+
+
+def _nonfinite(prepared):
+    """Return [(name, count, size)] for the floating tensors among ``prepared`` holding NaN or Inf."""
+    bad = []
+    for name, _, arr in prepared:
+        if arr.dtype.kind in "fc" and arr.size:
+            finite = np.isfinite(arr)
+            if not finite.all():
+                bad.append((name, int(arr.size - np.count_nonzero(finite)), int(arr.size)))
+    return bad
 
 
 class Saver:
@@ -208,15 +250,32 @@ class Saver:
         """Return the path that ``save(state, step)`` writes."""
         return os.path.join(self.directory, f"{self.prefix}-{step}{_SUFFIX}")
 
-    def save(self, state, step, metadata=None):
-        """Write ``state`` as checkpoint ``step``, update the index, prune old files; returns the path."""
+    def save(self, state, step, metadata=None, allow_nonfinite=False):
+        """Write ``state`` as checkpoint ``step``, update the index, prune old files; returns the path.
+
+        A state whose floating-point tensors hold NaN or Inf is refused with ValueError (nothing is
+        written, nothing rotated away) unless ``allow_nonfinite`` is True, so a diverged run never
+        replaces the good checkpoints it already has. Orphaned temporary files of earlier crashed
+        saves in the directory are removed.
+        """
         if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
         step = int(step)
         meta = {"step": str(step)}
         if metadata:
             meta.update(metadata)
-        path = save(state, self.filename(step), metadata=meta)  # atomic
+        prepared = _st._prepare(flatten_state(state))
+        if not allow_nonfinite:
+            bad = _nonfinite(prepared)
+            if bad:
+                listed = ", ".join(f"{n!r} ({k} of {size} values)" for n, k, size in bad[:5])
+                more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+                raise ValueError(
+                    f"Saver.save: refusing to save step {step} to {self.directory}: non-finite "
+                    f"(NaN/Inf) values in tensor {listed}{more}; the existing checkpoints are kept. "
+                    "Pass allow_nonfinite=True to save it anyway.")
+        path = self.filename(step)
+        _st._save_prepared(prepared, path, metadata=meta)  # atomic
         name = os.path.basename(path)
         kept = [n for n in self._kept if n != name] + [name]
         doomed = []
@@ -239,9 +298,24 @@ class Saver:
         return latest_checkpoint(self.directory, self.prefix)
 
     def restore(self, path=None):
-        """Return the flat state dict from ``path``, or from the latest checkpoint when ``path`` is None."""
-        if path is None:
-            path = self.latest_checkpoint()
-            if path is None:
-                raise FileNotFoundError(f"no valid checkpoint in {self.directory!r}")
-        return load(path)
+        """Return the flat state dict from ``path``, or from the newest loadable checkpoint when it is None.
+
+        Without ``path``, checkpoints that cannot be loaded (truncated, corrupt, not safetensors)
+        are skipped with a warning naming each and why, falling back to the next newest. Raises
+        FileNotFoundError when the directory holds no checkpoint and ValueError when none loads.
+        """
+        if path is not None:
+            return load(path)
+        skipped = []
+        for candidate in _candidates(self.directory, self.prefix):
+            try:
+                return load(candidate)
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError) as e:
+                _skip_warning(candidate, e)
+                skipped.append(f"{os.path.basename(candidate)} ({e})")
+        if not skipped:
+            raise FileNotFoundError(f"no checkpoint in {self.directory!r}")
+        raise ValueError(f"no loadable checkpoint in {self.directory!r}; tried, newest first: "
+                         + "; ".join(skipped))

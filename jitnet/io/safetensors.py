@@ -14,11 +14,12 @@ Loading only parses JSON and copies bytes, so it never runs code from the file.
 import json
 import math
 import os
+import stat
 from collections.abc import Mapping
 
 import numpy as np
 
-from ._atomic import atomic_write
+from ._atomic import atomic_write, remove_stale_temps
 
 __all__ = ["save_file", "load_file", "load_metadata", "DTYPES"]
 
@@ -123,10 +124,18 @@ def _build_header(prepared, metadata):
 
 
 def save_file(tensors, path, metadata=None):
-    """Atomically write ``tensors`` (name -> array-like) to ``path`` in safetensors format; returns None."""
-    prepared = _prepare(tensors)
+    """Atomically write ``tensors`` (name -> array-like) to ``path`` in safetensors format; returns None.
+
+    Orphaned temporary files that crashed earlier saves left in the same directory are removed first.
+    """
+    _save_prepared(_prepare(tensors), path, metadata)
+
+
+def _save_prepared(prepared, path, metadata=None):
+    """Write the output of ``_prepare`` to ``path`` atomically (see ``save_file``)."""
     metadata = _check_metadata(metadata)
     header, layout = _build_header(prepared, metadata)
+    remove_stale_temps(os.path.dirname(os.path.abspath(os.fspath(path))))
     with atomic_write(path, "wb") as f:
         f.write(len(header).to_bytes(8, "little"))
         f.write(header)
@@ -140,6 +149,47 @@ def save_file(tensors, path, metadata=None):
 
 def _bad(path, problem):
     return ValueError(f"{os.fspath(path)}: invalid safetensors file: {problem}")
+
+
+_MAX_NDIM = 64  # NumPy's limit
+_MAX_BYTES = int(np.iinfo(np.intp).max)
+
+
+def _foreign_format(head):
+    """Return a description of what ``head`` (a file's first bytes) is, when it is a known non-safetensors format."""
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return (f"a Python pickle (protocol {head[1]}), e.g. from pickle.dump or an old torch.save; "
+                "jitnet never unpickles files")
+    if head.startswith(b"PK\x03\x04"):
+        return "a zip archive (torch.save writes these), not safetensors"
+    if head.startswith(b"\x93NUMPY"):
+        return "a NumPy .npy file (use np.load)"
+    if head.startswith(b"\x89HDF"):
+        return "an HDF5 file"
+    if head.startswith(b"\x1f\x8b"):
+        return "a gzip-compressed file"
+    text = head.lstrip().lower()
+    if text.startswith((b"<!doctype", b"<html", b"<?xml", b"<head", b"<body")):
+        return "an HTML/XML document (a failed download or an error page?)"
+    return None
+
+
+def _not_safetensors(path, head, problem):
+    """Return the ValueError for a bad header, naming the file's real format when it is recognisable."""
+    what = _foreign_format(head)
+    if what is not None:
+        return _bad(path, f"not a safetensors file: it looks like {what}")
+    return _bad(path, problem)
+
+
+def _open(path):
+    """Return ``path`` opened for binary reading, refusing directories and special files with ValueError."""
+    st = os.stat(path)  # FileNotFoundError / PermissionError pass through unchanged
+    if stat.S_ISDIR(st.st_mode):
+        raise _bad(path, "is a directory, not a safetensors file")
+    if not stat.S_ISREG(st.st_mode):
+        raise _bad(path, "not a regular file (a pipe, socket or device?)")
+    return open(path, "rb")
 
 
 def _no_duplicates(pairs):
@@ -161,13 +211,18 @@ def _read_header(f, path):
     ``entries`` is a list of (name, dtype, shape, begin, end) in header order.
     """
     size = os.fstat(f.fileno()).st_size
+    if size == 0:
+        raise _bad(path, "truncated: the file is empty (0 bytes)")
     head = f.read(8)
     if len(head) < 8:
-        raise _bad(path, f"truncated: file is {size} bytes, too short for the 8-byte header length")
+        raise _not_safetensors(path, head, f"truncated: file is {size} bytes, too short for the "
+                                           "8-byte header length")
     n = int.from_bytes(head, "little")
     if n > size - 8:
-        raise _bad(path, f"truncated or bad header length: header claims {n} bytes "
-                         f"but the file has only {size - 8} after the length field")
+        f.seek(0)
+        raise _not_safetensors(path, f.read(64), f"truncated or bad header length: header claims {n} "
+                                                 f"bytes but the file has only {size - 8} after the "
+                                                 "length field")
     if n > _MAX_HEADER:
         raise _bad(path, f"bad header: length {n} exceeds the {_MAX_HEADER}-byte limit")
     raw = f.read(n)
@@ -175,8 +230,11 @@ def _read_header(f, path):
         raise _bad(path, "truncated while reading the header")
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except RecursionError:
+        raise _bad(path, "bad header: JSON nested too deeply") from None
     except (UnicodeDecodeError, ValueError) as e:
-        raise _bad(path, f"bad header: not valid UTF-8 JSON ({e})") from None
+        raise _not_safetensors(path, head + raw[:56],
+                               f"bad header: not valid UTF-8 JSON ({e})") from None
     if not isinstance(header, dict):
         raise _bad(path, f"bad header: expected a JSON object, got {type(header).__name__}")
 
@@ -197,11 +255,16 @@ def _read_header(f, path):
         if missing:
             raise _bad(path, f"bad header: {where} lacks {', '.join(sorted(missing))}")
         code = info["dtype"]
-        if code not in DTYPES:
-            raise _bad(path, f"{where} has unsupported dtype {code!r}")
+        if not isinstance(code, str) or code not in DTYPES:
+            raise _bad(path, f"{where} has unsupported dtype {code!r} "
+                             f"(readable dtypes: {', '.join(DTYPES)})")
         shape = info["shape"]
         if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
             raise _bad(path, f"bad header: {where} has invalid shape {shape!r}")
+        if len(shape) > _MAX_NDIM:
+            raise _bad(path, f"bad header: {where} has {len(shape)} dimensions (at most {_MAX_NDIM})")
+        if math.prod(d for d in shape if d) * DTYPES[code].itemsize > _MAX_BYTES:
+            raise _bad(path, f"bad header: {where} has shape {shape!r}, too large for an array")
         offs = info["data_offsets"]
         if not (isinstance(offs, list) and len(offs) == 2 and all(_is_int(o) for o in offs)
                 and 0 <= offs[0] <= offs[1]):
@@ -243,11 +306,14 @@ def _readinto_exact(f, buf, path, name):
 
 def load_file(path):
     """Return a dict mapping tensor names (in header order) to freshly allocated NumPy arrays."""
-    with open(path, "rb") as f:
+    with _open(path) as f:
         entries, _, data_start = _read_header(f, path)
         out = {}
         for name, dtype, shape, begin, end in entries:
-            arr = np.empty(shape, dtype=dtype)
+            try:
+                arr = np.empty(shape, dtype=dtype)
+            except (ValueError, MemoryError) as e:
+                raise _bad(path, f"tensor {name!r} of shape {shape} cannot be allocated ({e})") from None
             if end > begin:
                 f.seek(data_start + begin)
                 _readinto_exact(f, arr.reshape(-1).view(np.uint8), path, name)
@@ -261,7 +327,7 @@ def load_file(path):
 
 def load_metadata(path):
     """Return the file's ``__metadata__`` dict (empty if absent) after validating the header."""
-    with open(path, "rb") as f:
+    with _open(path) as f:
         _, metadata, _ = _read_header(f, path)
     return metadata
 
@@ -269,7 +335,7 @@ def load_metadata(path):
 def validate_file(path):
     """Return True if ``path`` is a structurally valid safetensors file (header and size), else False."""
     try:
-        with open(path, "rb") as f:
+        with _open(path) as f:
             _read_header(f, path)
     except (OSError, ValueError):
         return False
