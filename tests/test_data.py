@@ -163,6 +163,9 @@ def test_resolution_order(clean_env, monkeypatch):
     s_img, _ = write_mnist(sys_dir, seed=3)
     x_img, _ = write_mnist(explicit, seed=4)
     monkeypatch.setattr(datasets, "_MNIST_SYSTEM_DIRS", {"mnist": (str(sys_dir),), "fashion-mnist": ()})
+    # the synthetic files are not the published ones: without a table entry the
+    # cache accepts them (checksum checks of cache hits are in test_download.py)
+    monkeypatch.setattr(datasets, "KNOWN_FILES", {})
 
     # system dir only (no env var; cache hidden by pointing XDG elsewhere)
     monkeypatch.setenv("XDG_CACHE_HOME", str(clean_env / "empty-cache"))
@@ -221,11 +224,14 @@ def test_download_missing_source(tmp_path):
 
 
 def test_loader_downloads_into_cache(clean_env, monkeypatch):
-    """The download fallback fetches from (monkeypatched) mirror URLs into the cache."""
+    """The download fallback fetches from $JITNET_DATA_MIRROR into the cache, checking the table's digests."""
     mirror = clean_env / "mirror"
-    images, labels = write_mnist(mirror, split="test", n=3)
-    monkeypatch.setattr(datasets, "_MNIST_URLS", {"mnist": ("file:///nonexistent/", mirror.as_uri() + "/"),
-                                                  "fashion-mnist": ()})
+    images, labels = write_mnist(mirror / "mnist", split="test", n=3)
+    for f in (mirror / "mnist").iterdir():
+        data = f.read_bytes()
+        monkeypatch.setitem(datasets.KNOWN_FILES, f"mnist/{f.name}", jd.RemoteFile(
+            "mnist", f.name, (), size=len(data), sha256=hashlib.sha256(data).hexdigest()))
+    monkeypatch.setenv("JITNET_DATA_MIRROR", "file:///nonexistent/ " + mirror.as_uri())
     monkeypatch.setattr(datasets, "_MNIST_SYSTEM_DIRS", {"mnist": (), "fashion-mnist": ()})
     with pytest.raises(FileNotFoundError):
         jd.load_mnist("test", download=False)
@@ -238,7 +244,7 @@ def test_loader_downloads_into_cache(clean_env, monkeypatch):
 
 
 def test_failed_download_reported(clean_env, monkeypatch):
-    monkeypatch.setattr(datasets, "_MNIST_URLS", {"mnist": ("file:///nonexistent/",), "fashion-mnist": ()})
+    monkeypatch.setenv("JITNET_DATA_MIRROR", "file:///nonexistent/")
     monkeypatch.setattr(datasets, "_MNIST_SYSTEM_DIRS", {"mnist": (), "fashion-mnist": ()})
     with pytest.raises(FileNotFoundError, match="download into .* failed"):
         jd.load_mnist("train", download=True)

@@ -10,8 +10,8 @@ from .augment import (
     random_flip_left_right,
 )
 from .datasets import (
-    CHECKSUMS,
     CIFAR10_CLASSES,
+    KNOWN_FILES,
     BabiQuery,
     generate_babi_single_fact,
     load_babi,
@@ -27,7 +27,16 @@ from .datasets import (
     read_idx,
     text8_preprocess,
 )
-from .download import dataset_cache_dir, download_url, find_dataset_files, sha256_file
+from .download import (
+    ChecksumError,
+    DownloadError,
+    RemoteFile,
+    dataset_cache_dir,
+    download_url,
+    fetch_remote,
+    find_dataset_files,
+    sha256_file,
+)
 from .loader import ArrayDataset, DataLoader
 from .seq_tasks import BucketBatcher, CharVocab, date_task, pad_batch, reverse_task
 
@@ -36,13 +45,17 @@ __all__ = [
     "BabiQuery",
     "BucketBatcher",
     "CharVocab",
-    "CHECKSUMS",
     "CIFAR10_CLASSES",
+    "ChecksumError",
     "DataLoader",
+    "DownloadError",
+    "KNOWN_FILES",
+    "RemoteFile",
     "center_crop",
     "dataset_cache_dir",
     "date_task",
     "download_url",
+    "fetch_remote",
     "find_dataset_files",
     "generate_babi_single_fact",
     "load_babi",

@@ -15,17 +15,28 @@ import gzip
 import logging
 import os
 import re
+import shutil
 import tarfile
+import tempfile
 import zipfile
+import zlib
+from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
 
-from .download import download_url, find_dataset_files
+from .download import (
+    RemoteFile,
+    fetch_remote,
+    file_digests,
+    find_dataset_files,
+    record_verified,
+    verify_cached_file,
+)
 
 __all__ = [
     "BabiQuery",
-    "CHECKSUMS",
+    "KNOWN_FILES",
     "generate_babi_single_fact",
     "load_babi",
     "load_cifar10",
@@ -46,43 +57,112 @@ log = logging.getLogger("jitnet.data")
 # Sources and checksums
 # --------------------------------------------------------------------------- #
 
-# sha256 of the canonical distribution files.  No digest is recorded here
-# unless it is known for certain; where the value is None the download is
-# checked by size (Content-Length) and by the format checks of the reader
-# instead (IDX magic numbers and element counts, CIFAR record size, ...).
-CHECKSUMS: dict[str, str | None] = {
-    # MNIST (yann.lecun.com / ossci mirror)
-    "mnist/train-images-idx3-ubyte.gz": None,
-    "mnist/train-labels-idx1-ubyte.gz": None,
-    "mnist/t10k-images-idx3-ubyte.gz": None,
-    "mnist/t10k-labels-idx1-ubyte.gz": None,
-    # Fashion-MNIST (Zalando research S3 bucket)
-    "fashion-mnist/train-images-idx3-ubyte.gz": None,
-    "fashion-mnist/train-labels-idx1-ubyte.gz": None,
-    "fashion-mnist/t10k-images-idx3-ubyte.gz": None,
-    "fashion-mnist/t10k-labels-idx1-ubyte.gz": None,
-    # CIFAR-10 binary release
-    "cifar10/cifar-10-binary.tar.gz": None,
-    # text8
-    "text8/text8.zip": None,
-    # bAbI tasks v1.2
-    "babi/tasks_1-20_v1-2.tar.gz": None,
-}
+# The published files, their sources and their published sizes and digests.
+# Every value below was either published by the source (or a well-known
+# loader library) or computed from a genuine copy, as each comment says;
+# every digest that is given is checked after each download and, through the
+# cache sidecar, on every cache hit.  Sources are https where the host offers
+# it; the http ones are kept only as later fallbacks and are safe because the
+# bytes are checked against the pinned digests.
 
+_MNIST_FILES = {
+    # sizes: the MNIST page; md5: torchvision's MNIST resources; sha256: the
+    # TensorFlow Datasets checksum list (the same bytes on both mirrors).
+    "train-images-idx3-ubyte.gz": (
+        9912422, "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+        "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609"),
+    "train-labels-idx1-ubyte.gz": (
+        28881, "d53e105ee54ea40749a09fcbcd1e9432",
+        "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c"),
+    "t10k-images-idx3-ubyte.gz": (
+        1648877, "9fb629c4189551a2d022fa330f9573f3",
+        "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6"),
+    "t10k-labels-idx1-ubyte.gz": (
+        4542, "ec29112dd5afa0611ce80d1b7f02629c",
+        "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6"),
+}
+_FASHION_FILES = {
+    # md5: published in Fashion-MNIST's README; sha256 and size: computed from
+    # the genuine files (their md5 matches the README) and equal to the
+    # TensorFlow Datasets checksum list.
+    "train-images-idx3-ubyte.gz": (
+        26421880, "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+        "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84"),
+    "train-labels-idx1-ubyte.gz": (
+        29515, "25c81989df183df01b3e8a0aad5dffbe",
+        "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845"),
+    "t10k-images-idx3-ubyte.gz": (
+        4422102, "bef4ecab320f06d8554ea6380940ec79",
+        "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073"),
+    "t10k-labels-idx1-ubyte.gz": (
+        5148, "bb300cfdad3c16e7a12a480ee83cd310",
+        "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5"),
+}
 _MNIST_URLS = {
     "mnist": (
-        "http://yann.lecun.com/exdb/mnist/",
         "https://ossci-datasets.s3.amazonaws.com/mnist/",
+        "https://storage.googleapis.com/cvdf-datasets/mnist/",
+        "http://yann.lecun.com/exdb/mnist/",
     ),
-    "fashion-mnist": ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
+    "fashion-mnist": (
+        # the source's own repository (https), then its http-only S3 website
+        "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/",
+        "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+    ),
 }
+_CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
+# mattmahoney.net serves text8 over http only.
+_TEXT8_URL = "http://mattmahoney.net/dc/text8.zip"
+_BABI_URL = "https://dl.fbaipublicfiles.com/babi/tasks_1-20_v1-2.tar.gz"
+
+
+def _known_table() -> dict[str, RemoteFile]:
+    table: dict[str, RemoteFile] = {}
+    for kind, files, source in (
+        ("mnist", _MNIST_FILES, "md5: torchvision; sha256: TensorFlow Datasets"),
+        ("fashion-mnist", _FASHION_FILES, "md5: Fashion-MNIST README; sha256: computed, = TensorFlow Datasets"),
+    ):
+        for fname, (size, md5, sha256) in files.items():
+            spec = RemoteFile(kind, fname, tuple(base + fname for base in _MNIST_URLS[kind]),
+                              size=size, md5=md5, sha256=sha256, source=source)
+            table[spec.key] = spec
+    for spec in (
+        # md5: the CIFAR page; sha256: TensorFlow Datasets' checksum list.
+        RemoteFile("cifar10", "cifar-10-binary.tar.gz", (_CIFAR10_URL,), size=170052171,
+                   md5="c32a1d4ab5d03f1284b67883e8d87530",
+                   sha256="c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd",
+                   source="md5: CIFAR page; sha256: TensorFlow Datasets"),
+        # No digest of text8.zip is published by its source: the archive is
+        # checked by its size (as given by TensorFlow's word2vec tutorial) and
+        # the zip's own CRCs, and the unpacked corpus by its published size
+        # (10**8 bytes) and SHA-1 (GluonNLP's Text8 dataset).
+        RemoteFile("text8", "text8.zip", (_TEXT8_URL,), size=31344016,
+                   source="size: TensorFlow word2vec tutorial; no published digest"),
+        RemoteFile("text8", "text8", (), size=100_000_000,
+                   sha1="0dc3edebc970dcc96137e7deda4d9995af9d93de",
+                   source="sha1: GluonNLP Text8; unpacked from text8.zip"),
+        # size and sha256: the Hugging Face babi_qa dataset's recorded
+        # checksum of this release file.
+        RemoteFile("babi", "tasks_1-20_v1-2.tar.gz",
+                   (_BABI_URL, "http://www.thespermwhale.com/jaseweston/babi/tasks_1-20_v1-2.tar.gz"),
+                   size=15719851, sha256="0364ebde659f14d11bc21744516c5ec49d3d06cb692733f66680771244998898",
+                   source="sha256: Hugging Face datasets (babi_qa)"),
+    ):
+        table[spec.key] = spec
+    return table
+
+
+KNOWN_FILES: dict[str, RemoteFile] = _known_table()
+
+
+def _known_in(dataset: str) -> dict[str, RemoteFile]:
+    """Return the known files of ``dataset`` keyed by their path inside its directory."""
+    return {spec.filename: spec for spec in KNOWN_FILES.values() if spec.dataset == dataset}
+
 _MNIST_SYSTEM_DIRS = {
     "mnist": ("/usr/share/datasets/mnist",),
     "fashion-mnist": ("/usr/share/datasets/fashion-mnist",),
 }
-_CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
-_TEXT8_URL = "http://mattmahoney.net/dc/text8.zip"
-_BABI_URL = "https://dl.fbaipublicfiles.com/babi/tasks_1-20_v1-2.tar.gz"
 
 IDX_IMAGES_MAGIC = 2051
 IDX_LABELS_MAGIC = 2049
@@ -94,23 +174,69 @@ def _check_split(split: str) -> str:
     return split
 
 
-def _fetch_all(urls_and_names, cache: str) -> None:
-    """Download each (candidate urls, file name) into ``cache``; first working url wins."""
-    os.makedirs(cache, exist_ok=True)
-    name = os.path.basename(cache)
-    for urls, fname in urls_and_names:
-        dest = os.path.join(cache, fname)
-        if os.path.isfile(dest):
-            continue
-        errors = []
-        for url in urls:
+def _fetch_all(keys: Sequence[str], cache: str) -> None:
+    """Download each known file (``"<dataset>/<file>"`` of KNOWN_FILES) into ``cache``; good copies are kept."""
+    for key in keys:
+        fetch_remote(KNOWN_FILES[key], cache)
+
+
+def _unpack_into(
+    cache: str,
+    archive: str,
+    unpack: Callable[[str, str], None],
+    known: Mapping[str, RemoteFile] | None = None,
+) -> None:
+    """Unpack ``archive`` (already verified) into ``cache`` and remove it.
+
+    ``unpack(archive, directory)`` writes into a private directory inside the
+    cache; each file it produced is checked against ``known`` (paths relative
+    to the cache) or its sha256 recorded in the cache sidecar, and only then
+    are the top-level entries moved into place, so an interrupted unpack never
+    leaves partial files where the loaders look.  A damaged archive is removed
+    (so the next call downloads it again) and reported as a ValueError.
+    """
+    tmp = tempfile.mkdtemp(prefix=".unpack.", dir=cache)
+    try:
+        try:
+            unpack(archive, tmp)
+        except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, OSError, ValueError) as exc:
+            os.remove(archive)
+            raise ValueError(f"{archive}: damaged archive removed ({type(exc).__name__}: {exc}); "
+                             "it will be downloaded again") from None
+        digests = {}
+        for dirpath, _, files in os.walk(tmp):
+            for fname in files:
+                path = os.path.join(dirpath, fname)
+                rel = os.path.relpath(path, tmp).replace(os.sep, "/")
+                spec = (known or {}).get(rel)
+                if spec is not None:
+                    problem = verify_cached_file(tmp, path, spec)
+                    if problem is not None:
+                        os.remove(archive)
+                        raise ValueError(f"{archive}: unpacked {rel} is wrong ({problem}); archive removed")
+                    digests[rel] = spec.digests()
+                else:
+                    digests[rel] = file_digests(path, ("sha256",))
+        for entry in os.listdir(tmp):
+            target = os.path.join(cache, entry)
             try:
-                download_url(url, dest, sha256=CHECKSUMS.get(f"{name}/{fname}"))
-                break
-            except Exception as exc:  # try the next mirror
-                errors.append(f"{url}: {exc}")
-        else:
-            raise OSError("; ".join(errors))
+                if os.path.isdir(target) and not os.path.islink(target):
+                    shutil.rmtree(target)
+                elif os.path.lexists(target):
+                    os.remove(target)
+                os.replace(os.path.join(tmp, entry), target)
+            except OSError:
+                if not os.path.exists(target):
+                    raise
+                # another process placed the same verified entry meanwhile
+        for rel, d in digests.items():
+            path = os.path.join(cache, *rel.split("/"))
+            if os.path.isfile(path):
+                record_verified(cache, path, d)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if os.path.exists(archive):
+        os.remove(archive)
 
 
 def _safe_extract_tar(archive: str, dest: str) -> None:
@@ -220,15 +346,16 @@ def load_mnist(
     prefix = "train" if split == "train" else "t10k"
     names = [f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"]
     required = [[n + ".gz", n, n.replace("-idx", ".idx")] for n in names]
-    fetch_list = [([base + n + ".gz" for base in _MNIST_URLS[kind]], n + ".gz") for n in names]
+    keys = [f"{kind}/{n}.gz" for n in names]
     img_path, lbl_path = find_dataset_files(
         kind,
         required,
         path=path,
         system_dirs=_MNIST_SYSTEM_DIRS[kind],
         download=download,
-        fetch=lambda cache: _fetch_all(fetch_list, cache),
+        fetch=lambda cache: _fetch_all(keys, cache),
         how_to_get=", ".join(_MNIST_URLS[kind]),
+        known=_known_in(kind),
     )
     images, labels = _load_idx_pair(img_path, lbl_path)
     if as_float:
@@ -296,6 +423,7 @@ def load_default_images(
                 "fashion-mnist",
                 [[n + ".gz", n, n.replace("-idx", ".idx")]],
                 system_dirs=_MNIST_SYSTEM_DIRS["fashion-mnist"],
+                known=_known_in("fashion-mnist"),
             )[0]
         except FileNotFoundError:
             images, labels = load_embedded_fashion_mnist(split, as_float=as_float)
@@ -350,10 +478,8 @@ def load_cifar10(
     required = [[os.path.join("cifar-10-batches-bin", f), f] for f in files]
 
     def fetch(cache: str) -> None:
-        _fetch_all([([_CIFAR10_URL], "cifar-10-binary.tar.gz")], cache)
-        archive = os.path.join(cache, "cifar-10-binary.tar.gz")
-        _safe_extract_tar(archive, cache)
-        os.remove(archive)
+        archive = fetch_remote(KNOWN_FILES["cifar10/cifar-10-binary.tar.gz"], cache)
+        _unpack_into(cache, archive, _safe_extract_tar)
 
     found = find_dataset_files(
         "cifar10",
@@ -458,16 +584,13 @@ def load_text_corpus(path: str | os.PathLike, preprocess: bool = False) -> list[
 def load_text8(path: str | os.PathLike | None = None, download: bool = True) -> list[str]:
     """Return the tokens of the text8 corpus (about 17M lowercase words) as a list of str."""
 
+    def unzip(archive: str, dest: str) -> None:
+        with zipfile.ZipFile(archive) as zf, zf.open("text8") as src, open(os.path.join(dest, "text8"), "wb") as out:
+            shutil.copyfileobj(src, out, 1 << 20)  # the zip's CRC is checked at the end
+
     def fetch(cache: str) -> None:
-        _fetch_all([([_TEXT8_URL], "text8.zip")], cache)
-        archive = os.path.join(cache, "text8.zip")
-        with zipfile.ZipFile(archive) as zf:
-            data = zf.read("text8")
-        tmp = os.path.join(cache, "text8.part")
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, os.path.join(cache, "text8"))
-        os.remove(archive)
+        archive = fetch_remote(KNOWN_FILES["text8/text8.zip"], cache)
+        _unpack_into(cache, archive, unzip, known={"text8": KNOWN_FILES["text8/text8"]})
 
     (found,) = find_dataset_files(
         "text8",
@@ -477,6 +600,7 @@ def load_text8(path: str | os.PathLike | None = None, download: bool = True) -> 
         download=download,
         fetch=fetch,
         how_to_get=_TEXT8_URL,
+        known={"text8": KNOWN_FILES["text8/text8"]},
     )
     return load_text_corpus(found)
 
@@ -559,10 +683,8 @@ def load_babi(
         ]
 
         def fetch(cache: str) -> None:
-            _fetch_all([([_BABI_URL], "tasks_1-20_v1-2.tar.gz")], cache)
-            archive = os.path.join(cache, "tasks_1-20_v1-2.tar.gz")
-            _safe_extract_tar(archive, cache)
-            os.remove(archive)
+            archive = fetch_remote(KNOWN_FILES["babi/tasks_1-20_v1-2.tar.gz"], cache)
+            _unpack_into(cache, archive, _safe_extract_tar)
 
         (fname,) = find_dataset_files(
             "babi",
