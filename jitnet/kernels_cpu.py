@@ -312,14 +312,20 @@ def put_along_last_add(target, idx, updates):
 
 @njit(cache=True, parallel=True, nogil=True)
 def one_hot_kernel(idx, out, on, off):
-    """out[i, :] = off except out[i, idx[i]] = on (an index outside [0, depth) gives a row of off)."""
+    """out[i, :] = off except out[i, idx[i]] = on (a negative index gives a row of off); return the position
+    of the first index >= depth, or -1."""
     depth = out.shape[1]
-    for i in prange(idx.shape[0]):
+    m = idx.shape[0]
+    bad = m
+    for i in prange(m):
         for j in range(depth):
             out[i, j] = off
         k = idx[i]
-        if 0 <= k < depth:
+        if k >= depth:
+            bad = min(bad, i)
+        elif k >= 0:
             out[i, k] = on
+    return bad if bad < m else -1
 
 
 @njit(cache=True, nogil=True)
@@ -334,6 +340,19 @@ def index_bounds(idx):
         elif v > hi:
             hi = v
     return lo, hi
+
+
+@njit(cache=True, nogil=True)
+def check_indices(idx, lo, hi):
+    """Return the position of the first entry of int64 idx outside [lo, hi); else -2 if one is negative, else -1."""
+    neg = False
+    for i in range(idx.shape[0]):
+        v = idx[i]
+        if v < lo or v >= hi:
+            return i
+        if v < 0:
+            neg = True
+    return -2 if neg else -1
 
 
 @njit(cache=True, nogil=True)
@@ -782,30 +801,45 @@ def _nn_row_lse(x, i):
 
 @njit(cache=True, fastmath=_FM, parallel=True, nogil=True)
 def nn_xent_int(x, labels, out):
-    """out[i] = logsumexp(x[i]) - x[i, labels[i]] (0 where the label is negative: ignored)."""
-    for i in prange(x.shape[0]):
+    """out[i] = logsumexp(x[i]) - x[i, labels[i]] (0 where the label is negative: ignored); return the position
+    of the first label >= the class count (its row is NaN, no memory outside x is read), or -1."""
+    n = x.shape[1]
+    m = x.shape[0]
+    bad = m
+    for i in prange(m):
         lab = labels[i]
         if lab < 0:
             out[i] = 0
+        elif lab >= n:
+            out[i] = np.nan
+            bad = min(bad, i)
         else:
             out[i] = _nn_row_lse(x, i) - x[i, lab]
+    return bad if bad < m else -1
 
 
 @njit(cache=True, fastmath=_FM, parallel=True, nogil=True)
 def nn_xent_int_grad(x, labels, g, out):
-    """out[i] = g[i] * (softmax(x[i]) - onehot(labels[i])) (a zero row where the label is negative)."""
+    """out[i] = g[i] * (softmax(x[i]) - onehot(labels[i])) (a zero row where the label is negative); return the
+    position of the first label >= the class count (its row is NaN), or -1."""
     n = x.shape[1]
-    for i in prange(x.shape[0]):
+    m = x.shape[0]
+    bad = m
+    for i in prange(m):
         lab = labels[i]
-        if lab < 0:
+        if lab < 0 or lab >= n:
+            fill = 0.0 if lab < 0 else np.nan
             for j in range(n):
-                out[i, j] = 0
+                out[i, j] = fill
+            if lab >= n:
+                bad = min(bad, i)
             continue
         lse = _nn_row_lse(x, i)
         gi = g[i]
         for j in range(n):
             out[i, j] = gi * math.exp(x[i, j] - lse)
         out[i, lab] -= gi
+    return bad if bad < m else -1
 
 
 @njit(cache=True, fastmath=_FM, parallel=True, nogil=True)

@@ -17,6 +17,7 @@ import numba
 import numpy as np
 
 from . import kernelgen
+from . import bounds
 from . import kernels_cpu as K
 from . import tensor as _tensor
 from .autodiff.core import Primitive, apply, current_interpreter
@@ -1302,23 +1303,8 @@ def pad(x, pad_width, mode="constant", constant_values=0):
 # ==============================================================================================================
 
 def _check_index_array(idx, bound, op, axis):
-    """Return ``idx`` as int64 with negatives wrapped; raise IndexError naming the index and the bound."""
-    if idx.dtype.kind not in "iu":
-        if idx.dtype == bool_:
-            raise TypeError(f"{op}: boolean index where an integer index was expected")
-        raise TypeError(f"{op}: indices must be integers, got dtype {idx.dtype}")
-    idx = np.asarray(idx, dtype=np.int64, order="C")      # (ascontiguousarray would make a 0-d index 1-d)
-    flat = idx.reshape(-1)
-    if flat.size:
-        lo, hi = K.index_bounds(flat)
-        if hi >= bound or lo < -bound:
-            bad = hi if hi >= bound else lo
-            raise IndexError(f"{op}: index {bad} is out of bounds for axis {axis} with size {bound}")
-        if lo < 0:
-            flat = flat.copy()
-            K.wrap_negative(flat, bound)
-            idx = flat.reshape(idx.shape)
-    return idx
+    """Return ``idx`` as int64 with negatives wrapped; raise IndexError naming the index, its position and the bound."""
+    return bounds.check(idx, bound, op, f"axis {axis} with size {bound}")
 
 
 def _take_impl(x, idx, axis):
@@ -1344,7 +1330,7 @@ def _zeros_on(shape, like):
     return _filled(shape, 0, like.dtype, like.device)
 
 
-TAKE = Primitive("take", impl={"cpu": _take_impl}, vjp=_take_vjp)
+TAKE = bounds.mark(Primitive("take", impl={"cpu": _take_impl}, vjp=_take_vjp), i1=("index", "wrap"))
 
 
 def take(x, indices, axis=None):
@@ -1385,6 +1371,7 @@ def _scatter_add_impl(x, idx, upd, axis):
 
 SCATTER_ADD = Primitive("scatter_add", impl={"cpu": _scatter_add_impl},
                         vjp=lambda g, ans, ins, needs, axis: (g, None, take(g, ins[1], axis) if needs[2] else None))
+bounds.mark(SCATTER_ADD, i1=("index", "wrap"))
 
 
 def scatter_add(x, indices, updates, axis=0):
@@ -1398,11 +1385,13 @@ def scatter_add(x, indices, updates, axis=0):
 def _one_hot_impl(idx, depth, dtype, on, off):
     flat = np.ascontiguousarray(idx, dtype=np.int64).reshape(-1)
     out = np.empty((flat.size, depth), dtype)
-    K.one_hot_kernel(flat, out, dtype.type(on), dtype.type(off))
+    bad = K.one_hot_kernel(flat, out, dtype.type(on), dtype.type(off))
+    if bad >= 0:
+        raise bounds.index_error("one_hot", "index", int(flat[bad]), bad, f"depth {depth}", idx.shape)
     return out.reshape(idx.shape + (depth,))
 
 
-ONE_HOT = Primitive("one_hot", impl={"cpu": _one_hot_impl}, nondiff=True)
+ONE_HOT = bounds.mark(Primitive("one_hot", impl={"cpu": _one_hot_impl}, nondiff=True), i0=("index", "ignore"))
 
 
 def one_hot(indices, depth, dtype=float32, on_value=1, off_value=0):
@@ -1425,6 +1414,7 @@ def _tal_impl(x, idx, axis):
 
 
 def _pal_impl(g, idx, shape, axis):
+    idx = _check_index_array(idx, shape[axis], "put_along_axis_add", axis)
     target = np.zeros(shape, g.dtype)
     tmoved = np.moveaxis(target, axis, -1)
     trows = _contiguous(tmoved).reshape(-1, shape[axis])
@@ -1439,6 +1429,8 @@ PUT_ALONG_ADD = Primitive("put_along_axis_add", impl={"cpu": _pal_impl},
 TAKE_ALONG = Primitive("take_along_axis", impl={"cpu": _tal_impl},
                        vjp=lambda g, ans, ins, needs, axis: (
                            apply(PUT_ALONG_ADD, g, ins[1], shape=ins[0].shape, axis=axis), None))
+bounds.mark(PUT_ALONG_ADD, i1=("index", "wrap"))
+bounds.mark(TAKE_ALONG, i1=("index", "wrap"))
 
 
 def take_along_axis(x, indices, axis=-1):
@@ -1499,13 +1491,37 @@ def _rebuild_index(template, arrays):
                  for v in template)
 
 
+def _getitem_error(shape, idx, e):
+    """Return the IndexError for a failed ``x[idx]``: the first integer-array entry out of range and its position,
+    else NumPy's message with the op and shape."""
+    def width(v):
+        if v is None or v is Ellipsis:
+            return 0
+        if isinstance(v, np.ndarray) and v.dtype == bool_:
+            return v.ndim
+        return 1
+    used = builtins.sum(width(v) for v in idx)
+    axis = 0
+    for v in idx:
+        if v is Ellipsis:
+            axis += len(shape) - used
+            continue
+        if isinstance(v, np.ndarray) and v.dtype.kind in "iu" and axis < len(shape):
+            try:
+                bounds.check(v, shape[axis], "getitem", f"axis {axis} with size {shape[axis]}")
+            except IndexError as err:
+                return IndexError(f"{err} (tensor shape {tuple(shape)})")
+        axis += width(v)
+    return IndexError(f"getitem: {e} (tensor shape {tuple(shape)})")
+
+
 def _getitem_impl(x, *arrays, template):
     idx = _rebuild_index(template, arrays)
     try:
         r = x[idx]
         return r if isinstance(r, np.ndarray) else np.asarray(r)     # an all-integer index gives a scalar
     except IndexError as e:
-        raise IndexError(f"getitem: {e} (tensor shape {x.shape})") from None
+        raise _getitem_error(x.shape, idx, e) from None
 
 
 def _getitem_grad_impl(g, *arrays, template, shape):
@@ -1518,7 +1534,10 @@ def _getitem_grad_impl(g, *arrays, template, shape):
         else:                                   # an all-integer index selects one element, not a view
             out[idx] = g
         return out
-    pos = np.arange(out.size, dtype=np.int64).reshape(shape)[idx]
+    try:
+        pos = np.arange(out.size, dtype=np.int64).reshape(shape)[idx]
+    except IndexError as e:
+        raise _getitem_error(shape, idx, e) from None
     upd = _contiguous(np.broadcast_to(g, pos.shape)).reshape(-1)
     K.scatter_add_flat(out.reshape(-1), np.ascontiguousarray(pos).reshape(-1), upd)
     return out
@@ -1543,6 +1562,9 @@ def _scalar_index(t):
 
 
 GETITEM = Primitive("getitem", impl={"cpu": _getitem_impl}, kind="view", vjp=_getitem_vjp)
+# (a getitem's index arrays follow its tensor input; the marker names the first)
+bounds.mark(GETITEM, i1=("index", "wrap"))
+bounds.mark(GETITEM_GRAD, i1=("index", "wrap"))
 
 
 def _freeze(v):
@@ -1697,7 +1719,7 @@ def eye(n, m=None, dtype=float32, device=None):
 
 
 __all_ops__ = [n for n in dir() if not n.startswith("_") and n not in (
-    "annotations", "builtins", "math", "numbers", "np", "kernelgen", "K", "Primitive", "apply",
+    "annotations", "bounds", "builtins", "math", "numbers", "np", "kernelgen", "K", "Primitive", "apply",
     "current_interpreter", "Tensor", "bool_", "float32", "float64", "int64")]
 
 

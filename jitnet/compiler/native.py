@@ -21,7 +21,7 @@ import os
 
 import numpy as np
 
-from .. import kernelgen
+from .. import bounds, kernelgen
 
 __all__ = ["nativize", "MIN_STEPS"]
 
@@ -177,8 +177,8 @@ def _emit_xent_int(grad):
         lines = [f"_l = np.ascontiguousarray({a[1]}).astype(np.int64)",
                  f"{o} = np.empty({_shape(n.out.shape)}, {_dt(x.dtype)})"]
         extra = f"np.ascontiguousarray({a[2]}), " if grad else ""
-        lines.append(f"{k}(np.ascontiguousarray({a[0]}), _l, {extra}{o})")
-        return lines
+        lines.append(f"_e = {k}(np.ascontiguousarray({a[0]}), _l, {extra}{o})")
+        return lines + bounds.native_raise_lines("_e", "_l", "cross_entropy", "label", x.shape[1], "{} classes")
     return emit
 
 
@@ -436,7 +436,11 @@ def _segment_step(seg, fallback_steps):
 
     def step(env):
         # the dispatcher, not a compiled entry point: it checks operand layouts (an entry point would not)
-        r = seg.attempt(lambda: seg.function()(*[env[i] for i in ins]))
+        try:
+            r = seg.attempt(lambda: seg.function()(*[env[i] for i in ins]))
+        except IndexError as e:
+            bounds.reraise_native(e)
+            raise
         if r is None:
             for st in fallback_steps:
                 st(env)
@@ -607,8 +611,12 @@ class NativeLoop(_Tiered):
     def run(self, length, reverse, arrays, ys, saved):
         """Run the loop; return the final carry arrays, or None when it cannot run natively."""
         consts = [a for _, a in self.plan.const_env]
-        return self.attempt(lambda: self._function(bool(saved), len(arrays))(
-            length, reverse, *arrays, *consts, *ys, *saved))
+        try:
+            return self.attempt(lambda: self._function(bool(saved), len(arrays))(
+                length, reverse, *arrays, *consts, *ys, *saved))
+        except IndexError as e:
+            bounds.reraise_native(e)
+            raise
 
 
 def loop_driver(plan, n_carry, n_x):
@@ -694,7 +702,11 @@ class NativeWhile(_Tiered):
     def run(self, carry, ccaps, bcaps):
         """Return the final carry arrays, or None when the loop cannot run natively."""
         consts = [a for _, a in self.cond_plan.const_env] + [a for _, a in self.body_plan.const_env]
-        return self.attempt(lambda: self._function()(*carry, *ccaps, *bcaps, *consts))
+        try:
+            return self.attempt(lambda: self._function()(*carry, *ccaps, *bcaps, *consts))
+        except IndexError as e:
+            bounds.reraise_native(e)
+            raise
 
 
 def while_driver(cond_plan, body_plan, n_carry, n_ccaps, n_bcaps):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import bounds
 from .. import kernels_cpu as K
 from .. import ops
 from ..autodiff.core import Primitive, apply
@@ -13,18 +14,9 @@ __all__ = ["embedding", "EMBEDDING"]
 
 
 def _check_ids(ids, vocab):
-    """Return ``ids`` as contiguous int64; raise IndexError naming the first bad id and the vocabulary size."""
-    if ids.dtype.kind not in "iu":
-        raise TypeError(f"embedding: ids must be integers, got dtype {ids.dtype}")
-    ids = np.ascontiguousarray(ids, dtype=np.int64)
-    flat = ids.reshape(-1)
-    if flat.size:
-        lo, hi = K.index_bounds(flat)
-        if lo < 0 or hi >= vocab:
-            bad = lo if lo < 0 else hi
-            raise IndexError(f"embedding: index {bad} is out of bounds for a table of {vocab} rows "
-                             f"(ids must be in [0, {vocab}))")
-    return ids
+    """Return ``ids`` as contiguous int64; raise IndexError naming the first bad id, its position and the vocabulary."""
+    return bounds.check(ids, vocab, "embedding", f"a table of {vocab} rows (ids must be in [0, {vocab}))",
+                        negative="error")
 
 
 def _embedding_impl(weight, ids):
@@ -48,7 +40,8 @@ def _embedding_vjp(g, ans, ins, needs):
     return IndexedSlices(values, indices, weight.shape), None
 
 
-EMBEDDING = Primitive("embedding", impl={"cpu": _embedding_impl}, vjp=_embedding_vjp)
+EMBEDDING = bounds.mark(Primitive("embedding", impl={"cpu": _embedding_impl}, vjp=_embedding_vjp),
+                        i1=("index", "error"))
 
 
 def embedding(weight, ids):

@@ -14,6 +14,7 @@ import math
 import numba
 import numpy as np
 
+from .. import bounds
 from .. import kernels_conv as KC
 from .. import kernels_cpu as K
 from .. import ops
@@ -582,15 +583,26 @@ def batch_norm(x, mean, var, gamma=None, beta=None, eps=1e-5, axis=1):
 # Losses
 # ==============================================================================================================
 
+def _label_error(labels, bad, classes):
+    return bounds.index_error("cross_entropy", "label", int(labels.reshape(-1)[bad]), bad, f"{classes} classes",
+                              labels.shape)
+
+
 def _xent_int_impl(x, labels):
     out = np.empty(x.shape[0], x.dtype)
-    K.nn_xent_int(_c(x), _c(labels.astype(np.int64, copy=False)), out)
+    labels = _c(labels.astype(np.int64, copy=False))
+    bad = K.nn_xent_int(_c(x), labels, out)
+    if bad >= 0:
+        raise _label_error(labels, bad, x.shape[1])
     return out
 
 
 def _xent_int_grad_impl(x, labels, g):
     out = np.empty(x.shape, x.dtype)
-    K.nn_xent_int_grad(_c(x), _c(labels.astype(np.int64, copy=False)), _c(g.astype(x.dtype, copy=False)), out)
+    labels = _c(labels.astype(np.int64, copy=False))
+    bad = K.nn_xent_int_grad(_c(x), labels, _c(g.astype(x.dtype, copy=False)), out)
+    if bad >= 0:
+        raise _label_error(labels, bad, x.shape[1])
     return out
 
 
@@ -614,6 +626,8 @@ XENT_INT_GRAD.vjp = lambda g, ans, ins, needs: (
         ops.astype(ins[1] >= 0, ins[0].dtype), (-1, 1)), ins[2], g), None,
     ops.sum(g * (ops.softmax(ins[0]) - ops.one_hot(ins[1], ins[0].shape[-1], ins[0].dtype)), -1)
     * ops.astype(ins[1] >= 0, ins[0].dtype) if needs[2] else None)
+bounds.mark(XENT_INT, i1=("label", "ignore"))
+bounds.mark(XENT_INT_GRAD, i1=("label", "ignore"))
 XENT_PROB_GRAD = Primitive("cross_entropy_prob_grad", impl={"cpu": _xent_prob_grad_impl})
 XENT_PROB = Primitive("cross_entropy_prob", impl={"cpu": _xent_prob_impl},
                       vjp=lambda g, ans, ins, needs: (
@@ -653,8 +667,6 @@ def cross_entropy(logits, labels, reduction="mean", label_smoothing=0.0):
                              f"{x.shape} (expected {x.shape[:-1]})")
         yv = y.numpy() if _is_eager() and not y.is_cuda else None      # (no copy from the GPU: a label out
                                                                           # of range is reported by the kernel)
-        if yv is not None and yv.size and int(yv.max()) >= c:
-            raise IndexError(f"cross_entropy: label {int(yv.max())} is out of range for {c} classes")
         y2 = ops.reshape(y, (-1,))
         if label_smoothing:
             p = ops.one_hot(y2, c, x.dtype) * (1.0 - label_smoothing) + label_smoothing / c

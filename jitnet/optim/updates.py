@@ -13,6 +13,7 @@ import math
 
 import numpy as np
 
+from .. import bounds
 from .. import kernels_cpu as K
 from ..autodiff.core import Primitive, apply
 from ..autodiff.sparse import unique_sum
@@ -27,6 +28,8 @@ UPDATES: dict = {}
 def _update_prim(name, impl, inplace):
     prim = Primitive(name, impl={"cpu": impl}, kind="update", nondiff=True)
     prim.extra["inplace"] = tuple(inplace)
+    if "sparse" in name:                      # inputs (param, values, indices, ...)
+        bounds.mark(prim, i2=("index", "error"))
     UPDATES[name] = prim
     return prim
 
@@ -53,13 +56,9 @@ def _rows(p, what="parameter"):
 
 def _sparse_grad(p, values, indices):
     """Return (unique rows, summed 2-D gradient rows) after checking the indices against p's first axis."""
-    idx = np.ascontiguousarray(indices, dtype=np.int64).reshape(-1)
     n = p.shape[0]
-    if idx.size:
-        lo, hi = K.index_bounds(idx)
-        if lo < 0 or hi >= n:
-            bad = lo if lo < 0 else hi
-            raise IndexError(f"sparse update: index {bad} is out of bounds for a parameter with {n} rows")
+    idx = bounds.check(np.asarray(indices), n, "sparse update", f"a parameter with {n} rows",
+                       negative="error").reshape(-1)
     vals = np.asarray(values)
     if vals.dtype != p.dtype:
         vals = vals.astype(p.dtype)
