@@ -181,3 +181,221 @@ def test_malloc_tuning_follows_the_environment(setting, expect):
                        capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == str(expect)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A CLI that talks to people: one-line user errors, the compile notice, non-finite losses
+# ---------------------------------------------------------------------------------------------------------------
+
+from jitnet.models import _train as TR          # noqa: E402
+
+
+def _err_lines(capsys):
+    return [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+
+
+def test_bad_data_dir_is_one_line_and_exit_2(tmp_path):
+    missing = str(tmp_path / "no-such-dir")
+    p = _cli(["train", "mlp", "--data-dir", missing, "--logdir", str(tmp_path / "run")], tmp_path)
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
+    assert missing in lines[0] and lines[0].startswith("jitnet train: error:")
+
+
+def test_traceback_flag_and_jitnet_debug_show_the_traceback(tmp_path, capsys, monkeypatch):
+    missing = str(tmp_path / "nothing-here")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.delenv("JITNET_DEBUG", raising=False)
+    assert main(["train", "mlp", "--data-dir", str(empty), "--dataset", "mnist"]) == 2   # holds no MNIST files
+    err = _err_lines(capsys)
+    assert len(err) == 1 and str(empty) in err[0] and "To get the data" in err[0]
+    assert main(["train", "mlp", "--data-dir", missing, "--traceback"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and err.strip().splitlines()[-1].endswith(
+        f"--data-dir {missing}: no such file or directory")
+    monkeypatch.setenv("JITNET_DEBUG", "1")
+    assert main(["train", "mlp", "--data-dir", missing]) == 2
+    assert "Traceback (most recent call last)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,expect", [
+    (["train", "mlp", "--data", "x"], "ambiguous option: --data could match --dataset, --data-dir"),
+    (["train", "mlp", "--epochs", "two"], "argument --epochs: invalid int value: 'two'"),
+    (["warmup", "--bogus"], "unrecognized arguments: --bogus"),
+    (["train", "seq2seq-reverse", "--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_bad_flags_are_one_line_and_exit_2(argv, expect, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = _err_lines(capsys)
+    assert len(err) == 1 and expect in err[0] and "--help" in err[0], err
+
+
+def test_missing_optional_packages_are_one_line_with_the_install_command(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gymnasium", None)           # as if Gymnasium were not installed
+    assert main(["train", "pg-cartpole", "--env", "CartPole-v1", "--episodes", "1",
+                 "--logdir", str(tmp_path)]) == 2
+    err = _err_lines(capsys)
+    assert len(err) == 1 and "Gymnasium" in err[0] and "pip install 'jitnet[rl]'" in err[0]
+    from jitnet.__main__ import user_error
+    msg, code = user_error(ModuleNotFoundError("No module named 'torch'", name="torch"))
+    assert code == 2 and "pip install 'jitnet[bench]'" in msg
+    assert user_error(ModuleNotFoundError("No module named 'jitnet.foo'", name="jitnet.foo")) is None   # a bug
+    assert user_error(RuntimeError("a bug")) is None
+
+
+def test_readme_flags_match_the_cli():
+    import re
+    import shlex
+    from jitnet.__main__ import build_parser
+    from jitnet.models import vision as V
+    with open(os.path.join(os.path.dirname(__file__), os.pardir, "README.md")) as f:
+        readme = f.read()
+    known = set(V.TRAINERS["mlp"].parser()._option_string_actions) | set(build_parser()._option_string_actions)
+    for act in build_parser()._subparsers._group_actions[0].choices.values():
+        known |= set(act._option_string_actions)
+    prose = set(re.findall(r"`(--[a-z][a-z-]*)", readme))
+    assert prose and prose <= known, sorted(prose - known)
+    for line in readme.splitlines():                  # every documented classifier command line parses
+        m = re.search(r"python -m jitnet train (\w+)( [^#`]*)?", line)
+        if m and m.group(1) in V.TRAINERS and hasattr(V.TRAINERS[m.group(1)], "parser"):
+            V.TRAINERS[m.group(1)].parser().parse_args(shlex.split(m.group(2) or ""))
+
+
+def test_compile_notice_is_shown_while_compiling_and_only_then(monkeypatch):
+    from jitnet import kernelgen
+    monkeypatch.setattr(TR, "_NOTICE_SHOWN", [False])
+    said = []
+    with TR.compile_notice(said.append, after=0.0) as n:
+        pass                                              # nothing compiled: nothing said
+    assert said == [] and not n.shown
+
+    @njit
+    def fresh(a):
+        return a + 1
+
+    with TR.compile_notice(said.append, after=0.0) as n:
+        fresh(1)
+    assert n.shown and said[0] == f"compiling kernels (once; cached in {kernelgen.cache_dir()}) ..."
+    assert said[1].startswith("kernels ready after ")
+
+    @njit
+    def fresh2(a):
+        return a + 2
+
+    with TR.compile_notice(said.append, after=0.0):       # once per process
+        fresh2(1)
+    assert len(said) == 2
+
+
+def test_progress_eta_leaves_out_the_first_step():
+    pytest.importorskip("tqdm")
+    import time
+    bar = TR.Progress(4, "test", enabled=True)
+    time.sleep(0.6)                                       # the first step compiles
+    bar.update(1.0)
+    bar.update(1.0)
+    d = bar.bar.format_dict
+    bar.close()
+    assert d["n"] == 2 and d["elapsed"] < 0.5, d          # the bar's clock starts after the first step
+
+
+_COMMON = ["--limit", "200", "--test-limit", "100", "--batch-size", "50", "--seed", "3", "--no-progress"]
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    from jitnet.models import vision as V
+    logdir = str(tmp_path / "run")
+    assert V.TRAINERS["mlp"](_COMMON + ["--epochs", "1", "--logdir", logdir]) == 0
+    good = jn_latest(logdir)
+    assert good.endswith("ckpt-4.safetensors")
+    capsys.readouterr()
+    rc = main(["train", "mlp", *_COMMON, "--epochs", "3", "--lr", "1e12", "--resume", "--logdir", logdir])
+    assert rc == 1
+    err = _err_lines(capsys)
+    assert len(err) == 1 and "training diverged: the loss is nan at epoch 2, batch" in err[0], err
+    assert f"the last good checkpoint is {good}" in err[0]
+    ckdir = os.path.join(logdir, "checkpoints")
+    assert sorted(f for f in os.listdir(ckdir) if f.endswith(".safetensors")) == ["ckpt-4.safetensors"]
+    assert jn_latest(logdir) == good
+    assert all(np.isfinite(v).all() for v in jitnet.io.load(good).values() if v.dtype.kind == "f")
+
+
+def jn_latest(logdir):
+    return jitnet.io.latest_checkpoint(os.path.join(logdir, "checkpoints"))
+
+
+def test_skip_nonfinite_undoes_the_bad_steps(tmp_path, capsys):
+    from jitnet.models import vision as V
+    rng = np.random.default_rng(0)
+    x = rng.random((200, 1, 28, 28), dtype=np.float32)
+    y = rng.integers(0, 10, 200)
+    x[17, 0, 3, 3] = np.nan                       # one poisoned example: one bad batch per epoch
+    data = (x, y, x[:100].copy(), y[:100])
+    data[2][17] = 0.5
+    stop = V.TRAINERS["mlp"].parser().parse_args(_COMMON + ["--epochs", "2"])
+    with pytest.raises(TR.NonFiniteError, match=r"the loss is nan at epoch 1, batch \d \(step \d\); no checkpoint"):
+        TR.fit(V.MLP(lr=1e-3), stop, data, str(tmp_path / "stop"), "mlp")
+    assert jn_latest(str(tmp_path / "stop")) is None
+
+    args = V.TRAINERS["mlp"].parser().parse_args(_COMMON + ["--epochs", "2", "--skip-nonfinite", "2"])
+    m = TR.fit(V.MLP(lr=1e-3), args, data, str(tmp_path / "skip"), "mlp")
+    assert m["skipped_steps"] == 2 and m["step"] == 6 and np.isfinite(m["test_loss"])
+    assert "mlp: skipped 2 steps with a non-finite loss or state" in capsys.readouterr().err
+    ck = jitnet.io.load(jn_latest(str(tmp_path / "skip")))
+    assert int(ck["optimizer/global_step"]) == 6
+    assert all(np.isfinite(v).all() for v in ck.values() if v.dtype.kind == "f")
+
+
+class _NanModel:
+    """A model whose every step returns a NaN loss (no compiles): drives the other training loops."""
+
+    def __init__(self):
+        import jitnet.nn as nn
+        self.net = nn.Linear(2, 2)
+        self.opt = jitnet.optim.SGD(self.net.parameters(), lr=0.1)
+
+    def train_step(self, *batch):
+        return jitnet.tensor(np.float32(np.nan))
+
+
+def test_dnc_and_seq2seq_loops_stop_on_a_nonfinite_loss(tmp_path):
+    from jitnet.data import seq_tasks as T
+    from jitnet.models import dnc, seq2seq
+
+    args = dnc.copy_parser().parse_args(["--steps", "4", "--eval-every", "2", "--no-progress"])
+    with pytest.raises(TR.NonFiniteError, match=r"dnc: training diverged: the loss is nan at step 1; no checkpoint"):
+        dnc._fit_steps(_NanModel(), args, "dnc", str(tmp_path / "dnc"), lambda: (), dict)
+
+    class Trainer(_NanModel):
+        def train_step(self, batch):
+            return jitnet.tensor(np.float32(np.inf)), jitnet.tensor(np.float32(0))
+
+    task = T.reverse_task(40, 8, seed=0)
+    args = seq2seq.reverse_parser().parse_args(["--batch-size", "8", "--no-progress", "--logdir",
+                                                str(tmp_path / "s2s")])
+    with pytest.raises(TR.NonFiniteError, match=r"s2s: training diverged: the loss is inf at epoch 1, batch 1"):
+        seq2seq.fit(Trainer(), task, args, "s2s")
+
+
+def test_rl_never_saves_a_nonfinite_agent(tmp_path):
+    from jitnet.models import rl
+
+    class Agent:
+        w = np.ones(3, np.float32)
+
+        def act(self, obs):
+            return 0
+
+        def observe(self, *a):
+            self.w[:] = np.nan                    # diverges during the first episode
+
+        def state_dict(self):
+            return {"net": {"w": self.w}}
+
+    with pytest.raises(TR.NonFiniteError, match="parameters are not finite after episode 1; no checkpoint"):
+        rl.train_agent(Agent(), rl.make_env("corridor"), 3, logdir=str(tmp_path), checkpoint_every=1, desc="pg")
+    assert not [f for f in os.listdir(tmp_path / "checkpoints") if f.endswith(".safetensors")]

@@ -33,9 +33,9 @@ A training step (forward over the sequence, loss, backward, gradient clipping, o
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
+import sys
 import time
 from typing import NamedTuple
 
@@ -49,6 +49,7 @@ from numba import njit
 from jitnet import ops
 from jitnet.autodiff.core import Primitive, apply
 from jitnet.compiler.loops import scan
+from ._train import ArgumentParser, add_nonfinite_args
 
 __all__ = ["EPS", "oneplus", "interface_size", "Interface", "split_interface", "cosine_similarity",
            "content_weights", "allocation_weights", "update_usage", "write_weights", "update_memory",
@@ -1064,7 +1065,8 @@ def plot_memory(trace, path, index=0, inputs=None, outputs=None):
 # ==============================================================================================================
 
 def _parser(prog, description, *, steps, batch_size, lr, hidden, memory, word, reads):
-    p = argparse.ArgumentParser(prog=f"python -m jitnet train {prog}", description=description)
+    p = ArgumentParser(prog=f"python -m jitnet train {prog}", description=description)
+    add_nonfinite_args(p)
     p.add_argument("--steps", type=int, default=steps, help=f"training steps to reach (default {steps})")
     p.add_argument("--batch-size", type=int, default=batch_size, help=f"sequences per step (default {batch_size})")
     p.add_argument("--lr", type=float, default=lr, help=f"learning rate (default {lr})")
@@ -1092,9 +1094,10 @@ def _parser(prog, description, *, steps, batch_size, lr, hidden, memory, word, r
 
 def _fit_steps(model, args, name, logdir, next_batch, evaluate):
     """Train ``model`` to ``args.steps`` steps with periodic evaluation, logs and checkpoints; return metrics."""
-    from ._train import Progress, restore_checkpoint, save_checkpoint
+    from ._train import NonFiniteGuard, Progress, restore_checkpoint, save_checkpoint
     os.makedirs(logdir, exist_ok=True)
     saver = jn.io.Saver(os.path.join(logdir, "checkpoints"), max_to_keep=args.keep)
+    guard = NonFiniteGuard(model, saver, name, getattr(args, "skip_nonfinite", None))
     step = 0
     if args.resume:
         path = saver.latest_checkpoint()
@@ -1111,19 +1114,26 @@ def _fit_steps(model, args, name, logdir, next_batch, evaluate):
             chunk = min(args.eval_every, args.steps - step)
             bar = Progress(chunk, f"{name} steps {step + 1}-{step + chunk}", enabled=not args.no_progress)
             t0 = time.perf_counter()
-            total = 0.0
-            for _ in range(chunk):
-                loss = float(model.train_step(*next_batch()).item())
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"{name}: loss became {loss} at step {step + 1}")
-                step += 1
-                total += loss
-                bar.update(loss)
-                if step % 50 == 0:
-                    writer.add_scalar("train/loss", loss, step)
-            bar.close()
+            total, count = 0.0, 0
+            try:
+                for _ in range(chunk):
+                    guard.before()
+                    with np.errstate(over="ignore", invalid="ignore"):   # the guard reports a diverging run
+                        loss = float(model.train_step(*next_batch()).item())
+                    if not guard.after(loss, f"step {step + 1}"):
+                        bar.update(None)
+                        continue
+                    step += 1
+                    total += loss
+                    count += 1
+                    bar.update(loss)
+                    if step % 50 == 0:
+                        writer.add_scalar("train/loss", loss, step)
+            finally:
+                bar.close()
             seconds = time.perf_counter() - t0
-            metrics = {"train_loss": total / chunk}
+            metrics = {"train_loss": total / count if count else float("nan")}
+            guard.check_state(0, step, metrics["train_loss"] if count else None)
             metrics.update(evaluate())
             row = {"step": step, **metrics, "seconds": seconds, "steps_per_s": chunk / seconds}
             for k, v in metrics.items():
@@ -1137,6 +1147,8 @@ def _fit_steps(model, args, name, logdir, next_batch, evaluate):
     finally:
         writer.close()
         csv.close()
+        if guard.report():
+            print(guard.report(), file=sys.stderr, flush=True)
     metrics["step"] = step
     return metrics
 

@@ -22,6 +22,7 @@ from collections import deque
 import numpy as np
 
 import jitnet as jn
+from ._train import ArgumentParser, NonFiniteError
 
 __all__ = ["LinearSchedule", "ExponentialSchedule", "ConstantSchedule", "make_schedule", "CorridorEnv",
            "make_env", "env_spaces", "mlp", "greedy_action", "explore_action", "make_optimizer", "train_agent",
@@ -300,20 +301,39 @@ def train_agent(agent, env, episodes, *, seed=None, target=None, window=100, max
             if on_episode is not None:
                 on_episode(ep, total, mean)
             if saver is not None and checkpoint_every and (ep + 1) % checkpoint_every == 0:
-                saver.save(agent.state_dict(), ep + 1)
+                _save_finite(saver, agent, ep + 1, desc)
             if target is not None and len(recent) == window and mean >= target:
                 solved = ep + 1
                 break
     finally:
         bar.close()
         seconds = time.perf_counter() - t0
-        if saver is not None and returns:
-            saver.save(agent.state_dict(), len(returns))
+        if saver is not None and returns and _tree_finite(agent.state_dict()):
+            saver.save(agent.state_dict(), len(returns))          # a diverged agent keeps the last good one
         if writer is not None:
             writer.close()
             csv.close()
     return {"returns": returns, "steps": steps, "seconds": seconds, "solved_episode": solved,
             "mean_return": float(np.mean(recent)) if recent else float("nan")}
+
+
+def _tree_finite(tree):
+    """Return whether every float array in a nested dict of tensors/arrays is finite."""
+    if isinstance(tree, dict):
+        return all(_tree_finite(v) for v in tree.values())
+    a = tree.numpy() if hasattr(tree, "numpy") else np.asarray(tree)
+    return a.dtype.kind != "f" or bool(np.isfinite(a).all())
+
+
+def _save_finite(saver, agent, episode, desc):
+    """Save the agent's state as checkpoint ``episode``; raise NonFiniteError (saving nothing) when not finite."""
+    state = agent.state_dict()
+    if not _tree_finite(state):
+        last = saver.latest_checkpoint()
+        raise NonFiniteError(f"{desc}: training diverged: the agent's parameters are not finite after episode "
+                             f"{episode}; " + (f"the last good checkpoint is {last} (nothing was saved after it)"
+                                               if last else "no checkpoint was saved") + ". A smaller --lr may help")
+    saver.save(state, episode)
 
 
 def plot_returns(returns, path, window=100, title=None):
@@ -353,7 +373,7 @@ def _hidden(s):
 
 
 def _common_parser(name, description, *, episodes, lr, gamma, hidden, target):
-    p = argparse.ArgumentParser(prog=f"python -m jitnet train {name}", description=description)
+    p = ArgumentParser(prog=f"python -m jitnet train {name}", description=description)
     p.add_argument("--env", default="CartPole-v1", help="Gymnasium environment id with discrete actions, or "
                                                         "'corridor' (built in) (default CartPole-v1)")
     p.add_argument("--episodes", type=int, default=episodes, help=f"maximum episodes (default {episodes})")

@@ -28,9 +28,9 @@ on NumPy around a jitted single decoder step; :func:`exhaustive_search` (tiny vo
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
+import sys
 import time
 
 import numpy as np
@@ -45,6 +45,7 @@ from jitnet.data import seq_tasks as T
 from jitnet.kernels_cpu import nn_lstm_step, nn_lstm_step_dprev, nn_lstm_step_dz
 from jitnet.kernels_scalar import tanh_v
 from jitnet.tensor import Tensor, _infer_array
+from ._train import ArgumentParser, add_nonfinite_args
 
 __all__ = ["lstm_step_fused", "lstm_state", "additive_attention_step", "additive_attention_weights",
            "additive_attention_tanh", "additive_attention_context", "Seq2Seq", "Seq2SeqTrainer", "beam_search",
@@ -1107,7 +1108,8 @@ def ascii_attention(weights, src_tokens, out_tokens):
 # ==============================================================================================================
 
 def _parser(name, description, *, epochs, batch_size, lr, hidden, embed, target):
-    p = argparse.ArgumentParser(prog=f"python -m jitnet train {name}", description=description)
+    p = ArgumentParser(prog=f"python -m jitnet train {name}", description=description)
+    add_nonfinite_args(p)
     p.add_argument("--train-size", type=int, default=None, help="training examples (default: the task's)")
     p.add_argument("--test-size", type=int, default=None, help="held-out test examples (default: the task's)")
     p.add_argument("--epochs", type=int, default=epochs, help=f"maximum epochs (default {epochs})")
@@ -1160,7 +1162,7 @@ def fit(trainer, task, args, name):
     Returns the last evaluation's metrics plus "step", "epochs", "train_seconds" (the clock stops while
     evaluating) and "reached_target_s" (training seconds when the target was first reached, else None).
     """
-    from ._train import Progress, restore_checkpoint, save_checkpoint
+    from ._train import NonFiniteGuard, Progress, restore_checkpoint, save_checkpoint
     logdir = args.logdir or os.path.join("runs", name)
     os.makedirs(logdir, exist_ok=True)
     src, tgt = T.encode_pairs(task.train, task.src_vocab, task.tgt_vocab)
@@ -1179,6 +1181,7 @@ def fit(trainer, task, args, name):
     writer = jn.io.SummaryWriter(logdir)
     csv = jn.io.CSVLogger(os.path.join(logdir, "metrics.csv"))
     metrics, train_s, reached, last_eval = {}, 0.0, None, -1
+    guard = NonFiniteGuard(trainer, saver, name, getattr(args, "skip_nonfinite", None))
     test_len = max(len(s) for s in task.test.sources)
 
     def evaluate(epoch):
@@ -1200,11 +1203,16 @@ def fit(trainer, task, args, name):
         for epoch in range(start_epoch, args.epochs):
             bar = Progress(len(batcher), f"{name} epoch {epoch + 1}/{args.epochs}", enabled=not args.no_progress)
             losses = []
-            for batch in batcher.batches(epoch):
+            for i, batch in enumerate(batcher.batches(epoch)):
+                guard.before()
                 t0 = time.perf_counter()
-                loss, norm = trainer.train_step(batch)
-                lv = float(loss.item())
+                with np.errstate(over="ignore", invalid="ignore"):       # the guard reports a diverging run
+                    loss, norm = trainer.train_step(batch)
+                    lv = float(loss.item())
                 train_s += time.perf_counter() - t0
+                if not guard.after(lv, f"epoch {epoch + 1}, batch {i + 1} (step {step + 1})"):
+                    bar.update(None)
+                    continue
                 step += 1
                 losses.append(lv)
                 bar.update(lv)
@@ -1220,9 +1228,10 @@ def fit(trainer, task, args, name):
                     stop = True
                     break
             bar.close()
+            guard.check_state(epoch + 1, step, float(np.mean(losses)) if losses else None)
             if last_eval != step:
                 metrics = evaluate(epoch + 1)
-            print(f"{name} epoch {epoch + 1}: step {step}, train loss {np.mean(losses):.4f}, held-out exact match "
+            print(f"{name} epoch {epoch + 1}: step {step}, train loss {np.mean(losses or [np.nan]):.4f}, held-out exact match "
                   f"{metrics['exact_match']:.4f} (char accuracy {metrics['char_accuracy']:.4f}), "
                   f"{train_s:.1f} s training", flush=True)
             save_checkpoint(saver, trainer, epoch + 1, step)
@@ -1231,6 +1240,8 @@ def fit(trainer, task, args, name):
     finally:
         writer.close()
         csv.close()
+        if guard.report():
+            print(guard.report(), file=sys.stderr, flush=True)
     metrics.update(step=step, epochs=epoch + 1, train_seconds=train_s, reached_target_s=reached, logdir=logdir,
                    test_src_len=test_len)
     return metrics

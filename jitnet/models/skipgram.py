@@ -14,7 +14,6 @@ Two training paths share one :class:`Vocab`, the subsampling and the embedding m
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import math
 import os
@@ -28,6 +27,7 @@ import jitnet as jn
 import jitnet.nn as nn
 import jitnet.nn.functional as F
 from jitnet.nn.embedding_ops import embedding
+from ._train import ArgumentParser, NonFiniteError
 
 __all__ = ["Vocab", "keep_probabilities", "subsample", "generate_batch", "skipgram_pairs", "unigram_table",
            "sample_negatives", "noise_guide", "warm_fast_kernel", "sentences_from_tokens", "encode_sentences", "sg_ns_train_chunk", "SkipGram",
@@ -745,6 +745,9 @@ def train_model(model, ids, epochs=1, batch_size=128, window=5, sample=1e-3, lr_
                     g["lr"] = lr0 + (lr_end - lr0) * step / max(total, 1)
             idx = perm[i * batch_size:(i + 1) * batch_size]
             loss = float(model.train_step(c[idx], x[idx], rng).item())
+            if not math.isfinite(loss):
+                raise NonFiniteError(f"skipgram: training diverged: the loss is {loss} at step {step + 1}; a "
+                                     f"smaller learning rate may help")
             losses.append(loss)
             step += 1
             if progress is not None:
@@ -795,8 +798,8 @@ def load_corpus(name):
 
 
 def _parser():
-    p = argparse.ArgumentParser(prog="python -m jitnet train skipgram",
-                                description="Train skip-gram word2vec embeddings and evaluate them.")
+    p = ArgumentParser(prog="python -m jitnet train skipgram",
+                       description="Train skip-gram word2vec embeddings and evaluate them.")
     p.add_argument("--corpus", default="enwiki-test",
                    help="text8 | enwiki-test | lee (gensim's test data) | path of a text file")
     p.add_argument("--dim", type=int, default=100)
