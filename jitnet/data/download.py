@@ -268,6 +268,9 @@ def _download_once(
         headers = resp.headers if resp.headers is not None else {}
         length = headers.get("Content-Length")
         total = int(length) if length and length.strip().isdigit() else None
+        ctype = headers.get("Content-Type", "") or ""
+        if reject_html and _is_html(ctype, b""):
+            raise DownloadError(f"the server answered with an HTML page instead of the file (Content-Type {ctype})")
         if total is not None and size is not None and total != size:
             raise ChecksumError(
                 f"server announces {total} bytes, expected {size}: it is serving a different file"
@@ -289,11 +292,10 @@ def _download_once(
                         break
                     if first:
                         first = False
-                        if reject_html and _is_html(headers.get("Content-Type", "") or "", chunk):
+                        if reject_html and _is_html(ctype, chunk):
                             raise DownloadError(
                                 "the server answered with an HTML page instead of the file "
-                                f"(Content-Type {headers.get('Content-Type') or 'unset'}; "
-                                f"starts {chunk.lstrip()[:40]!r})"
+                                f"(Content-Type {ctype or 'unset'}; starts {chunk.lstrip()[:40]!r})"
                             )
                     out.write(chunk)
                     for h in hashers.values():
