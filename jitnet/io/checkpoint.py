@@ -272,7 +272,8 @@ class Saver:
                 more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
                 raise ValueError(
                     f"Saver.save: refusing to save step {step} to {self.directory}: non-finite "
-                    f"(NaN/Inf) values in tensor {listed}{more}; the existing checkpoints are kept. "
+                    f"(NaN/Inf) values in tensor{'s' if len(bad) > 1 else ''} {listed}{more}; "
+                    "the existing checkpoints are kept. "
                     "Pass allow_nonfinite=True to save it anyway.")
         path = self.filename(step)
         _st._save_prepared(prepared, path, metadata=meta)  # atomic
