@@ -438,3 +438,32 @@ def test_damaged_archive_is_not_kept(server, clean_env, monkeypatch):
         jd.load_text8(download=True)
     cache = clean_env / "xdg-cache" / "jitnet" / "datasets" / "text8"
     assert [n for n in os.listdir(cache) if not n.startswith(".jitnet")] == []
+
+
+def _zip_text8(text):
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("text8", text)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("genuine", [True, False])
+def test_text8_unpacked_corpus_checked_by_its_digest(server, clean_env, monkeypatch, genuine):
+    corpus = b" anarchism originated as a term of abuse"
+    archive = _zip_text8(corpus if genuine else corpus.replace(b"abuse", b"ABUSE"))
+    server.files["/text8/text8.zip"] = archive
+    monkeypatch.setitem(datasets.KNOWN_FILES, "text8/text8.zip",
+                        jd.RemoteFile("text8", "text8.zip", (), size=len(archive), source="test"))
+    monkeypatch.setitem(datasets.KNOWN_FILES, "text8/text8", jd.RemoteFile(
+        "text8", "text8", (), size=len(corpus), sha1=hashlib.sha1(corpus).hexdigest(), source="test"))
+    monkeypatch.setenv(download.MIRROR_ENV, server.base)
+    cache = clean_env / "xdg-cache" / "jitnet" / "datasets" / "text8"
+    if genuine:
+        assert jd.load_text8(download=True) == corpus.decode().split()
+        assert sorted(os.listdir(cache)) == [".jitnet-verified.json", "text8"]
+    else:
+        with pytest.raises(FileNotFoundError, match=r"unpacked text8 is wrong \(sha1"):
+            jd.load_text8(download=True)
+        assert [n for n in os.listdir(cache) if not n.startswith(".jitnet")] == []

@@ -199,7 +199,7 @@ def _unpack_into(
     try:
         try:
             unpack(archive, tmp)
-        except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, OSError, ValueError) as exc:
+        except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, OSError, ValueError, KeyError) as exc:
             os.remove(archive)
             raise ValueError(f"{archive}: damaged archive removed ({type(exc).__name__}: {exc}); "
                              "it will be downloaded again") from None
@@ -248,7 +248,10 @@ def _safe_extract_tar(archive: str, dest: str) -> None:
                 raise ValueError(f"{archive}: refusing to extract {m.name!r} outside {dest}")
             if not (m.isfile() or m.isdir()):
                 raise ValueError(f"{archive}: refusing to extract special member {m.name!r}")
-        tf.extractall(dest)
+        if hasattr(tarfile, "data_filter"):
+            tf.extractall(dest, filter="data")
+        else:
+            tf.extractall(dest)
 
 
 # --------------------------------------------------------------------------- #
