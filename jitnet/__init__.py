@@ -35,7 +35,11 @@ from . import optim  # noqa: E402
 from .autodiff.sparse import IndexedSlices  # noqa: E402
 from .compiler import TracingError, explain, jit  # noqa: E402
 from .compiler.loops import scan, while_loop  # noqa: E402
+from . import cache  # noqa: E402
+from .cache import CacheRepairWarning  # noqa: E402
 from . import runtime as _runtime  # noqa: E402
+
+cache.protect_loaded()                # jitnet's kernels check and repair their Numba cache files (theirs only)
 
 _runtime._flush_on_import()           # FTZ/DAZ only with JITNET_FLUSH_DENORMALS=1 (the process's FP environment)
 _runtime._tune_malloc_on_import()     # malloc tuning only with JITNET_MALLOC_TUNING=1 (the process's allocator)

@@ -241,6 +241,11 @@ def _malloc_line():
 
 # --------------------------------------------------------------------------------------------------------------
 
+def cmd_cache(args) -> int:
+    from jitnet import cache
+    return cache.cli(args.action, as_json=args.json, dry_run=args.dry_run)
+
+
 def cmd_not_yet(args) -> int:
     print(f"jitnet {args.cmd}: not yet available", file=sys.stderr)
     return 2
@@ -289,6 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("model", nargs="?", help="model name (omit to list them)")
     t.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     t.set_defaults(func=cmd_train)
+    c = sub.add_parser("cache", help="jitnet's kernel cache: info (locations, sizes, damaged files) or clear")
+    c.add_argument("action", choices=("info", "clear"),
+                   help="info: show the caches; clear: remove jitnet's generated kernels and their Numba files")
+    c.add_argument("--json", action="store_true", help="print as JSON")
+    c.add_argument("--dry-run", action="store_true", help="clear: list what would be removed, remove nothing")
+    c.set_defaults(func=cmd_cache)
     s = sub.add_parser("bench", help="run benchmarks (not yet available)")
     s.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_not_yet)

@@ -18,8 +18,12 @@ import os
 import sys
 import tempfile
 import threading
+import types
+import warnings
 
 import numpy as np
+
+from . import cache as _cache
 
 __all__ = ["cache_dir", "load_source", "ElementwiseProgram", "elementwise_kernels", "stats"]
 
@@ -33,13 +37,7 @@ _counters = {"modules_written": 0, "modules_loaded": 0, "modules_rebuilt": 0}
 PARALLEL_THRESHOLD = 1 << 18
 
 
-def cache_dir() -> str:
-    """Return the kernel cache directory (``$JITNET_CACHE_DIR`` or ``<user cache>/jitnet/kernels``)."""
-    d = os.environ.get("JITNET_CACHE_DIR")
-    if not d:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        d = os.path.join(base, "jitnet", "kernels")
-    return d
+cache_dir = _cache.cache_dir
 
 
 def _versions_salt() -> str:
@@ -75,8 +73,10 @@ def _atomic_write(path: str, text: str) -> None:
 def load_source(source: str, target: str = "cpu", flags: str = ""):
     """Return the module built from generated ``source``, writing it to the cache directory if needed.
 
-    The module name is ``jitnet_k_<sha256(source, target, flags, versions)>``. A cache file whose text differs
-    from ``source`` (corrupt, truncated) is rewritten; Numba's index then sees a new file and recompiles.
+    The module name is ``jitnet_k_<sha256(source, target, flags, versions)>``; the file holds ``source`` after a
+    checksum line (:func:`jitnet.cache.stamp_source`). A file whose text differs (corrupt, truncated) is rewritten
+    with a :class:`jitnet.cache.CacheRepairWarning`. The module is executed from that text (no bytecode cache to
+    go stale), and its dispatchers get the checked, self-repairing Numba cache of :func:`jitnet.cache.protect`.
     """
     global _salt
     if _salt is None:
@@ -93,28 +93,41 @@ def load_source(source: str, target: str = "cpu", flags: str = ""):
         d = cache_dir()
         os.makedirs(d, exist_ok=True)
         path = os.path.join(d, name + ".py")
+        stamped = _cache.stamp_source(source)
+        text = None
         try:
             with open(path, encoding="utf-8") as f:
-                ok = f.read() == source
-            if not ok:
-                _counters["modules_rebuilt"] += 1
-        except (OSError, UnicodeDecodeError):
-            ok = False
-        if not ok:
-            _atomic_write(path, source)
+                text = f.read()
+            damage = None if text in (stamped, source) else "its text is not the kernel's source: truncated or garbled"
+        except FileNotFoundError:
+            damage = None
+        except (OSError, UnicodeDecodeError) as e:
+            damage = f"unreadable: {type(e).__name__}"
+        if text not in (stamped, source):       # files written before the checksum line hold the bare source
+            _atomic_write(path, stamped)
             _counters["modules_written"] += 1
-        spec = importlib.util.spec_from_file_location(name, path)
-        mod = importlib.util.module_from_spec(spec)
+            text = stamped
+        if damage:
+            _counters["modules_rebuilt"] += 1
+            warnings.warn(f"jitnet: damaged generated kernel module {path} ({damage}); rewrote it",
+                          _cache.CacheRepairWarning, stacklevel=2)
+        # Executed from its text, not through the import system: a stale or damaged .pyc cannot be read.
+        mod = types.ModuleType(name)
+        mod.__file__ = path
+        mod.__spec__ = importlib.util.spec_from_file_location(name, path)
+        mod.__loader__ = mod.__spec__.loader
         sys.modules[name] = mod
         try:
-            spec.loader.exec_module(mod)
+            exec(compile(text, path, "exec"), mod.__dict__)
         except BaseException:
             del sys.modules[name]
             raise
         _counters["modules_loaded"] += 1
         for v in vars(mod).values():
             if hasattr(v, "_cache_hits") and hasattr(v, "overloads"):
+                _cache.protect(v)
                 _dispatchers.append(v)
+        _cache.protect_loaded()          # jitnet modules imported since (models, the CUDA kernels)
         _modules[name] = mod
         return mod
 
@@ -126,7 +139,7 @@ def stats() -> dict:
     disps = list(_dispatchers) + kernels_cpu.all_dispatchers()
     compiles = sum(sum(d._cache_misses.values()) for d in disps)
     hits = sum(sum(d._cache_hits.values()) for d in disps)
-    return dict(_counters, compiles=compiles, cache_hits=hits)
+    return dict(_counters, compiles=compiles, cache_hits=hits, **_cache.stats())
 
 
 # --------------------------------------------------------------------------------------------------------------
