@@ -21,6 +21,7 @@ from . import runtime  # noqa: E402  (first: selects Numba's threading layer bef
 from . import autodiff, kernelgen, ops, random, testing  # noqa: E402
 from .autodiff import (enable_grad, grad, gradients, is_grad_enabled, no_grad,  # noqa: E402
                        value_and_grad)
+from .autodiff.nans import debug_nans, debug_nans_enabled  # noqa: E402
 from .ops import *  # noqa: E402,F401,F403
 from .ops import __all_ops__ as _ops_names  # noqa: E402
 from .tensor import (Device, Parameter, Tensor, Variable, as_tensor, bool_, device, float16,  # noqa: E402

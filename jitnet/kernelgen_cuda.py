@@ -27,6 +27,7 @@ import numpy as np
 from . import cuda as _cuda
 from . import kernelgen
 from . import kernels_gpu as KG
+from .autodiff import nans
 from .compiler.plan import Plan
 from .kernelgen import dtype_name
 
@@ -160,7 +161,8 @@ def build_gpu_plan(g, fuse_ops=True):
 
     on_gpu = g.cuda_values
     plan = GpuPlan()
-    group_of = fuse(g) if fuse_ops else {}
+    checking = nans.debug_nans_enabled()       # debug_nans: one checked step per primitive, nothing fused
+    group_of = fuse(g) if fuse_ops and not checking else {}
     # a group runs on one device: drop groups whose members disagree (they run one node at a time)
     for grp in {id(x): x for x in group_of.values()}.values():
         devs = {m.out.id in on_gpu for m in grp.members}
@@ -254,7 +256,10 @@ def build_gpu_plan(g, fuse_ops=True):
             if impl is None:
                 raise NotImplementedError(f"jitnet.jit: {n.prim.name} has no CUDA kernel yet, so this step "
                                           f"cannot run on the GPU")
-            plan.steps.append(_node_step(impl, in_slots, slot(n.out), n.params))
+            step = _node_step(impl, in_slots, slot(n.out), n.params)
+            if checking:
+                step = nans.checked_step(step, n, in_slots, slot(n.out))
+            plan.steps.append(step)
             plan.step_names.append(f"{n.prim.name}{' (cuda)' if dev else ''} -> {n.out.shape}")
             if n.prim.kind != "view":
                 plan.kernel_count += 1

@@ -48,6 +48,7 @@ class Primitive:
 class _State:
     grad_enabled = True
     interpreters: list = []
+    backward_of = None       # the tape Node whose VJP is running (set only while debug_nans is on)
 
 
 def is_grad_enabled() -> bool:
@@ -105,7 +106,7 @@ def _add_grads(prev, g):
 class Node:
     """The tape entry of a computed tensor: the primitive, its input tensors and static parameters."""
 
-    __slots__ = ("prim", "inputs", "params")
+    __slots__ = ("prim", "inputs", "params", "where")     # where: the user's line, set only under debug_nans
 
     def __init__(self, prim, inputs, params):
         self.prim = prim
@@ -140,6 +141,10 @@ def _apply_debug(prim, inputs, params):
 # --------------------------------------------------------------------------------------------------------------
 
 _DEVICES = False
+
+# ``jitnet.debug_nans``: None when the mode is off (apply pays this one global test), else the function that
+# checks an eager op's output (installed by ``autodiff.nans``, which imports this module, not the reverse).
+_NAN_CHECK = None
 
 
 def enable_devices():
@@ -213,6 +218,8 @@ def _apply_devices(prim, inputs, params):
                 out._node = Node(prim, inputs, params)
                 out.requires_grad = True
                 break
+    if _NAN_CHECK is not None:
+        _NAN_CHECK(prim, inputs, params, out)
     return out
 
 
@@ -232,6 +239,8 @@ def apply(prim: Primitive, *inputs, **params):
                 out._node = Node(prim, inputs, params)
                 out.requires_grad = True
                 break
+    if _NAN_CHECK is not None:
+        _NAN_CHECK(prim, inputs, params, out)
     return out
 
 
@@ -262,6 +271,14 @@ def _toposort(roots):
 
 def _run_backward(roots, root_grads, targets=None, create_graph=False):
     """Propagate ``root_grads`` from ``roots``; return {id(tensor): grad} for leaves or ``targets``."""
+    prev = _State.backward_of
+    try:
+        return _backward_pass(roots, root_grads, targets, create_graph)
+    finally:
+        _State.backward_of = prev        # (debug_nans labels the ops a VJP runs; an error must not leave it set)
+
+
+def _backward_pass(roots, root_grads, targets, create_graph):
     from .. import ops
     order = _toposort(roots)
     grads = {}
@@ -301,6 +318,8 @@ def _run_backward(roots, root_grads, targets=None, create_graph=False):
             needs = tuple(i.requires_grad and (targets is None or id(i) in reach) for i in ins)
             if not any(needs):
                 continue
+            if _NAN_CHECK is not None:
+                _State.backward_of = node      # ops run by the VJP are labelled "backward"
             in_grads = node.prim.vjp(g, t, ins, needs, **node.params)
             for i, gi, need in zip(ins, in_grads, needs):
                 if gi is None or not need:

@@ -41,7 +41,7 @@ class Value:
 class Node:
     """One primitive application: ``out = prim(*inputs, **params)``; ``effects`` lists mutated variables."""
 
-    __slots__ = ("id", "prim", "inputs", "params", "out", "effects", "order_deps", "alive")
+    __slots__ = ("id", "prim", "inputs", "params", "out", "effects", "order_deps", "alive", "where")
 
     def __init__(self, nid, prim, inputs, params, out=None, effects=()):
         self.id = nid
@@ -52,6 +52,7 @@ class Node:
         self.effects = tuple(effects)
         self.order_deps = set()     # nodes that must run before this one (write-after-read on variables)
         self.alive = True
+        self.where = None           # the user's line (and forward op, for a backward op), under debug_nans
 
     @property
     def is_elementwise(self):

@@ -15,6 +15,7 @@ import numpy as np
 
 from .. import ops
 from ..autodiff import core as ad
+from ..autodiff import nans
 from ..autodiff.core import Primitive, apply
 from ..tensor import Tensor
 from .passes import cse, dce, prune_scan_saves
@@ -462,7 +463,7 @@ def _store_body(outer, fwd_fn, examples, nc, nx, caps, n_out):
         lph = [sub.arg(Tensor._wrap(np.asarray(t._data)), len(cand) + len(outs) + i) for i, t in enumerate(leaves)]
         sm = substituting(cand + leaves, ph + lph)
         sm.map = _Hits(sm.map)
-        with ad.push_interpreter(sub), ad.enable_grad(), sm:
+        with ad.push_interpreter(sub), ad.enable_grad(), sm, nans.suspended():    # placeholders: no NaN checks
             pairs = [(o, s) for o, s in zip(outs, seeds) if o.requires_grad]
             if pairs:
                 ad.gradients([o for o, _ in pairs], leaves, grad_ys=[s for _, s in pairs], create_graph=True)

@@ -14,6 +14,7 @@ import time
 import numpy as np
 
 from .. import kernelgen
+from ..autodiff import nans
 from ..autodiff.sparse import IndexedSlices
 from ..tensor import Tensor
 from .codegen import cpu_kernels
@@ -114,6 +115,9 @@ def _schedule(g, group_of):
 def build_plan(g, fuse_ops=True):
     """Return a Plan for graph ``g`` (after DCE/CSE): fuse, schedule, assign slots and buffers."""
     plan = Plan()
+    checking = nans.debug_nans_enabled()       # debug_nans: one checked step per primitive, nothing fused
+    if checking:
+        fuse_ops = False
     group_of = fuse(g) if fuse_ops else {}
     absorb_views(g, group_of)
     units = _schedule(g, group_of)
@@ -240,7 +244,10 @@ def build_plan(g, fuse_ops=True):
     plan.grad_writes = [(var, None if v is None else ("sparse", slot(v[1]), slot(v[2]), v[3])
                          if isinstance(v, tuple) else slot(v)) for var, v in g.grad_outputs]
     plan.var_shapes = [(var, var.shape) for _, var in plan.state_slots]
-    nativize(plan)
+    if checking:
+        plan.steps = [nans.checked_step(step, info[1], info[3], info[4]) for step, info in zip(plan.steps, plan.infos)]
+    else:
+        nativize(plan)
     return plan
 
 

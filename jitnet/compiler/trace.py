@@ -18,6 +18,7 @@ import sys
 import numpy as np
 
 from ..autodiff import core as ad
+from ..autodiff import nans
 from ..tensor import Parameter, Tensor
 from .ir import Graph
 
@@ -220,6 +221,7 @@ class Tracer:
         if isinstance(out_arr, tuple):
             out_arr = TupleArray(out_arr)
         is_random = bool(prim.extra.get("random")) if prim.extra else False
+        node = None
         if not inplace and not is_random and all(v.kind == "const" for v in vals):
             out = Tensor._wrap(out_arr)          # constant folding: computed now, a constant in the graph
         else:
@@ -248,6 +250,8 @@ class Tracer:
                     out._node = ad.Node(prim, inputs, params)
                     out.requires_grad = True
                     break
+        if ad._NAN_CHECK is not None:
+            _check_nans(prim, inputs, params, out_arr, node, out, vals)
         return out
 
     def _write_var(self, var, node):
@@ -323,6 +327,19 @@ class Tracer:
             value = ops.broadcast_to(value, var.shape)
         with ad.no_grad():
             self.apply(ASSIGN, (var, value), {})
+
+
+def _check_nans(prim, inputs, params, out_arr, node, out, vals):
+    """Under debug_nans: record the user's line on the graph and tape nodes, and check the traced op's output."""
+    site = nans.where_now()
+    if node is not None:
+        node.where = site
+    if out._node is not None:
+        out._node.where = site
+    kind = nans.check_array(out_arr)
+    if kind is not None:
+        nans.raise_nonfinite(prim, kind, [t._data for t in inputs], params, site,
+                             lambda k: nans.value_label(vals[k]), " of a jitted step")
 
 
 def _copy_array(a):
