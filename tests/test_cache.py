@@ -235,3 +235,15 @@ def test_check_file_names_each_kind_of_damage(tmp_path):
     stale = tmp_path / "f.nbi"
     stale.write_bytes(pickle.dumps("0.50.1") + b"unreadable by this version")
     assert cache.check_file(str(stale)) is None
+
+
+def test_every_cached_kernel_of_jitnet_has_the_checked_cache():
+    import importlib
+    for m in ("jitnet.models.dnc", "jitnet.models.seq2seq", "jitnet.models.skipgram",
+              "jitnet.models.policy_gradient", "jitnet.winograd", "jitnet.data.augment"):
+        importlib.import_module(m)
+    disps = [d for d in jitnet.runtime._all_dispatchers() if cache._numba_cache(d) is not None]
+    assert len(disps) > 100
+    unchecked = [d.py_func.__qualname__ for d in disps if not getattr(d._cache, "_jn_checked", False)]
+    assert unchecked == []
+    assert all(isinstance(d._cache._cache_file, cache._CheckedIndexDataFile) for d in disps)

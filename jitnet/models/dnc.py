@@ -1296,3 +1296,6 @@ def train_dnc_babi(argv=None):
 
 
 TRAINERS = {"dnc-copy": train_dnc_copy, "dnc-babi": train_dnc_babi}
+
+
+jn.cache.protect_module(__name__)    # imported after jitnet: give this module's kernels the self-repairing cache

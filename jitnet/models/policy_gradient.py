@@ -199,3 +199,6 @@ class PolicyGradientAgent:
         if "counters/episodes" in flat:
             self.episodes = int(np.asarray(flat["counters/episodes"]))
             self.updates = int(np.asarray(flat["counters/updates"]))
+
+
+jn.cache.protect_module(__name__)    # imported after jitnet: give this module's kernels the self-repairing cache

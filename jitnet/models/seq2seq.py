@@ -1330,3 +1330,6 @@ def train_seq2seq_reverse(argv=None):
 
 
 TRAINERS = {"seq2seq-dates": train_seq2seq_dates, "seq2seq-reverse": train_seq2seq_reverse}
+
+
+jn.cache.protect_module(__name__)    # imported after jitnet: give this module's kernels the self-repairing cache

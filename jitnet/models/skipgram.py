@@ -934,3 +934,6 @@ def train_skipgram(argv=None):
         if p:
             print(f"skipgram: plot {p}", flush=True)
     return 0
+
+
+jn.cache.protect_module(__name__)    # imported after jitnet: give this module's kernels the self-repairing cache
