@@ -247,3 +247,33 @@ def test_every_cached_kernel_of_jitnet_has_the_checked_cache():
     unchecked = [d.py_func.__qualname__ for d in disps if not getattr(d._cache, "_jn_checked", False)]
     assert unchecked == []
     assert all(isinstance(d._cache._cache_file, cache._CheckedIndexDataFile) for d in disps)
+
+
+_CUDA_CHILD = textwrap.dedent("""
+    import glob, sys, warnings
+    sys.path.insert(0, sys.argv[1])
+    import jitnet
+    from jitnet import cache
+    import kmod                       # a @cuda.jit(cache=True) kernel: its dispatcher and cache need no GPU
+    assert cache.protect(kmod.k) and kmod.k._cache._jn_checked
+    f = kmod.k._cache._cache_file
+    f.save(("sig",), {"payload": 1})
+    assert f.load(("sig",)) == {"payload": 1} and f.load(("other",)) is None
+    open(glob.glob(sys.argv[2] + "/*/*.nbc")[0], "wb").close()
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        assert f.load(("sig",)) is None
+    assert [x.category for x in w] == [jitnet.CacheRepairWarning], [str(x.message) for x in w]
+    print("ok")
+""")
+
+
+def test_cuda_kernels_get_the_checked_cache_too(tmp_path):
+    pytest.importorskip("numba.cuda")
+    (tmp_path / "kmod.py").write_text("from numba import cuda\n\n\n@cuda.jit(cache=True)\ndef k(x):\n"
+                                      "    i = cuda.grid(1)\n    if i < x.size:\n        x[i] += 1\n")
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "n"), JITNET_CACHE_DIR=str(tmp_path / "k"))
+    env.pop("NUMBA_ENABLE_CUDASIM", None)
+    r = subprocess.run([sys.executable, "-c", _CUDA_CHILD, str(tmp_path), str(tmp_path / "n")], env=env,
+                       capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
