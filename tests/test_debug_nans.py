@@ -94,6 +94,14 @@ def test_eager_backward_sqrt_at_zero():
         assert part in msg, msg
 
 
+def test_eager_backward_of_a_forward_run_with_the_mode_off():
+    x = jn.tensor([0.0], requires_grad=True)
+    y = jn.sqrt(x).sum()
+    with jn.debug_nans():
+        with pytest.raises(FloatingPointError, match="ran before debug_nans was on"):
+            y.backward()
+
+
 def test_eager_input_already_nan_is_named():
     x = jn.tensor([np.nan, 1.0])
     _raises(lambda: x * 2.0, "multiply produced NaN", "input 0 (float32[2]) was already NaN")

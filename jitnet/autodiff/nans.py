@@ -171,8 +171,10 @@ def _message(prim_name, kind, inputs, site, labels, context=""):
             break
     if site:
         if phase == "backward":
-            if len(site) > 3:
+            if len(site) > 3 and site[5]:
                 lines.append(f"  the forward {site[3]} ran at {_line(site[4], site[5])}")
+            elif len(site) > 3:
+                lines.append(f"  (the forward {site[3]} ran before debug_nans was on, so its line is not known)")
             lines.append(f"  the gradient was requested at {_line(site[1], site[2])}")
         else:
             lines.append(f"  at {_line(site[1], site[2])}")
