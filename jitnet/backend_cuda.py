@@ -515,7 +515,7 @@ def _getitem_grad_impl(g, *arrays, template, shape):
     gm = zeros((1, P, rs), g.dtype)
     upd = C.reshape(contiguous(broadcast_view(gR, tuple(lin.shape) + rest_shape)), (1, L, rs))
     err, opid = _err("getitem", "index")
-    _launch(KG.scatter_add_axis, upd.size, gm, _flat(contiguous(lin)), upd, err, opid)
+    _launch(KG.scatter_add_axis, upd.size, gm, _flat(contiguous(lin)), upd, True, err, opid)
     perm = adv + rest
     inv = [0] * len(perm)
     for i, a in enumerate(perm):
@@ -821,7 +821,8 @@ def _take_impl(x, idx, axis, name="take"):
     out = C.empty((outer, idx.size, inner), x.dtype)
     if out.size:
         err, opid = _err(name)
-        _launch(KG.take_axis, out.size, C.reshape(x, (outer, n, inner)), _flat(contiguous(idx)), out, err, opid)
+        _launch(KG.take_axis, out.size, C.reshape(x, (outer, n, inner)), _flat(contiguous(idx)), out,
+                name != "embedding", err, opid)
     return C.reshape(out, tuple(x.shape)[:axis] + tuple(idx.shape) + tuple(x.shape)[axis + 1:])
 
 
@@ -850,7 +851,7 @@ def _scatter_add_impl(x, idx, upd, axis):
     if upd.size:
         err, opid = _err("scatter_add")
         _launch(KG.scatter_add_axis, upd.size, C.reshape(out, (outer, x.shape[axis], inner)),
-                _flat(contiguous(idx)), C.reshape(upd, (outer, idx.size, inner)), err, opid)
+                _flat(contiguous(idx)), C.reshape(upd, (outer, idx.size, inner)), True, err, opid)
     return out
 
 
@@ -861,11 +862,12 @@ def _one_hot_impl(idx, depth, dtype, on, off):
     flat = _flat(contiguous(idx))
     out = C.empty((flat.size, depth), dtype)
     if out.size:
+        err, opid = _err("one_hot")
         if dtype == _bool:
             o8 = _as_u8(out)
-            _launch(KG.one_hot_fill, out.size, flat, o8, np.uint8(bool(on)), np.uint8(bool(off)))
+            _launch(KG.one_hot_fill, out.size, flat, o8, np.uint8(bool(on)), np.uint8(bool(off)), err, opid)
         else:
-            _launch(KG.one_hot_fill, out.size, flat, out, dtype.type(on), dtype.type(off))
+            _launch(KG.one_hot_fill, out.size, flat, out, dtype.type(on), dtype.type(off), err, opid)
     return C.reshape(out, tuple(idx.shape) + (depth,))
 
 
@@ -879,7 +881,8 @@ def _tal_impl(x, idx, axis):
     out = C.empty(irows.shape, x.dtype)
     if out.size:
         err, opid = _err("take_along_axis")
-        _launch(KG.take_along_rows, out.size, rows, irows, out, err, opid)
+        _launch(KG.take_along_rows, out.size, rows, irows, out, np.int64(_prod(tuple(idx.shape)[axis + 1:])), err,
+                opid)
     return _restore_axis(out, imshape, axis, x.ndim)
 
 
@@ -891,8 +894,9 @@ def _pal_impl(g, idx, shape, axis):
     irows, _ = _last_axis_rows(idx, axis)
     grows, _ = _last_axis_rows(g, axis)
     if grows.size:
-        err, opid = _err("put_along_axis")
-        _launch(KG.put_along_rows_add, grows.size, target, irows, grows, err, opid)
+        err, opid = _err("put_along_axis_add")
+        _launch(KG.put_along_rows_add, grows.size, target, irows, grows, np.int64(_prod(tuple(idx.shape)[axis + 1:])),
+                err, opid)
     return _restore_axis(target, moved, axis, nd)
 
 
@@ -949,11 +953,12 @@ def _xent_int_grad_impl(x, labels, g):
     g = contiguous(cast(g, x.dtype))
     m, n = x.shape
     out = C.empty((m, n), x.dtype)
+    err, opid = _err("cross_entropy", "label")
     if m:
         if n <= KG.SMALL_ROW:
-            _launch(KG.xent_int_grad_rows_small, m, x, _flat(labels), _flat(g), out)
+            _launch(KG.xent_int_grad_rows_small, m, x, _flat(labels), _flat(g), out, err, opid)
         else:
-            _launch_rows(KG.xent_int_grad_rows, m, x, _flat(labels), _flat(g), out)
+            _launch_rows(KG.xent_int_grad_rows, m, x, _flat(labels), _flat(g), out, err, opid)
     return out
 
 
@@ -1113,7 +1118,7 @@ def _sparse_rows(p, values, indices, name):
     gd = zeros((1, rows, d), p.dtype)
     flags = zeros((rows,), np.int32)
     err, opid = _err(f"{name} (sparse update)")
-    _launch(KG.scatter_add_axis, vals.size, gd, idx, vals, err, opid)
+    _launch(KG.scatter_add_axis, vals.size, gd, idx, vals, False, err, opid)
     _launch(KG.rows_touched, idx.size, idx, flags, err, opid)
     return p2, C.reshape(gd, (rows, d)), flags
 

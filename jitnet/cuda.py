@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from .autodiff import core as _ad
+from .bounds import index_error
 
 __all__ = ["is_available", "simulator_enabled", "device_count", "synchronize", "transfer_stats",
            "reset_transfer_stats", "to_device", "to_host", "empty", "is_device_array", "require"]
@@ -26,7 +27,7 @@ __all__ = ["is_available", "simulator_enabled", "device_count", "synchronize", "
 _nc = None                 # numba.cuda, once imported
 _loaded = False            # the CUDA backend (kernels, primitive impls) is installed
 _STATS = {"h2d": 0, "d2h": 0, "h2d_bytes": 0, "d2h_bytes": 0}
-_ERR = None                # error record written by kernels: [code, value, bound, op id]
+_ERR = None                # error record written by kernels: [code, value, bound, op id, position]
 _ERR_OPS: list = []        # op id -> (op name, what) for error messages
 
 
@@ -233,15 +234,16 @@ def synchronize() -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 def error_record():
-    """Return the int64[4] device error record kernels write to: [code, value, bound, op id] (0: no error)."""
+    """Return the int64[5] device error record kernels write to: [code, value, bound, op id, flat position of the
+    bad value] (code 0: no error)."""
     global _ERR
     if _ERR is None:
         nc = _numba_cuda()
         if simulator_enabled():
-            _ERR = nc.device_array(4, np.int64)
+            _ERR = nc.device_array(5, np.int64)
             _ERR._ary[:] = 0
         else:
-            _ERR = nc.mapped_array(4, np.int64)      # host memory the device writes: read without a copy
+            _ERR = nc.mapped_array(5, np.int64)      # host memory the device writes: read without a copy
             _ERR[:] = 0
     return _ERR
 
@@ -263,11 +265,11 @@ def check_errors() -> None:
     host = _ERR._ary if simulator_enabled() else _ERR
     if host[0] == 0:
         return
-    code, value, bound, op = (int(v) for v in host)
+    code, value, bound, op, pos = (int(v) for v in host)
     host[:] = 0
     name, what = _ERR_OPS[op - 1] if 0 < op <= len(_ERR_OPS) else ("a CUDA kernel", "index")
     if code == 1:
-        raise IndexError(f"{name}: {what} {value} is out of bounds for size {bound} (checked on the device)")
+        raise index_error(name, what, value, pos, f"size {bound}", device=True)
     raise RuntimeError(f"{name}: device-side error {code} (value {value}, bound {bound})")
 
 

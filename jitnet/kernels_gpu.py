@@ -264,23 +264,24 @@ def _combine(a, b, op):
 
 
 @cuda.jit(device=True)
-def _report(err, code, value, bound, opid):
-    """Record an error (the first one wins: compare-and-swap on err[0])."""
+def _report(err, code, value, bound, opid, pos):
+    """Record an error (the first one wins: compare-and-swap on err[0]); pos: flat position of the bad value."""
     if cuda.atomic.compare_and_swap(err, 0, code) == 0:
         err[1] = value
         err[2] = bound
         err[3] = opid
+        err[4] = pos
 
 
 @cuda.jit(device=True)
-def _fix_index(v, n, err, opid):
-    """Return index v wrapped into [0, n) (negative counts from the end); report and return -1 if out of range."""
-    if v < 0:
-        v += n
-    if v < 0 or v >= n:
-        _report(err, 1, v if v >= 0 else v - n, n, opid)
+def _fix_index(v, n, wrap, pos, err, opid):
+    """Return index v in [0, n) (with ``wrap``, a negative v counts from the end); report it (at flat position
+    ``pos``) and return -1 if out of range."""
+    w = v + n if wrap and v < 0 else v
+    if w < 0 or w >= n:
+        _report(err, 1, v, n, opid, pos)
         return -1
-    return v
+    return w
 
 
 # ==============================================================================================================
@@ -678,7 +679,7 @@ def xent_int_rows(x, labels, out, err, opid):
             if lab < 0:
                 out[r] = 0
             elif lab >= n:
-                _report(err, 1, lab, n, opid)
+                _report(err, 1, lab, n, opid, r)
                 out[r] = math.nan
             else:
                 out[r] = lse - x[r, lab]
@@ -696,7 +697,7 @@ def xent_int_rows_small(x, labels, out, err, opid):
         if lab < 0:
             out[r] = 0
         elif lab >= n:
-            _report(err, 1, lab, n, opid)
+            _report(err, 1, lab, n, opid, r)
             out[r] = math.nan
         else:
             out[r] = _row_lse(x, r) - x[r, lab]
@@ -704,8 +705,9 @@ def xent_int_rows_small(x, labels, out, err, opid):
 
 
 @cuda.jit(cache=True)
-def xent_int_grad_rows(x, labels, g, out):
-    """out[r] = g[r] * (softmax(x[r]) - onehot(labels[r])) (zeros for a negative label); one block per row."""
+def xent_int_grad_rows(x, labels, g, out, err, opid):
+    """out[r] = g[r] * (softmax(x[r]) - onehot(labels[r])) (zeros for a negative label, a report for one >= n);
+    one block per row."""
     sm = cuda.shared.array(BLOCK, dtype=x.dtype)
     t = cuda.threadIdx.x
     n = x.shape[1]
@@ -714,9 +716,11 @@ def xent_int_grad_rows(x, labels, g, out):
         lse = _block_row_lse(x, r, sm, t)
         lab = labels[r]
         gi = g[r]
+        if t == 0 and lab >= n:
+            _report(err, 1, lab, n, opid, r)
         j = t
         while j < n:
-            if lab < 0:
+            if lab < 0 or lab >= n:
                 out[r, j] = 0
             else:
                 v = gi * fexp(x[r, j] - lse)
@@ -726,14 +730,16 @@ def xent_int_grad_rows(x, labels, g, out):
 
 
 @cuda.jit(cache=True)
-def xent_int_grad_rows_small(x, labels, g, out):
+def xent_int_grad_rows_small(x, labels, g, out, err, opid):
     """``xent_int_grad_rows`` with one thread per (short) row."""
     r = cuda.grid(1)
     step = cuda.gridsize(1)
     n = x.shape[1]
     while r < x.shape[0]:
         lab = labels[r]
-        if lab < 0:
+        if lab >= n:
+            _report(err, 1, lab, n, opid, r)
+        if lab < 0 or lab >= n:
             for j in range(n):
                 out[r, j] = 0
         else:
@@ -965,7 +971,7 @@ def matmul_tiled_big(a, b, c, zero):
 # ==============================================================================================================
 
 @cuda.jit(cache=True)
-def take_axis(x, idx, out, err, opid):
+def take_axis(x, idx, out, wrap, err, opid):
     """out[o, j, k] = x[o, idx[j], k] for x (outer, n, inner), idx (m,), out (outer, m, inner)."""
     i = cuda.grid(1)
     step = cuda.gridsize(1)
@@ -978,7 +984,7 @@ def take_axis(x, idx, out, err, opid):
         rem = i - o * m * inner
         j = rem // inner
         k = rem - j * inner
-        src = _fix_index(idx[j], n, err, opid)
+        src = _fix_index(idx[j], n, wrap, j, err, opid)
         if src < 0:
             out[o, j, k] = 0
         else:
@@ -987,7 +993,7 @@ def take_axis(x, idx, out, err, opid):
 
 
 @cuda.jit(cache=True)
-def scatter_add_axis(target, idx, upd, err, opid):
+def scatter_add_axis(target, idx, upd, wrap, err, opid):
     """target[o, idx[j], k] += upd[o, j, k] with atomics (duplicate indices accumulate)."""
     i = cuda.grid(1)
     step = cuda.gridsize(1)
@@ -1000,28 +1006,31 @@ def scatter_add_axis(target, idx, upd, err, opid):
         rem = i - o * m * inner
         j = rem // inner
         k = rem - j * inner
-        dst = _fix_index(idx[j], n, err, opid)
+        dst = _fix_index(idx[j], n, wrap, j, err, opid)
         if dst >= 0:
             cuda.atomic.add(target, (o, dst, k), upd[o, j, k])
         i += step
 
 
 @cuda.jit(cache=True)
-def one_hot_fill(idx, out, on, off):
-    """out[i, j] = on where j == idx[i] else off (an index outside [0, depth) gives a row of off)."""
+def one_hot_fill(idx, out, on, off, err, opid):
+    """out[i, j] = on where j == idx[i] else off (a negative index gives a row of off; one >= depth is reported)."""
     i = cuda.grid(1)
     step = cuda.gridsize(1)
     depth = out.shape[1]
     while i < out.shape[0] * depth:
         r = i // depth
         j = i - r * depth
+        if j == 0 and idx[r] >= depth:
+            _report(err, 1, idx[r], depth, opid, r)
         out[r, j] = on if idx[r] == j else off
         i += step
 
 
 @cuda.jit(cache=True)
-def take_along_rows(x, idx, out, err, opid):
-    """out[r, j] = x[r, idx[r, j]] for x (rows, n), idx and out (rows, k)."""
+def take_along_rows(x, idx, out, inner, err, opid):
+    """out[r, j] = x[r, idx[r, j]] for x (rows, n), idx and out (rows, k); ``inner``: the size of the index
+    array's axes after the gathered one (errors report positions in its own layout)."""
     i = cuda.grid(1)
     step = cuda.gridsize(1)
     k = out.shape[1]
@@ -1029,14 +1038,14 @@ def take_along_rows(x, idx, out, err, opid):
     while i < out.shape[0] * k:
         r = i // k
         j = i - r * k
-        src = _fix_index(idx[r, j], n, err, opid)
+        src = _fix_index(idx[r, j], n, True, (r // inner) * k * inner + j * inner + r % inner, err, opid)
         out[r, j] = x[r, src] if src >= 0 else 0
         i += step
 
 
 @cuda.jit(cache=True)
-def put_along_rows_add(target, idx, upd, err, opid):
-    """target[r, idx[r, j]] += upd[r, j] with atomics."""
+def put_along_rows_add(target, idx, upd, inner, err, opid):
+    """target[r, idx[r, j]] += upd[r, j] with atomics (``inner`` as in take_along_rows)."""
     i = cuda.grid(1)
     step = cuda.gridsize(1)
     k = upd.shape[1]
@@ -1044,7 +1053,7 @@ def put_along_rows_add(target, idx, upd, err, opid):
     while i < upd.shape[0] * k:
         r = i // k
         j = i - r * k
-        dst = _fix_index(idx[r, j], n, err, opid)
+        dst = _fix_index(idx[r, j], n, True, (r // inner) * k * inner + j * inner + r % inner, err, opid)
         if dst >= 0:
             cuda.atomic.add(target, (r, dst), upd[r, j])
         i += step
@@ -1268,7 +1277,7 @@ def rows_touched(idx, flags, err, opid):
     step = cuda.gridsize(1)
     n = flags.shape[0]
     while i < idx.shape[0]:
-        r = _fix_index(idx[i], n, err, opid)
+        r = _fix_index(idx[i], n, False, i, err, opid)
         if r >= 0:
             flags[r] = 1
         i += step
@@ -1561,6 +1570,6 @@ def wrap_index(idx, out, n, err, opid):
     i = cuda.grid(1)
     step = cuda.gridsize(1)
     while i < idx.shape[0]:
-        v = _fix_index(idx[i], n, err, opid)
+        v = _fix_index(idx[i], n, True, i, err, opid)
         out[i] = v if v >= 0 else 0
         i += step
