@@ -245,7 +245,8 @@ def build_plan(g, fuse_ops=True):
                          if isinstance(v, tuple) else slot(v)) for var, v in g.grad_outputs]
     plan.var_shapes = [(var, var.shape) for _, var in plan.state_slots]
     if checking:
-        plan.steps = [nans.checked_step(step, info[1], info[3], info[4]) for step, info in zip(plan.steps, plan.infos)]
+        plan.steps = [nans.checked_step(step, info[1], info[3], info[4])
+                      for step, info in zip(plan.steps, plan.infos)]
     else:
         nativize(plan)
     return plan
