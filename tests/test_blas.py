@@ -15,7 +15,9 @@ def _layouts(a):
             np.pad(np.ascontiguousarray(a.T), ((0, 0), (0, 2)))[:, :m].T]
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+# Every layout combination is its own Numba specialization (~2 s to compile each): float32 checks them all,
+# float64 (the same code with dgemm) checks them with the slow tests and a few here.
+@pytest.mark.parametrize("dtype", [np.float32, pytest.param(np.float64, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("m,k,n", [(5, 7, 3), (1, 4, 1), (6, 1, 5), (0, 3, 2), (3, 0, 2), (4, 3, 0)])
 def test_gemm_matches_numpy_for_every_layout(dtype, m, k, n):
     r = np.random.default_rng(m * 100 + k * 10 + n)
@@ -29,6 +31,16 @@ def test_gemm_matches_numpy_for_every_layout(dtype, m, k, n):
             for o in outs:
                 blas.gemm(a, b, o)
                 np.testing.assert_allclose(o, a @ b, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("m,k,n", [(5, 7, 3), (0, 3, 2)])
+def test_gemm_float64_common_layouts(m, k, n):
+    r = np.random.default_rng(m * 100 + k * 10 + n)
+    A, B = r.standard_normal((m, k)), r.standard_normal((k, n))
+    for a, b in ((A, B), (np.asfortranarray(A), B[::-1][::-1])):
+        o = np.full((m, n + 2), np.nan)[:, :n]
+        blas.gemm(a, b, o)
+        np.testing.assert_allclose(o, a @ b, rtol=1e-12, atol=1e-12)
 
 
 def test_numpy_blas_found_where_numpy_ships_openblas():

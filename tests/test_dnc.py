@@ -244,6 +244,7 @@ def test_dnc_end_to_end_gradcheck_tiny_memory():
 _COPY = dict(bits=3, hidden_size=16, memory_size=4, word_size=4, lr=1e-2, dtype=F64)
 
 
+@pytest.mark.slow
 def test_jitted_step_matches_eager_compiles_once_and_learns_copy():
     rng = np.random.default_rng(6)
     models = []

@@ -66,9 +66,21 @@ def _run_program(steps, xs):
     return out
 
 
-@settings(deadline=None, max_examples=25)
+@settings(deadline=None, max_examples=6)
 @given(programs())
 def test_random_graphs_match_eager(prog):
+    _check_program(prog)
+
+
+@pytest.mark.slow
+@settings(deadline=None, max_examples=25)
+@given(programs())
+def test_random_graphs_match_eager_many(prog):
+    _check_program(prog)
+
+
+def _check_program(prog):
+    """Run a random program eagerly and jitted (trace run, then the plan); values and gradients agree."""
     shapes, steps, seed = prog
     rng = np.random.default_rng(seed)
     arrays = [rng.standard_normal(s).astype(np.float64) for s in shapes]

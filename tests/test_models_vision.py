@@ -35,7 +35,8 @@ def _batch(name, n=16):
     return jn.tensor(x), jn.tensor(y)
 
 
-MODELS = ["logreg", "mlp", "cnn_mnist", "cnn_cifar", "autoencoder"]
+MODELS = ["logreg", "mlp", pytest.param("cnn_mnist", marks=pytest.mark.slow),
+          pytest.param("cnn_cifar", marks=pytest.mark.slow), pytest.param("autoencoder", marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -51,7 +52,8 @@ def test_loss_falls_and_jit_matches_eager(name):
     assert losses[True][-1] < losses[True][0], losses[True]
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn_cifar", "autoencoder"])
+@pytest.mark.parametrize("name", ["mlp", pytest.param("cnn_cifar", marks=pytest.mark.slow),
+                                  pytest.param("autoencoder", marks=pytest.mark.slow)])
 def test_save_load_identical_predictions(name, tmp_path):
     x, y = _batch(name)
     m = _build(name, True)
@@ -72,6 +74,7 @@ def _csv_rows(logdir):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_cli_resume_continues_steps_and_optimizer(tmp_path):
     common = ["--limit", "200", "--test-limit", "100", "--batch-size", "50", "--no-progress", "--seed", "3"]
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
@@ -102,6 +105,7 @@ def _write_cifar(root, n_per_file=20):
     return d
 
 
+@pytest.mark.slow
 def test_cifar_pipeline_on_binary_files(tmp_path):
     _write_cifar(str(tmp_path))
     xtr, ytr = jn.data.load_cifar10("train", path=str(tmp_path), download=False, as_float=True)
@@ -136,6 +140,7 @@ def test_pca_matches_eigh():
     np.testing.assert_allclose(rec, ref, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_denoising_autoencoder_and_codes():
     x, y = _batch("autoencoder")
     jn.random.seed(0)

@@ -325,6 +325,7 @@ def test_compiled_step_does_not_grow_with_the_length(rev, monkeypatch):
     assert len(sizes) == 1, sizes
 
 
+@pytest.mark.slow
 def test_learns_reversal_in_a_few_hundred_steps(rev):
     task, batcher, tr = rev
     losses = []

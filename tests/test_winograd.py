@@ -29,12 +29,14 @@ def test_matrices_compute_correlation_exactly(m, r):
         assert y == [sum(d[i + k] * g[k] for k in range(r)) for i in range(m)]
 
 
+_SLOW = pytest.mark.slow     # each tile size compiles its own transform kernels (~30 s): 3x3 runs with the slow tests
 CASES = [  # x shape, w shape, pads ((top, bottom), (left, right))
     ((2, 8, 12, 12), (8, 8, 5, 5), ((2, 2), (2, 2))),          # "same", whole tiles
-    ((3, 9, 7, 10), (10, 9, 3, 3), ((1, 1), (1, 1))),          # partial tiles, lanes not a multiple of 16
+    pytest.param((3, 9, 7, 10), (10, 9, 3, 3), ((1, 1), (1, 1)), marks=_SLOW),   # partial tiles, lanes % 16 != 0
     ((2, 8, 9, 11), (8, 8, 5, 5), ((0, 0), (0, 0))),           # "valid"
     ((1, 8, 9, 11), (12, 8, 5, 5), ((1, 3), (2, 0))),          # asymmetric padding
-    ((2, 70, 6, 5), (72, 70, 3, 3), ((1, 1), (1, 1))),         # more than one lane block (LB = 64)
+    ((2, 70, 6, 5), (72, 70, 5, 5), ((2, 2), (2, 2))),         # more than one lane block (LB = 64)
+    pytest.param((2, 70, 6, 5), (72, 70, 3, 3), ((1, 1), (1, 1)), marks=_SLOW),
 ]
 
 
