@@ -178,6 +178,10 @@ def test_bounds_in_scan_bodies(name):
         with pytest.raises(IndexError) as ei:
             jf(bad)
         _check(ei, op, b, pos)
+    if name.startswith("cross_entropy"):       # the errors above came out of a native loop
+        (comp,) = jf._cache.values()
+        loops = [n.params["body"].native for n in comp.graph.live_nodes() if n.prim.name == "scan"]
+        assert loops and all(nl is not None and nl._fns and not nl.failed for nl in loops)
 
 
 def test_cross_entropy_label_out_of_range_under_jit_is_an_error_not_a_number():
