@@ -15,10 +15,20 @@ def _layouts(a):
             np.pad(np.ascontiguousarray(a.T), ((0, 0), (0, 2)))[:, :m].T]
 
 
-# Every layout combination is its own Numba specialization (~2 s to compile each): float32 checks them all,
-# float64 (the same code with dgemm) checks them with the slow tests and a few here.
-@pytest.mark.parametrize("dtype", [np.float32, pytest.param(np.float64, marks=pytest.mark.slow)])
-@pytest.mark.parametrize("m,k,n", [(5, 7, 3), (1, 4, 1), (6, 1, 5), (0, 3, 2), (3, 0, 2), (4, 3, 0)])
+def _outs(m, n, dtype):
+    return [np.full((m, n), np.nan, dtype), np.full((n, m), np.nan, dtype).T,
+            np.full((m, n + 2), np.nan, dtype)[:, :n], np.full((m, 2 * n), np.nan, dtype)[:, ::2]]
+
+
+_SHAPES = [(5, 7, 3), (1, 4, 1), (6, 1, 5), (0, 3, 2), (3, 0, 2), (4, 3, 0)]
+
+
+# Every combination of operand layouts (C, F or any-strided to Numba) is its own specialization, ~2 s to
+# compile each: the slow tests check every combination in both dtypes; the default run checks each layout of
+# each operand once (a cyclic pairing), float32.
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("m,k,n", _SHAPES)
 def test_gemm_matches_numpy_for_every_layout(dtype, m, k, n):
     r = np.random.default_rng(m * 100 + k * 10 + n)
     A = r.standard_normal((m, k)).astype(dtype)
@@ -26,11 +36,21 @@ def test_gemm_matches_numpy_for_every_layout(dtype, m, k, n):
     tol = 1e-5 if dtype == np.float32 else 1e-12
     for a in _layouts(A):
         for b in _layouts(B):
-            outs = [np.full((m, n), np.nan, dtype), np.full((n, m), np.nan, dtype).T,
-                    np.full((m, n + 2), np.nan, dtype)[:, :n], np.full((m, 2 * n), np.nan, dtype)[:, ::2]]
-            for o in outs:
+            for o in _outs(m, n, dtype):
                 blas.gemm(a, b, o)
                 np.testing.assert_allclose(o, a @ b, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("m,k,n", _SHAPES)
+def test_gemm_matches_numpy_for_each_layout(m, k, n):
+    r = np.random.default_rng(m * 100 + k * 10 + n)
+    A = r.standard_normal((m, k)).astype(np.float32)
+    B = r.standard_normal((k, n)).astype(np.float32)
+    las, lbs, outs = _layouts(A), _layouts(B), _outs(m, n, np.float32)
+    for i in range(len(las)):
+        a, b, o = las[i], lbs[(i + 1) % len(lbs)], outs[i % len(outs)]
+        blas.gemm(a, b, o)
+        np.testing.assert_allclose(o, a @ b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("m,k,n", [(5, 7, 3), (0, 3, 2)])

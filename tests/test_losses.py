@@ -185,3 +185,26 @@ def test_sampled_softmax_loss():
     jn.random.seed(3)
     l2 = nn.sampled_softmax_loss(T64(W), T64(b), y, T64(x), 5, V)
     assert l2.shape == (B,) and np.isfinite(l2.numpy()).all()
+
+
+def test_cross_entropy_mean_ignores_negative_labels_under_jit_as_eagerly():
+    rng = np.random.default_rng(0)
+    x = jn.tensor(rng.standard_normal((6, 4)), dtype=jn.float64, requires_grad=True)
+    y = jn.tensor(np.array([1, -1, 3, 0, -1, 2]), dtype=jn.int64)
+
+    def f(x, y):
+        return F.cross_entropy(x, y)
+
+    eager = f(x, y).item()
+    valid = np.array([0, 2, 3, 5])
+    logits = x.numpy()[valid]
+    ref = np.mean(np.log(np.exp(logits).sum(1)) - logits[np.arange(4), y.numpy()[valid]])
+    assert abs(eager - ref) < 1e-12
+    jf = jn.jit(f)
+    for _ in range(3):                                  # trace, plan, native driver
+        assert abs(jf(x, y).item() - eager) < 1e-12
+    ge = jn.grad(f)(x, y).numpy()
+    gj = jn.jit(jn.grad(f))
+    for _ in range(3):
+        np.testing.assert_allclose(gj(x, y).numpy(), ge, atol=1e-12)
+    assert (ge[[1, 4]] == 0).all()

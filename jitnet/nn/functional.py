@@ -675,11 +675,12 @@ def cross_entropy(logits, labels, reduction="mean", label_smoothing=0.0):
             loss = apply(XENT_INT, x2, y2)
         loss = ops.reshape(loss, x.shape[:-1])
         if reduction == "mean":
-            if yv is not None and (yv < 0).any():
-                n = int((yv >= 0).sum())
-                return ops.sum(loss) * (1.0 / n if n else 0.0)
-            if y.is_cuda and _is_eager():     # ignored (negative) labels counted on the device
-                n = ops.sum(ops.astype(y2 >= 0, x.dtype))
+            if yv is not None:                # eager on the host: the labels are known now
+                if (yv < 0).any():
+                    n = int((yv >= 0).sum())
+                    return ops.sum(loss) * (1.0 / n if n else 0.0)
+            else:                             # traced, or on the device: ignored (negative) labels counted
+                n = ops.sum(ops.astype(y2 >= 0, x.dtype))     # by the graph, so jit == eager
                 return ops.sum(loss) / ops.maximum(n, 1.0)
         return _reduce(loss, reduction, "cross_entropy")
     if y.shape != x.shape:
