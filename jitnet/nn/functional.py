@@ -680,8 +680,9 @@ def cross_entropy(logits, labels, reduction="mean", label_smoothing=0.0):
                     n = int((yv >= 0).sum())
                     return ops.sum(loss) * (1.0 / n if n else 0.0)
             else:                             # traced, or on the device: ignored (negative) labels counted
-                n = ops.sum(ops.astype(y2 >= 0, x.dtype))     # by the graph, so jit == eager
-                return ops.sum(loss) / ops.maximum(n, 1.0)
+                n = ops.sum(ops.astype(y2 >= 0, x.dtype))     # by the graph, so jit == eager (scaling the
+                rows = float(y2.shape[0])                     # rows, not the mean, keeps its gradient a
+                return ops.mean(loss * (rows / ops.maximum(n, 1.0)))     # folded constant: the step stays native
         return _reduce(loss, reduction, "cross_entropy")
     if y.shape != x.shape:
         raise ValueError(f"cross_entropy: probability labels of shape {y.shape} do not match logits of shape "
