@@ -418,6 +418,7 @@ def test_attention_maps_and_plot(tmp_path, monkeypatch, rev):
     assert S.plot_attention(ws[0], ["a"], ["b"], str(tmp_path / "a.png")) is None
 
 
+@pytest.mark.slow
 def test_cli_trains_checkpoints_and_resumes(tmp_path, capsys):
     from jitnet.models import get_trainer
     argv = ["--train-size", "320", "--test-size", "16", "--min-len", "2", "--max-len", "5", "--alphabet", "abcd",
