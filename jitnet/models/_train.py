@@ -296,6 +296,13 @@ class NonFiniteGuard:
                        f"(each was skipped)")
         return False
 
+    def run(self, step_fn, where):
+        """Run ``step_fn()`` (returning a loss tensor) guarded; return the loss as a float, or None if skipped."""
+        self.before()
+        with np.errstate(over="ignore", invalid="ignore"):      # the guard reports a diverging run
+            loss = float(step_fn().item())
+        return loss if self.after(loss, where) else None
+
     def check_state(self, epoch, step, loss=None):
         """Raise NonFiniteError unless ``loss`` (when given) and every state variable are finite; returns None."""
         if loss is not None and not math.isfinite(loss):
@@ -382,10 +389,9 @@ def fit(model, args, data, logdir, name):
             total, count = 0.0, 0
             try:
                 for i, batch in enumerate(model.batches(loader)):
-                    guard.before()
-                    with np.errstate(over="ignore", invalid="ignore"):   # the guard reports a diverging run
-                        loss = float(model.train_step(*batch).item())
-                    if not guard.after(loss, f"epoch {epoch + 1}, batch {i + 1} (step {step + 1})"):
+                    loss = guard.run(lambda: model.train_step(*batch),
+                                     f"epoch {epoch + 1}, batch {i + 1} (step {step + 1})")
+                    if loss is None:
                         bar.update(None)
                         continue
                     step += 1

@@ -1117,10 +1117,8 @@ def _fit_steps(model, args, name, logdir, next_batch, evaluate):
             total, count = 0.0, 0
             try:
                 for _ in range(chunk):
-                    guard.before()
-                    with np.errstate(over="ignore", invalid="ignore"):   # the guard reports a diverging run
-                        loss = float(model.train_step(*next_batch()).item())
-                    if not guard.after(loss, f"step {step + 1}"):
+                    loss = guard.run(lambda: model.train_step(*next_batch()), f"step {step + 1}")
+                    if loss is None:
                         bar.update(None)
                         continue
                     step += 1
