@@ -23,8 +23,9 @@ import time
 import numpy as np
 
 import jitnet as jn  # noqa: E402
-import jitnet.nn as nn  # noqa: E402
-import jitnet.nn.functional as F  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from step import make_mlp  # noqa: E402  (the MLP of bench/step.py)
 
 
 def _blocks(fn, steps, reps, warmup):
@@ -42,18 +43,8 @@ def _blocks(fn, steps, reps, warmup):
 
 
 def mlp_step(jit):
-    """Return a zero-argument function running one MLP training step (jitted or eager)."""
-    jn.random.seed(0)
-    model = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
-    opt = jn.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-    def step(x, y):
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        return loss
-
+    """Return a zero-argument function running one MLP training step of ``bench/step.py`` (jitted or eager)."""
+    _, _, step = make_mlp(0)
     f = jn.jit(step) if jit else step
     rng = np.random.default_rng(0)
     x = jn.tensor(rng.normal(size=(128, 784)).astype(np.float32))
