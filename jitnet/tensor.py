@@ -273,12 +273,28 @@ class Tensor:
         return f"Tensor({body}, shape={self.shape}, dtype={self.dtype}{dev}{extra})"
 
     def __array__(self, dtype=None, copy=None):
+        if copy is False and not isinstance(self._data, np.ndarray):
+            raise ValueError("np.asarray(copy=False): a GPU tensor's data cannot be viewed from the host "
+                             "without a copy; use t.numpy() or copy=None")
         a = self.numpy()
         if dtype is not None and np.dtype(dtype) != a.dtype:
+            if copy is False:
+                raise ValueError(f"np.asarray(copy=False): converting dtype {a.dtype} to {np.dtype(dtype)} "
+                                 "needs a copy")
             return a.astype(dtype)
         if copy:
             return a.copy()
         return a
+
+    def __dlpack__(self, *, stream=None, max_version=None, dl_device=None, copy=None):
+        """Return a DLPack capsule sharing this tensor's memory (``np.from_dlpack``, ``torch.from_dlpack``)."""
+        from .dlpack import to_dlpack
+        return to_dlpack(self, stream=stream, max_version=max_version, dl_device=dl_device, copy=copy)
+
+    def __dlpack_device__(self):
+        """Return the DLPack ``(device_type, device_id)`` of the data: (1, 0) on the CPU, (2, n) on cuda:n."""
+        from .dlpack import dlpack_device
+        return dlpack_device(self)
 
     def numpy(self):
         """Return the data as a NumPy array (a view on the CPU: do not modify it; a copy from a GPU)."""
