@@ -37,6 +37,8 @@ from . import optim  # noqa: E402
 from .autodiff.sparse import IndexedSlices  # noqa: E402
 from .compiler import TracingError, explain, jit  # noqa: E402
 from .compiler.loops import scan, while_loop  # noqa: E402
+from . import habits  # noqa: E402  (PyTorch spellings: cat, permute, dim=, x[i] = v, x.at[i].set)
+from .habits import *  # noqa: E402,F401,F403
 from . import cache  # noqa: E402
 from .cache import CacheRepairWarning  # noqa: E402
 from . import runtime as _runtime  # noqa: E402
@@ -55,3 +57,10 @@ def save(state, path, metadata=None):
 def load(path):
     """Load a safetensors file into a dict of tensors (no code runs while loading)."""
     return {k: Tensor(v) for k, v in io.load(path).items()}
+
+
+def __getattr__(name):
+    err = habits.unsupported(name)
+    if err is not None:
+        raise err
+    raise AttributeError(f"module 'jitnet' has no attribute {name!r}")
