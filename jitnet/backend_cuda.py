@@ -1106,6 +1106,14 @@ def _adam_impl(p, g, m, v, lr, step, beta1=0.9, beta2=0.999, eps=1e-8, weight_de
     return p
 
 
+def _adamw_impl(p, g, m, v, lr, step, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01):
+    pf = _state(p, "parameter")
+    sc = list(_adam_scalars(p, lr, step, beta1, beta2, eps, 0.0))
+    sc[1] = p.dtype.type(float(_hval(lr)) * weight_decay)
+    _launch(KG.adamw_update, pf.size, pf, _grad(g, p), _state(m, "m"), _state(v, "v"), *sc)
+    return p
+
+
 def _sparse_rows(p, values, indices, name):
     """Return (2-D p view, dense summed gradient rows, row flags) for a sparse update (no transfer)."""
     if p.ndim == 0:
@@ -1304,6 +1312,7 @@ _IMPLS = {
     "centered_rmsprop_update": _centered_rmsprop_impl,
     "centered_rmsprop_momentum_update": _centered_rmsprop_momentum_impl,
     "adam_update": _adam_impl,
+    "adamw_update": _adamw_impl,
     "adam_sparse_update": _adam_sparse_impl,
     "assign": _assign_impl,
     "conv2d": _conv2d_impl,

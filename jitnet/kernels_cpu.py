@@ -571,6 +571,41 @@ def adam_update_par(p, g, m, v, h):
         _adam_elem(p, g, m, v, i, lr_c, wd, b1, omb1, b2, omb2, inv_sqrt_bc2, eps)
 
 
+@njit(cache=True, fastmath=_FM, inline="always")
+def _adamw_elem(p, g, m, v, i, lr_c, lr_wd, b1, omb1, b2, omb2, inv_sqrt_bc2, eps):
+    gi = g[i]
+    pi = p[i] - lr_wd * p[i]
+    mi = b1 * m[i] + omb1 * gi
+    vi = b2 * v[i] + omb2 * gi * gi
+    m[i] = mi
+    v[i] = vi
+    p[i] = pi - lr_c * mi / (math.sqrt(vi) * inv_sqrt_bc2 + eps)
+
+
+@njit(cache=True, fastmath=_FM, nogil=True)
+def adamw_update(p, g, m, v, h):
+    """In place AdamW: p -= lr * wd * p (decoupled decay), then adam_update's step with no L2 term.
+
+    h = [lr / bc1, lr * weight_decay, beta1, 1 - beta1, beta2, 1 - beta2, 1 / sqrt(bc2), eps]."""
+    for i in range(p.shape[0]):
+        _adamw_elem(p, g, m, v, i, h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7])
+
+
+@njit(cache=True, fastmath=_FM, parallel=True, nogil=True)
+def adamw_update_par(p, g, m, v, h):
+    """Parallel adamw_update."""
+    lr_c = h[0]
+    lr_wd = h[1]
+    b1 = h[2]
+    omb1 = h[3]
+    b2 = h[4]
+    omb2 = h[5]
+    inv_sqrt_bc2 = h[6]
+    eps = h[7]
+    for i in prange(p.shape[0]):
+        _adamw_elem(p, g, m, v, i, lr_c, lr_wd, b1, omb1, b2, omb2, inv_sqrt_bc2, eps)
+
+
 # -- sparse (row) updates: rows are unique, so rows update independently --------------------------------------
 
 @njit(cache=True, nogil=True)

@@ -1271,6 +1271,22 @@ def adam_update(p, g, m, v, lr_c, wd, b1, omb1, b2, omb2, inv_sqrt_bc2, eps):
 
 
 @cuda.jit(cache=True)
+def adamw_update(p, g, m, v, lr_c, lr_wd, b1, omb1, b2, omb2, inv_sqrt_bc2, eps):
+    """AdamW: p -= lr * wd * p (decoupled decay), then adam_update's step without an L2 term."""
+    i = cuda.grid(1)
+    step = cuda.gridsize(1)
+    while i < p.shape[0]:
+        gi = g[i]
+        pi = p[i] - lr_wd * p[i]
+        mi = b1 * m[i] + omb1 * gi
+        vi = b2 * v[i] + omb2 * gi * gi
+        m[i] = mi
+        v[i] = vi
+        p[i] = pi - lr_c * mi / (math.sqrt(vi) * inv_sqrt_bc2 + eps)
+        i += step
+
+
+@cuda.jit(cache=True)
 def rows_touched(idx, flags, err, opid):
     """flags[idx[j]] = 1 for every j (marks the rows a sparse gradient names)."""
     i = cuda.grid(1)

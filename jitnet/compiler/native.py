@@ -222,6 +222,12 @@ def _adam_h(P, s):
             _f(1.0 - b2), f"1.0 / np.sqrt(1.0 - {_f(b2)} ** {s[1]})", _f(P.get("eps", 1e-8))]
 
 
+def _adamw_h(P, s):
+    h = _adam_h(P, s)
+    h[1] = f"{s[0]} * {_f(P.get('weight_decay', 0.0))}"
+    return h
+
+
 def _sgd_plain(n, a, o, kernels):
     # sgd without momentum: the momentum slot is the parameter itself (the kernel never reads it)
     return _emit_update("sgd_update", 1, lambda P, s: [s[0], _f(P.get("weight_decay", 0.0)), "0.0", "1.0"],
@@ -284,6 +290,7 @@ EMITTERS = {
     "centered_rmsprop_update": _rms(True, False),
     "centered_rmsprop_momentum_update": _rms(True, True),
     "adam_update": _emit_update("adam_update", 2, _adam_h),
+    "adamw_update": _emit_update("adamw_update", 2, _adamw_h),
     "lstm_step": _emit_kernel("nn_lstm_step", 4, lambda n: (n.inputs[1].shape[0], 6 * n.inputs[2].shape[0])),
     "lstm_step_dz": _emit_kernel("nn_lstm_step_dz", 3, lambda n: (n.inputs[1].shape[0], 4 * n.inputs[1].shape[1] // 6)),
     "lstm_step_dprev": _emit_kernel("nn_lstm_step_dprev", 4, lambda n: n.inputs[2].shape),

@@ -80,6 +80,38 @@ class Module:
         """Register a non-trainable Variable (saved in the state dict, not optimized); return it."""
         return self.add_parameter(name, value, trainable=False)
 
+    def register_buffer(self, name, tensor, persistent=True):
+        """Register ``tensor`` as a buffer (a non-trainable Variable: in the state dict, moved by ``.to``, not
+        a parameter) under ``name``, PyTorch's spelling of ``add_buffer``; return it."""
+        if not persistent:
+            raise ValueError(f"register_buffer({name!r}): persistent=False is not supported (every buffer is "
+                             "saved in the state dict)")
+        if tensor is None:
+            raise ValueError(f"register_buffer({name!r}): the buffer is None; give it an array or tensor")
+        if "/" in name or "." in name or not name:
+            raise KeyError(f"register_buffer: invalid buffer name {name!r} (no '/' or '.', not empty)")
+        if name in self.__dict__.get("_parameters", ()):
+            raise KeyError(f"register_buffer: {name!r} is already a parameter of {type(self).__name__}")
+        self._check_init()
+        if isinstance(tensor, Tensor) and not isinstance(tensor, Parameter):
+            tensor = tensor.numpy()
+        if isinstance(tensor, Parameter) and tensor.trainable:
+            raise ValueError(f"register_buffer({name!r}): got a trainable Parameter; use register_parameter")
+        return self.add_buffer(name, tensor)
+
+    def register_parameter(self, name, param):
+        """Register ``param`` (a trainable Parameter, or an array made into one) under ``name``; return it."""
+        if "/" in name or "." in name or not name:
+            raise KeyError(f"register_parameter: invalid parameter name {name!r} (no '/' or '.', not empty)")
+        return self.add_parameter(name, param, trainable=True)
+
+    def apply(self, fn):
+        """Call ``fn(module)`` on every sub-module (children first) and then on this module; return self."""
+        for m in self.children():
+            m.apply(fn)
+        fn(self)
+        return self
+
     # -- traversal ---------------------------------------------------------------------------------------------
     def children(self):
         """Return an iterator over the direct sub-modules."""

@@ -4,13 +4,13 @@
 opt.step()`` (PyTorch), or ``opt.minimize(loss_fn)`` (TensorFlow). Each parameter update is one fused,
 in-place kernel; sparse (embedding) gradients update only the rows they name.
 """
-from . import updates
+from . import lr_scheduler, updates
 from .clip import clip_by_global_norm, clip_by_norm, clip_by_value, global_norm
-from .optimizer import SGD, Adagrad, AdaGrad, Adam, Optimizer, RMSprop, RMSProp
+from .optimizer import SGD, Adagrad, AdaGrad, Adam, AdamW, Optimizer, RMSprop, RMSProp
 from .schedules import (ExponentialDecay, LearningRateSchedule, PiecewiseConstant, StepDecay, exponential_decay,
                         piecewise_constant, step_decay)
 
-__all__ = ["Optimizer", "SGD", "AdaGrad", "Adagrad", "RMSProp", "RMSprop", "Adam", "LearningRateSchedule",
+__all__ = ["Optimizer", "SGD", "AdaGrad", "Adagrad", "RMSProp", "RMSprop", "Adam", "AdamW", "LearningRateSchedule",
            "ExponentialDecay", "StepDecay", "PiecewiseConstant", "exponential_decay", "step_decay",
            "piecewise_constant", "clip_by_value", "clip_by_norm", "clip_by_global_norm", "global_norm",
-           "updates"]
+           "updates", "lr_scheduler"]

@@ -27,7 +27,7 @@ from ..tensor import Tensor, Variable
 from . import updates as U
 from .clip import clip_by_global_norm
 
-__all__ = ["Optimizer", "SGD", "AdaGrad", "Adagrad", "RMSProp", "RMSprop", "Adam"]
+__all__ = ["Optimizer", "SGD", "AdaGrad", "Adagrad", "RMSProp", "RMSprop", "Adam", "AdamW"]
 
 
 def _f64(x):
@@ -130,6 +130,8 @@ class Optimizer:
 
     def _lr(self, group):
         lr = group["lr"]
+        if isinstance(lr, Tensor):           # a 0-d variable (set by an lr_scheduler): read by compiled steps
+            return lr if lr.dtype == np.float64 else ops.astype(lr, np.float64)
         if callable(lr):
             v = lr(self.global_step)
             if isinstance(v, Tensor):
@@ -244,6 +246,9 @@ class Optimizer:
         for j, g in enumerate(self.param_groups):
             hyper = {}
             for k, v in g.items():
+                if isinstance(v, Tensor) and v.ndim == 0:
+                    hyper[k] = Tensor(np.asarray(v.numpy(), np.float64).copy())
+                    continue
                 if k == "params" or callable(v):
                     continue
                 if isinstance(v, (bool, numbers.Real)) or (isinstance(v, tuple) and all(
@@ -284,6 +289,9 @@ class Optimizer:
                                  f"{len(self.param_groups)} groups")
             g = self.param_groups[j]
             for k, v in hyper.items():
+                if isinstance(g.get(k), Tensor):
+                    g[k].assign(np.asarray(v, np.float64).astype(g[k].dtype))
+                    continue
                 if k not in g or callable(g[k]):
                     continue
                 arr = np.asarray(v)
@@ -424,6 +432,22 @@ class Adam(Optimizer):
         U.adam_sparse_update(p, g.values, g.indices, slots["m"], slots["v"], lr, t, beta1=b1, beta2=b2,
                              eps=group["eps"], weight_decay=group["weight_decay"])
         return True
+
+
+class AdamW(Adam):
+    """AdamW (Loshchilov & Hutter, PyTorch's ``optim.AdamW``): p -= lr * weight_decay * p, then Adam's step
+    with no L2 term in the moments; one fused kernel. Sparse gradients are densified."""
+
+    def __init__(self, params, lr=0.001, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+    def _dense_update(self, p, g, slots, group, lr, t):
+        b1, b2 = group["betas"]
+        U.adamw_update(p, g, slots["m"], slots["v"], lr, t, beta1=b1, beta2=b2, eps=group["eps"],
+                       weight_decay=group["weight_decay"])
+
+    def _sparse_update(self, p, g, slots, group, lr, t):
+        return False
 
 
 Adagrad = AdaGrad

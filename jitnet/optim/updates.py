@@ -20,7 +20,7 @@ from ..autodiff.sparse import unique_sum
 from ..kernelgen import PARALLEL_THRESHOLD
 
 __all__ = ["UPDATES", "sgd_update", "adagrad_update", "rmsprop_update", "adam_update",
-           "sgd_sparse_update", "adagrad_sparse_update", "adam_sparse_update"]
+           "sgd_sparse_update", "adagrad_sparse_update", "adam_sparse_update", "adamw_update"]
 
 UPDATES: dict = {}
 
@@ -261,3 +261,28 @@ def adam_sparse_update(param, values, indices, m, v, lr, step, beta1=0.9, beta2=
     """Apply one lazy Adam step to the rows ``indices`` only (their moments too); return the param."""
     return apply(ADAM_SPARSE_UPDATE, param, values, indices, m, v, lr, step, beta1=float(beta1),
                  beta2=float(beta2), eps=float(eps), weight_decay=float(weight_decay))
+
+
+# -- AdamW (decoupled weight decay) -------------------------------------------------------------------------------
+
+def _adamw_args(p, lr, step, beta1, beta2, eps, weight_decay):
+    h = _adam_args(p, lr, step, beta1, beta2, eps, 0.0)[0]
+    h[1] = float(lr) * weight_decay
+    return (h,)
+
+
+def _adamw_impl(p, g, m, v, lr, step, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01):
+    pf = _flat_state(p, "parameter")
+    k = K.adamw_update_par if _par(pf.size) else K.adamw_update
+    k(pf, _flat_grad(g, p), _flat_state(m, "m"), _flat_state(v, "v"),
+      *_adamw_args(p, lr, step, beta1, beta2, eps, weight_decay))
+    return p
+
+
+ADAMW_UPDATE = _update_prim("adamw_update", _adamw_impl, (0, 2, 3))
+
+
+def adamw_update(param, grad, m, v, lr, step, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01):
+    """Apply one AdamW step (decay p by lr * weight_decay, then Adam without L2) in place; return the param."""
+    return apply(ADAMW_UPDATE, param, grad, m, v, lr, step, beta1=float(beta1), beta2=float(beta2),
+                 eps=float(eps), weight_decay=float(weight_decay))
