@@ -32,20 +32,15 @@ def dlpack_device(t) -> tuple:
     return (KDL_CUDA, t.device.index)
 
 
-def to_dlpack(t, stream=None, max_version=None, dl_device=None, copy=None):
+def to_dlpack(t, *, stream=None, max_version=None, dl_device=None, copy=None):
     """Return a DLPack capsule viewing tensor ``t``'s memory (the body of ``Tensor.__dlpack__``)."""
     if t.requires_grad:
         raise RuntimeError("__dlpack__: cannot export a tensor that requires gradients (a consumer could "
                            "change memory the tape still reads); export t.detach() instead")
     data = t._data
     if not isinstance(data, np.ndarray):
-        from . import cuda as _cuda
-        if _cuda.is_device_array(data):
-            raise BufferError("__dlpack__: a GPU tensor is exported through __cuda_array_interface__ "
-                              "(torch.as_tensor, cupy.asarray and numba.cuda.as_cuda_array take it without a "
-                              "copy); for DLPack move it to the CPU with t.cpu()")
-        raise BufferError(f"__dlpack__: this tensor holds no array ({type(data).__name__}); only a concrete "
-                          "tensor (not one being traced by jitnet.jit) can be exported")
+        raise BufferError(f"__dlpack__: this tensor holds no host array ({type(data).__name__}); only a "
+                          "concrete CPU tensor (not one being traced by jitnet.jit) can be exported")
     if stream is not None:
         raise BufferError(f"__dlpack__: stream must be None for a CPU tensor, got {stream!r}")
     if dl_device is not None and tuple(dl_device) != (KDL_CPU, 0):

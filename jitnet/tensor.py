@@ -286,10 +286,23 @@ class Tensor:
             return a.copy()
         return a
 
-    def __dlpack__(self, *, stream=None, max_version=None, dl_device=None, copy=None):
-        """Return a DLPack capsule sharing this tensor's memory (``np.from_dlpack``, ``torch.from_dlpack``)."""
+    @property
+    def __dlpack__(self):
+        """The DLPack export method (``np.from_dlpack``, ``torch.from_dlpack``): returns a capsule sharing memory.
+
+        A GPU tensor has none (AttributeError), so consumers that look for ``__dlpack__`` first (PyTorch,
+        numba.cuda kernel arguments) fall back to its ``__cuda_array_interface__``, its zero-copy export.
+        """
         from .dlpack import to_dlpack
-        return to_dlpack(self, stream=stream, max_version=max_version, dl_device=dl_device, copy=copy)
+        d = self._data
+        if not isinstance(d, np.ndarray):
+            from . import cuda as _cuda
+            if _cuda.is_device_array(d):
+                raise AttributeError("a GPU tensor has no __dlpack__: it is exported without a copy through "
+                                     "__cuda_array_interface__ (torch.as_tensor, cupy.asarray, "
+                                     "numba.cuda.as_cuda_array), or use t.cpu() for DLPack")
+        import types
+        return types.MethodType(to_dlpack, self)
 
     def __dlpack_device__(self):
         """Return the DLPack ``(device_type, device_id)`` of the data: (1, 0) on the CPU, (2, n) on cuda:n."""
