@@ -244,9 +244,9 @@ def _inplace(name, ufunc, opname):
     return f
 
 
-def _fill_(self, value):
+def _fill_(self, value, _op="fill_"):
     """Set every element of this tensor to ``value`` in place (no gradient); return self."""
-    _check_inplace(self, "fill_")
+    _check_inplace(self, _op)
     d = self._data
     if isinstance(d, np.ndarray):
         d[...] = value.item() if isinstance(value, Tensor) else value
@@ -258,7 +258,7 @@ def _fill_(self, value):
 
 def _zero_(self):
     """Set every element of this tensor to zero in place (no gradient); return self."""
-    return _fill_(self, 0)
+    return _fill_(self, 0, "zero_")
 
 
 def _copy_(self, src):
