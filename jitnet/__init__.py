@@ -15,7 +15,7 @@ from numba.core.errors import NumbaPerformanceWarning as _NPW  # noqa: E402
 _warnings.filterwarnings("ignore", category=_NPW, module=r".*([/\\]jitnet[/\\]|[/\\]jitnet_k_)")
 # Numba's SSA pass flags a phi variable of the vectorizable float32 exp (kernels_scalar.fexp) as "not in scope"
 # (a pedantic internal check; the compiled code is tested against NumPy): not something a user can act on.
-_warnings.filterwarnings("ignore", message=r"variable '_fexp_overload", module=r"numba\.core\.ssa")
+_warnings.filterwarnings("ignore", message=r".*variable '_fexp_overload", module=r"numba\.core\.ssa")
 
 from . import runtime  # noqa: E402  (first: selects Numba's threading layer before any kernel runs)
 from . import autodiff, kernelgen, ops, random, testing  # noqa: E402

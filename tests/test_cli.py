@@ -306,6 +306,7 @@ def test_progress_eta_leaves_out_the_first_step():
 _COMMON = ["--limit", "200", "--test-limit", "100", "--batch-size", "50", "--seed", "3", "--no-progress"]
 
 
+@pytest.mark.slow              # trains the MLP through the CLI twice (~20 s cold)
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
     from jitnet.models import vision as V
     logdir = str(tmp_path / "run")

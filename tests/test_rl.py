@@ -219,6 +219,7 @@ def test_update_does_not_retrace_within_a_bucket():
     assert len(agent._act_fn._cache) == 1
 
 
+@pytest.mark.slow
 def test_cli_corridor(tmp_path, capsys):
     rc = get_trainer("pg-cartpole")(["--env", "corridor", "--episodes", "5", "--logdir", str(tmp_path),
                                      "--no-progress", "--target", "-1"])

@@ -248,6 +248,7 @@ def _twin_trainers(task, **kw):
             S.Seq2SeqTrainer(nets[1], task.src_vocab, task.tgt_vocab, lr=1e-2, jit=False))
 
 
+@pytest.mark.slow              # compiles the whole seq2seq step, ~45 s cold
 def test_jitted_step_equals_eager_step(rev):
     task, batcher, _ = rev
     tj, te = _twin_trainers(task)
