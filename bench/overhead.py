@@ -94,7 +94,7 @@ def paired(a):
     for p in procs:
         assert p.stdout.readline().strip() == "ready"
     res = {"trees": a.paired}
-    for name in ("mlp_jit", "mlp_eager", "seq2seq_jit"):
+    for name in a.only:
         times = [[], []]
         for r in range(a.reps):
             order = (0, 1) if r % 2 == 0 else (1, 0)
@@ -120,6 +120,8 @@ def main():
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--json", default=None)
+    p.add_argument("--only", nargs="+", default=["mlp_jit", "mlp_eager", "seq2seq_jit"],
+                   choices=["mlp_jit", "mlp_eager", "seq2seq_jit"], help="with --paired: the steps to time")
     a = p.parse_args()
     if a.paired:
         res = paired(a)
