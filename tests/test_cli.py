@@ -329,6 +329,7 @@ def jn_latest(logdir):
     return jitnet.io.latest_checkpoint(os.path.join(logdir, "checkpoints"))
 
 
+@pytest.mark.slow              # trains the MLP through the CLI (~20 s cold)
 def test_skip_nonfinite_undoes_the_bad_steps(tmp_path, capsys):
     from jitnet.models import vision as V
     rng = np.random.default_rng(0)

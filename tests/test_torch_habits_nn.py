@@ -27,7 +27,7 @@ def ref_adamw(p, grads, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, wd=0.01):
     return out
 
 
-@pytest.mark.parametrize("shape", [(3, 4), (300, 300)])          # the second runs the parallel kernel
+@pytest.mark.parametrize("shape", [(3, 4), pytest.param((300, 300), marks=pytest.mark.slow)])   # parallel kernel
 @pytest.mark.parametrize("wd", [0.0, 0.1])
 def test_adamw_matches_numpy_eager(shape, wd):
     rng = np.random.default_rng(0)
