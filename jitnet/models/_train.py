@@ -17,6 +17,7 @@ from numba.core import event as _numba_event
 
 import jitnet as jn
 from jitnet.data import DataLoader
+from jitnet.compiler.native import NATIVE_AFTER
 
 __all__ = ["base_parser", "learning_rate", "load_dataset", "Progress", "save_checkpoint", "restore_checkpoint",
            "fit", "setup_run", "ArgumentParser", "UsageError", "NonFiniteError", "NonFiniteGuard",
@@ -178,12 +179,15 @@ class compile_notice:
 class Progress:
     """A tqdm progress bar over one epoch's steps, or plain periodic prints when tqdm is missing or disabled.
 
-    The first step runs inside :class:`compile_notice`, and the bar appears once it is done, starting its clock
-    there (``initial=1``): its rate and ETA leave out the time spent compiling.
+    The first steps run inside :class:`compile_notice` (the first call of a jitted step traces and compiles its
+    kernels, and the plan's run after ``compiler.native.NATIVE_AFTER`` runs, call 4, compiles the native driver), and the bar appears
+    once they are done, starting its clock there (``initial`` = those steps): its rate and ETA leave out the
+    time spent compiling.
     """
 
     def __init__(self, total, desc, enabled=True):
         self.total, self.desc, self.n = total, desc, 0
+        self._warm = max(1, min(NATIVE_AFTER + 2, total))     # call 1 traces; plan runs 2.. compile natively
         self.bar = None
         self._tqdm = None
         self._t0 = time.perf_counter()
@@ -207,16 +211,18 @@ class Progress:
     def _first(self):
         self._notice.__exit__(None, None, None)
         if self._tqdm is not None:
-            self.bar = self._tqdm(total=self.total, initial=1, desc=self.desc, leave=True, dynamic_ncols=True,
+            self.bar = self._tqdm(total=self.total, initial=self.n, desc=self.desc, leave=True, dynamic_ncols=True,
                                   file=sys.stderr)
 
     def update(self, loss=None):
         """Advance by one step, showing ``loss``; returns None."""
         self.n += 1
-        if self.n == 1:
+        if self.n < self._warm:
+            return                       # still compiling: no bar, no rate, no ETA yet
+        if self.n == self._warm:
             self._first()
         if self.bar is not None:
-            if self.n > 1:
+            if self.n > self._warm:
                 self.bar.update(1)
             if loss is not None and (self.n % 10 == 0 or self.n == self.total):
                 self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
