@@ -283,11 +283,18 @@ def _numba_cache(obj):
     return c
 
 
-def protect(dispatcher) -> bool:
+def _file_stamp(path: str):
+    st = os.stat(path)
+    return st.st_mtime, st.st_size
+
+
+def protect(dispatcher, depends=()) -> bool:
     """Give a Numba dispatcher with ``cache=True`` jitnet's checked, self-repairing cache; return whether it has one.
 
     Only this dispatcher's cache objects change (their class becomes a checked subclass); Numba itself and
-    other dispatchers are untouched.
+    other dispatchers are untouched. ``depends`` names source files whose functions the kernel inlines (Numba
+    stamps a cache entry with its own file only): their stamps join the entry's, so editing one of them
+    recompiles the kernel instead of loading code built from the old body.
     """
     c = _numba_cache(dispatcher)
     if c is None:
@@ -298,6 +305,11 @@ def protect(dispatcher) -> bool:
         f = c._cache_file
         if all(hasattr(f, a) for a in _FILE_ATTRS) and not isinstance(f, _CheckedIndexDataFile):
             f.__class__ = _checked_class(_CheckedIndexDataFile, type(f))
+            if depends:
+                try:
+                    f._source_stamp = (f._source_stamp,) + tuple(_file_stamp(d) for d in depends)
+                except OSError:
+                    pass                        # a dependency not on disk (zipped install): Numba's own stamp
         c.__class__ = _checked_class(_CheckedCache, type(c))
     return True
 
@@ -307,16 +319,19 @@ def protect_module(module) -> int:
     them, such as ``kernels_cpu.Adaptive``); ``module`` is a module or its name. Return how many are protected."""
     if isinstance(module, str):
         module = sys.modules[module]
+    # files (beside the module) whose helpers its kernels inline: their edits must reach the cached kernels
+    here = os.path.dirname(getattr(module, "__file__", None) or ".")
+    deps = tuple(os.path.join(here, d) for d in getattr(module, "_CACHE_DEPENDS", ()))
     n = 0
     for v in list(vars(module).values()):
-        if protect(v):
+        if protect(v, deps):
             n += 1
         elif type(v).__module__.startswith("jitnet") and not isinstance(v, (type, types.ModuleType)):
             try:
                 inner = list(vars(v).values())
             except TypeError:
                 continue
-            n += sum(protect(w) for w in inner)
+            n += sum(protect(w, deps) for w in inner)
     return n
 
 

@@ -46,8 +46,11 @@ def _flags():
     global _salt
     if _salt is None:
         here = os.path.dirname(os.path.abspath(__file__))
-        with open(os.path.join(here, "kernels_gpu.py"), "rb") as f:
-            _salt = "kernels_gpu=" + hashlib.sha256(f.read()).hexdigest()[:16] + (";sim" if KG.SIM else "")
+        h = hashlib.sha256()
+        for name in ("kernels_gpu.py", "kernels_scalar.py"):     # the helpers' bodies are in kernels_scalar
+            with open(os.path.join(here, name), "rb") as f:
+                h.update(f.read())
+        _salt = "kernels_gpu=" + h.hexdigest()[:16] + (";sim" if KG.SIM else "")
     return _salt
 
 

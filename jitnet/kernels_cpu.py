@@ -17,6 +17,8 @@ import numpy as np
 from numba import njit, prange
 
 _FM = {"reassoc", "nsz", "arcp", "contract"}     # fast math without nnan/ninf: NaN and inf stay exact
+#: files whose helpers these kernels inline (jitnet.cache ties the cached kernels to them too)
+_CACHE_DEPENDS = ("kernels_scalar.py",)
 
 
 from .blas import gemm  # noqa: E402  (NumPy's BLAS and thread pool, not SciPy's)
@@ -406,24 +408,10 @@ def all_dispatchers():
 # Optimizer updates (jitnet.optim): one fused in-place kernel per optimizer. Dense kernels take flat 1-D
 # param/grad/slot arrays; sparse kernels take 2-D (rows, dim) params and slots plus unique row indices and
 # their summed gradient rows. Scalars arrive packed in one array ``h`` of the parameter's dtype (dispatch of
-# NumPy scalar arguments costs ~1 us each). ``*_par`` variants use prange.
+# NumPy scalar arguments costs ~1 us each). ``*_par`` variants use prange. The math of one element is
+# ``kernels_scalar.*_elem``, shared with the CUDA kernels.
 # Unused slot arguments receive the parameter array and are never touched.
 # ==============================================================================================================
-
-@njit(cache=True, fastmath=_FM, inline="always")
-def _sgd_elem(p, g, buf, i, lr, wd, momentum, omd, nesterov, use_mom):
-    gi = g[i]
-    if wd != 0:
-        gi = gi + wd * p[i]
-    if use_mom:
-        b = momentum * buf[i] + omd * gi
-        buf[i] = b
-        if nesterov:
-            gi = gi + momentum * b
-        else:
-            gi = b
-    p[i] = p[i] - lr * gi
-
 
 @njit(cache=True, fastmath=_FM, nogil=True)
 def sgd_update(p, g, buf, h, nesterov, use_mom):
@@ -435,7 +423,7 @@ def sgd_update(p, g, buf, h, nesterov, use_mom):
     momentum = h[2]
     omd = h[3]
     for i in range(p.shape[0]):
-        _sgd_elem(p, g, buf, i, lr, wd, momentum, omd, nesterov, use_mom)
+        sgd_elem(p, g, buf, i, lr, wd, momentum, omd, nesterov, use_mom)
 
 
 @njit(cache=True, fastmath=_FM, parallel=True, nogil=True)
@@ -446,17 +434,7 @@ def sgd_update_par(p, g, buf, h, nesterov, use_mom):
     momentum = h[2]
     omd = h[3]
     for i in prange(p.shape[0]):
-        _sgd_elem(p, g, buf, i, lr, wd, momentum, omd, nesterov, use_mom)
-
-
-@njit(cache=True, fastmath=_FM, inline="always")
-def _adagrad_elem(p, g, acc, i, lr, wd, eps):
-    gi = g[i]
-    if wd != 0:
-        gi = gi + wd * p[i]
-    a = acc[i] + gi * gi
-    acc[i] = a
-    p[i] = p[i] - lr * gi / (math.sqrt(a) + eps)
+        sgd_elem(p, g, buf, i, lr, wd, momentum, omd, nesterov, use_mom)
 
 
 @njit(cache=True, fastmath=_FM, nogil=True)
@@ -466,7 +444,7 @@ def adagrad_update(p, g, acc, h):
     wd = h[1]
     eps = h[2]
     for i in range(p.shape[0]):
-        _adagrad_elem(p, g, acc, i, lr, wd, eps)
+        adagrad_elem(p, g, acc, i, lr, wd, eps)
 
 
 @njit(cache=True, fastmath=_FM, parallel=True, nogil=True)
@@ -476,27 +454,7 @@ def adagrad_update_par(p, g, acc, h):
     wd = h[1]
     eps = h[2]
     for i in prange(p.shape[0]):
-        _adagrad_elem(p, g, acc, i, lr, wd, eps)
-
-
-@njit(cache=True, fastmath=_FM, inline="always")
-def _rmsprop_elem(p, g, ms, mg, mom, i, lr, wd, rho, omr, eps, momentum, centered, use_mom):
-    gi = g[i]
-    if wd != 0:
-        gi = gi + wd * p[i]
-    s = rho * ms[i] + omr * gi * gi
-    ms[i] = s
-    if centered:
-        a = rho * mg[i] + omr * gi
-        mg[i] = a
-        s = s - a * a
-        if s < 0:
-            s = s * 0
-    step = lr * gi / math.sqrt(s + eps)
-    if use_mom:
-        step = momentum * mom[i] + step
-        mom[i] = step
-    p[i] = p[i] - step
+        adagrad_elem(p, g, acc, i, lr, wd, eps)
 
 
 @njit(cache=True, fastmath=_FM, nogil=True)
@@ -511,7 +469,7 @@ def rmsprop_update(p, g, ms, mg, mom, h, centered, use_mom):
     eps = h[4]
     momentum = h[5]
     for i in range(p.shape[0]):
-        _rmsprop_elem(p, g, ms, mg, mom, i, lr, wd, rho, omr, eps, momentum, centered, use_mom)
+        rmsprop_elem(p, g, ms, mg, mom, i, lr, wd, rho, omr, eps, momentum, centered, use_mom)
 
 
 @njit(cache=True, fastmath=_FM, parallel=True, nogil=True)
@@ -524,19 +482,7 @@ def rmsprop_update_par(p, g, ms, mg, mom, h, centered, use_mom):
     eps = h[4]
     momentum = h[5]
     for i in prange(p.shape[0]):
-        _rmsprop_elem(p, g, ms, mg, mom, i, lr, wd, rho, omr, eps, momentum, centered, use_mom)
-
-
-@njit(cache=True, fastmath=_FM, inline="always")
-def _adam_elem(p, g, m, v, i, lr_c, wd, b1, omb1, b2, omb2, inv_sqrt_bc2, eps):
-    gi = g[i]
-    if wd != 0:
-        gi = gi + wd * p[i]
-    mi = b1 * m[i] + omb1 * gi
-    vi = b2 * v[i] + omb2 * gi * gi
-    m[i] = mi
-    v[i] = vi
-    p[i] = p[i] - lr_c * mi / (math.sqrt(vi) * inv_sqrt_bc2 + eps)
+        rmsprop_elem(p, g, ms, mg, mom, i, lr, wd, rho, omr, eps, momentum, centered, use_mom)
 
 
 @njit(cache=True, fastmath=_FM, nogil=True)
@@ -553,7 +499,7 @@ def adam_update(p, g, m, v, h):
     inv_sqrt_bc2 = h[6]
     eps = h[7]
     for i in range(p.shape[0]):
-        _adam_elem(p, g, m, v, i, lr_c, wd, b1, omb1, b2, omb2, inv_sqrt_bc2, eps)
+        adam_elem(p, g, m, v, i, lr_c, wd, b1, omb1, b2, omb2, inv_sqrt_bc2, eps)
 
 
 @njit(cache=True, fastmath=_FM, parallel=True, nogil=True)
@@ -568,18 +514,7 @@ def adam_update_par(p, g, m, v, h):
     inv_sqrt_bc2 = h[6]
     eps = h[7]
     for i in prange(p.shape[0]):
-        _adam_elem(p, g, m, v, i, lr_c, wd, b1, omb1, b2, omb2, inv_sqrt_bc2, eps)
-
-
-@njit(cache=True, fastmath=_FM, inline="always")
-def _adamw_elem(p, g, m, v, i, lr_c, lr_wd, b1, omb1, b2, omb2, inv_sqrt_bc2, eps):
-    gi = g[i]
-    pi = p[i] - lr_wd * p[i]
-    mi = b1 * m[i] + omb1 * gi
-    vi = b2 * v[i] + omb2 * gi * gi
-    m[i] = mi
-    v[i] = vi
-    p[i] = pi - lr_c * mi / (math.sqrt(vi) * inv_sqrt_bc2 + eps)
+        adam_elem(p, g, m, v, i, lr_c, wd, b1, omb1, b2, omb2, inv_sqrt_bc2, eps)
 
 
 @njit(cache=True, fastmath=_FM, nogil=True)
@@ -588,7 +523,7 @@ def adamw_update(p, g, m, v, h):
 
     h = [lr / bc1, lr * weight_decay, beta1, 1 - beta1, beta2, 1 - beta2, 1 / sqrt(bc2), eps]."""
     for i in range(p.shape[0]):
-        _adamw_elem(p, g, m, v, i, h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7])
+        adamw_elem(p, g, m, v, i, h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7])
 
 
 @njit(cache=True, fastmath=_FM, parallel=True, nogil=True)
@@ -603,7 +538,7 @@ def adamw_update_par(p, g, m, v, h):
     inv_sqrt_bc2 = h[6]
     eps = h[7]
     for i in prange(p.shape[0]):
-        _adamw_elem(p, g, m, v, i, lr_c, lr_wd, b1, omb1, b2, omb2, inv_sqrt_bc2, eps)
+        adamw_elem(p, g, m, v, i, lr_c, lr_wd, b1, omb1, b2, omb2, inv_sqrt_bc2, eps)
 
 
 # -- sparse (row) updates: rows are unique, so rows update independently --------------------------------------
@@ -652,7 +587,7 @@ def sgd_sparse_update(p, rows, g, buf, h, nesterov, use_mom):
         gr = g[r]
         br = buf[dst]
         for k in range(pr.shape[0]):
-            _sgd_elem(pr, gr, br, k, lr, wd, momentum, omd, nesterov, use_mom)
+            sgd_elem(pr, gr, br, k, lr, wd, momentum, omd, nesterov, use_mom)
 
 
 @njit(cache=True, fastmath=_FM, parallel=True, nogil=True)
@@ -667,7 +602,7 @@ def adagrad_sparse_update(p, rows, g, acc, h):
         gr = g[r]
         ar = acc[dst]
         for k in range(pr.shape[0]):
-            _adagrad_elem(pr, gr, ar, k, lr, wd, eps)
+            adagrad_elem(pr, gr, ar, k, lr, wd, eps)
 
 
 @njit(cache=True, fastmath=_FM, parallel=True, nogil=True)
@@ -688,7 +623,7 @@ def adam_sparse_update(p, rows, g, m, v, h):
         mr = m[dst]
         vr = v[dst]
         for k in range(pr.shape[0]):
-            _adam_elem(pr, gr, mr, vr, k, lr_c, wd, b1, omb1, b2, omb2, inv_sqrt_bc2, eps)
+            adam_elem(pr, gr, mr, vr, k, lr_c, wd, b1, omb1, b2, omb2, inv_sqrt_bc2, eps)
 
 
 # ==============================================================================================================

@@ -19,12 +19,17 @@ see global values, but it does see an edit of the file.
 from __future__ import annotations
 
 import math
+import types
 
 import numpy as np
 from numba import cuda
 from numba.core import config
 
+from . import kernels_scalar as KS
+
 SIM = bool(config.ENABLE_CUDASIM)
+#: files whose helpers these kernels inline (jitnet.cache ties the cached kernels to them too)
+_CACHE_DEPENDS = ("kernels_scalar.py",)
 
 
 #: threads per block of 1-D kernels (a power of two: the tree reductions halve it)
@@ -154,81 +159,34 @@ else:
         return math.cos(x)
 
 
-@cuda.jit(device=True)
-def sigmoid_s(x, one):
-    """Return the logistic sigmoid of x, stable for large |x|."""
-    z = fexp(-abs(x))
-    if x >= 0:
-        return one / (one + z)
-    return z / (one + z)
+def device_form(f):
+    """Return the CUDA device function of the shared helper ``f`` (a name of ``kernels_scalar.SHARED``).
+
+    The Python body written once in kernels_scalar is compiled again for CUDA, its calls to ``fexp``,
+    ``floor_s``, ``fmod_raw`` and to other shared helpers bound to this module's device functions."""
+    py = KS.SHARED[f]
+    env = dict(py.__globals__)
+    env.update({k: globals()[k] for k in ("fexp", "floor_s", "ceil_s", "fmod_raw", "sin_s", "cos_s")})
+    env.update({k: globals()[k] for k in KS.SHARED if k in globals()})   # helpers already compiled here
+    body = types.FunctionType(py.__code__, env, py.__name__, py.__defaults__, py.__closure__)
+    body.__doc__ = py.__doc__
+    return cuda.jit(device=True)(body)
 
 
-@cuda.jit(device=True)
-def softplus_s(x, zero):
-    """Return log(1 + exp(x)), stable for large |x|."""
-    m = x if x > zero else zero
-    return m + math.log1p(fexp(-abs(x)))
-
-
-@cuda.jit(device=True)
-def sign_s(x, zero):
-    """Return -1, 0 or 1 with the sign of x (NaN stays NaN)."""
-    if x > zero:
-        return zero + 1
-    if x < zero:
-        return zero - 1
-    return x * zero
-
-
-@cuda.jit(device=True)
-def maximum_s(a, b):
-    """Return the larger of a and b, NaN if either is NaN."""
-    if a != a:
-        return a
-    if b != b:
-        return b
-    return a if a >= b else b
-
-
-@cuda.jit(device=True)
-def minimum_s(a, b):
-    """Return the smaller of a and b, NaN if either is NaN."""
-    if a != a:
-        return a
-    if b != b:
-        return b
-    return a if a <= b else b
-
-
-@cuda.jit(device=True)
-def floordiv_s(a, b):
-    """Return floor(a / b) for floats."""
-    return floor_s(a / b)
-
-
-@cuda.jit(device=True)
-def ifloordiv_s(a, b):
-    """Return a // b for integers, 0 where b == 0."""
-    if b == 0:
-        return a * 0
-    return a // b
-
-
-@cuda.jit(device=True)
-def imod_s(a, b):
-    """Return a mod b for integers with the sign of b, 0 where b == 0."""
-    if b == 0:
-        return a * 0
-    return a % b
-
-
-@cuda.jit(device=True)
-def fmod_s(a, b):
-    """Return a mod b for floats with the sign of b (NumPy's remainder)."""
-    r = fmod_raw(a, b)
-    if r != 0 and ((r < 0) != (b < 0)):
-        r += b
-    return r
+sigmoid_s = device_form("sigmoid_s")
+softplus_s = device_form("softplus_s")
+sign_s = device_form("sign_s")
+maximum_s = device_form("maximum_s")
+minimum_s = device_form("minimum_s")
+floordiv_s = device_form("floordiv_s")
+ifloordiv_s = device_form("ifloordiv_s")
+imod_s = device_form("imod_s")
+fmod_s = device_form("fmod_s")
+sgd_elem = device_form("sgd_elem")
+adagrad_elem = device_form("adagrad_elem")
+rmsprop_elem = device_form("rmsprop_elem")
+adam_elem = device_form("adam_elem")
+adamw_elem = device_form("adamw_elem")
 
 
 @cuda.jit(device=True)
@@ -1197,93 +1155,45 @@ def random_fill(out, kind, key, offset, a, b):
 def sgd_update(p, g, buf, lr, wd, momentum, omd, nesterov, use_mom):
     """p -= lr * (g + wd p), through a momentum buffer (optionally Nesterov) when use_mom."""
     i = cuda.grid(1)
-    step = cuda.gridsize(1)
     while i < p.shape[0]:
-        gi = g[i]
-        if wd != 0:
-            gi = gi + wd * p[i]
-        if use_mom:
-            bv = momentum * buf[i] + omd * gi
-            buf[i] = bv
-            if nesterov:
-                gi = gi + momentum * bv
-            else:
-                gi = bv
-        p[i] = p[i] - lr * gi
-        i += step
+        sgd_elem(p, g, buf, i, lr, wd, momentum, omd, nesterov, use_mom)
+        i += cuda.gridsize(1)
 
 
 @cuda.jit(cache=True)
 def adagrad_update(p, g, acc, lr, wd, eps):
     """acc += g^2; p -= lr * g / (sqrt(acc) + eps)."""
     i = cuda.grid(1)
-    step = cuda.gridsize(1)
     while i < p.shape[0]:
-        gi = g[i]
-        if wd != 0:
-            gi = gi + wd * p[i]
-        av = acc[i] + gi * gi
-        acc[i] = av
-        p[i] = p[i] - lr * gi / (math.sqrt(av) + eps)
-        i += step
+        adagrad_elem(p, g, acc, i, lr, wd, eps)
+        i += cuda.gridsize(1)
 
 
 @cuda.jit(cache=True)
 def rmsprop_update(p, g, ms, mg, mom, lr, wd, rho, omr, eps, momentum, centered, use_mom):
     """ms = rho ms + (1-rho) g^2 (centered: minus mg^2); p -= (momentum of) lr g / sqrt(ms + eps)."""
     i = cuda.grid(1)
-    step = cuda.gridsize(1)
     while i < p.shape[0]:
-        gi = g[i]
-        if wd != 0:
-            gi = gi + wd * p[i]
-        s = rho * ms[i] + omr * gi * gi
-        ms[i] = s
-        if centered:
-            av = rho * mg[i] + omr * gi
-            mg[i] = av
-            s = s - av * av
-            if s < 0:
-                s = s * 0
-        stp = lr * gi / math.sqrt(s + eps)
-        if use_mom:
-            stp = momentum * mom[i] + stp
-            mom[i] = stp
-        p[i] = p[i] - stp
-        i += step
+        rmsprop_elem(p, g, ms, mg, mom, i, lr, wd, rho, omr, eps, momentum, centered, use_mom)
+        i += cuda.gridsize(1)
 
 
 @cuda.jit(cache=True)
 def adam_update(p, g, m, v, lr_c, wd, b1, omb1, b2, omb2, inv_sqrt_bc2, eps):
     """Adam: m, v moments; p -= lr_c * m / (sqrt(v) / sqrt(bc2) + eps) with lr_c = lr / bc1."""
     i = cuda.grid(1)
-    step = cuda.gridsize(1)
     while i < p.shape[0]:
-        gi = g[i]
-        if wd != 0:
-            gi = gi + wd * p[i]
-        mi = b1 * m[i] + omb1 * gi
-        vi = b2 * v[i] + omb2 * gi * gi
-        m[i] = mi
-        v[i] = vi
-        p[i] = p[i] - lr_c * mi / (math.sqrt(vi) * inv_sqrt_bc2 + eps)
-        i += step
+        adam_elem(p, g, m, v, i, lr_c, wd, b1, omb1, b2, omb2, inv_sqrt_bc2, eps)
+        i += cuda.gridsize(1)
 
 
 @cuda.jit(cache=True)
 def adamw_update(p, g, m, v, lr_c, lr_wd, b1, omb1, b2, omb2, inv_sqrt_bc2, eps):
     """AdamW: p -= lr * wd * p (decoupled decay), then adam_update's step without an L2 term."""
     i = cuda.grid(1)
-    step = cuda.gridsize(1)
     while i < p.shape[0]:
-        gi = g[i]
-        pi = p[i] - lr_wd * p[i]
-        mi = b1 * m[i] + omb1 * gi
-        vi = b2 * v[i] + omb2 * gi * gi
-        m[i] = mi
-        v[i] = vi
-        p[i] = pi - lr_c * mi / (math.sqrt(vi) * inv_sqrt_bc2 + eps)
-        i += step
+        adamw_elem(p, g, m, v, i, lr_c, lr_wd, b1, omb1, b2, omb2, inv_sqrt_bc2, eps)
+        i += cuda.gridsize(1)
 
 
 @cuda.jit(cache=True)
@@ -1299,68 +1209,42 @@ def rows_touched(idx, flags, err, opid):
         i += step
 
 
+# Sparse (row) updates: one thread per element of 2-D p; rows whose flag is clear keep still (lazy updates)
+
 @cuda.jit(cache=True)
 def sgd_rows_update(p, g, buf, flags, lr, wd, momentum, omd, nesterov, use_mom):
     """``sgd_update`` on the rows of 2-D p whose flag is set (g: summed gradient rows, dense)."""
     i = cuda.grid(1)
-    step = cuda.gridsize(1)
     d = p.shape[1]
     while i < p.shape[0] * d:
         r = i // d
-        c = i - r * d
         if flags[r] != 0:
-            gi = g[r, c]
-            if wd != 0:
-                gi = gi + wd * p[r, c]
-            if use_mom:
-                bv = momentum * buf[r, c] + omd * gi
-                buf[r, c] = bv
-                if nesterov:
-                    gi = gi + momentum * bv
-                else:
-                    gi = bv
-            p[r, c] = p[r, c] - lr * gi
-        i += step
+            sgd_elem(p[r], g[r], buf[r], i - r * d, lr, wd, momentum, omd, nesterov, use_mom)
+        i += cuda.gridsize(1)
 
 
 @cuda.jit(cache=True)
 def adagrad_rows_update(p, g, acc, flags, lr, wd, eps):
     """``adagrad_update`` on the flagged rows of 2-D p."""
     i = cuda.grid(1)
-    step = cuda.gridsize(1)
     d = p.shape[1]
     while i < p.shape[0] * d:
         r = i // d
-        c = i - r * d
         if flags[r] != 0:
-            gi = g[r, c]
-            if wd != 0:
-                gi = gi + wd * p[r, c]
-            av = acc[r, c] + gi * gi
-            acc[r, c] = av
-            p[r, c] = p[r, c] - lr * gi / (math.sqrt(av) + eps)
-        i += step
+            adagrad_elem(p[r], g[r], acc[r], i - r * d, lr, wd, eps)
+        i += cuda.gridsize(1)
 
 
 @cuda.jit(cache=True)
 def adam_rows_update(p, g, m, v, flags, lr_c, wd, b1, omb1, b2, omb2, inv_sqrt_bc2, eps):
     """``adam_update`` on the flagged rows of 2-D p (lazy Adam: other rows and their moments keep still)."""
     i = cuda.grid(1)
-    step = cuda.gridsize(1)
     d = p.shape[1]
     while i < p.shape[0] * d:
         r = i // d
-        c = i - r * d
         if flags[r] != 0:
-            gi = g[r, c]
-            if wd != 0:
-                gi = gi + wd * p[r, c]
-            mi = b1 * m[r, c] + omb1 * gi
-            vi = b2 * v[r, c] + omb2 * gi * gi
-            m[r, c] = mi
-            v[r, c] = vi
-            p[r, c] = p[r, c] - lr_c * mi / (math.sqrt(vi) * inv_sqrt_bc2 + eps)
-        i += step
+            adam_elem(p[r], g[r], m[r], v[r], i - r * d, lr_c, wd, b1, omb1, b2, omb2, inv_sqrt_bc2, eps)
+        i += cuda.gridsize(1)
 
 
 # ==============================================================================================================

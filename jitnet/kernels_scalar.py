@@ -9,8 +9,9 @@ import numpy as np
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
-__all__ = ["fexp", "exp_f32", "tanh_v", "sigmoid_v", "sigmoid_s", "softplus_s", "sign_s", "maximum_s", "minimum_s", "floordiv_s",
-           "ifloordiv_s", "imod_s", "fmod_s"]
+__all__ = ["fexp", "exp_f32", "tanh_v", "sigmoid_v", "floor_s", "fmod_raw", "sigmoid_s", "softplus_s", "sign_s",
+           "maximum_s", "minimum_s", "floordiv_s", "ifloordiv_s", "imod_s", "fmod_s", "sgd_elem", "adagrad_elem",
+           "rmsprop_elem", "adam_elem", "adamw_elem", "SHARED", "scalar"]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -119,24 +120,53 @@ def _sigmoid_v_overload(x):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Scalar helpers used by the elementwise templates (inlined into the generated kernels)
+# Scalar helpers used by the elementwise templates (inlined into the generated kernels), and the per-element
+# optimizer updates. Each body is written once, here, and compiled for both targets: for the CPU by the
+# ``@scalar`` decorator below (``njit(inline="always")``), for CUDA by ``kernels_gpu.device_form`` (a CUDA
+# device function of the same Python body whose calls to the target-dependent primitives ``fexp``,
+# ``floor_s``, ``fmod_raw`` resolve to the GPU's forms). A body may call only those primitives, ``math``,
+# and other helpers of this section.
 # --------------------------------------------------------------------------------------------------------------
 
+#: Python bodies of the helpers shared with kernels_gpu, by name (the CUDA forms are compiled from these)
+SHARED = {}
+
+
+def scalar(fn=None, **flags):
+    """Compile ``fn`` as an inlined CPU helper and record its Python body in :data:`SHARED` for the CUDA form."""
+    def wrap(f):
+        SHARED[f.__name__] = f
+        return njit(cache=True, inline="always", **flags)(f)
+    return wrap(fn) if fn is not None else wrap
+
+
 @njit(cache=True, inline="always")
+def floor_s(x):
+    """Return floor(x) as a float (NaN and inf unchanged)."""
+    return np.floor(x)
+
+
+@njit(cache=True, inline="always")
+def fmod_raw(a, b):
+    """Return C's fmod(a, b) (NaN when b is 0 or a is infinite)."""
+    return np.fmod(a, b)
+
+
+@scalar
 def sigmoid_s(x, one):
     """Return the logistic sigmoid of x, stable for large |x|."""
     z = fexp(-abs(x))
     return one / (one + z) if x >= 0 else z / (one + z)
 
 
-@njit(cache=True, inline="always")
+@scalar
 def softplus_s(x, zero):
     """Return log(1 + exp(x)), stable for large |x|."""
     m = x if x > zero else zero
     return m + math.log1p(fexp(-abs(x)))
 
 
-@njit(cache=True, inline="always")
+@scalar
 def sign_s(x, zero):
     """Return -1, 0 or 1 with the sign of x (NaN stays NaN)."""
     if x > zero:
@@ -146,7 +176,7 @@ def sign_s(x, zero):
     return x * zero
 
 
-@njit(cache=True, inline="always")
+@scalar
 def maximum_s(a, b):
     """Return the larger of a and b, NaN if either is NaN (NumPy's maximum)."""
     if a != a:
@@ -156,7 +186,7 @@ def maximum_s(a, b):
     return a if a >= b else b
 
 
-@njit(cache=True, inline="always")
+@scalar
 def minimum_s(a, b):
     """Return the smaller of a and b, NaN if either is NaN (NumPy's minimum)."""
     if a != a:
@@ -166,13 +196,13 @@ def minimum_s(a, b):
     return a if a <= b else b
 
 
-@njit(cache=True, inline="always")
+@scalar
 def floordiv_s(a, b):
     """Return floor(a / b) (NumPy's floor_divide for floats)."""
-    return math.floor(a / b)
+    return floor_s(a / b)
 
 
-@njit(cache=True, inline="always")
+@scalar
 def ifloordiv_s(a, b):
     """Return a // b for integers, 0 where b == 0 (NumPy's convention)."""
     if b == 0:
@@ -180,7 +210,7 @@ def ifloordiv_s(a, b):
     return a // b
 
 
-@njit(cache=True, inline="always")
+@scalar
 def imod_s(a, b):
     """Return a mod b for integers with the sign of b, 0 where b == 0 (NumPy's convention)."""
     if b == 0:
@@ -188,12 +218,90 @@ def imod_s(a, b):
     return a % b
 
 
-@njit(cache=True, inline="always")
+@scalar
 def fmod_s(a, b):
     """Return a mod b for floats with the sign of b (NumPy's remainder)."""
-    r = np.fmod(a, b)
+    r = fmod_raw(a, b)
     if r != 0 and ((r < 0) != (b < 0)):
         r += b
     return r
 
 
+# -- optimizer updates of element i, in place over 1-D views of the parameter, its gradient and its slots ------
+# The CPU kernels (kernels_cpu.*_update, serial, prange and sparse-row forms) and the CUDA kernels
+# (kernels_gpu.*_update, grid-stride loops) call these; scalars arrive in the parameter's dtype.
+
+_FM = {"reassoc", "nsz", "arcp", "contract"}     # fast math without nnan/ninf: NaN and inf stay exact
+
+
+@scalar(fastmath=_FM)
+def sgd_elem(p, g, buf, i, lr, wd, momentum, omd, nesterov, use_mom):
+    """p -= lr * (g + wd p), through a momentum buffer (optionally Nesterov) when use_mom."""
+    gi = g[i]
+    if wd != 0:
+        gi = gi + wd * p[i]
+    if use_mom:
+        b = momentum * buf[i] + omd * gi
+        buf[i] = b
+        if nesterov:
+            gi = gi + momentum * b
+        else:
+            gi = b
+    p[i] = p[i] - lr * gi
+
+
+@scalar(fastmath=_FM)
+def adagrad_elem(p, g, acc, i, lr, wd, eps):
+    """acc += g^2; p -= lr * g / (sqrt(acc) + eps)."""
+    gi = g[i]
+    if wd != 0:
+        gi = gi + wd * p[i]
+    a = acc[i] + gi * gi
+    acc[i] = a
+    p[i] = p[i] - lr * gi / (math.sqrt(a) + eps)
+
+
+@scalar(fastmath=_FM)
+def rmsprop_elem(p, g, ms, mg, mom, i, lr, wd, rho, omr, eps, momentum, centered, use_mom):
+    """ms = rho ms + (1-rho) g^2 (centered: minus mg^2); p -= (momentum of) lr g / sqrt(ms + eps)."""
+    gi = g[i]
+    if wd != 0:
+        gi = gi + wd * p[i]
+    s = rho * ms[i] + omr * gi * gi
+    ms[i] = s
+    if centered:
+        a = rho * mg[i] + omr * gi
+        mg[i] = a
+        s = s - a * a
+        if s < 0:
+            s = s * 0
+    step = lr * gi / math.sqrt(s + eps)
+    if use_mom:
+        step = momentum * mom[i] + step
+        mom[i] = step
+    p[i] = p[i] - step
+
+
+@scalar(fastmath=_FM)
+def adam_elem(p, g, m, v, i, lr_c, wd, b1, omb1, b2, omb2, inv_sqrt_bc2, eps):
+    """Adam: m, v moments; p -= lr_c * m / (sqrt(v) / sqrt(bc2) + eps) with lr_c = lr / bc1."""
+    gi = g[i]
+    if wd != 0:
+        gi = gi + wd * p[i]
+    mi = b1 * m[i] + omb1 * gi
+    vi = b2 * v[i] + omb2 * gi * gi
+    m[i] = mi
+    v[i] = vi
+    p[i] = p[i] - lr_c * mi / (math.sqrt(vi) * inv_sqrt_bc2 + eps)
+
+
+@scalar(fastmath=_FM)
+def adamw_elem(p, g, m, v, i, lr_c, lr_wd, b1, omb1, b2, omb2, inv_sqrt_bc2, eps):
+    """AdamW: p -= lr * wd * p (decoupled decay), then adam_elem's step without an L2 term."""
+    gi = g[i]
+    pi = p[i] - lr_wd * p[i]
+    mi = b1 * m[i] + omb1 * gi
+    vi = b2 * v[i] + omb2 * gi * gi
+    m[i] = mi
+    v[i] = vi
+    p[i] = pi - lr_c * mi / (math.sqrt(vi) * inv_sqrt_bc2 + eps)

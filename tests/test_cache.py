@@ -277,3 +277,42 @@ def test_cuda_kernels_get_the_checked_cache_too(tmp_path):
     r = subprocess.run([sys.executable, "-c", _CUDA_CHILD, str(tmp_path), str(tmp_path / "n")], env=env,
                        capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+
+
+_DEP_WORKER = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, sys.argv[1])
+    import jitnet, kmod
+    jitnet.cache.protect_module(kmod)
+    print(kmod.k(1.0), sum(kmod.k._cache_hits.values()))
+""")
+
+
+def test_editing_an_inlined_helper_file_recompiles_the_kernels_that_inline_it(tmp_path):
+    # Numba stamps a cache entry with its own source file only; a module's _CACHE_DEPENDS adds the files whose
+    # helpers its kernels inline (kernels_cpu and kernels_gpu name kernels_scalar.py).
+    (tmp_path / "helper.py").write_text("from numba import njit\n\n\n@njit(inline='always')\n"
+                                        "def h(x):\n    return x + 1.0\n")
+    (tmp_path / "kmod.py").write_text("from numba import njit\nfrom helper import h\n_CACHE_DEPENDS = ('helper.py',)"
+                                      "\n\n\n@njit(cache=True)\ndef k(x):\n    return h(x) * 2.0\n")
+    env = _env(tmp_path)
+
+    def run():
+        out = subprocess.run([sys.executable, "-c", _DEP_WORKER, str(tmp_path)], env=env, capture_output=True,
+                             text=True, stdin=subprocess.DEVNULL, timeout=120)
+        assert out.returncode == 0, out.stderr
+        value, hits = out.stdout.split()
+        return float(value), int(hits)
+
+    assert run() == (4.0, 0)                       # compiled and saved
+    assert run() == (4.0, 1)                       # loaded from the cache
+    src = (tmp_path / "helper.py").read_text().replace("x + 1.0", "x + 3.0")
+    (tmp_path / "helper.py").write_text(src + "\n")     # another size: a new stamp even within the mtime's tick
+    assert run() == (8.0, 0)                       # the edit reaches the cached kernel: compiled again
+
+
+def test_jitnets_kernel_files_are_tied_to_the_helpers_they_inline():
+    from jitnet import kernels_cpu
+    f = kernels_cpu.adam_update._cache._cache_file
+    scalar_py = os.path.join(os.path.dirname(kernels_cpu.__file__), "kernels_scalar.py")
+    assert isinstance(f._source_stamp, tuple) and cache._file_stamp(scalar_py) in f._source_stamp[1:]
