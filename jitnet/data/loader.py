@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ArrayDataset", "DataLoader"]
+__all__ = ["ArrayDataset", "DataLoader", "DistributedSampler"]
 
 
 def _to_output(array: np.ndarray) -> Any:
@@ -42,6 +42,53 @@ class ArrayDataset:
         return tuple(a[index] for a in self.arrays)
 
 
+class DistributedSampler:
+    """The indices one rank of ``num_replicas`` reads from a dataset of ``n`` examples, each epoch.
+
+    Every rank draws the same permutation from ``(seed, epoch)`` (or keeps the natural order without
+    ``shuffle``) and takes every ``num_replicas``-th index starting at its ``rank``, so the shards are disjoint
+    and batch ``k`` of all ranks together is batch ``k`` of one process whose batch is ``num_replicas`` times
+    larger. When ``n`` is not a multiple of ``num_replicas`` the epoch's tail is dropped (``drop_last``) or the
+    order is padded with its first indices (the default, PyTorch's rule), so all ranks get the same number of
+    examples and therefore the same number of steps.
+    """
+
+    def __init__(self, n: int, num_replicas: int, rank: int, shuffle: bool = True, seed: int = 0,
+                 drop_last: bool = False):
+        if int(num_replicas) != num_replicas or num_replicas < 1:
+            raise ValueError(f"DistributedSampler: num_replicas must be a positive integer, got {num_replicas!r}")
+        if int(rank) != rank or not 0 <= rank < num_replicas:
+            raise ValueError(f"DistributedSampler: rank must be in [0, {num_replicas}), got {rank!r}")
+        self.n, self.num_replicas, self.rank = int(n), int(num_replicas), int(rank)
+        self.shuffle, self.seed, self.drop_last = bool(shuffle), int(seed), bool(drop_last)
+
+    def __len__(self) -> int:
+        """Return the number of examples this rank reads per epoch."""
+        if self.drop_last:
+            return self.n // self.num_replicas
+        return -(-self.n // self.num_replicas)
+
+    def indices(self, epoch: int) -> np.ndarray:
+        """Return this rank's example indices for ``epoch`` (int64)."""
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, int(epoch)]).permutation(self.n).astype(np.int64)
+        else:
+            order = np.arange(self.n, dtype=np.int64)
+        return shard_order(order, self.num_replicas, self.rank, self.drop_last)
+
+
+def shard_order(order: np.ndarray, num_replicas: int, rank: int, drop_last: bool) -> np.ndarray:
+    """Return rank ``rank``'s strided share of ``order`` (padded from its start or cut to a multiple)."""
+    n = len(order)
+    if drop_last:
+        order = order[: n - n % num_replicas]
+    elif n % num_replicas:
+        pad = num_replicas - n % num_replicas
+        reps = -(-pad // max(n, 1))
+        order = np.concatenate([order] + [order] * reps)[: n + pad] if n else order
+    return np.ascontiguousarray(order[rank::num_replicas])
+
+
 _END = object()
 
 
@@ -59,6 +106,13 @@ class DataLoader:
     the permutation drawn from ``(seed, epoch)``, so runs are reproducible;
     ``seed=None`` draws a random base seed once.  ``prefetch=N > 0`` builds up
     to ``N`` batches ahead in a background thread.
+
+    ``num_replicas`` and ``rank`` shard the epoch for data-parallel training
+    (see :class:`DistributedSampler`): every rank draws the same permutation
+    and reads only its strided share of it, ``batch_size`` examples per step
+    (the per-rank batch); all ranks get the same number of batches. A shard
+    that is not a multiple of the world size is padded with the epoch's first
+    examples, or cut with ``drop_last``.
     """
 
     def __init__(
@@ -69,6 +123,8 @@ class DataLoader:
         seed: int | None = None,
         drop_last: bool = False,
         prefetch: int = 0,
+        num_replicas: int | None = None,
+        rank: int | None = None,
     ):
         if isinstance(dataset, (tuple, list)):
             dataset = ArrayDataset(*dataset)
@@ -87,10 +143,16 @@ class DataLoader:
             seed = int(np.random.SeedSequence().entropy % (2**63))
         self.seed = int(seed)
         self.epoch = 0
+        self.sampler = None
+        if num_replicas is not None or rank is not None:
+            if num_replicas is None or rank is None:
+                raise ValueError("DataLoader: give both num_replicas and rank (or neither)")
+            self.sampler = DistributedSampler(len(dataset), num_replicas, rank, self.shuffle, self.seed,
+                                              self.drop_last)
 
     def __len__(self) -> int:
         """Return the number of batches per epoch."""
-        n = len(self.dataset)
+        n = len(self.dataset) if self.sampler is None else len(self.sampler)
         if self.drop_last:
             return n // self.batch_size
         return -(-n // self.batch_size)
@@ -100,7 +162,9 @@ class DataLoader:
         self.epoch = int(epoch)
 
     def epoch_indices(self, epoch: int) -> np.ndarray:
-        """Return the example order used for ``epoch`` (int64 array)."""
+        """Return the example order used for ``epoch`` (int64 array; this rank's shard when sharded)."""
+        if self.sampler is not None:
+            return self.sampler.indices(epoch)
         n = len(self.dataset)
         if not self.shuffle:
             return np.arange(n, dtype=np.int64)
