@@ -21,6 +21,9 @@ from . import kernels_gpu as KG
 from .autodiff import core as _ad
 from .kernelgen import ElementwiseProgram
 from .kernelgen_cuda import elementwise_kernel
+from .kernels_scalar import adam_scalars as _KS_adam_scalars_jit
+
+_KS_adam_scalars = _KS_adam_scalars_jit.py_func     # Adam's bias correction, shared with the CPU paths
 
 _bool = np.dtype(np.bool_)
 _i64 = np.dtype(np.int64)
@@ -1090,13 +1093,10 @@ def _centered_rmsprop_momentum_impl(p, g, ms, mg, mom, lr, rho=0.9, eps=1e-10, m
     return _rmsprop_run(p, g, ms, mg, mom, lr, rho, eps, momentum, True, weight_decay)
 
 
-def _adam_scalars(p, lr, step, beta1, beta2, eps, weight_decay):
+def _adam_scalars(p, lr, step, beta1, beta2, eps, weight_decay, decoupled=False):
     t = p.dtype.type
-    n = float(_hval(step))
-    bc1 = 1.0 - beta1 ** n
-    bc2 = 1.0 - beta2 ** n
-    return (t(float(_hval(lr)) / bc1), t(weight_decay), t(beta1), t(1.0 - beta1), t(beta2), t(1.0 - beta2),
-            t(1.0 / math.sqrt(bc2)), t(eps))
+    return tuple(t(x) for x in _KS_adam_scalars(float(_hval(lr)), float(_hval(step)), beta1, beta2, eps,
+                                                 weight_decay, decoupled))
 
 
 def _adam_impl(p, g, m, v, lr, step, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
@@ -1108,9 +1108,8 @@ def _adam_impl(p, g, m, v, lr, step, beta1=0.9, beta2=0.999, eps=1e-8, weight_de
 
 def _adamw_impl(p, g, m, v, lr, step, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01):
     pf = _state(p, "parameter")
-    sc = list(_adam_scalars(p, lr, step, beta1, beta2, eps, 0.0))
-    sc[1] = p.dtype.type(float(_hval(lr)) * weight_decay)
-    _launch(KG.adamw_update, pf.size, pf, _grad(g, p), _state(m, "m"), _state(v, "v"), *sc)
+    _launch(KG.adamw_update, pf.size, pf, _grad(g, p), _state(m, "m"), _state(v, "v"),
+            *_adam_scalars(p, lr, step, beta1, beta2, eps, weight_decay, True))
     return p
 
 

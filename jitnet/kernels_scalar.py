@@ -11,7 +11,7 @@ from numba.extending import intrinsic, overload
 
 __all__ = ["fexp", "exp_f32", "tanh_v", "sigmoid_v", "floor_s", "fmod_raw", "sigmoid_s", "softplus_s", "sign_s",
            "maximum_s", "minimum_s", "floordiv_s", "ifloordiv_s", "imod_s", "fmod_s", "sgd_elem", "adagrad_elem",
-           "rmsprop_elem", "adam_elem", "adamw_elem", "SHARED", "scalar"]
+           "rmsprop_elem", "adam_elem", "adamw_elem", "adam_scalars", "SHARED", "scalar"]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -305,3 +305,17 @@ def adamw_elem(p, g, m, v, i, lr_c, lr_wd, b1, omb1, b2, omb2, inv_sqrt_bc2, eps
     m[i] = mi
     v[i] = vi
     p[i] = pi - lr_c * mi / (math.sqrt(vi) * inv_sqrt_bc2 + eps)
+
+
+@njit(cache=True, inline="always")
+def adam_scalars(lr, step, beta1, beta2, eps, weight_decay, decoupled):
+    """Return the scalars of adam_elem/adamw_elem for step ``step`` (from 1): Adam's bias correction, once.
+
+    (lr / bc1, weight decay (AdamW: lr * weight_decay), beta1, 1 - beta1, beta2, 1 - beta2, 1 / sqrt(bc2), eps)
+    with bc_k = 1 - beta_k ** step, in float64. The eager CPU and CUDA updates call the Python body
+    (``adam_scalars.py_func``), a native driver calls this compiled form.
+    """
+    bc1 = 1.0 - beta1 ** step
+    bc2 = 1.0 - beta2 ** step
+    wd = lr * weight_decay if decoupled else weight_decay
+    return (lr / bc1, wd, beta1, 1.0 - beta1, beta2, 1.0 - beta2, 1.0 / math.sqrt(bc2), eps)

@@ -36,6 +36,7 @@ def _native_steps(fn, *args):
     ("SGD", dict(lr=0.1)),
     ("SGD", dict(lr=0.1, momentum=0.9, nesterov=True)),
     ("Adam", dict(lr=1e-2)),
+    ("AdamW", dict(lr=1e-2, weight_decay=0.1)),
     ("AdaGrad", dict(lr=0.1)),
     ("RMSProp", dict(lr=1e-2, momentum=0.9, centered=True)),
 ])

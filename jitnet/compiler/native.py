@@ -22,6 +22,7 @@ import os
 import numpy as np
 
 from .. import bounds, kernelgen
+from ..kernels_scalar import adam_scalars
 
 __all__ = ["nativize", "MIN_STEPS"]
 
@@ -194,8 +195,12 @@ def _emit_update(kernel, n_state, h_fn, flags=()):
         state = [f"{a[2 + i]}.reshape(-1)" for i in range(n_state)]
         scal = a[2 + n_state:]
         h = h_fn(n.params, [f"np.float64({v}[()])" for v in scal])
+        if isinstance(h, list):
+            h = f"[{', '.join(h)}]"
+        else:                                   # a call of a shared kernels_scalar function: (name, args)
+            h = f"{use_kernel(kernels, h[0])}({', '.join(h[1])})"
         fl = [f(n.params) for f in flags]
-        return [f"_h = np.array([{', '.join(h)}], {_dt(p.dtype)})",
+        return [f"_h = np.array({h}, {_dt(p.dtype)})",
                 f"{kname}({a[0]}.reshape(-1), np.ascontiguousarray({a[1]}).reshape(-1), "
                 f"{', '.join(state + ['_h'] + fl)})",
                 f"{o} = {a[0]}"]
@@ -216,15 +221,10 @@ def _rms_h(P, s):
             _f(P.get("momentum", 0.0))]
 
 
-def _adam_h(P, s):
-    b1, b2 = P.get("beta1", 0.9), P.get("beta2", 0.999)
-    return [f"{s[0]} / (1.0 - {_f(b1)} ** {s[1]})", _f(P.get("weight_decay", 0.0)), _f(b1), _f(1.0 - b1), _f(b2),
-            _f(1.0 - b2), f"1.0 / np.sqrt(1.0 - {_f(b2)} ** {s[1]})", _f(P.get("eps", 1e-8))]
-
-
-def _adamw_h(P, s):
-    h = _adam_h(P, s)
-    h[1] = f"{s[0]} * {_f(P.get('weight_decay', 0.0))}"
+def _adam_h(decoupled):
+    def h(P, s):
+        return adam_scalars, [s[0], s[1], _f(P.get("beta1", 0.9)), _f(P.get("beta2", 0.999)), _f(P.get("eps", 1e-8)),
+                              _f(P.get("weight_decay", 0.0)), repr(decoupled)]
     return h
 
 
@@ -289,8 +289,8 @@ EMITTERS = {
     "rmsprop_momentum_update": _rms(False, True),
     "centered_rmsprop_update": _rms(True, False),
     "centered_rmsprop_momentum_update": _rms(True, True),
-    "adam_update": _emit_update("adam_update", 2, _adam_h),
-    "adamw_update": _emit_update("adamw_update", 2, _adamw_h),
+    "adam_update": _emit_update("adam_update", 2, _adam_h(False)),
+    "adamw_update": _emit_update("adamw_update", 2, _adam_h(True)),
     "lstm_step": _emit_kernel("nn_lstm_step", 4, lambda n: (n.inputs[1].shape[0], 6 * n.inputs[2].shape[0])),
     "lstm_step_dz": _emit_kernel("nn_lstm_step_dz", 3, lambda n: (n.inputs[1].shape[0], 4 * n.inputs[1].shape[1] // 6)),
     "lstm_step_dprev": _emit_kernel("nn_lstm_step_dprev", 4, lambda n: n.inputs[2].shape),

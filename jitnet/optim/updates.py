@@ -9,8 +9,6 @@ only the named rows. Each impl mutates its arrays in place and returns the param
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from .. import bounds
@@ -18,6 +16,9 @@ from .. import kernels_cpu as K
 from ..autodiff.core import Primitive, apply
 from ..autodiff.sparse import unique_sum
 from ..kernelgen import PARALLEL_THRESHOLD
+from ..kernels_scalar import adam_scalars as _adam_scalars_jit
+
+_adam_scalars = _adam_scalars_jit.py_func      # Adam's bias correction (one definition: CPU, CUDA, native)
 
 __all__ = ["UPDATES", "sgd_update", "adagrad_update", "rmsprop_update", "adam_update",
            "sgd_sparse_update", "adagrad_sparse_update", "adam_sparse_update", "adamw_update"]
@@ -222,12 +223,8 @@ def rmsprop_update(param, grad, ms, mg, mom, lr, rho=0.9, eps=1e-10, momentum=0.
 
 # -- Adam -------------------------------------------------------------------------------------------------------
 
-def _adam_args(p, lr, step, beta1, beta2, eps, weight_decay):
-    n = float(step)
-    bc1 = 1.0 - beta1 ** n
-    bc2 = 1.0 - beta2 ** n
-    return (_h(p, float(lr) / bc1, weight_decay, beta1, 1.0 - beta1, beta2, 1.0 - beta2, 1.0 / math.sqrt(bc2),
-               eps),)
+def _adam_args(p, lr, step, beta1, beta2, eps, weight_decay, decoupled=False):
+    return (_h(p, *_adam_scalars(float(lr), float(step), beta1, beta2, eps, weight_decay, decoupled)),)
 
 
 def _adam_impl(p, g, m, v, lr, step, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
@@ -266,9 +263,7 @@ def adam_sparse_update(param, values, indices, m, v, lr, step, beta1=0.9, beta2=
 # -- AdamW (decoupled weight decay) -------------------------------------------------------------------------------
 
 def _adamw_args(p, lr, step, beta1, beta2, eps, weight_decay):
-    h = _adam_args(p, lr, step, beta1, beta2, eps, 0.0)[0]
-    h[1] = float(lr) * weight_decay
-    return (h,)
+    return _adam_args(p, lr, step, beta1, beta2, eps, weight_decay, True)
 
 
 def _adamw_impl(p, g, m, v, lr, step, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01):
