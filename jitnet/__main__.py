@@ -311,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------------------------------
 
 _OPTIONAL = {"gymnasium": "rl", "tqdm": "progress", "matplotlib": "plot", "torch": "bench", "gensim": "bench",
-             "numba_cuda": "cuda", "tensorboard": "dev"}
+             "numba_cuda": "cuda", "tensorboard": "dev", "mpi4py": "mpi"}
 _PATH_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, FileExistsError)
 
 
@@ -365,7 +365,15 @@ def main(argv=None) -> int:
             import traceback
             traceback.print_exc()
         print(f"jitnet {args.cmd}: error: {msg}", file=sys.stderr, flush=True)
+        _abort_other_ranks(code, msg)
         return code
+
+
+def _abort_other_ranks(code, msg):
+    """In a data-parallel run with several ranks, end them all (the others would wait for this one forever)."""
+    dist = sys.modules.get("jitnet.distributed")
+    if dist is not None and dist.is_initialized() and dist.world_size() > 1 and code:
+        dist.abort(code, msg)
 
 
 if __name__ == "__main__":

@@ -74,8 +74,50 @@ def base_parser(prog, description, *, epochs, batch_size, lr, lr_decay=1.0, data
     p.add_argument("--keep", type=int, default=3, help="checkpoints to keep (default 3)")
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
     p.add_argument("--threads", type=int, default=None, help="kernel threads (default: all cores)")
+    add_distributed_arg(p)
     add_nonfinite_args(p)
     return p
+
+
+def add_distributed_arg(p):
+    """Add ``--distributed`` (data-parallel training over MPI) to parser ``p``; return ``p``."""
+    p.add_argument("--distributed", action="store_true",
+                   help="data-parallel training over MPI: start with mpiexec -n N python -m jitnet train ...; "
+                        "--batch-size is the global batch, split over the ranks (on by itself when MPI started "
+                        "several processes; needs pip install 'jitnet[mpi]')")
+    return p
+
+
+def _mpi_world_from_env():
+    """Return the number of processes an MPI launcher says it started (0 when not started by one)."""
+    for k in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "PMIX_SIZE"):
+        v = os.environ.get(k)
+        if v and v.strip().isdigit():
+            return int(v)
+    return 0
+
+
+def setup_distributed(args):
+    """Join the MPI job when ``args.distributed`` is set (or MPI started several processes); set ``args.rank``
+    and ``args.world_size``; return the world size. Ranks other than 0 print nothing on stdout."""
+    args.rank, args.world_size = 0, 1
+    if not getattr(args, "distributed", False):
+        if _mpi_world_from_env() <= 1:
+            return 1
+        args.distributed = True          # mpiexec -n N without the flag: N copies would overwrite each other
+    from jitnet import distributed as dist
+    try:
+        args.rank, args.world_size = dist.init()
+    except RuntimeError as e:
+        raise UsageError(f"--distributed: {e}") from e
+    if args.world_size > 1 and args.rank != 0:
+        sys.stdout = open(os.devnull, "w")          # one rank speaks; errors still reach stderr
+        for flag in ("no_plot", "no_pca"):          # figures and baselines: rank 0's job
+            if hasattr(args, flag):
+                setattr(args, flag, True)
+    if args.rank == 0 and args.world_size > 1:
+        print(f"distributed: {args.world_size} ranks (MPI), gradients averaged over them", flush=True)
+    return args.world_size
 
 
 def learning_rate(args, n_train):
@@ -185,8 +227,10 @@ class Progress:
     time spent compiling.
     """
 
-    def __init__(self, total, desc, enabled=True):
+    def __init__(self, total, desc, enabled=True, quiet=False):
         self.total, self.desc, self.n = total, desc, 0
+        self.quiet = quiet                   # prints nothing at all (ranks other than 0 of a distributed run)
+        enabled = enabled and not quiet
         self._warm = max(1, min(NATIVE_AFTER + 2, total))     # call 1 traces; plan runs 2.. compile natively
         self.bar = None
         self._tqdm = None
@@ -203,6 +247,8 @@ class Progress:
 
     def write(self, msg):
         """Print one line to stderr without breaking the bar; returns None."""
+        if self.quiet:
+            return
         if self.bar is not None:
             self.bar.write(msg, file=sys.stderr)
         else:
@@ -228,6 +274,8 @@ class Progress:
                 self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             return
         now = time.perf_counter()
+        if self.quiet:
+            return
         if now - self._last >= 10 or self.n == self.total:
             self._last = now
             msg = f"{self.desc}: {self.n}/{self.total} steps, {now - self._t0:.1f} s"
@@ -346,9 +394,17 @@ def restore_checkpoint(path, model):
 
 
 def setup_run(args):
-    """Apply --device, --threads and --seed; return the log directory."""
+    """Apply --device, --threads, --seed and --distributed; return the log directory."""
     if args.device != "cpu":
         raise UsageError(f"--device {args.device}: only 'cpu' is available in this build")
+    n = setup_distributed(args)
+    if n > 1:
+        if args.batch_size % n:
+            raise UsageError(f"--batch-size {args.batch_size} is the global batch: it must be a multiple of the "
+                             f"{n} ranks")
+        if getattr(args, "skip_nonfinite", None) is not None:
+            raise UsageError("--skip-nonfinite is not supported with --distributed (the ranks must take the "
+                             "same steps)")
     if args.threads:
         jn.set_num_threads(args.threads)
     jn.random.seed(args.seed)
@@ -359,6 +415,37 @@ def _fmt(metrics):
     return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
 
 
+class _NullLog:
+    """Stands in for the SummaryWriter and CSVLogger on ranks other than 0: writes nothing."""
+
+    def add_scalar(self, *a, **k):
+        """Ignore a scalar; returns None."""
+
+    def log(self, *a, **k):
+        """Ignore a row; returns None."""
+
+    def flush(self):
+        """Nothing to flush; returns None."""
+
+    def close(self):
+        """Nothing to close; returns None."""
+
+
+def _distributed_evaluate(model, r, n):
+    """Return evaluate(x, y) for data-parallel runs: batch-norm averages are made equal on every rank, each rank
+    evaluates its share of the examples, and the metrics (means) are combined over the ranks."""
+    from jitnet import distributed as dist
+
+    def evaluate(x, y):
+        dist.average_buffers(model.net)
+        lo, hi = len(x) * r // n, len(x) * (r + 1) // n
+        if len(x) < n:                                   # fewer examples than ranks: each evaluates them all
+            lo, hi = 0, len(x)
+        m = model.evaluate(x[lo:hi], None if y is None else y[lo:hi])
+        return dist.allreduce_metrics(m, weight=hi - lo)
+    return evaluate
+
+
 def fit(model, args, data, logdir, name):
     """Train ``model`` for ``args.epochs`` epochs with evaluation, checkpoints and logs; return the last metrics.
 
@@ -366,31 +453,43 @@ def fit(model, args, data, logdir, name):
     checkpoint in ``logdir/checkpoints`` (model, optimizer, epoch and step).
     """
     xtr, ytr, xte, yte = data
-    os.makedirs(logdir, exist_ok=True)
-    saver = jn.io.Saver(os.path.join(logdir, "checkpoints"), max_to_keep=args.keep)
+    r, n = getattr(args, "rank", 0), getattr(args, "world_size", 1)
+    lead = r == 0                                      # only rank 0 writes checkpoints, events, CSV, the bar
+    if lead:
+        os.makedirs(logdir, exist_ok=True)
+    saver = jn.io.Saver(os.path.join(logdir, "checkpoints"), max_to_keep=args.keep) if lead else None
     start_epoch, step = 0, 0
-    if args.resume:
+    if args.resume and lead:
         path = saver.latest_checkpoint()
         if path is None:
             print(f"{name}: no checkpoint in {saver.directory}, starting from scratch", flush=True)
         else:
             start_epoch, step = restore_checkpoint(path, model)
             print(f"{name}: resumed from {path} (epoch {start_epoch}, step {step})", flush=True)
-    loader = DataLoader((xtr, ytr), batch_size=args.batch_size, shuffle=True, seed=args.seed, drop_last=True)
+    evaluate = model.evaluate
+    if n > 1:
+        from jitnet import distributed as dist
+        # rank 0's parameters, optimizer state and buffers (restored or fresh) go to every rank
+        model.opt = dist.DistributedOptimizer(model.opt, module=model.net)
+        start_epoch, step = dist._ctx().comm.bcast((start_epoch, step), root=0)
+        evaluate = _distributed_evaluate(model, r, n)
+    loader = DataLoader((xtr, ytr), batch_size=args.batch_size // n, shuffle=True, seed=args.seed, drop_last=True,
+                        **({"num_replicas": n, "rank": r} if n > 1 else {}))
     if len(loader) == 0:
         raise UsageError(f"{name}: {len(xtr)} training examples is less than one batch of {args.batch_size}")
-    writer = jn.io.SummaryWriter(logdir)
-    csv = jn.io.CSVLogger(os.path.join(logdir, "metrics.csv"))
+    writer = jn.io.SummaryWriter(logdir) if lead else _NullLog()
+    csv = jn.io.CSVLogger(os.path.join(logdir, "metrics.csv")) if lead else _NullLog()
     metrics = {}
     log_every = max(1, min(100, len(loader) // 4))
     guard = NonFiniteGuard(model, saver, name, getattr(args, "skip_nonfinite", None))
     try:
         if start_epoch >= args.epochs:
-            metrics = model.evaluate(xte, yte)
+            metrics = evaluate(xte, yte)
             print(f"{name}: already trained for {start_epoch} epochs; {_fmt(metrics)}", flush=True)
         for epoch in range(start_epoch, args.epochs):
             loader.set_epoch(epoch)
-            bar = Progress(len(loader), f"{name} epoch {epoch + 1}/{args.epochs}", enabled=not args.no_progress)
+            bar = Progress(len(loader), f"{name} epoch {epoch + 1}/{args.epochs}",
+                           enabled=not args.no_progress, quiet=not lead)
             t0 = time.perf_counter()
             total, count = 0.0, 0
             try:
@@ -411,7 +510,9 @@ def fit(model, args, data, logdir, name):
             seconds = time.perf_counter() - t0
             metrics = {"train_loss": total / count if count else float("nan")}
             guard.check_state(epoch + 1, step, metrics["train_loss"] if count else None)
-            metrics.update(model.evaluate(xte, yte))
+            if n > 1:
+                metrics = dist.allreduce_metrics(metrics)        # the mean of the ranks' training losses
+            metrics.update(evaluate(xte, yte))
             row = {"epoch": epoch + 1, "step": step, **metrics, "epoch_seconds": seconds,
                    "examples_per_s": count * args.batch_size / seconds}
             for k, v in metrics.items():
@@ -419,7 +520,8 @@ def fit(model, args, data, logdir, name):
             writer.add_scalar("train/examples_per_s", row["examples_per_s"], step)
             writer.flush()
             csv.log(row)
-            save_checkpoint(saver, model, epoch + 1, step)
+            if lead:
+                save_checkpoint(saver, model, epoch + 1, step)
             print(f"{name} epoch {epoch + 1}/{args.epochs}: step {step}, {_fmt(metrics)}, {seconds:.1f} s "
                   f"({row['examples_per_s']:.0f} examples/s)", flush=True)
     finally:
