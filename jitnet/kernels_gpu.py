@@ -791,137 +791,88 @@ def xent_prob_grad_rows_small(x, p, g, out):
 # Matmul: c[b] = a[b] @ b[b] for (batch, M, K) @ (batch, K, N), any strides (transposed views need no copy)
 # ==============================================================================================================
 
-@cuda.jit(cache=True)
-def matmul_tiled(a, b, c, zero):
-    """Tiled shared-memory matmul with a TM x TN register tile per thread (blocks of MM_THREADS threads).
+def _matmul_tiles(a, b, c, zero):
+    """Tiled shared-memory matmul with a TM x TN register tile per thread (blocks of T_THREADS threads).
+
+    The tile sizes ``T_*`` are not globals of this module: :func:`_tiled` compiles this body once per tile
+    set (``MM_*`` and ``MB_*``), binding them as the constants of that kernel.
 
     Grid: (ceil(N / BN), ceil(M / BM), batches); a block loops over batches with a grid stride in z. Tiles
     of A (BM x BK) and B (BK x BN) are staged in shared memory, zero-padded at the edges; A's tile is stored
     transposed with one column of padding so that the staging writes do not conflict on shared-memory banks.
-    Each thread owns rows ``tr + MM_TR * i`` and columns ``tc + MM_TC * j`` of the tile, so a warp reads
+    Each thread owns rows ``tr + T_TR * i`` and columns ``tc + T_TC * j`` of the tile, so a warp reads
     consecutive words of B's tile and writes consecutive columns of C.
     """
-    As = cuda.shared.array((MM_BK, MM_BMP), dtype=c.dtype)
-    Bs = cuda.shared.array((MM_BK, MM_BN), dtype=c.dtype)
-    acc = cuda.local.array((MM_TM, MM_TN), dtype=c.dtype)
-    ra = cuda.local.array(MM_TM, dtype=c.dtype)
-    rb = cuda.local.array(MM_TN, dtype=c.dtype)
+    As = cuda.shared.array((T_BK, T_BMP), dtype=c.dtype)
+    Bs = cuda.shared.array((T_BK, T_BN), dtype=c.dtype)
+    acc = cuda.local.array((T_TM, T_TN), dtype=c.dtype)
+    ra = cuda.local.array(T_TM, dtype=c.dtype)
+    rb = cuda.local.array(T_TN, dtype=c.dtype)
     tid = cuda.threadIdx.x
-    tr = tid // MM_TC
-    tc = tid - tr * MM_TC
+    tr = tid // T_TC
+    tc = tid - tr * T_TC
     M = c.shape[1]
     N = c.shape[2]
     K = a.shape[2]
-    row0 = cuda.blockIdx.y * MM_BM
-    col0 = cuda.blockIdx.x * MM_BN
+    row0 = cuda.blockIdx.y * T_BM
+    col0 = cuda.blockIdx.x * T_BN
     bz = cuda.blockIdx.z
     while bz < c.shape[0]:
-        for i in range(MM_TM):
-            for j in range(MM_TN):
+        for i in range(T_TM):
+            for j in range(T_TN):
                 acc[i, j] = zero
-        for k0 in range(0, K, MM_BK):
+        for k0 in range(0, K, T_BK):
             e = tid
-            while e < MM_BM * MM_BK:
-                rr = e // MM_BK
-                kk = e - rr * MM_BK
+            while e < T_BM * T_BK:
+                rr = e // T_BK
+                kk = e - rr * T_BK
                 gr = row0 + rr
                 gk = k0 + kk
                 As[kk, rr] = a[bz, gr, gk] if (gr < M and gk < K) else zero
-                e += MM_THREADS
+                e += T_THREADS
             e = tid
-            while e < MM_BK * MM_BN:
-                kk = e // MM_BN
-                cc = e - kk * MM_BN
+            while e < T_BK * T_BN:
+                kk = e // T_BN
+                cc = e - kk * T_BN
                 gk = k0 + kk
                 gc = col0 + cc
                 Bs[kk, cc] = b[bz, gk, gc] if (gk < K and gc < N) else zero
-                e += MM_THREADS
+                e += T_THREADS
             cuda.syncthreads()
-            for kk in range(MM_BK):
-                for i in range(MM_TM):
-                    ra[i] = As[kk, tr + MM_TR * i]
-                for j in range(MM_TN):
-                    rb[j] = Bs[kk, tc + MM_TC * j]
-                for i in range(MM_TM):
-                    for j in range(MM_TN):
+            for kk in range(T_BK):
+                for i in range(T_TM):
+                    ra[i] = As[kk, tr + T_TR * i]
+                for j in range(T_TN):
+                    rb[j] = Bs[kk, tc + T_TC * j]
+                for i in range(T_TM):
+                    for j in range(T_TN):
                         acc[i, j] += ra[i] * rb[j]
             cuda.syncthreads()
-        for i in range(MM_TM):
-            gr = row0 + tr + MM_TR * i
+        for i in range(T_TM):
+            gr = row0 + tr + T_TR * i
             if gr < M:
-                for j in range(MM_TN):
-                    gc = col0 + tc + MM_TC * j
+                for j in range(T_TN):
+                    gc = col0 + tc + T_TC * j
                     if gc < N:
                         c[bz, gr, gc] = acc[i, j]
         bz += cuda.gridDim.z
 
 
-@cuda.jit(cache=True)
-def matmul_tiled_big(a, b, c, zero):
-    """``matmul_tiled`` with the large tiles (MB_*: 128 x 128 tiles of C, 8 x 8 outputs per thread) for big
-    products; the same code with other constants (Numba freezes a kernel's globals when it compiles it).
+def _tiled(name, p):
+    """Compile :func:`_matmul_tiles` as the CUDA kernel ``name`` with the tile constants named ``p + "_*"``."""
+    env = dict(globals())
+    env.update({"T_" + k: globals()[p + "_" + k] for k in ("BM", "BN", "BK", "BMP", "TM", "TN", "TR", "TC",
+                                                             "THREADS")})
+    f = types.FunctionType(_matmul_tiles.__code__, env, name)
+    f.__qualname__ = name                       # its own cache files (Numba names them by qualname)
+    f.__doc__ = _matmul_tiles.__doc__
+    return cuda.jit(cache=True)(f)
 
-    Tiled shared-memory matmul with a TM x TN register tile per thread (blocks of MB_THREADS threads).
 
-    Grid: (ceil(N / BN), ceil(M / BM), batches); a block loops over batches with a grid stride in z. Tiles
-    of A (BM x BK) and B (BK x BN) are staged in shared memory, zero-padded at the edges; A's tile is stored
-    transposed with one column of padding so that the staging writes do not conflict on shared-memory banks.
-    Each thread owns rows ``tr + MB_TR * i`` and columns ``tc + MB_TC * j`` of the tile, so a warp reads
-    consecutive words of B's tile and writes consecutive columns of C.
-    """
-    As = cuda.shared.array((MB_BK, MB_BMP), dtype=c.dtype)
-    Bs = cuda.shared.array((MB_BK, MB_BN), dtype=c.dtype)
-    acc = cuda.local.array((MB_TM, MB_TN), dtype=c.dtype)
-    ra = cuda.local.array(MB_TM, dtype=c.dtype)
-    rb = cuda.local.array(MB_TN, dtype=c.dtype)
-    tid = cuda.threadIdx.x
-    tr = tid // MB_TC
-    tc = tid - tr * MB_TC
-    M = c.shape[1]
-    N = c.shape[2]
-    K = a.shape[2]
-    row0 = cuda.blockIdx.y * MB_BM
-    col0 = cuda.blockIdx.x * MB_BN
-    bz = cuda.blockIdx.z
-    while bz < c.shape[0]:
-        for i in range(MB_TM):
-            for j in range(MB_TN):
-                acc[i, j] = zero
-        for k0 in range(0, K, MB_BK):
-            e = tid
-            while e < MB_BM * MB_BK:
-                rr = e // MB_BK
-                kk = e - rr * MB_BK
-                gr = row0 + rr
-                gk = k0 + kk
-                As[kk, rr] = a[bz, gr, gk] if (gr < M and gk < K) else zero
-                e += MB_THREADS
-            e = tid
-            while e < MB_BK * MB_BN:
-                kk = e // MB_BN
-                cc = e - kk * MB_BN
-                gk = k0 + kk
-                gc = col0 + cc
-                Bs[kk, cc] = b[bz, gk, gc] if (gk < K and gc < N) else zero
-                e += MB_THREADS
-            cuda.syncthreads()
-            for kk in range(MB_BK):
-                for i in range(MB_TM):
-                    ra[i] = As[kk, tr + MB_TR * i]
-                for j in range(MB_TN):
-                    rb[j] = Bs[kk, tc + MB_TC * j]
-                for i in range(MB_TM):
-                    for j in range(MB_TN):
-                        acc[i, j] += ra[i] * rb[j]
-            cuda.syncthreads()
-        for i in range(MB_TM):
-            gr = row0 + tr + MB_TR * i
-            if gr < M:
-                for j in range(MB_TN):
-                    gc = col0 + tc + MB_TC * j
-                    if gc < N:
-                        c[bz, gr, gc] = acc[i, j]
-        bz += cuda.gridDim.z
+#: the small tiles (MM_*: 64 x 64 tiles of C, 4 x 4 outputs per thread)
+matmul_tiled = _tiled("matmul_tiled", "MM")
+#: the large tiles (MB_*: 128 x 128 tiles of C, 8 x 8 outputs per thread) for big products
+matmul_tiled_big = _tiled("matmul_tiled_big", "MB")
 
 
 # ==============================================================================================================
