@@ -27,7 +27,7 @@ import jitnet as jn
 import jitnet.nn as nn
 import jitnet.nn.functional as F
 from jitnet.nn.embedding_ops import embedding
-from ._train import ArgumentParser, NonFiniteError
+from ._train import ArgumentParser, NonFiniteError, UsageError, add_distributed_arg, setup_distributed
 
 __all__ = ["Vocab", "keep_probabilities", "subsample", "generate_batch", "skipgram_pairs", "unigram_table",
            "sample_negatives", "noise_guide", "warm_fast_kernel", "sentences_from_tokens", "encode_sentences", "sg_ns_train_chunk", "SkipGram",
@@ -712,11 +712,13 @@ class SkipGramModel(nn.Module):
 
 
 def train_model(model, ids, epochs=1, batch_size=128, window=5, sample=1e-3, lr_end=None, seed=0,
-                progress=None, max_steps=None, bounds=None):
+                progress=None, max_steps=None, bounds=None, rank=0, world_size=1):
     """Train a :class:`SkipGramModel` on subsampled dynamic-window pairs; return the list of step losses.
 
     Each epoch subsamples ``ids``, makes the pairs, shuffles them and runs steps of ``batch_size``; with
-    ``lr_end`` the learning rate decays linearly to it over all steps.
+    ``lr_end`` the learning rate decays linearly to it over all steps. With ``world_size`` > 1 (data-parallel,
+    the model's optimizer a :class:`jitnet.distributed.DistributedOptimizer`) every rank draws the same pairs
+    and order from ``seed`` and trains on its strided share (``batch_size // world_size`` pairs) of each batch.
     """
     rng = np.random.default_rng(seed)
     keep = keep_probabilities(model.sg.vocab.counts, sample)
@@ -744,6 +746,8 @@ def train_model(model, ids, epochs=1, batch_size=128, window=5, sample=1e-3, lr_
                 for g in model.opt.param_groups:
                     g["lr"] = lr0 + (lr_end - lr0) * step / max(total, 1)
             idx = perm[i * batch_size:(i + 1) * batch_size]
+            if world_size > 1:
+                idx = idx[rank::world_size]
             loss = float(model.train_step(c[idx], x[idx], rng).item())
             if not math.isfinite(loss):
                 raise NonFiniteError(f"skipgram: training diverged: the loss is {loss} at step {step + 1}; a "
@@ -827,6 +831,7 @@ def _parser():
                                                   "(default runs/skipgram)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-plot", action="store_true")
+    add_distributed_arg(p)
     p.add_argument("--eval-dir", default=None, help="folder with wordsim353.tsv, simlex999.txt, "
                                                     "questions-words.txt (default: gensim's test data)")
     return p
@@ -860,8 +865,18 @@ def evaluate_all(sg, args=None, eval_dir=None):
 def train_skipgram(argv=None):
     """Train skip-gram embeddings from the command line; return the exit code."""
     args = _parser().parse_args(argv)
+    world = setup_distributed(args)
+    if world > 1:
+        if args.path != "model":
+            raise UsageError("--distributed trains the --model path (the --fast path is one process's Hogwild "
+                             "kernel); add --model")
+        if args.batch_size % world:
+            raise UsageError(f"--batch-size {args.batch_size} is the global batch: it must be a multiple of the "
+                             f"{world} ranks")
+    lead = args.rank == 0
     logdir = args.logdir or os.path.join("runs", "skipgram")
-    os.makedirs(logdir, exist_ok=True)
+    if lead:
+        os.makedirs(logdir, exist_ok=True)
     jn.random.seed(args.seed)
     t0 = time.perf_counter()
     sentences, src = load_corpus(args.corpus)
@@ -897,22 +912,27 @@ def train_skipgram(argv=None):
             jn.set_num_threads(args.threads)
         model = SkipGramModel(sg, loss=args.loss, num_sampled=args.num_sampled, negative=args.negative,
                               lr=args.alpha or 1.0)
+        if world > 1:
+            from jitnet import distributed as dist
+            model.opt = dist.DistributedOptimizer(model.opt)        # rank 0's initial vectors on every rank
         from ._train import Progress
         n_pairs_est = int(bounds[-1]) * args.window
         steps = n_pairs_est // args.batch_size * args.epochs
         if args.max_steps:
             steps = min(steps, args.max_steps)
-        bar = Progress(steps, f"skipgram (model, {args.loss})", enabled=not args.no_progress)
+        bar = Progress(steps, f"skipgram (model, {args.loss})", enabled=not args.no_progress, quiet=not lead)
         t1 = time.perf_counter()
         losses = train_model(model, ids, args.epochs, args.batch_size, args.window, args.sample,
                              lr_end=(args.alpha or 1.0) * 0.01, seed=args.seed, progress=bar.update,
-                             max_steps=args.max_steps, bounds=bounds)
+                             max_steps=args.max_steps, bounds=bounds, rank=args.rank, world_size=world)
         bar.close()
         sec = time.perf_counter() - t1
         if losses:
             k = max(1, len(losses) // 10)
             print(f"skipgram: {len(losses)} steps in {sec:.1f} s, loss {np.mean(losses[:k]):.3f} -> "
                   f"{np.mean(losses[-k:]):.3f}", flush=True)
+    if not lead:
+        return 0                          # rank 0 evaluates and writes the vectors, projector files and plot
     results = evaluate_all(sg, args)
     for k, m in results.items():
         if k == "analogies":
