@@ -1,0 +1,53 @@
+"""Compile CUDA kernels of kernels_gpu.py to PTX for sm_90 without a GPU (the simulator does not type kernels).
+
+Covers the kernels built from bodies shared with the CPU (optimizer updates, the scalar helpers) and the two
+matmul kernels compiled from one body, for float32 and float64; prints the PTX size and whether a kernel spills
+to local memory. Needs NVVM/NVRTC: ``pip install -e ".[cuda]"``; no driver or device.
+
+    python tools/ptx_check.py
+"""
+import time
+from numba import float32, float64, int64, int8, boolean, uint8
+from numba.cuda import compile_ptx
+import jitnet.kernels_gpu as KG
+import types as _t
+import sys as _s; _d = _s.modules[__import__("numba.cuda").cuda.compile_ptx.__module__.rsplit(".", 1)[0] + ".dispatcher"]
+_d.get_current_device = lambda: _t.SimpleNamespace(compute_capability=(9, 0))   # device functions ask the driver for the target; there is none: sm_90
+
+ok = 0
+for T in (float32, float64):
+    a1, a2, a3 = T[:], T[:, :], T[:, :, :]
+    sigs = {
+        "sgd_update": (a1, a1, a1, T, T, T, T, boolean, boolean),
+        "adagrad_update": (a1, a1, a1, T, T, T),
+        "rmsprop_update": (a1, a1, a1, a1, a1, T, T, T, T, T, T, boolean, boolean),
+        "adam_update": (a1, a1, a1, a1) + (T,) * 8,
+        "adamw_update": (a1, a1, a1, a1) + (T,) * 8,
+        "sgd_rows_update": (a2, a2, a2, uint8[:], T, T, T, T, boolean, boolean),
+        "adagrad_rows_update": (a2, a2, a2, uint8[:], T, T, T),
+        "adam_rows_update": (a2, a2, a2, a2, uint8[:]) + (T,) * 8,
+        "matmul_tiled": (a3, a3, a3, T),
+        "matmul_tiled_big": (a3, a3, a3, T),
+    }
+    for name, sig in sigs.items():
+        t0 = time.time()
+        ptx, _ = compile_ptx(getattr(KG, name).py_func, sig, cc=(9, 0))
+        local = ".local" in ptx
+        print(f"{name:22s} {T}: {len(ptx):6d} chars of PTX, local memory: {local}, {time.time()-t0:.1f}s")
+        ok += 1
+# the shared scalar helpers inside a kernel, as the generated elementwise kernels call them
+from numba import cuda
+def helpers(x, y, out):
+    i = cuda.grid(1)
+    if i < x.shape[0]:
+        out[i] = (KG.sigmoid_s(x[i], 1.0) + KG.softplus_s(x[i], 0.0) + KG.sign_s(x[i], 0.0) + KG.maximum_s(x[i], y[i])
+                  + KG.minimum_s(x[i], y[i]) + KG.floordiv_s(x[i], y[i]) + KG.fmod_s(x[i], y[i]))
+for T in (float32, float64):
+    ptx, _ = compile_ptx(helpers, (T[:], T[:], T[:]), cc=(9, 0)); ok += 1
+    print("helpers", T, len(ptx))
+def ihelpers(x, y, out):
+    i = cuda.grid(1)
+    if i < x.shape[0]:
+        out[i] = KG.ifloordiv_s(x[i], y[i]) + KG.imod_s(x[i], y[i])
+ptx, _ = compile_ptx(ihelpers, (int64[:], int64[:], int64[:]), cc=(9, 0)); ok += 1
+print("compiled", ok, "kernels")
