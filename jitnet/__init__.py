@@ -24,7 +24,7 @@ from .autodiff import (enable_grad, grad, gradients, is_grad_enabled, no_grad,  
 from .autodiff.nans import debug_nans, debug_nans_enabled  # noqa: E402
 from .ops import *  # noqa: E402,F401,F403
 from .ops import __all_ops__ as _ops_names  # noqa: E402
-from .tensor import (Device, Parameter, Tensor, Variable, as_tensor, bool_, device, float16,  # noqa: E402
+from .tensor import (Device, Parameter, Tensor, Variable, as_tensor, bfloat16, bool_, device, float16,  # noqa: E402
                      float32, float64, get_default_device, get_default_dtype, int8, int32, int64,
                      set_default_device, tensor, uint8)
 from . import cuda  # noqa: E402  (no numba.cuda import until a GPU is used)

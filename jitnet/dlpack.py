@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import lowp as _lowp
+
 __all__ = ["from_dlpack", "to_dlpack", "dlpack_device"]
 
 #: DLPack device type codes (``DLDeviceType``)
@@ -64,6 +66,8 @@ def _check_dtype(arr, obj):
     if arr.dtype not in supported:
         raise TypeError(f"from_dlpack: {_describe(obj)} has dtype {arr.dtype}, which jitnet does not support "
                         "(float16/32/64, int8/16/32/64, uint8, bool); convert it on the producer's side first")
+    if arr.dtype == np.float16:
+        _lowp.enable()                      # float16 computes through jitnet.lowp's rule
     return arr
 
 

@@ -18,11 +18,13 @@ import numpy as np
 
 from . import kernelgen
 from . import bounds
+from . import lowp as _lowp
 from . import kernels_cpu as K
 from . import tensor as _tensor
 from .autodiff.core import Primitive, apply, current_interpreter
 from .tensor import (Tensor, _infer_array, _normalize_dtype, bool_, float32, float64, int64)
 
+_isf = _lowp.is_floating        # floating dtype, bfloat16 included (NumPy gives it kind 'V')
 _abs = builtins.abs
 _min = builtins.min
 _max = builtins.max
@@ -57,7 +59,7 @@ def _weak_dtype(value, strong):
             return int64
         return strong
     if isinstance(value, numbers.Real):
-        if strong is None or strong.kind != "f":
+        if strong is None or not _isf(strong):
             return float32
         return strong
     raise TypeError(f"unsupported operand type {type(value).__name__}")
@@ -85,7 +87,7 @@ def _as_tensor(x):
 
 
 def _float_dtype(dt):
-    return dt if dt.kind == "f" else float32
+    return dt if _isf(dt) else float32
 
 
 def _norm_axis(axis, ndim, op):
@@ -237,9 +239,9 @@ def _make_ew_impl(prim):
 def _promote(a, b):
     """Promote two dtypes; an integer or bool meeting a float takes the float's dtype (so ``int + 1.5`` is
     float32, as in PyTorch and JAX, where NumPy would widen to float64)."""
-    if a.kind == "f" and b.kind != "f":
+    if _isf(a) and not _isf(b):
         return a
-    if b.kind == "f" and a.kind != "f":
+    if _isf(b) and not _isf(a):
         return b
     return np.promote_types(a, b)
 
@@ -385,7 +387,7 @@ def _cast_template(p):
 
 
 CAST = elementwise("cast", _cast_template, _rule_cast,
-                   lambda g, ans, ins, needs, dtype: (g.astype(ins[0].dtype) if ins[0].dtype.kind == "f"
+                   lambda g, ans, ins, needs, dtype: (g.astype(ins[0].dtype) if _isf(ins[0].dtype)
                                                       else None,))
 COPY = elementwise("copy", "{0}", _rule_arith, lambda g, ans, ins, needs: (g,))
 
@@ -856,7 +858,7 @@ def _reduce(x, op, axis, keepdims):
     x = _as_tensor(x)
     axes = _norm_axes(axis, x.ndim, op)
     if not axes and x.ndim > 0:
-        return x if op in ("max", "min") or x.dtype.kind == "f" else astype(x, int64)
+        return x if op in ("max", "min") or _isf(x.dtype) else astype(x, int64)
     return apply(REDUCE, x, op=op, axes=axes, keepdims=bool(keepdims))
 
 
@@ -886,7 +888,7 @@ amax, amin = max, min
 def mean(x, axis=None, keepdims=False):
     """Return the arithmetic mean over ``axis``."""
     x = _as_tensor(x)
-    if x.dtype.kind != "f":
+    if not _isf(x.dtype):
         x = astype(x, float32)
     axes = _norm_axes(axis, x.ndim, "mean")
     n = int(np.prod([x.shape[a] for a in axes])) if axes else 1
@@ -896,7 +898,7 @@ def mean(x, axis=None, keepdims=False):
 def var(x, axis=None, keepdims=False, ddof=0):
     """Return the variance over ``axis`` (``ddof`` as in NumPy)."""
     x = _as_tensor(x)
-    if x.dtype.kind != "f":
+    if not _isf(x.dtype):
         x = astype(x, float32)
     axes = _norm_axes(axis, x.ndim, "var")
     n = int(np.prod([x.shape[a] for a in axes])) if axes else 1
@@ -973,7 +975,7 @@ LOGSUMEXP = Primitive("logsumexp", impl={"cpu": _logsumexp_impl}, vjp=_logsumexp
 def logsumexp(x, axis=-1, keepdims=False):
     """Return log(sum(exp(x))) over ``axis`` (one stable kernel; several axes are reduced in turn)."""
     x = _as_tensor(x)
-    if x.dtype.kind != "f":
+    if not _isf(x.dtype):
         x = astype(x, float32)
     if axis is None or isinstance(axis, (tuple, list)):
         axes = _norm_axes(axis, x.ndim, "logsumexp")
@@ -1089,7 +1091,7 @@ LOG_SOFTMAX = Primitive("log_softmax", impl={"cpu": lambda x, axis: _softmax_imp
 def softmax(x, axis=-1):
     """Return exp(x) / sum(exp(x)) along ``axis``, computed stably in one kernel."""
     x = _as_tensor(x)
-    if x.dtype.kind != "f":
+    if not _isf(x.dtype):
         x = astype(x, float32)
     return apply(SOFTMAX, x, axis=_norm_axis(axis, x.ndim, "softmax"))
 
@@ -1097,7 +1099,7 @@ def softmax(x, axis=-1):
 def log_softmax(x, axis=-1):
     """Return x - logsumexp(x) along ``axis``, computed stably in one kernel."""
     x = _as_tensor(x)
-    if x.dtype.kind != "f":
+    if not _isf(x.dtype):
         x = astype(x, float32)
     return apply(LOG_SOFTMAX, x, axis=_norm_axis(axis, x.ndim, "log_softmax"))
 
@@ -1109,7 +1111,7 @@ def log_softmax(x, axis=-1):
 def _matmul_impl(a, b):
     """a @ b through NumPy's BLAS gemm (transposed views go to BLAS as transpose flags, not copies)."""
     dt = np.promote_types(a.dtype, b.dtype)
-    cdt = dt if dt in (float32, float64) else float64 if dt.kind != "f" else float32
+    cdt = dt if dt in (float32, float64) else float64 if not _isf(dt) else float32
     if a.dtype != cdt:
         a = a.astype(cdt)
     if b.dtype != cdt:
@@ -1182,6 +1184,9 @@ def dot(a, b):
 def _copy_into(dst, src):
     """Copy ``src`` (broadcast) into the view ``dst`` with the generated copy kernel."""
     if dst.size == 0:
+        return
+    if _lowp.is_lowp(dst.dtype) or _lowp.is_lowp(src.dtype):     # no Numba kernel reads float16/bfloat16
+        np.copyto(dst, np.broadcast_to(src if src.dtype == dst.dtype else _lowp.convert(src, dst.dtype), dst.shape))
         return
     if src.dtype != dst.dtype:
         src = CAST.impl["cpu"](src, dtype=dst.dtype)
@@ -1584,7 +1589,7 @@ def getitem(x, index):
             t = _as_tensor(v)
             if not isinstance(v, Tensor) and t.ndim and not isinstance(x._data, np.ndarray):
                 t = t.to(x.device)
-            if t.dtype.kind == "f":
+            if _isf(t.dtype):
                 raise TypeError(f"getitem: float index of dtype {t.dtype}; indices must be integers or bools")
             template.append(("__arr__", len(arrays)))
             arrays.append(t)

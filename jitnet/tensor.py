@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import lowp as _lowp
 from .autodiff import core as _ad
 
-__all__ = ["Tensor", "Parameter", "Variable", "tensor", "as_tensor", "float32", "float64", "float16", "int32",
+__all__ = ["Tensor", "Parameter", "Variable", "tensor", "as_tensor", "float32", "float64", "float16", "bfloat16", "int32",
            "int64", "int8", "uint8", "bool_", "Device", "device", "get_default_dtype", "get_default_device",
            "set_default_device"]
 
@@ -17,6 +18,7 @@ uint8 = np.dtype(np.uint8)
 int32 = np.dtype(np.int32)
 int64 = np.dtype(np.int64)
 bool_ = np.dtype(np.bool_)
+bfloat16 = _lowp.bfloat16      # ml_dtypes' bfloat16, resolved on first use (jitnet/lowp.py)
 
 _SUPPORTED = {float16, float32, float64, int8, uint8, int32, int64, bool_, np.dtype(np.int16)}
 _DEFAULT_FLOAT = float32
@@ -119,13 +121,30 @@ def _normalize_dtype(dtype):
         return int64
     if dtype is bool:
         return bool_
+    if isinstance(dtype, _lowp.BFloat16) or (isinstance(dtype, str) and dtype == "bfloat16"):
+        return _lowp.bfloat16_dtype()
     try:
         dt = np.dtype(dtype)
     except TypeError:
         raise TypeError(f"unsupported dtype {dtype!r}") from None
     if dt not in _SUPPORTED:
-        raise TypeError(f"unsupported dtype {dt}: jitnet supports float16/32/64, int8/16/32/64, uint8, bool")
+        if _lowp.is_lowp(dt):                   # bfloat16 given as ml_dtypes' type
+            _lowp.enable()
+            return dt
+        raise TypeError(f"unsupported dtype {dt}: jitnet supports float16/32/64, bfloat16, int8/16/32/64, uint8, "
+                        "bool")
+    if dt == float16:
+        _lowp.enable()
     return dt
+
+
+def _astype(arr, dt):
+    """Return host array ``arr`` as dtype ``dt`` (float16/bfloat16 conversions through jitnet.lowp's kernels)."""
+    if arr.dtype == dt:
+        return arr
+    if _lowp.is_lowp(dt) or _lowp.is_lowp(arr.dtype):
+        return _lowp.convert(arr, dt)
+    return arr.astype(dt)
 
 
 def _infer_array(value, dtype=None):
@@ -138,17 +157,22 @@ def _infer_array(value, dtype=None):
         if not isinstance(arr, np.ndarray):
             from .backend_cuda import cast
             return cast(arr, dt)
-        return arr.astype(dt)
+        return _astype(arr, dt)
     if isinstance(value, np.ndarray):
         if dt is None:
             if value.dtype not in _SUPPORTED:
+                if _lowp.is_lowp(value.dtype):    # a bfloat16 array
+                    _lowp.enable()
+                    return value
                 if value.dtype.kind == "f":
                     return value.astype(float64)
                 if value.dtype.kind in "iu":
                     return value.astype(int64)
                 raise TypeError(f"unsupported dtype {value.dtype}")
+            if value.dtype == float16:
+                _lowp.enable()
             return value
-        return value.astype(dt, copy=False)
+        return _astype(value, dt)
     from . import cuda as _cuda
     if _cuda.is_device_array(value):
         if dt is None or value.dtype == dt:
@@ -157,7 +181,7 @@ def _infer_array(value, dtype=None):
         return cast(value, dt)
     arr = np.asarray(value)
     if dt is not None:
-        return arr.astype(dt, copy=False)
+        return _astype(arr, dt)
     if arr.dtype.kind == "f":
         return arr.astype(_DEFAULT_FLOAT)
     if arr.dtype.kind in "iu":
@@ -250,7 +274,7 @@ class Tensor:
 
     def requires_grad_(self, flag=True):
         """Set ``requires_grad`` in place (floating dtypes only) and return self."""
-        if flag and self._data.dtype.kind != "f":
+        if flag and not _lowp.is_floating(self._data.dtype):
             raise TypeError(f"only floating-point tensors can require gradients, got dtype {self.dtype}")
         self.requires_grad = bool(flag)
         return self
@@ -432,6 +456,8 @@ Tensor.float = lambda self: self.astype(float32)
 Tensor.double = lambda self: self.astype(float64)
 Tensor.long = lambda self: self.astype(int64)
 Tensor.int = lambda self: self.astype(int32)
+Tensor.half = lambda self: self.astype(float16)
+Tensor.bfloat16 = lambda self: self.astype(bfloat16)
 
 
 def _view(self, *shape):
@@ -525,7 +551,9 @@ def tensor(data, dtype=None, requires_grad=False, device=None):
     if isinstance(data, Tensor):
         src = data._data
         if isinstance(src, np.ndarray):
-            arr = src.copy() if dtype is None else src.astype(_normalize_dtype(dtype))
+            arr = src.copy() if dtype is None else _astype(src, _normalize_dtype(dtype))
+            if arr is src:
+                arr = src.copy()
         else:
             from .backend_cuda import cast, copy as _device_copy
             arr = _device_copy(src) if dtype is None else cast(src, _normalize_dtype(dtype))

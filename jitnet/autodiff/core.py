@@ -146,6 +146,10 @@ _DEVICES = False
 # checks an eager op's output (installed by ``autodiff.nans``, which imports this module, not the reverse).
 _NAN_CHECK = None
 
+# The float16/bfloat16 rule (``jitnet.lowp.rule``): None until such a dtype first appears (apply pays this one
+# global test), then the function that swaps a primitive for its float32-computing row on low-precision data.
+_LOWP = None
+
 
 def enable_devices():
     """Turn on per-op device dispatch (called once by the CUDA backend when it loads)."""
@@ -212,7 +216,7 @@ def _apply_devices(prim, inputs, params):
         out = _wrap(arr)
     else:
         out = _wrap(impl(*[t._data for t in inputs], **params))
-    if _State.grad_enabled and not prim.nondiff and out._data.dtype.kind == "f":
+    if _State.grad_enabled and not prim.nondiff and out._data.dtype.kind in "fV":   # (V: bfloat16)
         for t in inputs:
             if t.requires_grad:
                 out._node = Node(prim, inputs, params)
@@ -225,6 +229,8 @@ def _apply_devices(prim, inputs, params):
 
 def apply(prim: Primitive, *inputs, **params):
     """Run primitive ``prim`` on tensors ``inputs``; return the output tensor (recording a tape node)."""
+    if _LOWP is not None:
+        prim = _LOWP(prim, inputs, params)
     if _State.interpreters:
         return _State.interpreters[-1].apply(prim, inputs, params)
     if _DEVICES:
@@ -233,7 +239,7 @@ def apply(prim: Primitive, *inputs, **params):
         out = _wrap(_apply_debug(prim, inputs, params))
     else:
         out = _wrap(prim.impl["cpu"](*[t._data for t in inputs], **params))
-    if _State.grad_enabled and not prim.nondiff and out._data.dtype.kind == "f":   # int outputs: no gradient
+    if _State.grad_enabled and not prim.nondiff and out._data.dtype.kind in "fV":  # int: no grad (V: bf16)
         for t in inputs:
             if t.requires_grad:
                 out._node = Node(prim, inputs, params)
@@ -407,7 +413,7 @@ def _prepare_args(args, argnums):
         a = args[i]
         if not isinstance(a, Tensor):
             a = Tensor._from_value(a)
-        if not np.issubdtype(a.dtype, np.floating):
+        if a.dtype.kind not in "fV":                   # (V: bfloat16)
             raise TypeError(f"grad: argument {i} has dtype {a.dtype}; only floating tensors have gradients")
         if a.requires_grad:
             nested = True

@@ -17,6 +17,7 @@ from .. import ops
 from ..autodiff import core as ad
 from ..autodiff import nans
 from ..autodiff.core import Primitive, apply
+from ..lowp import is_floating
 from ..tensor import Tensor
 from .passes import cse, dce, prune_scan_saves
 from .native import loop_driver, while_driver
@@ -168,7 +169,7 @@ def _scan_impl(*arrays, body, length, reverse, save, y_specs):
 def _leaf(t):
     """Return a fresh leaf with t's value (a graph read, never a baked constant) that requires grad if float."""
     r = ops.stop_gradient(t)
-    if r.dtype.kind == "f":
+    if is_floating(r.dtype):
         r.requires_grad_(True)
     return r
 
@@ -419,8 +420,8 @@ def _step_tape(fwd_fn, args, nc, nx, caps):
     """Run ``fwd_fn`` on fresh leaves for carry, x and captures with gradients on; return (outs, lc, lx, lk)."""
     with ad.enable_grad():
         lc = [_leaf(a) for a in args[:nc]]
-        lx = [_leaf(a) if a.dtype.kind == "f" else ops.stop_gradient(a) for a in args[nc:nc + nx]]
-        lk = [_leaf(k) if k.dtype.kind == "f" else ops.stop_gradient(k) for k in caps]
+        lx = [_leaf(a) if is_floating(a.dtype) else ops.stop_gradient(a) for a in args[nc:nc + nx]]
+        lk = [_leaf(k) if is_floating(k.dtype) else ops.stop_gradient(k) for k in caps]
         outs = fwd_fn(*lc, *lx, *lk)
     return list(outs), lc, lx, lk
 

@@ -21,6 +21,7 @@ from .. import ops
 from .. import random as _random
 from .. import winograd
 from ..autodiff.core import Primitive, apply
+from ..lowp import is_floating
 from ..ops import log_softmax, relu, sigmoid, softmax, softplus, tanh
 from ..tensor import Tensor, _infer_array
 
@@ -470,7 +471,7 @@ def dropout(x, rate=0.5, training=True):
     if not training or rate == 0:
         return x
     keep = 1.0 - rate
-    mask = _random.bernoulli(keep, x.shape, dtype=x.dtype if x.dtype.kind == "f" else np.float32,
+    mask = _random.bernoulli(keep, x.shape, dtype=x.dtype if is_floating(x.dtype) else np.float32,
                              device=x.device)
     return x * (mask * (1.0 / keep))
 
@@ -537,7 +538,7 @@ def batch_moments(x):
     x = _t(x)
     if x.ndim < 2:
         raise ValueError(f"batch_moments: input must have a batch and a channel axis, got shape {x.shape}")
-    if x.is_cuda or x.dtype.kind != "f" or x.size == 0:
+    if x.is_cuda or not is_floating(x.dtype) or x.size == 0:
         axes = (0,) + tuple(range(2, x.ndim))
         return ops.mean(x, axes), ops.var(x, axes)
     st = apply(BN_MOMENTS, x)
@@ -550,7 +551,7 @@ def channel_affine(x, a, b):
     x, a, b = _t(x), _t(a), _t(b)
     if a.shape != (x.shape[1],) or b.shape != (x.shape[1],):
         raise ValueError(f"channel_affine: a {a.shape} and b {b.shape} must be ({x.shape[1]},) for x {x.shape}")
-    if x.is_cuda or x.dtype.kind != "f" or x.size == 0:
+    if x.is_cuda or not is_floating(x.dtype) or x.size == 0:
         shape = _channel_shape(x)
         return x * ops.reshape(a, shape) + ops.reshape(b, shape)
     if a.dtype != x.dtype:
@@ -657,7 +658,7 @@ def cross_entropy(logits, labels, reduction="mean", label_smoothing=0.0):
     x, y = _t(logits), _t(labels)
     if x.ndim < 1:
         raise ValueError(f"cross_entropy: logits must have a class axis, got shape {x.shape}")
-    if x.dtype.kind != "f":
+    if not is_floating(x.dtype):
         x = ops.astype(x, np.float32)
     c = x.shape[-1]
     x2 = ops.reshape(x, (-1, c))
@@ -702,7 +703,7 @@ def _is_eager():
 def binary_cross_entropy_with_logits(logits, targets, reduction="mean", pos_weight=None):
     """Return the sigmoid cross entropy max(x, 0) - x*z + log(1 + exp(-|x|)) elementwise, reduced (mean)."""
     x, z = _t(logits), _t(targets)
-    if x.dtype.kind != "f":
+    if not is_floating(x.dtype):
         x = ops.astype(x, np.float32)
     z = ops.astype(z, x.dtype)
     try:

@@ -23,6 +23,7 @@ from .. import ops
 from ..autodiff import core as _ad
 from ..autodiff.core import enable_grad, gradients, no_grad
 from ..autodiff.sparse import IndexedSlices
+from ..lowp import is_floating
 from ..tensor import Tensor, Variable
 from . import updates as U
 from .clip import clip_by_global_norm
@@ -71,7 +72,7 @@ class Optimizer:
         for p in params:
             if not isinstance(p, Tensor):
                 raise TypeError(f"optimizer: parameters must be tensors, got {type(p).__name__}")
-            if p.dtype.kind != "f":
+            if not is_floating(p.dtype):
                 raise TypeError(f"optimizer: parameter {p.name or ''} has dtype {p.dtype}; only floating "
                                 "tensors can be optimized")
             if id(p) in self._owner:
