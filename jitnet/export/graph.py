@@ -37,19 +37,40 @@ def _is_module(obj):
 
 
 def find_modules(fn):
-    """Return [(prefix, module)]: ``fn`` itself when it is a Module, else the Modules a bound method's object holds."""
+    """Return [(prefix, module)] of the Modules ``fn`` uses: itself, its object's, or those its code names.
+
+    A Module gives itself (prefix ""); a bound method gives its object when that is a Module, else the
+    Modules among the object's attributes (prefixed by the attribute name); a plain function gives the
+    Modules among the variables it closes over and the globals its code names (prefixed by those names).
+    """
     if _is_module(fn):
         return [("", fn)]
     owner = getattr(fn, "__self__", None)
-    if owner is None:
+    if owner is not None:
+        if _is_module(owner):
+            return [("", owner)]
+        return [(k, v) for k, v in sorted(getattr(owner, "__dict__", {}).items()) if _is_module(v)]
+    code = getattr(fn, "__code__", None)
+    if code is None:
         return []
-    if _is_module(owner):
-        return [("", owner)]
-    found = []
-    for k, v in sorted(getattr(owner, "__dict__", {}).items()):
-        if _is_module(v):
+    found, seen = [], set()
+    cells = zip(code.co_freevars, fn.__closure__ or ())
+    named = [(k, c.cell_contents) for k, c in cells if _filled(c)]
+    glb = getattr(fn, "__globals__", {})
+    named += [(k, glb[k]) for k in code.co_names if k in glb]
+    for k, v in named:
+        if _is_module(v) and id(v) not in seen:
+            seen.add(id(v))
             found.append((k, v))
     return found
+
+
+def _filled(cell):
+    try:
+        cell.cell_contents
+    except ValueError:
+        return False
+    return True
 
 
 def _var_names(modules):

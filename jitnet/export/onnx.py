@@ -665,8 +665,13 @@ def export(fn_or_module, *example_args, path=None, input_names=None, output_name
     onnx, helper, numpy_helper = _onnx()
     if opset < 13:
         raise ValueError(f"onnx export: opset {opset} is too old; the exporter emits opset 13-{OPSET} operators")
-    traced = trace_graph(fn_or_module, example_args, example_kwargs, training=bool(training), grad=False)
+    traced = trace_graph(fn_or_module, example_args, example_kwargs, training=bool(training))
     g = traced.graph
+    writers = sorted({n.prim.name for n in g.live_nodes() if n.effects})
+    if writers or g.grad_outputs:
+        what = f"updates variables ({', '.join(writers)})" if writers else "writes gradients (.grad)"
+        raise UnsupportedPrimitiveError(f"onnx export: the traced function {what}; export the inference function "
+                                        f"(the model), not a training step")
     b = _Builder(traced, helper, numpy_helper, onnx)
     b.lstm_views = {}
     args = sorted((v for v in g.values if v.kind == "arg"), key=lambda v: v.arg_index)
@@ -684,10 +689,6 @@ def export(fn_or_module, *example_args, path=None, input_names=None, output_name
             shape, dt = (), np.dtype(np.float32)
         inputs.append(helper.make_tensor_value_info(nm, b.tensor_type(dt), list(shape)))
     for node in g.live_nodes():
-        if node.effects:
-            raise _unsupported(node) if node.prim.name in _EMIT else UnsupportedPrimitiveError(
-                f"onnx export: primitive {node.prim.name!r} updates a variable; export the inference function "
-                f"(the model), not a training step")
         emit = _EMIT.get(node.prim.name)
         if emit is None:
             raise _unsupported(node)

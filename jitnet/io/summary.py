@@ -5,7 +5,10 @@ Event files are sequences of TFRecords::
     uint64 length | uint32 masked_crc32c(length) | data | uint32 masked_crc32c(data)
 
 whose payloads are protobuf-encoded ``Event`` messages, written here by hand (no protobuf
-dependency). Only the fields needed for scalars, histograms and images are produced.
+dependency). Only the fields needed for scalars, histograms, images, text, hparams and graphs are
+produced. A graph is a ``GraphDef`` in the event's ``graph_def`` field: one ``NodeDef`` per primitive of the
+traced step (the unfused graph ``jitnet.jit`` records), named ``scope/op_N`` where the scope is that of the
+first variable the node reads, so TensorBoard's Graphs tab groups each layer's ops under its name.
 """
 import csv
 import json
@@ -18,9 +21,10 @@ import zlib
 
 import numpy as np
 
+from ..export.graph import trace_graph
 from ._atomic import atomic_write
 
-__all__ = ["crc32c", "masked_crc32c", "encode_png", "SummaryWriter", "CSVLogger", "JSONLLogger"]
+__all__ = ["crc32c", "masked_crc32c", "encode_png", "SummaryWriter", "CSVLogger", "JSONLLogger", "graph_def"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,12 +133,14 @@ def _f_packed_doubles(field, values):
     return _f_bytes(field, np.asarray(values, dtype="<f8").tobytes())
 
 
-def _event(wall_time, step=None, file_version=None, summary=None):
+def _event(wall_time, step=None, file_version=None, summary=None, graph_def=None):
     msg = _f_double(1, wall_time)
     if step:
         msg += _f_varint(2, step)
     if file_version is not None:
         msg += _f_bytes(3, file_version)
+    if graph_def is not None:
+        msg += _f_bytes(4, graph_def)
     if summary is not None:
         msg += _f_bytes(5, summary)
     return msg
@@ -144,6 +150,146 @@ def _summary(tag, payload):
     """Return a Summary holding one Value with ``tag`` and the given already-encoded field."""
     value = _f_bytes(1, tag) + payload
     return _f_bytes(1, value)  # Summary.value = 1 (repeated)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tensors, plugin metadata, hparams and graphs (field numbers of TensorFlow's and TensorBoard's protos)
+
+_DT = {"float32": 1, "float64": 2, "int32": 3, "uint8": 4, "int16": 5, "int8": 6, "int64": 9, "bool": 10,
+       "bfloat16": 14, "uint16": 17, "float16": 19, "uint32": 22, "uint64": 23}
+_DT_STRING, _DT_VARIANT = 7, 21
+
+
+def _dtype_enum(dtype):
+    try:
+        return _DT.get(np.dtype(dtype).name, _DT_VARIANT)
+    except TypeError:
+        return _DT_VARIANT
+
+
+def _shape_proto(shape):
+    """TensorShapeProto: one Dim (field 2) per axis with its size (field 1)."""
+    return b"".join(_f_bytes(2, _f_varint(1, int(d)) if int(d) else b"") for d in shape)
+
+
+def _plugin_metadata(plugin, content=b""):
+    """SummaryMetadata with plugin_data {plugin_name, content}."""
+    return _f_bytes(1, _f_bytes(1, plugin) + (_f_bytes(2, content) if content else b""))
+
+
+def _string_tensor(strings, shape):
+    return (_f_varint(1, _DT_STRING) + _f_bytes(2, _shape_proto(shape))
+            + b"".join(_f_bytes(8, x) for x in strings))
+
+
+# the hparams plugin's empty tensor: DT_FLOAT of shape [0]
+_NULL_TENSOR = _f_varint(1, 1) + _f_bytes(2, _f_bytes(2, b""))
+
+
+def _pb_value(v):
+    """google.protobuf.Value: a number (2), string (3) or bool (4); the HParamInfo type code."""
+    if isinstance(v, (bool, np.bool_)):
+        return _f_varint(4, int(bool(v))), 2
+    if isinstance(v, (int, float, np.integer, np.floating)):
+        return _f_double(2, float(v)), 3
+    return _f_bytes(3, str(v)), 1
+
+
+def _map_entry(field, key, value_bytes):
+    return _f_bytes(field, _f_bytes(1, key) + _f_bytes(2, value_bytes))
+
+
+def _attr_shapes(shapes):
+    """AttrValue{list{shape: ...}} for ``_output_shapes``."""
+    return _f_bytes(1, b"".join(_f_bytes(7, _shape_proto(s)) for s in shapes))
+
+
+def _node_def(name, op, inputs=(), attrs=()):
+    msg = _f_bytes(1, name) + _f_bytes(2, op)
+    for i in inputs:
+        msg += _f_bytes(3, i)
+    for k, v in attrs:
+        msg += _map_entry(5, k, v)
+    return _f_bytes(1, msg)        # GraphDef.node (field 1)
+
+
+def _value_attrs(v):
+    shape = getattr(v, "shape", ())
+    return [("dtype", _f_varint(6, _dtype_enum(v.dtype))), ("shape", _f_bytes(7, _shape_proto(shape))),
+            ("_output_shapes", _attr_shapes([shape]))]
+
+
+def _params_text(params):
+    parts = []
+    for k, v in params.items():
+        r = f"array{list(v.shape)}" if isinstance(v, np.ndarray) else repr(v)
+        parts.append(f"{k}={r if len(r) <= 80 else r[:77] + '...'}")
+    return ", ".join(parts)
+
+
+def _clean_name(s):
+    return re.sub(r"[^A-Za-z0-9_.\-/]+", "_", str(s)).strip("/") or "node"
+
+
+def graph_def(traced):
+    """Return the serialized GraphDef of a traced graph (see ``jitnet.export.trace_graph``)."""
+    g = traced.graph
+    names, used, out = {}, set(), []
+
+    def unique(base):
+        base = _clean_name(base)
+        n, k = base, 0
+        while n in used:
+            k += 1
+            n = f"{base}_{k}"
+        used.add(n)
+        return n
+
+    def name_of(v):
+        n = names.get(v.id)
+        if n is not None:
+            return n
+        if v.kind == "arg":
+            n, op = unique(f"input_{v.arg_index}"), "Placeholder"
+        elif v.kind == "state":
+            n, op = unique(traced.name_of(v.var)), "VariableV2"
+        elif v.kind == "gradin":
+            n, op = unique(f"grad_in/{traced.name_of(v.var)}"), "Placeholder"
+        elif v.kind == "const":
+            n, op = unique("const"), "Const"
+        else:
+            raise AssertionError(v.kind)
+        names[v.id] = n
+        out.append(_node_def(n, op, (), _value_attrs(v)))
+        return n
+
+    for v in sorted((v for v in g.values if v.kind == "arg"), key=lambda v: v.arg_index):
+        name_of(v)
+    for node in g.live_nodes():
+        ins = [name_of(v) for v in node.inputs]
+        scope = ""
+        for v in node.inputs:
+            if v.kind == "state":
+                nm = traced.name_of(v.var)
+                scope = nm.rsplit("/", 1)[0] if "/" in nm else ""
+                break
+        n = unique(f"{scope}/{node.prim.name}_{node.id}" if scope else f"{node.prim.name}_{node.id}")
+        names[node.out.id] = n
+        attrs = _value_attrs(node.out)
+        if node.params:
+            attrs.append(("params", _f_bytes(2, _params_text(node.params))))
+        if node.effects:
+            attrs.append(("writes", _f_bytes(2, ", ".join(traced.name_of(e) for e in node.effects))))
+        out.append(_node_def(n, node.prim.name, ins, attrs))
+    for k, v in enumerate(g.outputs):
+        out.append(_node_def(unique(f"output_{k}"), "Identity", [name_of(v) if v.kind != "node" else names[v.id]],
+                             _value_attrs(v)))
+    for var, v in g.grad_outputs:
+        if v is None or isinstance(v, tuple):
+            continue
+        src = names[v.id] if v.kind == "node" else name_of(v)
+        out.append(_node_def(unique(f"grad/{traced.name_of(var)}"), "Identity", [src], _value_attrs(v)))
+    return b"".join(out) + _f_bytes(4, _f_varint(1, 27))     # versions {producer}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -234,7 +380,7 @@ def _safe_dirname(tag):
 
 
 class SummaryWriter:
-    """Writes TensorBoard event files (scalars, histograms, images) and projector embeddings."""
+    """Writes TensorBoard event files (scalars, histograms, images, text, hparams, graphs) and projector embeddings."""
 
     def __init__(self, logdir, flush_secs=120, filename_suffix=""):
         self.logdir = os.fspath(logdir)
@@ -301,6 +447,58 @@ class SummaryWriter:
         image = (_f_varint(1, h) + _f_varint(2, w) + _f_varint(3, c)
                  + _f_bytes(4, encode_png(a, "HWC")))
         self._add(tag, _f_bytes(4, image), step, wall_time)
+
+    def add_text(self, tag, text, step=None, wall_time=None):
+        """Record ``text`` (a string, Markdown in the Text tab, or a list of strings) at ``step``; returns None."""
+        if isinstance(text, str):
+            strings, shape = [text], ()
+        else:
+            strings = [str(t) for t in text]
+            shape = (len(strings),)
+        self._add(tag, _f_bytes(9, _plugin_metadata("text")) + _f_bytes(8, _string_tensor(strings, shape)),
+                  step, wall_time)
+
+    def add_hparams(self, hparams, metrics=None, step=None, wall_time=None):
+        """Record a run's hyperparameters and final metrics for TensorBoard's HParams tab; returns None.
+
+        ``hparams`` maps names to numbers, bools or strings (anything else is written as its ``str``);
+        ``metrics`` maps metric tags to numbers, written as scalars at ``step``. The run (this writer's
+        directory) becomes one session of the HParams table, as in TensorBoard's own ``hparams`` API.
+        """
+        if not isinstance(hparams, dict) or not hparams:
+            raise ValueError(f"add_hparams: hparams must be a non-empty dict, got {hparams!r}")
+        metrics = dict(metrics or {})
+        now = time.time() if wall_time is None else wall_time
+        infos, values = b"", b""
+        for k, v in hparams.items():
+            if hasattr(v, "item") and getattr(v, "size", 1) == 1:
+                v = v.item()
+            pv, kind = _pb_value(v)
+            infos += _f_bytes(4, _f_bytes(1, str(k)) + _f_varint(4, kind))
+            values += _map_entry(1, str(k), pv)
+        for tag in metrics:
+            infos += _f_bytes(5, _f_bytes(1, _f_bytes(2, str(tag))))
+        experiment = _f_bytes(2, infos)                         # HParamsPluginData.experiment
+        start = _f_bytes(3, values + _f_double(5, now))         # .session_start_info
+        for tag, content in (("_hparams_/experiment", experiment), ("_hparams_/session_start_info", start)):
+            self._add(tag, _f_bytes(9, _plugin_metadata("hparams", content)) + _f_bytes(8, _NULL_TENSOR),
+                      step, now)
+        for tag, value in metrics.items():
+            self.add_scalar(tag, value, step, now)
+        end = _f_bytes(4, _f_varint(1, 1) + _f_double(2, now))  # .session_end_info, STATUS_SUCCESS
+        self._add("_hparams_/session_end_info",
+                  _f_bytes(9, _plugin_metadata("hparams", end)) + _f_bytes(8, _NULL_TENSOR), step, now)
+
+    def add_graph(self, fn, *args, wall_time=None, **kwargs):
+        """Trace ``fn(*args, **kwargs)`` once and write its graph for the Graphs tab; return the number of nodes.
+
+        ``fn`` is any function a ``jitnet.jit`` could compile (a training step, a model's forward, a Module).
+        Nothing is compiled, and variables the step updates are restored after the trace.
+        """
+        traced = trace_graph(fn, args, kwargs)
+        gd = graph_def(traced)
+        self._write_event(_event(time.time() if wall_time is None else wall_time, graph_def=gd))
+        return len(traced.graph.live_nodes())
 
     def add_embedding(self, mat, metadata=None, tag="default", step=None, metadata_header=None):
         """Write projector files for a 2-D ``mat`` (one row per point); returns the tensors.tsv path."""
