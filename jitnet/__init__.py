@@ -33,6 +33,7 @@ from . import nn  # noqa: E402
 from .runtime import (compile_stats, denormals_flushed, flush_denormals, get_num_threads,  # noqa: E402
                       set_malloc_tuning, set_num_threads)
 from . import data, io  # noqa: E402
+from . import onnx  # noqa: E402  (ONNX export; the onnx package is imported only when exporting)
 from . import optim  # noqa: E402
 from .autodiff.sparse import IndexedSlices  # noqa: E402
 from .compiler import TracingError, explain, jit  # noqa: E402
