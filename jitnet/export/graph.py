@@ -109,6 +109,8 @@ def trace_graph(fn, args, kwargs=None, *, training=None, grad=None):
     Every variable the function updates is restored after the trace.
     """
     kwargs = dict(kwargs or {})
+    while isinstance(fn, JitFunction):          # a jitted function: trace the Python function it compiles
+        fn = fn.fn
     modules = find_modules(fn)
     jf = JitFunction(fn)
     _, leaves, tree, tensors = jf._signature(tuple(args), kwargs)

@@ -97,13 +97,9 @@ class _Builder:
             key = id(v.var)
             n = self.var_names.get(key)
             if n is None:
-                arr = v.var._data
-                if not isinstance(arr, np.ndarray):
-                    arr = v.var.numpy()
-                n = self.var_names[key] = self.init(arr, self.t.name_of(v.var))
+                n = self.var_names[key] = self.init(_host(v.var._data), self.t.name_of(v.var))
         elif v.kind == "const":
-            arr = v.const if isinstance(v.const, np.ndarray) else np.asarray(v.const)
-            n = self.init(arr, "const")
+            n = self.init(_host(v.const), "const")
         elif v.kind == "arg":
             raise AssertionError("arguments are named before the nodes")
         else:
@@ -134,6 +130,15 @@ class _Builder:
         v = node.inputs[k]
         n = self.name(v)
         return n if dtype is None else self.cast(n, v.dtype, dtype)
+
+
+def _host(a):
+    """A host copy of a variable's or constant's array (device arrays are copied to the host)."""
+    if isinstance(a, np.ndarray):
+        return a
+    if hasattr(a, "copy_to_host"):
+        return a.copy_to_host()
+    return np.asarray(a)
 
 
 # ==============================================================================================================
