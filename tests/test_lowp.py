@@ -418,3 +418,69 @@ def test_every_primitive_is_swept():
     missing = sorted(set(REGISTRY) - set(calls) - set(EXEMPT) - {n for n in REGISTRY if ":" in n})
     assert not missing, f"primitives no workload reaches (add a workload or an EXEMPT reason): {missing}"
     assert len(swept) > 80 and float_rows.isdisjoint({"matmul", "add"})
+
+
+# ==============================================================================================================
+# safetensors: BF16, F16, F64 and the integer dtypes, both ways with the safetensors package
+# ==============================================================================================================
+
+def _examples():
+    rng = _rng(9)
+    x = rng.standard_normal((3, 4)) * 100
+    out = {"BF16": x.astype(BF16), "F16": x.astype(np.float16), "F32": x.astype(np.float32), "F64": x,
+           "BOOL": x > 0}
+    for code, dt in [("I8", np.int8), ("U8", np.uint8), ("I16", np.int16), ("I32", np.int32), ("I64", np.int64)]:
+        info = np.iinfo(dt)
+        out[code] = rng.integers(info.min, info.max, (2, 5), dtype=dt, endpoint=True)
+    return out
+
+
+def test_safetensors_numpy_both_ways(tmp_path):
+    st_np = pytest.importorskip("safetensors.numpy")
+    arrays = _examples()
+    mine, theirs = tmp_path / "jitnet.safetensors", tmp_path / "theirs.safetensors"
+    jn.save({k: jn.tensor(v) for k, v in arrays.items()}, mine)
+    st_np.save_file(arrays, str(theirs))
+    back_theirs = st_np.load_file(str(mine))                        # jitnet's file read by safetensors
+    back_mine = jn.load(theirs)                                     # safetensors' file read by jitnet
+    for k, v in arrays.items():
+        assert back_theirs[k].dtype == v.dtype and np.array_equal(back_theirs[k], v), k
+        assert back_mine[k].dtype == v.dtype and np.array_equal(back_mine[k].numpy(), v), k
+    import json
+    with open(mine, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    assert {k: header[k]["dtype"] for k in arrays} == {k: k for k in arrays}
+
+
+def test_safetensors_torch_bfloat16_both_ways(tmp_path):
+    torch = pytest.importorskip("torch")
+    st_torch = pytest.importorskip("safetensors.torch")
+    g = torch.Generator().manual_seed(0)
+    ref = {"w": torch.randn(4, 3, generator=g).to(torch.bfloat16), "h": torch.randn(5, generator=g).half(),
+           "i": torch.arange(6, dtype=torch.int64).reshape(2, 3), "m": torch.tensor([True, False])}
+    path = tmp_path / "torch.safetensors"
+    st_torch.save_file(ref, str(path))
+    got = jn.load(path)
+    assert got["w"].dtype == jn.bfloat16 and got["h"].dtype == jn.float16 and got["m"].dtype == jn.bool_
+    for k, v in ref.items():
+        assert np.array_equal(got[k].astype(jn.float32).numpy(), v.float().numpy()), k
+    y = got["w"].T @ got["w"]                                        # computes (float32, rounded to bfloat16)
+    want = (ref["w"].float().T @ ref["w"].float()).to(torch.bfloat16).float().numpy()
+    np.testing.assert_allclose(y.astype(jn.float32).numpy(), want, rtol=1e-2)
+    out = tmp_path / "jitnet.safetensors"
+    jn.save({k: v * 2 if v.dtype.kind != "b" else v for k, v in got.items()}, out)
+    back = st_torch.load_file(str(out))
+    assert back["w"].dtype == torch.bfloat16 and back["h"].dtype == torch.float16
+    for k, v in ref.items():
+        want = v if v.dtype == torch.bool else v * 2
+        assert back[k].dtype == v.dtype and torch.equal(back[k], want), k
+
+
+def test_safetensors_bf16_without_ml_dtypes_names_the_extra(tmp_path):
+    path = tmp_path / "bf16.safetensors"
+    jn.save({"w": jn.tensor([1.0, 2.0], dtype=jn.bfloat16)}, path)
+    code = (f"import sys; sys.modules['ml_dtypes'] = None\nimport jitnet as jn\n"
+            f"try:\n    jn.load({str(path)!r})\nexcept ImportError as e:\n    print(e)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "tensor 'w' is BF16" in out.stdout and 'pip install "jitnet[interop]"' in out.stdout

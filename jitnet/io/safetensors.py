@@ -19,11 +19,12 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from .. import lowp as _lowp
 from ._atomic import atomic_write, remove_stale_temps
 
 __all__ = ["save_file", "load_file", "load_metadata", "DTYPES"]
 
-#: safetensors dtype code -> little-endian NumPy dtype.
+#: safetensors dtype code -> little-endian NumPy dtype (BF16, ml_dtypes' bfloat16, is resolved when used).
 DTYPES = {
     "F64": np.dtype("<f8"),
     "F32": np.dtype("<f4"),
@@ -39,6 +40,18 @@ DTYPES = {
     "BOOL": np.dtype("?"),
 }
 _CODES = {(dt.kind, dt.itemsize): code for code, dt in DTYPES.items()}
+_ITEMSIZE = {**{code: dt.itemsize for code, dt in DTYPES.items()}, "BF16": 2}
+
+
+def _np_dtype(code, path=None, name=None):
+    """Return the NumPy dtype of safetensors ``code``; BF16 needs ml_dtypes (ImportError naming the extra)."""
+    if code != "BF16":
+        return DTYPES[code]
+    try:
+        return _lowp.bfloat16_dtype()
+    except ImportError:
+        where = f"{os.fspath(path)!r}: tensor {name!r} is BF16; " if path is not None else ""
+        raise ImportError(f"{where}bfloat16 arrays need the ml_dtypes package: {_lowp.INSTALL_HINT}") from None
 
 _METADATA_KEY = "__metadata__"
 _MAX_HEADER = 100 * 1024 * 1024  # refuse absurd headers before allocating for them
@@ -46,9 +59,11 @@ _CHUNK = 16 * 1024 * 1024  # bytes per write call for large tensors
 
 
 def _dtype_code(arr, name):
+    if arr.dtype.kind == "V" and arr.dtype.name == "bfloat16":
+        return "BF16"
     code = _CODES.get((arr.dtype.kind, arr.dtype.itemsize))
     if code is None:
-        supported = ", ".join(str(dt.newbyteorder("=")) for dt in DTYPES.values())
+        supported = ", ".join(str(dt.newbyteorder("=")) for dt in DTYPES.values()) + ", bfloat16"
         raise TypeError(f"tensor {name!r}: dtype {arr.dtype} cannot be stored in safetensors "
                         f"(supported: {supported})")
     return code
@@ -80,7 +95,7 @@ def _prepare(tensors):
             raise ValueError(f"{_METADATA_KEY!r} is reserved and cannot be a tensor name")
         arr = np.asarray(value)
         code = _dtype_code(arr, name)
-        arr = np.asarray(arr, dtype=DTYPES[code], order="C")
+        arr = np.asarray(arr, dtype=_np_dtype(code), order="C")
         prepared.append((name, code, arr))
     return prepared
 
@@ -208,7 +223,7 @@ def _is_int(x):
 def _read_header(f, path):
     """Parse and validate the header; return (entries, metadata, data_start).
 
-    ``entries`` is a list of (name, dtype, shape, begin, end) in header order.
+    ``entries`` is a list of (name, dtype code, shape, begin, end) in header order.
     """
     size = os.fstat(f.fileno()).st_size
     if size == 0:
@@ -255,27 +270,26 @@ def _read_header(f, path):
         if missing:
             raise _bad(path, f"bad header: {where} lacks {', '.join(sorted(missing))}")
         code = info["dtype"]
-        if not isinstance(code, str) or code not in DTYPES:
+        if not isinstance(code, str) or code not in _ITEMSIZE:
             raise _bad(path, f"{where} has unsupported dtype {code!r} "
-                             f"(readable dtypes: {', '.join(DTYPES)})")
+                             f"(readable dtypes: {', '.join(_ITEMSIZE)})")
         shape = info["shape"]
         if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
             raise _bad(path, f"bad header: {where} has invalid shape {shape!r}")
         if len(shape) > _MAX_NDIM:
             raise _bad(path, f"bad header: {where} has {len(shape)} dimensions (at most {_MAX_NDIM})")
-        if math.prod(d for d in shape if d) * DTYPES[code].itemsize > _MAX_BYTES:
+        if math.prod(d for d in shape if d) * _ITEMSIZE[code] > _MAX_BYTES:
             raise _bad(path, f"bad header: {where} has shape {shape!r}, too large for an array")
         offs = info["data_offsets"]
         if not (isinstance(offs, list) and len(offs) == 2 and all(_is_int(o) for o in offs)
                 and 0 <= offs[0] <= offs[1]):
             raise _bad(path, f"bad header: {where} has invalid data_offsets {offs!r}")
         begin, end = offs
-        dtype = DTYPES[code]
-        expected = math.prod(shape) * dtype.itemsize
+        expected = math.prod(shape) * _ITEMSIZE[code]
         if end - begin != expected:
             raise _bad(path, f"{where} byte count mismatch: offsets [{begin}, {end}] span "
                              f"{end - begin} bytes but {code} {tuple(shape)} needs {expected}")
-        entries.append((name, dtype, tuple(shape), begin, end))
+        entries.append((name, code, tuple(shape), begin, end))
 
     # Out of range: report truncation first, since that is the common real-world cause.
     for name, _, _, begin, end in entries:
@@ -309,7 +323,8 @@ def load_file(path):
     with _open(path) as f:
         entries, _, data_start = _read_header(f, path)
         out = {}
-        for name, dtype, shape, begin, end in entries:
+        for name, code, shape, begin, end in entries:
+            dtype = _np_dtype(code, path, name)
             try:
                 arr = np.empty(shape, dtype=dtype)
             except (ValueError, MemoryError) as e:
