@@ -220,6 +220,7 @@ def test_unmatched_entries_are_named_with_shapes():
     rep = load_torch_state_dict(j, t.state_dict(), strict=False)
     assert [p[0] for p in rep.pairs] == ["0"] and not rep.complete
     assert {k for k, _, _ in rep.unexpected} == {"1.weight", "1.bias", "2.weight", "2.bias"}
+    assert "LayerNorm" in dict((k, why) for k, _, why in rep.unexpected)["1.weight"]
     np.testing.assert_array_equal(j[0].W.numpy(), t[0].weight.detach().numpy().T)
     # a dry run changes nothing and gives the same report
     assert str(match_torch_state_dict(j, t)) == str(rep)
@@ -252,3 +253,22 @@ def test_bias_free_torch_lstm_and_lost_bias_note():
 def test_importing_interop_does_not_import_torch():
     code = "import sys, jitnet.interop; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.slow
+def test_fashion_mnist_cnn_trained_in_one_library_scores_the_same_in_the_other():
+    """A briefly trained cnn_mnist moved either way (through safetensors files) keeps its test accuracy to 0.1%
+    (bench/torch_weights.py runs the same with more steps and prints the table)."""
+    pytest.importorskip("safetensors.torch")
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(__file__), "..", "bench", "torch_weights.py")
+    spec = importlib.util.spec_from_file_location("bench_torch_weights", path)
+    tw = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tw)
+    _, n, rows = tw.run(steps=60, batch=32, test_limit=2000, jitnet_steps=20)
+    assert n in (500, 2000)                  # the embedded test subset, or the first 2000 of the full set
+    for r in rows:
+        assert r["trained_in"] > 0.5, r      # it learned something, so the comparison means something
+        assert abs(r["trained_in"] - r["loaded_in"]) <= 0.001, r
+        assert r["max_logit_diff"] < 1e-3, r

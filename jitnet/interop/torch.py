@@ -253,7 +253,10 @@ def _classify(t, reverse):
             return "w2d", None
         if nd == 4:
             return "conv", None
-        return "unsupported", f"a {nd}-D weight (a layer jitnet does not have, e.g. Conv1d/Conv3d/LayerNorm)"
+        if nd == 1:
+            return "unsupported", ("a 1-D weight without running statistics (LayerNorm, GroupNorm, BatchNorm "
+                                   "without track_running_stats): no jitnet counterpart")
+        return "unsupported", f"a {nd}-D weight (Conv1d, Conv3d, ...): no jitnet counterpart"
     return "generic", None
 
 
