@@ -216,3 +216,11 @@ def test_cli_mlp_distributed_writes_once_and_resumes(tmp_path):
     assert p.returncode == 0, p.stdout + p.stderr
     assert p.stdout.count("resumed from") == 1 and "step 16," in p.stdout
     assert len(open(os.path.join(logdir, "metrics.csv")).read().strip().splitlines()) == 3
+
+
+@pytest.mark.slow
+def test_gpu_tensors_are_staged_through_the_host_in_the_simulator():
+    pytest.importorskip("numba.cuda")
+    p, _ = _run([os.path.join(SCRIPTS, "cuda_staged.py")], timeout=120, env={"NUMBA_ENABLE_CUDASIM": "1"})
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.count("staged collectives ok") == 2
