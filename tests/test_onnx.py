@@ -70,16 +70,34 @@ def test_mlp_matches_onnxruntime(tmp_path):
     np.testing.assert_allclose(_run_onnx(loaded, x)[0], _run_onnx(model, x)[0])
 
 
-def test_cnn_with_batch_norm_eval_mode():
-    c = CNNCifar(jit=False)
-    _randomize_bn(c.net, 1)
-    x = np.random.default_rng(2).standard_normal((2, 3, 24, 24)).astype(np.float32)
-    assert c.net.training
-    model = _check(c.net, x, modules=[c.net])
-    assert c.net.training                                     # export put it in eval mode and back
-    assert all(m.training for m in c.net.modules())
+def _small_cnn_with_bn():
+    """CNNCifar's layer pattern (conv + BN + ReLU + pool twice, fc + BN + ReLU, fc) at a few channels."""
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding="same", bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(4, 4, 3, padding="same", bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(4 * 2 * 2, 6, init="he", bias=False), nn.BatchNorm1d(6), nn.ReLU(),
+        nn.Linear(6, 10))
+
+
+def _check_cnn_with_bn(net, x):
+    _randomize_bn(net, 1)
+    assert net.training
+    model = _check(net, x, modules=[net])
+    assert all(m.training for m in net.modules())             # export put them in eval mode and back
     assert {"Conv", "MaxPool", "Relu", "MatMul"} <= set(_ops(model))
     assert "RandomUniform" not in _ops(model)
+    return model
+
+
+def test_cnn_with_batch_norm_eval_mode():
+    x = np.random.default_rng(2).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    _check_cnn_with_bn(_small_cnn_with_bn(), x)
+
+
+@pytest.mark.slow
+def test_cnn_cifar_with_batch_norm_matches_onnxruntime():
+    x = np.random.default_rng(2).standard_normal((2, 3, 24, 24)).astype(np.float32)
+    _check_cnn_with_bn(CNNCifar(jit=False).net, x)
 
 
 def test_autoencoder_bound_method():
