@@ -73,7 +73,8 @@ def base_parser(prog, description, *, epochs, batch_size, lr, lr_decay=1.0, data
     p.add_argument("--no-jit", action="store_true", help="run the steps eagerly instead of under jitnet.jit")
     p.add_argument("--keep", type=int, default=3, help="checkpoints to keep (default 3)")
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
-    p.add_argument("--threads", type=int, default=None, help="kernel threads (default: all cores)")
+    p.add_argument("--threads", type=int, default=None, help="kernel threads (default: all cores; with --distributed, the cores shared "
+                                                     "out among the ranks on this machine)")
     add_distributed_arg(p)
     add_nonfinite_args(p)
     return p
@@ -97,6 +98,16 @@ def _mpi_world_from_env():
     return 0
 
 
+def _local_ranks():
+    """Return how many ranks of the job run on this machine, from the launcher's environment (1 if unknown)."""
+    for k in ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE", "PMIX_LOCAL_SIZE",
+              "SLURM_NTASKS_PER_NODE"):
+        v = os.environ.get(k, "").split("(")[0].strip()
+        if v.isdigit() and int(v) > 0:
+            return int(v)
+    return 1
+
+
 def setup_distributed(args):
     """Join the MPI job when ``args.distributed`` is set (or MPI started several processes); set ``args.rank``
     and ``args.world_size``; return the world size. Ranks other than 0 print nothing on stdout."""
@@ -110,6 +121,13 @@ def setup_distributed(args):
         args.rank, args.world_size = dist.init()
     except RuntimeError as e:
         raise UsageError(f"--distributed: {e}") from e
+    local = _local_ranks()
+    if args.world_size > 1 and local > 1 and getattr(args, "threads", None) is None:
+        # ranks on one machine share its cores: each rank's kernel and BLAS threads, and MPI's busy-polling
+        # while a rank waits in a collective, must not outnumber them (default: cores // local ranks)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        args.threads = max(1, cores // local)
+        jn.set_num_threads(args.threads)
     if args.world_size > 1 and args.rank != 0:
         sys.stdout = open(os.devnull, "w")          # one rank speaks; errors still reach stderr
         for flag in ("no_plot", "no_pca"):          # figures and baselines: rank 0's job
