@@ -224,3 +224,9 @@ def test_gpu_tensors_are_staged_through_the_host_in_the_simulator():
     p, _ = _run([os.path.join(SCRIPTS, "cuda_staged.py")], timeout=120, env={"NUMBA_ENABLE_CUDASIM": "1"})
     assert p.returncode == 0, p.stdout + p.stderr
     assert p.stdout.count("staged collectives ok") == 2
+
+
+def test_collectives_stay_out_of_the_kernel_registry():
+    from jitnet.autodiff.core import REGISTRY
+    assert not [n for n in REGISTRY if n.startswith("mpi_")]        # the registry sweeps would find no kernel
+    assert dist.ALLREDUCE.extra["random"] and dist.ALLGATHER.impl["cuda"] is not None

@@ -28,7 +28,7 @@ import time
 
 import numpy as np
 
-from ..autodiff.core import Primitive, apply, no_grad
+from ..autodiff.core import REGISTRY, Primitive, apply, no_grad
 from ..autodiff.sparse import IndexedSlices
 from ..tensor import Tensor
 
@@ -307,6 +307,9 @@ def _collective(name, fn, vjp=None, nondiff=False):
     # skip one, whatever their inputs (the tracer and CSE treat "random" primitives exactly so).
     p.extra["random"] = True
     p.extra["any_device"] = True
+    # They are communication, not kernels: kept out of the registry that the kernel sweeps walk (warm-up, the
+    # CUDA backend's install, the bounds and low-precision checks); the tracer and plans hold the object.
+    REGISTRY.pop(name, None)
     return p
 
 
