@@ -65,7 +65,7 @@ def test_mlp_matches_onnxruntime(tmp_path):
     model = _check(m.net, x, path=path, modules=[m.net])
     inits = {i.name for i in model.graph.initializer}
     assert set(m.net.state_dict()) <= inits                 # parameters keep their state-dict names
-    assert {"MatMul", "Add", "Relu", "Reshape"} <= set(_ops(model))
+    assert _ops(model).count("Gemm") == 2 and {"Relu", "Reshape"} <= set(_ops(model))   # Linear -> Gemm
     loaded = onnx.load(str(path))                           # path= saves the same model
     np.testing.assert_allclose(_run_onnx(loaded, x)[0], _run_onnx(model, x)[0])
 
@@ -84,8 +84,10 @@ def _check_cnn_with_bn(net, x):
     assert net.training
     model = _check(net, x, modules=[net])
     assert all(m.training for m in net.modules())             # export put them in eval mode and back
-    assert {"Conv", "MaxPool", "Relu", "MatMul"} <= set(_ops(model))
-    assert "RandomUniform" not in _ops(model)
+    ops = _ops(model)
+    n_bn = sum(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) for m in net.modules())
+    assert ops.count("BatchNormalization") == n_bn and "Sqrt" not in ops     # one node per batch norm
+    assert {"Conv", "MaxPool", "Relu"} <= set(ops)
     return model
 
 
@@ -100,6 +102,19 @@ def test_cnn_cifar_with_batch_norm_matches_onnxruntime():
     _check_cnn_with_bn(CNNCifar(jit=False).net, x)
 
 
+def test_batch_norm_pattern_keeps_values_read_elsewhere():
+    mean = jn.Parameter(np.array([0.5, -1.0, 2.0], np.float32), trainable=False)
+    var = jn.Parameter(np.array([1.5, 0.25, 4.0], np.float32), trainable=False)
+
+    def f(x):
+        std = jn.sqrt(jn.reshape(var, (1, 3)) + 1e-3)         # the same value the batch norm computes
+        return F.batch_norm(x, mean, var, eps=1e-3), x / std
+
+    x = np.random.default_rng(11).standard_normal((4, 3)).astype(np.float32)
+    ops = _ops(_check(f, x))
+    assert ops.count("BatchNormalization") == 1 and "Sqrt" in ops       # its other reader keeps the Sqrt
+
+
 def test_autoencoder_bound_method():
     a = Autoencoder(code_size=2, hidden=(8,), jit=False)
     _randomize_bn(a.net, 3)
@@ -107,6 +122,7 @@ def test_autoencoder_bound_method():
     model = _check(a.inference, x, modules=[a.net])          # the method's object holds the network
     inits = {i.name for i in model.graph.initializer}
     assert "net/encoder/1/W" in inits and "net/decoder/1/moving_var" in inits
+    assert _ops(model).count("BatchNormalization") == 4 and "Sigmoid" in _ops(model)
     assert a.net.training
     _check(a.encode, x, modules=[a.net])
 

@@ -624,6 +624,113 @@ def _lstm_unrolled(b, node):
 
 
 # ==============================================================================================================
+# Patterns: a linear layer becomes Gemm, an evaluation-mode batch norm one BatchNormalization
+# ==============================================================================================================
+
+def _producer(v, name):
+    """The node producing value v when it is primitive ``name``, else None."""
+    return v.node if v.kind == "node" and v.node.prim.name == name else None
+
+
+def _only_reader(b, v, node):
+    """True when ``node`` is the one reader of value v (and v is not returned)."""
+    return b.consumers.get(v.id, []) == [node]
+
+
+def _channel_vector(v, x_shape):
+    """The 1-D (C,) value that v reshapes to (1, C, 1, ...) for an input of x_shape, else None."""
+    r = _producer(v, "reshape")
+    if r is None or len(x_shape) < 2:
+        return None
+    want = (1, x_shape[1]) + (1,) * (len(x_shape) - 2)
+    src = r.inputs[0]
+    return src if v.shape == want and src.shape == (x_shape[1],) else None
+
+
+def _match_batch_norm(b, sub):
+    """Match (x - mean) * 1/sqrt(var + eps) [* gamma] [+ beta] from ``sub``; return the parts or None."""
+    x = sub.inputs[0]
+    if x.dtype.kind != "f" or len(x.shape) < 2:
+        return None
+    mean = _channel_vector(sub.inputs[1], x.shape)
+    readers = b.consumers.get(sub.out.id, [])
+    if mean is None or len(readers) != 1 or readers[0] is None or readers[0].prim.name != "multiply":
+        return None
+    mul = readers[0]
+    if mul.inputs[0] is not sub.out:
+        return None
+    rc = _producer(mul.inputs[1], "reciprocal")
+    sq = rc and _producer(rc.inputs[0], "sqrt")
+    ad = sq and _producer(sq.inputs[0], "add")
+    if ad is None or ad.inputs[1].kind != "const" or np.size(ad.inputs[1].const) != 1:
+        return None
+    var = _channel_vector(ad.inputs[0], x.shape)
+    if var is None:
+        return None
+    chain = [sub, mul, rc, sq, ad] + [v.node for v in (sub.inputs[1], ad.inputs[0])]
+    out, gamma, beta = mul, None, None
+    for prim in ("multiply", "add"):
+        rd = b.consumers.get(out.out.id, [])
+        if len(rd) != 1 or rd[0] is None or rd[0].prim.name != prim or rd[0].inputs[0] is not out.out:
+            continue
+        vec = _channel_vector(rd[0].inputs[1], x.shape)
+        if vec is None or rd[0].out.dtype != x.dtype:
+            continue
+        if prim == "multiply":
+            gamma = vec
+        else:
+            beta = vec
+        chain += [rd[0], rd[0].inputs[1].node]
+        out = rd[0]
+    if any(v.dtype != x.dtype for v in (mean, var) + tuple(t for t in (gamma, beta) if t is not None)):
+        return None
+    eps = float(np.asarray(_host(ad.inputs[1].const)).reshape(()))
+    return dict(x=x, mean=mean, var=var, gamma=gamma, beta=beta, eps=eps, out=out, chain=chain)
+
+
+def _patterns(b):
+    """Return ({node id: emitter} for the last node of each pattern, ids of the nodes it replaces)."""
+    special, members = {}, {}
+    for node in b.g.live_nodes():
+        if node.prim.name == "subtract":
+            m = _match_batch_norm(b, node)
+            if m is not None:
+                special[m["out"].id] = lambda b, n, m=m: _emit_batch_norm(b, m)
+                members[m["out"].id] = m["chain"]
+        elif node.prim.name == "add" and len(node.inputs[1].shape) == 1:
+            mm = _producer(node.inputs[0], "matmul")
+            if mm is not None and _only_reader(b, mm.out, node) and len(mm.inputs[0].shape) == 2 \
+                    and len(mm.inputs[1].shape) == 2 and node.out.shape == mm.out.shape \
+                    and all(v.dtype == node.out.dtype for v in (*mm.inputs, node.inputs[1])) \
+                    and node.out.dtype.kind == "f":
+                special[node.id] = lambda b, n, mm=mm: b.op("Gemm", [b.vin(mm, 0), b.vin(mm, 1), b.vin(n, 1)])
+                members[node.id] = [mm, node]
+    # a replaced node is skipped only when every reader of its value is inside its pattern
+    skip = set()
+    for last, chain in members.items():
+        gone = {n.id for n in chain if n.id != last}
+        changed = True
+        while changed:                  # keep a node whose value a kept node or the outside still reads
+            changed = False
+            for n in chain:
+                if n.id in gone and any(r is None or (r.id not in gone and r.id != last)
+                                        for r in b.consumers.get(n.out.id, [])):
+                    gone.discard(n.id)
+                    changed = True
+        skip |= gone
+    return special, skip
+
+
+def _emit_batch_norm(b, m):
+    x = m["x"]
+    dt, c = x.dtype, x.shape[1]
+    scale = b.name(m["gamma"]) if m["gamma"] is not None else b.init(np.ones(c, dt), "bn_scale")
+    bias = b.name(m["beta"]) if m["beta"] is not None else b.init(np.zeros(c, dt), "bn_bias")
+    return b.op("BatchNormalization", [b.name(x), scale, bias, b.name(m["mean"]), b.name(m["var"])],
+                epsilon=m["eps"])
+
+
+# ==============================================================================================================
 # Errors for primitives with no ONNX form
 # ==============================================================================================================
 
@@ -693,8 +800,11 @@ def export(fn_or_module, *example_args, path=None, input_names=None, output_name
         else:                      # an argument the outputs do not depend on: keep the signature anyway
             shape, dt = (), np.dtype(np.float32)
         inputs.append(helper.make_tensor_value_info(nm, b.tensor_type(dt), list(shape)))
+    special, skip = _patterns(b)
     for node in g.live_nodes():
-        emit = _EMIT.get(node.prim.name)
+        if node.id in skip:
+            continue
+        emit = special.get(node.id) or _EMIT.get(node.prim.name)
         if emit is None:
             raise _unsupported(node)
         b.names[node.out.id] = emit(b, node)
