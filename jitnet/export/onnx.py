@@ -7,7 +7,10 @@ state-dict names; constants recorded by the trace become initializers too. Shape
 
 Exporting from the unfused graph rather than the plan keeps the mapping one table of primitives: fusion
 groups, native drivers and specialized kernels are jitnet's runtime choices, and ONNX runtimes fuse for
-themselves.
+themselves. Two patterns are recognized so that the model reads like the layers that made it: a 2-D matmul
+plus a bias vector becomes ``Gemm``, and an evaluation-mode batch norm (``(x - mean) / sqrt(var + eps) *
+gamma + beta`` on variables) becomes ``BatchNormalization``; nodes of a pattern whose values something else
+reads are kept.
 
 LSTM layers (``lstm_seq``, the whole sequence in one primitive) become ONNX's ``LSTM`` operator: one node
 whatever the length, which runtimes run with their own fused kernels. jitnet packs each step's state as
