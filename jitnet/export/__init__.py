@@ -1,6 +1,6 @@
 """Export of traced graphs: ONNX models (``jitnet.onnx.export``) and the graph ``SummaryWriter.add_graph`` writes.
 
-``graph.trace_graph`` records a function's unfused graph once (no kernels compiled); the ONNX exporter maps
+``graph.trace_graph`` records a function's unfused graph once (no plan built); the ONNX exporter maps
 its primitives to ONNX operators through the optional ``onnx`` package, imported only when exporting.
 """
 from .graph import TracedGraph, find_modules, trace_graph

@@ -1,7 +1,7 @@
 """Trace a function or module once into jitnet's graph IR for export (ONNX, TensorBoard).
 
 The trace is the same one ``jitnet.jit`` records (every primitive, with parameters as variable reads), minus
-the plan: no fusion and no kernel compilation, so the exporters see one node per primitive. Variables the
+the plan: no fusion and no generated step kernels, so the exporters see one node per primitive. Variables the
 traced code updates (an optimizer step, batch-norm moving averages) are put back afterwards, so exporting a
 training step leaves the model as it was.
 """

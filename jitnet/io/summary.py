@@ -493,7 +493,7 @@ class SummaryWriter:
         """Trace ``fn(*args, **kwargs)`` once and write its graph for the Graphs tab; return the number of nodes.
 
         ``fn`` is any function a ``jitnet.jit`` could compile (a training step, a model's forward, a Module).
-        Nothing is compiled, and variables the step updates are restored after the trace.
+        No plan is built (the ops run once, eagerly), and variables the step updates are restored after the trace.
         """
         traced = trace_graph(fn, args, kwargs)
         gd = graph_def(traced)
