@@ -73,8 +73,9 @@ def base_parser(prog, description, *, epochs, batch_size, lr, lr_decay=1.0, data
     p.add_argument("--no-jit", action="store_true", help="run the steps eagerly instead of under jitnet.jit")
     p.add_argument("--keep", type=int, default=3, help="checkpoints to keep (default 3)")
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
-    p.add_argument("--threads", type=int, default=None, help="kernel threads (default: all cores; with --distributed, the cores shared "
-                                                     "out among the ranks on this machine)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="kernel threads (default: all cores; with --distributed, the cores shared out among the "
+                        "ranks on this machine)")
     add_distributed_arg(p)
     add_nonfinite_args(p)
     return p
