@@ -237,3 +237,15 @@ def test_cnn_mnist_matches_onnxruntime():
     x = np.random.default_rng(10).random((2, 1, 28, 28), np.float32)
     model = _check(c.net, x, modules=[c.net])
     assert _ops(model).count("Conv") == 2
+
+
+def test_optional_packages_stay_optional(monkeypatch):
+    import subprocess
+    import sys
+    code = ("import sys, jitnet, jitnet.onnx, jitnet.io; "
+            "print(sorted(m for m in ('onnx', 'onnxruntime', 'tensorboard') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"                              # importing jitnet imports none of them
+    monkeypatch.setitem(sys.modules, "onnx", None)           # as if onnx were not installed
+    with pytest.raises(ImportError, match=r'pip install "jitnet\[interop\]"'):
+        jonnx.export(nn.Linear(2, 2), jn.tensor(np.zeros((1, 2), np.float32)))
