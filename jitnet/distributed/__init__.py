@@ -30,6 +30,7 @@ import numpy as np
 
 from ..autodiff.core import REGISTRY, Primitive, apply, no_grad
 from ..autodiff.sparse import IndexedSlices
+from ..optim.optimizer import Optimizer
 from ..tensor import Tensor
 
 __all__ = ["init", "is_initialized", "rank", "world_size", "barrier", "abort", "allreduce", "broadcast",
@@ -473,7 +474,7 @@ def plan_buckets(nbytes, dtypes, bucket_bytes=DEFAULT_BUCKET_BYTES):
     return buckets
 
 
-class DistributedOptimizer:
+class DistributedOptimizer(Optimizer):
     """Wrap ``optimizer`` for data-parallel training: same API, gradients averaged over the ranks in ``step``.
 
     Built on every rank after :func:`init`, it broadcasts rank ``root``'s parameters, optimizer slots and step
@@ -483,7 +484,9 @@ class DistributedOptimizer:
     (``IndexedSlices`` from embedding lookups) are gathered from every rank (``Allgather`` of values and
     indices, the values divided by the world size) and stay sparse. It works eagerly and inside a ``jn.jit``
     step, where the collectives are nodes of the compiled plan between the backward pass and the updates.
-    Everything else (``zero_grad``, ``param_groups``, ``state_dict``, ...) is the wrapped optimizer's.
+    Everything else (``zero_grad``, ``param_groups``, ``state_dict``, ...) is the wrapped optimizer's: the
+    two share their parameter groups, slots and step counter, so an ``lr_scheduler`` or a checkpoint works on
+    either.
     """
 
     def __init__(self, optimizer, bucket_bytes=DEFAULT_BUCKET_BYTES, module=None, root=0, broadcast=True):
@@ -491,8 +494,13 @@ class DistributedOptimizer:
             raise TypeError("DistributedOptimizer: the optimizer is already distributed")
         if bucket_bytes < 0:
             raise ValueError(f"DistributedOptimizer: bucket_bytes must be >= 0, got {bucket_bytes}")
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"DistributedOptimizer: expected a jitnet optimizer, got {type(optimizer).__name__}")
         _ctx()
+        # No Optimizer.__init__: the wrapped optimizer's groups, slots and step counter are shared, not copied.
         self.optimizer = optimizer
+        self.defaults, self.param_groups, self.state = optimizer.defaults, optimizer.param_groups, optimizer.state
+        self._owner, self.global_step = optimizer._owner, optimizer.global_step
         self.bucket_bytes = int(bucket_bytes)
         self._synced = False
         if broadcast:
@@ -500,6 +508,35 @@ class DistributedOptimizer:
 
     def __getattr__(self, name):
         return getattr(self.__dict__["optimizer"], name)
+
+    # the wrapped optimizer's rules
+    @property
+    def _needs_step(self):
+        return self.optimizer._needs_step
+
+    def _slot_inits(self, group):
+        return self.optimizer._slot_inits(group)
+
+    def _check_hyper(self, group):
+        return self.optimizer._check_hyper(group)
+
+    def _dense_update(self, p, g, slots, group, lr, t):
+        return self.optimizer._dense_update(p, g, slots, group, lr, t)
+
+    def _sparse_update(self, p, g, slots, group, lr, t):
+        return self.optimizer._sparse_update(p, g, slots, group, lr, t)
+
+    def add_param_group(self, group):
+        """Add a parameter group to the wrapped optimizer (shared); return the group."""
+        return self.optimizer.add_param_group(group)
+
+    def state_dict(self):
+        """Return the wrapped optimizer's state_dict."""
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict):
+        """Load into the wrapped optimizer; returns None (call ``broadcast_state`` to spread rank 0's)."""
+        return self.optimizer.load_state_dict(state_dict)
 
     def state_variables(self, module=None):
         """Return the variables that define the training state: parameters, slots, step counter (and buffers)."""
