@@ -20,9 +20,10 @@ never use one pay nothing.
 
 **Conversions** are ``@njit`` kernels on the 16-bit patterns (``uint16`` views): float32 <-> bfloat16 is a
 16-bit shift with round-to-nearest-even, float32 <-> float16 rebiases the exponent and handles subnormals,
-infinities and NaN. Measured on 1M elements they run 5-9x faster than NumPy's ``astype`` through ``ml_dtypes``
-and about 25x faster than NumPy's own float16 casts. Other sources (float64, integers, bool) use NumPy's
-``astype``, which rounds once.
+infinities and NaN. On 1M elements (2 cores) they took 0.14 ms (to bfloat16) and 0.11 ms (from), against
+0.90 and 0.44 ms for NumPy's ``astype`` through ``ml_dtypes``, and 0.51 / 0.67 ms against NumPy's own float16
+casts' 2.6 / 1.7 ms (a float32 copy: 0.09 ms). Other sources (float64, integers, bool) use NumPy's ``astype``,
+which rounds once.
 """
 from __future__ import annotations
 

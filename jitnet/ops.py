@@ -548,6 +548,8 @@ def _contiguous(a):
     """Return a C-contiguous version of array ``a`` (copied by the generated copy kernel if needed)."""
     if a.flags.c_contiguous:
         return a
+    if _lowp.is_lowp(a.dtype):                   # views of float16/bfloat16 data: NumPy copies them
+        return np.array(a, order="C")
     return COPY.impl["cpu"](a)
 
 

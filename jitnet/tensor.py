@@ -6,8 +6,8 @@ import numpy as np
 from . import lowp as _lowp
 from .autodiff import core as _ad
 
-__all__ = ["Tensor", "Parameter", "Variable", "tensor", "as_tensor", "float32", "float64", "float16", "bfloat16", "int32",
-           "int64", "int8", "uint8", "bool_", "Device", "device", "get_default_dtype", "get_default_device",
+__all__ = ["Tensor", "Parameter", "Variable", "tensor", "as_tensor", "float32", "float64", "float16", "bfloat16",
+           "int32", "int64", "int8", "uint8", "bool_", "Device", "device", "get_default_dtype", "get_default_device",
            "set_default_device"]
 
 float16 = np.dtype(np.float16)
