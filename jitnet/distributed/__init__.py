@@ -223,12 +223,12 @@ def _allreduce_cpu(a, op="sum"):
     c = _CTX if _CTX is not None else _ctx()
     send = a if a.flags.c_contiguous else np.ascontiguousarray(a)
     out = np.empty(send.shape, send.dtype)
-    _enter(c, "allreduce")
-    if op == "sum" or op == "mean":
-        c.Allreduce(send, out, c.SUM)
-    else:
-        c.Allreduce(send, out, getattr(c.MPI, _OPS[op]))
-    _leave(c)
+    w = c.watchdog
+    if w is not None:
+        w.pending = ("allreduce", time.monotonic())
+    c.Allreduce(send, out, c.SUM if op == "sum" or op == "mean" else getattr(c.MPI, _OPS[op]))
+    if w is not None:
+        w.pending = None
     if op == "mean":
         np.multiply(out, out.dtype.type(1.0 / c.size), out=out)
     return out
@@ -335,6 +335,18 @@ def allreduce(x, op="mean", out=None):
     only) receives the result in place of a new tensor. ``mean`` and ``sum`` are differentiable (the gradient
     is the same reduction of the output gradients); works under ``jn.jit``.
     """
+    if op == "sum" and out is not None and _CTX is not None:      # the lean path: no checks beyond these
+        a, o = getattr(x, "_data", None), getattr(out, "_data", None)
+        if (type(a) is np.ndarray and type(o) is np.ndarray and a.dtype == o.dtype and a.shape == o.shape
+                and a.flags.c_contiguous and o.flags.c_contiguous and isinstance(out, Tensor)):
+            c = _CTX
+            w = c.watchdog
+            if w is not None:
+                w.pending = ("allreduce", time.monotonic())
+            c.Allreduce(a, o, c.SUM)
+            if w is not None:
+                w.pending = None
+            return out
     if op not in _OPS:
         raise ValueError(f"allreduce: op must be one of {', '.join(_OPS)}, got {op!r}")
     x = _as_tensor(x, "allreduce")
