@@ -266,9 +266,22 @@ def test_fashion_mnist_cnn_trained_in_one_library_scores_the_same_in_the_other()
     spec = importlib.util.spec_from_file_location("bench_torch_weights", path)
     tw = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tw)
-    _, n, rows = tw.run(steps=60, batch=32, test_limit=2000, jitnet_steps=20)
-    assert n in (500, 2000)                  # the embedded test subset, or the first 2000 of the full set
+    _, n, rows = tw.run(steps=40, batch=32, test_limit=1000, jitnet_steps=15)
+    assert n in (500, 1000)                  # the embedded test subset, or the first 1000 of the full set
     for r in rows:
-        assert r["trained_in"] > 0.5, r      # it learned something, so the comparison means something
+        assert r["trained_in"] > 0.4, r      # well above chance (0.1): the comparison means something
         assert abs(r["trained_in"] - r["loaded_in"]) <= 0.001, r
         assert r["max_logit_diff"] < 1e-3, r
+
+
+def test_bfloat16_checkpoints_load_as_float32(tmp_path):
+    st = pytest.importorskip("safetensors.torch")
+    pytest.importorskip("ml_dtypes")          # jitnet.io reads BF16 files through ml_dtypes' bfloat16
+    t = tnn.Linear(3, 2).to(torch.bfloat16)
+    st.save_file(t.state_dict(), str(tmp_path / "bf16.safetensors"))
+    want = t.weight.detach().float().numpy().T
+    for source in (str(tmp_path / "bf16.safetensors"), t):       # the file (read by jitnet.io) and the module
+        j = nn.Linear(3, 2)
+        load_torch_state_dict(j, source)
+        assert j.W.dtype == np.float32
+        np.testing.assert_array_equal(j.W.numpy(), want)
