@@ -241,16 +241,18 @@ def _bucket_cpu(*arrays, average=True):
     for a in arrays:
         total += a.size
     out = np.empty(total, arrays[0].dtype)
+    scale = out.dtype.type(1.0 / c.size)
     o = 0
-    for a in arrays:
+    for a in arrays:                        # packing and the division by N in one pass over each gradient
         n = a.size
-        out[o:o + n] = a.reshape(-1)
+        if average:
+            np.multiply(a.reshape(-1), scale, out=out[o:o + n])
+        else:
+            out[o:o + n] = a.reshape(-1)
         o += n
     _enter(c, "allreduce (gradient bucket)")
     c.Allreduce(c.IN_PLACE, out, c.SUM)
     _leave(c)
-    if average:
-        np.multiply(out, out.dtype.type(1.0 / c.size), out=out)
     return out
 
 
