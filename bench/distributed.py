@@ -4,7 +4,9 @@
 
 1. Allreduce of float32 buffers from 1 KiB to 64 MiB between 2 ranks (``mpiexec -n 2``): mpi4py's own
    ``comm.Allreduce(a, b)`` against jitnet's ``distributed.allreduce(t, "sum", out=o)`` on the same buffers,
-   and against ``distributed.allreduce(t, "sum")``, which returns a new tensor (what a training step uses).
+   and against ``distributed.allreduce(t, "sum")``, which returns a new tensor (what a training step uses;
+   with the training command's malloc setting, so a new output reuses freed memory instead of faulting in
+   fresh pages).
    The calls run in alternating blocks; each figure is the median time per call on rank 0, shown as
    algorithm bandwidth (bytes / time). Goal: jitnet's overhead over mpi4py <= 10%.
 2. Training throughput (examples/s) of the CLI's models, jitted step, Adam, the CLI's batch: 2 ranks x 1 thread
@@ -92,6 +94,7 @@ def worker_allreduce(sizes, quick):
     import jitnet as jn
     import jitnet.distributed as dist
     r, n = dist.init()
+    jn.set_malloc_tuning(True)                 # as in training (the CLI's setting): new outputs reuse memory
     comm = dist._ctx().comm
     rows = []
     for size in sizes:
