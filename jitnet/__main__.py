@@ -373,7 +373,7 @@ def _abort_other_ranks(code, msg):
     """In a data-parallel run with several ranks, end them all (the others would wait for this one forever)."""
     dist = sys.modules.get("jitnet.distributed")
     if dist is not None and dist.is_initialized() and dist.world_size() > 1 and code:
-        dist.abort(code, msg)
+        dist.abort(code, "the error above")
 
 
 if __name__ == "__main__":
