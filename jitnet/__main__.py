@@ -365,11 +365,11 @@ def main(argv=None) -> int:
             import traceback
             traceback.print_exc()
         print(f"jitnet {args.cmd}: error: {msg}", file=sys.stderr, flush=True)
-        _abort_other_ranks(code, msg)
+        _abort_other_ranks(code)
         return code
 
 
-def _abort_other_ranks(code, msg):
+def _abort_other_ranks(code):
     """In a data-parallel run with several ranks, end them all (the others would wait for this one forever)."""
     dist = sys.modules.get("jitnet.distributed")
     if dist is not None and dist.is_initialized() and dist.world_size() > 1 and code:
