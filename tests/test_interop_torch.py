@@ -139,6 +139,11 @@ def test_gru_and_cells_both_ways():
     out, h = j(_jn(x))
     np.testing.assert_allclose(out.numpy(), tout.numpy(), **TOL)
     np.testing.assert_allclose(h.numpy(), th.numpy(), **TOL)
+    # an Elman RNN: torch's two biases become jitnet's one
+    tr, jr = tnn.RNN(3, 4, batch_first=True), nn.RNN(3, 4)
+    load_torch_state_dict(jr, tr)
+    with torch.no_grad():
+        np.testing.assert_allclose(jr(_jn(x))[0].numpy(), tr(torch.from_numpy(x))[0].numpy(), **TOL)
     # single cells, jitnet -> torch: GRUCell keeps both biases, LSTMCell's one bias goes to bias_ih
     x2, h2 = rng.standard_normal((2, 3)).astype(np.float32), rng.standard_normal((2, 4)).astype(np.float32)
     for jc, tc in ((nn.GRUCell(3, 4), tnn.GRUCell(3, 4)), (nn.LSTMCell(3, 4), tnn.LSTMCell(3, 4))):
@@ -155,31 +160,36 @@ def test_gru_and_cells_both_ways():
                 np.testing.assert_allclose(tc_.numpy(), jcc.numpy(), **TOL)
 
 
-def test_seq2seq_encoder_from_torch():
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_seq2seq_encoder_from_torch(cell):
     from jitnet.models.seq2seq import Seq2Seq
 
     class Encoder(tnn.Module):
         def __init__(self):
             super().__init__()
             self.embedding = tnn.Embedding(7, 3)
-            self.rnn = tnn.LSTM(3, 4, num_layers=2, batch_first=True)
+            self.rnn = (tnn.LSTM if cell == "lstm" else tnn.GRU)(3, 4, num_layers=2, batch_first=True)
 
     torch.manual_seed(4)
     t = Encoder()
-    j = Seq2Seq(7, 9, embed=3, hidden=4, layers=2, cell="lstm")
+    j = Seq2Seq(7, 9, embed=3, hidden=4, layers=2, cell=cell)
+    g = 4 if cell == "lstm" else 3
     # the encoder alone: the decoder, attention, output layer and target embedding stay unmatched
-    with pytest.raises(ValueError, match=r"decoder_0/W_ih \(7, 16\)"):
+    with pytest.raises(ValueError, match=rf"decoder_0/W_ih \(7, {4 * g}\)"):
         load_torch_state_dict(j, t)
     rep = load_torch_state_dict(j, t, strict=False)
     assert [p[0] for p in rep.pairs] == ["src_embed", "encoder_0", "encoder_1"]
     assert not rep.unexpected
-    assert {n for n, _ in rep.missing} >= {"tgt_embed/W", "decoder_0/b", "attention/query_proj/W", "out/b"}
+    assert {n for n, _ in rep.missing} >= {"tgt_embed/W", "decoder_0/W_hh", "attention/query_proj/W", "out/b"}
     src = np.array([[1, 2, 3, 4], [6, 5, 0, 2]], np.int64)
     enc, finals = j.encode(_jn(src), _jn(np.ones_like(src, np.uint8)))
     with torch.no_grad():
-        tout, (th, tc) = t.rnn(t.embedding(torch.from_numpy(src)))
+        tout, tstate = t.rnn(t.embedding(torch.from_numpy(src)))
     np.testing.assert_allclose(enc.numpy().transpose(1, 0, 2), tout.numpy(), **TOL)
-    np.testing.assert_allclose(finals[1].numpy()[:, 4:8], tc[1].numpy(), **TOL)   # packed state [h, c, ...]
+    if cell == "lstm":        # the packed LSTM state is [h, c, ...]
+        np.testing.assert_allclose(finals[1].numpy()[:, 4:8], tstate[1][1].numpy(), **TOL)
+    else:
+        np.testing.assert_allclose(finals[1].numpy(), tstate[1].numpy(), **TOL)
 
 
 def test_bahdanau_attention_from_torch():

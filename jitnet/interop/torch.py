@@ -36,6 +36,9 @@ registration order) is walked in natural name order (``2.weight`` before ``10.we
 Not mapped (reported with the reason): bidirectional recurrent layers (``*_reverse``), ``LSTM(proj_size=)``,
 ``torch.nn.MultiheadAttention``, and layers jitnet does not have (``LayerNorm``, ``Conv1d``, ...).
 
+Only weights and running statistics are mapped: the layers' settings (padding, stride, eps, an RNN's
+nonlinearity, dropout) are the two model definitions' to agree on.
+
 Nothing here imports PyTorch unless a torch module or tensor is given, or ``as_torch=True`` is asked for.
 """
 from __future__ import annotations
