@@ -53,7 +53,7 @@ MALFORMED = [
     ("deep_nesting", lambda good: _raw_file(_deep(100_000)), "nested too deeply"),
     ("deep_list", lambda good: _raw_file("[" * 100_000 + "]" * 100_000), "nested too deeply"),
     ("dtype_unknown", lambda good: _raw_file({"a": _entry("Q7")}, bytes(8)), "unsupported dtype 'Q7'"),
-    ("dtype_bf16", lambda good: _raw_file({"a": _entry("BF16", (4,))}, bytes(8)), "unsupported dtype 'BF16'"),
+    ("dtype_f8", lambda good: _raw_file({"a": _entry("F8_E4M3", (8,))}, bytes(8)), "unsupported dtype 'F8_E4M3'"),
     ("dtype_list", lambda good: _raw_file({"a": _entry([1])}, bytes(8)), "dtype"),
     ("dtype_null", lambda good: _raw_file({"a": _entry(None)}, bytes(8)), "dtype"),
     ("shape_float", lambda good: _raw_file({"a": _entry(shape=[2.0])}, bytes(8)), "shape"),

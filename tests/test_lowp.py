@@ -177,6 +177,16 @@ def test_backward_gives_low_precision_gradients(dt):
 
 
 @pytest.mark.parametrize("dt", LOWP)
+def test_non_finite_checks_see_low_precision(dt, tmp_path):
+    x = jn.tensor([1.0, -1.0], dtype=dt)
+    with pytest.raises(FloatingPointError, match=r"sqrt:f32 produced NaN.*\n.*sqrt:f32\(%s\[2\]\)" % dt.name):
+        with jn.debug_nans():
+            jn.sqrt(x)
+    with pytest.raises(ValueError, match="non-finite.*tensor 'w'"):
+        jn.io.Saver(tmp_path).save({"w": jn.tensor([1.0, np.inf], dtype=dt)}, 1)
+
+
+@pytest.mark.parametrize("dt", LOWP)
 def test_optimizer_updates_compute_in_float32_and_write_back_rounded(dt):
     p32 = _round(_rng(3).standard_normal(5), dt)
     g32 = _round(_rng(4).standard_normal(5), dt)

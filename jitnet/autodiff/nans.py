@@ -80,7 +80,7 @@ class suspended:
 def check_array(a):
     """Return None when ``a`` holds only finite values (or is not floating), else "NaN" or "inf"."""
     if isinstance(a, np.ndarray):
-        if a.dtype.kind not in "fc" or a.size == 0:
+        if (a.dtype.kind not in "fc" and a.dtype.name != "bfloat16") or a.size == 0:
             return None
         if np.isfinite(a).all():
             return None

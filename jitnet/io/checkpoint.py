@@ -209,7 +209,7 @@ def _nonfinite(prepared):
     """Return [(name, count, size)] for the floating tensors among ``prepared`` holding NaN or Inf."""
     bad = []
     for name, _, arr in prepared:
-        if arr.dtype.kind in "fc" and arr.size:
+        if (arr.dtype.kind in "fc" or arr.dtype.name == "bfloat16") and arr.size:
             finite = np.isfinite(arr)
             if not finite.all():
                 bad.append((name, int(arr.size - np.count_nonzero(finite)), int(arr.size)))
