@@ -226,6 +226,7 @@ def test_unmatched_entries_are_named_with_shapes():
         load_torch_state_dict(j, t.state_dict())
     msg = str(e.value)
     assert "1/W (7, 3)" in msg and "2.weight (2, 7)" in msg and "1.weight (7,)" in msg
+    assert "needs PyTorch [weight (3, 7), bias (3,)]" in msg        # the closest layer and how it differs
     np.testing.assert_array_equal(j[1].W.numpy(), w_before)        # strict: nothing written
     rep = load_torch_state_dict(j, t.state_dict(), strict=False)
     assert [p[0] for p in rep.pairs] == ["0"] and not rep.complete

@@ -97,7 +97,10 @@ class TorchMapping:
         if self.unexpected:
             lines.append(f"{len(self.unexpected)} PyTorch entr{'y' if len(self.unexpected) == 1 else 'ies'} "
                          "not used:")
-            lines += [f"  {k} {tuple(s)}" + (f" ({why})" if why else "") for k, s, why in self.unexpected]
+            prev = None
+            for k, s, why in self.unexpected:      # a unit's reason once, on its first entry
+                lines.append(f"  {k} {tuple(s)}" + (f" ({why})" if why and why != prev else ""))
+                prev = why
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -407,16 +410,25 @@ def _match(junits, tunits):
                 break
     left_j = [ju for ju in junits if id(ju) not in used_j]
     left_t = [tu for tu in tunits if id(tu) not in used_t]
-    for ju in left_j:        # the same name but a different layer or shape: say what differs
-        for tu in by_name.get(ju.name, ()):
-            if id(tu) not in used_t:
-                js = ", ".join(f"{n} {_shape_of(v)}" for n, v in ju.tensors.items())
-                ts = ", ".join(f"{r} {tu.shape(r)}" for r in tu.tensors)
-                notes.append(f"{ju.name or '<root>'}: jitnet {ju.kind} [{js}] does not fit PyTorch "
-                             f"{tu.kind if tu.kind != 'w2d' else 'Linear/Embedding'} [{ts}]")
+    for ju in left_j:        # say which PyTorch unit came closest and how its shapes differ
+        near = [tu for tu in by_name.get(ju.name, ()) if id(tu) not in used_t and _same_kind(ju, tu)]
+        near = near or [tu for tu in left_t if _same_kind(ju, tu)]
+        if near:
+            tu = near[0]
+            want = ", ".join(f"{r} {a.shape}" for r, a in _to_torch(ju)[0].items() if r in tu.tensors)
+            got = ", ".join(f"{r} {tu.shape(r)}" for r in tu.tensors)
+            notes.append(f"jitnet {ju.name or '<root>'} ({ju.kind}) needs PyTorch [{want}]; the nearest "
+                         f"unmatched PyTorch layer {tu.name or '<root>'} has [{got}]")
     order = {id(ju): i for i, ju in enumerate(junits)}
     pairs.sort(key=lambda p: order[id(p[0])])
     return pairs, left_j, left_t, notes
+
+
+def _same_kind(ju, tu):
+    """Return True when PyTorch unit ``tu`` is the kind of layer jitnet unit ``ju`` is (shapes aside)."""
+    if ju.kind in ("linear", "embedding"):
+        return tu.kind == "w2d"
+    return tu.kind == ju.kind and ju.kind != "generic"
 
 
 def _report(pairs, left_j, left_t, notes):
