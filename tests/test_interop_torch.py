@@ -296,3 +296,20 @@ def test_bfloat16_checkpoints_load_as_float32(tmp_path):
         load_torch_state_dict(j, source)
         assert j.W.dtype == np.float32
         np.testing.assert_array_equal(j.W.numpy(), want)
+
+
+def test_bias_free_torch_conv_and_linear_load_as_zero_bias():
+    torch.manual_seed(8)
+    t = tnn.Sequential(tnn.Conv2d(2, 3, 3, bias=False), tnn.Flatten(), tnn.Linear(12, 2, bias=False))
+    j = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(12, 2))
+    _scramble(j, 8)
+    assert load_torch_state_dict(j, t).complete
+    np.testing.assert_array_equal(j[0].b.numpy(), 0)
+    np.testing.assert_array_equal(j[2].b.numpy(), 0)
+    x = np.random.default_rng(8).standard_normal((2, 2, 4, 4)).astype(np.float32)
+    with torch.no_grad():
+        np.testing.assert_allclose(j(_jn(x)).numpy(), t(torch.from_numpy(x)).numpy(), **TOL)
+    assert list(torch_state_dict(j, like=t)) == ["0.weight", "2.weight"]     # zero biases: nothing lost
+    j[2].b.assign(np.array([1.0, 0.0], np.float32))
+    with pytest.raises(ValueError, match=r"2: the PyTorch layer has no bias.*max \|b\| = 1"):
+        torch_state_dict(j, like=t)

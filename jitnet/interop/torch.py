@@ -36,6 +36,9 @@ registration order) is walked in natural name order (``2.weight`` before ``10.we
 Not mapped (reported with the reason): bidirectional recurrent layers (``*_reverse``), ``LSTM(proj_size=)``,
 ``torch.nn.MultiheadAttention``, and layers jitnet does not have (``LayerNorm``, ``Conv1d``, ...).
 
+A PyTorch ``Linear``/``Conv2d``/``LSTM`` made with ``bias=False`` loads into a jitnet layer with a bias as a
+zero bias; the way back, a nonzero jitnet bias that the PyTorch layer cannot hold is reported.
+
 Only weights and running statistics are mapped: the layers' settings (padding, stride, eps, an RNN's
 nonlinearity, dropout) are the two model definitions' to agree on.
 
@@ -279,16 +282,17 @@ def _fits(ju, tu):
     j, t = ju.tensors, tu.tensors
     k = ju.kind
     if k == "linear":
-        if tu.kind != "w2d" or ("b" in j) != ("bias" in t):
+        if tu.kind != "w2d" or ("bias" in t and "b" not in j):    # no bias in torch: jitnet's b becomes 0
             return False
         ok = tu.shape("weight") == _shape_of(j["W"])[::-1]
-        return ok and ("b" not in j or tu.shape("bias") == _shape_of(j["b"]))
+        return ok and ("b" not in j or "bias" not in t or tu.shape("bias") == _shape_of(j["b"]))
     if k == "embedding":
         return tu.kind == "w2d" and "bias" not in t and tu.shape("weight") == _shape_of(j["W"])
     if k == "conv":
-        if tu.kind != "conv" or ("b" in j) != ("bias" in t):
+        if tu.kind != "conv" or ("bias" in t and "b" not in j):
             return False
-        return tu.shape("weight") == _shape_of(j["W"]) and ("b" not in j or tu.shape("bias") == _shape_of(j["b"]))
+        return tu.shape("weight") == _shape_of(j["W"]) and ("b" not in j or "bias" not in t
+                                                            or tu.shape("bias") == _shape_of(j["b"]))
     if k == "bn":
         if tu.kind != "bn" or ("gamma" in j) != ("weight" in t) or ("beta" in j) != ("bias" in t):
             return False
@@ -308,13 +312,13 @@ def _fits(ju, tu):
 def _to_jitnet(ju, tu):
     """Return {jitnet variable name: array} for PyTorch unit ``tu`` converted into jitnet unit ``ju``'s layout."""
     t, k = tu.tensors, ju.kind
-    if k == "linear":
-        out = {"W": t["weight"].T}
-        if "bias" in t:
-            out["b"] = t["bias"]
+    if k in ("linear", "conv"):
+        out = {"W": t["weight"].T if k == "linear" else t["weight"]}
+        if "b" in ju.tensors:         # a PyTorch layer made with bias=False is the same layer with a zero bias
+            out["b"] = t["bias"] if "bias" in t else np.zeros(_shape_of(ju.tensors["b"]), t["weight"].dtype)
         return out
-    if k in ("embedding", "conv"):
-        return {"W": t["weight"], **({"b": t["bias"]} if "bias" in t else {})}
+    if k == "embedding":
+        return {"W": t["weight"]}
     if k == "bn":
         out = {"moving_mean": t["running_mean"], "moving_var": t["running_var"]}
         if "weight" in t:
@@ -364,16 +368,22 @@ def _to_torch(ju, roles=None):
         else:
             out.update(bias_ih=j["b"], bias_hh=np.zeros_like(j["b"]))
         if roles is not None and not ({"bias_ih", "bias_hh"} & set(roles)):
-            total = out["bias_ih"] + out["bias_hh"]
-            if np.any(total != 0):
-                notes.append(f"{ju.name or '<root>'}: the PyTorch layer has no bias, but the jitnet biases are "
-                             f"not zero (max |b| = {float(np.abs(total).max()):.3g}); they are dropped")
+            _drop_bias(ju, out["bias_ih"] + out["bias_hh"], notes)
             del out["bias_ih"], out["bias_hh"]
     else:
         out = dict(j)
     if roles is not None:
+        if k in ("linear", "conv") and "bias" in out and "bias" not in roles:
+            _drop_bias(ju, out["bias"], notes)
         out = {r: out[r] for r in roles if r in out}
     return {r: np.ascontiguousarray(a) for r, a in out.items()}, notes
+
+
+def _drop_bias(ju, bias, notes):
+    """Note a nonzero jitnet bias that a bias-free PyTorch layer cannot hold (a zero one is no loss)."""
+    if np.any(bias != 0):
+        notes.append(f"{ju.name or '<root>'}: the PyTorch layer has no bias, but the jitnet bias is not zero "
+                     f"(max |b| = {float(np.abs(bias).max()):.3g}); it is dropped")
 
 
 # ==============================================================================================================
