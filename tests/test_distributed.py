@@ -175,8 +175,12 @@ def test_two_ranks_hold_the_parameters_of_one_process(tmp_path):
     rank1 = np.load(out + ".rank1.npz")
     cases = {k.split("/")[0] for k in res.files}
     assert cases == {"mlp_jit", "mlp_eager", "cnn_bn_jit", "embed_jit"}
+    # the MLP's compiled step: one native driver, one collective per bucket (3 of 256 bytes), one driver
+    assert int(res["mlp_jit/dp/buckets"]) == 3
+    assert res["mlp_jit/dp/plan_steps"].tolist() == [3 + 2]
+    assert int(res["embed_jit/dp/sparse"]) == 1
     for k in res.files:
-        if "/dp/" not in k:
+        if "/dp/" not in k or k.split("/")[-1] in ("plan_steps", "buckets", "sparse"):
             continue
         dp, ref, init = res[k], res[k.replace("/dp/", "/ref/")], res[k.replace("/dp/", "/init/")]
         np.testing.assert_allclose(dp, ref, rtol=1e-4, atol=2e-6, err_msg=k)

@@ -579,35 +579,41 @@ class DistributedOptimizer(Optimizer):
         if c.size == 1:
             return pairs
         out = [None] * len(pairs)
-        dense = []
+        dense, sparse = [], []
         with no_grad():
             for i, (g, v) in enumerate(pairs):
                 if isinstance(g, IndexedSlices):
-                    if g.dense_at_leaf:
-                        g = g.to_dense()
-                    else:
-                        vals = apply(ALLGATHER, g.values)
-                        idx = apply(ALLGATHER, g.indices)
-                        vals = vals * (1.0 / c.size)
-                        out[i] = (IndexedSlices(vals, idx, g.dense_shape), v)
+                    if not g.dense_at_leaf:
+                        sparse.append((i, g, v))
                         continue
+                    g = g.to_dense()
                 if not isinstance(g, Tensor):
                     g = Tensor(np.asarray(g, dtype=v.dtype))
                 dense.append((i, g, v))
             buckets = plan_buckets([g.size * g.dtype.itemsize for _, g, _ in dense],
                                    [g.dtype for _, g, _ in dense], self.bucket_bytes)
+            # Every collective first, then the unpacking: in a compiled step the collectives then sit between
+            # the backward pass's native driver and one driver for the views and updates that follow.
+            reduced = []
             for b in buckets:
                 items = [dense[j] for j in b]
                 if len(items) == 1:
+                    reduced.append((items, apply(ALLREDUCE, items[0][1], op="mean")))
+                else:
+                    reduced.append((items, apply(ALLREDUCE_BUCKET, *[g for _, g, _ in items], average=True)))
+            gathered = [(i, g, v, apply(ALLGATHER, g.values), apply(ALLGATHER, g.indices)) for i, g, v in sparse]
+            for items, flat in reduced:
+                if len(items) == 1:
                     i, g, v = items[0]
-                    out[i] = (apply(ALLREDUCE, g, op="mean"), v)
+                    out[i] = (flat, v)
                     continue
-                flat = apply(ALLREDUCE_BUCKET, *[g for _, g, _ in items], average=True)
                 o = 0
                 for i, g, v in items:
                     n = g.size
                     out[i] = (flat[o:o + n].reshape(g.shape), v)
                     o += n
+            for i, g, v, vals, idx in gathered:
+                out[i] = (IndexedSlices(vals * (1.0 / c.size), idx, g.dense_shape), v)
         return out
 
     def synchronize(self):

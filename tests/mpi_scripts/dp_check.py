@@ -96,7 +96,17 @@ def train_dp(case, r, n):
     for xb, yb in loader:
         fn(xb, yb)
     dist.average_buffers(net)
-    return state(net)
+    out = state(net)
+    if not case.endswith("eager"):
+        # the compiled step: one native driver before the collectives, one per bucket, one driver after
+        plans = [c.plan for c in fn._cache.values()]
+        out["plan_steps"] = np.array([len(p.steps) for p in plans])
+        pairs = [(p.grad, p) for p in opt._all_params()]
+        dense = [g for g, _ in pairs if isinstance(g, jn.Tensor)]
+        out["buckets"] = np.array(len(dist.plan_buckets([g.size * 4 for g in dense], [g.dtype for g in dense],
+                                                        opt.bucket_bytes)))
+        out["sparse"] = np.array(len(pairs) - len(dense))
+    return out
 
 
 def train_ref(case, n):
