@@ -34,7 +34,7 @@ from .autodiff import core as _ad
 from .autodiff.core import Primitive
 from .kernels_cpu import Adaptive
 
-__all__ = ["bfloat16", "float16", "bfloat16_dtype", "is_lowp", "is_floating", "convert", "enable"]
+__all__ = ["bfloat16", "float16", "bfloat16_dtype", "is_lowp", "is_bf16", "is_floating", "convert", "enable"]
 
 INSTALL_HINT = 'pip install "jitnet[interop]"'
 
@@ -99,6 +99,11 @@ bfloat16 = BFloat16()
 def is_lowp(dt) -> bool:
     """Return True for float16 and bfloat16 dtypes (the storage-only types)."""
     return dt.itemsize == 2 and (dt.kind == "f" or (dt.kind == "V" and dt.name == "bfloat16"))
+
+
+def is_bf16(dt) -> bool:
+    """Return True for the bfloat16 dtype (without importing ml_dtypes; False for None)."""
+    return dt is not None and dt.kind == "V" and dt.name == "bfloat16"
 
 
 def is_floating(dt) -> bool:
@@ -222,7 +227,7 @@ def convert(a, dtype):
 
 #: primitives that act on low-precision arrays as they are: conversions, data movement and loop plumbing
 #: (a loop's body was traced with the low-precision tensors, whose ops follow the rule inside the body).
-NATIVE = frozenset({"scan", "while_loop", "tuple_get", "s2s_unpack", "to_device", "identity",
+NATIVE = frozenset({"scan", "while_loop", "tuple_get", "s2s_unpack", "identity",
                     "stop_gradient", "reshape", "transpose", "broadcast_to", "flip"})
 
 
@@ -304,6 +309,8 @@ def _lowp_in(inputs, params):
             dt = d.dtype
             if dt.itemsize == 2 and dt.kind in "fV":
                 return True
+        elif is_bf16(getattr(d, "dtype", None)):               # a device array (float16 runs natively there)
+            return True
     for v in params.values():
         if isinstance(v, np.dtype) and is_lowp(v):
             return True
@@ -318,6 +325,11 @@ def rule(prim, inputs, params):
         return prim
     if not _lowp_in(inputs, params):
         return prim
+    if prim.name == "to_device" or not all(isinstance(t._data, (np.ndarray, tuple)) for t in inputs):
+        if any(is_bf16(getattr(t._data, "dtype", None)) for t in inputs):
+            raise TypeError(f"{prim.name}: bfloat16 tensors live on the CPU (no GPU kernel reads them); "
+                            "convert with .float() or .half() before moving to the GPU")
+        return prim                        # float16 moves to a GPU, whose kernels compute it natively
     if prim.name == "cast":
         return CONVERT
     return _derive(prim)

@@ -109,6 +109,9 @@ def _on_device(arr, dev):
         return _cuda.to_host(arr)
     from . import cuda as _cuda
     _cuda.require(f"to({str(dev)!r})", dev.index)
+    if isinstance(arr, np.ndarray) and _lowp.is_bf16(arr.dtype):
+        raise TypeError("bfloat16 tensors live on the CPU (no GPU kernel reads them); convert with .float() or "
+                        ".half() before moving to the GPU")
     return _cuda.to_device(arr) if isinstance(arr, np.ndarray) else arr
 
 
