@@ -1,6 +1,7 @@
 """Data-parallel training over MPI: collective throughput and the cost of data parallelism on the same cores.
 
-    python bench/distributed.py [--quick] [--models mlp cnn_mnist] [--steps 100] [--cnn-steps 30] [--json out]
+    python bench/distributed.py [--quick] [--models mlp cnn_mnist] [--steps 200] [--cnn-steps 40]
+                                [--bucket-bytes N] [--repeats 3] [--json out]
 
 1. Allreduce of float32 buffers from 1 KiB to 64 MiB between 2 ranks (``mpiexec -n 2``): mpi4py's own
    ``comm.Allreduce(a, b)`` against jitnet's ``distributed.allreduce(t, "sum", out=o)`` on the same buffers,
@@ -128,7 +129,7 @@ def worker_allreduce(sizes, quick):
     return rows if r == 0 else None
 
 
-def worker_train(name, steps, warmup, threads):
+def worker_train(name, steps, warmup, threads, bucket_bytes=None):
     """Time ``steps`` jitted training steps of model ``name`` (data-parallel under mpiexec); return a dict."""
     import numpy as np
 
@@ -144,7 +145,9 @@ def worker_train(name, steps, warmup, threads):
     jn.random.seed(0)
     model = {"mlp": lambda: V.MLP(), "cnn_mnist": lambda: V.CNNMnist(), "cnn_cifar": lambda: V.CNNCifar()}[name]()
     if n > 1:
-        model.opt = dist.DistributedOptimizer(model.opt, module=model.net)
+        model.opt = dist.DistributedOptimizer(model.opt, module=model.net,
+                                              bucket_bytes=dist.DEFAULT_BUCKET_BYTES if bucket_bytes is None
+                                              else bucket_bytes)
     b = BATCH[name] // n
     rng = np.random.default_rng(r)
     x = jn.tensor(rng.random((b,) + SHAPE[name], dtype=np.float32))
@@ -193,6 +196,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=200, help="timed steps (MLP)")
     p.add_argument("--cnn-steps", type=int, default=40, help="timed steps (CNNs)")
     p.add_argument("--repeats", type=int, default=3, help="fresh runs of each training configuration")
+    p.add_argument("--bucket-bytes", type=int, default=None,
+                   help="DistributedOptimizer's bucket size (default: jitnet.distributed.DEFAULT_BUCKET_BYTES)")
     p.add_argument("--skip-allreduce", action="store_true")
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--json", default=None)
@@ -208,7 +213,7 @@ def main(argv=None):
         if args.task == "allreduce":
             res = worker_allreduce(args.sizes, args.quick)
         else:
-            res = worker_train(args.task, args.steps, args.warmup, args.threads)
+            res = worker_train(args.task, args.steps, args.warmup, args.threads, args.bucket_bytes)
         if res is not None:
             with open(args.out, "w") as f:
                 json.dump(res, f)
@@ -232,6 +237,8 @@ def main(argv=None):
         for name in args.models:
             steps = args.cnn_steps if name.startswith("cnn") else args.steps
             common = ["--task", name, "--steps", str(steps), "--warmup", "6" if args.quick else "8"]
+            if args.bucket_bytes is not None:
+                common += ["--bucket-bytes", str(args.bucket_bytes)]
             one, two = [], []
             for _ in range(args.repeats):
                 one.append(_run_worker(common + ["--threads", "2"], 1, 2))
