@@ -234,3 +234,32 @@ def test_collectives_stay_out_of_the_kernel_registry():
     from jitnet.autodiff.core import REGISTRY
     assert not [n for n in REGISTRY if n.startswith("mpi_")]        # the registry sweeps would find no kernel
     assert dist.ALLREDUCE.extra["random"] and dist.ALLGATHER.impl["cuda"] is not None
+
+
+def test_skipgram_ranks_split_every_batch_between_them():
+    from types import SimpleNamespace
+
+    from jitnet.models import skipgram as S
+
+    class Recorder:
+        """Stands in for SkipGramModel: records the pairs of each step; the rng is used as the real step does."""
+
+        def __init__(self):
+            self.sg = SimpleNamespace(vocab=SimpleNamespace(counts=np.ones(20)), _normed=None)
+            self.opt = SimpleNamespace(param_groups=[{"lr": 1.0}])
+            self.steps = []
+
+        def train_step(self, centers, labels, rng):
+            S.sample_negatives(np.arange(20, dtype=np.int64), (len(centers), 2), rng)
+            self.steps.append(sorted(zip(centers.tolist(), labels.tolist())))
+            return jn.tensor(np.float32(1.0))
+
+    ids = np.random.default_rng(0).integers(0, 20, 300)
+    one, ranks = Recorder(), [Recorder(), Recorder()]
+    S.train_model(one, ids, batch_size=16, window=2, sample=0, seed=4, max_steps=6)
+    for r, m in enumerate(ranks):
+        S.train_model(m, ids, batch_size=16, window=2, sample=0, seed=4, max_steps=6, rank=r, world_size=2)
+    assert len(one.steps) == len(ranks[0].steps) == len(ranks[1].steps) == 6
+    for k in range(6):
+        assert len(ranks[0].steps[k]) == len(ranks[1].steps[k]) == 8
+        assert sorted(ranks[0].steps[k] + ranks[1].steps[k]) == one.steps[k]
