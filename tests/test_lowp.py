@@ -412,8 +412,27 @@ def _replay(prim, arrays, params, dt):
         got = apply(prim, *[jn.Tensor._wrap(a) for a in low], **p_low)._data
     inplace = prim.extra.get("inplace", ())
     pairs = [(got, want)] + [(low[i], wide[i]) for i in inplace]
+    if prim.vjp is not None and not prim.nondiff and isinstance(got, np.ndarray) and got.dtype == dt:
+        _check_vjp(prim, low, got, p_low, dt, [_floatish(a) for a in arrays])
     return pairs, any(_floatish(a) for a in arrays) or any(isinstance(v, np.dtype) and v == np.float32
                                                           for v in params.values())
+
+
+def _check_vjp(prim, low, got, params, dt, needs):
+    """The VJP runs on the low-precision tensors (through the rule) and gives gradients of their dtype."""
+    ins = [jn.Tensor._wrap(a) for a in low]
+    ans = jn.Tensor._wrap(got)
+    try:
+        grads = prim.vjp(jn.ones_like(ans), ans, ins, needs, **params)
+    except (NotImplementedError, TypeError) as e:          # backward kernels refuse second-order gradients,
+        assert str(e).split(":")[0] in (prim.name, prim.name.replace("_grad", "")), (prim.name, str(e))
+        return
+    for i, gr in enumerate(grads):
+        if gr is None or not needs[i]:
+            continue
+        gr = getattr(gr, "values", gr)                        # IndexedSlices: the rows
+        assert gr.dtype == dt, f"{prim.name}: gradient {i} has dtype {gr.dtype}, expected {dt}"
+        assert np.isfinite(gr.numpy().astype(np.float32)).all(), prim.name
 
 
 def _check_pairs(name, pairs, dt):
