@@ -6,7 +6,7 @@ to the NumPy dtype on first use, so importing jitnet never imports ``ml_dtypes``
 raises an ImportError naming the extra. It compares equal to the dtype (``t.dtype == jn.bfloat16``) and NumPy
 accepts it wherever a dtype is expected (``np.zeros(3, jn.bfloat16)``).
 
-**Compute rule.** Numba has no arithmetic on either type, so no kernel ever sees one: every primitive called on
+**Compute rule.** Numba's CPU target has no arithmetic on either type, so no CPU kernel sees one: a primitive on
 a float16/bfloat16 input (or asked for such an output through a ``dtype=`` parameter) runs on float32 copies of
 those inputs and its float32 outputs are rounded (to nearest, ties to even) back to the storage dtype when
 all of its floating inputs share that dtype; mixed with float32/float64 the result is the wider type, and
@@ -15,8 +15,8 @@ rounded results back into the low-precision arrays. Views (reshape, transpose, b
 primitives act on the stored arrays directly. The rule is one hook in ``autodiff.core.apply``: it swaps the
 primitive for a derived row (``<name>:f32``) whose impl widens, calls the original impl and rounds, and
 whose VJP is the original one, so gradients flow, jitted steps record the derived rows, and backward passes
-follow the same rule. The hook is installed the first time a low-precision dtype appears, so programs that
-never use one pay nothing.
+follow the same rule. The hook is installed the first time a low-precision dtype appears; until then
+``apply`` pays one global test. On a GPU float16 runs in the CUDA kernels as is; bfloat16 stays on the CPU.
 
 **Conversions** are ``@njit`` kernels on the 16-bit patterns (``uint16`` views): float32 <-> bfloat16 is a
 16-bit shift with round-to-nearest-even, float32 <-> float16 rebiases the exponent and handles subnormals,
@@ -225,8 +225,9 @@ def convert(a, dtype):
 # The compute rule (installed into autodiff.core.apply by enable())
 # --------------------------------------------------------------------------------------------------------------
 
-#: primitives that act on low-precision arrays as they are: conversions, data movement and loop plumbing
-#: (a loop's body was traced with the low-precision tensors, whose ops follow the rule inside the body).
+#: primitives that act on low-precision arrays as they are: views and loop plumbing (a loop's body was
+#: traced with the low-precision tensors, whose ops follow the rule inside the body). ``cast`` becomes
+#: ``convert``; a view with index arrays (``getitem``) gathers in float32 like any other primitive.
 NATIVE = frozenset({"scan", "while_loop", "tuple_get", "s2s_unpack", "identity",
                     "stop_gradient", "reshape", "transpose", "broadcast_to", "flip"})
 
