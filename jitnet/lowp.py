@@ -303,15 +303,7 @@ def _round(out, tgt):
     return out
 
 
-def _lowp_in(inputs, params):
-    for t in inputs:
-        d = t._data
-        if isinstance(d, np.ndarray):
-            dt = d.dtype
-            if dt.itemsize == 2 and dt.kind in "fV":
-                return True
-        elif is_bf16(getattr(d, "dtype", None)):               # a device array (float16 runs natively there)
-            return True
+def _lowp_param(params):
     for v in params.values():
         if isinstance(v, np.dtype) and is_lowp(v):
             return True
@@ -320,11 +312,16 @@ def _lowp_in(inputs, params):
 
 def rule(prim, inputs, params):
     """Return the primitive that ``apply`` runs: ``prim`` itself, or its float32 row for low-precision data."""
+    for t in inputs:                          # the common case first: no input is float16/bfloat16
+        dt = getattr(t._data, "dtype", None)
+        if dt is not None and dt.itemsize == 2 and dt.kind in "fV":
+            break
+    else:
+        if not params or not _lowp_param(params):
+            return prim
     if prim.name in NATIVE or prim is CONVERT or "lowp_of" in prim.extra:
         return prim
     if prim.kind == "view" and len(inputs) < 2:          # basic indexing and other views: NumPy views
-        return prim
-    if not _lowp_in(inputs, params):
         return prim
     if prim.name == "to_device" or not all(isinstance(t._data, (np.ndarray, tuple)) for t in inputs):
         if any(is_bf16(getattr(t._data, "dtype", None)) for t in inputs):
