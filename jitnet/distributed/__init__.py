@@ -180,6 +180,9 @@ def abort(code=1, reason=None):
     sys.stdout.flush()
     if c is None or n == 1:
         raise SystemExit(code)
+    # MPI_Abort tears the job down at once; the launcher forwards this rank's last output (the traceback and
+    # the line above) only if it has read it first: give it a moment
+    time.sleep(0.5)
     c.comm.Abort(int(code) or 1)
 
 
