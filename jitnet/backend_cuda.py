@@ -21,9 +21,6 @@ from . import kernels_gpu as KG
 from .autodiff import core as _ad
 from .kernelgen import ElementwiseProgram
 from .kernelgen_cuda import elementwise_kernel
-from .kernels_scalar import adam_scalars as _KS_adam_scalars_jit
-
-_KS_adam_scalars = _KS_adam_scalars_jit.py_func     # Adam's bias correction, shared with the CPU paths
 
 _bool = np.dtype(np.bool_)
 _i64 = np.dtype(np.int64)
@@ -31,13 +28,13 @@ _f32 = np.dtype(np.float32)
 _f64 = np.dtype(np.float64)
 
 
-def _launch(kernel, n, *args):
+def launch(kernel, n, *args):
     """Launch a 1-D kernel for ``n`` work items (grid computed from n; nothing for n == 0)."""
     if n > 0:
         kernel[KG.grid(n), KG.BLOCK](*args)
 
 
-def _launch_rows(kernel, m, *args):
+def launch_rows(kernel, m, *args):
     """Launch a block-per-row kernel over ``m`` rows."""
     if m > 0:
         kernel[max(1, min(m, KG.MAX_BLOCKS)), KG.BLOCK](*args)
@@ -77,9 +74,9 @@ def full(shape, value, dtype):
         if dtype == _bool:
             v = np.uint8(bool(value))
             flat = C.view(out, (n,), (1,), 0)
-            _launch(KG.fill, n, _as_u8(flat), v)
+            launch(KG.fill, n, _as_u8(flat), v)
         else:
-            _launch(KG.fill, n, C.reshape(out, (n,)), v)
+            launch(KG.fill, n, C.reshape(out, (n,)), v)
     return out
 
 
@@ -102,9 +99,9 @@ def arange(start, stop, step, dtype):
     n = max(0, int(math.ceil((stop - start) / step)))
     out = C.empty((n,), dtype)
     if dtype.kind in "iu":
-        _launch(KG.arange_fill, n, out, np.int64(start), np.int64(step))
+        launch(KG.arange_fill, n, out, np.int64(start), np.int64(step))
     else:
-        _launch(KG.arange_fill, n, out, np.float64(start), np.float64(step))
+        launch(KG.arange_fill, n, out, np.float64(start), np.float64(step))
     return out
 
 
@@ -112,7 +109,7 @@ def linspace(start, stop, num, dtype):
     """Return ``np.linspace(start, stop, num)`` computed on the device."""
     step = (stop - start) / (num - 1) if num > 1 else 0.0
     out = C.empty((num,), dtype)
-    _launch(KG.arange_fill, num, out, np.float64(start), np.float64(step))
+    launch(KG.arange_fill, num, out, np.float64(start), np.float64(step))
     if num > 1:
         copy_into(C.view(out, (1,), (out.dtype.itemsize,), (num - 1) * out.dtype.itemsize),
                   np.array(stop, dtype))
@@ -122,7 +119,7 @@ def linspace(start, stop, num, dtype):
 def eye(n, m, dtype, k=0):
     """Return an n x m identity matrix (ones on diagonal k) on the device."""
     out = C.empty((n, m), dtype)
-    _launch(KG.eye_fill, n * m, out, np.int64(k))
+    launch(KG.eye_fill, n * m, out, np.int64(k))
     return out
 
 
@@ -356,7 +353,7 @@ def _gather_view(x, shape, strides, off):
         isz = x.dtype.itemsize
         sh = tuple(shape) or (1,)
         st = tuple(s // isz for s in strides) or (0,)
-        _launch(KG.gather_strided, n, _extent_flat(x), off // isz, sh, st, _flat(out))
+        launch(KG.gather_strided, n, _extent_flat(x), off // isz, sh, st, _flat(out))
     return out
 
 
@@ -419,7 +416,7 @@ def _wrap(idx_arr, n, name):
     idx_arr = contiguous(idx_arr)
     out = C.empty(tuple(idx_arr.shape), _i64)
     err, opid = _err(name, "index")
-    _launch(KG.wrap_index, idx_arr.size, _flat(idx_arr), _flat(out), np.int64(n), err, opid)
+    launch(KG.wrap_index, idx_arr.size, _flat(idx_arr), _flat(out), np.int64(n), err, opid)
     return out
 
 
@@ -499,7 +496,7 @@ def _getitem_grad_impl(g, *arrays, template, shape):
         n = _prod(vshape)
         if n:
             gb = contiguous(broadcast_view(g, vshape))
-            _launch(KG.scatter_strided, n, _flat(gb), _flat(out), voff // isz, vshape or (1,),
+            launch(KG.scatter_strided, n, _flat(gb), _flat(out), voff // isz, vshape or (1,),
                     tuple(s // isz for s in vstrides) or (0,))
         return out
     full_idx = _expand_index(list(idx), len(shape))
@@ -518,7 +515,7 @@ def _getitem_grad_impl(g, *arrays, template, shape):
     gm = zeros((1, P, rs), g.dtype)
     upd = C.reshape(contiguous(broadcast_view(gR, tuple(lin.shape) + rest_shape)), (1, L, rs))
     err, opid = _err("getitem", "index")
-    _launch(KG.scatter_add_axis, upd.size, gm, _flat(contiguous(lin)), upd, True, err, opid)
+    launch(KG.scatter_add_axis, upd.size, gm, _flat(contiguous(lin)), upd, True, err, opid)
     perm = adv + rest
     inv = [0] * len(perm)
     for i, a in enumerate(perm):
@@ -526,7 +523,7 @@ def _getitem_grad_impl(g, *arrays, template, shape):
     gV = contiguous(transpose_view(C.reshape(gm, tuple(vshape[k] for k in perm)), inv))
     n = _prod(vshape)
     if n:
-        _launch(KG.scatter_strided, n, _flat(gV), _flat(out), voff // isz, vshape,
+        launch(KG.scatter_strided, n, _flat(gV), _flat(out), voff // isz, vshape,
                 tuple(s // isz for s in vstrides))
     return out
 
@@ -601,7 +598,7 @@ def reduce_rows(x2, code):
         m, n = x2.shape
         nch = max(1, -(-n // KG.ROW_CHUNK))
         part = C.empty((m, nch), x2.dtype)
-        _launch_rows(KG.reduce_rows, m * nch, x2, part, np.int64(code), ident, np.int64(KG.ROW_CHUNK))
+        launch_rows(KG.reduce_rows, m * nch, x2, part, np.int64(code), ident, np.int64(KG.ROW_CHUNK))
         if nch == 1:
             return C.reshape(part, (m,))
         x2 = part
@@ -614,7 +611,7 @@ def reduce_cols(x2, code):
         n, m = x2.shape
         nch = max(1, -(-n // KG.COL_CHUNK))
         part = C.empty((nch, m), x2.dtype)
-        _launch(KG.reduce_cols, nch * m, x2, part, np.int64(code), ident, np.int64(KG.COL_CHUNK))
+        launch(KG.reduce_cols, nch * m, x2, part, np.int64(code), ident, np.int64(KG.COL_CHUNK))
         if nch == 1:
             return C.reshape(part, (m,))
         x2 = part
@@ -683,9 +680,9 @@ def _arg_impl(x, axis, is_max, keepdims):
     m, n = rows.shape
     out = C.empty((m,), _i64)
     if n <= KG.SMALL_ROW:
-        _launch(KG.argreduce_rows_small, m, rows, out, bool(is_max))
+        launch(KG.argreduce_rows_small, m, rows, out, bool(is_max))
     else:
-        _launch_rows(KG.argreduce_rows, m, rows, out, bool(is_max))
+        launch_rows(KG.argreduce_rows, m, rows, out, bool(is_max))
     return C.reshape(out, oshape)
 
 
@@ -696,9 +693,9 @@ def _logsumexp_impl(x, axis, keepdims):
     m, n = rows.shape
     out = C.empty((m,), x.dtype)
     if n <= KG.SMALL_ROW:
-        _launch(KG.logsumexp_rows_small, m, rows, out)
+        launch(KG.logsumexp_rows_small, m, rows, out)
     else:
-        _launch_rows(KG.logsumexp_rows, m, rows, out)
+        launch_rows(KG.logsumexp_rows, m, rows, out)
     shp = tuple(1 if i == axis else s for i, s in enumerate(x.shape))
     if not keepdims:
         shp = tuple(s for i, s in enumerate(x.shape) if i != axis)
@@ -711,9 +708,9 @@ def _softmax_impl(x, axis, mode):
     out = C.empty((m, n), x.dtype)
     if n and m:
         if n <= KG.SMALL_ROW:
-            _launch(KG.softmax_rows_small, m, rows, out, np.int64(mode))
+            launch(KG.softmax_rows_small, m, rows, out, np.int64(mode))
         else:
-            _launch_rows(KG.softmax_rows, m, rows, out, np.int64(mode))
+            launch_rows(KG.softmax_rows, m, rows, out, np.int64(mode))
     return _restore_axis(out, mshape, axis, x.ndim)
 
 
@@ -727,7 +724,7 @@ def _cum_impl(x, axis, op, exclusive, reverse):
     x3 = C.reshape(x, (outer, x.shape[axis], inner))
     out = C.empty(x3.shape, odt)
     if out.size:
-        _launch(KG.cumulative_lines, outer * inner, x3, out, np.int64(0 if op == "sum" else 1), bool(exclusive),
+        launch(KG.cumulative_lines, outer * inner, x3, out, np.int64(0 if op == "sum" else 1), bool(exclusive),
                 bool(reverse), odt.type(0 if op == "sum" else 1))
     return C.reshape(out, x.shape)
 
@@ -824,7 +821,7 @@ def _take_impl(x, idx, axis, name="take"):
     out = C.empty((outer, idx.size, inner), x.dtype)
     if out.size:
         err, opid = _err(name)
-        _launch(KG.take_axis, out.size, C.reshape(x, (outer, n, inner)), _flat(contiguous(idx)), out,
+        launch(KG.take_axis, out.size, C.reshape(x, (outer, n, inner)), _flat(contiguous(idx)), out,
                 name != "embedding", err, opid)
     return C.reshape(out, tuple(x.shape)[:axis] + tuple(idx.shape) + tuple(x.shape)[axis + 1:])
 
@@ -853,7 +850,7 @@ def _scatter_add_impl(x, idx, upd, axis):
     upd = contiguous(upd)
     if upd.size:
         err, opid = _err("scatter_add")
-        _launch(KG.scatter_add_axis, upd.size, C.reshape(out, (outer, x.shape[axis], inner)),
+        launch(KG.scatter_add_axis, upd.size, C.reshape(out, (outer, x.shape[axis], inner)),
                 _flat(contiguous(idx)), C.reshape(upd, (outer, idx.size, inner)), True, err, opid)
     return out
 
@@ -868,9 +865,9 @@ def _one_hot_impl(idx, depth, dtype, on, off):
         err, opid = _err("one_hot")
         if dtype == _bool:
             o8 = _as_u8(out)
-            _launch(KG.one_hot_fill, out.size, flat, o8, np.uint8(bool(on)), np.uint8(bool(off)), err, opid)
+            launch(KG.one_hot_fill, out.size, flat, o8, np.uint8(bool(on)), np.uint8(bool(off)), err, opid)
         else:
-            _launch(KG.one_hot_fill, out.size, flat, out, dtype.type(on), dtype.type(off), err, opid)
+            launch(KG.one_hot_fill, out.size, flat, out, dtype.type(on), dtype.type(off), err, opid)
     return C.reshape(out, tuple(idx.shape) + (depth,))
 
 
@@ -884,7 +881,7 @@ def _tal_impl(x, idx, axis):
     out = C.empty(irows.shape, x.dtype)
     if out.size:
         err, opid = _err("take_along_axis")
-        _launch(KG.take_along_rows, out.size, rows, irows, out, np.int64(_prod(tuple(idx.shape)[axis + 1:])), err,
+        launch(KG.take_along_rows, out.size, rows, irows, out, np.int64(_prod(tuple(idx.shape)[axis + 1:])), err,
                 opid)
     return _restore_axis(out, imshape, axis, x.ndim)
 
@@ -898,7 +895,7 @@ def _pal_impl(g, idx, shape, axis):
     grows, _ = _last_axis_rows(g, axis)
     if grows.size:
         err, opid = _err("put_along_axis_add")
-        _launch(KG.put_along_rows_add, grows.size, target, irows, grows, np.int64(_prod(tuple(idx.shape)[axis + 1:])),
+        launch(KG.put_along_rows_add, grows.size, target, irows, grows, np.int64(_prod(tuple(idx.shape)[axis + 1:])),
                 err, opid)
     return _restore_axis(target, moved, axis, nd)
 
@@ -909,7 +906,7 @@ def _argsort_impl(x, axis, descending):
     if rows.size:
         if rows.dtype == _bool:
             rows = _ew("cast", rows, dtype=np.dtype(np.uint8))
-        _launch(KG.rank_sort_rows, rows.size, rows, out, bool(descending), np.int64(rows.shape[1]))
+        launch(KG.rank_sort_rows, rows.size, rows, out, bool(descending), np.int64(rows.shape[1]))
     return _restore_axis(out, mshape, axis, x.ndim)
 
 
@@ -919,7 +916,7 @@ def _topk_impl(x, k):
     if rows.size and k:
         if rows.dtype == _bool:
             rows = _ew("cast", rows, dtype=np.dtype(np.uint8))
-        _launch(KG.rank_sort_rows, rows.size, rows, out, True, np.int64(k))
+        launch(KG.rank_sort_rows, rows.size, rows, out, True, np.int64(k))
     return C.reshape(out, tuple(x.shape)[:-1] + (k,))
 
 
@@ -944,9 +941,9 @@ def _xent_int_impl(x, labels):
     err, opid = _err("cross_entropy", "label")
     if m:
         if n <= KG.SMALL_ROW:
-            _launch(KG.xent_int_rows_small, m, x, _flat(labels), out, err, opid)
+            launch(KG.xent_int_rows_small, m, x, _flat(labels), out, err, opid)
         else:
-            _launch_rows(KG.xent_int_rows, m, x, _flat(labels), out, err, opid)
+            launch_rows(KG.xent_int_rows, m, x, _flat(labels), out, err, opid)
     return out
 
 
@@ -959,9 +956,9 @@ def _xent_int_grad_impl(x, labels, g):
     err, opid = _err("cross_entropy", "label")
     if m:
         if n <= KG.SMALL_ROW:
-            _launch(KG.xent_int_grad_rows_small, m, x, _flat(labels), _flat(g), out, err, opid)
+            launch(KG.xent_int_grad_rows_small, m, x, _flat(labels), _flat(g), out, err, opid)
         else:
-            _launch_rows(KG.xent_int_grad_rows, m, x, _flat(labels), _flat(g), out, err, opid)
+            launch_rows(KG.xent_int_grad_rows, m, x, _flat(labels), _flat(g), out, err, opid)
     return out
 
 
@@ -972,9 +969,9 @@ def _xent_prob_impl(x, p):
     out = C.empty((m,), x.dtype)
     if m:
         if n <= KG.SMALL_ROW:
-            _launch(KG.xent_prob_rows_small, m, x, p, out)
+            launch(KG.xent_prob_rows_small, m, x, p, out)
         else:
-            _launch_rows(KG.xent_prob_rows, m, x, p, out)
+            launch_rows(KG.xent_prob_rows, m, x, p, out)
     return out
 
 
@@ -986,9 +983,9 @@ def _xent_prob_grad_impl(x, p, g):
     out = C.empty((m, n), x.dtype)
     if m:
         if n <= KG.SMALL_ROW:
-            _launch(KG.xent_prob_grad_rows_small, m, x, p, _flat(g), out)
+            launch(KG.xent_prob_grad_rows_small, m, x, p, _flat(g), out)
         else:
-            _launch_rows(KG.xent_prob_grad_rows, m, x, p, _flat(g), out)
+            launch_rows(KG.xent_prob_grad_rows, m, x, p, _flat(g), out)
     return out
 
 
@@ -1017,103 +1014,34 @@ def _sample_impl(kind, shape, dtype, a, b, device=None):
             av, bv = np.int64(a), np.int64(b)
         else:
             av, bv = np.float64(a), np.float64(b)
-        _launch(KG.random_fill, n, C.reshape(tgt, (n,)), np.int64(code), np.uint64(key), np.uint64(offset), av, bv)
+        launch(KG.random_fill, n, C.reshape(tgt, (n,)), np.int64(code), np.uint64(key), np.uint64(offset), av, bv)
     return out
 
 
 # ==============================================================================================================
-# Optimizer updates (in place; scalars are read on the host: 0-d host tensors, no transfer)
+# Services of the optimizer updates' CUDA implementations (those live with their rows in optim/updates.py)
 # ==============================================================================================================
 
-def _hval(a):
+def host_value(a):
     """Return the Python value of a 0-d array (a counted transfer when it is on the device)."""
     if _is_host(a):
         return a.reshape(-1)[0].item()
     return C.to_host(a).reshape(-1)[0].item()
 
 
-def _state(a, what):
+def flat_state(a, what):
     if not C.is_contiguous(a):
         raise ValueError(f"optimizer update: the {what} array must be C-contiguous")
     return _flat(a)
 
 
-def _grad(g, p):
+def grad_like(g, p):
     if tuple(g.shape) != tuple(p.shape):
         g = broadcast_view(g, p.shape) if not _is_host(g) else full(p.shape, g.reshape(-1)[0], p.dtype)
     return _flat(contiguous(cast(g, p.dtype)))
 
 
-def _sgd_impl(p, g, lr, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0):
-    t = p.dtype.type
-    pf = _state(p, "parameter")
-    _launch(KG.sgd_update, pf.size, pf, _grad(g, p), pf, t(_hval(lr)), t(weight_decay), t(0), t(1), False, False)
-    return p
-
-
-def _sgd_momentum_impl(p, g, buf, lr, momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.0):
-    t = p.dtype.type
-    pf = _state(p, "parameter")
-    _launch(KG.sgd_update, pf.size, pf, _grad(g, p), _state(buf, "momentum"), t(_hval(lr)), t(weight_decay),
-            t(momentum), t(1.0 - dampening), bool(nesterov), momentum != 0)
-    return p
-
-
-def _adagrad_impl(p, g, acc, lr, eps=1e-7, weight_decay=0.0):
-    t = p.dtype.type
-    pf = _state(p, "parameter")
-    _launch(KG.adagrad_update, pf.size, pf, _grad(g, p), _state(acc, "accumulator"), t(_hval(lr)),
-            t(weight_decay), t(eps))
-    return p
-
-
-def _rmsprop_run(p, g, ms, mg, mom, lr, rho, eps, momentum, centered, weight_decay):
-    t = p.dtype.type
-    pf = _state(p, "parameter")
-    _launch(KG.rmsprop_update, pf.size, pf, _grad(g, p), _state(ms, "ms"),
-            _state(mg, "mg") if mg is not None else pf, _state(mom, "momentum") if mom is not None else pf,
-            t(_hval(lr)), t(weight_decay), t(rho), t(1.0 - rho), t(eps), t(momentum), bool(centered),
-            mom is not None)
-    return p
-
-
-def _rmsprop_impl(p, g, ms, lr, rho=0.9, eps=1e-10, weight_decay=0.0):
-    return _rmsprop_run(p, g, ms, None, None, lr, rho, eps, 0.0, False, weight_decay)
-
-
-def _rmsprop_momentum_impl(p, g, ms, mom, lr, rho=0.9, eps=1e-10, momentum=0.0, weight_decay=0.0):
-    return _rmsprop_run(p, g, ms, None, mom, lr, rho, eps, momentum, False, weight_decay)
-
-
-def _centered_rmsprop_impl(p, g, ms, mg, lr, rho=0.9, eps=1e-10, weight_decay=0.0):
-    return _rmsprop_run(p, g, ms, mg, None, lr, rho, eps, 0.0, True, weight_decay)
-
-
-def _centered_rmsprop_momentum_impl(p, g, ms, mg, mom, lr, rho=0.9, eps=1e-10, momentum=0.0, weight_decay=0.0):
-    return _rmsprop_run(p, g, ms, mg, mom, lr, rho, eps, momentum, True, weight_decay)
-
-
-def _adam_scalars(p, lr, step, beta1, beta2, eps, weight_decay, decoupled=False):
-    t = p.dtype.type
-    return tuple(t(x) for x in _KS_adam_scalars(float(_hval(lr)), float(_hval(step)), beta1, beta2, eps,
-                                                 weight_decay, decoupled))
-
-
-def _adam_impl(p, g, m, v, lr, step, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
-    pf = _state(p, "parameter")
-    _launch(KG.adam_update, pf.size, pf, _grad(g, p), _state(m, "m"), _state(v, "v"),
-            *_adam_scalars(p, lr, step, beta1, beta2, eps, weight_decay))
-    return p
-
-
-def _adamw_impl(p, g, m, v, lr, step, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01):
-    pf = _state(p, "parameter")
-    _launch(KG.adamw_update, pf.size, pf, _grad(g, p), _state(m, "m"), _state(v, "v"),
-            *_adam_scalars(p, lr, step, beta1, beta2, eps, weight_decay, True))
-    return p
-
-
-def _sparse_rows(p, values, indices, name):
+def sparse_rows(p, values, indices, name):
     """Return (2-D p view, dense summed gradient rows, row flags) for a sparse update (no transfer)."""
     if p.ndim == 0:
         raise ValueError("sparse update of a 0-d parameter")
@@ -1125,41 +1053,9 @@ def _sparse_rows(p, values, indices, name):
     gd = zeros((1, rows, d), p.dtype)
     flags = zeros((rows,), np.int32)
     err, opid = _err(f"{name} (sparse update)")
-    _launch(KG.scatter_add_axis, vals.size, gd, idx, vals, False, err, opid)
-    _launch(KG.rows_touched, idx.size, idx, flags, err, opid)
+    launch(KG.scatter_add_axis, vals.size, gd, idx, vals, False, err, opid)
+    launch(KG.rows_touched, idx.size, idx, flags, err, opid)
     return p2, C.reshape(gd, (rows, d)), flags
-
-
-def _sgd_sparse_impl(p, values, indices, lr, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0):
-    t = p.dtype.type
-    p2, g2, flags = _sparse_rows(p, values, indices, "sgd")
-    _launch(KG.sgd_rows_update, p2.size, p2, g2, p2, flags, t(_hval(lr)), t(weight_decay), t(0), t(1), False,
-            False)
-    return p
-
-
-def _sgd_momentum_sparse_impl(p, values, indices, buf, lr, momentum=0.9, dampening=0.0, nesterov=False,
-                              weight_decay=0.0):
-    t = p.dtype.type
-    p2, g2, flags = _sparse_rows(p, values, indices, "sgd")
-    _launch(KG.sgd_rows_update, p2.size, p2, g2, C.reshape(buf, p2.shape), flags, t(_hval(lr)), t(weight_decay),
-            t(momentum), t(1.0 - dampening), bool(nesterov), momentum != 0)
-    return p
-
-
-def _adagrad_sparse_impl(p, values, indices, acc, lr, eps=1e-7, weight_decay=0.0):
-    t = p.dtype.type
-    p2, g2, flags = _sparse_rows(p, values, indices, "adagrad")
-    _launch(KG.adagrad_rows_update, p2.size, p2, g2, C.reshape(acc, p2.shape), flags, t(_hval(lr)),
-            t(weight_decay), t(eps))
-    return p
-
-
-def _adam_sparse_impl(p, values, indices, m, v, lr, step, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
-    p2, g2, flags = _sparse_rows(p, values, indices, "adam")
-    _launch(KG.adam_rows_update, p2.size, p2, g2, C.reshape(m, p2.shape), C.reshape(v, p2.shape), flags,
-            *_adam_scalars(p, lr, step, beta1, beta2, eps, weight_decay))
-    return p
 
 
 def _assign_impl(var, value):
@@ -1187,7 +1083,7 @@ def _i(v):
 def _im2col(x, kh, kw, stride, pads, dilation, oh, ow):
     n, c = tuple(x.shape)[:2]
     cols = C.empty((c * kh * kw, n * oh * ow), x.dtype)
-    _launch(KG.im2col, cols.size, x, cols, _i(kh), _i(kw), _i(stride[0]), _i(stride[1]), _i(pads[0][0]),
+    launch(KG.im2col, cols.size, x, cols, _i(kh), _i(kw), _i(stride[0]), _i(stride[1]), _i(pads[0][0]),
             _i(pads[1][0]), _i(dilation[0]), _i(dilation[1]), _i(oh), _i(ow))
     return cols
 
@@ -1202,7 +1098,7 @@ def _conv2d_impl(x, w, *b, stride, pads, dilation):
     y2 = matmul_arrays(w2, cols)
     out = C.empty((n, o, oh * ow), x.dtype)
     bias = contiguous(b[0]) if b else _flat(w2)          # (a 1-D placeholder the kernel never reads)
-    _launch(KG.onp_to_nop, out.size, y2, bias, out, bool(b))
+    launch(KG.onp_to_nop, out.size, y2, bias, out, bool(b))
     return C.reshape(out, (n, o, oh, ow))
 
 
@@ -1213,10 +1109,10 @@ def _conv2d_grad_input_impl(g, w, *, x_shape, stride, pads, dilation):
         return dx
     g3 = C.reshape(contiguous(g), (n, o, oh * ow))
     g2 = C.empty((o, n * oh * ow), g.dtype)
-    _launch(KG.nop_to_onp, g3.size, g3, g2)
+    launch(KG.nop_to_onp, g3.size, g3, g2)
     w2t = transpose_view(C.reshape(contiguous(w), (o, c * kh * kw)), (1, 0))
     dcols = matmul_arrays(w2t, g2)
-    _launch(KG.col2im_add, dcols.size, dcols, dx, _i(kh), _i(kw), _i(stride[0]), _i(stride[1]), _i(pads[0][0]),
+    launch(KG.col2im_add, dcols.size, dcols, dx, _i(kh), _i(kw), _i(stride[0]), _i(stride[1]), _i(pads[0][0]),
             _i(pads[1][0]), _i(dilation[0]), _i(dilation[1]), _i(oh), _i(ow))
     return dx
 
@@ -1227,7 +1123,7 @@ def _conv2d_grad_weight_impl(x, g, *, w_shape, stride, pads, dilation):
         return zeros(w_shape, x.dtype)
     g3 = C.reshape(contiguous(g), (n, o, oh * ow))
     g2 = C.empty((o, n * oh * ow), g.dtype)
-    _launch(KG.nop_to_onp, g3.size, g3, g2)
+    launch(KG.nop_to_onp, g3.size, g3, g2)
     cols = _im2col(contiguous(x), kh, kw, stride, pads, dilation, oh, ow)
     dw = matmul_arrays(g2, transpose_view(cols, (1, 0)))
     return C.reshape(dw, w_shape)
@@ -1236,7 +1132,7 @@ def _conv2d_grad_weight_impl(x, g, *, w_shape, stride, pads, dilation):
 def _max_pool_impl(x, k, s, p, out_hw):
     out = C.empty(tuple(x.shape)[:2] + tuple(out_hw), x.dtype)
     if out.size:
-        _launch(KG.max_pool2d, out.size, contiguous(x), out, _i(k[0]), _i(k[1]), _i(s[0]), _i(s[1]), _i(p[0]),
+        launch(KG.max_pool2d, out.size, contiguous(x), out, _i(k[0]), _i(k[1]), _i(s[0]), _i(s[1]), _i(p[0]),
                 _i(p[1]))
     return out
 
@@ -1244,7 +1140,7 @@ def _max_pool_impl(x, k, s, p, out_hw):
 def _max_pool_grad_impl(x, g, k, s, p):
     dx = zeros(x.shape, g.dtype)
     if g.size:
-        _launch(KG.max_pool2d_grad, g.size, contiguous(x), contiguous(g), dx, _i(k[0]), _i(k[1]), _i(s[0]),
+        launch(KG.max_pool2d_grad, g.size, contiguous(x), contiguous(g), dx, _i(k[0]), _i(k[1]), _i(s[0]),
                 _i(s[1]), _i(p[0]), _i(p[1]))
     return dx
 
@@ -1252,7 +1148,7 @@ def _max_pool_grad_impl(x, g, k, s, p):
 def _avg_pool_impl(x, k, s, p, out_hw, include_pad):
     out = C.empty(tuple(x.shape)[:2] + tuple(out_hw), x.dtype)
     if out.size:
-        _launch(KG.avg_pool2d, out.size, contiguous(x), out, _i(k[0]), _i(k[1]), _i(s[0]), _i(s[1]), _i(p[0]),
+        launch(KG.avg_pool2d, out.size, contiguous(x), out, _i(k[0]), _i(k[1]), _i(s[0]), _i(s[1]), _i(p[0]),
                 _i(p[1]), bool(include_pad), x.dtype.type(0))
     return out
 
@@ -1260,7 +1156,7 @@ def _avg_pool_impl(x, k, s, p, out_hw, include_pad):
 def _avg_pool_grad_impl(g, x_shape, k, s, p, include_pad):
     dx = zeros(x_shape, g.dtype)
     if g.size:
-        _launch(KG.avg_pool2d_grad, g.size, contiguous(g), dx, _i(k[0]), _i(k[1]), _i(s[0]), _i(s[1]), _i(p[0]),
+        launch(KG.avg_pool2d_grad, g.size, contiguous(g), dx, _i(k[0]), _i(k[1]), _i(s[0]), _i(s[1]), _i(p[0]),
                 _i(p[1]), bool(include_pad))
     return dx
 
@@ -1300,19 +1196,6 @@ _IMPLS = {
     "cross_entropy_prob": _xent_prob_impl,
     "cross_entropy_prob_grad": _xent_prob_grad_impl,
     "random": _sample_impl,
-    "sgd_update": _sgd_impl,
-    "sgd_momentum_update": _sgd_momentum_impl,
-    "sgd_sparse_update": _sgd_sparse_impl,
-    "sgd_momentum_sparse_update": _sgd_momentum_sparse_impl,
-    "adagrad_update": _adagrad_impl,
-    "adagrad_sparse_update": _adagrad_sparse_impl,
-    "rmsprop_update": _rmsprop_impl,
-    "rmsprop_momentum_update": _rmsprop_momentum_impl,
-    "centered_rmsprop_update": _centered_rmsprop_impl,
-    "centered_rmsprop_momentum_update": _centered_rmsprop_momentum_impl,
-    "adam_update": _adam_impl,
-    "adamw_update": _adamw_impl,
-    "adam_sparse_update": _adam_sparse_impl,
     "assign": _assign_impl,
     "conv2d": _conv2d_impl,
     "conv2d_grad_input": _conv2d_grad_input_impl,

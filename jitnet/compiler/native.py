@@ -22,7 +22,6 @@ import os
 import numpy as np
 
 from .. import bounds, kernelgen
-from ..kernels_scalar import adam_scalars
 
 __all__ = ["nativize", "MIN_STEPS"]
 
@@ -37,6 +36,7 @@ MAX_STEPS = 160
 NATIVE_AFTER = int(os.environ.get("JITNET_NATIVE_AFTER", "2"))
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+FLOATS = _FLOATS        # the dtypes native emitters handle (rows' own emitters test against it)
 
 
 def _enabled():
@@ -49,6 +49,9 @@ def _enabled():
 
 def _dt(dtype):
     return "np." + kernelgen.dtype_name(dtype)
+
+
+dtype_source = _dt      # for rows' own emitters: the source text of a NumPy dtype in a driver
 
 
 def _index_expr(template):
@@ -183,72 +186,6 @@ def _emit_xent_int(grad):
     return emit
 
 
-def _emit_update(kernel, n_state, h_fn, flags=()):
-    """Emitter of a dense optimizer update: ``kernel(p, g, *state, h, *flags)`` with ``h`` built in the driver."""
-    def emit(n, a, o, kernels):
-        from .. import kernels_cpu as K
-        p, g = n.inputs[0], n.inputs[1]
-        if p.dtype not in _FLOATS or g.shape != p.shape or g.dtype != p.dtype:
-            return None
-        k = getattr(K, kernel + ("_par" if p.size >= kernelgen.PARALLEL_THRESHOLD else ""))
-        kname = use_kernel(kernels, k)
-        state = [f"{a[2 + i]}.reshape(-1)" for i in range(n_state)]
-        scal = a[2 + n_state:]
-        h = h_fn(n.params, [f"np.float64({v}[()])" for v in scal])
-        if isinstance(h, list):
-            h = f"[{', '.join(h)}]"
-        else:                                   # a call of a shared kernels_scalar function: (name, args)
-            h = f"{use_kernel(kernels, h[0])}({', '.join(h[1])})"
-        fl = [f(n.params) for f in flags]
-        return [f"_h = np.array({h}, {_dt(p.dtype)})",
-                f"{kname}({a[0]}.reshape(-1), np.ascontiguousarray({a[1]}).reshape(-1), "
-                f"{', '.join(state + ['_h'] + fl)})",
-                f"{o} = {a[0]}"]
-    return emit
-
-
-def _f(v):
-    return repr(float(v))
-
-
-def _sgd_h(P, s):
-    return [s[0], _f(P.get("weight_decay", 0.0)), _f(P.get("momentum", 0.0)), _f(1.0 - P.get("dampening", 0.0))]
-
-
-def _rms_h(P, s):
-    rho = P.get("rho", 0.9)
-    return [s[0], _f(P.get("weight_decay", 0.0)), _f(rho), _f(1.0 - rho), _f(P.get("eps", 1e-10)),
-            _f(P.get("momentum", 0.0))]
-
-
-def _adam_h(decoupled):
-    def h(P, s):
-        return adam_scalars, [s[0], s[1], _f(P.get("beta1", 0.9)), _f(P.get("beta2", 0.999)), _f(P.get("eps", 1e-8)),
-                              _f(P.get("weight_decay", 0.0)), repr(decoupled)]
-    return h
-
-
-def _sgd_plain(n, a, o, kernels):
-    # sgd without momentum: the momentum slot is the parameter itself (the kernel never reads it)
-    return _emit_update("sgd_update", 1, lambda P, s: [s[0], _f(P.get("weight_decay", 0.0)), "0.0", "1.0"],
-                        (lambda P: "False", lambda P: "False"))(n, [a[0], a[1], a[0]] + a[2:], o, kernels)
-
-
-def _rms(centered, momentum):
-    def emit(n, a, o, kernels):
-        # inputs: p, g, ms, [mg], [mom], lr; the kernel always takes ms, mg, mom (p stands in for absent ones)
-        ms = a[2]
-        i = 3
-        mg = a[i] if centered else a[0]
-        i += centered
-        mom = a[i] if momentum else a[0]
-        i += momentum
-        args = [a[0], a[1], ms, mg, mom] + a[i:]
-        return _emit_update("rmsprop_update", 3, _rms_h, (lambda P: repr(bool(centered)),
-                                                           lambda P: repr(bool(momentum))))(n, args, o, kernels)
-    return emit
-
-
 def _emit_kernel(kernel, n_args, out_shape):
     """Emitter of ``out = empty(out_shape(node)); kernel(*contiguous inputs, mask or ones(1), out, has_mask)``.
 
@@ -280,17 +217,6 @@ EMITTERS = {
     "log_softmax": _emit_softmax(1),
     "cross_entropy_int": _emit_xent_int(False),
     "cross_entropy_int_grad": _emit_xent_int(True),
-    "sgd_update": _sgd_plain,
-    "sgd_momentum_update": _emit_update("sgd_update", 1, _sgd_h, (lambda P: repr(bool(P.get("nesterov"))),
-                                                                  lambda P: repr(P.get("momentum", 0.0) != 0))),
-    "adagrad_update": _emit_update("adagrad_update", 1, lambda P, s: [s[0], _f(P.get("weight_decay", 0.0)),
-                                                                      _f(P.get("eps", 1e-7))]),
-    "rmsprop_update": _rms(False, False),
-    "rmsprop_momentum_update": _rms(False, True),
-    "centered_rmsprop_update": _rms(True, False),
-    "centered_rmsprop_momentum_update": _rms(True, True),
-    "adam_update": _emit_update("adam_update", 2, _adam_h(False)),
-    "adamw_update": _emit_update("adamw_update", 2, _adam_h(True)),
     "lstm_step": _emit_kernel("nn_lstm_step", 4, lambda n: (n.inputs[1].shape[0], 6 * n.inputs[2].shape[0])),
     "lstm_step_dz": _emit_kernel("nn_lstm_step_dz", 3, lambda n: (n.inputs[1].shape[0], 4 * n.inputs[1].shape[1] // 6)),
     "lstm_step_dprev": _emit_kernel("nn_lstm_step_dprev", 4, lambda n: n.inputs[2].shape),

@@ -6,6 +6,11 @@ variables. Inputs are ``(param, grad, slots..., lr, [step])``: ``lr`` and ``step
 (values that change between steps); static hyperparameters are keyword parameters. Sparse rows take the
 gradient as two inputs, ``values`` (k, ...) and int64 ``indices`` (k,), sum duplicate indices first, and update
 only the named rows. Each impl mutates its arrays in place and returns the parameter array.
+
+A row holds all of its update: the CPU implementation (``_adam_impl``: the ``kernels_cpu`` kernel, serial or
+``prange``), the CUDA implementation (``_adam_cuda``: the ``kernels_gpu`` kernel through the CUDA backend's
+services, both loaded on first use) and the native-driver emitter (``extra["native"]``: the source lines a
+compiled step's driver runs). The math of one element is ``kernels_scalar.adam_elem``, compiled for both targets.
 """
 from __future__ import annotations
 
@@ -16,9 +21,15 @@ from .. import kernels_cpu as K
 from ..autodiff.core import Primitive, apply
 from ..autodiff.sparse import unique_sum
 from ..kernelgen import PARALLEL_THRESHOLD
+from ..compiler import native as _native
 from ..kernels_scalar import adam_scalars as _adam_scalars_jit
+from ..lazy import LazyModule
 
 _adam_scalars = _adam_scalars_jit.py_func      # Adam's bias correction (one definition: CPU, CUDA, native)
+# the CUDA backend's services and kernels, imported when a CUDA implementation first runs (never on the CPU)
+_G = LazyModule("jitnet.backend_cuda")
+_KG = LazyModule("jitnet.kernels_gpu")
+_C = LazyModule("jitnet.cuda")
 
 __all__ = ["UPDATES", "sgd_update", "adagrad_update", "rmsprop_update", "adam_update",
            "sgd_sparse_update", "adagrad_sparse_update", "adam_sparse_update", "adamw_update"]
@@ -26,9 +37,13 @@ __all__ = ["UPDATES", "sgd_update", "adagrad_update", "rmsprop_update", "adam_up
 UPDATES: dict = {}
 
 
-def _update_prim(name, impl, inplace):
-    prim = Primitive(name, impl={"cpu": impl}, kind="update", nondiff=True)
+def _update_prim(name, impl, inplace, cuda=None, native=None):
+    """Register update row ``name``: CPU ``impl``, ``cuda`` implementation, ``native`` emitter (or None)."""
+    prim = Primitive(name, impl={"cpu": impl} if cuda is None else {"cpu": impl, "cuda": cuda}, kind="update",
+                     nondiff=True)
     prim.extra["inplace"] = tuple(inplace)
+    if native is not None:
+        prim.extra["native"] = native
     if "sparse" in name:                      # inputs (param, values, indices, ...)
         bounds.mark(prim, i2=("index", "error"))
     UPDATES[name] = prim
@@ -69,6 +84,32 @@ def _sparse_grad(p, values, indices):
 
 def _par(size):
     return size >= PARALLEL_THRESHOLD
+
+
+def _native_update(kernel, n_state, h_fn, flags=()):
+    """Native-driver emitter of a dense update: ``kernel(p, g, *state, h, *flags)``, ``h`` built in the driver.
+
+    ``h_fn(params, scalar_sources)`` returns the source of the packed scalars: a list of expressions, or
+    ``(njit function, argument sources)`` for a shared kernels_scalar function the driver calls."""
+    def emit(n, a, o, kernels):
+        p, g = n.inputs[0], n.inputs[1]
+        if p.dtype not in _native.FLOATS or g.shape != p.shape or g.dtype != p.dtype:
+            return None
+        k = getattr(K, kernel + ("_par" if p.size >= PARALLEL_THRESHOLD else ""))
+        kname = _native.use_kernel(kernels, k)
+        state = [f"{a[2 + i]}.reshape(-1)" for i in range(n_state)]
+        h = h_fn(n.params, [f"np.float64({v}[()])" for v in a[2 + n_state:]])
+        h = f"[{', '.join(h)}]" if isinstance(h, list) else f"{_native.use_kernel(kernels, h[0])}({', '.join(h[1])})"
+        fl = [f(n.params) for f in flags]
+        return [f"_h = np.array({h}, {_native.dtype_source(p.dtype)})",
+                f"{kname}({a[0]}.reshape(-1), np.ascontiguousarray({a[1]}).reshape(-1), "
+                f"{', '.join(state + ['_h'] + fl)})",
+                f"{o} = {a[0]}"]
+    return emit
+
+
+def _f(v):
+    return repr(float(v))
 
 
 # -- SGD --------------------------------------------------------------------------------------------------------
@@ -114,10 +155,57 @@ def _sgd_momentum_sparse_impl(p, values, indices, buf, lr, momentum=0.9, dampeni
     return p
 
 
-SGD_UPDATE = _update_prim("sgd_update", _sgd_impl, (0,))
-SGD_MOMENTUM_UPDATE = _update_prim("sgd_momentum_update", _sgd_momentum_impl, (0, 2))
-SGD_SPARSE_UPDATE = _update_prim("sgd_sparse_update", _sgd_sparse_impl, (0,))
-SGD_MOMENTUM_SPARSE_UPDATE = _update_prim("sgd_momentum_sparse_update", _sgd_momentum_sparse_impl, (0, 3))
+def _sgd_cuda(p, g, lr, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0):
+    t = p.dtype.type
+    pf = _G.flat_state(p, "parameter")
+    _G.launch(_KG.sgd_update, pf.size, pf, _G.grad_like(g, p), pf, t(_G.host_value(lr)), t(weight_decay), t(0),
+              t(1), False, False)
+    return p
+
+
+def _sgd_momentum_cuda(p, g, buf, lr, momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.0):
+    t = p.dtype.type
+    pf = _G.flat_state(p, "parameter")
+    _G.launch(_KG.sgd_update, pf.size, pf, _G.grad_like(g, p), _G.flat_state(buf, "momentum"),
+              t(_G.host_value(lr)), t(weight_decay), t(momentum), t(1.0 - dampening), bool(nesterov), momentum != 0)
+    return p
+
+
+def _sgd_sparse_cuda(p, values, indices, lr, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0):
+    t = p.dtype.type
+    p2, g2, flags = _G.sparse_rows(p, values, indices, "sgd")
+    _G.launch(_KG.sgd_rows_update, p2.size, p2, g2, p2, flags, t(_G.host_value(lr)), t(weight_decay), t(0), t(1),
+              False, False)
+    return p
+
+
+def _sgd_momentum_sparse_cuda(p, values, indices, buf, lr, momentum=0.9, dampening=0.0, nesterov=False,
+                              weight_decay=0.0):
+    t = p.dtype.type
+    p2, g2, flags = _G.sparse_rows(p, values, indices, "sgd")
+    _G.launch(_KG.sgd_rows_update, p2.size, p2, g2, _C.reshape(buf, p2.shape), flags, t(_G.host_value(lr)),
+              t(weight_decay), t(momentum), t(1.0 - dampening), bool(nesterov), momentum != 0)
+    return p
+
+
+def _sgd_h(P, s):
+    return [s[0], _f(P.get("weight_decay", 0.0)), _f(P.get("momentum", 0.0)), _f(1.0 - P.get("dampening", 0.0))]
+
+
+def _sgd_native(n, a, o, kernels):
+    # sgd without momentum: the momentum slot is the parameter itself (the kernel never reads it)
+    return _native_update("sgd_update", 1, lambda P, s: [s[0], _f(P.get("weight_decay", 0.0)), "0.0", "1.0"],
+                          (lambda P: "False", lambda P: "False"))(n, [a[0], a[1], a[0]] + a[2:], o, kernels)
+
+
+SGD_UPDATE = _update_prim("sgd_update", _sgd_impl, (0,), _sgd_cuda, _sgd_native)
+SGD_MOMENTUM_UPDATE = _update_prim(
+    "sgd_momentum_update", _sgd_momentum_impl, (0, 2), _sgd_momentum_cuda,
+    _native_update("sgd_update", 1, _sgd_h, (lambda P: repr(bool(P.get("nesterov"))),
+                                             lambda P: repr(P.get("momentum", 0.0) != 0))))
+SGD_SPARSE_UPDATE = _update_prim("sgd_sparse_update", _sgd_sparse_impl, (0,), _sgd_sparse_cuda)
+SGD_MOMENTUM_SPARSE_UPDATE = _update_prim("sgd_momentum_sparse_update", _sgd_momentum_sparse_impl, (0, 3),
+                                          _sgd_momentum_sparse_cuda)
 
 
 def sgd_update(param, grad, buf, lr, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0):
@@ -156,8 +244,26 @@ def _adagrad_sparse_impl(p, values, indices, acc, lr, eps=1e-7, weight_decay=0.0
     return p
 
 
-ADAGRAD_UPDATE = _update_prim("adagrad_update", _adagrad_impl, (0, 2))
-ADAGRAD_SPARSE_UPDATE = _update_prim("adagrad_sparse_update", _adagrad_sparse_impl, (0, 3))
+def _adagrad_cuda(p, g, acc, lr, eps=1e-7, weight_decay=0.0):
+    t = p.dtype.type
+    pf = _G.flat_state(p, "parameter")
+    _G.launch(_KG.adagrad_update, pf.size, pf, _G.grad_like(g, p), _G.flat_state(acc, "accumulator"),
+              t(_G.host_value(lr)), t(weight_decay), t(eps))
+    return p
+
+
+def _adagrad_sparse_cuda(p, values, indices, acc, lr, eps=1e-7, weight_decay=0.0):
+    t = p.dtype.type
+    p2, g2, flags = _G.sparse_rows(p, values, indices, "adagrad")
+    _G.launch(_KG.adagrad_rows_update, p2.size, p2, g2, _C.reshape(acc, p2.shape), flags, t(_G.host_value(lr)),
+              t(weight_decay), t(eps))
+    return p
+
+
+ADAGRAD_UPDATE = _update_prim(
+    "adagrad_update", _adagrad_impl, (0, 2), _adagrad_cuda,
+    _native_update("adagrad_update", 1, lambda P, s: [s[0], _f(P.get("weight_decay", 0.0)), _f(P.get("eps", 1e-7))]))
+ADAGRAD_SPARSE_UPDATE = _update_prim("adagrad_sparse_update", _adagrad_sparse_impl, (0, 3), _adagrad_sparse_cuda)
 
 
 def adagrad_update(param, grad, acc, lr, eps=1e-7, weight_decay=0.0):
@@ -200,11 +306,52 @@ def _centered_rmsprop_momentum_impl(p, g, ms, mg, mom, lr, rho=0.9, eps=1e-10, m
     return _rmsprop_run(p, g, ms, mg, mom, lr, rho, eps, momentum, True, weight_decay)
 
 
-RMSPROP_UPDATE = _update_prim("rmsprop_update", _rmsprop_impl, (0, 2))
-RMSPROP_MOMENTUM_UPDATE = _update_prim("rmsprop_momentum_update", _rmsprop_momentum_impl, (0, 2, 3))
-CENTERED_RMSPROP_UPDATE = _update_prim("centered_rmsprop_update", _centered_rmsprop_impl, (0, 2, 3))
+def _rmsprop_cuda(centered, has_mom):
+    """The CUDA implementation of the RMSProp row with these slots (inputs p, g, ms, [mg], [mom], lr)."""
+    def run(p, g, ms, *rest, rho=0.9, eps=1e-10, momentum=0.0, weight_decay=0.0):
+        *slots, lr = rest
+        mg = slots[0] if centered else None
+        mom = slots[-1] if has_mom else None
+        t = p.dtype.type
+        pf = _G.flat_state(p, "parameter")
+        _G.launch(_KG.rmsprop_update, pf.size, pf, _G.grad_like(g, p), _G.flat_state(ms, "ms"),
+                  _G.flat_state(mg, "mg") if mg is not None else pf,
+                  _G.flat_state(mom, "momentum") if mom is not None else pf,
+                  t(_G.host_value(lr)), t(weight_decay), t(rho), t(1.0 - rho), t(eps), t(momentum), bool(centered),
+                  mom is not None)
+        return p
+    return run
+
+
+def _rms_h(P, s):
+    rho = P.get("rho", 0.9)
+    return [s[0], _f(P.get("weight_decay", 0.0)), _f(rho), _f(1.0 - rho), _f(P.get("eps", 1e-10)),
+            _f(P.get("momentum", 0.0))]
+
+
+def _rmsprop_native(centered, momentum):
+    def emit(n, a, o, kernels):
+        # inputs: p, g, ms, [mg], [mom], lr; the kernel always takes ms, mg, mom (p stands in for absent ones)
+        i = 3
+        mg = a[i] if centered else a[0]
+        i += centered
+        mom = a[i] if momentum else a[0]
+        i += momentum
+        return _native_update("rmsprop_update", 3, _rms_h, (lambda P: repr(bool(centered)),
+                                                            lambda P: repr(bool(momentum))))(
+            n, [a[0], a[1], a[2], mg, mom] + a[i:], o, kernels)
+    return emit
+
+
+RMSPROP_UPDATE = _update_prim("rmsprop_update", _rmsprop_impl, (0, 2), _rmsprop_cuda(False, False),
+                              _rmsprop_native(False, False))
+RMSPROP_MOMENTUM_UPDATE = _update_prim("rmsprop_momentum_update", _rmsprop_momentum_impl, (0, 2, 3),
+                                       _rmsprop_cuda(False, True), _rmsprop_native(False, True))
+CENTERED_RMSPROP_UPDATE = _update_prim("centered_rmsprop_update", _centered_rmsprop_impl, (0, 2, 3),
+                                       _rmsprop_cuda(True, False), _rmsprop_native(True, False))
 CENTERED_RMSPROP_MOMENTUM_UPDATE = _update_prim("centered_rmsprop_momentum_update",
-                                                _centered_rmsprop_momentum_impl, (0, 2, 3, 4))
+                                                _centered_rmsprop_momentum_impl, (0, 2, 3, 4),
+                                                _rmsprop_cuda(True, True), _rmsprop_native(True, True))
 
 
 def rmsprop_update(param, grad, ms, mg, mom, lr, rho=0.9, eps=1e-10, momentum=0.0, weight_decay=0.0):
@@ -243,8 +390,37 @@ def _adam_sparse_impl(p, values, indices, m, v, lr, step, beta1=0.9, beta2=0.999
     return p
 
 
-ADAM_UPDATE = _update_prim("adam_update", _adam_impl, (0, 2, 3))
-ADAM_SPARSE_UPDATE = _update_prim("adam_sparse_update", _adam_sparse_impl, (0, 3, 4))
+def _adam_cuda_scalars(p, lr, step, beta1, beta2, eps, weight_decay, decoupled=False):
+    t = p.dtype.type
+    return tuple(t(x) for x in _adam_scalars(float(_G.host_value(lr)), float(_G.host_value(step)), beta1, beta2,
+                                             eps, weight_decay, decoupled))
+
+
+def _adam_cuda(p, g, m, v, lr, step, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
+    pf = _G.flat_state(p, "parameter")
+    _G.launch(_KG.adam_update, pf.size, pf, _G.grad_like(g, p), _G.flat_state(m, "m"), _G.flat_state(v, "v"),
+              *_adam_cuda_scalars(p, lr, step, beta1, beta2, eps, weight_decay))
+    return p
+
+
+def _adam_sparse_cuda(p, values, indices, m, v, lr, step, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
+    p2, g2, flags = _G.sparse_rows(p, values, indices, "adam")
+    _G.launch(_KG.adam_rows_update, p2.size, p2, g2, _C.reshape(m, p2.shape), _C.reshape(v, p2.shape), flags,
+              *_adam_cuda_scalars(p, lr, step, beta1, beta2, eps, weight_decay))
+    return p
+
+
+def _adam_h(decoupled):
+    """The driver's scalars: a call of the compiled ``adam_scalars`` on the step's lr and step count."""
+    def h(P, s):
+        return _adam_scalars_jit, [s[0], s[1], _f(P.get("beta1", 0.9)), _f(P.get("beta2", 0.999)),
+                                   _f(P.get("eps", 1e-8)), _f(P.get("weight_decay", 0.0)), repr(decoupled)]
+    return h
+
+
+ADAM_UPDATE = _update_prim("adam_update", _adam_impl, (0, 2, 3), _adam_cuda,
+                           _native_update("adam_update", 2, _adam_h(False)))
+ADAM_SPARSE_UPDATE = _update_prim("adam_sparse_update", _adam_sparse_impl, (0, 3, 4), _adam_sparse_cuda)
 
 
 def adam_update(param, grad, m, v, lr, step, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
@@ -274,7 +450,15 @@ def _adamw_impl(p, g, m, v, lr, step, beta1=0.9, beta2=0.999, eps=1e-8, weight_d
     return p
 
 
-ADAMW_UPDATE = _update_prim("adamw_update", _adamw_impl, (0, 2, 3))
+def _adamw_cuda(p, g, m, v, lr, step, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01):
+    pf = _G.flat_state(p, "parameter")
+    _G.launch(_KG.adamw_update, pf.size, pf, _G.grad_like(g, p), _G.flat_state(m, "m"), _G.flat_state(v, "v"),
+              *_adam_cuda_scalars(p, lr, step, beta1, beta2, eps, weight_decay, True))
+    return p
+
+
+ADAMW_UPDATE = _update_prim("adamw_update", _adamw_impl, (0, 2, 3), _adamw_cuda,
+                            _native_update("adamw_update", 2, _adam_h(True)))
 
 
 def adamw_update(param, grad, m, v, lr, step, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01):
