@@ -1,5 +1,6 @@
 """DLPack both ways (Tensor.__dlpack__, __dlpack_device__, jn.from_dlpack) and np.asarray for every rank."""
 import gc
+import weakref
 
 import numpy as np
 import pytest
@@ -149,3 +150,118 @@ def test_torch_round_trip():
     assert torch.tensor(jn.tensor(2.0)).item() == 2.0
     back = jn.from_dlpack(tt.T)
     assert back.numpy().strides == (4, 12)
+
+
+# ---- bfloat16: NumPy's DLPack has none, so jitnet.dlpack labels and reads those capsules itself ----
+
+def _bf16():
+    pytest.importorskip("ml_dtypes")
+    return jn.bfloat16.dtype
+
+
+class _Producer:                                      # hands out whatever capsule its array makes
+    def __init__(self, arr):
+        self.arr, self.capsules = arr, []
+
+    def __dlpack__(self, **kw):
+        cap = self.arr.__dlpack__(**kw)
+        self.capsules.append(cap)
+        return cap
+
+    def __dlpack_device__(self):
+        return (1, 0)
+
+
+def test_bfloat16_from_torch_is_zero_copy_and_releases_the_producer():
+    torch = pytest.importorskip("torch")
+    bf16 = _bf16()
+    x = torch.arange(12, dtype=torch.float32).reshape(3, 4).to(torch.bfloat16)
+    before = x._use_count()
+    t = jn.from_dlpack(x)
+    assert t.dtype == jn.bfloat16 and t.numpy().dtype == bf16 and t.shape == (3, 4)
+    assert _ptr(t.numpy()) == x.data_ptr()
+    assert x._use_count() == before + 1                # the DLPack tensor holds torch's tensor ...
+    x[0, 1] = 5.0                                     # a write on the torch side is seen by jitnet
+    assert float(t.numpy()[0, 1]) == 5.0
+    t.numpy()[2, 3] = -2.5                            # and the other way (-2.5 is exact in bfloat16)
+    assert float(x[2, 3]) == -2.5
+    np.testing.assert_array_equal(t.numpy().astype(np.float32), x.float().numpy())
+    view = t[1:]
+    del t
+    gc.collect()
+    assert x._use_count() == before + 1                # ... while any view of that memory lives
+    del view
+    gc.collect()
+    assert x._use_count() == before                    # then the producer's deleter has run
+
+
+@pytest.mark.parametrize("view", ["transpose", "step_slice", "column"])
+def test_bfloat16_views_keep_strides_both_ways(view):
+    torch = pytest.importorskip("torch")
+    _bf16()
+    pick = {"transpose": lambda a: a.T, "step_slice": lambda a: a[1:, ::2], "column": lambda a: a[:, 3]}[view]
+    x = torch.arange(24, dtype=torch.float32).reshape(4, 6).to(torch.bfloat16)
+    tv = pick(x)
+    t = jn.from_dlpack(tv)                            # torch -> jitnet
+    assert t.numpy().strides == tuple(2 * s for s in tv.stride()) and t.shape == tuple(tv.shape)
+    assert _ptr(t.numpy()) == tv.data_ptr()
+    np.testing.assert_array_equal(t.numpy().astype(np.float32), tv.float().numpy())
+    base = jn.tensor(np.arange(24, dtype=np.float32).reshape(4, 6), dtype=jn.bfloat16)
+    jv = pick(base)
+    for back in (torch.from_dlpack(jv),                                  # versioned capsule (max_version)
+                 torch.utils.dlpack.from_dlpack(jv.__dlpack__())):       # legacy "dltensor" capsule
+        assert back.dtype == torch.bfloat16 and back.data_ptr() == _ptr(jv.numpy())
+        assert tuple(2 * s for s in back.stride()) == jv.numpy().strides
+        np.testing.assert_array_equal(back.float().numpy(), jv.numpy().astype(np.float32))
+    back[...] = 7.0                                   # a torch write lands in jitnet's memory
+    assert (jv.numpy().astype(np.float32) == 7.0).all()
+
+
+def test_bfloat16_capsules_names_lifetime_and_read_only():
+    bf16 = _bf16()
+    a = np.arange(4, dtype=np.float32).astype(bf16)
+    ref = weakref.ref(a)
+    t = jn.from_dlpack(a)
+    cap = t.__dlpack__()
+    assert 'capsule object "dltensor"' in repr(cap)
+    del a, t
+    gc.collect()
+    assert ref() is not None                          # an unused capsule holds the array ...
+    del cap
+    gc.collect()
+    assert ref() is None                              # ... and frees it when dropped unconsumed
+
+    src = np.arange(6, dtype=np.float32).reshape(2, 3).astype(bf16)  # (owns its memory)
+    ref = weakref.ref(src)
+    p = _Producer(jn.from_dlpack(src))
+    t = jn.from_dlpack(p)                             # jitnet exports, jitnet imports: same memory
+    assert _ptr(t.numpy()) == _ptr(src) and t.numpy().dtype == bf16
+    assert "used_dltensor_versioned" in repr(p.capsules[-1])   # the consumed capsule is renamed
+    del p, src
+    gc.collect()
+    assert ref() is not None
+    np.testing.assert_array_equal(t.numpy().astype(np.float32), np.arange(6.0).reshape(2, 3))
+    del t
+    gc.collect()
+    assert ref() is None                              # the deleter released the exported array
+
+    ro = jn.as_tensor(np.broadcast_to(np.ones(3, dtype=bf16), (2, 3)))
+    with pytest.raises(BufferError, match="readonly"):
+        ro.__dlpack__()                               # a legacy capsule cannot say read-only
+    r = jn.from_dlpack(_Producer(ro))
+    assert not r.numpy().flags.writeable and r.numpy().strides == (0, 2)
+    c = jn.from_dlpack(_Producer(ro), copy=True)
+    assert c.numpy().flags.writeable and _ptr(c.numpy()) != _ptr(ro.numpy())
+
+
+def test_bfloat16_jax_round_trip_and_other_dtypes_unchanged():
+    jnp = pytest.importorskip("jax.numpy")
+    bf16 = _bf16()
+    t = jn.tensor(np.arange(6, dtype=np.float32).reshape(2, 3), dtype=jn.bfloat16)
+    j = jnp.from_dlpack(t)
+    assert j.dtype == bf16
+    np.testing.assert_array_equal(np.asarray(j).astype(np.float32), t.numpy().astype(np.float32))
+    back = jn.from_dlpack(j)
+    assert back.dtype == jn.bfloat16 and _ptr(back.numpy()) == j.unsafe_buffer_pointer()
+    with pytest.raises(TypeError, match="complex64"):     # other dtypes still go through NumPy's checks
+        jn.from_dlpack(_Producer(np.zeros(2, dtype=np.complex64)))
