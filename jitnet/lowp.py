@@ -31,7 +31,7 @@ import numpy as np
 from numba import njit, prange
 
 from .autodiff import core as _ad
-from .autodiff.core import Primitive
+from .autodiff.core import Primitive, no_cuda
 from .kernels_cpu import Adaptive
 
 __all__ = ["bfloat16", "float16", "bfloat16_dtype", "is_lowp", "is_bf16", "is_floating", "convert", "enable"]
@@ -240,6 +240,7 @@ def _convert_vjp(g, ans, ins, needs, dtype):
 
 
 CONVERT = Primitive("convert", impl={"cpu": convert}, vjp=_convert_vjp)
+no_cuda("float16 runs in the CUDA kernels as it is and bfloat16 is refused on the GPU (lowp.rule)", CONVERT)
 
 
 def _target(arrays, params):

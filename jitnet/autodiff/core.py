@@ -17,7 +17,7 @@ import numpy as np
 
 from .sparse import IndexedSlices
 
-__all__ = ["Primitive", "REGISTRY", "apply", "Node", "no_grad", "enable_grad", "is_grad_enabled",
+__all__ = ["Primitive", "REGISTRY", "no_cuda", "apply", "Node", "no_grad", "enable_grad", "is_grad_enabled",
            "backward", "gradients", "grad", "value_and_grad", "push_interpreter", "current_interpreter"]
 
 REGISTRY: dict[str, "Primitive"] = {}
@@ -185,6 +185,15 @@ def select_impl(prim, inputs, params):
 
 
 _CUDA_FACTORY = None     # builds a CUDA impl on first use (elementwise primitives registered after the backend)
+
+
+def no_cuda(reason, *prims):
+    """Record on each row in ``prims`` why it has no CUDA implementation (``extra["no_cuda"]``).
+
+    Every row either carries ``impl["cuda"]``, gets a generated kernel from its elementwise template, or says
+    why not here; ``tests/test_registry.py`` fails a row that does none of these."""
+    for p in prims:
+        p.extra["no_cuda"] = reason
 
 
 def set_cuda_factory(factory):

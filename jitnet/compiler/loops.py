@@ -16,7 +16,7 @@ import numpy as np
 from .. import ops
 from ..autodiff import core as ad
 from ..autodiff import nans
-from ..autodiff.core import Primitive, apply
+from ..autodiff.core import Primitive, apply, no_cuda
 from ..lowp import is_floating
 from ..tensor import Tensor
 from .passes import cse, dce, prune_scan_saves
@@ -518,6 +518,8 @@ def _while_vjp(g, ans, ins, needs, **params):
 
 
 WHILE = Primitive("while_loop", impl={"cpu": _while_impl}, vjp=_while_vjp)
+no_cuda("loops have no GPU plan yet: jn.scan/while_loop bodies run eagerly per step on CUDA", SCAN, WHILE,
+        TUPLE_GET)
 
 
 def while_loop(cond, body, init):

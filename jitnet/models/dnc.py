@@ -47,7 +47,7 @@ import jitnet.nn.functional as F
 from numba import njit
 
 from jitnet import ops
-from jitnet.autodiff.core import Primitive, apply
+from jitnet.autodiff.core import Primitive, apply, no_cuda
 from jitnet.compiler.loops import scan
 from ._train import ArgumentParser, add_nonfinite_args
 
@@ -787,6 +787,7 @@ def _no_second_order(g, ans, ins, needs, **params):
 
 _MEM_BWD = Primitive("dnc_memory_step_grad", impl={"cpu": _mem_bwd_impl}, vjp=_no_second_order)
 _MEM_STEP = Primitive("dnc_memory_step", impl={"cpu": _mem_fwd_impl}, vjp=_mem_vjp)
+no_cuda("the DNC memory kernel has no CUDA form yet", _MEM_BWD, _MEM_STEP)
 
 
 def dnc_memory_step(packed, xi, memory_size, word_size, num_reads, eps=EPS):

@@ -40,7 +40,7 @@ import jitnet as jn
 import jitnet.nn as nn
 import jitnet.nn.functional as F
 from jitnet import ops
-from jitnet.autodiff.core import Primitive, apply
+from jitnet.autodiff.core import Primitive, apply, no_cuda
 from jitnet.data import seq_tasks as T
 from jitnet.kernels_cpu import nn_lstm_step, nn_lstm_step_dprev, nn_lstm_step_dz
 from jitnet.kernels_scalar import tanh_v
@@ -378,6 +378,9 @@ def _ctx_vjp(g, ans, ins, needs):
 ATTN_TANH = Primitive("additive_attention_tanh", impl={"cpu": _tanh_impl}, vjp=_tanh_vjp)
 ATTN_CTX = Primitive("additive_attention_context", impl={"cpu": _ctx_impl}, vjp=_ctx_vjp)
 ATTN_WEIGHTS = Primitive("additive_attention_weights", impl={"cpu": _weights_impl}, nondiff=True)
+no_cuda("the seq2seq decoder's fused LSTM and attention kernels have no CUDA form yet",
+        S2S_LSTM_DZ, S2S_LSTM_DPREV, S2S_LSTM_DW, S2S_LSTM, S2S_UNPACK, ATTN_TANH_GRAD, ATTN_CTX_GRAD, ATTN_TANH,
+        ATTN_CTX, ATTN_WEIGHTS)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from .. import kernels_cpu as K
 from .. import ops
 from .. import random as _random
 from .. import winograd
-from ..autodiff.core import Primitive, apply
+from ..autodiff.core import Primitive, apply, no_cuda
 from ..lowp import is_floating
 from ..ops import log_softmax, relu, sigmoid, softmax, softplus, tanh
 from ..tensor import Tensor, _infer_array
@@ -300,6 +300,7 @@ CONV2D_GRAD_INPUT = Primitive("conv2d_grad_input", impl={"cpu": _conv2d_grad_inp
                               vjp=_conv2d_grad_input_vjp)
 CONV2D_GRAD_WEIGHT = Primitive("conv2d_grad_weight", impl={"cpu": _conv2d_grad_weight_impl},
                                vjp=_conv2d_grad_weight_vjp)
+no_cuda("the conv bias-gradient reduction has no CUDA form yet", CONV2D_BIAS_GRAD)
 
 
 def _conv_args(x, W, stride, padding, dilation, op):
@@ -528,6 +529,8 @@ BN_MOMENTS = Primitive("bn_moments", impl={"cpu": _bn_moments_impl}, vjp=_bn_mom
 CHANNEL_AFFINE = Primitive("channel_affine", impl={"cpu": _channel_affine_impl}, vjp=_channel_affine_vjp)
 CHANNEL_AFFINE_SUMS = Primitive("channel_affine_sums", impl={"cpu": _channel_affine_sums_impl},
                                 vjp=_no_second_order_bn)
+no_cuda("batch norm's fused statistics and affine kernels have no CUDA form yet (batch norm runs on the CPU)",
+        BN_MOMENTS, CHANNEL_AFFINE, CHANNEL_AFFINE_SUMS)
 
 
 def batch_moments(x):
@@ -1052,6 +1055,8 @@ def _lstm_seq_vjp(g, ans, ins, needs):
 
 
 LSTM_SEQ = Primitive("lstm_seq", impl={"cpu": _lstm_seq_impl}, vjp=_lstm_seq_vjp)
+no_cuda("the fused LSTM step and sequence kernels have no CUDA form yet (the unfused cell runs on CUDA)",
+        LSTM_DZ, LSTM_DPREV, LSTM_STEP, LSTM_SEQ_BWD, LSTM_SEQ)
 
 
 def lstm_seq(xw, s0, W_hh, b, mask=None):
