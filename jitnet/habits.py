@@ -20,6 +20,7 @@ import inspect
 
 import numpy as np
 
+from . import lowp as _lowp
 from . import ops as _ops
 from . import random as _random
 from .autodiff import core as _ad
@@ -174,7 +175,7 @@ def _host_index(index, x):
     """Return ``index`` with tensors replaced by their arrays (on x's device)."""
     def conv(v):
         if isinstance(v, Tensor):
-            if v.dtype.kind == "f":
+            if _lowp.is_floating(v.dtype):
                 raise TypeError(f"setitem: float index of dtype {v.dtype}; indices must be integers or bools")
             return v._data if isinstance(x._data, np.ndarray) else v.to(x.device)._data
         if isinstance(v, (float, np.floating)):
@@ -294,7 +295,7 @@ def _template(x, index):
     for v in index:
         if isinstance(v, (Tensor, np.ndarray, list)):
             t = _ops._as_tensor(v)
-            if t.dtype.kind == "f":
+            if _lowp.is_floating(t.dtype):
                 raise TypeError(f"at[]: float index of dtype {t.dtype}; indices must be integers or bools")
             template.append(("__arr__", len(arrays)))
             arrays.append(t)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import lowp as _lowp
 from .autodiff.core import grad as _grad
 from .tensor import Tensor, float64
 
@@ -33,7 +34,7 @@ def numerical_grad(f, inputs, argnum, eps=1e-6):
 
 def gradcheck(f, *inputs, argnums=None, eps=1e-6, atol=1e-5, rtol=1e-4, raise_exception=True):
     """Return True if the autodiff gradient of sum(f(*inputs)) matches central differences in float64."""
-    xs = [_as64(x) if isinstance(x, (Tensor, np.ndarray)) and np.asarray(x).dtype.kind == "f" else x
+    xs = [_as64(x) if isinstance(x, (Tensor, np.ndarray)) and _lowp.is_floating(np.asarray(x).dtype) else x
           for x in inputs]
     if argnums is None:
         argnums = tuple(i for i, x in enumerate(xs) if isinstance(x, Tensor) and x.dtype == float64)

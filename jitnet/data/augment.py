@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 from numba import njit, prange
 
+from .. import lowp as _lowp
+
 __all__ = [
     "center_crop",
     "per_image_standardization",
@@ -130,7 +132,7 @@ def _as_batch(x: Any, fname: str) -> np.ndarray:
     arr = np.asarray(x)
     if arr.ndim != 4:
         raise ValueError(f"{fname}: expected a 4-d NCHW batch, got an array with shape {arr.shape}")
-    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+    if not (_lowp.is_floating(arr.dtype) or np.issubdtype(arr.dtype, np.integer)):
         raise ValueError(f"{fname}: expected a real numeric array, got dtype {arr.dtype}")
     return np.ascontiguousarray(arr, dtype=np.float32)
 

@@ -28,6 +28,7 @@ import time
 
 import numpy as np
 
+from .. import lowp as _lowp
 from ..autodiff.core import REGISTRY, Primitive, apply, no_grad
 from ..autodiff.sparse import IndexedSlices
 from ..optim.optimizer import Optimizer
@@ -338,12 +339,16 @@ def allreduce(x, op="mean", out=None):
 
     The tensor's buffer goes to ``MPI_Allreduce`` as it is (no copy when it is contiguous). ``out`` (eager
     only) receives the result in place of a new tensor. ``mean`` and ``sum`` are differentiable (the gradient
-    is the same reduction of the output gradients); works under ``jn.jit``.
+    is the same reduction of the output gradients); works under ``jn.jit``. MPI has no bfloat16 type, so
+    float16/bfloat16 tensors are reduced in float32 (widened, reduced, rounded back once, the rule of
+    ``jitnet.lowp``), as are the gradient buckets of :class:`DistributedOptimizer`; broadcasts move their bits
+    as they are.
     """
     if op == "sum" and out is not None and _CTX is not None:      # the lean path: no checks beyond these
         a, o = getattr(x, "_data", None), getattr(out, "_data", None)
         if (type(a) is np.ndarray and type(o) is np.ndarray and a.dtype == o.dtype and a.shape == o.shape
-                and a.flags.c_contiguous and o.flags.c_contiguous and isinstance(out, Tensor)):
+                and a.flags.c_contiguous and o.flags.c_contiguous and isinstance(out, Tensor)
+                and not _lowp.is_lowp(a.dtype)):
             c = _CTX
             w = c.watchdog
             if w is not None:
@@ -355,7 +360,7 @@ def allreduce(x, op="mean", out=None):
     if op not in _OPS:
         raise ValueError(f"allreduce: op must be one of {', '.join(_OPS)}, got {op!r}")
     x = _as_tensor(x, "allreduce")
-    if op == "mean" and x.dtype.kind != "f":
+    if op == "mean" and not _lowp.is_floating(x.dtype):
         raise TypeError(f"allreduce: op 'mean' needs a floating tensor, got {x.dtype}; use op='sum'")
     if out is not None:
         return _allreduce_into(x, op, out)
@@ -367,6 +372,9 @@ def _allreduce_into(x, op, out):
     if not isinstance(out, Tensor) or out.shape != x.shape or out.dtype != x.dtype:
         raise ValueError(f"allreduce: out must be a Tensor of shape {x.shape} and dtype {x.dtype}")
     a, o = x._data, out._data
+    if isinstance(o, np.ndarray) and _lowp.is_lowp(o.dtype):    # float16/bfloat16: reduced in float32 by
+        o[...] = allreduce(x, op)._data                          # the primitive, rounded back once
+        return out
     if not (isinstance(a, np.ndarray) and isinstance(o, np.ndarray)) or not o.flags.c_contiguous:
         out.assign(allreduce(x, op))
         return out
@@ -417,7 +425,8 @@ def broadcast_variables(variables, root=0):
         d = v._data
         _enter(c, "broadcast of the variables")
         if isinstance(d, np.ndarray) and d.flags.c_contiguous:
-            c.comm.Bcast(d, root=root)
+            # MPI has no bfloat16 (nor, in every MPI, float16) type: their bits travel as uint16, unchanged
+            c.comm.Bcast(d.view(np.uint16) if _lowp.is_lowp(d.dtype) else d, root=root)
         else:                                           # a GPU variable: staged through the host
             from .. import cuda as _cuda
             h = np.ascontiguousarray(_cuda.to_host(d) if not isinstance(d, np.ndarray) else d)
@@ -443,16 +452,21 @@ def average_buffers(module):
     if c.size == 1:
         return
     params = {id(p) for p in module.parameters()}
-    bufs = [v for v in module.state_dict().values() if id(v) not in params and v.dtype.kind == "f"]
+    bufs = [v for v in module.state_dict().values() if id(v) not in params and _lowp.is_floating(v.dtype)]
     with no_grad():
         for v in bufs:
-            v.assign(_allreduce_cpu(np.asarray(v.numpy()), "mean"))
+            a = np.asarray(v.numpy())
+            if _lowp.is_lowp(a.dtype):             # MPI has no bfloat16: the mean is taken in float32
+                v.assign(_lowp.convert(_allreduce_cpu(_lowp.convert(a, np.float32), "mean"), a.dtype))
+            else:
+                v.assign(_allreduce_cpu(a, "mean"))
 
 
 def allreduce_metrics(metrics, weight=1.0):
     """Return {name: mean over ranks weighted by ``weight``} for a dict of floats (one small Allreduce)."""
     c = _ctx()
-    keys = sorted(k for k, v in metrics.items() if isinstance(v, (int, float, np.floating)))
+    keys = sorted(k for k, v in metrics.items() if isinstance(v, (int, float, np.floating))
+                  or (isinstance(v, np.generic) and _lowp.is_floating(v.dtype)))      # (bfloat16 scalars)
     buf = np.array([float(metrics[k]) * weight for k in keys] + [float(weight)], np.float64)
     tot = _allreduce_cpu(buf, "sum")
     out = dict(metrics)

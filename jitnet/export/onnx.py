@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import lowp as _lowp
+from ..compiler.ir import Node, Value
 from .graph import trace_graph
 
 __all__ = ["export", "supported_primitives", "UnsupportedPrimitiveError"]
@@ -230,7 +232,7 @@ def _bitwise(b, node):
 @_emits("isnan")
 def _isnan(b, node):
     v = node.inputs[0]
-    if v.dtype.kind != "f":
+    if not _lowp.is_floating(v.dtype):
         return b.init(np.zeros(v.shape, np.bool_), "false")
     return b.op("IsNaN", [b.name(v)])
 
@@ -238,7 +240,7 @@ def _isnan(b, node):
 @_emits("isfinite")
 def _isfinite(b, node):
     v = node.inputs[0]
-    if v.dtype.kind != "f":
+    if not _lowp.is_floating(v.dtype):
         return b.init(np.ones(v.shape, np.bool_), "true")
     x = b.name(v)
     return b.op("Not", [b.op("Or", [b.op("IsNaN", [x]), b.op("IsInf", [x])])])
@@ -288,7 +290,7 @@ def _where(b, node):
     return b.op("Where", [b.vin(node, 0, np.bool_), b.vin(node, 1, dt), b.vin(node, 2, dt)])
 
 
-@_emits("cast")
+@_emits("cast", "convert")          # (convert: a cast to or from float16/bfloat16)
 def _cast(b, node):
     return b.op("Cast", [b.vin(node, 0)], to=b.tensor_type(node.out.dtype))
 
@@ -737,6 +739,50 @@ def _emit_batch_norm(b, m):
 # Errors for primitives with no ONNX form
 # ==============================================================================================================
 
+_F32 = np.dtype(np.float32)
+
+
+def _lowp_emitter(node):
+    """The emitter of a float16/bfloat16 row (``<name>:f32``, see ``jitnet.lowp``), or None if it is not one.
+
+    It follows the row's compute rule in ONNX nodes: the low-precision inputs are Cast to float32, the
+    original primitive's emitter runs on those, and a low-precision result is Cast back (ONNX's Cast rounds
+    to nearest even, as jitnet does). Parameters naming a low-precision dtype become float32, as in the row.
+    """
+    orig = node.prim.extra.get("lowp_of")
+    if orig is None:
+        return None
+    if orig.name in ("lstm_seq", "lstm_step"):
+        raise UnsupportedPrimitiveError(f"onnx export: {orig.name} on {node.out.dtype} tensors is not exported "
+                                        "(ONNX's LSTM runs float32): convert the model and inputs to float32")
+    inner = _EMIT.get(orig.name)
+    if inner is None:
+        raise _unsupported(node, orig.name)
+
+    def emit(b, node):
+        ins = []
+        for v in node.inputs:
+            if not _lowp.is_lowp(v.dtype):
+                ins.append(v)
+            elif v.kind == "const":
+                ins.append(Value(f"{v.id}:f32", v.shape, _F32, "const",
+                                 const=_lowp.convert(np.asarray(_host(v.const)), _F32)))
+            else:
+                w = Value(f"{v.id}:f32", v.shape, _F32, "node", node=v.node)
+                b.names[w.id] = b.cast(b.name(v), v.dtype, _F32)
+                ins.append(w)
+        out = node.out
+        wide = _lowp.is_lowp(out.dtype)
+        o = Value(out.id, out.shape, _F32 if wide else out.dtype, "node")
+        params = {k: (_F32 if isinstance(p, np.dtype) and _lowp.is_lowp(p) else p)
+                  for k, p in node.params.items()}
+        proxy = Node(node.id, orig, ins, params, out=o)
+        o.node = proxy
+        name = inner(b, proxy)
+        return b.cast(name, _F32, out.dtype) if wide else name
+    return emit
+
+
 _HINTS = {
     "random": "a random draw (dropout in training mode?): export in evaluation mode (the default)",
     "bn_moments": "batch statistics of batch norm in training mode: export in evaluation mode (the default)",
@@ -746,8 +792,8 @@ _HINTS = {
 }
 
 
-def _unsupported(node):
-    name = node.prim.name
+def _unsupported(node, name=None):
+    name = name or node.prim.name
     hint = _HINTS.get(name)
     if hint is None and (node.prim.kind == "update" or name.endswith(("_grad", "_bwd", "_dz", "_dprev", "_dw"))):
         hint = "a gradient or optimizer primitive: export the inference function (the model), not a training step"
@@ -807,7 +853,7 @@ def export(fn_or_module, *example_args, path=None, input_names=None, output_name
     for node in g.live_nodes():
         if node.id in skip:
             continue
-        emit = special.get(node.id) or _EMIT.get(node.prim.name)
+        emit = special.get(node.id) or _EMIT.get(node.prim.name) or _lowp_emitter(node)
         if emit is None:
             raise _unsupported(node)
         b.names[node.out.id] = emit(b, node)

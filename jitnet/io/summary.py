@@ -21,6 +21,7 @@ import zlib
 
 import numpy as np
 
+from .. import lowp as _lowp
 from ..export.graph import trace_graph
 from ._atomic import atomic_write
 
@@ -190,7 +191,8 @@ def _pb_value(v):
     """google.protobuf.Value: a number (2), string (3) or bool (4); the HParamInfo type code."""
     if isinstance(v, (bool, np.bool_)):
         return _f_varint(4, int(bool(v))), 2
-    if isinstance(v, (int, float, np.integer, np.floating)):
+    if isinstance(v, (int, float, np.integer, np.floating)) or (isinstance(v, np.generic)
+                                                               and _lowp.is_floating(v.dtype)):  # (bfloat16)
         return _f_double(2, float(v)), 3
     return _f_bytes(3, str(v)), 1
 
@@ -340,7 +342,7 @@ def _to_hwc_uint8(img, dataformats=None):
         if a.min() < 0 or a.max() > 255:
             raise ValueError("integer images must lie in [0, 255]")
         a = a.astype(np.uint8)
-    elif a.dtype.kind == "f":
+    elif _lowp.is_floating(a.dtype):
         a = np.nan_to_num(a.astype(np.float64), nan=0.0)
         a = np.round(np.clip(a, 0.0, 1.0) * 255.0).astype(np.uint8)
     else:

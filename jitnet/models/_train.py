@@ -16,6 +16,7 @@ import numpy as np
 from numba.core import event as _numba_event
 
 import jitnet as jn
+from jitnet import lowp as _lowp
 from jitnet.data import DataLoader
 from jitnet.compiler.native import NATIVE_AFTER
 
@@ -322,7 +323,7 @@ def _state_variables(model):
 
 
 def _finite(variables):
-    return all(np.isfinite(v.numpy()).all() for v in variables if v.dtype.kind == "f")
+    return all(np.isfinite(v.numpy()).all() for v in variables if _lowp.is_floating(v.dtype))
 
 
 class NonFiniteGuard:

@@ -46,6 +46,7 @@ import jitnet.nn as nn
 import jitnet.nn.functional as F
 from numba import njit
 
+from jitnet import lowp as _lowp
 from jitnet import ops
 from jitnet.autodiff.core import Primitive, apply, no_cuda
 from jitnet.compiler.loops import scan
@@ -804,7 +805,7 @@ def dnc_memory_step(packed, xi, memory_size, word_size, num_reads, eps=EPS):
         raise ValueError(f"dnc_memory_step: for a {N}x{W} memory with {R} read heads expected a packed state "
                          f"(batch, {S}) and an interface (batch, {n_if}), got {tuple(packed.shape)} and "
                          f"{tuple(xi.shape)}")
-    if packed.dtype.kind != "f" or xi.dtype != packed.dtype:
+    if not _lowp.is_floating(packed.dtype) or xi.dtype != packed.dtype:
         raise TypeError(f"dnc_memory_step: state and interface must share a float dtype, got {packed.dtype} and "
                         f"{xi.dtype}")
     return apply(_MEM_STEP, packed, xi, N=N, W=W, R=R, eps=float(eps))

@@ -22,6 +22,8 @@ from collections import deque
 import numpy as np
 
 import jitnet as jn
+
+from .. import lowp as _lowp
 from ._train import ArgumentParser, NonFiniteError
 
 __all__ = ["LinearSchedule", "ExponentialSchedule", "ConstantSchedule", "make_schedule", "CorridorEnv",
@@ -322,7 +324,7 @@ def _tree_finite(tree):
     if isinstance(tree, dict):
         return all(_tree_finite(v) for v in tree.values())
     a = tree.numpy() if hasattr(tree, "numpy") else np.asarray(tree)
-    return a.dtype.kind != "f" or bool(np.isfinite(a).all())
+    return not _lowp.is_floating(a.dtype) or bool(np.isfinite(a).all())
 
 
 def _save_finite(saver, agent, episode, desc):
