@@ -31,6 +31,11 @@ def test_onnx_export_of_a_bfloat16_model_casts_around_each_op():
     feed = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(x.numpy().view(np.uint16), onnx.TensorProto.BFLOAT16)
     got = sess.run_with_ort_values(None, {"input_0": feed})[0].numpy()
     np.testing.assert_array_equal(got, f(x).numpy())   # the same float32 compute, the same roundings
+    lstm = nn.LSTM(3, 4)
+    for p in lstm.parameters():
+        p._data = p._data.astype(jn.bfloat16.dtype)
+    with pytest.raises(jn.onnx.UnsupportedPrimitiveError, match="lstm_seq on bfloat16.*float32"):
+        jn.onnx.export(lstm, jn.zeros((2, 5, 3), dtype=jn.bfloat16))
 
 
 def test_summary_hparams_and_images_take_bfloat16():
