@@ -1,4 +1,10 @@
-"""The CUDA implementations of jitnet's primitives: ``prim.impl["cuda"]``, installed when a GPU is first used.
+"""The CUDA backend: device allocation, views, copies, casts, generated elementwise kernels, kernel launches, and
+the CUDA implementations of the primitives not yet moved to their rows (``_IMPLS``, installed by name when a GPU
+is first used). Rows that hold their own CUDA implementation (the optimizer updates in ``optim/updates.py``;
+convolution, pooling and cross entropy in ``nn/functional.py``) call this module's services through
+``jitnet.lazy.LazyModule``: ``launch``, ``launch_rows``, ``contiguous``, ``cast``, ``zeros``, ``transpose_view``,
+``matmul_arrays``, ``flat_view``, ``index_array``, ``error_slot``, ``flat_state``, ``grad_like``,
+``host_value``, ``sparse_rows``.
 
 Each function here mirrors the primitive's CPU impl (same arguments, same static parameters, same results)
 on Numba device arrays, launching the kernels of :mod:`jitnet.kernels_gpu` or generated elementwise kernels
@@ -47,11 +53,11 @@ def _prod(shape):
     return n
 
 
-def _is_host(a):
+def is_host(a):
     return isinstance(a, np.ndarray)
 
 
-def _err(name, what="index"):
+def error_slot(name, what="index"):
     return C.error_record(), C.error_op(name, what)
 
 
@@ -148,7 +154,7 @@ def reshape(d, shape):
     return C.reshape(contiguous(d), shape)
 
 
-def _flat(d):
+def flat_view(d):
     return C.reshape(d, (d.size,))
 
 
@@ -164,7 +170,7 @@ _PLANS: dict = {}
 
 
 def _sig(a):
-    if _is_host(a):
+    if is_host(a):
         return ("h", a.dtype.str, a.shape)
     return ("d", a.dtype.str, tuple(a.shape), tuple(a.strides))
 
@@ -187,7 +193,7 @@ def _build(arrays, expr, odtype, out, name):
     p.size = size = _prod(oshape)
     kinds, prog_in = [], []
     for a in arrays:
-        if _is_host(a):
+        if is_host(a):
             if a.size != 1:
                 raise RuntimeError(f"{name}: a host array of shape {a.shape} cannot be an operand of a CUDA op; "
                                    f"move it with .to('cuda')")
@@ -304,7 +310,7 @@ def copy_into(dst, src):
     from .ops import _cast_template, _expr
     if dst.size == 0:
         return dst
-    if _is_host(src) and src.size != 1:
+    if is_host(src) and src.size != 1:
         src = C.to_device(np.ascontiguousarray(src))
     tpl = _cast_template({"dtype": dst.dtype})
     expr = _expr(tpl, (src.dtype,), src.dtype, dst.dtype) if src.dtype != dst.dtype else "x0"
@@ -353,7 +359,7 @@ def _gather_view(x, shape, strides, off):
         isz = x.dtype.itemsize
         sh = tuple(shape) or (1,)
         st = tuple(s // isz for s in strides) or (0,)
-        launch(KG.gather_strided, n, _extent_flat(x), off // isz, sh, st, _flat(out))
+        launch(KG.gather_strided, n, _extent_flat(x), off // isz, sh, st, flat_view(out))
     return out
 
 
@@ -384,7 +390,7 @@ def _expand_index(idx, ndim, op="getitem"):
         if isinstance(v, (bool, np.bool_)):
             raise NotImplementedError(f"{op}: a boolean index together with an index array is not supported on "
                                       f"the GPU")
-        if _is_host(v):
+        if is_host(v):
             if v.ndim:
                 raise RuntimeError(f"{op}: the index array is on the CPU and the tensor on cuda:0; move it with "
                                    f".to('cuda')")
@@ -415,8 +421,8 @@ def _wrap(idx_arr, n, name):
     """Return int64 device indices wrapped into [0, n) (errors recorded for out-of-range ones)."""
     idx_arr = contiguous(idx_arr)
     out = C.empty(tuple(idx_arr.shape), _i64)
-    err, opid = _err(name, "index")
-    launch(KG.wrap_index, idx_arr.size, _flat(idx_arr), _flat(out), np.int64(n), err, opid)
+    err, opid = error_slot(name, "index")
+    launch(KG.wrap_index, idx_arr.size, flat_view(idx_arr), flat_view(out), np.int64(n), err, opid)
     return out
 
 
@@ -442,7 +448,7 @@ def _adv_plan(shape, strides, itemsize, fidx, name):
             w = _wrap(v, nk, name)
         if lin is None:
             lin = w
-        elif _is_host(lin) and _is_host(w):
+        elif is_host(lin) and is_host(w):
             lin = np.array(int(lin) * nk + int(w), np.int64)
         else:
             lin = _ew("add", _ew("multiply", lin, np.array(nk, np.int64)), w)
@@ -463,7 +469,7 @@ def _adv_getitem(x, idx):
     P = _prod(vshape[k] for k in adv)
     rest_shape = tuple(vshape[k] for k in rest)
     merged = C.reshape(Vt, (P,) + rest_shape)
-    if _is_host(lin):                     # every advanced index was an int: one position
+    if is_host(lin):                     # every advanced index was an int: one position
         lin = full((), int(lin), _i64)
     R = _take_impl(merged, lin, 0, name="getitem")
     q = lin.ndim
@@ -496,12 +502,12 @@ def _getitem_grad_impl(g, *arrays, template, shape):
         n = _prod(vshape)
         if n:
             gb = contiguous(broadcast_view(g, vshape))
-            launch(KG.scatter_strided, n, _flat(gb), _flat(out), voff // isz, vshape or (1,),
+            launch(KG.scatter_strided, n, flat_view(gb), flat_view(out), voff // isz, vshape or (1,),
                     tuple(s // isz for s in vstrides) or (0,))
         return out
     full_idx = _expand_index(list(idx), len(shape))
     vshape, vstrides, voff, adv, rest, lin, adjacent = _adv_plan(shape, cst, isz, full_idx, "getitem")
-    if _is_host(lin):
+    if is_host(lin):
         lin = full((), int(lin), _i64)
     q, p = lin.ndim, adv[0]
     rest_shape = tuple(vshape[k] for k in rest)
@@ -514,8 +520,8 @@ def _getitem_grad_impl(g, *arrays, template, shape):
     P = _prod(vshape[k] for k in adv)
     gm = zeros((1, P, rs), g.dtype)
     upd = C.reshape(contiguous(broadcast_view(gR, tuple(lin.shape) + rest_shape)), (1, L, rs))
-    err, opid = _err("getitem", "index")
-    launch(KG.scatter_add_axis, upd.size, gm, _flat(contiguous(lin)), upd, True, err, opid)
+    err, opid = error_slot("getitem", "index")
+    launch(KG.scatter_add_axis, upd.size, gm, flat_view(contiguous(lin)), upd, True, err, opid)
     perm = adv + rest
     inv = [0] * len(perm)
     for i, a in enumerate(perm):
@@ -523,7 +529,7 @@ def _getitem_grad_impl(g, *arrays, template, shape):
     gV = contiguous(transpose_view(C.reshape(gm, tuple(vshape[k] for k in perm)), inv))
     n = _prod(vshape)
     if n:
-        launch(KG.scatter_strided, n, _flat(gV), _flat(out), voff // isz, vshape,
+        launch(KG.scatter_strided, n, flat_view(gV), flat_view(out), voff // isz, vshape,
                 tuple(s // isz for s in vstrides))
     return out
 
@@ -793,9 +799,9 @@ def _matmul_impl(a, b):
 # Gathers and scatters
 # ==============================================================================================================
 
-def _index_array(idx, bound, name, axis):
+def index_array(idx, bound, name, axis):
     """Return a device index array; a host scalar index is checked now and placed by a fill kernel."""
-    if _is_host(idx):
+    if is_host(idx):
         if idx.dtype.kind not in "iu":
             raise TypeError(f"{name}: indices must be integers, got dtype {idx.dtype}")
         if idx.size != 1:
@@ -813,15 +819,15 @@ def _index_array(idx, bound, name, axis):
 
 
 def _take_impl(x, idx, axis, name="take"):
-    idx = _index_array(idx, x.shape[axis], name, axis)
+    idx = index_array(idx, x.shape[axis], name, axis)
     x = contiguous(x)
     outer = _prod(tuple(x.shape)[:axis])
     inner = _prod(tuple(x.shape)[axis + 1:])
     n = x.shape[axis]
     out = C.empty((outer, idx.size, inner), x.dtype)
     if out.size:
-        err, opid = _err(name)
-        launch(KG.take_axis, out.size, C.reshape(x, (outer, n, inner)), _flat(contiguous(idx)), out,
+        err, opid = error_slot(name)
+        launch(KG.take_axis, out.size, C.reshape(x, (outer, n, inner)), flat_view(contiguous(idx)), out,
                 name != "embedding", err, opid)
     return C.reshape(out, tuple(x.shape)[:axis] + tuple(idx.shape) + tuple(x.shape)[axis + 1:])
 
@@ -830,7 +836,7 @@ _ATOMIC = {np.dtype(t) for t in (np.float32, np.float64, np.int32, np.int64, np.
 
 
 def _scatter_add_impl(x, idx, upd, axis):
-    idx = _index_array(idx, x.shape[axis], "scatter_add", axis)
+    idx = index_array(idx, x.shape[axis], "scatter_add", axis)
     if x.dtype not in _ATOMIC:
         raise TypeError(f"scatter_add: dtype {x.dtype} has no atomic add on the GPU (use float32/64 or int32/64)")
     out = copy(x)
@@ -844,25 +850,25 @@ def _scatter_add_impl(x, idx, upd, axis):
         except ValueError:
             raise ValueError(f"scatter_add: updates of shape {tuple(upd.shape)} do not match {want} (x "
                              f"{tuple(x.shape)}, indices {tuple(idx.shape)}, axis {axis})") from None
-        upd = broadcast_view(upd, want) if not _is_host(upd) else full(want, upd.reshape(-1)[0], x.dtype)
+        upd = broadcast_view(upd, want) if not is_host(upd) else full(want, upd.reshape(-1)[0], x.dtype)
     if upd.dtype != out.dtype:
         upd = cast(upd, out.dtype)
     upd = contiguous(upd)
     if upd.size:
-        err, opid = _err("scatter_add")
+        err, opid = error_slot("scatter_add")
         launch(KG.scatter_add_axis, upd.size, C.reshape(out, (outer, x.shape[axis], inner)),
-                _flat(contiguous(idx)), C.reshape(upd, (outer, idx.size, inner)), True, err, opid)
+                flat_view(contiguous(idx)), C.reshape(upd, (outer, idx.size, inner)), True, err, opid)
     return out
 
 
 def _one_hot_impl(idx, depth, dtype, on, off):
     dtype = np.dtype(dtype)
-    if _is_host(idx):
+    if is_host(idx):
         idx = full(idx.shape, int(idx.reshape(-1)[0]), _i64)
-    flat = _flat(contiguous(idx))
+    flat = flat_view(contiguous(idx))
     out = C.empty((flat.size, depth), dtype)
     if out.size:
-        err, opid = _err("one_hot")
+        err, opid = error_slot("one_hot")
         if dtype == _bool:
             o8 = _as_u8(out)
             launch(KG.one_hot_fill, out.size, flat, o8, np.uint8(bool(on)), np.uint8(bool(off)), err, opid)
@@ -872,7 +878,7 @@ def _one_hot_impl(idx, depth, dtype, on, off):
 
 
 def _tal_impl(x, idx, axis):
-    idx = _index_array(idx, x.shape[axis], "take_along_axis", axis)
+    idx = index_array(idx, x.shape[axis], "take_along_axis", axis)
     rows, _ = _last_axis_rows(x, axis)
     irows, imshape = _last_axis_rows(idx, axis)
     if rows.shape[0] != irows.shape[0]:
@@ -880,7 +886,7 @@ def _tal_impl(x, idx, axis):
                          f"axis {axis}")
     out = C.empty(irows.shape, x.dtype)
     if out.size:
-        err, opid = _err("take_along_axis")
+        err, opid = error_slot("take_along_axis")
         launch(KG.take_along_rows, out.size, rows, irows, out, np.int64(_prod(tuple(idx.shape)[axis + 1:])), err,
                 opid)
     return _restore_axis(out, imshape, axis, x.ndim)
@@ -894,7 +900,7 @@ def _pal_impl(g, idx, shape, axis):
     irows, _ = _last_axis_rows(idx, axis)
     grows, _ = _last_axis_rows(g, axis)
     if grows.size:
-        err, opid = _err("put_along_axis_add")
+        err, opid = error_slot("put_along_axis_add")
         launch(KG.put_along_rows_add, grows.size, target, irows, grows, np.int64(_prod(tuple(idx.shape)[axis + 1:])),
                 err, opid)
     return _restore_axis(target, moved, axis, nd)
@@ -922,8 +928,8 @@ def _topk_impl(x, k):
 
 def _embedding_impl(weight, ids):
     vocab, dim = weight.shape
-    if _is_host(ids) or ids.dtype.kind not in "iu":
-        ids = _index_array(ids, vocab, "embedding", 0)
+    if is_host(ids) or ids.dtype.kind not in "iu":
+        ids = index_array(ids, vocab, "embedding", 0)
     out = _take_impl(weight, ids, 0, name="embedding")
     return out
 
@@ -931,63 +937,6 @@ def _embedding_impl(weight, ids):
 # ==============================================================================================================
 # Softmax cross entropy
 # ==============================================================================================================
-
-def _xent_int_impl(x, labels):
-    x = contiguous(x)
-    labels = contiguous(_index_array(labels, 1 << 62, "cross_entropy", 0)) if _is_host(labels) else \
-        contiguous(labels)
-    m, n = x.shape
-    out = C.empty((m,), x.dtype)
-    err, opid = _err("cross_entropy", "label")
-    if m:
-        if n <= KG.SMALL_ROW:
-            launch(KG.xent_int_rows_small, m, x, _flat(labels), out, err, opid)
-        else:
-            launch_rows(KG.xent_int_rows, m, x, _flat(labels), out, err, opid)
-    return out
-
-
-def _xent_int_grad_impl(x, labels, g):
-    x = contiguous(x)
-    labels = contiguous(labels)
-    g = contiguous(cast(g, x.dtype))
-    m, n = x.shape
-    out = C.empty((m, n), x.dtype)
-    err, opid = _err("cross_entropy", "label")
-    if m:
-        if n <= KG.SMALL_ROW:
-            launch(KG.xent_int_grad_rows_small, m, x, _flat(labels), _flat(g), out, err, opid)
-        else:
-            launch_rows(KG.xent_int_grad_rows, m, x, _flat(labels), _flat(g), out, err, opid)
-    return out
-
-
-def _xent_prob_impl(x, p):
-    x = contiguous(x)
-    p = contiguous(cast(p, x.dtype))
-    m, n = x.shape
-    out = C.empty((m,), x.dtype)
-    if m:
-        if n <= KG.SMALL_ROW:
-            launch(KG.xent_prob_rows_small, m, x, p, out)
-        else:
-            launch_rows(KG.xent_prob_rows, m, x, p, out)
-    return out
-
-
-def _xent_prob_grad_impl(x, p, g):
-    x = contiguous(x)
-    p = contiguous(cast(p, x.dtype))
-    g = contiguous(cast(g, x.dtype))
-    m, n = x.shape
-    out = C.empty((m, n), x.dtype)
-    if m:
-        if n <= KG.SMALL_ROW:
-            launch(KG.xent_prob_grad_rows_small, m, x, p, _flat(g), out)
-        else:
-            launch_rows(KG.xent_prob_grad_rows, m, x, p, _flat(g), out)
-    return out
-
 
 # ==============================================================================================================
 # Random numbers
@@ -1024,7 +973,7 @@ def _sample_impl(kind, shape, dtype, a, b, device=None):
 
 def host_value(a):
     """Return the Python value of a 0-d array (a counted transfer when it is on the device)."""
-    if _is_host(a):
+    if is_host(a):
         return a.reshape(-1)[0].item()
     return C.to_host(a).reshape(-1)[0].item()
 
@@ -1032,13 +981,13 @@ def host_value(a):
 def flat_state(a, what):
     if not C.is_contiguous(a):
         raise ValueError(f"optimizer update: the {what} array must be C-contiguous")
-    return _flat(a)
+    return flat_view(a)
 
 
 def grad_like(g, p):
     if tuple(g.shape) != tuple(p.shape):
-        g = broadcast_view(g, p.shape) if not _is_host(g) else full(p.shape, g.reshape(-1)[0], p.dtype)
-    return _flat(contiguous(cast(g, p.dtype)))
+        g = broadcast_view(g, p.shape) if not is_host(g) else full(p.shape, g.reshape(-1)[0], p.dtype)
+    return flat_view(contiguous(cast(g, p.dtype)))
 
 
 def sparse_rows(p, values, indices, name):
@@ -1048,11 +997,11 @@ def sparse_rows(p, values, indices, name):
     rows = p.shape[0]
     d = p.size // rows if rows else 0
     p2 = C.reshape(p, (rows, d))
-    idx = _flat(contiguous(_index_array(indices, rows, name, 0)))
+    idx = flat_view(contiguous(index_array(indices, rows, name, 0)))
     vals = C.reshape(contiguous(cast(values, p.dtype)), (1, idx.size, d))
     gd = zeros((1, rows, d), p.dtype)
     flags = zeros((rows,), np.int32)
-    err, opid = _err(f"{name} (sparse update)")
+    err, opid = error_slot(f"{name} (sparse update)")
     launch(KG.scatter_add_axis, vals.size, gd, idx, vals, False, err, opid)
     launch(KG.rows_touched, idx.size, idx, flags, err, opid)
     return p2, C.reshape(gd, (rows, d)), flags
@@ -1066,100 +1015,6 @@ def _assign_impl(var, value):
 # ==============================================================================================================
 # Convolution and pooling (NCHW)
 # ==============================================================================================================
-
-def _geom(xs, ws, stride, pads, dilation):
-    from .nn.functional import conv_output_size
-    n, c, h, w = xs
-    o, _, kh, kw = ws
-    oh = conv_output_size(h, kh, stride[0], pads[0][0], pads[0][1], dilation[0])
-    ow = conv_output_size(w, kw, stride[1], pads[1][0], pads[1][1], dilation[1])
-    return n, c, h, w, o, kh, kw, oh, ow
-
-
-def _i(v):
-    return np.int64(v)
-
-
-def _im2col(x, kh, kw, stride, pads, dilation, oh, ow):
-    n, c = tuple(x.shape)[:2]
-    cols = C.empty((c * kh * kw, n * oh * ow), x.dtype)
-    launch(KG.im2col, cols.size, x, cols, _i(kh), _i(kw), _i(stride[0]), _i(stride[1]), _i(pads[0][0]),
-            _i(pads[1][0]), _i(dilation[0]), _i(dilation[1]), _i(oh), _i(ow))
-    return cols
-
-
-def _conv2d_impl(x, w, *b, stride, pads, dilation):
-    n, c, h, wd, o, kh, kw, oh, ow = _geom(x.shape, w.shape, stride, pads, dilation)
-    if n * o * oh * ow == 0:
-        return C.empty((n, o, oh, ow), x.dtype)
-    x = contiguous(x)
-    w2 = C.reshape(contiguous(w), (o, c * kh * kw))
-    cols = _im2col(x, kh, kw, stride, pads, dilation, oh, ow)
-    y2 = matmul_arrays(w2, cols)
-    out = C.empty((n, o, oh * ow), x.dtype)
-    bias = contiguous(b[0]) if b else _flat(w2)          # (a 1-D placeholder the kernel never reads)
-    launch(KG.onp_to_nop, out.size, y2, bias, out, bool(b))
-    return C.reshape(out, (n, o, oh, ow))
-
-
-def _conv2d_grad_input_impl(g, w, *, x_shape, stride, pads, dilation):
-    n, c, h, wd, o, kh, kw, oh, ow = _geom(x_shape, w.shape, stride, pads, dilation)
-    dx = zeros(x_shape, g.dtype)
-    if g.size == 0:
-        return dx
-    g3 = C.reshape(contiguous(g), (n, o, oh * ow))
-    g2 = C.empty((o, n * oh * ow), g.dtype)
-    launch(KG.nop_to_onp, g3.size, g3, g2)
-    w2t = transpose_view(C.reshape(contiguous(w), (o, c * kh * kw)), (1, 0))
-    dcols = matmul_arrays(w2t, g2)
-    launch(KG.col2im_add, dcols.size, dcols, dx, _i(kh), _i(kw), _i(stride[0]), _i(stride[1]), _i(pads[0][0]),
-            _i(pads[1][0]), _i(dilation[0]), _i(dilation[1]), _i(oh), _i(ow))
-    return dx
-
-
-def _conv2d_grad_weight_impl(x, g, *, w_shape, stride, pads, dilation):
-    n, c, h, wd, o, kh, kw, oh, ow = _geom(x.shape, w_shape, stride, pads, dilation)
-    if g.size == 0:
-        return zeros(w_shape, x.dtype)
-    g3 = C.reshape(contiguous(g), (n, o, oh * ow))
-    g2 = C.empty((o, n * oh * ow), g.dtype)
-    launch(KG.nop_to_onp, g3.size, g3, g2)
-    cols = _im2col(contiguous(x), kh, kw, stride, pads, dilation, oh, ow)
-    dw = matmul_arrays(g2, transpose_view(cols, (1, 0)))
-    return C.reshape(dw, w_shape)
-
-
-def _max_pool_impl(x, k, s, p, out_hw):
-    out = C.empty(tuple(x.shape)[:2] + tuple(out_hw), x.dtype)
-    if out.size:
-        launch(KG.max_pool2d, out.size, contiguous(x), out, _i(k[0]), _i(k[1]), _i(s[0]), _i(s[1]), _i(p[0]),
-                _i(p[1]))
-    return out
-
-
-def _max_pool_grad_impl(x, g, k, s, p):
-    dx = zeros(x.shape, g.dtype)
-    if g.size:
-        launch(KG.max_pool2d_grad, g.size, contiguous(x), contiguous(g), dx, _i(k[0]), _i(k[1]), _i(s[0]),
-                _i(s[1]), _i(p[0]), _i(p[1]))
-    return dx
-
-
-def _avg_pool_impl(x, k, s, p, out_hw, include_pad):
-    out = C.empty(tuple(x.shape)[:2] + tuple(out_hw), x.dtype)
-    if out.size:
-        launch(KG.avg_pool2d, out.size, contiguous(x), out, _i(k[0]), _i(k[1]), _i(s[0]), _i(s[1]), _i(p[0]),
-                _i(p[1]), bool(include_pad), x.dtype.type(0))
-    return out
-
-
-def _avg_pool_grad_impl(g, x_shape, k, s, p, include_pad):
-    dx = zeros(x_shape, g.dtype)
-    if g.size:
-        launch(KG.avg_pool2d_grad, g.size, contiguous(g), dx, _i(k[0]), _i(k[1]), _i(s[0]), _i(s[1]), _i(p[0]),
-                _i(p[1]), bool(include_pad))
-    return dx
-
 
 # ==============================================================================================================
 # Installation
@@ -1191,28 +1046,17 @@ _IMPLS = {
     "argsort": _argsort_impl,
     "top_k_indices": _topk_impl,
     "embedding": _embedding_impl,
-    "cross_entropy_int": _xent_int_impl,
-    "cross_entropy_int_grad": _xent_int_grad_impl,
-    "cross_entropy_prob": _xent_prob_impl,
-    "cross_entropy_prob_grad": _xent_prob_grad_impl,
     "random": _sample_impl,
     "assign": _assign_impl,
-    "conv2d": _conv2d_impl,
-    "conv2d_grad_input": _conv2d_grad_input_impl,
-    "conv2d_grad_weight": _conv2d_grad_weight_impl,
-    "max_pool2d": _max_pool_impl,
-    "max_pool2d_grad": _max_pool_grad_impl,
-    "avg_pool2d": _avg_pool_impl,
-    "avg_pool2d_grad": _avg_pool_grad_impl,
 }
 
 
 def install():
     """Set ``impl["cuda"]`` of every primitive with a CUDA implementation (called once by ``cuda.require``)."""
+    # the modules whose rows still get their CUDA impl from _IMPLS, by name (rows that hold their own need none)
     from . import ops, random  # noqa: F401  (register their primitives)
     from .compiler import prims  # noqa: F401
-    from .nn import embedding_ops, functional  # noqa: F401
-    from .optim import updates  # noqa: F401
+    from .nn import embedding_ops  # noqa: F401
     for name, prim in _ad.REGISTRY.items():
         if "cuda" in prim.impl:
             continue

@@ -21,9 +21,15 @@ from .. import ops
 from .. import random as _random
 from .. import winograd
 from ..autodiff.core import Primitive, apply, no_cuda
+from ..lazy import LazyModule
 from ..lowp import is_floating
 from ..ops import log_softmax, relu, sigmoid, softmax, softplus, tanh
 from ..tensor import Tensor, _infer_array
+
+# the CUDA backend's services and kernels, imported when a CUDA implementation first runs (never on the CPU)
+_G = LazyModule("jitnet.backend_cuda")
+_KG = LazyModule("jitnet.kernels_gpu")
+_C = LazyModule("jitnet.cuda")
 
 __all__ = ["relu", "sigmoid", "tanh", "softplus", "softmax", "log_softmax", "leaky_relu", "elu", "gelu",
            "linear", "conv2d", "conv2d_grad_input", "conv2d_grad_weight", "conv_output_size", "max_pool2d",
@@ -292,13 +298,68 @@ def _conv2d_grad_weight_vjp(g, ans, ins, needs, w_shape, stride, pads, dilation)
             apply(CONV2D, x, g, **p) if needs[1] else None)
 
 
+# -- CUDA: im2col + the tiled matmul + col2im (no Winograd or chunking on the GPU) --
+
+def _i64(v):
+    return np.int64(v)
+
+
+def _im2col_cuda(x, kh, kw, stride, pads, dilation, oh, ow):
+    n, c = tuple(x.shape)[:2]
+    cols = _C.empty((c * kh * kw, n * oh * ow), x.dtype)
+    _G.launch(_KG.im2col, cols.size, x, cols, _i64(kh), _i64(kw), _i64(stride[0]), _i64(stride[1]), _i64(pads[0][0]),
+            _i64(pads[1][0]), _i64(dilation[0]), _i64(dilation[1]), _i64(oh), _i64(ow))
+    return cols
+
+
+def _conv2d_cuda(x, w, *b, stride, pads, dilation):
+    n, c, h, wd, o, kh, kw, oh, ow = _geom(x.shape, w.shape, stride, pads, dilation)
+    if n * o * oh * ow == 0:
+        return _C.empty((n, o, oh, ow), x.dtype)
+    x = _G.contiguous(x)
+    w2 = _C.reshape(_G.contiguous(w), (o, c * kh * kw))
+    cols = _im2col_cuda(x, kh, kw, stride, pads, dilation, oh, ow)
+    y2 = _G.matmul_arrays(w2, cols)
+    out = _C.empty((n, o, oh * ow), x.dtype)
+    bias = _G.contiguous(b[0]) if b else _G.flat_view(w2)          # (a 1-D placeholder the kernel never reads)
+    _G.launch(_KG.onp_to_nop, out.size, y2, bias, out, bool(b))
+    return _C.reshape(out, (n, o, oh, ow))
+
+
+def _conv2d_grad_input_cuda(g, w, *, x_shape, stride, pads, dilation):
+    n, c, h, wd, o, kh, kw, oh, ow = _geom(x_shape, w.shape, stride, pads, dilation)
+    dx = _G.zeros(x_shape, g.dtype)
+    if g.size == 0:
+        return dx
+    g3 = _C.reshape(_G.contiguous(g), (n, o, oh * ow))
+    g2 = _C.empty((o, n * oh * ow), g.dtype)
+    _G.launch(_KG.nop_to_onp, g3.size, g3, g2)
+    w2t = _G.transpose_view(_C.reshape(_G.contiguous(w), (o, c * kh * kw)), (1, 0))
+    dcols = _G.matmul_arrays(w2t, g2)
+    _G.launch(_KG.col2im_add, dcols.size, dcols, dx, _i64(kh), _i64(kw), _i64(stride[0]), _i64(stride[1]), _i64(pads[0][0]),
+            _i64(pads[1][0]), _i64(dilation[0]), _i64(dilation[1]), _i64(oh), _i64(ow))
+    return dx
+
+
+def _conv2d_grad_weight_cuda(x, g, *, w_shape, stride, pads, dilation):
+    n, c, h, wd, o, kh, kw, oh, ow = _geom(x.shape, w_shape, stride, pads, dilation)
+    if g.size == 0:
+        return _G.zeros(w_shape, x.dtype)
+    g3 = _C.reshape(_G.contiguous(g), (n, o, oh * ow))
+    g2 = _C.empty((o, n * oh * ow), g.dtype)
+    _G.launch(_KG.nop_to_onp, g3.size, g3, g2)
+    cols = _im2col_cuda(_G.contiguous(x), kh, kw, stride, pads, dilation, oh, ow)
+    dw = _G.matmul_arrays(g2, _G.transpose_view(cols, (1, 0)))
+    return _C.reshape(dw, w_shape)
+
 CONV2D_BIAS_GRAD = Primitive("conv2d_bias_grad", impl={"cpu": _conv2d_bias_grad_impl},
                              vjp=lambda g, ans, ins, needs: (
                                  ops.broadcast_to(ops.reshape(g, (1, -1, 1, 1)), ins[0].shape),))
-CONV2D = Primitive("conv2d", impl={"cpu": _conv2d_impl}, vjp=_conv2d_vjp)
-CONV2D_GRAD_INPUT = Primitive("conv2d_grad_input", impl={"cpu": _conv2d_grad_input_impl},
+CONV2D = Primitive("conv2d", impl={"cpu": _conv2d_impl, "cuda": _conv2d_cuda}, vjp=_conv2d_vjp)
+CONV2D_GRAD_INPUT = Primitive("conv2d_grad_input", impl={"cpu": _conv2d_grad_input_impl, "cuda": _conv2d_grad_input_cuda},
                               vjp=_conv2d_grad_input_vjp)
-CONV2D_GRAD_WEIGHT = Primitive("conv2d_grad_weight", impl={"cpu": _conv2d_grad_weight_impl},
+CONV2D_GRAD_WEIGHT = Primitive("conv2d_grad_weight", impl={"cpu": _conv2d_grad_weight_impl,
+                                                                        "cuda": _conv2d_grad_weight_cuda},
                                vjp=_conv2d_grad_weight_vjp)
 no_cuda("the conv bias-gradient reduction has no CUDA form yet", CONV2D_BIAS_GRAD)
 
@@ -413,8 +474,23 @@ def _max_pool_grad_impl(x, g, k, s, p):
     return dx
 
 
-MAX_POOL_GRAD = Primitive("max_pool2d_grad", impl={"cpu": _max_pool_grad_impl})
-MAX_POOL = Primitive("max_pool2d", impl={"cpu": _max_pool_impl},
+def _max_pool_cuda(x, k, s, p, out_hw):
+    out = _C.empty(tuple(x.shape)[:2] + tuple(out_hw), x.dtype)
+    if out.size:
+        _G.launch(_KG.max_pool2d, out.size, _G.contiguous(x), out, _i64(k[0]), _i64(k[1]), _i64(s[0]), _i64(s[1]), _i64(p[0]),
+                _i64(p[1]))
+    return out
+
+
+def _max_pool_grad_cuda(x, g, k, s, p):
+    dx = _G.zeros(x.shape, g.dtype)
+    if g.size:
+        _G.launch(_KG.max_pool2d_grad, g.size, _G.contiguous(x), _G.contiguous(g), dx, _i64(k[0]), _i64(k[1]), _i64(s[0]),
+                _i64(s[1]), _i64(p[0]), _i64(p[1]))
+    return dx
+
+MAX_POOL_GRAD = Primitive("max_pool2d_grad", impl={"cpu": _max_pool_grad_impl, "cuda": _max_pool_grad_cuda})
+MAX_POOL = Primitive("max_pool2d", impl={"cpu": _max_pool_impl, "cuda": _max_pool_cuda},
                      vjp=lambda g, ans, ins, needs, k, s, p, out_hw: (apply(MAX_POOL_GRAD, ins[0], g, k=k, s=s,
                                                                              p=p),))
 def max_pool2d(x, kernel_size, stride=None, padding=0):
@@ -439,8 +515,23 @@ def _avg_pool_grad_impl(g, x_shape, k, s, p, include_pad):
     return dx
 
 
-AVG_POOL = Primitive("avg_pool2d", impl={"cpu": _avg_pool_impl})
-AVG_POOL_GRAD = Primitive("avg_pool2d_grad", impl={"cpu": _avg_pool_grad_impl})
+def _avg_pool_cuda(x, k, s, p, out_hw, include_pad):
+    out = _C.empty(tuple(x.shape)[:2] + tuple(out_hw), x.dtype)
+    if out.size:
+        _G.launch(_KG.avg_pool2d, out.size, _G.contiguous(x), out, _i64(k[0]), _i64(k[1]), _i64(s[0]), _i64(s[1]), _i64(p[0]),
+                _i64(p[1]), bool(include_pad), x.dtype.type(0))
+    return out
+
+
+def _avg_pool_grad_cuda(g, x_shape, k, s, p, include_pad):
+    dx = _G.zeros(x_shape, g.dtype)
+    if g.size:
+        _G.launch(_KG.avg_pool2d_grad, g.size, _G.contiguous(g), dx, _i64(k[0]), _i64(k[1]), _i64(s[0]), _i64(s[1]), _i64(p[0]),
+                _i64(p[1]), bool(include_pad))
+    return dx
+
+AVG_POOL = Primitive("avg_pool2d", impl={"cpu": _avg_pool_impl, "cuda": _avg_pool_cuda})
+AVG_POOL_GRAD = Primitive("avg_pool2d_grad", impl={"cpu": _avg_pool_grad_impl, "cuda": _avg_pool_grad_cuda})
 AVG_POOL.vjp = lambda g, ans, ins, needs, k, s, p, out_hw, include_pad: (
     apply(AVG_POOL_GRAD, g, x_shape=ins[0].shape, k=k, s=s, p=p, include_pad=include_pad),)
 AVG_POOL_GRAD.vjp = lambda g, ans, ins, needs, x_shape, k, s, p, include_pad: (
@@ -622,8 +713,64 @@ def _xent_prob_grad_impl(x, p, g):
     return out
 
 
-XENT_INT_GRAD = Primitive("cross_entropy_int_grad", impl={"cpu": _xent_int_grad_impl})
-XENT_INT = Primitive("cross_entropy_int", impl={"cpu": _xent_int_impl},
+def _xent_int_cuda(x, labels):
+    x = _G.contiguous(x)
+    labels = _G.contiguous(_G.index_array(labels, 1 << 62, "cross_entropy", 0)) if _G.is_host(labels) else \
+        _G.contiguous(labels)
+    m, n = x.shape
+    out = _C.empty((m,), x.dtype)
+    err, opid = _G.error_slot("cross_entropy", "label")
+    if m:
+        if n <= _KG.SMALL_ROW:
+            _G.launch(_KG.xent_int_rows_small, m, x, _G.flat_view(labels), out, err, opid)
+        else:
+            _G.launch_rows(_KG.xent_int_rows, m, x, _G.flat_view(labels), out, err, opid)
+    return out
+
+
+def _xent_int_grad_cuda(x, labels, g):
+    x = _G.contiguous(x)
+    labels = _G.contiguous(labels)
+    g = _G.contiguous(_G.cast(g, x.dtype))
+    m, n = x.shape
+    out = _C.empty((m, n), x.dtype)
+    err, opid = _G.error_slot("cross_entropy", "label")
+    if m:
+        if n <= _KG.SMALL_ROW:
+            _G.launch(_KG.xent_int_grad_rows_small, m, x, _G.flat_view(labels), _G.flat_view(g), out, err, opid)
+        else:
+            _G.launch_rows(_KG.xent_int_grad_rows, m, x, _G.flat_view(labels), _G.flat_view(g), out, err, opid)
+    return out
+
+
+def _xent_prob_cuda(x, p):
+    x = _G.contiguous(x)
+    p = _G.contiguous(_G.cast(p, x.dtype))
+    m, n = x.shape
+    out = _C.empty((m,), x.dtype)
+    if m:
+        if n <= _KG.SMALL_ROW:
+            _G.launch(_KG.xent_prob_rows_small, m, x, p, out)
+        else:
+            _G.launch_rows(_KG.xent_prob_rows, m, x, p, out)
+    return out
+
+
+def _xent_prob_grad_cuda(x, p, g):
+    x = _G.contiguous(x)
+    p = _G.contiguous(_G.cast(p, x.dtype))
+    g = _G.contiguous(_G.cast(g, x.dtype))
+    m, n = x.shape
+    out = _C.empty((m, n), x.dtype)
+    if m:
+        if n <= _KG.SMALL_ROW:
+            _G.launch(_KG.xent_prob_grad_rows_small, m, x, p, _G.flat_view(g), out)
+        else:
+            _G.launch_rows(_KG.xent_prob_grad_rows, m, x, p, _G.flat_view(g), out)
+    return out
+
+XENT_INT_GRAD = Primitive("cross_entropy_int_grad", impl={"cpu": _xent_int_grad_impl, "cuda": _xent_int_grad_cuda})
+XENT_INT = Primitive("cross_entropy_int", impl={"cpu": _xent_int_impl, "cuda": _xent_int_cuda},
                      vjp=lambda g, ans, ins, needs: (apply(XENT_INT_GRAD, ins[0], ins[1], g), None))
 XENT_INT_GRAD.vjp = lambda g, ans, ins, needs: (
     _xent_hvp(ins[0], ops.one_hot(ins[1], ins[0].shape[-1], ins[0].dtype) * ops.reshape(
@@ -632,8 +779,9 @@ XENT_INT_GRAD.vjp = lambda g, ans, ins, needs: (
     * ops.astype(ins[1] >= 0, ins[0].dtype) if needs[2] else None)
 bounds.mark(XENT_INT, i1=("label", "ignore"))
 bounds.mark(XENT_INT_GRAD, i1=("label", "ignore"))
-XENT_PROB_GRAD = Primitive("cross_entropy_prob_grad", impl={"cpu": _xent_prob_grad_impl})
-XENT_PROB = Primitive("cross_entropy_prob", impl={"cpu": _xent_prob_impl},
+XENT_PROB_GRAD = Primitive("cross_entropy_prob_grad", impl={"cpu": _xent_prob_grad_impl,
+                                                                  "cuda": _xent_prob_grad_cuda})
+XENT_PROB = Primitive("cross_entropy_prob", impl={"cpu": _xent_prob_impl, "cuda": _xent_prob_cuda},
                       vjp=lambda g, ans, ins, needs: (
                           apply(XENT_PROB_GRAD, ins[0], ins[1], g) if needs[0] else None,
                           -ops.reshape(g, (-1, 1)) * ops.log_softmax(ins[0]) if needs[1] else None))
