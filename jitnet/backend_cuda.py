@@ -1,9 +1,10 @@
 """The CUDA backend: device allocation, views, copies, casts, generated elementwise kernels, kernel launches, and
 the CUDA implementations of the primitives not yet moved to their rows (``_IMPLS``, installed by name when a GPU
 is first used). Rows that hold their own CUDA implementation (the optimizer updates in ``optim/updates.py``;
-convolution, pooling and cross entropy in ``nn/functional.py``) call this module's services through
+convolution, pooling and cross entropy in ``nn/functional.py``; matmul, the softmax family and the
+reductions in ``ops.py``) call this module's services through
 ``jitnet.lazy.LazyModule``: ``launch``, ``launch_rows``, ``contiguous``, ``cast``, ``zeros``, ``transpose_view``,
-``matmul_arrays``, ``flat_view``, ``index_array``, ``error_slot``, ``flat_state``, ``grad_like``,
+``flat_view``, ``index_array``, ``error_slot``, ``flat_state``, ``grad_like``,
 ``host_value``, ``sparse_rows``.
 
 Each function here mirrors the primitive's CPU impl (same arguments, same static parameters, same results)
@@ -46,7 +47,7 @@ def launch_rows(kernel, m, *args):
         kernel[max(1, min(m, KG.MAX_BLOCKS)), KG.BLOCK](*args)
 
 
-def _prod(shape):
+def shape_size(shape):
     n = 1
     for s in shape:
         n *= int(s)
@@ -190,7 +191,7 @@ def _build(arrays, expr, odtype, out, name):
                          + " and ".join(str(s) for s in shapes + extra)) from None
     p = _EwPlan()
     p.oshape, p.odtype = oshape, np.dtype(odtype)
-    p.size = size = _prod(oshape)
+    p.size = size = shape_size(oshape)
     kinds, prog_in = [], []
     for a in arrays:
         if is_host(a):
@@ -288,7 +289,7 @@ def elementwise_impl(prim):
     return impl
 
 
-def _ew(name, *arrays, **params):
+def run_primitive(name, *arrays, **params):
     return _ad.REGISTRY[name].impl["cuda"](*arrays, **params)
 
 
@@ -297,12 +298,12 @@ def cast(d, dtype):
     dtype = np.dtype(dtype)
     if d.dtype == dtype:
         return d
-    return _ew("cast", d, dtype=dtype)
+    return run_primitive("cast", d, dtype=dtype)
 
 
 def copy(d):
     """Return a new C-contiguous copy of device array ``d``."""
-    return _ew("copy", d)
+    return run_primitive("copy", d)
 
 
 def copy_into(dst, src):
@@ -368,7 +369,7 @@ def _basic_getitem(x, idx):
         shape, strides, off = _probe(x.shape, x.strides, x.dtype.itemsize, idx)
     except IndexError as e:
         raise IndexError(f"getitem: {e} (tensor shape {tuple(x.shape)})") from None
-    if _prod(shape) == 0:
+    if shape_size(shape) == 0:
         return C.empty(shape, x.dtype)
     if all(s >= 0 for s in strides):
         return C.view(x, shape, strides, off)
@@ -451,7 +452,7 @@ def _adv_plan(shape, strides, itemsize, fidx, name):
         elif is_host(lin) and is_host(w):
             lin = np.array(int(lin) * nk + int(w), np.int64)
         else:
-            lin = _ew("add", _ew("multiply", lin, np.array(nk, np.int64)), w)
+            lin = run_primitive("add", run_primitive("multiply", lin, np.array(nk, np.int64)), w)
     adjacent = adv == list(range(adv[0], adv[0] + len(adv)))
     return vshape, vstrides, voff, adv, rest, lin, adjacent
 
@@ -461,12 +462,12 @@ def _adv_getitem(x, idx):
     vshape, vstrides, voff, adv, rest, lin, adjacent = _adv_plan(x.shape, x.strides, x.dtype.itemsize,
                                                                   full_idx, "getitem")
     if all(s >= 0 for s in vstrides):
-        V = C.view(x, vshape, vstrides, voff) if _prod(vshape) else C.empty(vshape, x.dtype)
+        V = C.view(x, vshape, vstrides, voff) if shape_size(vshape) else C.empty(vshape, x.dtype)
     else:
         V = _gather_view(x, vshape, vstrides, voff)
     perm = adv + rest
     Vt = contiguous(transpose_view(V, perm))
-    P = _prod(vshape[k] for k in adv)
+    P = shape_size(vshape[k] for k in adv)
     rest_shape = tuple(vshape[k] for k in rest)
     merged = C.reshape(Vt, (P,) + rest_shape)
     if is_host(lin):                     # every advanced index was an int: one position
@@ -499,7 +500,7 @@ def _getitem_grad_impl(g, *arrays, template, shape):
     cst = C.c_strides(shape, isz)
     if not arrays:
         vshape, vstrides, voff = _probe(shape, cst, isz, idx)
-        n = _prod(vshape)
+        n = shape_size(vshape)
         if n:
             gb = contiguous(broadcast_view(g, vshape))
             launch(KG.scatter_strided, n, flat_view(gb), flat_view(out), voff // isz, vshape or (1,),
@@ -516,8 +517,8 @@ def _getitem_grad_impl(g, *arrays, template, shape):
     if adjacent and p > 0 and q:
         gR = transpose_view(g, list(range(p, p + q)) + list(range(p)) + list(range(p + q, q + r)))
     L = lin.size
-    rs = _prod(rest_shape)
-    P = _prod(vshape[k] for k in adv)
+    rs = shape_size(rest_shape)
+    P = shape_size(vshape[k] for k in adv)
     gm = zeros((1, P, rs), g.dtype)
     upd = C.reshape(contiguous(broadcast_view(gR, tuple(lin.shape) + rest_shape)), (1, L, rs))
     err, opid = error_slot("getitem", "index")
@@ -527,7 +528,7 @@ def _getitem_grad_impl(g, *arrays, template, shape):
     for i, a in enumerate(perm):
         inv[a] = i
     gV = contiguous(transpose_view(C.reshape(gm, tuple(vshape[k] for k in perm)), inv))
-    n = _prod(vshape)
+    n = shape_size(vshape)
     if n:
         launch(KG.scatter_strided, n, flat_view(gV), flat_view(out), voff // isz, vshape,
                 tuple(s // isz for s in vstrides))
@@ -567,90 +568,7 @@ def _pad_impl(x, pad_width, value):
 # Reductions
 # ==============================================================================================================
 
-_RED = {"sum": 0, "prod": 1, "max": 2, "min": 3}
-
-
-def _identity(code, dtype):
-    dtype = np.dtype(dtype)
-    if code == 0:
-        return dtype.type(0)
-    if code == 1:
-        return dtype.type(1)
-    if dtype.kind == "f":
-        return dtype.type(-np.inf if code == 2 else np.inf)
-    info = np.iinfo(dtype)
-    return dtype.type(info.min if code == 2 else info.max)
-
-
-def _rows_view(x, axes):
-    """Return (2-D array, reduce_first) with the reduced axes last (rows) or first (columns)."""
-    nd = x.ndim
-    kept = [i for i in range(nd) if i not in axes]
-    n = _prod(x.shape[a] for a in axes)
-    m = _prod(x.shape[a] for a in kept)
-    if C.is_contiguous(x):
-        if list(axes) == list(range(nd - len(axes), nd)):
-            return C.reshape(x, (m, n)), False
-        if list(axes) == list(range(len(axes))):
-            return C.reshape(x, (n, m)), True
-    xt = contiguous(transpose_view(x, kept + list(axes)))
-    return C.reshape(xt, (m, n)), False
-
-
-def reduce_rows(x2, code):
-    """Return the reduction (code) of each row of contiguous 2-D x2: shape (rows,)."""
-    ident = _identity(code, x2.dtype)
-    while True:
-        m, n = x2.shape
-        nch = max(1, -(-n // KG.ROW_CHUNK))
-        part = C.empty((m, nch), x2.dtype)
-        launch_rows(KG.reduce_rows, m * nch, x2, part, np.int64(code), ident, np.int64(KG.ROW_CHUNK))
-        if nch == 1:
-            return C.reshape(part, (m,))
-        x2 = part
-
-
-def reduce_cols(x2, code):
-    """Return the reduction (code) of each column of 2-D x2 (n, m): shape (m,)."""
-    ident = _identity(code, x2.dtype)
-    while True:
-        n, m = x2.shape
-        nch = max(1, -(-n // KG.COL_CHUNK))
-        part = C.empty((nch, m), x2.dtype)
-        launch(KG.reduce_cols, nch * m, x2, part, np.int64(code), ident, np.int64(KG.COL_CHUNK))
-        if nch == 1:
-            return C.reshape(part, (m,))
-        x2 = part
-
-
-def _reduce_impl(x, op, axes, keepdims):
-    code = _RED[op]
-    odt = x.dtype
-    if op in ("sum", "prod") and x.dtype.kind in "biu":
-        odt = _i64
-    elif op in ("max", "min") and x.dtype == _bool:
-        odt = _bool
-    work = np.dtype(np.uint8) if odt == _bool else odt
-    if x.dtype != work:
-        x = cast(x, work) if x.dtype != _bool else _ew("cast", x, dtype=work)
-    oshape_keep = tuple(1 if i in axes else s for i, s in enumerate(x.shape))
-    oshape = oshape_keep if keepdims else tuple(s for i, s in enumerate(x.shape) if i not in axes)
-    n = _prod(x.shape[a] for a in axes)
-    if n == 0:
-        if op in ("max", "min"):
-            raise ValueError(f"{op}: zero-size reduction over axes {axes} of shape {tuple(x.shape)} has no identity")
-        return full(oshape, 0 if op == "sum" else 1, odt)
-    if x.size == 0:
-        return C.empty(oshape, odt)
-    x2, first = _rows_view(x, axes)
-    out = reduce_cols(x2, code) if first else reduce_rows(x2, code)
-    out = C.reshape(out, oshape)
-    if odt == _bool:
-        out = cast(out, _bool)
-    return out
-
-
-def _last_axis_rows(x, axis):
+def last_axis_rows(x, axis):
     """Return (contiguous 2-D rows with ``axis`` last, moved shape)."""
     nd = x.ndim
     if nd == 0:
@@ -659,10 +577,10 @@ def _last_axis_rows(x, axis):
         x = transpose_view(x, [i for i in range(nd) if i != axis] + [axis])
     xc = contiguous(x)
     mshape = tuple(x.shape)
-    return C.reshape(xc, (_prod(mshape[:-1]), mshape[-1])), mshape
+    return C.reshape(xc, (shape_size(mshape[:-1]), mshape[-1])), mshape
 
 
-def _restore_axis(arr, moved_shape, axis, nd):
+def restore_axis(arr, moved_shape, axis, nd):
     arr = C.reshape(arr, moved_shape)
     if axis != nd - 1:
         perm = list(range(nd - 1))
@@ -671,129 +589,9 @@ def _restore_axis(arr, moved_shape, axis, nd):
     return arr
 
 
-def _arg_impl(x, axis, is_max, keepdims):
-    if axis is None:
-        rows = C.reshape(contiguous(x), (1, x.size))
-        oshape = (1,) * x.ndim if keepdims else ()
-    else:
-        rows, _ = _last_axis_rows(x, axis)
-        oshape = tuple(1 if i == axis else s for i, s in enumerate(x.shape)) if keepdims else \
-            tuple(s for i, s in enumerate(x.shape) if i != axis)
-    if rows.shape[1] == 0:
-        raise ValueError(f"{'argmax' if is_max else 'argmin'}: attempt to get the index of an empty sequence")
-    if rows.dtype == _bool:
-        rows = _ew("cast", rows, dtype=np.dtype(np.uint8))
-    m, n = rows.shape
-    out = C.empty((m,), _i64)
-    if n <= KG.SMALL_ROW:
-        launch(KG.argreduce_rows_small, m, rows, out, bool(is_max))
-    else:
-        launch_rows(KG.argreduce_rows, m, rows, out, bool(is_max))
-    return C.reshape(out, oshape)
-
-
-def _logsumexp_impl(x, axis, keepdims):
-    if x.shape[axis] == 0:
-        raise ValueError(f"logsumexp: zero-size axis {axis} of shape {tuple(x.shape)}")
-    rows, _ = _last_axis_rows(x, axis)
-    m, n = rows.shape
-    out = C.empty((m,), x.dtype)
-    if n <= KG.SMALL_ROW:
-        launch(KG.logsumexp_rows_small, m, rows, out)
-    else:
-        launch_rows(KG.logsumexp_rows, m, rows, out)
-    shp = tuple(1 if i == axis else s for i, s in enumerate(x.shape))
-    if not keepdims:
-        shp = tuple(s for i, s in enumerate(x.shape) if i != axis)
-    return C.reshape(out, shp)
-
-
-def _softmax_impl(x, axis, mode):
-    rows, mshape = _last_axis_rows(x, axis)
-    m, n = rows.shape
-    out = C.empty((m, n), x.dtype)
-    if n and m:
-        if n <= KG.SMALL_ROW:
-            launch(KG.softmax_rows_small, m, rows, out, np.int64(mode))
-        else:
-            launch_rows(KG.softmax_rows, m, rows, out, np.int64(mode))
-    return _restore_axis(out, mshape, axis, x.ndim)
-
-
-def _cum_impl(x, axis, op, exclusive, reverse):
-    odt = _i64 if x.dtype.kind in "biu" else x.dtype
-    if x.dtype != odt:
-        x = cast(x, odt)
-    x = contiguous(x)
-    outer = _prod(tuple(x.shape)[:axis])
-    inner = _prod(tuple(x.shape)[axis + 1:])
-    x3 = C.reshape(x, (outer, x.shape[axis], inner))
-    out = C.empty(x3.shape, odt)
-    if out.size:
-        launch(KG.cumulative_lines, outer * inner, x3, out, np.int64(0 if op == "sum" else 1), bool(exclusive),
-                bool(reverse), odt.type(0 if op == "sum" else 1))
-    return C.reshape(out, x.shape)
-
-
 # ==============================================================================================================
 # Matmul
 # ==============================================================================================================
-
-def _batch3(a, batch):
-    """View ``a`` (..., R, C) as (prod(batch), R, C) broadcast over ``batch`` (a copy when dims don't merge)."""
-    r, c = tuple(a.shape)[-2:]
-    full_shape = tuple(batch) + (r, c)
-    v = broadcast_view(a, full_shape)
-    bs = [(s, st) for s, st in zip(full_shape[:-2], v.strides[:-2]) if s != 1]
-    B = _prod(batch)
-    stride = 0
-    ok = True
-    if bs:
-        stride = bs[-1][1]
-        for (s0, st0), (s1, st1) in zip(bs[:-1], bs[1:]):
-            if st0 != st1 * s1:
-                ok = False
-                break
-        if ok:
-            stride = bs[-1][1]
-    if not ok:
-        v = copy(v)
-        stride = v.strides[-3] if v.ndim >= 3 else 0
-        return C.view(v, (B, r, c), (stride if B > 1 else 0, v.strides[-2], v.strides[-1]), 0)
-    return C.view(v, (B, r, c), (stride, v.strides[-2], v.strides[-1]), 0)
-
-
-def matmul_arrays(a, b):
-    """Return a @ b for device arrays of at least 2 dims (broadcast batches) with the tiled kernel."""
-    dt = np.promote_types(a.dtype, b.dtype)
-    cdt = dt if dt in (_f32, _f64) else (_f64 if dt.kind != "f" else _f32)
-    if a.dtype != cdt:
-        a = cast(a, cdt)
-    if b.dtype != cdt:
-        b = cast(b, cdt)
-    batch = np.broadcast_shapes(tuple(a.shape)[:-2], tuple(b.shape)[:-2])
-    M, K = tuple(a.shape)[-2:]
-    N = tuple(b.shape)[-1]
-    out = C.empty(tuple(batch) + (M, N), cdt)
-    B = _prod(batch)
-    if out.size:
-        if K == 0:
-            out = zeros(out.shape, cdt)
-        else:
-            a3, b3 = _batch3(a, batch), _batch3(b, batch)
-            c3 = C.reshape(out, (B, M, N))
-            if M * N >= KG.MB_MIN_OUTPUTS:
-                grid = (-(-N // KG.MB_BN), -(-M // KG.MB_BM), min(B, 65535))
-                KG.matmul_tiled_big[grid, KG.MB_THREADS](a3, b3, c3, cdt.type(0))
-            else:
-                grid = (-(-N // KG.MM_BN), -(-M // KG.MM_BM), min(B, 65535))
-                KG.matmul_tiled[grid, KG.MM_THREADS](a3, b3, c3, cdt.type(0))
-    return out if cdt == dt else cast(out, dt)
-
-
-def _matmul_impl(a, b):
-    return matmul_arrays(a, b)
-
 
 # ==============================================================================================================
 # Gathers and scatters
@@ -821,8 +619,8 @@ def index_array(idx, bound, name, axis):
 def _take_impl(x, idx, axis, name="take"):
     idx = index_array(idx, x.shape[axis], name, axis)
     x = contiguous(x)
-    outer = _prod(tuple(x.shape)[:axis])
-    inner = _prod(tuple(x.shape)[axis + 1:])
+    outer = shape_size(tuple(x.shape)[:axis])
+    inner = shape_size(tuple(x.shape)[axis + 1:])
     n = x.shape[axis]
     out = C.empty((outer, idx.size, inner), x.dtype)
     if out.size:
@@ -840,8 +638,8 @@ def _scatter_add_impl(x, idx, upd, axis):
     if x.dtype not in _ATOMIC:
         raise TypeError(f"scatter_add: dtype {x.dtype} has no atomic add on the GPU (use float32/64 or int32/64)")
     out = copy(x)
-    outer = _prod(tuple(x.shape)[:axis])
-    inner = _prod(tuple(x.shape)[axis + 1:])
+    outer = shape_size(tuple(x.shape)[:axis])
+    inner = shape_size(tuple(x.shape)[axis + 1:])
     want = tuple(x.shape)[:axis] + tuple(idx.shape) + tuple(x.shape)[axis + 1:]
     if tuple(upd.shape) != want:
         try:
@@ -879,49 +677,49 @@ def _one_hot_impl(idx, depth, dtype, on, off):
 
 def _tal_impl(x, idx, axis):
     idx = index_array(idx, x.shape[axis], "take_along_axis", axis)
-    rows, _ = _last_axis_rows(x, axis)
-    irows, imshape = _last_axis_rows(idx, axis)
+    rows, _ = last_axis_rows(x, axis)
+    irows, imshape = last_axis_rows(idx, axis)
     if rows.shape[0] != irows.shape[0]:
         raise ValueError(f"take_along_axis: x {tuple(x.shape)} and indices {tuple(idx.shape)} differ outside "
                          f"axis {axis}")
     out = C.empty(irows.shape, x.dtype)
     if out.size:
         err, opid = error_slot("take_along_axis")
-        launch(KG.take_along_rows, out.size, rows, irows, out, np.int64(_prod(tuple(idx.shape)[axis + 1:])), err,
+        launch(KG.take_along_rows, out.size, rows, irows, out, np.int64(shape_size(tuple(idx.shape)[axis + 1:])), err,
                 opid)
-    return _restore_axis(out, imshape, axis, x.ndim)
+    return restore_axis(out, imshape, axis, x.ndim)
 
 
 def _pal_impl(g, idx, shape, axis):
     shape = tuple(shape)
     nd = len(shape)
     moved = tuple(s for i, s in enumerate(shape) if i != axis) + (shape[axis],)
-    target = zeros((_prod(moved[:-1]), moved[-1]), g.dtype)
-    irows, _ = _last_axis_rows(idx, axis)
-    grows, _ = _last_axis_rows(g, axis)
+    target = zeros((shape_size(moved[:-1]), moved[-1]), g.dtype)
+    irows, _ = last_axis_rows(idx, axis)
+    grows, _ = last_axis_rows(g, axis)
     if grows.size:
         err, opid = error_slot("put_along_axis_add")
-        launch(KG.put_along_rows_add, grows.size, target, irows, grows, np.int64(_prod(tuple(idx.shape)[axis + 1:])),
+        launch(KG.put_along_rows_add, grows.size, target, irows, grows, np.int64(shape_size(tuple(idx.shape)[axis + 1:])),
                 err, opid)
-    return _restore_axis(target, moved, axis, nd)
+    return restore_axis(target, moved, axis, nd)
 
 
 def _argsort_impl(x, axis, descending):
-    rows, mshape = _last_axis_rows(x, axis)
+    rows, mshape = last_axis_rows(x, axis)
     out = C.empty(rows.shape, _i64)
     if rows.size:
         if rows.dtype == _bool:
-            rows = _ew("cast", rows, dtype=np.dtype(np.uint8))
+            rows = run_primitive("cast", rows, dtype=np.dtype(np.uint8))
         launch(KG.rank_sort_rows, rows.size, rows, out, bool(descending), np.int64(rows.shape[1]))
-    return _restore_axis(out, mshape, axis, x.ndim)
+    return restore_axis(out, mshape, axis, x.ndim)
 
 
 def _topk_impl(x, k):
-    rows, _ = _last_axis_rows(x, x.ndim - 1)
+    rows, _ = last_axis_rows(x, x.ndim - 1)
     out = C.empty((rows.shape[0], k), _i64)
     if rows.size and k:
         if rows.dtype == _bool:
-            rows = _ew("cast", rows, dtype=np.dtype(np.uint8))
+            rows = run_primitive("cast", rows, dtype=np.dtype(np.uint8))
         launch(KG.rank_sort_rows, rows.size, rows, out, True, np.int64(k))
     return C.reshape(out, tuple(x.shape)[:-1] + (k,))
 
@@ -1031,13 +829,6 @@ _IMPLS = {
     "getitem_grad": _getitem_grad_impl,
     "concatenate": _concat_impl,
     "pad": _pad_impl,
-    "reduce": _reduce_impl,
-    "argreduce": _arg_impl,
-    "logsumexp": _logsumexp_impl,
-    "softmax": lambda x, axis: _softmax_impl(x, axis, 0),
-    "log_softmax": lambda x, axis: _softmax_impl(x, axis, 1),
-    "cumulative": _cum_impl,
-    "matmul": _matmul_impl,
     "take": _take_impl,
     "scatter_add": _scatter_add_impl,
     "one_hot": _one_hot_impl,

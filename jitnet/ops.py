@@ -21,8 +21,14 @@ from . import bounds
 from . import lowp as _lowp
 from . import kernels_cpu as K
 from . import tensor as _tensor
+from .lazy import LazyModule
 from .autodiff.core import Primitive, apply, current_interpreter
 from .tensor import (Tensor, _infer_array, _normalize_dtype, bool_, float32, float64, int64)
+
+# the CUDA backend's services and kernels, imported when a CUDA implementation first runs (never on the CPU)
+_G = LazyModule("jitnet.backend_cuda")
+_KG = LazyModule("jitnet.kernels_gpu")
+_C = LazyModule("jitnet.cuda")
 
 _isf = _lowp.is_floating        # floating dtype, bfloat16 included (NumPy gives it kind 'V')
 _abs = builtins.abs
@@ -853,7 +859,89 @@ def _reduce_vjp(g, ans, ins, needs, op, axes, keepdims):
     return (mask * (gk / count),)
 
 
-REDUCE = Primitive("reduce", impl={"cpu": _reduce_impl}, vjp=_reduce_vjp, kind="reduce")
+# CUDA: rows reduced one block per (row, chunk) then a second pass; leading axes one thread per column
+
+def _reduce_identity_cuda(code, dtype):
+    dtype = np.dtype(dtype)
+    if code == 0:
+        return dtype.type(0)
+    if code == 1:
+        return dtype.type(1)
+    if dtype.kind == "f":
+        return dtype.type(-np.inf if code == 2 else np.inf)
+    info = np.iinfo(dtype)
+    return dtype.type(info.min if code == 2 else info.max)
+
+
+def _rows_view_cuda(x, axes):
+    """Return (2-D array, reduce_first) with the reduced axes last (rows) or first (columns)."""
+    nd = x.ndim
+    kept = [i for i in range(nd) if i not in axes]
+    n = _G.shape_size(x.shape[a] for a in axes)
+    m = _G.shape_size(x.shape[a] for a in kept)
+    if _C.is_contiguous(x):
+        if list(axes) == list(range(nd - len(axes), nd)):
+            return _C.reshape(x, (m, n)), False
+        if list(axes) == list(range(len(axes))):
+            return _C.reshape(x, (n, m)), True
+    xt = _G.contiguous(_G.transpose_view(x, kept + list(axes)))
+    return _C.reshape(xt, (m, n)), False
+
+
+def _reduce_rows_cuda(x2, code):
+    """Return the reduction (code) of each row of contiguous 2-D x2: shape (rows,)."""
+    ident = _reduce_identity_cuda(code, x2.dtype)
+    while True:
+        m, n = x2.shape
+        nch = _max(1, -(-n // _KG.ROW_CHUNK))
+        part = _C.empty((m, nch), x2.dtype)
+        _G.launch_rows(_KG.reduce_rows, m * nch, x2, part, np.int64(code), ident, np.int64(_KG.ROW_CHUNK))
+        if nch == 1:
+            return _C.reshape(part, (m,))
+        x2 = part
+
+
+def _reduce_cols_cuda(x2, code):
+    """Return the reduction (code) of each column of 2-D x2 (n, m): shape (m,)."""
+    ident = _reduce_identity_cuda(code, x2.dtype)
+    while True:
+        n, m = x2.shape
+        nch = _max(1, -(-n // _KG.COL_CHUNK))
+        part = _C.empty((nch, m), x2.dtype)
+        _G.launch(_KG.reduce_cols, nch * m, x2, part, np.int64(code), ident, np.int64(_KG.COL_CHUNK))
+        if nch == 1:
+            return _C.reshape(part, (m,))
+        x2 = part
+
+
+def _reduce_cuda(x, op, axes, keepdims):
+    code = _RED_CODE[op]
+    odt = x.dtype
+    if op in ("sum", "prod") and x.dtype.kind in "biu":
+        odt = int64
+    elif op in ("max", "min") and x.dtype == bool_:
+        odt = bool_
+    work = np.dtype(np.uint8) if odt == bool_ else odt
+    if x.dtype != work:
+        x = _G.cast(x, work) if x.dtype != bool_ else _G.run_primitive("cast", x, dtype=work)
+    oshape_keep = tuple(1 if i in axes else s for i, s in enumerate(x.shape))
+    oshape = oshape_keep if keepdims else tuple(s for i, s in enumerate(x.shape) if i not in axes)
+    n = _G.shape_size(x.shape[a] for a in axes)
+    if n == 0:
+        if op in ("max", "min"):
+            raise ValueError(f"{op}: zero-size reduction over axes {axes} of shape {tuple(x.shape)} has no identity")
+        return _G.full(oshape, 0 if op == "sum" else 1, odt)
+    if x.size == 0:
+        return _C.empty(oshape, odt)
+    x2, first = _rows_view_cuda(x, axes)
+    out = _reduce_cols_cuda(x2, code) if first else _reduce_rows_cuda(x2, code)
+    out = _C.reshape(out, oshape)
+    if odt == bool_:
+        out = _G.cast(out, bool_)
+    return out
+
+
+REDUCE = Primitive("reduce", impl={"cpu": _reduce_impl, "cuda": _reduce_cuda}, vjp=_reduce_vjp, kind="reduce")
 
 
 def _reduce(x, op, axis, keepdims):
@@ -971,7 +1059,23 @@ def _logsumexp_vjp(g, ans, ins, needs, axis, keepdims):
     return (reshape(g, ks) * exp(x - reshape(ans, ks)),)
 
 
-LOGSUMEXP = Primitive("logsumexp", impl={"cpu": _logsumexp_impl}, vjp=_logsumexp_vjp, kind="reduce")
+def _logsumexp_cuda(x, axis, keepdims):
+    if x.shape[axis] == 0:
+        raise ValueError(f"logsumexp: zero-size axis {axis} of shape {tuple(x.shape)}")
+    rows, _ = _G.last_axis_rows(x, axis)
+    m, n = rows.shape
+    out = _C.empty((m,), x.dtype)
+    if n <= _KG.SMALL_ROW:
+        _G.launch(_KG.logsumexp_rows_small, m, rows, out)
+    else:
+        _G.launch_rows(_KG.logsumexp_rows, m, rows, out)
+    shp = tuple(1 if i == axis else s for i, s in enumerate(x.shape))
+    if not keepdims:
+        shp = tuple(s for i, s in enumerate(x.shape) if i != axis)
+    return _C.reshape(out, shp)
+
+
+LOGSUMEXP = Primitive("logsumexp", impl={"cpu": _logsumexp_impl, "cuda": _logsumexp_cuda}, vjp=_logsumexp_vjp, kind="reduce")
 
 
 def logsumexp(x, axis=-1, keepdims=False):
@@ -1006,7 +1110,28 @@ def _arg_impl(x, axis, is_max, keepdims):
     return out.reshape(oshape)
 
 
-ARG = Primitive("argreduce", impl={"cpu": _arg_impl}, nondiff=True, kind="reduce")
+def _arg_cuda(x, axis, is_max, keepdims):
+    if axis is None:
+        rows = _C.reshape(_G.contiguous(x), (1, x.size))
+        oshape = (1,) * x.ndim if keepdims else ()
+    else:
+        rows, _ = _G.last_axis_rows(x, axis)
+        oshape = tuple(1 if i == axis else s for i, s in enumerate(x.shape)) if keepdims else \
+            tuple(s for i, s in enumerate(x.shape) if i != axis)
+    if rows.shape[1] == 0:
+        raise ValueError(f"{'argmax' if is_max else 'argmin'}: attempt to get the index of an empty sequence")
+    if rows.dtype == bool_:
+        rows = _G.run_primitive("cast", rows, dtype=np.dtype(np.uint8))
+    m, n = rows.shape
+    out = _C.empty((m,), int64)
+    if n <= _KG.SMALL_ROW:
+        _G.launch(_KG.argreduce_rows_small, m, rows, out, bool(is_max))
+    else:
+        _G.launch_rows(_KG.argreduce_rows, m, rows, out, bool(is_max))
+    return _C.reshape(out, oshape)
+
+
+ARG = Primitive("argreduce", impl={"cpu": _arg_impl, "cuda": _arg_cuda}, nondiff=True, kind="reduce")
 
 
 def argmax(x, axis=None, keepdims=False):
@@ -1051,7 +1176,22 @@ def _cum_vjp(g, ans, ins, needs, axis, op, exclusive, reverse):
     return (where(zero, at_zero, cumsum(g * ans, axis, exclusive=exclusive, reverse=not reverse) / safe),)
 
 
-CUMULATIVE = Primitive("cumulative", impl={"cpu": _cum_impl}, vjp=_cum_vjp)
+def _cum_cuda(x, axis, op, exclusive, reverse):
+    odt = int64 if x.dtype.kind in "biu" else x.dtype
+    if x.dtype != odt:
+        x = _G.cast(x, odt)
+    x = _G.contiguous(x)
+    outer = _G.shape_size(tuple(x.shape)[:axis])
+    inner = _G.shape_size(tuple(x.shape)[axis + 1:])
+    x3 = _C.reshape(x, (outer, x.shape[axis], inner))
+    out = _C.empty(x3.shape, odt)
+    if out.size:
+        _G.launch(_KG.cumulative_lines, outer * inner, x3, out, np.int64(0 if op == "sum" else 1), bool(exclusive),
+                bool(reverse), odt.type(0 if op == "sum" else 1))
+    return _C.reshape(out, x.shape)
+
+
+CUMULATIVE = Primitive("cumulative", impl={"cpu": _cum_impl, "cuda": _cum_cuda}, vjp=_cum_vjp)
 
 
 def cumsum(x, axis=0, exclusive=False, reverse=False):
@@ -1084,9 +1224,25 @@ def _softmax_impl(x, axis, mode):
     return _restore_axis(out, mshape, axis, x.ndim)
 
 
-SOFTMAX = Primitive("softmax", impl={"cpu": lambda x, axis: _softmax_impl(x, axis, 0)},
+# CUDA: a block per row (three tree reductions), or a thread per row for rows of at most SMALL_ROW
+
+def _softmax_cuda(x, axis, mode):
+    rows, mshape = _G.last_axis_rows(x, axis)
+    m, n = rows.shape
+    out = _C.empty((m, n), x.dtype)
+    if n and m:
+        if n <= _KG.SMALL_ROW:
+            _G.launch(_KG.softmax_rows_small, m, rows, out, np.int64(mode))
+        else:
+            _G.launch_rows(_KG.softmax_rows, m, rows, out, np.int64(mode))
+    return _G.restore_axis(out, mshape, axis, x.ndim)
+
+
+SOFTMAX = Primitive("softmax", impl={"cpu": lambda x, axis: _softmax_impl(x, axis, 0),
+                                     "cuda": lambda x, axis: _softmax_cuda(x, axis, 0)},
                     vjp=lambda g, ans, ins, needs, axis: (ans * (g - sum(g * ans, axis, keepdims=True)),))
-LOG_SOFTMAX = Primitive("log_softmax", impl={"cpu": lambda x, axis: _softmax_impl(x, axis, 1)},
+LOG_SOFTMAX = Primitive("log_softmax", impl={"cpu": lambda x, axis: _softmax_impl(x, axis, 1),
+                                             "cuda": lambda x, axis: _softmax_cuda(x, axis, 1)},
                         vjp=lambda g, ans, ins, needs, axis: (g - exp(ans) * sum(g, axis, keepdims=True),))
 
 
@@ -1127,6 +1283,64 @@ def _matmul_impl(a, b):
     return out if cdt == dt else out.astype(dt)
 
 
+# CUDA: the tiled shared-memory kernel (kernels_gpu._matmul_tiles), batches broadcast as zero strides
+
+def _batch3_cuda(a, batch):
+    """View ``a`` (..., R, C) as (prod(batch), R, C) broadcast over ``batch`` (a copy when dims don't merge)."""
+    r, c = tuple(a.shape)[-2:]
+    full_shape = tuple(batch) + (r, c)
+    v = _G.broadcast_view(a, full_shape)
+    bs = [(s, st) for s, st in zip(full_shape[:-2], v.strides[:-2]) if s != 1]
+    B = _G.shape_size(batch)
+    stride = 0
+    ok = True
+    if bs:
+        stride = bs[-1][1]
+        for (s0, st0), (s1, st1) in zip(bs[:-1], bs[1:]):
+            if st0 != st1 * s1:
+                ok = False
+                break
+        if ok:
+            stride = bs[-1][1]
+    if not ok:
+        v = _G.copy(v)
+        stride = v.strides[-3] if v.ndim >= 3 else 0
+        return _C.view(v, (B, r, c), (stride if B > 1 else 0, v.strides[-2], v.strides[-1]), 0)
+    return _C.view(v, (B, r, c), (stride, v.strides[-2], v.strides[-1]), 0)
+
+
+def _matmul_arrays_cuda(a, b):
+    """Return a @ b for device arrays of at least 2 dims (broadcast batches) with the tiled kernel."""
+    dt = np.promote_types(a.dtype, b.dtype)
+    cdt = dt if dt in (float32, float64) else (float64 if dt.kind != "f" else float32)
+    if a.dtype != cdt:
+        a = _G.cast(a, cdt)
+    if b.dtype != cdt:
+        b = _G.cast(b, cdt)
+    batch = np.broadcast_shapes(tuple(a.shape)[:-2], tuple(b.shape)[:-2])
+    M, K = tuple(a.shape)[-2:]
+    N = tuple(b.shape)[-1]
+    out = _C.empty(tuple(batch) + (M, N), cdt)
+    B = _G.shape_size(batch)
+    if out.size:
+        if K == 0:
+            out = _G.zeros(out.shape, cdt)
+        else:
+            a3, b3 = _batch3_cuda(a, batch), _batch3_cuda(b, batch)
+            c3 = _C.reshape(out, (B, M, N))
+            if M * N >= _KG.MB_MIN_OUTPUTS:
+                grid = (-(-N // _KG.MB_BN), -(-M // _KG.MB_BM), _min(B, 65535))
+                _KG.matmul_tiled_big[grid, _KG.MB_THREADS](a3, b3, c3, cdt.type(0))
+            else:
+                grid = (-(-N // _KG.MM_BN), -(-M // _KG.MM_BM), _min(B, 65535))
+                _KG.matmul_tiled[grid, _KG.MM_THREADS](a3, b3, c3, cdt.type(0))
+    return out if cdt == dt else _G.cast(out, dt)
+
+
+def _matmul_cuda(a, b):
+    return _matmul_arrays_cuda(a, b)
+
+
 def _matmul_vjp(g, ans, ins, needs):
     a, b = ins
     ga = matmul(g, swapaxes(b, -1, -2)) if needs[0] else None
@@ -1139,7 +1353,7 @@ def _matmul_vjp(g, ans, ins, needs):
     return ga, gb
 
 
-MATMUL = Primitive("matmul", impl={"cpu": _matmul_impl}, vjp=_matmul_vjp)
+MATMUL = Primitive("matmul", impl={"cpu": _matmul_impl, "cuda": _matmul_cuda}, vjp=_matmul_vjp)
 
 
 def matmul(a, b):

@@ -319,7 +319,7 @@ def _conv2d_cuda(x, w, *b, stride, pads, dilation):
     x = _G.contiguous(x)
     w2 = _C.reshape(_G.contiguous(w), (o, c * kh * kw))
     cols = _im2col_cuda(x, kh, kw, stride, pads, dilation, oh, ow)
-    y2 = _G.matmul_arrays(w2, cols)
+    y2 = ops._matmul_arrays_cuda(w2, cols)
     out = _C.empty((n, o, oh * ow), x.dtype)
     bias = _G.contiguous(b[0]) if b else _G.flat_view(w2)          # (a 1-D placeholder the kernel never reads)
     _G.launch(_KG.onp_to_nop, out.size, y2, bias, out, bool(b))
@@ -335,7 +335,7 @@ def _conv2d_grad_input_cuda(g, w, *, x_shape, stride, pads, dilation):
     g2 = _C.empty((o, n * oh * ow), g.dtype)
     _G.launch(_KG.nop_to_onp, g3.size, g3, g2)
     w2t = _G.transpose_view(_C.reshape(_G.contiguous(w), (o, c * kh * kw)), (1, 0))
-    dcols = _G.matmul_arrays(w2t, g2)
+    dcols = ops._matmul_arrays_cuda(w2t, g2)
     _G.launch(_KG.col2im_add, dcols.size, dcols, dx, _i64(kh), _i64(kw), _i64(stride[0]), _i64(stride[1]), _i64(pads[0][0]),
             _i64(pads[1][0]), _i64(dilation[0]), _i64(dilation[1]), _i64(oh), _i64(ow))
     return dx
@@ -349,7 +349,7 @@ def _conv2d_grad_weight_cuda(x, g, *, w_shape, stride, pads, dilation):
     g2 = _C.empty((o, n * oh * ow), g.dtype)
     _G.launch(_KG.nop_to_onp, g3.size, g3, g2)
     cols = _im2col_cuda(_G.contiguous(x), kh, kw, stride, pads, dilation, oh, ow)
-    dw = _G.matmul_arrays(g2, _G.transpose_view(cols, (1, 0)))
+    dw = ops._matmul_arrays_cuda(g2, _G.transpose_view(cols, (1, 0)))
     return _C.reshape(dw, w_shape)
 
 CONV2D_BIAS_GRAD = Primitive("conv2d_bias_grad", impl={"cpu": _conv2d_bias_grad_impl},
