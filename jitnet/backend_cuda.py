@@ -81,13 +81,13 @@ def full(shape, value, dtype):
         if dtype == _bool:
             v = np.uint8(bool(value))
             flat = C.view(out, (n,), (1,), 0)
-            launch(KG.fill, n, _as_u8(flat), v)
+            launch(KG.fill, n, as_u8(flat), v)
         else:
             launch(KG.fill, n, C.reshape(out, (n,)), v)
     return out
 
 
-def _as_u8(d):
+def as_u8(d):
     """A bool device array seen as uint8 (kernels store 0/1 into it)."""
     if C.simulator_enabled():
         from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
@@ -289,8 +289,9 @@ def elementwise_impl(prim):
     return impl
 
 
-def run_primitive(name, *arrays, **params):
-    return _ad.REGISTRY[name].impl["cuda"](*arrays, **params)
+def run_primitive(prim_name, /, *arrays, **params):
+    """Run the CUDA implementation of registry row ``prim_name`` (the rows' own, or a generated elementwise one)."""
+    return _ad._cuda_impl(_ad.REGISTRY[prim_name])(*arrays, **params)
 
 
 def cast(d, dtype):
@@ -472,7 +473,7 @@ def _adv_getitem(x, idx):
     merged = C.reshape(Vt, (P,) + rest_shape)
     if is_host(lin):                     # every advanced index was an int: one position
         lin = full((), int(lin), _i64)
-    R = _take_impl(merged, lin, 0, name="getitem")
+    R = run_primitive("take", merged, lin, axis=0, name="getitem")
     q = lin.ndim
     p = adv[0]
     if adjacent and p > 0 and q:
@@ -616,119 +617,14 @@ def index_array(idx, bound, name, axis):
     return idx
 
 
-def _take_impl(x, idx, axis, name="take"):
-    idx = index_array(idx, x.shape[axis], name, axis)
-    x = contiguous(x)
-    outer = shape_size(tuple(x.shape)[:axis])
-    inner = shape_size(tuple(x.shape)[axis + 1:])
-    n = x.shape[axis]
-    out = C.empty((outer, idx.size, inner), x.dtype)
-    if out.size:
-        err, opid = error_slot(name)
-        launch(KG.take_axis, out.size, C.reshape(x, (outer, n, inner)), flat_view(contiguous(idx)), out,
-                name != "embedding", err, opid)
-    return C.reshape(out, tuple(x.shape)[:axis] + tuple(idx.shape) + tuple(x.shape)[axis + 1:])
-
-
-_ATOMIC = {np.dtype(t) for t in (np.float32, np.float64, np.int32, np.int64, np.uint32, np.uint64)}
-
-
-def _scatter_add_impl(x, idx, upd, axis):
-    idx = index_array(idx, x.shape[axis], "scatter_add", axis)
-    if x.dtype not in _ATOMIC:
-        raise TypeError(f"scatter_add: dtype {x.dtype} has no atomic add on the GPU (use float32/64 or int32/64)")
-    out = copy(x)
-    outer = shape_size(tuple(x.shape)[:axis])
-    inner = shape_size(tuple(x.shape)[axis + 1:])
-    want = tuple(x.shape)[:axis] + tuple(idx.shape) + tuple(x.shape)[axis + 1:]
-    if tuple(upd.shape) != want:
-        try:
-            if np.broadcast_shapes(tuple(upd.shape), want) != want:
-                raise ValueError
-        except ValueError:
-            raise ValueError(f"scatter_add: updates of shape {tuple(upd.shape)} do not match {want} (x "
-                             f"{tuple(x.shape)}, indices {tuple(idx.shape)}, axis {axis})") from None
-        upd = broadcast_view(upd, want) if not is_host(upd) else full(want, upd.reshape(-1)[0], x.dtype)
-    if upd.dtype != out.dtype:
-        upd = cast(upd, out.dtype)
-    upd = contiguous(upd)
-    if upd.size:
-        err, opid = error_slot("scatter_add")
-        launch(KG.scatter_add_axis, upd.size, C.reshape(out, (outer, x.shape[axis], inner)),
-                flat_view(contiguous(idx)), C.reshape(upd, (outer, idx.size, inner)), True, err, opid)
-    return out
-
-
-def _one_hot_impl(idx, depth, dtype, on, off):
-    dtype = np.dtype(dtype)
-    if is_host(idx):
-        idx = full(idx.shape, int(idx.reshape(-1)[0]), _i64)
-    flat = flat_view(contiguous(idx))
-    out = C.empty((flat.size, depth), dtype)
-    if out.size:
-        err, opid = error_slot("one_hot")
-        if dtype == _bool:
-            o8 = _as_u8(out)
-            launch(KG.one_hot_fill, out.size, flat, o8, np.uint8(bool(on)), np.uint8(bool(off)), err, opid)
-        else:
-            launch(KG.one_hot_fill, out.size, flat, out, dtype.type(on), dtype.type(off), err, opid)
-    return C.reshape(out, tuple(idx.shape) + (depth,))
-
-
-def _tal_impl(x, idx, axis):
-    idx = index_array(idx, x.shape[axis], "take_along_axis", axis)
-    rows, _ = last_axis_rows(x, axis)
-    irows, imshape = last_axis_rows(idx, axis)
-    if rows.shape[0] != irows.shape[0]:
-        raise ValueError(f"take_along_axis: x {tuple(x.shape)} and indices {tuple(idx.shape)} differ outside "
-                         f"axis {axis}")
-    out = C.empty(irows.shape, x.dtype)
-    if out.size:
-        err, opid = error_slot("take_along_axis")
-        launch(KG.take_along_rows, out.size, rows, irows, out, np.int64(shape_size(tuple(idx.shape)[axis + 1:])), err,
-                opid)
-    return restore_axis(out, imshape, axis, x.ndim)
-
-
-def _pal_impl(g, idx, shape, axis):
-    shape = tuple(shape)
-    nd = len(shape)
-    moved = tuple(s for i, s in enumerate(shape) if i != axis) + (shape[axis],)
-    target = zeros((shape_size(moved[:-1]), moved[-1]), g.dtype)
-    irows, _ = last_axis_rows(idx, axis)
-    grows, _ = last_axis_rows(g, axis)
-    if grows.size:
-        err, opid = error_slot("put_along_axis_add")
-        launch(KG.put_along_rows_add, grows.size, target, irows, grows, np.int64(shape_size(tuple(idx.shape)[axis + 1:])),
-                err, opid)
-    return restore_axis(target, moved, axis, nd)
-
-
-def _argsort_impl(x, axis, descending):
-    rows, mshape = last_axis_rows(x, axis)
-    out = C.empty(rows.shape, _i64)
-    if rows.size:
-        if rows.dtype == _bool:
-            rows = run_primitive("cast", rows, dtype=np.dtype(np.uint8))
-        launch(KG.rank_sort_rows, rows.size, rows, out, bool(descending), np.int64(rows.shape[1]))
-    return restore_axis(out, mshape, axis, x.ndim)
-
-
-def _topk_impl(x, k):
-    rows, _ = last_axis_rows(x, x.ndim - 1)
-    out = C.empty((rows.shape[0], k), _i64)
-    if rows.size and k:
-        if rows.dtype == _bool:
-            rows = run_primitive("cast", rows, dtype=np.dtype(np.uint8))
-        launch(KG.rank_sort_rows, rows.size, rows, out, True, np.int64(k))
-    return C.reshape(out, tuple(x.shape)[:-1] + (k,))
+ATOMIC = {np.dtype(t) for t in (np.float32, np.float64, np.int32, np.int64, np.uint32, np.uint64)}
 
 
 def _embedding_impl(weight, ids):
     vocab, dim = weight.shape
     if is_host(ids) or ids.dtype.kind not in "iu":
         ids = index_array(ids, vocab, "embedding", 0)
-    out = _take_impl(weight, ids, 0, name="embedding")
+    out = run_primitive("take", weight, ids, axis=0, name="embedding")
     return out
 
 
@@ -754,7 +650,7 @@ def _sample_impl(kind, shape, dtype, a, b, device=None):
     n = out.size
     if n:
         key, offset = R._gpu_counters(n * _DRAWS[code])
-        tgt = _as_u8(out) if dtype == _bool else out
+        tgt = as_u8(out) if dtype == _bool else out
         if code == 4:
             if b <= a:
                 raise ValueError(f"randint: low {a} must be below high {b}")
@@ -829,13 +725,6 @@ _IMPLS = {
     "getitem_grad": _getitem_grad_impl,
     "concatenate": _concat_impl,
     "pad": _pad_impl,
-    "take": _take_impl,
-    "scatter_add": _scatter_add_impl,
-    "one_hot": _one_hot_impl,
-    "take_along_axis": _tal_impl,
-    "put_along_axis_add": _pal_impl,
-    "argsort": _argsort_impl,
-    "top_k_indices": _topk_impl,
     "embedding": _embedding_impl,
     "random": _sample_impl,
     "assign": _assign_impl,

@@ -1551,7 +1551,21 @@ def _zeros_on(shape, like):
     return _filled(shape, 0, like.dtype, like.device)
 
 
-TAKE = bounds.mark(Primitive("take", impl={"cpu": _take_impl}, vjp=_take_vjp), i1=("index", "wrap"))
+def _take_cuda(x, idx, axis, name="take"):
+    idx = _G.index_array(idx, x.shape[axis], name, axis)
+    x = _G.contiguous(x)
+    outer = _G.shape_size(tuple(x.shape)[:axis])
+    inner = _G.shape_size(tuple(x.shape)[axis + 1:])
+    n = x.shape[axis]
+    out = _C.empty((outer, idx.size, inner), x.dtype)
+    if out.size:
+        err, opid = _G.error_slot(name)
+        _G.launch(_KG.take_axis, out.size, _C.reshape(x, (outer, n, inner)), _G.flat_view(_G.contiguous(idx)), out,
+                name != "embedding", err, opid)
+    return _C.reshape(out, tuple(x.shape)[:axis] + tuple(idx.shape) + tuple(x.shape)[axis + 1:])
+
+
+TAKE = bounds.mark(Primitive("take", impl={"cpu": _take_impl, "cuda": _take_cuda}, vjp=_take_vjp), i1=("index", "wrap"))
 
 
 def take(x, indices, axis=None):
@@ -1590,7 +1604,33 @@ def _scatter_add_impl(x, idx, upd, axis):
     return out
 
 
-SCATTER_ADD = Primitive("scatter_add", impl={"cpu": _scatter_add_impl},
+def _scatter_add_cuda(x, idx, upd, axis):
+    idx = _G.index_array(idx, x.shape[axis], "scatter_add", axis)
+    if x.dtype not in _G.ATOMIC:
+        raise TypeError(f"scatter_add: dtype {x.dtype} has no atomic add on the GPU (use float32/64 or int32/64)")
+    out = _G.copy(x)
+    outer = _G.shape_size(tuple(x.shape)[:axis])
+    inner = _G.shape_size(tuple(x.shape)[axis + 1:])
+    want = tuple(x.shape)[:axis] + tuple(idx.shape) + tuple(x.shape)[axis + 1:]
+    if tuple(upd.shape) != want:
+        try:
+            if np.broadcast_shapes(tuple(upd.shape), want) != want:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"scatter_add: updates of shape {tuple(upd.shape)} do not match {want} (x "
+                             f"{tuple(x.shape)}, indices {tuple(idx.shape)}, axis {axis})") from None
+        upd = _G.broadcast_view(upd, want) if not _G.is_host(upd) else _G.full(want, upd.reshape(-1)[0], x.dtype)
+    if upd.dtype != out.dtype:
+        upd = _G.cast(upd, out.dtype)
+    upd = _G.contiguous(upd)
+    if upd.size:
+        err, opid = _G.error_slot("scatter_add")
+        _G.launch(_KG.scatter_add_axis, upd.size, _C.reshape(out, (outer, x.shape[axis], inner)),
+                _G.flat_view(_G.contiguous(idx)), _C.reshape(upd, (outer, idx.size, inner)), True, err, opid)
+    return out
+
+
+SCATTER_ADD = Primitive("scatter_add", impl={"cpu": _scatter_add_impl, "cuda": _scatter_add_cuda},
                         vjp=lambda g, ans, ins, needs, axis: (g, None, take(g, ins[1], axis) if needs[2] else None))
 bounds.mark(SCATTER_ADD, i1=("index", "wrap"))
 
@@ -1612,7 +1652,23 @@ def _one_hot_impl(idx, depth, dtype, on, off):
     return out.reshape(idx.shape + (depth,))
 
 
-ONE_HOT = bounds.mark(Primitive("one_hot", impl={"cpu": _one_hot_impl}, nondiff=True), i0=("index", "ignore"))
+def _one_hot_cuda(idx, depth, dtype, on, off):
+    dtype = np.dtype(dtype)
+    if _G.is_host(idx):
+        idx = _G.full(idx.shape, int(idx.reshape(-1)[0]), int64)
+    flat = _G.flat_view(_G.contiguous(idx))
+    out = _C.empty((flat.size, depth), dtype)
+    if out.size:
+        err, opid = _G.error_slot("one_hot")
+        if dtype == bool_:
+            o8 = _G.as_u8(out)
+            _G.launch(_KG.one_hot_fill, out.size, flat, o8, np.uint8(bool(on)), np.uint8(bool(off)), err, opid)
+        else:
+            _G.launch(_KG.one_hot_fill, out.size, flat, out, dtype.type(on), dtype.type(off), err, opid)
+    return _C.reshape(out, tuple(idx.shape) + (depth,))
+
+
+ONE_HOT = bounds.mark(Primitive("one_hot", impl={"cpu": _one_hot_impl, "cuda": _one_hot_cuda}, nondiff=True), i0=("index", "ignore"))
 
 
 def one_hot(indices, depth, dtype=float32, on_value=1, off_value=0):
@@ -1645,9 +1701,38 @@ def _pal_impl(g, idx, shape, axis):
     return _restore_axis(trows, tmoved.shape, axis, len(shape))
 
 
-PUT_ALONG_ADD = Primitive("put_along_axis_add", impl={"cpu": _pal_impl},
+def _pal_cuda(g, idx, shape, axis):
+    shape = tuple(shape)
+    nd = len(shape)
+    moved = tuple(s for i, s in enumerate(shape) if i != axis) + (shape[axis],)
+    target = _G.zeros((_G.shape_size(moved[:-1]), moved[-1]), g.dtype)
+    irows, _ = _G.last_axis_rows(idx, axis)
+    grows, _ = _G.last_axis_rows(g, axis)
+    if grows.size:
+        err, opid = _G.error_slot("put_along_axis_add")
+        _G.launch(_KG.put_along_rows_add, grows.size, target, irows, grows, np.int64(_G.shape_size(tuple(idx.shape)[axis + 1:])),
+                err, opid)
+    return _G.restore_axis(target, moved, axis, nd)
+
+
+PUT_ALONG_ADD = Primitive("put_along_axis_add", impl={"cpu": _pal_impl, "cuda": _pal_cuda},
                           vjp=lambda g, ans, ins, needs, shape, axis: (take_along_axis(g, ins[1], axis), None))
-TAKE_ALONG = Primitive("take_along_axis", impl={"cpu": _tal_impl},
+def _tal_cuda(x, idx, axis):
+    idx = _G.index_array(idx, x.shape[axis], "take_along_axis", axis)
+    rows, _ = _G.last_axis_rows(x, axis)
+    irows, imshape = _G.last_axis_rows(idx, axis)
+    if rows.shape[0] != irows.shape[0]:
+        raise ValueError(f"take_along_axis: x {tuple(x.shape)} and indices {tuple(idx.shape)} differ outside "
+                         f"axis {axis}")
+    out = _C.empty(irows.shape, x.dtype)
+    if out.size:
+        err, opid = _G.error_slot("take_along_axis")
+        _G.launch(_KG.take_along_rows, out.size, rows, irows, out, np.int64(_G.shape_size(tuple(idx.shape)[axis + 1:])), err,
+                opid)
+    return _G.restore_axis(out, imshape, axis, x.ndim)
+
+
+TAKE_ALONG = Primitive("take_along_axis", impl={"cpu": _tal_impl, "cuda": _tal_cuda},
                        vjp=lambda g, ans, ins, needs, axis: (
                            apply(PUT_ALONG_ADD, g, ins[1], shape=ins[0].shape, axis=axis), None))
 bounds.mark(PUT_ALONG_ADD, i1=("index", "wrap"))
@@ -1671,7 +1756,17 @@ def _argsort_impl(x, axis, descending):
     return _restore_axis(out, mshape, axis, x.ndim)
 
 
-ARGSORT = Primitive("argsort", impl={"cpu": _argsort_impl}, nondiff=True)
+def _argsort_cuda(x, axis, descending):
+    rows, mshape = _G.last_axis_rows(x, axis)
+    out = _C.empty(rows.shape, int64)
+    if rows.size:
+        if rows.dtype == bool_:
+            rows = _G.run_primitive("cast", rows, dtype=np.dtype(np.uint8))
+        _G.launch(_KG.rank_sort_rows, rows.size, rows, out, bool(descending), np.int64(rows.shape[1]))
+    return _G.restore_axis(out, mshape, axis, x.ndim)
+
+
+ARGSORT = Primitive("argsort", impl={"cpu": _argsort_impl, "cuda": _argsort_cuda}, nondiff=True)
 
 
 def argsort(x, axis=-1, descending=False):
@@ -1693,7 +1788,17 @@ def _topk_impl(x, k):
     return out.reshape(x.shape[:-1] + (k,))
 
 
-TOPK = Primitive("top_k_indices", impl={"cpu": _topk_impl}, nondiff=True)
+def _topk_cuda(x, k):
+    rows, _ = _G.last_axis_rows(x, x.ndim - 1)
+    out = _C.empty((rows.shape[0], k), int64)
+    if rows.size and k:
+        if rows.dtype == bool_:
+            rows = _G.run_primitive("cast", rows, dtype=np.dtype(np.uint8))
+        _G.launch(_KG.rank_sort_rows, rows.size, rows, out, True, np.int64(k))
+    return _C.reshape(out, tuple(x.shape)[:-1] + (k,))
+
+
+TOPK = Primitive("top_k_indices", impl={"cpu": _topk_impl, "cuda": _topk_cuda}, nondiff=True)
 
 
 def top_k(x, k=1):
