@@ -563,9 +563,10 @@ def _contiguous(a):
 # Views: identity, reshape, transpose, broadcast_to, flip, stop_gradient
 # ==============================================================================================================
 
-IDENTITY = Primitive("identity", impl={"cpu": lambda x: x}, kind="view",
+IDENTITY = Primitive("identity", impl={"cpu": lambda x: x, "cuda": lambda x: x}, kind="view",
                      vjp=lambda g, ans, ins, needs: (g,))
-STOP_GRADIENT = Primitive("stop_gradient", impl={"cpu": lambda x: x}, kind="view", nondiff=True)
+STOP_GRADIENT = Primitive("stop_gradient", impl={"cpu": lambda x: x, "cuda": lambda x: x}, kind="view",
+                          nondiff=True)
 
 
 def identity(x):
@@ -584,7 +585,11 @@ def _reshape_impl(x, shape):
     return _contiguous(x).reshape(shape)
 
 
-RESHAPE = Primitive("reshape", impl={"cpu": _reshape_impl}, kind="view",
+def _reshape_cuda(x, shape):
+    return _G.reshape(x, shape)
+
+
+RESHAPE = Primitive("reshape", impl={"cpu": _reshape_impl, "cuda": _reshape_cuda}, kind="view",
                     vjp=lambda g, ans, ins, needs, shape: (reshape(g, ins[0].shape),))
 
 
@@ -637,7 +642,11 @@ def _inv_perm(p):
     return tuple(inv)
 
 
-TRANSPOSE = Primitive("transpose", impl={"cpu": lambda x, axes: x.transpose(axes)}, kind="view",
+def _transpose_cuda(x, axes):
+    return _G.transpose_view(x, axes)
+
+
+TRANSPOSE = Primitive("transpose", impl={"cpu": lambda x, axes: x.transpose(axes), "cuda": _transpose_cuda}, kind="view",
                       vjp=lambda g, ans, ins, needs, axes: (transpose(g, _inv_perm(axes)),))
 
 
@@ -677,7 +686,11 @@ def moveaxis(x, source, destination):
     return transpose(x, tuple(p))
 
 
-BROADCAST_TO = Primitive("broadcast_to", impl={"cpu": lambda x, shape: np.broadcast_to(x, shape)}, kind="view",
+def _broadcast_cuda(x, shape):
+    return _G.broadcast_view(x, shape)
+
+
+BROADCAST_TO = Primitive("broadcast_to", impl={"cpu": lambda x, shape: np.broadcast_to(x, shape), "cuda": _broadcast_cuda}, kind="view",
                          vjp=lambda g, ans, ins, needs, shape: (g,))
 
 
@@ -717,8 +730,54 @@ def sum_to(x, shape):
     return r
 
 
+def _probe_cuda(shape, strides, itemsize, idx):
+    """Return (shape, strides, byte offset) of NumPy basic indexing ``idx`` on a layout (no data touched)."""
+    probe = np.lib.stride_tricks.as_strided(np.zeros(1, np.dtype((np.void, itemsize))), tuple(shape),
+                                            tuple(strides))
+    idx2 = idx if builtins.any(v is Ellipsis for v in idx) else tuple(idx) + (Ellipsis,)
+    r = probe[idx2]
+    off = r.__array_interface__["data"][0] - probe.__array_interface__["data"][0]
+    return tuple(r.shape), tuple(r.strides), off
+
+
+def _extent_flat_cuda(x):
+    """Return a 1-D view of every element x spans, from its first element (strides must be >= 0)."""
+    isz = x.dtype.itemsize
+    ext = 1 + builtins.sum((s - 1) * st for s, st in zip(x.shape, x.strides)) // isz
+    return _C.view(x, (ext,), (isz,), 0)
+
+
+def _gather_view_cuda(x, shape, strides, off):
+    """Return a contiguous copy of the view (shape, byte strides of any sign, byte offset) of x's memory."""
+    out = _C.empty(shape, x.dtype)
+    n = out.size
+    if n:
+        isz = x.dtype.itemsize
+        sh = tuple(shape) or (1,)
+        st = tuple(s // isz for s in strides) or (0,)
+        _G.launch(_KG.gather_strided, n, _extent_flat_cuda(x), off // isz, sh, st, _G.flat_view(out))
+    return out
+
+
+def _basic_getitem_cuda(x, idx):
+    try:
+        shape, strides, off = _probe_cuda(x.shape, x.strides, x.dtype.itemsize, idx)
+    except IndexError as e:
+        raise IndexError(f"getitem: {e} (tensor shape {tuple(x.shape)})") from None
+    if _G.shape_size(shape) == 0:
+        return _C.empty(shape, x.dtype)
+    if builtins.all(s >= 0 for s in strides):
+        return _C.view(x, shape, strides, off)
+    return _gather_view_cuda(x, shape, strides, off)
+
+
+def _flip_cuda(x, axes):
+    idx = tuple(slice(None, None, -1) if i in axes else slice(None) for i in range(x.ndim))
+    return _basic_getitem_cuda(x, idx)
+
+
 FLIP = Primitive("flip", impl={"cpu": lambda x, axes: x[tuple(slice(None, None, -1) if i in axes else slice(None)
-                                                          for i in range(x.ndim))]},
+                                                          for i in range(x.ndim))], "cuda": _flip_cuda},
                  kind="view", vjp=lambda g, ans, ins, needs, axes: (flip(g, axes),))
 
 
@@ -1441,7 +1500,26 @@ def _concat_vjp(g, ans, ins, needs, axis):
     return tuple(res)
 
 
-CONCAT = Primitive("concatenate", impl={"cpu": _concat_impl}, vjp=_concat_vjp)
+def _concat_cuda(*arrays, axis):
+    dt = arrays[0].dtype
+    for a in arrays[1:]:
+        dt = np.promote_types(dt, a.dtype)
+    shp = list(arrays[0].shape)
+    shp[axis] = builtins.sum(a.shape[axis] for a in arrays)
+    out = _C.empty(shp, dt)
+    off = 0
+    st = out.strides
+    for a in arrays:
+        n = a.shape[axis]
+        vshape = list(shp)
+        vshape[axis] = n
+        if n and out.size:
+            _G.copy_into(_C.view(out, vshape, st, off * st[axis]), a)
+        off += n
+    return out
+
+
+CONCAT = Primitive("concatenate", impl={"cpu": _concat_impl, "cuda": _concat_cuda}, vjp=_concat_vjp)
 
 
 def concatenate(tensors, axis=0):
@@ -1502,7 +1580,17 @@ def _pad_impl(x, pad_width, value):
     return out
 
 
-PAD = Primitive("pad", impl={"cpu": _pad_impl},
+def _pad_cuda(x, pad_width, value):
+    shp = tuple(s + lo + hi for s, (lo, hi) in zip(x.shape, pad_width))
+    out = _G.full(shp, value, x.dtype)
+    if x.size:
+        st = out.strides
+        off = builtins.sum(lo * s for (lo, hi), s in zip(pad_width, st))
+        _G.copy_into(_C.view(out, x.shape, st, off), x)
+    return out
+
+
+PAD = Primitive("pad", impl={"cpu": _pad_impl, "cuda": _pad_cuda},
                 vjp=lambda g, ans, ins, needs, pad_width, value: (
                     getitem(g, tuple(slice(lo, lo + s) for s, (lo, hi) in zip(ins[0].shape, pad_width))),))
 
@@ -1869,7 +1957,52 @@ def _getitem_grad_impl(g, *arrays, template, shape):
     return out
 
 
-GETITEM_GRAD = Primitive("getitem_grad", impl={"cpu": _getitem_grad_impl},
+def _getitem_grad_cuda(g, *arrays, template, shape):
+    idx = _rebuild_index(template, arrays)
+    shape = tuple(shape)
+    out = _G.zeros(shape, g.dtype)
+    if out.size == 0:
+        return out
+    isz = g.dtype.itemsize
+    cst = _C.c_strides(shape, isz)
+    if not arrays:
+        vshape, vstrides, voff = _probe_cuda(shape, cst, isz, idx)
+        n = _G.shape_size(vshape)
+        if n:
+            gb = _G.contiguous(_G.broadcast_view(g, vshape))
+            _G.launch(_KG.scatter_strided, n, _G.flat_view(gb), _G.flat_view(out), voff // isz, vshape or (1,),
+                    tuple(s // isz for s in vstrides) or (0,))
+        return out
+    full_idx = _expand_index_cuda(list(idx), len(shape))
+    vshape, vstrides, voff, adv, rest, lin, adjacent = _adv_plan_cuda(shape, cst, isz, full_idx, "getitem")
+    if _G.is_host(lin):
+        lin = _G.full((), int(lin), int64)
+    q, p = lin.ndim, adv[0]
+    rest_shape = tuple(vshape[k] for k in rest)
+    r = len(rest_shape)
+    gR = g
+    if adjacent and p > 0 and q:
+        gR = _G.transpose_view(g, list(range(p, p + q)) + list(range(p)) + list(range(p + q, q + r)))
+    L = lin.size
+    rs = _G.shape_size(rest_shape)
+    P = _G.shape_size(vshape[k] for k in adv)
+    gm = _G.zeros((1, P, rs), g.dtype)
+    upd = _C.reshape(_G.contiguous(_G.broadcast_view(gR, tuple(lin.shape) + rest_shape)), (1, L, rs))
+    err, opid = _G.error_slot("getitem", "index")
+    _G.launch(_KG.scatter_add_axis, upd.size, gm, _G.flat_view(_G.contiguous(lin)), upd, True, err, opid)
+    perm = adv + rest
+    inv = [0] * len(perm)
+    for i, a in enumerate(perm):
+        inv[a] = i
+    gV = _G.contiguous(_G.transpose_view(_C.reshape(gm, tuple(vshape[k] for k in perm)), inv))
+    n = _G.shape_size(vshape)
+    if n:
+        _G.launch(_KG.scatter_strided, n, _G.flat_view(gV), _G.flat_view(out), voff // isz, vshape,
+                tuple(s // isz for s in vstrides))
+    return out
+
+
+GETITEM_GRAD = Primitive("getitem_grad", impl={"cpu": _getitem_grad_impl, "cuda": _getitem_grad_cuda},
                          vjp=lambda g, ans, ins, needs, template, shape: (
                              apply(GETITEM, g, *ins[1:], template=template),) + (None,) * (len(ins) - 1))
 def _getitem_vjp(g, ans, ins, needs, template):
@@ -1887,7 +2020,114 @@ def _scalar_index(t):
     return Tensor._wrap(np.array([t], dtype=np.int64))
 
 
-GETITEM = Primitive("getitem", impl={"cpu": _getitem_impl}, kind="view", vjp=_getitem_vjp)
+def _expand_index_cuda(idx, ndim, op="getitem"):
+    """Return ``idx`` as a list of ndim entries (slices, ints, index arrays): Ellipsis expanded, rest padded."""
+    items = []
+    for v in idx:
+        if v is None:
+            raise NotImplementedError(f"{op}: None (newaxis) together with an index array is not supported on "
+                                      f"the GPU; index first, then jn.expand_dims")
+        if isinstance(v, (bool, np.bool_)):
+            raise NotImplementedError(f"{op}: a boolean index together with an index array is not supported on "
+                                      f"the GPU")
+        if _G.is_host(v):
+            if v.ndim:
+                raise RuntimeError(f"{op}: the index array is on the CPU and the tensor on cuda:0; move it with "
+                                   f".to('cuda')")
+            v = int(v)
+        elif not isinstance(v, (int, np.integer, slice)) and v is not Ellipsis:
+            if v.dtype == bool_:
+                raise NotImplementedError(f"{op}: boolean mask indexing of a cuda tensor needs the mask's values "
+                                          f"on the host (the result's shape depends on them); use jn.where, or "
+                                          f"index on the CPU")
+        items.append(v)
+    n_ell = builtins.sum(1 for v in items if v is Ellipsis)
+    if n_ell > 1:
+        raise IndexError(f"{op}: an index can only have a single ellipsis ('...')")
+    used = len(items) - n_ell
+    if used > ndim:
+        raise IndexError(f"{op}: too many indices for a tensor of {ndim} dimensions")
+    full = []
+    for v in items:
+        if v is Ellipsis:
+            full += [slice(None)] * (ndim - used)
+        else:
+            full.append(v)
+    full += [slice(None)] * (ndim - len(full))
+    return full
+
+
+def _wrap_index_cuda(idx_arr, n, name):
+    """Return int64 device indices wrapped into [0, n) (errors recorded for out-of-range ones)."""
+    idx_arr = _G.contiguous(idx_arr)
+    out = _C.empty(tuple(idx_arr.shape), int64)
+    err, opid = _G.error_slot(name, "index")
+    _G.launch(_KG.wrap_index, idx_arr.size, _G.flat_view(idx_arr), _G.flat_view(out), np.int64(n), err, opid)
+    return out
+
+
+def _adv_plan_cuda(shape, strides, itemsize, fidx, name):
+    """Decompose an advanced index: basic view params, the advanced axes, and the linear device index."""
+    adv = [k for k, v in enumerate(fidx) if not isinstance(v, slice)]
+    rest = [k for k in range(len(fidx)) if k not in adv]
+    basic = tuple(slice(None) if k in adv else v for k, v in enumerate(fidx))
+    try:
+        vshape, vstrides, voff = _probe_cuda(shape, strides, itemsize, basic)
+    except IndexError as e:
+        raise IndexError(f"{name}: {e} (tensor shape {tuple(shape)})") from None
+    lin = None
+    for k in adv:
+        v = fidx[k]
+        nk = vshape[k]
+        if isinstance(v, (int, np.integer)):
+            v = int(v)
+            if not -nk <= v < nk:
+                raise IndexError(f"{name}: index {v} is out of bounds for axis {k} with size {nk}")
+            w = np.array(v % nk, np.int64)
+        else:
+            w = _wrap_index_cuda(v, nk, name)
+        if lin is None:
+            lin = w
+        elif _G.is_host(lin) and _G.is_host(w):
+            lin = np.array(int(lin) * nk + int(w), np.int64)
+        else:
+            lin = _G.run_primitive("add", _G.run_primitive("multiply", lin, np.array(nk, np.int64)), w)
+    adjacent = adv == list(range(adv[0], adv[0] + len(adv)))
+    return vshape, vstrides, voff, adv, rest, lin, adjacent
+
+
+def _adv_getitem_cuda(x, idx):
+    full_idx = _expand_index_cuda(idx, x.ndim)
+    vshape, vstrides, voff, adv, rest, lin, adjacent = _adv_plan_cuda(x.shape, x.strides, x.dtype.itemsize,
+                                                                  full_idx, "getitem")
+    if builtins.all(s >= 0 for s in vstrides):
+        V = _C.view(x, vshape, vstrides, voff) if _G.shape_size(vshape) else _C.empty(vshape, x.dtype)
+    else:
+        V = _gather_view_cuda(x, vshape, vstrides, voff)
+    perm = adv + rest
+    Vt = _G.contiguous(_G.transpose_view(V, perm))
+    P = _G.shape_size(vshape[k] for k in adv)
+    rest_shape = tuple(vshape[k] for k in rest)
+    merged = _C.reshape(Vt, (P,) + rest_shape)
+    if _G.is_host(lin):                     # every advanced index was an int: one position
+        lin = _G.full((), int(lin), int64)
+    R = _G.run_primitive("take", merged, lin, axis=0, name="getitem")
+    q = lin.ndim
+    p = adv[0]
+    if adjacent and p > 0 and q:
+        r = len(rest_shape)
+        R = _G.transpose_view(R, list(range(q, q + p)) + list(range(q)) + list(range(q + p, q + r)))
+    return R
+
+
+def _getitem_cuda(x, *arrays, template):
+    idx = _rebuild_index(template, arrays)
+    if not arrays:
+        return _basic_getitem_cuda(x, idx)
+    return _adv_getitem_cuda(x, list(idx))
+
+
+GETITEM = Primitive("getitem", impl={"cpu": _getitem_impl, "cuda": _getitem_cuda}, kind="view", vjp=_getitem_vjp)
 # (a getitem's index arrays follow its tensor input; the marker names the first)
 bounds.mark(GETITEM, i1=("index", "wrap"))
 bounds.mark(GETITEM_GRAD, i1=("index", "wrap"))
