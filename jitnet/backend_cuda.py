@@ -1,21 +1,20 @@
-"""The CUDA backend: device allocation, views, copies, casts, generated elementwise kernels, kernel launches, and
-the CUDA implementations of the primitives not yet moved to their rows (``_IMPLS``, installed by name when a GPU
-is first used). Rows that hold their own CUDA implementation (the optimizer updates in ``optim/updates.py``;
-convolution, pooling and cross entropy in ``nn/functional.py``; matmul, the softmax family and the
-reductions in ``ops.py``) call this module's services through
-``jitnet.lazy.LazyModule``: ``launch``, ``launch_rows``, ``contiguous``, ``cast``, ``zeros``, ``transpose_view``,
-``flat_view``, ``index_array``, ``error_slot``, ``flat_state``, ``grad_like``,
-``host_value``, ``sparse_rows``.
+"""The CUDA backend: the services every row's CUDA implementation uses, and elementwise kernels from templates.
 
-Each function here mirrors the primitive's CPU impl (same arguments, same static parameters, same results)
-on Numba device arrays, launching the kernels of :mod:`jitnet.kernels_gpu` or generated elementwise kernels
-(:mod:`jitnet.kernelgen_cuda`). 0-d host arrays among the inputs are scalars (a Python number in ``x * 2``,
-a learning rate): they are passed to kernels by value, never copied to the device. Nothing here copies
+Services: allocation (``empty``, ``full``, ``zeros``, ``arange``, ``linspace``, ``eye``), views without copies
+(``reshape``, ``transpose_view``, ``broadcast_view``, ``flat_view``), copies and casts (``contiguous``,
+``copy``, ``copy_into``, ``cast``), launches (``launch`` over n work items, ``launch_rows`` block per row),
+index checks (``index_array``, ``error_slot``: the device error record a kernel fills), row views for
+last-axis kernels (``last_axis_rows``, ``restore_axis``), the optimizer updates' argument forms
+(``flat_state``, ``grad_like``, ``host_value``, ``sparse_rows``) and ``run_primitive`` (another row's CUDA
+implementation). Elementwise rows need no CUDA code of their own: :func:`elementwise_impl` generates a kernel
+from the row's scalar template (:mod:`jitnet.kernelgen_cuda`), and :func:`install` gives every such row one.
+
+The CUDA implementations themselves live with their rows, beside the CPU ones (``ops.py``,
+``nn/functional.py``, ``nn/embedding_ops.py``, ``optim/updates.py``, ``random.py``, ``compiler/prims.py``),
+and reach this module through ``jitnet.lazy.LazyModule``: it is imported only once a GPU is in use. Device
+arrays are Numba device arrays; 0-d host arrays among a primitive's inputs are scalars (a Python number in
+``x * 2``, a learning rate), passed to kernels by value, never copied to the device. Nothing here copies
 between host and device except where a docstring says so.
-
-:func:`install` fills ``impl["cuda"]`` of every primitive it knows by name; elementwise primitives get a
-generated kernel from their template, including ones registered later (``autodiff.core`` asks
-:func:`elementwise_impl` on first use).
 """
 from __future__ import annotations
 
@@ -379,14 +378,6 @@ def index_array(idx, bound, name, axis):
 ATOMIC = {np.dtype(t) for t in (np.float32, np.float64, np.int32, np.int64, np.uint32, np.uint64)}
 
 
-def _embedding_impl(weight, ids):
-    vocab, dim = weight.shape
-    if is_host(ids) or ids.dtype.kind not in "iu":
-        ids = index_array(ids, vocab, "embedding", 0)
-    out = run_primitive("take", weight, ids, axis=0, name="embedding")
-    return out
-
-
 # ==============================================================================================================
 # Softmax cross entropy
 # ==============================================================================================================
@@ -395,29 +386,6 @@ def _embedding_impl(weight, ids):
 # Random numbers
 # ==============================================================================================================
 
-_KINDS = {"uniform": 0, "normal": 1, "truncated_normal": 2, "bernoulli": 3, "randint": 4}
-_DRAWS = {0: 1, 1: 2, 2: 128, 3: 1, 4: 1}       # counters each element may use
-
-
-def _sample_impl(kind, shape, dtype, a, b, device=None):
-    from . import random as R
-    dtype = np.dtype(dtype)
-    code = _KINDS.get(kind)
-    if code is None:
-        raise ValueError(kind)
-    out = C.empty(shape, dtype)
-    n = out.size
-    if n:
-        key, offset = R._gpu_counters(n * _DRAWS[code])
-        tgt = as_u8(out) if dtype == _bool else out
-        if code == 4:
-            if b <= a:
-                raise ValueError(f"randint: low {a} must be below high {b}")
-            av, bv = np.int64(a), np.int64(b)
-        else:
-            av, bv = np.float64(a), np.float64(b)
-        launch(KG.random_fill, n, C.reshape(tgt, (n,)), np.int64(code), np.uint64(key), np.uint64(offset), av, bv)
-    return out
 
 
 # ==============================================================================================================
@@ -460,11 +428,6 @@ def sparse_rows(p, values, indices, name):
     return p2, C.reshape(gd, (rows, d)), flags
 
 
-def _assign_impl(var, value):
-    copy_into(var, value)
-    return var
-
-
 # ==============================================================================================================
 # Convolution and pooling (NCHW)
 # ==============================================================================================================
@@ -473,26 +436,15 @@ def _assign_impl(var, value):
 # Installation
 # ==============================================================================================================
 
-_IMPLS = {
-    "embedding": _embedding_impl,
-    "random": _sample_impl,
-    "assign": _assign_impl,
-}
+
 
 
 def install():
-    """Set ``impl["cuda"]`` of every primitive with a CUDA implementation (called once by ``cuda.require``)."""
-    # the modules whose rows still get their CUDA impl from _IMPLS, by name (rows that hold their own need none)
-    from . import ops, random  # noqa: F401  (register their primitives)
-    from .compiler import prims  # noqa: F401
-    from .nn import embedding_ops  # noqa: F401
-    for name, prim in _ad.REGISTRY.items():
-        if "cuda" in prim.impl:
-            continue
-        f = _IMPLS.get(name)
-        if f is None and prim.kind == "elementwise" and prim.template is not None:
-            f = elementwise_impl(prim)
-        if f is not None:
-            prim.impl["cuda"] = f
+    """Give every elementwise row a generated CUDA kernel (called once by ``cuda.require``); rows registered later
+    get theirs on first use through the factory installed here. Every other row holds its own ``impl["cuda"]``
+    (or says why it has none: ``extra["no_cuda"]``)."""
+    for prim in list(_ad.REGISTRY.values()):
+        if "cuda" not in prim.impl and prim.kind == "elementwise" and prim.template is not None:
+            prim.impl["cuda"] = elementwise_impl(prim)
     _ad.set_cuda_factory(lambda prim: elementwise_impl(prim) if prim.kind == "elementwise" and prim.template
                          is not None else None)

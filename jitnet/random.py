@@ -10,7 +10,13 @@ import numpy as np
 
 from .autodiff.core import Primitive, apply
 from . import tensor as _tensor
+from .lazy import LazyModule
 from .tensor import Tensor, _normalize_dtype, float32, int64
+
+# the CUDA backend, imported when a CUDA implementation first runs (never on the CPU)
+_G = LazyModule("jitnet.backend_cuda")
+_KG = LazyModule("jitnet.kernels_gpu")
+_C = LazyModule("jitnet.cuda")
 
 __all__ = ["seed", "get_generator", "uniform", "normal", "truncated_normal", "bernoulli", "categorical",
            "permutation", "randint", "shuffle"]
@@ -87,7 +93,34 @@ def _sample_impl(kind, shape, dtype, a, b):
 
 # A random draw is a primitive with no tensor inputs: under jitnet.jit it is a graph node (never folded into
 # a constant, never merged by CSE), so each run of a compiled step draws new numbers.
-SAMPLE = Primitive("random", impl={"cpu": _sample_impl}, nondiff=True)
+# CUDA: kind codes of kernels_gpu.random_fill, and the counters each element may use
+_GPU_KINDS = {"uniform": 0, "normal": 1, "truncated_normal": 2, "bernoulli": 3, "randint": 4}
+_GPU_DRAWS = {0: 1, 1: 2, 2: 128, 3: 1, 4: 1}
+
+
+def _sample_cuda(kind, shape, dtype, a, b, device=None):
+    """Fill a new device array with the counter-based generator (kernels_gpu.random_fill): no device state."""
+    dtype = np.dtype(dtype)
+    code = _GPU_KINDS.get(kind)
+    if code is None:
+        raise ValueError(kind)
+    out = _C.empty(shape, dtype)
+    n = out.size
+    if n:
+        key, offset = _gpu_counters(n * _GPU_DRAWS[code])
+        tgt = _G.as_u8(out) if dtype == np.dtype(np.bool_) else out
+        if code == 4:
+            if b <= a:
+                raise ValueError(f"randint: low {a} must be below high {b}")
+            av, bv = np.int64(a), np.int64(b)
+        else:
+            av, bv = np.float64(a), np.float64(b)
+        _G.launch(_KG.random_fill, n, _C.reshape(tgt, (n,)), np.int64(code), np.uint64(key), np.uint64(offset),
+                  av, bv)
+    return out
+
+
+SAMPLE = Primitive("random", impl={"cpu": _sample_impl, "cuda": _sample_cuda}, nondiff=True)
 SAMPLE.extra["random"] = True
 
 

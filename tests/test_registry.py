@@ -1,6 +1,5 @@
 """The registry: every row has a CUDA implementation or says why not; rows hold their parts; the CUDA backend
 is loaded only when a GPU is used."""
-import ast
 import os
 import subprocess
 import sys
@@ -18,22 +17,10 @@ from jitnet.lazy import LazyModule
 from jitnet.optim import updates as U
 
 
-def _by_name_table():
-    """The names backend_cuda still installs by name (read from its source: importing it imports numba.cuda)."""
-    path = os.path.join(os.path.dirname(jitnet.__file__), "backend_cuda.py")
-    tree = ast.parse(open(path).read())
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "_IMPLS" for t in node.targets):
-            return {k.value for k in node.value.keys}
-    raise AssertionError("backend_cuda._IMPLS not found")
-
-
 def test_every_row_has_a_cuda_implementation_or_says_why_not():
-    by_name = _by_name_table()
     missing, stale = [], []
     for name, prim in sorted(REGISTRY.items()):
-        has = (callable(prim.impl.get("cuda")) or name in by_name
-               or (prim.kind == "elementwise" and prim.template is not None))
+        has = callable(prim.impl.get("cuda")) or (prim.kind == "elementwise" and prim.template is not None)
         reason = prim.extra.get("no_cuda")
         if not has and not (isinstance(reason, str) and reason.strip()):
             missing.append(name)
@@ -44,11 +31,20 @@ def test_every_row_has_a_cuda_implementation_or_says_why_not():
     assert len(REGISTRY) > 100
 
 
+def test_rows_hold_their_cuda_implementations_beside_the_cpu_ones():
+    # no table of CUDA implementations by name: each row's own module defines both
+    for name, prim in REGISTRY.items():
+        f = prim.impl.get("cuda")
+        if f is not None and prim.kind != "elementwise" and not name.startswith("mpi_"):
+            assert f.__module__ == prim.impl["cpu"].__module__, (name, f.__module__)
+    src = open(os.path.join(os.path.dirname(jitnet.__file__), "backend_cuda.py")).read()
+    assert "_IMPLS" not in src
+
+
 def test_an_update_row_holds_its_cpu_and_cuda_implementations_and_native_emitter():
     for prim in U.UPDATES.values():
         assert prim.impl["cpu"].__module__ == "jitnet.optim.updates"
         assert prim.impl["cuda"].__module__ == "jitnet.optim.updates", prim.name
-        assert prim.name not in _by_name_table()
     for name in ("sgd_update", "sgd_momentum_update", "adagrad_update", "rmsprop_update", "adam_update",
                  "adamw_update"):
         assert callable(U.UPDATES[name].extra["native"]), name

@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 from ..autodiff.core import Primitive
+from ..lazy import LazyModule
+
+# the CUDA backend, imported when a CUDA implementation first runs (never on the CPU)
+_G = LazyModule("jitnet.backend_cuda")
 
 
 def _assign_impl(var, value):
@@ -10,5 +14,10 @@ def _assign_impl(var, value):
     return var
 
 
-ASSIGN = Primitive("assign", impl={"cpu": _assign_impl}, kind="update", nondiff=True)
+def _assign_cuda(var, value):
+    _G.copy_into(var, value)
+    return var
+
+
+ASSIGN = Primitive("assign", impl={"cpu": _assign_impl, "cuda": _assign_cuda}, kind="update", nondiff=True)
 ASSIGN.extra["inplace"] = (0,)

@@ -8,7 +8,11 @@ from .. import kernels_cpu as K
 from .. import ops
 from ..autodiff.core import Primitive, apply
 from ..autodiff.sparse import IndexedSlices
+from ..lazy import LazyModule
 from ..tensor import Tensor, _infer_array
+
+# the CUDA backend, imported when a CUDA implementation first runs (never on the CPU)
+_G = LazyModule("jitnet.backend_cuda")
 
 __all__ = ["embedding", "EMBEDDING"]
 
@@ -40,7 +44,16 @@ def _embedding_vjp(g, ans, ins, needs):
     return IndexedSlices(values, indices, weight.shape), None
 
 
-EMBEDDING = bounds.mark(Primitive("embedding", impl={"cpu": _embedding_impl}, vjp=_embedding_vjp),
+def _embedding_cuda(weight, ids):
+    vocab, dim = weight.shape
+    if _G.is_host(ids) or ids.dtype.kind not in "iu":
+        ids = _G.index_array(ids, vocab, "embedding", 0)
+    out = _G.run_primitive("take", weight, ids, axis=0, name="embedding")
+    return out
+
+
+EMBEDDING = bounds.mark(Primitive("embedding", impl={"cpu": _embedding_impl, "cuda": _embedding_cuda},
+                                  vjp=_embedding_vjp),
                         i1=("index", "error"))
 
 
