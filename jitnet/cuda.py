@@ -20,6 +20,9 @@ import numpy as np
 
 from .autodiff import core as _ad
 from .bounds import index_error
+from .lazy import LazyModule
+
+_G = LazyModule("jitnet.backend_cuda")      # the CUDA backend, imported once a GPU is in use
 
 __all__ = ["is_available", "simulator_enabled", "device_count", "synchronize", "transfer_stats",
            "reset_transfer_stats", "to_device", "to_host", "empty", "is_device_array", "require"]
@@ -135,8 +138,7 @@ def to_device(a):
 def to_host(d) -> np.ndarray:
     """Return a host copy of device array ``d`` (counted as one d2h transfer; raises pending device errors)."""
     if not is_contiguous(d):
-        from .backend_cuda import contiguous
-        d = contiguous(d)
+        d = _G.contiguous(d)
     _STATS["d2h"] += 1
     _STATS["d2h_bytes"] += d.size * d.dtype.itemsize
     out = np.empty(tuple(d.shape), d.dtype)

@@ -25,6 +25,9 @@ from . import ops as _ops
 from . import random as _random
 from .autodiff import core as _ad
 from .tensor import Tensor, float32
+from .lazy import LazyModule
+
+_G = LazyModule("jitnet.backend_cuda")      # the CUDA backend, imported once a GPU is in use
 
 __all__ = ["cat", "permute", "clone", "randn", "rand", "manual_seed", "zeros", "ones", "empty"]
 
@@ -237,8 +240,7 @@ def _inplace(name, ufunc, opname):
         if r.shape != self.shape:
             raise ValueError(f"{name}: a value of shape {np.shape(v)} does not broadcast to the tensor's shape "
                              f"{self.shape}")
-        from .backend_cuda import copy_into
-        copy_into(d, r._data)
+        _G.copy_into(d, r._data)
         return self
     f.__name__ = name
     f.__doc__ = f"Compute ``self {opname} other`` into this tensor in place (no gradient); return self."
@@ -252,8 +254,7 @@ def _fill_(self, value, _op="fill_"):
     if isinstance(d, np.ndarray):
         d[...] = value.item() if isinstance(value, Tensor) else value
     else:
-        from .backend_cuda import copy_into
-        copy_into(d, np.asarray(value.item() if isinstance(value, Tensor) else value, dtype=d.dtype))
+        _G.copy_into(d, np.asarray(value.item() if isinstance(value, Tensor) else value, dtype=d.dtype))
     return self
 
 
@@ -277,8 +278,7 @@ def _copy_(self, src):
             raise ValueError(f"copy_: a value of shape {np.shape(v)} does not broadcast to the tensor's shape "
                              f"{self.shape}") from None
         return self
-    from .backend_cuda import copy_into
-    copy_into(d, v if not np.isscalar(v) else np.asarray(v, dtype=d.dtype))
+    _G.copy_into(d, v if not np.isscalar(v) else np.asarray(v, dtype=d.dtype))
     return self
 
 

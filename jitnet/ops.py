@@ -2198,8 +2198,7 @@ def _filled(shape, value, dtype, device):
     dev = _on(device)
     if dev.type == "cpu":
         return Tensor._wrap(np.full(shape, value, dtype))
-    from .backend_cuda import full as _device_full
-    return Tensor._wrap(_device_full(shape, value, dtype))
+    return Tensor._wrap(_G.full(shape, value, dtype))
 
 
 def zeros(shape, dtype=float32, device=None):
@@ -2251,8 +2250,7 @@ def empty(shape, dtype=float32, device=None):
     """Return an uninitialised tensor (on ``device``; default: the default device)."""
     dev = _on(device)
     if dev.type != "cpu":
-        from .backend_cuda import empty as _device_empty
-        return Tensor._wrap(_device_empty(_shape_arg(shape), _normalize_dtype(dtype)))
+        return Tensor._wrap(_G.empty(_shape_arg(shape), _normalize_dtype(dtype)))
     return Tensor._wrap(np.empty(_shape_arg(shape), _normalize_dtype(dtype)))
 
 
@@ -2263,24 +2261,21 @@ def arange(start, stop=None, step=1, dtype=None, device=None):
     if dtype is None:
         dtype = int64 if _all(isinstance(v, (int, np.integer)) for v in (start, stop, step)) else float32
     if _on(device).type != "cpu":
-        from .backend_cuda import arange as _device_arange
-        return Tensor._wrap(_device_arange(start, stop, step, _normalize_dtype(dtype)))
+        return Tensor._wrap(_G.arange(start, stop, step, _normalize_dtype(dtype)))
     return Tensor._wrap(np.arange(start, stop, step, dtype=_normalize_dtype(dtype)))
 
 
 def linspace(start, stop, num=50, dtype=float32, device=None):
     """Return ``num`` evenly spaced values from start to stop inclusive."""
     if _on(device).type != "cpu":
-        from .backend_cuda import linspace as _device_linspace
-        return Tensor._wrap(_device_linspace(start, stop, int(num), _normalize_dtype(dtype)))
+        return Tensor._wrap(_G.linspace(start, stop, int(num), _normalize_dtype(dtype)))
     return Tensor._wrap(np.linspace(start, stop, num, dtype=_normalize_dtype(dtype)))
 
 
 def eye(n, m=None, dtype=float32, device=None):
     """Return an identity matrix (n x m)."""
     if _on(device).type != "cpu":
-        from .backend_cuda import eye as _device_eye
-        return Tensor._wrap(_device_eye(int(n), int(n if m is None else m), _normalize_dtype(dtype)))
+        return Tensor._wrap(_G.eye(int(n), int(n if m is None else m), _normalize_dtype(dtype)))
     return Tensor._wrap(np.eye(n, m, dtype=_normalize_dtype(dtype)))
 
 

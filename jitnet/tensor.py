@@ -5,6 +5,9 @@ import numpy as np
 
 from . import lowp as _lowp
 from .autodiff import core as _ad
+from .lazy import LazyModule
+
+_G = LazyModule("jitnet.backend_cuda")      # the CUDA backend, imported once a GPU is in use
 
 __all__ = ["Tensor", "Parameter", "Variable", "tensor", "as_tensor", "float32", "float64", "float16", "bfloat16",
            "int32", "int64", "int8", "uint8", "bool_", "Device", "device", "get_default_dtype", "get_default_device",
@@ -158,8 +161,7 @@ def _infer_array(value, dtype=None):
         if dt is None or arr.dtype == dt:
             return arr
         if not isinstance(arr, np.ndarray):
-            from .backend_cuda import cast
-            return cast(arr, dt)
+            return _G.cast(arr, dt)
         return _astype(arr, dt)
     if isinstance(value, np.ndarray):
         if dt is None:
@@ -180,8 +182,7 @@ def _infer_array(value, dtype=None):
     if _cuda.is_device_array(value):
         if dt is None or value.dtype == dt:
             return value
-        from .backend_cuda import cast
-        return cast(value, dt)
+        return _G.cast(value, dt)
     arr = np.asarray(value)
     if dt is not None:
         return _astype(arr, dt)
@@ -505,8 +506,7 @@ class Parameter(Tensor):
             if dev.type != "cpu":                   # created under ``with jn.device("cuda")`` (or asked for)
                 arr = _on_device(arr, dev)
         else:
-            from .backend_cuda import copy as _device_copy
-            arr = _device_copy(arr)
+            arr = _G.copy(arr)
             if device is not None and Device(device).type == "cpu":
                 arr = _on_device(arr, _CPU)
         super().__init__(arr)
@@ -534,8 +534,7 @@ class Parameter(Tensor):
             from . import cuda as _cuda
             np.copyto(self._data, _cuda.to_host(v), casting="same_kind")
         else:
-            from .backend_cuda import copy_into
-            copy_into(self._data, v)
+            _G.copy_into(self._data, v)
         return self
 
     def __repr__(self):
@@ -558,8 +557,7 @@ def tensor(data, dtype=None, requires_grad=False, device=None):
             if arr is src:
                 arr = src.copy()
         else:
-            from .backend_cuda import cast, copy as _device_copy
-            arr = _device_copy(src) if dtype is None else cast(src, _normalize_dtype(dtype))
+            arr = _G.copy(src) if dtype is None else _G.cast(src, _normalize_dtype(dtype))
         dev = Device(device) if device is not None else (_CPU if isinstance(src, np.ndarray) else _CUDA0)
     else:
         arr = _infer_array(data, dtype)

@@ -19,6 +19,9 @@ from ..tensor import Parameter, Tensor
 from .passes import cse, dce, prune_scan_saves
 from .plan import build_plan
 from .trace import Tracer, TracerTensor, TracingError, flatten, unflatten
+from ..lazy import LazyModule
+
+_G = LazyModule("jitnet.backend_cuda")      # the CUDA backend, imported once a GPU is in use
 
 __all__ = ["jit", "explain", "TracingError", "stats", "JitFunction"]
 
@@ -141,8 +144,7 @@ class JitFunction:
                 if isinstance(var._data, np.ndarray):
                     np.copyto(var._data, data)
                 else:
-                    from ..backend_cuda import copy_into
-                    copy_into(var._data, data)
+                    _G.copy_into(var._data, data)
                 var._grad = grad
         return comp.graph, comp.plan
 

@@ -21,6 +21,9 @@ from ..autodiff import core as ad
 from ..autodiff import nans
 from ..tensor import Parameter, Tensor
 from .ir import Graph
+from ..lazy import LazyModule
+
+_G = LazyModule("jitnet.backend_cuda")      # the CUDA backend, imported once a GPU is in use
 
 __all__ = ["TracingError", "TracerTensor", "Tracer", "flatten", "unflatten"]
 
@@ -346,8 +349,7 @@ def _copy_array(a):
     """Return a copy of a host or device array (variable snapshots of ``explain``)."""
     if isinstance(a, np.ndarray):
         return a.copy()
-    from ..backend_cuda import copy
-    return copy(a)
+    return _G.copy(a)
 
 
 # -- substitution: recomputing a loop body with fresh leaves in place of the tensors it closes over ----------

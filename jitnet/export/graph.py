@@ -14,6 +14,9 @@ from ..compiler import JitFunction
 from ..compiler.passes import cse, dce
 from ..compiler.trace import flatten
 from ..tensor import Tensor
+from ..lazy import LazyModule
+
+_G = LazyModule("jitnet.backend_cuda")      # the CUDA backend, imported once a GPU is in use
 
 __all__ = ["TracedGraph", "trace_graph", "find_modules"]
 
@@ -144,6 +147,5 @@ def _restore(tracer):
         if isinstance(var._data, np.ndarray):
             np.copyto(var._data, data)
         else:
-            from ..backend_cuda import copy_into
-            copy_into(var._data, data)
+            _G.copy_into(var._data, data)
         var._grad = grad
