@@ -119,3 +119,4 @@ def test_two_ranks_reduce_bfloat16_and_float16_in_float32(tmp_path):
         assert float(res[f"{name}/metrics"]) == 0.5
         for k in ("sum", "mean", "out", "bcast"):
             assert str(res[f"{name}/{k}/dtype"]) == name
+    np.testing.assert_array_equal(res["strided/out"], 3 * x)      # allreduce into a strided plain Tensor

@@ -266,3 +266,23 @@ def test_clip_grad_norm_and_value():
     np.testing.assert_allclose(a.grad.numpy(), [0.5, 0.0])
     with pytest.raises(ValueError, match="norm_type"):
         jn.nn.utils.clip_grad_norm_([a], 1.0, norm_type=1)
+
+
+def test_module_casts_floating_variables_in_place_and_keeps_the_objects():
+    net = jn.nn.Sequential(jn.nn.Linear(3, 4), jn.nn.Linear(4, 2))
+    net.register_buffer("steps", jn.tensor(np.array(7, np.int64)))
+    params = list(net.parameters())
+    x = np.random.default_rng(0).standard_normal((2, 3)).astype(np.float32)
+    ref = net(jn.tensor(x)).numpy()
+    assert net.half() is net and [p.dtype for p in net.parameters()] == [np.dtype(np.float16)] * 4
+    assert net.steps.dtype == np.int64                       # integer buffers keep their dtype
+    np.testing.assert_allclose(net(jn.tensor(x.astype(np.float16))).numpy().astype(np.float32), ref,
+                               rtol=2e-2, atol=2e-2)
+    net.to("cpu", jn.float64)
+    assert list(net.parameters()) == params and {p.dtype for p in net.parameters()} == {np.dtype(np.float64)}
+    net.float()
+    np.testing.assert_allclose(net(jn.tensor(x)).numpy(), ref, rtol=2e-2, atol=2e-2)
+    with pytest.raises(TypeError, match="floating dtype"):
+        net.to(jn.int32)
+    with pytest.raises(ValueError, match="unknown device"):
+        net.to("gpu")

@@ -32,7 +32,10 @@ from .. import lowp as _lowp
 from ..autodiff.core import REGISTRY, Primitive, apply, no_grad
 from ..autodiff.sparse import IndexedSlices
 from ..optim.optimizer import Optimizer
+from ..lazy import LazyModule
 from ..tensor import Tensor
+
+_G = LazyModule("jitnet.backend_cuda")      # the CUDA backend, imported once a GPU is in use
 
 __all__ = ["init", "is_initialized", "rank", "world_size", "barrier", "abort", "allreduce", "broadcast",
            "allgather", "broadcast_variables", "broadcast_module", "average_buffers", "allreduce_metrics",
@@ -376,7 +379,11 @@ def _allreduce_into(x, op, out):
         o[...] = allreduce(x, op)._data                          # the primitive, rounded back once
         return out
     if not (isinstance(a, np.ndarray) and isinstance(o, np.ndarray)) or not o.flags.c_contiguous:
-        out.assign(allreduce(x, op))
+        r = allreduce(x, op)._data                # a strided or GPU out: reduce into a new array, then copy
+        if isinstance(o, np.ndarray):
+            np.copyto(o, r)
+        else:
+            _G.copy_into(o, r)
         return out
     _enter(c, "allreduce")
     c.Allreduce(a if a.flags.c_contiguous else np.ascontiguousarray(a), o,

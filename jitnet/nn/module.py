@@ -10,10 +10,25 @@ from collections import OrderedDict
 
 import numpy as np
 
+from ..autodiff.core import no_grad
 from ..io.checkpoint import check_state
-from ..tensor import Device, Parameter, Tensor
+from ..lowp import is_floating
+from ..tensor import (Device, Parameter, Tensor, _normalize_dtype, bfloat16, float16, float32, float64)
 
 __all__ = ["Module", "Sequential", "ModuleList"]
+
+
+def _is_dtype_arg(a) -> bool:
+    """True when ``a`` names a dtype (jn.float16, np.float32, "float16", float) rather than a device."""
+    if isinstance(a, Device):
+        return False
+    if isinstance(a, str) and (a.startswith("cuda") or a == "cpu"):
+        return False
+    try:
+        _normalize_dtype(a)
+    except (TypeError, ImportError, ValueError):
+        return False
+    return True
 
 
 class Module:
@@ -194,19 +209,54 @@ class Module:
             p.requires_grad_(flag)
         return self
 
-    def to(self, device):
-        """Move every parameter and buffer (and its ``.grad``) to ``device`` in place; return self.
+    def to(self, *args, device=None, dtype=None):
+        """Move and/or cast the module's variables in place: ``to("cuda")``, ``to(jn.float16)``,
+        ``to("cuda", jn.bfloat16)``, ``to(device=..., dtype=...)``; return self.
 
-        The variables stay the same objects (optimizers built before the move keep working; their slots
-        follow the parameters on the next step). Raises when ``device`` is not available.
+        The variables stay the same objects (optimizers built before a move keep working; their slots follow
+        the parameters on the next step). A dtype casts the floating variables only (integer buffers such as
+        counters keep theirs) and drops their ``.grad``; build the optimizer after casting, since its slots
+        take the parameters' dtype when created. Raises when ``device`` is not available or an argument is
+        neither a device nor a dtype.
         """
-        d = Device(device)
-        if d.type == "cuda":
-            from .. import cuda as _cuda
-            _cuda.require(f"{type(self).__name__}.to({str(d)!r})", d.index)
-        for _, v in self.named_variables():
-            v._move_(d)
+        for a in args:
+            if _is_dtype_arg(a):
+                dtype = a
+            else:
+                device = a
+        if device is not None:
+            d = Device(device)
+            if d.type == "cuda":
+                from .. import cuda as _cuda
+                _cuda.require(f"{type(self).__name__}.to({str(d)!r})", d.index)
+            for _, v in self.named_variables():
+                v._move_(d)
+        if dtype is not None:
+            dt = _normalize_dtype(dtype)
+            if not is_floating(dt):
+                raise TypeError(f"{type(self).__name__}.to: can only cast to a floating dtype, got {dt}")
+            for _, v in self.named_variables():
+                if is_floating(v.dtype) and v.dtype != dt:
+                    with no_grad():
+                        v._data = Tensor(v._data).astype(dt)._data
+                    v.grad = None
         return self
+
+    def half(self):
+        """Cast the floating variables to float16 in place; return self."""
+        return self.to(dtype=float16)
+
+    def bfloat16(self):
+        """Cast the floating variables to bfloat16 in place (needs ml_dtypes); return self."""
+        return self.to(dtype=bfloat16)
+
+    def float(self):
+        """Cast the floating variables to float32 in place; return self."""
+        return self.to(dtype=float32)
+
+    def double(self):
+        """Cast the floating variables to float64 in place; return self."""
+        return self.to(dtype=float64)
 
     def cpu(self):
         """Move the module's variables to the CPU in place; return self."""
