@@ -24,6 +24,7 @@ import warnings
 import numpy as np
 
 from . import cache as _cache
+from . import kernels_cpu as _K
 
 __all__ = ["cache_dir", "load_source", "ElementwiseProgram", "elementwise_kernels", "stats"]
 
@@ -280,3 +281,42 @@ def elementwise_kernels(program: ElementwiseProgram, rank: int):
     """Return ``(serial, parallel)`` dispatchers for ``program`` (rank 0: flat mode; else strided of rank)."""
     mod = load_source(program.source(rank), "cpu")
     return mod.kernel_serial, mod.kernel_parallel
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Source helpers for native-driver emitters (``extra["native"]`` of a row, and compiler/native.py)
+# --------------------------------------------------------------------------------------------------------------
+
+def dtype_source(dtype) -> str:
+    """Return the source text of NumPy dtype ``dtype`` inside a driver (``np.float32``)."""
+    return "np." + dtype_name(dtype)
+
+
+def shape_source(s) -> str:
+    """Return the source text of shape ``s`` as a tuple literal (``(3,)``)."""
+    s = tuple(int(d) for d in s)
+    return "(" + ", ".join(map(str, s)) + ("," if len(s) == 1 else "") + ")"
+
+
+def use_kernel(kernels, kernel, size=0):
+    """Return the driver-global name of ``kernel`` (a Numba dispatcher or a kernels_cpu ``Adaptive``).
+
+    An ``Adaptive`` kernel contributes its serial twin below the parallel threshold (by ``size``), else its
+    parallel dispatcher. Emitters call this for every kernel their lines call.
+    """
+    if isinstance(kernel, _K.Adaptive):
+        which = "parallel" if size >= _K.SERIAL_BELOW else "serial"
+        line = f"from jitnet.kernels_cpu import {kernel.__name__} as _a"
+        for kname, ln in kernels:
+            if ln == (line, which):
+                return kname
+        kname = f"k{len(kernels)}"
+        kernels.append((kname, (line, which)))
+        return kname
+    line = f"from {kernel.py_func.__module__} import {kernel.py_func.__name__} as"
+    for kname, ln in kernels:
+        if ln == line:
+            return kname
+    kname = f"k{len(kernels)}"
+    kernels.append((kname, line))
+    return kname

@@ -1003,6 +1003,89 @@ def _reduce_cuda(x, op, axes, keepdims):
 REDUCE = Primitive("reduce", impl={"cpu": _reduce_impl, "cuda": _reduce_cuda}, vjp=_reduce_vjp, kind="reduce")
 
 
+# Under jit: a plan step specialized to the node's static shapes (``extra["specialize"]``), and the source a
+# native driver runs (``extra["native"]``); both decline (None) for layouts they do not cover.
+
+def _reduce_specialize(ins, params, out):
+    (x,) = ins
+    op, axes = params["op"], params["axes"]
+    if x.dtype not in (float32, float64) or out.dtype != x.dtype or not axes or x.size == 0:
+        return None
+    nd = len(x.shape)
+    code = _RED_CODE[op]
+    n = int(np.prod([x.shape[a] for a in axes]))
+    m = x.size // n
+    par = x.size >= kernelgen.PARALLEL_THRESHOLD
+    if list(axes) == list(range(nd - len(axes), nd)):
+        kern = K.reduce_last_par if par else K.reduce_last
+
+        def fn(a, o):
+            if not a.flags.c_contiguous:
+                return False
+            kern(a.reshape(m, n), o.reshape(m), code)
+            return True
+        return fn
+    mid = _middle_split(tuple(x.shape), axes)
+    if mid is not None:
+        kern = K.reduce_middle_par if par else K.reduce_middle
+
+        def fn(a, o):
+            if not a.flags.c_contiguous:
+                return False
+            kern(a.reshape(mid), o.reshape(mid[1]), code)
+            return True
+        return fn
+    if list(axes) == list(range(len(axes))):
+        nthreads = numba.get_num_threads()
+        if par and n >= 4 * nthreads:
+            kern = K.reduce_first_par
+
+            def fn(a, o):
+                if not a.flags.c_contiguous:
+                    return False
+                kern(a.reshape(n, m), o.reshape(m), code, nthreads)
+                return True
+        else:
+            kern = K.reduce_first
+
+            def fn(a, o):
+                if not a.flags.c_contiguous:
+                    return False
+                kern(a.reshape(n, m), o.reshape(m), code)
+                return True
+        return fn
+    return None
+
+
+def _reduce_native(n, a, o, kernels):
+    (x,) = n.inputs
+    op, axes = n.params["op"], tuple(n.params["axes"])
+    if x.dtype not in (float32, float64) or n.out.dtype != x.dtype or not axes or x.size == 0:
+        return None
+    nd = len(x.shape)
+    code = _RED_CODE[op]
+    cnt = int(np.prod([x.shape[i] for i in axes]))
+    m = x.size // cnt
+    dt = kernelgen.dtype_source(x.dtype)
+    lines = [f"_c = np.ascontiguousarray({a[0]})", f"_r = np.empty(({m},), {dt})"]
+    if axes == tuple(range(nd - len(axes), nd)):
+        lines.append(f"K.reduce_last(_c.reshape(({m}, {cnt})), _r, {code})")
+    elif axes == tuple(range(len(axes))):
+        lines.append(f"K.reduce_first(_c.reshape(({cnt}, {m})), _r, {code})")
+    elif (mid := _middle_split(tuple(x.shape), axes)) is not None:
+        kname = "reduce_middle_par" if x.size >= kernelgen.PARALLEL_THRESHOLD else "reduce_middle"
+        lines.append(f"K.{kname}(_c.reshape({kernelgen.shape_source(mid)}), _r, {code})")
+    else:
+        return None
+    lines.append(f"{o} = _r.reshape({kernelgen.shape_source(n.out.shape)})")
+    return lines
+
+
+REDUCE.extra["specialize"] = _reduce_specialize
+REDUCE.extra["native"] = _reduce_native
+
+
+
 def _reduce(x, op, axis, keepdims):
     x = _as_tensor(x)
     axes = _norm_axes(axis, x.ndim, op)
@@ -1305,6 +1388,45 @@ LOG_SOFTMAX = Primitive("log_softmax", impl={"cpu": lambda x, axis: _softmax_imp
                         vjp=lambda g, ans, ins, needs, axis: (g - exp(ans) * sum(g, axis, keepdims=True),))
 
 
+def _softmax_specialize(mode):
+    def spec(ins, params, out):
+        (x,) = ins
+        if x.dtype not in (float32, float64) or params["axis"] != len(x.shape) - 1 or x.size == 0:
+            return None
+        n = x.shape[-1]
+        m = x.size // n
+        kern = K.softmax_last_par if x.size >= kernelgen.PARALLEL_THRESHOLD else K.softmax_last
+
+        def fn(a, o):
+            if not a.flags.c_contiguous:
+                return False
+            kern(a.reshape(m, n), o.reshape(m, n), mode)
+            return True
+        return fn
+    return spec
+
+
+def _softmax_native(mode):
+    def emit(n, a, o, kernels):
+        (x,) = n.inputs
+        if x.dtype not in (float32, float64) or n.params["axis"] != len(x.shape) - 1 or not x.size:
+            return None
+        cols = x.shape[-1]
+        rows = x.size // cols
+        k = kernelgen.use_kernel(kernels, K.softmax_last_par if x.size >= kernelgen.PARALLEL_THRESHOLD
+                                 else K.softmax_last)
+        return [f"{o} = np.empty(({rows}, {cols}), {kernelgen.dtype_source(x.dtype)})",
+                f"{k}(np.ascontiguousarray({a[0]}).reshape(({rows}, {cols})), {o}, {mode})",
+                f"{o} = {o}.reshape({kernelgen.shape_source(x.shape)})"]
+    return emit
+
+
+for _mode, _row in ((0, SOFTMAX), (1, LOG_SOFTMAX)):
+    _row.extra["specialize"] = _softmax_specialize(_mode)
+    _row.extra["native"] = _softmax_native(_mode)
+
+
+
 def softmax(x, axis=-1):
     """Return exp(x) / sum(exp(x)) along ``axis``, computed stably in one kernel."""
     x = _as_tensor(x)
@@ -1413,6 +1535,51 @@ def _matmul_vjp(g, ans, ins, needs):
 
 
 MATMUL = Primitive("matmul", impl={"cpu": _matmul_impl, "cuda": _matmul_cuda}, vjp=_matmul_vjp)
+
+
+def _matmul_specialize(ins, params, out):
+    a, b = ins
+    if a.dtype != b.dtype or a.dtype not in (float32, float64) or out.dtype != a.dtype or not out.size:
+        return None
+    mm = np.matmul
+    if len(a.shape) > 2 and len(b.shape) == 2:          # one GEMM over all rows (see _matmul_impl)
+        rows, k, n = int(np.prod(a.shape[:-1])), a.shape[-1], b.shape[1]
+
+        def fn3(x, y, o):
+            mm(x.reshape(rows, k), y, out=o.reshape(rows, n))
+            return True
+        return fn3
+
+    def fn(x, y, o):
+        mm(x, y, out=o)
+        return True
+    return fn
+
+
+def _matmul_native(n, a, o, kernels):
+    # K.gemm: NumPy's own OpenBLAS cblas_?gemm, callable from compiled code (jitnet.blas)
+    x, y = n.inputs
+    if x.dtype != y.dtype or x.dtype not in (float32, float64) or n.out.dtype != x.dtype or not n.out.size:
+        return None
+    dt = kernelgen.dtype_source(x.dtype)
+    shp = kernelgen.shape_source(n.out.shape)
+    if len(x.shape) == 2 and len(y.shape) == 2:
+        return [f"{o} = np.empty({shp}, {dt})", f"K.gemm({a[0]}, {a[1]}, {o})"]
+    if len(x.shape) == 3 and len(y.shape) == 3 and x.shape[0] == y.shape[0]:
+        return [f"{o} = np.empty({shp}, {dt})",
+                f"for _i in range({x.shape[0]}):",
+                f"    K.gemm({a[0]}[_i], {a[1]}[_i], {o}[_i])"]
+    if len(x.shape) == 3 and len(y.shape) == 2:          # (B, m, k) @ (k, n): one GEMM over B*m rows
+        b, m, k = x.shape
+        return [f"{o} = np.empty({shp}, {dt})",
+                f"K.gemm(np.ascontiguousarray({a[0]}).reshape(({b * m}, {k})), {a[1]}, "
+                f"{o}.reshape(({b * m}, {y.shape[1]})))"]
+    return None
+
+
+MATMUL.extra["specialize"] = _matmul_specialize
+MATMUL.extra["native"] = _matmul_native
+
 
 
 def matmul(a, b):

@@ -72,3 +72,22 @@ def test_lazy_module_imports_on_first_attribute_only():
     assert "json.tool" in sys.modules
     with pytest.raises(AttributeError):
         m.no_such_name
+
+
+def test_rows_specializations_and_native_emitters_are_used_by_compiled_plans(monkeypatch):
+    # matmul, softmax and the reductions carry extra["specialize"] and extra["native"] on their rows
+    from jitnet import ops
+    for row in (ops.MATMUL, ops.SOFTMAX, ops.LOG_SOFTMAX, ops.REDUCE):
+        assert callable(row.extra["specialize"]) and callable(row.extra["native"]), row.name
+    import numpy as np
+    x = jitnet.tensor(np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32))
+    w = jitnet.tensor(np.random.default_rng(1).standard_normal((3, 5)).astype(np.float32))
+
+    def f(x, w):
+        return jitnet.sum(jitnet.softmax(x @ w, axis=-1), axis=1)
+    monkeypatch.setenv("JITNET_NATIVE", "0")
+    jf = jitnet.jit(f)
+    np.testing.assert_allclose(jf(x, w).numpy(), f(x, w).numpy(), rtol=1e-6)
+    _, plan = jf.lower(x, w)
+    specialized = {name.split("*")[0] for name in plan.step_names if "*" in name}
+    assert {"matmul", "softmax", "reduce"} <= specialized, plan.step_names

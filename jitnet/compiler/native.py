@@ -47,11 +47,10 @@ def _enabled():
 # emitters: (node, input names, output name, globals) -> source lines, or None when not native
 # --------------------------------------------------------------------------------------------------------------
 
-def _dt(dtype):
-    return "np." + kernelgen.dtype_name(dtype)
-
-
-dtype_source = _dt      # for rows' own emitters: the source text of a NumPy dtype in a driver
+_dt = kernelgen.dtype_source
+_shape = kernelgen.shape_source
+use_kernel = kernelgen.use_kernel       # (emitters call it for every kernel their lines call)
+dtype_source = kernelgen.dtype_source
 
 
 def _index_expr(template):
@@ -70,55 +69,6 @@ def _index_expr(template):
     if not parts:
         return None
     return ", ".join(parts) if len(parts) > 1 else parts[0]
-
-
-def _shape(s):
-    s = tuple(int(d) for d in s)
-    return "(" + ", ".join(map(str, s)) + ("," if len(s) == 1 else "") + ")"
-
-
-def _emit_matmul(n, a, o, g):
-    x, y = n.inputs
-    if x.dtype != y.dtype or x.dtype not in _FLOATS or n.out.dtype != x.dtype or not n.out.size:
-        return None
-    dt = _dt(x.dtype)
-    if len(x.shape) == 2 and len(y.shape) == 2:
-        return [f"{o} = np.empty({_shape(n.out.shape)}, {dt})", f"K.gemm({a[0]}, {a[1]}, {o})"]
-    if len(x.shape) == 3 and len(y.shape) == 3 and x.shape[0] == y.shape[0]:
-        return [f"{o} = np.empty({_shape(n.out.shape)}, {dt})",
-                f"for _i in range({x.shape[0]}):",
-                f"    K.gemm({a[0]}[_i], {a[1]}[_i], {o}[_i])"]
-    if len(x.shape) == 3 and len(y.shape) == 2:          # (B, m, k) @ (k, n): one GEMM over B*m rows
-        b, m, k = x.shape
-        return [f"{o} = np.empty({_shape(n.out.shape)}, {dt})",
-                f"K.gemm(np.ascontiguousarray({a[0]}).reshape(({b * m}, {k})), {a[1]}, "
-                f"{o}.reshape(({b * m}, {y.shape[1]})))"]
-    return None
-
-
-def _emit_reduce(n, a, o, g):
-    from .. import ops
-    (x,) = n.inputs
-    op, axes = n.params["op"], tuple(n.params["axes"])
-    if x.dtype not in _FLOATS or n.out.dtype != x.dtype or not axes or x.size == 0:
-        return None
-    nd = len(x.shape)
-    code = ops._RED_CODE[op]
-    cnt = int(np.prod([x.shape[i] for i in axes]))
-    m = x.size // cnt
-    dt = _dt(x.dtype)
-    lines = [f"_c = np.ascontiguousarray({a[0]})", f"_r = np.empty(({m},), {dt})"]
-    if axes == tuple(range(nd - len(axes), nd)):
-        lines.append(f"K.reduce_last(_c.reshape(({m}, {cnt})), _r, {code})")
-    elif axes == tuple(range(len(axes))):
-        lines.append(f"K.reduce_first(_c.reshape(({cnt}, {m})), _r, {code})")
-    elif (mid := ops._middle_split(tuple(x.shape), axes)) is not None:
-        kname = "reduce_middle_par" if x.size >= kernelgen.PARALLEL_THRESHOLD else "reduce_middle"
-        lines.append(f"K.{kname}(_c.reshape({_shape(mid)}), _r, {code})")
-    else:
-        return None
-    lines.append(f"{o} = _r.reshape({_shape(n.out.shape)})")
-    return lines
 
 
 def _emit_reshape(n, a, o, g):
@@ -152,21 +102,6 @@ def _emit_getitem_grad(n, a, o, g):
     if idx is None:
         return None
     return [f"{o} = np.zeros({_shape(n.out.shape)}, {_dt(n.out.dtype)})", f"{o}[{idx}] = {a[0]}"]
-
-
-def _emit_softmax(mode):
-    def emit(n, a, o, kernels):
-        (x,) = n.inputs
-        if x.dtype not in _FLOATS or n.params["axis"] != len(x.shape) - 1 or not x.size:
-            return None
-        cols = x.shape[-1]
-        rows = x.size // cols
-        from .. import kernels_cpu as K
-        k = use_kernel(kernels, K.softmax_last_par if x.size >= kernelgen.PARALLEL_THRESHOLD else K.softmax_last)
-        return [f"{o} = np.empty(({rows}, {cols}), {_dt(x.dtype)})",
-                f"{k}(np.ascontiguousarray({a[0]}).reshape(({rows}, {cols})), {o}, {mode})",
-                f"{o} = {o}.reshape({_shape(x.shape)})"]
-    return emit
 
 
 def _emit_xent_int(grad):
@@ -206,15 +141,11 @@ def _emit_kernel(kernel, n_args, out_shape):
 
 
 EMITTERS = {
-    "matmul": _emit_matmul,
-    "reduce": _emit_reduce,
     "reshape": _emit_reshape,
     "transpose": _emit_transpose,
     "stop_gradient": _emit_identity,
     "getitem": _emit_getitem,
     "getitem_grad": _emit_getitem_grad,
-    "softmax": _emit_softmax(0),
-    "log_softmax": _emit_softmax(1),
     "cross_entropy_int": _emit_xent_int(False),
     "cross_entropy_int_grad": _emit_xent_int(True),
     "lstm_step": _emit_kernel("nn_lstm_step", 4, lambda n: (n.inputs[1].shape[0], 6 * n.inputs[2].shape[0])),
@@ -248,31 +179,6 @@ def _emit(info, names, kernels):
     if em is None:
         return None
     return em(n, a, names(o), kernels)
-
-
-def use_kernel(kernels, kernel, size=0):
-    """Return the driver-global name of ``kernel`` (a Numba dispatcher or a kernels_cpu ``Adaptive``).
-
-    An ``Adaptive`` kernel contributes its serial twin below the parallel threshold (by ``size``), else its
-    parallel dispatcher. Emitters call this for every kernel their lines call.
-    """
-    from ..kernels_cpu import SERIAL_BELOW, Adaptive
-    if isinstance(kernel, Adaptive):
-        which = "parallel" if size >= SERIAL_BELOW else "serial"
-        line = f"from jitnet.kernels_cpu import {kernel.__name__} as _a"
-        for kname, ln in kernels:
-            if ln == (line, which):
-                return kname
-        kname = f"k{len(kernels)}"
-        kernels.append((kname, (line, which)))
-        return kname
-    line = f"from {kernel.py_func.__module__} import {kernel.py_func.__name__} as"
-    for kname, ln in kernels:
-        if ln == line:
-            return kname
-    kname = f"k{len(kernels)}"
-    kernels.append((kname, line))
-    return kname
 
 
 def _compile_error(e):
