@@ -2300,6 +2300,57 @@ bounds.mark(GETITEM, i1=("index", "wrap"))
 bounds.mark(GETITEM_GRAD, i1=("index", "wrap"))
 
 
+# -- under jit: what a native driver runs for the views (plain NumPy views and copies in the driver's source) --
+
+def _index_source(template):
+    """Return the source of a basic index (ints and slices only), or None."""
+    parts = []
+    for it in template:
+        if isinstance(it, bool):
+            return None
+        if isinstance(it, int):
+            parts.append(str(it))
+        elif isinstance(it, slice):
+            a, b, c = (("" if v is None else str(int(v))) for v in (it.start, it.stop, it.step))
+            parts.append(f"{a}:{b}" + (f":{c}" if c else ""))
+        else:
+            return None
+    if not parts:
+        return None
+    return ", ".join(parts) if len(parts) > 1 else parts[0]
+
+
+def _getitem_native(n, a, o, kernels):
+    if len(n.inputs) != 1 or not n.out.shape:
+        return None
+    idx = _index_source(n.params["template"])
+    return None if idx is None else [f"{o} = {a[0]}[{idx}]"]
+
+
+def _getitem_grad_native(n, a, o, kernels):
+    if len(n.inputs) != 1 or not n.inputs[0].shape:
+        return None
+    idx = _index_source(n.params["template"])
+    if idx is None:
+        return None
+    return [f"{o} = np.zeros({kernelgen.shape_source(n.out.shape)}, {kernelgen.dtype_source(n.out.dtype)})",
+            f"{o}[{idx}] = {a[0]}"]
+
+
+def _transpose_native(n, a, o, kernels):
+    axes = tuple(n.params["axes"])
+    return [f"{o} = {a[0]}.T"] if axes == (1, 0) else [f"{o} = np.transpose({a[0]}, {kernelgen.shape_source(axes)})"]
+
+
+RESHAPE.extra["native"] = lambda n, a, o, kernels: [
+    f"{o} = np.ascontiguousarray({a[0]}).reshape({kernelgen.shape_source(n.out.shape)})"]
+TRANSPOSE.extra["native"] = _transpose_native
+STOP_GRADIENT.extra["native"] = lambda n, a, o, kernels: [f"{o} = {a[0]}"]
+GETITEM.extra["native"] = _getitem_native
+GETITEM_GRAD.extra["native"] = _getitem_grad_native
+
+
+
 def _freeze(v):
     if isinstance(v, slice):
         return slice(*(int(s) if isinstance(s, (np.integer, Tensor)) else s for s in (v.start, v.stop, v.step)))

@@ -53,105 +53,6 @@ use_kernel = kernelgen.use_kernel       # (emitters call it for every kernel the
 dtype_source = kernelgen.dtype_source
 
 
-def _index_expr(template):
-    """Return the source of a basic index (ints and slices only), or None."""
-    parts = []
-    for it in template:
-        if isinstance(it, bool):
-            return None
-        if isinstance(it, int):
-            parts.append(str(it))
-        elif isinstance(it, slice):
-            a, b, c = (("" if v is None else str(int(v))) for v in (it.start, it.stop, it.step))
-            parts.append(f"{a}:{b}" + (f":{c}" if c else ""))
-        else:
-            return None
-    if not parts:
-        return None
-    return ", ".join(parts) if len(parts) > 1 else parts[0]
-
-
-def _emit_reshape(n, a, o, g):
-    return [f"{o} = np.ascontiguousarray({a[0]}).reshape({_shape(n.out.shape)})"]
-
-
-def _emit_transpose(n, a, o, g):
-    axes = tuple(n.params["axes"])
-    if axes == (1, 0):
-        return [f"{o} = {a[0]}.T"]
-    return [f"{o} = np.transpose({a[0]}, {_shape(axes)})"]
-
-
-def _emit_identity(n, a, o, g):
-    return [f"{o} = {a[0]}"]
-
-
-def _emit_getitem(n, a, o, g):
-    if len(n.inputs) != 1 or not n.out.shape:
-        return None
-    idx = _index_expr(n.params["template"])
-    if idx is None:
-        return None
-    return [f"{o} = {a[0]}[{idx}]"]
-
-
-def _emit_getitem_grad(n, a, o, g):
-    if len(n.inputs) != 1 or not n.inputs[0].shape:
-        return None
-    idx = _index_expr(n.params["template"])
-    if idx is None:
-        return None
-    return [f"{o} = np.zeros({_shape(n.out.shape)}, {_dt(n.out.dtype)})", f"{o}[{idx}] = {a[0]}"]
-
-
-def _emit_xent_int(grad):
-    def emit(n, a, o, kernels):
-        x, lab = n.inputs[0], n.inputs[1]
-        if x.dtype not in _FLOATS or len(x.shape) != 2 or lab.dtype.kind not in "iu" or len(lab.shape) != 1:
-            return None
-        if grad and n.inputs[2].dtype != x.dtype:
-            return None
-        from .. import kernels_cpu as K
-        k = use_kernel(kernels, K.nn_xent_int_grad if grad else K.nn_xent_int, x.size)
-        lines = [f"_l = np.ascontiguousarray({a[1]}).astype(np.int64)",
-                 f"{o} = np.empty({_shape(n.out.shape)}, {_dt(x.dtype)})"]
-        extra = f"np.ascontiguousarray({a[2]}), " if grad else ""
-        lines.append(f"_e = {k}(np.ascontiguousarray({a[0]}), _l, {extra}{o})")
-        return lines + bounds.native_raise_lines("_e", "_l", "cross_entropy", "label", x.shape[1], "{} classes")
-    return emit
-
-
-def _emit_kernel(kernel, n_args, out_shape):
-    """Emitter of ``out = empty(out_shape(node)); kernel(*contiguous inputs, mask or ones(1), out, has_mask)``.
-
-    The form of the fused LSTM step primitives: ``n_args`` array inputs, then an optional mask input.
-    """
-    def emit(n, a, o, kernels):
-        from .. import kernels_cpu as K
-        dt = n.inputs[0].dtype
-        if dt not in _FLOATS or any(v.dtype != dt for v in n.inputs):
-            return None
-        kname = use_kernel(kernels, getattr(K, kernel))
-        args = [f"np.ascontiguousarray({x})" for x in a[:n_args]]
-        has_mask = len(a) > n_args
-        mask = f"np.ascontiguousarray({a[n_args]})" if has_mask else f"np.ones(1, {_dt(dt)})"
-        return [f"{o} = np.empty({_shape(out_shape(n))}, {_dt(dt)})",
-                f"{kname}({', '.join(args)}, {mask}, {o}, {has_mask})"]
-    return emit
-
-
-EMITTERS = {
-    "reshape": _emit_reshape,
-    "transpose": _emit_transpose,
-    "stop_gradient": _emit_identity,
-    "getitem": _emit_getitem,
-    "getitem_grad": _emit_getitem_grad,
-    "cross_entropy_int": _emit_xent_int(False),
-    "cross_entropy_int_grad": _emit_xent_int(True),
-    "lstm_step": _emit_kernel("nn_lstm_step", 4, lambda n: (n.inputs[1].shape[0], 6 * n.inputs[2].shape[0])),
-    "lstm_step_dz": _emit_kernel("nn_lstm_step_dz", 3, lambda n: (n.inputs[1].shape[0], 4 * n.inputs[1].shape[1] // 6)),
-    "lstm_step_dprev": _emit_kernel("nn_lstm_step_dprev", 4, lambda n: n.inputs[2].shape),
-}
 
 
 def _emit(info, names, kernels):
@@ -175,7 +76,7 @@ def _emit(info, names, kernels):
     n = unit
     if n.out is None or n.out.dtype == np.dtype(object) or any(v.dtype == np.dtype(object) for v in n.inputs):
         return None
-    em = n.prim.extra.get("native") or EMITTERS.get(n.prim.name)
+    em = n.prim.extra.get("native")            # a row's own emitter: ops.py, nn/functional.py, optim/updates.py
     if em is None:
         return None
     return em(n, a, names(o), kernels)

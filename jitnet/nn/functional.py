@@ -15,6 +15,7 @@ import numba
 import numpy as np
 
 from .. import bounds
+from .. import kernelgen
 from .. import kernels_conv as KC
 from .. import kernels_cpu as K
 from .. import ops
@@ -27,6 +28,7 @@ from ..ops import log_softmax, relu, sigmoid, softmax, softplus, tanh
 from ..tensor import Tensor, _infer_array
 
 # the CUDA backend's services and kernels, imported when a CUDA implementation first runs (never on the CPU)
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))    # what the native emitters handle
 _G = LazyModule("jitnet.backend_cuda")
 _KG = LazyModule("jitnet.kernels_gpu")
 _C = LazyModule("jitnet.cuda")
@@ -792,6 +794,28 @@ XENT_PROB_GRAD.vjp = lambda g, ans, ins, needs: (
     ops.sum(g * (ops.softmax(ins[0]) * ops.sum(ins[1], -1, keepdims=True) - ins[1]), -1) if needs[2] else None)
 
 
+def _xent_int_native(grad):
+    """The native-driver form of the fused cross entropy (and its gradient), with the label check."""
+    def emit(n, a, o, kernels):
+        x, lab = n.inputs[0], n.inputs[1]
+        if x.dtype not in _FLOAT_DTYPES or len(x.shape) != 2 or lab.dtype.kind not in "iu" or len(lab.shape) != 1:
+            return None
+        if grad and n.inputs[2].dtype != x.dtype:
+            return None
+        k = kernelgen.use_kernel(kernels, K.nn_xent_int_grad if grad else K.nn_xent_int, x.size)
+        lines = [f"_l = np.ascontiguousarray({a[1]}).astype(np.int64)",
+                 f"{o} = np.empty({kernelgen.shape_source(n.out.shape)}, {kernelgen.dtype_source(x.dtype)})"]
+        extra = f"np.ascontiguousarray({a[2]}), " if grad else ""
+        lines.append(f"_e = {k}(np.ascontiguousarray({a[0]}), _l, {extra}{o})")
+        return lines + bounds.native_raise_lines("_e", "_l", "cross_entropy", "label", x.shape[1], "{} classes")
+    return emit
+
+
+XENT_INT.extra["native"] = _xent_int_native(False)
+XENT_INT_GRAD.extra["native"] = _xent_int_native(True)
+
+
+
 def _xent_hvp(x, p, gr, v):
     """Return the VJP w.r.t. logits x of g * (softmax(x) * sum(p) - p) against cotangent v."""
     s = ops.softmax(x)
@@ -1153,6 +1177,31 @@ def _lstm_step_vjp(g, ans, ins, needs):
 
 
 LSTM_STEP = Primitive("lstm_step", impl={"cpu": _lstm_step_impl}, vjp=_lstm_step_vjp)
+
+
+def _kernel_native(kernel, n_args, out_shape):
+    """Native-driver form ``out = empty(out_shape(node)); kernel(*contiguous inputs, mask or ones(1), out,
+    has_mask)`` of the fused LSTM step rows: ``n_args`` array inputs, then an optional mask input."""
+    def emit(n, a, o, kernels):
+        dt = n.inputs[0].dtype
+        if dt not in _FLOAT_DTYPES or any(v.dtype != dt for v in n.inputs):
+            return None
+        kname = kernelgen.use_kernel(kernels, kernel)
+        args = [f"np.ascontiguousarray({x})" for x in a[:n_args]]
+        has_mask = len(a) > n_args
+        src_dt = kernelgen.dtype_source(dt)
+        mask = f"np.ascontiguousarray({a[n_args]})" if has_mask else f"np.ones(1, {src_dt})"
+        return [f"{o} = np.empty({kernelgen.shape_source(out_shape(n))}, {src_dt})",
+                f"{kname}({', '.join(args)}, {mask}, {o}, {has_mask})"]
+    return emit
+
+
+LSTM_STEP.extra["native"] = _kernel_native(K.nn_lstm_step, 4,
+                                           lambda n: (n.inputs[1].shape[0], 6 * n.inputs[2].shape[0]))
+LSTM_DZ.extra["native"] = _kernel_native(K.nn_lstm_step_dz, 3,
+                                         lambda n: (n.inputs[1].shape[0], 4 * n.inputs[1].shape[1] // 6))
+LSTM_DPREV.extra["native"] = _kernel_native(K.nn_lstm_step_dprev, 4, lambda n: n.inputs[2].shape)
+
 
 
 # ---- a whole LSTM sequence in one primitive (the layer's path): one kernel call forward, one backward ----
