@@ -19,9 +19,7 @@ from ..tensor import Parameter, Tensor
 from .passes import cse, dce, prune_scan_saves
 from .plan import build_plan
 from .trace import Tracer, TracerTensor, TracingError, flatten, unflatten
-from ..lazy import LazyModule
 
-_G = LazyModule("jitnet.backend_cuda")      # the CUDA backend, imported once a GPU is in use
 
 __all__ = ["jit", "explain", "TracingError", "stats", "JitFunction"]
 
@@ -140,12 +138,7 @@ class JitFunction:
         try:
             comp, _ = _compile(tracer, result, self.fuse)
         finally:
-            for var, data, grad in tracer.snapshots.values():
-                if isinstance(var._data, np.ndarray):
-                    np.copyto(var._data, data)
-                else:
-                    _G.copy_into(var._data, data)
-                var._grad = grad
+            tracer.restore_snapshots()
         return comp.graph, comp.plan
 
 

@@ -207,6 +207,15 @@ class Tracer:
             self._readers[key] = []
         return v
 
+    def restore_snapshots(self):
+        """Put back every variable's value (and ``.grad``) as it was before the trace ran the ops eagerly."""
+        for var, data, grad in (self.snapshots or {}).values():
+            if isinstance(var._data, np.ndarray):
+                np.copyto(var._data, data)
+            else:
+                _G.copy_into(var._data, data)
+            var._grad = grad
+
     # -- the interpreter protocol -------------------------------------------------------------------------------
     def apply(self, prim, inputs, params):
         if _SUBST:

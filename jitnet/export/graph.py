@@ -7,16 +7,11 @@ training step leaves the model as it was.
 """
 from __future__ import annotations
 
-import numpy as np
-
 from ..autodiff import core as ad
 from ..compiler import JitFunction
 from ..compiler.passes import cse, dce
 from ..compiler.trace import flatten
 from ..tensor import Tensor
-from ..lazy import LazyModule
-
-_G = LazyModule("jitnet.backend_cuda")      # the CUDA backend, imported once a GPU is in use
 
 __all__ = ["TracedGraph", "trace_graph", "find_modules"]
 
@@ -141,11 +136,5 @@ def trace_graph(fn, args, kwargs=None, *, training=None, grad=None):
 
 
 def _restore(tracer):
-    if tracer is None or tracer.snapshots is None:
-        return
-    for var, data, grad in tracer.snapshots.values():
-        if isinstance(var._data, np.ndarray):
-            np.copyto(var._data, data)
-        else:
-            _G.copy_into(var._data, data)
-        var._grad = grad
+    if tracer is not None:
+        tracer.restore_snapshots()
