@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import cuda as _cuda
 from . import lowp as _lowp
 from .autodiff import core as _ad
 from .lazy import LazyModule
@@ -68,7 +69,6 @@ class Device:
 
     def __enter__(self):
         if self.type == "cuda":
-            from . import cuda as _cuda
             _cuda.require(f"jn.device({str(self)!r})", self.index)
         _DEVICE_STACK.append(self)
         return self
@@ -86,7 +86,6 @@ def device(spec="cpu") -> Device:
     """Return the Device named by ``spec`` ('cpu' or 'cuda[:n]'); raise if that device is not available."""
     d = Device(spec)
     if d.type == "cuda":
-        from . import cuda as _cuda
         _cuda.require(f"jn.device({str(d)!r})", d.index)
     return d
 
@@ -108,9 +107,7 @@ def _on_device(arr, dev):
     if dev.type == "cpu":
         if isinstance(arr, np.ndarray):
             return arr
-        from . import cuda as _cuda
         return _cuda.to_host(arr)
-    from . import cuda as _cuda
     _cuda.require(f"to({str(dev)!r})", dev.index)
     if isinstance(arr, np.ndarray) and _lowp.is_bf16(arr.dtype):
         raise TypeError("bfloat16 tensors live on the CPU (no GPU kernel reads them); convert with .float() or "
@@ -178,7 +175,6 @@ def _infer_array(value, dtype=None):
                 _lowp.enable()
             return value
         return _astype(value, dt)
-    from . import cuda as _cuda
     if _cuda.is_device_array(value):
         if dt is None or value.dtype == dt:
             return value
@@ -262,7 +258,6 @@ class Tensor:
         d = self._data
         if isinstance(d, (np.ndarray, tuple)):
             raise AttributeError("a CPU tensor has no __cuda_array_interface__; move it with .to('cuda')")
-        from . import cuda as _cuda
         return _cuda.array_interface(d)
 
     @property
@@ -324,7 +319,6 @@ class Tensor:
         from .dlpack import to_dlpack
         d = self._data
         if not isinstance(d, np.ndarray):
-            from . import cuda as _cuda
             if _cuda.is_device_array(d):
                 raise AttributeError("a GPU tensor has no __dlpack__: it is exported without a copy through "
                                      "__cuda_array_interface__ (torch.as_tensor, cupy.asarray, "
@@ -342,7 +336,6 @@ class Tensor:
         d = self._data
         if isinstance(d, np.ndarray):
             return d
-        from . import cuda as _cuda
         return _cuda.to_host(d)
 
     def item(self):
@@ -367,7 +360,6 @@ class Tensor:
         d = dev if isinstance(dev, Device) else Device(dev)
         if d == self.device:
             return self
-        from . import cuda as _cuda
         _cuda.require(f"Tensor.to({str(d)!r})", d.index if d.type == "cuda" else 0)
         return _ad.apply(_cuda.TRANSFER, self, device=str(d))
 
@@ -531,7 +523,6 @@ class Parameter(Tensor):
         if not np.can_cast(v.dtype, self.dtype, "same_kind"):
             raise TypeError(f"assign: cannot cast a value of dtype {v.dtype} to variable dtype {self.dtype}")
         if isinstance(self._data, np.ndarray):
-            from . import cuda as _cuda
             np.copyto(self._data, _cuda.to_host(v), casting="same_kind")
         else:
             _G.copy_into(self._data, v)
@@ -577,7 +568,6 @@ def as_tensor(data, dtype=None, device=None):
         t = data if (dtype is None or data.dtype == _normalize_dtype(dtype)) else Tensor(data, dtype=dtype)
         return t if device is None else t.to(device)
     if not isinstance(data, np.ndarray) and hasattr(data, "__cuda_array_interface__"):
-        from . import cuda as _cuda
         t = Tensor._wrap(_cuda.from_cuda_array(data))
         return t if dtype is None else Tensor(t, dtype=dtype)
     dev = Device(device) if device is not None else _DEVICE_STACK[-1]
