@@ -159,18 +159,28 @@ else:
         return math.cos(x)
 
 
+def _rebound(py, bindings, name=None):
+    """Return a copy of Python function ``py`` whose global names ``bindings`` resolve to other objects.
+
+    Numba reads a function's globals when it compiles it, so the copy compiles the same body against these
+    bindings (the GPU forms of helpers, a kernel's tile constants). A new ``name`` is also its qualname: Numba
+    names cache files by qualname, so two kernels from one body keep separate files."""
+    env = dict(py.__globals__)
+    env.update(bindings)
+    f = types.FunctionType(py.__code__, env, name or py.__name__, py.__defaults__, py.__closure__)
+    if name:
+        f.__qualname__ = name
+    f.__doc__ = py.__doc__
+    return f
+
+
 def device_form(f):
     """Return the CUDA device function of the shared helper ``f`` (a name of ``kernels_scalar.SHARED``).
 
     The Python body written once in kernels_scalar is compiled again for CUDA, its calls to ``fexp``,
     ``floor_s``, ``fmod_raw`` and to other shared helpers bound to this module's device functions."""
-    py = KS.SHARED[f]
-    env = dict(py.__globals__)
-    env.update({k: globals()[k] for k in ("fexp", "floor_s", "ceil_s", "fmod_raw", "sin_s", "cos_s")})
-    env.update({k: globals()[k] for k in KS.SHARED if k in globals()})   # helpers already compiled here
-    body = types.FunctionType(py.__code__, env, py.__name__, py.__defaults__, py.__closure__)
-    body.__doc__ = py.__doc__
-    return cuda.jit(device=True)(body)
+    names = ("fexp", "floor_s", "ceil_s", "fmod_raw", "sin_s", "cos_s") + tuple(KS.SHARED)
+    return cuda.jit(device=True)(_rebound(KS.SHARED[f], {k: globals()[k] for k in names if k in globals()}))
 
 
 sigmoid_s = device_form("sigmoid_s")
@@ -860,13 +870,8 @@ def _matmul_tiles(a, b, c, zero):
 
 def _tiled(name, p):
     """Compile :func:`_matmul_tiles` as the CUDA kernel ``name`` with the tile constants named ``p + "_*"``."""
-    env = dict(globals())
-    env.update({"T_" + k: globals()[p + "_" + k] for k in ("BM", "BN", "BK", "BMP", "TM", "TN", "TR", "TC",
-                                                             "THREADS")})
-    f = types.FunctionType(_matmul_tiles.__code__, env, name)
-    f.__qualname__ = name                       # its own cache files (Numba names them by qualname)
-    f.__doc__ = _matmul_tiles.__doc__
-    return cuda.jit(cache=True)(f)
+    tiles = ("BM", "BN", "BK", "BMP", "TM", "TN", "TR", "TC", "THREADS")
+    return cuda.jit(cache=True)(_rebound(_matmul_tiles, {"T_" + k: globals()[p + "_" + k] for k in tiles}, name))
 
 
 #: the small tiles (MM_*: 64 x 64 tiles of C, 4 x 4 outputs per thread)

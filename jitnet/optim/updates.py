@@ -192,10 +192,14 @@ def _sgd_h(P, s):
     return [s[0], _f(P.get("weight_decay", 0.0)), _f(P.get("momentum", 0.0)), _f(1.0 - P.get("dampening", 0.0))]
 
 
+_sgd_plain_native = _native_update("sgd_update", 1,
+                                   lambda P, s: [s[0], _f(P.get("weight_decay", 0.0)), "0.0", "1.0"],
+                                   (lambda P: "False", lambda P: "False"))
+
+
 def _sgd_native(n, a, o, kernels):
     # sgd without momentum: the momentum slot is the parameter itself (the kernel never reads it)
-    return _native_update("sgd_update", 1, lambda P, s: [s[0], _f(P.get("weight_decay", 0.0)), "0.0", "1.0"],
-                          (lambda P: "False", lambda P: "False"))(n, [a[0], a[1], a[0]] + a[2:], o, kernels)
+    return _sgd_plain_native(n, [a[0], a[1], a[0]] + a[2:], o, kernels)
 
 
 SGD_UPDATE = _update_prim("sgd_update", _sgd_impl, (0,), _sgd_cuda, _sgd_native)
@@ -330,6 +334,9 @@ def _rms_h(P, s):
 
 
 def _rmsprop_native(centered, momentum):
+    inner = _native_update("rmsprop_update", 3, _rms_h, (lambda P: repr(bool(centered)),
+                                                         lambda P: repr(bool(momentum))))
+
     def emit(n, a, o, kernels):
         # inputs: p, g, ms, [mg], [mom], lr; the kernel always takes ms, mg, mom (p stands in for absent ones)
         i = 3
@@ -337,9 +344,7 @@ def _rmsprop_native(centered, momentum):
         i += centered
         mom = a[i] if momentum else a[0]
         i += momentum
-        return _native_update("rmsprop_update", 3, _rms_h, (lambda P: repr(bool(centered)),
-                                                            lambda P: repr(bool(momentum))))(
-            n, [a[0], a[1], a[2], mg, mom] + a[i:], o, kernels)
+        return inner(n, [a[0], a[1], a[2], mg, mom] + a[i:], o, kernels)
     return emit
 
 
