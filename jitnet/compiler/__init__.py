@@ -160,11 +160,7 @@ def _compile(tracer, result, fuse_ops):
     cse(g)
     dce(g)
     prune_scan_saves(g)
-    if getattr(g, "cuda_values", None):         # a step on the GPU: its groups become CUDA kernels
-        from ..kernelgen_cuda import build_gpu_plan
-        plan = build_gpu_plan(g, fuse_ops)
-    else:
-        plan = build_plan(g, fuse_ops)
+    plan = build_plan(g, fuse_ops)
     _stats["plans"] += 1
     comp = _Compiled()
     comp.plan, comp.graph, comp.out_tree, comp.out_kinds = plan, g, out_tree, kinds

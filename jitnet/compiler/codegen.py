@@ -1,17 +1,15 @@
-"""From a fusion group to a kernel: target-neutral program building, then the CPU source emitter.
+"""From a fusion group to a device-neutral program: what every backend's elementwise code generator takes.
 
 ``group_program`` turns a :class:`FusionGroup` into an :class:`ElementwiseProgram` (scalar expressions over
-named values, with dtypes) plus, for each external input, how it indexes into the output's loop nest. Only
-``cpu_kernels`` knows about Numba's CPU target; a GPU emitter takes the same program.
+named values, with dtypes) and ``index_maps`` gives, for each external input, how it indexes into the output's
+loop nest. The backend of the group's device (``jitnet.backends``) turns both into a kernel: ``kernelgen`` on the
+CPU, ``kernelgen_cuda`` on CUDA.
 """
 from __future__ import annotations
 
-import numpy as np
-
-from .. import kernelgen
 from ..kernelgen import ElementwiseProgram, dtype_name
 
-__all__ = ["group_program", "index_maps", "cpu_kernels", "group_source"]
+__all__ = ["group_program", "index_maps"]
 
 
 def _format(template, names, cdt, odt):
@@ -77,15 +75,3 @@ def _through_view(m, items):
             term = f"i{d}" if step == 1 else f"{step} * i{d}"
             out.append(term if start == 0 else f"{start} + {term}")
     return tuple(out)
-
-
-def group_source(grp) -> str:
-    """Return the CPU kernel source of fusion group ``grp``."""
-    return kernelgen.indexed_source(group_program(grp), len(grp.root.out.shape or (1,)), index_maps(grp))
-
-
-def cpu_kernels(grp):
-    """Return ``(serial, parallel, source)`` Numba kernels for fusion group ``grp`` (loaded via the disk cache)."""
-    src = group_source(grp)
-    mod = kernelgen.load_source(src, "cpu")
-    return mod.kernel_serial, mod.kernel_parallel, src

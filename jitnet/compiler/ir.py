@@ -9,7 +9,7 @@ __all__ = ["Value", "Node", "Graph"]
 class Value:
     """A value in the graph: an argument, a variable read, a constant, or a node's output."""
 
-    __slots__ = ("id", "shape", "dtype", "kind", "node", "const", "var", "arg_index", "after", "name")
+    __slots__ = ("id", "shape", "dtype", "kind", "node", "const", "var", "arg_index", "after", "name", "device")
 
     def __init__(self, vid, shape, dtype, kind, node=None, const=None, var=None, arg_index=None, after=None):
         self.id = vid
@@ -22,6 +22,7 @@ class Value:
         self.arg_index = arg_index  # position among flattened tensor arguments for kind == "arg"
         self.after = after          # for a state read: the effect Node it must follow (or None)
         self.name = None
+        self.device = "cpu"         # the device kind its array lives on (a ``jitnet.backends`` name)
 
     @property
     def size(self):

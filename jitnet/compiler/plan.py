@@ -8,19 +8,16 @@ steady-state step allocates only what non-fused kernels and returned values need
 from __future__ import annotations
 
 import os
-import sys
 import time
 
-import numpy as np
 
-from .. import kernelgen
+from .. import backends
 from ..autodiff import nans
 from ..autodiff.sparse import IndexedSlices
 from ..tensor import Tensor
-from .codegen import cpu_kernels
+from .codegen import group_program, index_maps
 from .native import nativize
 from .passes import _grad_values, absorb_views, fuse
-from .specialize import specializer
 
 __all__ = ["Plan", "build_plan"]
 
@@ -47,6 +44,7 @@ class Plan:
         self.var_shapes = []
         self.infos = []            # per step: what it computes, for native segments (see native.py)
         self.slot_shapes = {}      # slot -> shape of its value
+        self.devices = ["cpu"]     # the device kinds its steps run on
 
     def run(self, tensors):
         """Run the step on the flattened tensor arguments; return the environment of arrays."""
@@ -112,15 +110,50 @@ def _schedule(g, group_of):
     return units
 
 
+def _split_devices(group_of):
+    """Drop fusion groups whose members or array inputs live on different devices (they run node by node).
+
+    A group whose output is on one device may still read 1-element operands of the host (a learning rate on
+    a CPU step counter): they are passed by value."""
+    for grp in {id(x): x for x in group_of.values()}.values():
+        devs = {m.out.device for m in grp.members} | {v.device for v in grp.inputs if v.size != 1}
+        if len(devs) > 1 or (devs == {"cpu"} and any(v.device != "cpu" for v in grp.inputs)):
+            for m in grp.members:
+                group_of.pop(m.id, None)
+
+
+def _unit_device(u):
+    """The device kind a plan unit runs on: a group's output's; a node's first non-CPU value's, else cpu."""
+    if hasattr(u, "members"):
+        return u.root.out.device
+    if u.out is not None and u.out.device != "cpu":
+        return u.out.device
+    for v in u.inputs:
+        if v.device != "cpu":
+            return v.device
+    return "cpu"
+
+
 def build_plan(g, fuse_ops=True):
-    """Return a Plan for graph ``g`` (after DCE/CSE): fuse, schedule, assign slots and buffers."""
+    """Return a Plan for graph ``g`` (after DCE/CSE): fuse, schedule, assign slots and buffers.
+
+    One builder serves every device: each unit (a fusion group or a node) runs on the backend of its IR values'
+    device (``jitnet.backends``), which supplies the group's kernel, the plan step that launches it, a node's
+    implementation and buffer allocation. Liveness, buffer reuse, assign folding and reading views in place are
+    shared; specialization to static shapes and native segments are what the CPU backend adds.
+    """
     plan = Plan()
     checking = nans.debug_nans_enabled()       # debug_nans: one checked step per primitive, nothing fused
     if checking:
         fuse_ops = False
     group_of = fuse(g) if fuse_ops else {}
+    _split_devices(group_of)
     absorb_views(g, group_of)
     units = _schedule(g, group_of)
+    devices = [_unit_device(u) for u in units]
+    kinds_used = set(devices)
+    if kinds_used - {"cpu"}:
+        plan.debug_note = "".join(backends.get(d).debug_note for d in sorted(kinds_used - {"cpu"}))
     slot_of = {}
 
     def slot(v):
@@ -173,49 +206,52 @@ def build_plan(g, fuse_ops=True):
         var_v, val = u.inputs
         grp = group_of.get(val.node.id) if val.kind == "node" else None
         if (grp is None or grp.root is not val.node or val.id in escaping or n_consumers.get(val.id) != 1
-                or val.shape != var_v.shape or val.dtype != var_v.dtype or var_v.kind != "state"):
+                or val.shape != var_v.shape or val.dtype != var_v.dtype or var_v.kind != "state"
+                or var_v.device != val.device):
             continue
         gpos = pos_of[grp.root.id]
         if all(pos_of.get(d.id, -1) <= gpos for d in u.order_deps if d.id != grp.root.id):
             write_into[val.id] = var_v
             folded.add(u.id)
 
-    free = {}              # (shape, dtype.str) -> list of buffers
+    free = {}              # (device, shape, dtype.str) -> list of buffers
     release_at = {}        # pos -> list of (key, buffer)
-    def buffer_for(out, pos):
+
+    def buffer_for(out, pos, be):
         """A plan-owned buffer for ``out`` (None when it escapes: it is then recycled per call)."""
         if out.id in escaping or out.id not in last_use:
             return None
-        key = (out.shape or (1,), out.dtype.str)
+        key = (be.name, out.shape or (1,), out.dtype.str)
         lst = free.get(key)
         if lst:
             buf = lst.pop()
         else:
-            buf = np.empty(out.shape or (1,), out.dtype)
-            plan.buffer_bytes += buf.nbytes
+            buf = be.empty(out.shape or (1,), out.dtype)
+            plan.buffer_bytes += out.size * out.dtype.itemsize
         release_at.setdefault(last_use[out.id], []).append((key, buf))
         return buf
 
-    for pos, u in enumerate(units):
+    for pos, (u, dev) in enumerate(zip(units, devices)):
+        be = backends.get(dev)
         if hasattr(u, "members"):
-            ks, kp, src = cpu_kernels(u)
+            out = u.root.out
+            maps = index_maps(u)
+            kinds = ["host" if (m == "scalar" and v.device == "cpu") else "device" for m, v in zip(maps, u.inputs)]
+            kernel, src = be.group_kernel(group_program(u), len(out.shape or (1,)), maps, kinds, out.size)
             plan.groups.append(u)
             plan.sources.append(src)
             plan.kernel_count += 1
-            out = u.root.out
             in_slots = [slot(v) for v in u.inputs]
             o = slot(out)
-            kernel = kp if out.size >= kernelgen.PARALLEL_THRESHOLD else ks
-            kshape = out.shape or (1,)
             name = f"fused[{'+'.join(m.prim.name for m in u.members)}"
             if out.id in write_into:
                 vs = slot(write_into[out.id])
-                plan.steps.append(_group_step_into(kernel, in_slots, o, vs, kshape))
+                plan.steps.append(be.group_step(kernel, in_slots, o, out, None, vs, maps, kinds))
                 plan.step_names.append(f"{name}+assign] -> {out.shape}")
                 plan.infos.append(("group", u, kernel, in_slots, o, vs))
             else:
-                buf = buffer_for(out, pos)
-                plan.steps.append(_group_step(kernel, in_slots, o, kshape, out.shape, out.dtype, buf))
+                buf = buffer_for(out, pos, be)
+                plan.steps.append(be.group_step(kernel, in_slots, o, out, buf, None, maps, kinds))
                 plan.step_names.append(f"{name}] -> {out.shape}")
                 plan.infos.append(("group", u, kernel, in_slots, o, None))
         else:
@@ -225,14 +261,10 @@ def build_plan(g, fuse_ops=True):
                 continue
             in_slots = [slot(v) for v in n.inputs]
             o = slot(n.out)
-            fn = specializer(n) if n.out.dtype != np.dtype(object) else None
-            if fn is not None:
-                buf = buffer_for(n.out, pos)
-                plan.steps.append(_special_step(fn, n.prim.impl["cpu"], in_slots, o, n.params, n.out, buf))
-                plan.step_names.append(f"{n.prim.name}* -> {n.out.shape}")
-            else:
-                plan.steps.append(_node_step(n.prim.impl["cpu"], in_slots, o, n.params))
-                plan.step_names.append(f"{n.prim.name} -> {n.out.shape}")
+            step, special = be.node_step(n, in_slots, o, lambda n=n, pos=pos, be=be: buffer_for(n.out, pos, be))
+            plan.steps.append(step)
+            plan.step_names.append(f"{n.prim.name}{'*' if special else ''}{'' if dev == 'cpu' else f' ({dev})'}"
+                                   f" -> {n.out.shape}")
             plan.infos.append(("node", n, None, in_slots, o, None))
             if n.prim.kind != "view":
                 plan.kernel_count += 1
@@ -244,116 +276,10 @@ def build_plan(g, fuse_ops=True):
     plan.grad_writes = [(var, None if v is None else ("sparse", slot(v[1]), slot(v[2]), v[3])
                          if isinstance(v, tuple) else slot(v)) for var, v in g.grad_outputs]
     plan.var_shapes = [(var, var.shape) for _, var in plan.state_slots]
+    plan.devices = sorted(kinds_used) or ["cpu"]
     if checking:
         plan.steps = [nans.checked_step(step, info[1], info[3], info[4])
                       for step, info in zip(plan.steps, plan.infos)]
-    else:
+    elif all(backends.get(d).native for d in kinds_used):
         nativize(plan)
     return plan
-
-
-def _fast(kernel):
-    """Return a caller of ``kernel`` that skips type dispatch while its operands keep the first call's strides.
-
-    A compiled entry point does not check array layouts (a strided view passed where a contiguous array was
-    compiled for is read as if it were contiguous), so it is used only when every operand has the strides it
-    was compiled for; dtypes and shapes are fixed by the plan, so equal strides mean an equal Numba type.
-    """
-    box = [None, None]          # strides of the operands the entry point was compiled for, the entry point
-
-    def call(*args):
-        key = tuple([a.strides for a in args])
-        if key == box[0]:
-            try:
-                return box[1](*args)
-            except TypeError:          # an operand of another Numba type (read-only)
-                pass
-        r = kernel(*args)
-        ep = kernelgen.entry_point(kernel, args)
-        box[0], box[1] = (key, ep) if ep is not None else (None, None)
-        return r
-    return call
-
-
-def _special_step(fn, impl, in_slots, o, params, out, buf):
-    oshape, dtype, kshape = out.shape, out.dtype, out.shape or (1,)
-    if buf is not None:
-        view = buf.reshape(oshape)
-
-        def step(env):
-            if fn(*[env[i] for i in in_slots], buf):
-                env[o] = view
-            else:
-                env[o] = impl(*[env[i] for i in in_slots], **params)
-    else:
-        held = [None, None]
-
-        def step(env):
-            dst = _recycled(held, kshape, dtype)
-            if fn(*[env[i] for i in in_slots], dst):
-                env[o] = dst.reshape(oshape)
-            else:
-                env[o] = impl(*[env[i] for i in in_slots], **params)
-    return step
-
-
-def _group_step(kernel, in_slots, o, kshape, oshape, dtype, buf):
-    kernel = _fast(kernel)
-    if buf is not None:
-        view = buf.reshape(oshape)
-
-        def step(env):
-            kernel(*[env[i] for i in in_slots], buf)
-            env[o] = view
-    else:
-        held = [None, None]
-
-        def step(env):
-            out = _recycled(held, kshape, dtype)
-            kernel(*[env[i] for i in in_slots], out)
-            env[o] = out.reshape(oshape)
-    return step
-
-
-def _recycled(held, shape, dtype):
-    """Return an output array for a value the step returns: one of two earlier outputs if the caller dropped it.
-
-    A returned array is recycled only when nothing but this plan refers to it (its reference count), so
-    results the caller still holds are never overwritten; steady-state steps then allocate no new memory
-    for their outputs and skip the page faults of fresh large arrays.
-    """
-    for k in (0, 1):
-        a = held[k]
-        if a is not None and sys.getrefcount(a) == 3:      # held[k], the local name, getrefcount's argument
-            return a
-    a = np.empty(shape, dtype)
-    held[1] = held[0]
-    held[0] = a
-    return a
-
-
-def _group_step_into(kernel, in_slots, o, var_slot, kshape):
-    kernel = _fast(kernel)
-
-    def step(env):
-        dst = env[var_slot]
-        kernel(*[env[i] for i in in_slots], dst.reshape(kshape))
-        env[o] = dst
-    return step
-
-
-def _node_step(impl, in_slots, o, params):
-    if len(in_slots) == 1:
-        (a,) = in_slots
-
-        def step(env):
-            env[o] = impl(env[a], **params)
-    elif len(in_slots) == 2:
-        a, b = in_slots
-
-        def step(env):
-            env[o] = impl(env[a], env[b], **params)
-    else:
-        def step(env):
-            env[o] = impl(*[env[i] for i in in_slots], **params)
-    return step

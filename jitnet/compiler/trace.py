@@ -17,6 +17,7 @@ import sys
 
 import numpy as np
 
+from .. import backends
 from ..autodiff import core as ad
 from ..autodiff import nans
 from ..tensor import Parameter, Tensor
@@ -134,11 +135,11 @@ class Tracer:
         self.vars = {}               # id(var) -> var (in first-seen order)
         self._grads = {}             # id(var) -> (var, current .grad: TracerTensor, Tensor or None)
         self.snapshots = {} if snapshot_vars else None
-        self.graph.cuda_values = set()  # ids of values whose arrays live on the GPU (a GPU plan runs them)
 
     def _mark(self, v, arr):
+        """Record on IR value ``v`` the device its array ``arr`` lives on (the plan builder reads it)."""
         if ad._DEVICES and not isinstance(arr, (np.ndarray, tuple)):
-            self.graph.cuda_values.add(v.id)
+            v.device = backends.backend_of(arr).name
 
     # -- values -----------------------------------------------------------------------------------------------
     def arg(self, t: Tensor, index: int) -> TracerTensor:

@@ -62,9 +62,8 @@ def test_eager_mlp_step_matches_cpu_without_transfers(raw_transfers):
 
 def test_jitted_mlp_step_runs_a_gpu_plan_with_fused_cuda_kernels(raw_transfers):
     m, step, args = check_same(lambda ps: jn.optim.Adam(ps, lr=0.01), jit=True, steps=3, raw=raw_transfers)
-    from jitnet.kernelgen_cuda import GpuPlan
     comps = list(step._cache.values())
-    assert len(comps) == 1 and isinstance(comps[0].plan, GpuPlan)
+    assert len(comps) == 1 and "cuda" in comps[0].plan.devices
     plan = comps[0].plan
     cuda_sources = [s for s in plan.sources if "@cuda.jit" in s]
     names = ["+".join(m.prim.name for m in g.members) for g in plan.groups]
@@ -166,3 +165,32 @@ def test_jitted_outputs_are_recycled_only_once_dropped():
     f(x)
     f(x)
     np.testing.assert_allclose(tail.numpy(), ref[1:])
+
+
+def test_gpu_plans_get_the_cpu_plan_passes_views_read_in_place_and_groups_written_into_variables():
+    """One plan builder for every device: a step on CUDA tensors reads basic slices inside its fused kernel
+    (no getitem step) and a group assigned to a variable writes into the variable's array (no assign step)."""
+    rng = np.random.default_rng(5)
+    w0 = rng.standard_normal((3, 4)).astype(np.float32)
+    lin = nn.Linear(3, 4).to("cuda")
+    w = lin.W
+    w.assign(jn.tensor(w0).to("cuda"))
+    hn = rng.standard_normal((6, 8)).astype(np.float32)
+    h = jn.tensor(hn).to("cuda")
+
+    @jn.jit
+    def step(h):
+        a = jn.tanh(h[:, 0:4]) * jn.sigmoid(h[:, 4:8])
+        w.assign(w * 0.5 + 1.0)
+        return a
+
+    for _ in range(2):
+        a = step(h)
+    plan = list(step._cache.values())[0].plan
+    assert plan.devices == ["cuda"]
+    assert not any(n.startswith("getitem") or n.startswith("assign") for n in plan.step_names), plan.step_names
+    assert "fused[tanh+sigmoid+multiply] -> (6, 4)" in plan.step_names
+    assert "fused[multiply+add+assign] -> (3, 4)" in plan.step_names
+    assert a.is_cuda and w.is_cuda
+    np.testing.assert_allclose(a.numpy(), np.tanh(hn[:, :4]) / (1 + np.exp(-hn[:, 4:])), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(w.numpy(), w0 * 0.25 + 1.5, rtol=1e-6)
