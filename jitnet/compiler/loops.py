@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import ops
+from .. import backends, ops
 from ..autodiff import core as ad
 from ..autodiff import nans
-from ..autodiff.core import Primitive, apply, no_cuda
+from ..autodiff.core import Primitive, apply
+from ..lazy import LazyModule
 from ..lowp import is_floating
 from ..tensor import Tensor
 from .passes import cse, dce, prune_scan_saves
@@ -25,6 +26,9 @@ from .plan import build_plan
 from .trace import Tracer, TracingError, flatten, substituting, unflatten
 
 __all__ = ["scan", "while_loop"]
+
+_C = LazyModule("jitnet.cuda")             # device array views, for loops whose arrays live on a GPU
+_G = LazyModule("jitnet.backend_cuda")     # device copies
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -64,7 +68,11 @@ def _tuple_get_vjp(g, ans, ins, needs, index, n):
     return (TupleGrad(parts),)
 
 
-TUPLE_GET = Primitive("tuple_get", impl={"cpu": lambda tup, index, n: tup[index]}, kind="view",
+def _tuple_get(tup, index, n):
+    return tup[index]
+
+
+TUPLE_GET = Primitive("tuple_get", impl={"cpu": _tuple_get, "cuda": _tuple_get}, kind="view",
                       vjp=_tuple_get_vjp)
 
 
@@ -166,6 +174,35 @@ def _scan_impl(*arrays, body, length, reverse, save, y_specs):
     return tuple(carry + ys + saved)
 
 
+def _row(x, t):
+    """``x[t, ...]`` of a device array: a view of row ``t`` (no copy)."""
+    return _C.view(x, x.shape[1:], x.strides[1:], t * x.strides[0])
+
+
+def _scan_cuda(*arrays, body, length, reverse, save, y_specs):
+    """The scan node on a GPU: a host loop over the body's plan, whose steps launch CUDA kernels. Per-step inputs
+    are row views of the stacked xs; per-step outputs are copied into rows of the stacked ys by a kernel; nothing
+    crosses between host and device."""
+    nc, nx = body.n_carry, body.n_x
+    be = backends.CUDA
+    carry = list(arrays[:nc])
+    xs = arrays[nc:nc + nx]
+    caps = list(arrays[nc + nx:])
+    ys = [be.empty((length,) + shp, dt) for shp, dt in y_specs]
+    saved = [be.empty((length,) + c.shape, c.dtype) for c in carry] if save else []
+    order = range(length - 1, -1, -1) if reverse else range(length)
+    for t in order:
+        if save:
+            for k, c in enumerate(carry):
+                _G.copy_into(_row(saved[k], t), c)
+        outs = body(carry + [_row(x, t) for x in xs] + caps)
+        carry = outs[:nc]
+        for k, y in enumerate(outs[nc:]):
+            _G.copy_into(_row(ys[k], t), y)
+    carry = [_G.copy(c) for c in carry]     # the body's plan may reuse the arrays it returned
+    return tuple(carry + ys + saved)
+
+
 def _leaf(t):
     """Return a fresh leaf with t's value (a graph read, never a baked constant) that requires grad if float."""
     r = ops.stop_gradient(t)
@@ -220,8 +257,9 @@ def _scan_vjp(g, ans, ins, needs, body, length, reverse, save, y_specs):
     saved = outs[nc + ny:]
     g_carry = [parts[k] if parts[k] is not None else ops.zeros_like(carry_in[k]) for k in range(nc)]
     nu = getattr(body, "n_user_out", nc + ny) - nc  # the caller's ys (a residual-storing scan adds its own)
-    g_ys = [parts[nc + k] if parts[nc + k] is not None else ops.zeros((length,) + y_specs[k][0], y_specs[k][1])
-            for k in range(nu)]
+    dev = next((t.device for t in ins if t.is_cuda), None)      # zeros for unused ys on the loop's device
+    g_ys = [parts[nc + k] if parts[nc + k] is not None
+            else ops.zeros((length,) + y_specs[k][0], y_specs[k][1], device=dev) for k in range(nu)]
     fwd = body.fn
     # only the xs and captures whose gradients are asked for are differentiated (a per-step input such as a
     # token sequence or a mask, or a weight the caller treats as constant, costs no GEMM per step)
@@ -265,7 +303,7 @@ def _scan_vjp_stored(st, g_carry, g_ys, res, saved, xs, caps, kx, kk, nc, nx, nc
                          length, reverse)
 
 
-SCAN = Primitive("scan", impl={"cpu": _scan_impl}, vjp=_scan_vjp)
+SCAN = Primitive("scan", impl={"cpu": _scan_impl, "cuda": _scan_cuda}, vjp=_scan_vjp)
 
 
 def _scan_eager(body, init, xs, length, reverse):
@@ -339,6 +377,21 @@ def scan(body, init, xs=None, length=None, reverse=False, checkpoint=False):
     return _scan_traced(interp, body, init, xs, length, reverse, store=checkpoint is False)
 
 
+def _example_row(x, t, length):
+    """Row ``t`` of stacked per-step input ``x`` on its device (zeros when the sequence is empty)."""
+    be = backends.backend_of(x)
+    if be is backends.CPU:
+        return x[t, ...] if length else np.zeros(x.shape[1:], x.dtype)
+    return _row(x, t) if length else _G.zeros(x.shape[1:], x.dtype)
+
+
+def _filled_on(a, value):
+    """An array shaped like array ``a``, filled with ``value``, on its device (placeholders for a trial trace)."""
+    if isinstance(a, np.ndarray):
+        return np.full(a.shape, value, a.dtype)
+    return _G.full(a.shape, value, a.dtype)
+
+
 def _scan_traced(outer, body, init, xs, length, reverse, store=False):
     c_leaves, c_tree = flatten(init)
     c_leaves = _leaves_as_tensors(c_leaves, "scan: init carry")
@@ -359,8 +412,7 @@ def _scan_traced(outer, body, init, xs, length, reverse, store=False):
         return nl + _leaves_as_tensors(yl, "scan: y")
 
     t0 = length - 1 if reverse else 0
-    examples = [c._data for c in c_leaves] + [
-        (x._data[t0, ...] if length else np.zeros(x.shape[1:], x.dtype)) for x in x_leaves]
+    examples = [c._data for c in c_leaves] + [_example_row(x._data, t0, length) for x in x_leaves]
     b, caps, outs = _trace_body(outer, flat_fn, examples, nc, nx)
     b.native = loop_driver(b.plan, nc, nx)
 
@@ -459,9 +511,9 @@ def _store_body(outer, fwd_fn, examples, nc, nx, caps, n_out):
         cand = _tape_tensors(outs, leaves)
         # 2. a trial backward on placeholders: which tape tensors does the VJP read?
         sub = Tracer(parent=outer)
-        ph = [sub.arg(Tensor._wrap(np.zeros(t.shape, t.dtype)), i) for i, t in enumerate(cand)]
-        seeds = [sub.arg(Tensor._wrap(np.ones(o.shape, o.dtype)), len(cand) + i) for i, o in enumerate(outs)]
-        lph = [sub.arg(Tensor._wrap(np.asarray(t._data)), len(cand) + len(outs) + i) for i, t in enumerate(leaves)]
+        ph = [sub.arg(Tensor._wrap(_filled_on(t._data, 0)), i) for i, t in enumerate(cand)]
+        seeds = [sub.arg(Tensor._wrap(_filled_on(o._data, 1)), len(cand) + i) for i, o in enumerate(outs)]
+        lph = [sub.arg(Tensor._wrap(t._data), len(cand) + len(outs) + i) for i, t in enumerate(leaves)]
         sm = substituting(cand + leaves, ph + lph)
         sm.map = _Hits(sm.map)
         with ad.push_interpreter(sub), ad.enable_grad(), sm, nans.suspended():    # placeholders: no NaN checks
@@ -517,9 +569,18 @@ def _while_vjp(g, ans, ins, needs, **params):
                     "length, or jn.stop_gradient on its inputs")
 
 
-WHILE = Primitive("while_loop", impl={"cpu": _while_impl}, vjp=_while_vjp)
-no_cuda("loops have no GPU plan yet: jn.scan/while_loop bodies run eagerly per step on CUDA", SCAN, WHILE,
-        TUPLE_GET)
+def _while_cuda(*arrays, cond, body, n_carry):
+    """The while_loop node on a GPU: a host loop over the body's plan; the condition, a device scalar, is read
+    back once per iteration (the one transfer a data-dependent trip count needs)."""
+    carry = list(arrays[:n_carry])
+    ccaps = list(arrays[n_carry:n_carry + cond.n_caps])
+    bcaps = list(arrays[n_carry + cond.n_caps:])
+    while bool(_G.host_value(cond(carry + ccaps)[0])):
+        carry = body(carry + bcaps)
+    return tuple(_G.copy(c) for c in carry)
+
+
+WHILE = Primitive("while_loop", impl={"cpu": _while_impl, "cuda": _while_cuda}, vjp=_while_vjp)
 
 
 def while_loop(cond, body, init):
