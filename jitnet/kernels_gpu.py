@@ -1429,3 +1429,207 @@ def wrap_index(idx, out, n, err, opid):
         v = _fix_index(idx[i], n, True, i, err, opid)
         out[i] = v if v >= 0 else 0
         i += step
+
+
+# ==============================================================================================================
+# Per-channel reductions of (N, C, S) arrays (batch-norm statistics, its affine gradient, a conv bias gradient)
+# ==============================================================================================================
+# Two passes: ``channel_partials`` runs one block per (channel, chunk of ``chunk`` of the N*S positions) and
+# writes float64 partial sums; ``channel_finish`` adds a channel's partials (one thread per channel) and writes
+# the result in the output's dtype. mode 0: the moments, sums of (x - x[0, c, 0]) and its square (the shift by
+# the channel's first value keeps float64 sums accurate when |mean| >> std); mode 1: sums of g and g * x;
+# mode 2: the sum of g.
+
+@cuda.jit(cache=True)
+def channel_partials(g, x, part, mode, chunk):
+    """part[0, c, k], part[1, c, k] = the mode's two float64 sums over positions [k*chunk, (k+1)*chunk) of
+    channel c of g (N, C, S) (and x, same shape, in mode 1)."""
+    sa = cuda.shared.array(BLOCK, dtype=np.float64)
+    sb = cuda.shared.array(BLOCK, dtype=np.float64)
+    t = cuda.threadIdx.x
+    c_ = g.shape[1]
+    s_ = g.shape[2]
+    total = g.shape[0] * s_
+    nch = part.shape[2]
+    task = cuda.blockIdx.x
+    while task < c_ * nch:
+        c = task // nch
+        k = task - c * nch
+        hi = min((k + 1) * chunk, total)
+        shift = np.float64(g[0, c, 0]) if mode == 0 else 0.0
+        a = 0.0
+        b = 0.0
+        e = k * chunk + t
+        while e < hi:
+            n = e // s_
+            p = e - n * s_
+            v = np.float64(g[n, c, p])
+            if mode == 0:
+                d = v - shift
+                a += d
+                b += d * d
+            else:
+                a += v
+                if mode == 1:
+                    b += v * np.float64(x[n, c, p])
+            e += BLOCK
+        a = _block_sum(sa, t, a)
+        b = _block_sum(sb, t, b)
+        if t == 0:
+            part[0, c, k] = a
+            part[1, c, k] = b
+        task += cuda.gridDim.x
+
+
+@cuda.jit(cache=True)
+def channel_finish(part, g, out, mode, count):
+    """Combine ``channel_partials``' sums per channel: mode 0 out[0, c], out[1, c] = mean and biased variance
+    (``count`` values a channel); mode 1 out[0, c], out[1, c] = the two sums; mode 2 out[0, c] = the sum."""
+    c = cuda.grid(1)
+    step = cuda.gridsize(1)
+    while c < part.shape[1]:
+        a = 0.0
+        b = 0.0
+        for k in range(part.shape[2]):
+            a += part[0, c, k]
+            b += part[1, c, k]
+        if mode == 0:
+            m = a / count
+            out[0, c] = np.float64(g[0, c, 0]) + m
+            out[1, c] = max(b / count - m * m, 0.0)
+        else:
+            out[0, c] = a
+            if mode == 1:
+                out[1, c] = b
+        c += step
+
+
+@cuda.jit(cache=True)
+def channel_affine(x, a, b, y):
+    """y[n, c, s] = x[n, c, s] * a[c] + b[c] for x, y (N, C, S)."""
+    i = cuda.grid(1)
+    step = cuda.gridsize(1)
+    c_ = x.shape[1]
+    s_ = x.shape[2]
+    while i < x.shape[0] * c_ * s_:
+        n = i // (c_ * s_)
+        rem = i - n * c_ * s_
+        c = rem // s_
+        p = rem - c * s_
+        y[n, c, p] = x[n, c, p] * a[c] + b[c]
+        i += step
+
+
+# ==============================================================================================================
+# Fused LSTM step, packed state s = [h, c, i, f, g, o] (B, 6H): one thread per (row, unit j); the recurrent
+# GEMMs (h @ W_hh forward, dz @ W_hh^T backward) run in the tiled matmul between these launches
+# ==============================================================================================================
+
+@cuda.jit(cache=True)
+def lstm_gates(z, xw, b, s_prev, mask, s_out, use_mask, one):
+    """s_out = the next state from z = h_prev @ W_hh (B, 4H), the input projection xw (B, 4H) and bias b (4H,):
+    gates i, f, o = sigmoid, g = tanh of z + xw + b; c = f c_prev + i g; h = o tanh(c). Rows whose mask is 0
+    (when use_mask) keep h and c, and their gates are 0."""
+    i = cuda.grid(1)
+    step = cuda.gridsize(1)
+    hd = s_out.shape[1] // 6
+    while i < s_out.shape[0] * hd:
+        r = i // hd
+        j = i - r * hd
+        if use_mask and mask[r] == 0:
+            s_out[r, j] = s_prev[r, j]
+            s_out[r, hd + j] = s_prev[r, hd + j]
+            for q in range(2, 6):
+                s_out[r, q * hd + j] = 0
+        else:
+            ig = sigmoid_s(z[r, j] + (xw[r, j] + b[j]), one)
+            fg = sigmoid_s(z[r, hd + j] + (xw[r, hd + j] + b[hd + j]), one)
+            gg = math.tanh(z[r, 2 * hd + j] + (xw[r, 2 * hd + j] + b[2 * hd + j]))
+            og = sigmoid_s(z[r, 3 * hd + j] + (xw[r, 3 * hd + j] + b[3 * hd + j]), one)
+            c = fg * s_prev[r, hd + j] + ig * gg
+            s_out[r, j] = og * math.tanh(c)
+            s_out[r, hd + j] = c
+            s_out[r, 2 * hd + j] = ig
+            s_out[r, 3 * hd + j] = fg
+            s_out[r, 4 * hd + j] = gg
+            s_out[r, 5 * hd + j] = og
+        i += step
+
+
+@cuda.jit(device=True)
+def _lstm_tc_dc(g, s, r, j, hd, one):
+    """(tanh(c), dc) of unit j of row r: dc = d c from g = d s, through h = o tanh(c) and c's own gradient."""
+    tc = math.tanh(s[r, hd + j])
+    return tc, g[r, hd + j] + g[r, j] * s[r, 5 * hd + j] * (one - tc * tc)
+
+
+@cuda.jit(cache=True)
+def lstm_step_dz(g, s, s_prev, mask, dz, use_mask, one):
+    """dz (B, 4H) = the gradient w.r.t. the gate pre-activations from g = d s (B, 6H) (the gates' own gradients,
+    g's i, f, g, o parts, included); 0 on rows whose mask is 0."""
+    i = cuda.grid(1)
+    step = cuda.gridsize(1)
+    hd = dz.shape[1] // 4
+    while i < dz.shape[0] * hd:
+        r = i // hd
+        j = i - r * hd
+        if use_mask and mask[r] == 0:
+            for q in range(4):
+                dz[r, q * hd + j] = 0
+        else:
+            tc, dc = _lstm_tc_dc(g, s, r, j, hd, one)
+            ig = s[r, 2 * hd + j]
+            fg = s[r, 3 * hd + j]
+            gg = s[r, 4 * hd + j]
+            og = s[r, 5 * hd + j]
+            dz[r, j] = (dc * gg + g[r, 2 * hd + j]) * ig * (one - ig)
+            dz[r, hd + j] = (dc * s_prev[r, hd + j] + g[r, 3 * hd + j]) * fg * (one - fg)
+            dz[r, 2 * hd + j] = (dc * ig + g[r, 4 * hd + j]) * (one - gg * gg)
+            dz[r, 3 * hd + j] = (g[r, j] * tc + g[r, 5 * hd + j]) * og * (one - og)
+        i += step
+
+
+@cuda.jit(cache=True)
+def lstm_step_dprev(g, s, dh, mask, add, out, use_mask, use_add, one):
+    """out (B, 6H) = d s_prev = [dh, dc * f, 0, 0, 0, 0] with dh = dz @ W_hh^T (B, H), plus ``add`` (B, 6H) when
+    use_add; rows whose mask is 0 pass g's h and c parts through."""
+    i = cuda.grid(1)
+    step = cuda.gridsize(1)
+    hd = dh.shape[1]
+    while i < out.shape[0] * hd:
+        r = i // hd
+        j = i - r * hd
+        if use_mask and mask[r] == 0:
+            vh = g[r, j]
+            vc = g[r, hd + j]
+        else:
+            tc, dc = _lstm_tc_dc(g, s, r, j, hd, one)
+            vh = dh[r, j]
+            vc = dc * s[r, 3 * hd + j]
+        if use_add:
+            out[r, j] = vh + add[r, j]
+            out[r, hd + j] = vc + add[r, hd + j]
+            for q in range(2, 6):
+                out[r, q * hd + j] = add[r, q * hd + j]
+        else:
+            out[r, j] = vh
+            out[r, hd + j] = vc
+            for q in range(2, 6):
+                out[r, q * hd + j] = 0
+        i += step
+
+
+@cuda.jit(cache=True)
+def lstm_prev_h(S, s0, hp):
+    """hp[t*B + r, j] = h_{t-1}[r, j] (s0's h for t = 0) for S (T, B, 6H): the left operand of dW_hh's GEMM."""
+    i = cuda.grid(1)
+    step = cuda.gridsize(1)
+    bsz = S.shape[1]
+    hd = hp.shape[1]
+    while i < hp.shape[0] * hd:
+        row = i // hd
+        j = i - row * hd
+        t = row // bsz
+        r = row - t * bsz
+        hp[row, j] = s0[r, j] if t == 0 else S[t - 1, r, j]
+        i += step

@@ -21,11 +21,12 @@ from .. import kernels_cpu as K
 from .. import ops
 from .. import random as _random
 from .. import winograd
-from ..autodiff.core import Primitive, apply, no_cuda
+from ..autodiff.core import Primitive, apply, current_interpreter
 from ..lazy import LazyModule
 from ..lowp import is_floating
 from ..ops import log_softmax, relu, sigmoid, softmax, softplus, tanh
 from ..tensor import Tensor, _infer_array
+from .embedding_ops import embedding
 
 # the CUDA backend's services and kernels, imported when a CUDA implementation first runs (never on the CPU)
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))    # what the native emitters handle
@@ -281,7 +282,7 @@ def _conv2d_bias_grad_impl(g):
 
 def _conv2d_bias_grad(g):
     """Return the sum of g (N, O, OH, OW) over all but the channel axis (one pass over contiguous rows)."""
-    if g.is_cuda or g.size == 0:
+    if g.size == 0 or (g.is_cuda and g.dtype not in _FLOAT_DTYPES):
         return ops.sum(g, axis=(0, 2, 3))
     return apply(CONV2D_BIAS_GRAD, g)
 
@@ -354,7 +355,12 @@ def _conv2d_grad_weight_cuda(x, g, *, w_shape, stride, pads, dilation):
     dw = ops._matmul_arrays_cuda(g2, _G.transpose_view(cols, (1, 0)))
     return _C.reshape(dw, w_shape)
 
-CONV2D_BIAS_GRAD = Primitive("conv2d_bias_grad", impl={"cpu": _conv2d_bias_grad_impl},
+def _conv2d_bias_grad_cuda(g):
+    out = _channel_reduce_cuda(_ncs_cuda(g), None, 2, 1)
+    return _C.reshape(out, (g.shape[1],))
+
+
+CONV2D_BIAS_GRAD = Primitive("conv2d_bias_grad", impl={"cpu": _conv2d_bias_grad_impl, "cuda": _conv2d_bias_grad_cuda},
                              vjp=lambda g, ans, ins, needs: (
                                  ops.broadcast_to(ops.reshape(g, (1, -1, 1, 1)), ins[0].shape),))
 CONV2D = Primitive("conv2d", impl={"cpu": _conv2d_impl, "cuda": _conv2d_cuda}, vjp=_conv2d_vjp)
@@ -363,7 +369,6 @@ CONV2D_GRAD_INPUT = Primitive("conv2d_grad_input", impl={"cpu": _conv2d_grad_inp
 CONV2D_GRAD_WEIGHT = Primitive("conv2d_grad_weight", impl={"cpu": _conv2d_grad_weight_impl,
                                                                         "cuda": _conv2d_grad_weight_cuda},
                                vjp=_conv2d_grad_weight_vjp)
-no_cuda("the conv bias-gradient reduction has no CUDA form yet", CONV2D_BIAS_GRAD)
 
 
 def _conv_args(x, W, stride, padding, dilation, op):
@@ -618,12 +623,55 @@ def _no_second_order_bn(g, ans, ins, needs):
     raise NotImplementedError("channel_affine_sums: a gradient of the batch-norm gradient is not implemented")
 
 
-BN_MOMENTS = Primitive("bn_moments", impl={"cpu": _bn_moments_impl}, vjp=_bn_moments_vjp)
-CHANNEL_AFFINE = Primitive("channel_affine", impl={"cpu": _channel_affine_impl}, vjp=_channel_affine_vjp)
-CHANNEL_AFFINE_SUMS = Primitive("channel_affine_sums", impl={"cpu": _channel_affine_sums_impl},
+# -- CUDA: a two-pass per-channel reduction (float64 partial sums per chunk of a channel, then one thread per
+# channel combines them) and one elementwise pass for the affine map --
+
+def _ncs_cuda(x):
+    """Device x (N, C, ...) as a contiguous (N, C, S) array."""
+    x = _G.contiguous(x)
+    return _C.reshape(x, (x.shape[0], x.shape[1], x.size // (x.shape[0] * x.shape[1])))
+
+
+def _channel_reduce_cuda(g3, x3, mode, rows):
+    """The (rows, C) per-channel result of ``kernels_gpu.channel_partials``/``channel_finish`` in ``mode`` over
+    g3 (N, C, S) (and x3 in mode 1); N * S must be positive."""
+    nb, ch, sp = g3.shape
+    total = nb * sp
+    nch = max(1, -(-total // _KG.ROW_CHUNK))
+    part = _C.empty((2, ch, nch), np.float64)
+    _G.launch_rows(_KG.channel_partials, ch * nch, g3, g3 if x3 is None else x3, part, _i64(mode),
+                   _i64(_KG.ROW_CHUNK))
+    out = _C.empty((rows, ch), g3.dtype)
+    _G.launch(_KG.channel_finish, ch, part, g3, out, _i64(mode), np.float64(total))
+    return out
+
+
+def _bn_moments_cuda(x):
+    return _channel_reduce_cuda(_ncs_cuda(x), None, 0, 2)
+
+
+def _channel_affine_cuda(x, a, b):
+    x3 = _ncs_cuda(x)
+    y = _C.empty(x3.shape, x.dtype)
+    _G.launch(_KG.channel_affine, y.size, x3, _G.contiguous(a), _G.contiguous(b), y)
+    return _C.reshape(y, x.shape)
+
+
+def _channel_affine_sums_cuda(g, x):
+    return _channel_reduce_cuda(_ncs_cuda(g), _ncs_cuda(x), 1, 2)
+
+
+BN_MOMENTS = Primitive("bn_moments", impl={"cpu": _bn_moments_impl, "cuda": _bn_moments_cuda}, vjp=_bn_moments_vjp)
+CHANNEL_AFFINE = Primitive("channel_affine", impl={"cpu": _channel_affine_impl, "cuda": _channel_affine_cuda},
+                           vjp=_channel_affine_vjp)
+CHANNEL_AFFINE_SUMS = Primitive("channel_affine_sums", impl={"cpu": _channel_affine_sums_impl,
+                                                             "cuda": _channel_affine_sums_cuda},
                                 vjp=_no_second_order_bn)
-no_cuda("batch norm's fused statistics and affine kernels have no CUDA form yet (batch norm runs on the CPU)",
-        BN_MOMENTS, CHANNEL_AFFINE, CHANNEL_AFFINE_SUMS)
+
+
+def _fused_bn(x):
+    """Whether batch norm's fused rows take x: floating on the CPU, float32/float64 on CUDA, and not empty."""
+    return x.size > 0 and (x.dtype in _FLOAT_DTYPES if x.is_cuda else is_floating(x.dtype))
 
 
 def batch_moments(x):
@@ -634,7 +682,7 @@ def batch_moments(x):
     x = _t(x)
     if x.ndim < 2:
         raise ValueError(f"batch_moments: input must have a batch and a channel axis, got shape {x.shape}")
-    if x.is_cuda or not is_floating(x.dtype) or x.size == 0:
+    if not _fused_bn(x):
         axes = (0,) + tuple(range(2, x.ndim))
         return ops.mean(x, axes), ops.var(x, axes)
     st = apply(BN_MOMENTS, x)
@@ -647,7 +695,7 @@ def channel_affine(x, a, b):
     x, a, b = _t(x), _t(a), _t(b)
     if a.shape != (x.shape[1],) or b.shape != (x.shape[1],):
         raise ValueError(f"channel_affine: a {a.shape} and b {b.shape} must be ({x.shape[1]},) for x {x.shape}")
-    if x.is_cuda or not is_floating(x.dtype) or x.size == 0:
+    if not _fused_bn(x):
         shape = _channel_shape(x)
         return x * ops.reshape(a, shape) + ops.reshape(b, shape)
     if a.dtype != x.dtype:
@@ -871,7 +919,6 @@ def cross_entropy(logits, labels, reduction="mean", label_smoothing=0.0):
 
 
 def _is_eager():
-    from ..autodiff.core import current_interpreter
     return current_interpreter() is None
 
 
@@ -974,10 +1021,6 @@ def log_uniform_candidate_sampler(true_classes, num_true, num_sampled, unique, r
 
 
 def _gather_rows(weights, ids):
-    try:
-        from .embedding_ops import embedding
-    except ImportError:           # pragma: no cover
-        return ops.take(weights, ids, axis=0)
     return embedding(weights, ids)
 
 
@@ -1161,8 +1204,63 @@ def _lstm_dprev_impl(g, dz, s, whh, *mask):
     return out
 
 
-LSTM_DZ = Primitive("lstm_step_dz", impl={"cpu": _lstm_dz_impl})
-LSTM_DPREV = Primitive("lstm_step_dprev", impl={"cpu": _lstm_dprev_impl})
+# -- CUDA: the recurrent GEMMs through the tiled matmul, then one launch over (row, unit) for the gates, dz or
+# d s_prev; a sequence is a host loop over time of those launches --
+
+def _row_cuda(a, k):
+    """Device view of a[k] (a contiguous)."""
+    return _C.view(a, a.shape[1:], a.strides[1:], k * a.strides[0])
+
+
+def _h_cuda(s, hd):
+    """Device view of the h part s[:, :hd] of a packed state (B, 6H)."""
+    return _C.view(s, (s.shape[0], hd), s.strides, 0)
+
+
+def _lstm_mask_cuda(mask, b):
+    """(contiguous mask, has_mask): without a mask, a 1-D view of contiguous ``b`` stands in (never read)."""
+    return (_G.contiguous(mask[0]), True) if mask else (_G.flat_view(b), False)
+
+
+def _lstm_gates_cuda(xw, s_prev, whh, b, m, has_mask, out):
+    z = _G.run_primitive("matmul", _h_cuda(s_prev, whh.shape[0]), whh)
+    _G.launch(_KG.lstm_gates, out.shape[0] * whh.shape[0], z, xw, b, s_prev, m, out, has_mask, out.dtype.type(1))
+
+
+def _lstm_step_cuda(xw, s_prev, whh, b, *mask):
+    xw, s_prev, whh, b = (_G.contiguous(a) for a in (xw, s_prev, whh, b))
+    m, has_mask = _lstm_mask_cuda(mask, b)
+    out = _C.empty((s_prev.shape[0], 6 * whh.shape[0]), xw.dtype)
+    _lstm_gates_cuda(xw, s_prev, whh, b, m, has_mask, out)
+    return out
+
+
+def _lstm_dz_cuda(g, s, s_prev, *mask):
+    g, s, s_prev = (_G.contiguous(a) for a in (g, s, s_prev))
+    m, has_mask = _lstm_mask_cuda(mask, g)
+    bsz, hd = s.shape[0], s.shape[1] // 6
+    dz = _C.empty((bsz, 4 * hd), s.dtype)
+    _G.launch(_KG.lstm_step_dz, bsz * hd, g, s, s_prev, m, dz, has_mask, s.dtype.type(1))
+    return dz
+
+
+def _lstm_dprev_into(g, dz, s, whh, m, has_mask, add, out):
+    """out = d s_prev (+ add when add is not None) of one step (see ``kernels_gpu.lstm_step_dprev``)."""
+    dh = _G.run_primitive("matmul", dz, _G.transpose_view(whh, (1, 0)))
+    _G.launch(_KG.lstm_step_dprev, out.shape[0] * whh.shape[0], g, s, dh, m, g if add is None else add, out,
+              has_mask, add is not None, out.dtype.type(1))
+
+
+def _lstm_dprev_cuda(g, dz, s, whh, *mask):
+    g, dz, s, whh = (_G.contiguous(a) for a in (g, dz, s, whh))
+    m, has_mask = _lstm_mask_cuda(mask, g)
+    out = _C.empty(s.shape, s.dtype)
+    _lstm_dprev_into(g, dz, s, whh, m, has_mask, None, out)
+    return out
+
+
+LSTM_DZ = Primitive("lstm_step_dz", impl={"cpu": _lstm_dz_impl, "cuda": _lstm_dz_cuda})
+LSTM_DPREV = Primitive("lstm_step_dprev", impl={"cpu": _lstm_dprev_impl, "cuda": _lstm_dprev_cuda})
 
 
 def _lstm_step_vjp(g, ans, ins, needs):
@@ -1176,7 +1274,7 @@ def _lstm_step_vjp(g, ans, ins, needs):
     return (dz if needs[0] else None, d_s, d_whh, d_b) + (None,) * len(mask)
 
 
-LSTM_STEP = Primitive("lstm_step", impl={"cpu": _lstm_step_impl}, vjp=_lstm_step_vjp)
+LSTM_STEP = Primitive("lstm_step", impl={"cpu": _lstm_step_impl, "cuda": _lstm_step_cuda}, vjp=_lstm_step_vjp)
 
 
 def _kernel_native(kernel, n_args, out_shape):
@@ -1238,7 +1336,51 @@ def _no_second_order(name):
     return vjp
 
 
-LSTM_SEQ_BWD = Primitive("lstm_seq_bwd", impl={"cpu": _lstm_seq_bwd_impl},
+def _lstm_seq_cuda(xw, s0, whh, b, *mask):
+    xw, s0, whh, b = (_G.contiguous(a) for a in (xw, s0, whh, b))
+    m, has_mask = _lstm_mask_cuda(mask, b)
+    t, bsz, hd = xw.shape[0], s0.shape[0], whh.shape[0]
+    S = _C.empty((t, bsz, 6 * hd), xw.dtype)
+    for k in range(t):
+        _lstm_gates_cuda(_row_cuda(xw, k), s0 if k == 0 else _row_cuda(S, k - 1), whh, b,
+                         _row_cuda(m, k) if has_mask else m, has_mask, _row_cuda(S, k))
+    return S
+
+
+def _lstm_seq_bwd_cuda(g, S, s0, whh, *mask):
+    g, S, s0, whh = (_G.contiguous(a) for a in (g, S, s0, whh))
+    t, bsz, h6 = S.shape
+    hd = h6 // 6
+    parts = _lstm_seq_bwd_parts(t, bsz, hd)
+    if t == 0:
+        return _G.zeros((parts[-1][1],), S.dtype)
+    m, has_mask = _lstm_mask_cuda(mask, s0)
+    flat = _C.empty((parts[-1][1],), S.dtype)
+    dz, ds0, dwhh, db = (_C.view(flat, shp, _C.c_strides(shp, S.dtype.itemsize), a * S.dtype.itemsize)
+                         for a, _, shp in parts)
+    one = S.dtype.type(1)
+    bufs = (_C.empty((bsz, h6), S.dtype), _C.empty((bsz, h6), S.dtype))
+    gk = _row_cuda(g, t - 1)            # d S[k] in full: G[k] plus what step k + 1 sends back
+    for k in range(t - 1, -1, -1):
+        prev = s0 if k == 0 else _row_cuda(S, k - 1)
+        mk = _row_cuda(m, k) if has_mask else m
+        sk, dzk = _row_cuda(S, k), _row_cuda(dz, k)
+        _G.launch(_KG.lstm_step_dz, bsz * hd, gk, sk, prev, mk, dzk, has_mask, one)
+        if k > 0:
+            out = bufs[k % 2]
+            _lstm_dprev_into(gk, dzk, sk, whh, mk, has_mask, _row_cuda(g, k - 1), out)
+            gk = out
+        else:
+            _lstm_dprev_into(gk, dzk, sk, whh, mk, has_mask, None, ds0)
+    hp = _C.empty((t * bsz, hd), S.dtype)          # [h_{-1}; ...; h_{T-2}]: dW_hh is one GEMM over all steps
+    _G.launch(_KG.lstm_prev_h, hp.size, S, s0, hp)
+    dz2 = _C.reshape(dz, (t * bsz, 4 * hd))
+    _G.copy_into(dwhh, _G.run_primitive("matmul", _G.transpose_view(hp, (1, 0)), dz2))
+    _G.copy_into(db, _G.run_primitive("reduce", dz2, op="sum", axes=(0,), keepdims=False))
+    return flat
+
+
+LSTM_SEQ_BWD = Primitive("lstm_seq_bwd", impl={"cpu": _lstm_seq_bwd_impl, "cuda": _lstm_seq_bwd_cuda},
                          vjp=_no_second_order("lstm_seq_bwd"))
 
 
@@ -1251,9 +1393,7 @@ def _lstm_seq_vjp(g, ans, ins, needs):
                  for (a, b, shp), need in zip(parts, needs[:4])) + (None,) * len(mask)
 
 
-LSTM_SEQ = Primitive("lstm_seq", impl={"cpu": _lstm_seq_impl}, vjp=_lstm_seq_vjp)
-no_cuda("the fused LSTM step and sequence kernels have no CUDA form yet (the unfused cell runs on CUDA)",
-        LSTM_DZ, LSTM_DPREV, LSTM_STEP, LSTM_SEQ_BWD, LSTM_SEQ)
+LSTM_SEQ = Primitive("lstm_seq", impl={"cpu": _lstm_seq_impl, "cuda": _lstm_seq_cuda}, vjp=_lstm_seq_vjp)
 
 
 def lstm_seq(xw, s0, W_hh, b, mask=None):
