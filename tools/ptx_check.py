@@ -1,12 +1,17 @@
 """Compile CUDA kernels of kernels_gpu.py to PTX for sm_90 without a GPU (the simulator does not type kernels).
 
-Covers the kernels built from bodies shared with the CPU (optimizer updates, the scalar helpers) and the two
-matmul kernels compiled from one body, for float32 and float64; prints the PTX size and whether a kernel spills
-to local memory. Needs NVVM/NVRTC: ``pip install -e ".[cuda]"``; no driver or device.
+Covers the kernels built from bodies shared with the CPU (optimizer updates, the scalar helpers), the two
+matmul kernels compiled from one body, and the fused nn rows' kernels (LSTM step and its gradients, the
+per-channel batch-norm reductions and affine map), for float32 and float64; prints the PTX size and whether a
+kernel spills to local memory. Needs NVVM/NVRTC: ``pip install -e ".[cuda]"``; no driver or device.
 
     python tools/ptx_check.py
 """
+import argparse
 import time
+
+argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                        epilog="Exits non-zero when a kernel fails to compile.").parse_args()
 from numba import float32, float64, int64, int8, boolean, uint8
 from numba.cuda import compile_ptx
 import jitnet.kernels_gpu as KG
@@ -28,6 +33,13 @@ for T in (float32, float64):
         "adam_rows_update": (a2, a2, a2, a2, uint8[:]) + (T,) * 8,
         "matmul_tiled": (a3, a3, a3, T),
         "matmul_tiled_big": (a3, a3, a3, T),
+        "channel_partials": (a3, a3, float64[:, :, :], int64, int64),
+        "channel_finish": (float64[:, :, :], a3, a2, int64, float64),
+        "channel_affine": (a3, a1, a1, a3),
+        "lstm_gates": (a2, a2, a1, a2, a1, a2, boolean, T),
+        "lstm_step_dz": (a2, a2, a2, a1, a2, boolean, T),
+        "lstm_step_dprev": (a2, a2, a2, a1, a2, a2, boolean, boolean, T),
+        "lstm_prev_h": (a3, a2, a2),
     }
     for name, sig in sigs.items():
         t0 = time.time()
