@@ -19,8 +19,8 @@ _warnings.filterwarnings("ignore", message=r".*variable '_fexp_overload", module
 
 from . import runtime  # noqa: E402  (first: selects Numba's threading layer before any kernel runs)
 from . import autodiff, kernelgen, ops, random, testing  # noqa: E402
-from .autodiff import (enable_grad, grad, gradients, is_grad_enabled, no_grad,  # noqa: E402
-                       value_and_grad)
+from .autodiff import enable_grad, is_grad_enabled, no_grad  # noqa: E402
+from .autodiff.backprop import grad, gradients, value_and_grad  # noqa: E402
 from .autodiff.nans import debug_nans, debug_nans_enabled  # noqa: E402
 from .ops import *  # noqa: E402,F401,F403
 from .ops import __all_ops__ as _ops_names  # noqa: E402

@@ -25,7 +25,7 @@ import numpy as np
 from . import cuda as C
 from . import kernels_gpu as KG
 from .autodiff import core as _ad
-from .kernelgen import ElementwiseProgram
+from .kernelgen import ElementwiseProgram, cast_template, collapse_dims, template_expr
 from .kernelgen_cuda import elementwise_kernel
 
 _bool = np.dtype(np.bool_)
@@ -176,7 +176,6 @@ def _sig(a):
 
 
 def _build(arrays, expr, odtype, out, name):
-    from .ops import _collapse
     shapes = [tuple(a.shape) for a in arrays]
     try:
         oshape = np.broadcast_shapes(*shapes) if shapes else ()
@@ -220,7 +219,7 @@ def _build(arrays, expr, odtype, out, name):
             pad = len(oshape) - a.ndim
             strides.append(tuple([0] * pad + [0 if d == 1 else s for d, s in zip(a.shape, a.strides)]))
         ost = tuple(out.strides) if out is not None else C.c_strides(oshape, p.odtype.itemsize)
-        cshape, cst = _collapse(oshape, strides + [ost])
+        cshape, cst = collapse_dims(oshape, strides + [ost])
         p.cshape, p.cstrides, p.ostrides = cshape, cst[:-1], cst[-1]
         rank = len(cshape)
     prog = ElementwiseProgram(prog_in, [(expr, p.odtype)], [("t0", p.odtype)])
@@ -274,8 +273,6 @@ _EXPRS: dict = {}
 
 def elementwise_impl(prim):
     """Return the CUDA impl of elementwise primitive ``prim`` (a kernel generated from its template)."""
-    from .ops import _expr
-
     def impl(*arrays, **params):
         dts = tuple(a.dtype for a in arrays)
         key = (prim.name, dts, tuple(params.items()) if params else ())
@@ -283,7 +280,7 @@ def elementwise_impl(prim):
         if e is None:
             cdt, odt = prim.dtype_rule(dts, params)
             tpl = prim.template(params) if callable(prim.template) else prim.template
-            e = _EXPRS[key] = (_expr(tpl, dts, cdt, odt), np.dtype(odt))
+            e = _EXPRS[key] = (template_expr(tpl, dts, cdt, odt), np.dtype(odt))
         return run_program(arrays, e[0], e[1], name=prim.name)
     return impl
 
@@ -308,13 +305,12 @@ def copy(d):
 
 def copy_into(dst, src):
     """Copy ``src`` (device, or host: one counted transfer) broadcast and cast into device array ``dst``."""
-    from .ops import _cast_template, _expr
     if dst.size == 0:
         return dst
     if is_host(src) and src.size != 1:
         src = C.to_device(np.ascontiguousarray(src))
-    tpl = _cast_template({"dtype": dst.dtype})
-    expr = _expr(tpl, (src.dtype,), src.dtype, dst.dtype) if src.dtype != dst.dtype else "x0"
+    tpl = cast_template({"dtype": dst.dtype})
+    expr = template_expr(tpl, (src.dtype,), src.dtype, dst.dtype) if src.dtype != dst.dtype else "x0"
     run_program([src], expr, dst.dtype, out=dst, name="copy")
     return dst
 

@@ -1,9 +1,11 @@
 """The CUDA device: availability, device arrays, counted host<->device transfers, device-side error checks.
 
 Importing this module (and jitnet) never imports ``numba.cuda``: that happens on the first use of a CUDA
-device (``jn.device("cuda")``, ``Tensor.to("cuda")``, ``Module.to("cuda")``), which also loads the CUDA
-kernels (:mod:`jitnet.backend_cuda`) and turns on device dispatch in ``autodiff.core.apply``. Until then a
-CPU-only program pays nothing for the GPU backend.
+device (``jn.device("cuda")``, ``Tensor.to("cuda")``, ``Module.to("cuda")``: :func:`require`), which also runs
+what the layers above registered with :func:`on_load` (``jitnet.tensor``: the CUDA kernels of the registry's
+rows, :mod:`jitnet.backend_cuda`, and device dispatch in ``autodiff.core.apply``). Until then a CPU-only
+program pays nothing for the GPU backend. This module sits under the registry: it imports no jitnet module
+but the kernels (``kernels_gpu``, once a GPU is in use) and ``bounds``.
 
 A tensor on the GPU holds a Numba device array (``DeviceNDArray``; in Numba's CUDA simulator, enabled by
 ``NUMBA_ENABLE_CUDASIM=1`` before Numba is imported, a ``FakeCUDAArray``). Every copy between host and device
@@ -18,11 +20,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .autodiff import core as _ad
 from .bounds import index_error
 from .lazy import LazyModule
 
-_G = LazyModule("jitnet.backend_cuda")      # the CUDA backend, imported once a GPU is in use
+_KG = LazyModule("jitnet.kernels_gpu")      # the CUDA kernels (a strided copy), imported once a GPU is in use
 
 __all__ = ["is_available", "simulator_enabled", "device_count", "synchronize", "transfer_stats",
            "reset_transfer_stats", "to_device", "to_host", "empty", "is_device_array", "require"]
@@ -32,6 +33,7 @@ _loaded = False            # the CUDA backend (kernels, primitive impls) is inst
 _STATS = {"h2d": 0, "d2h": 0, "h2d_bytes": 0, "d2h_bytes": 0}
 _ERR = None                # error record written by kernels: [code, value, bound, op id, position]
 _ERR_OPS: list = []        # op id -> (op name, what) for error messages
+_ON_LOAD: list = []        # what the first require() runs: the CUDA backend's installation (see on_load)
 
 
 def _numba_cuda():
@@ -87,15 +89,23 @@ def require(what="cuda", index=0):
         else:
             from numba.cuda.cudadrv.devicearray import DeviceNDArrayBase
             _DEVICE_TYPES = (DeviceNDArrayBase,)
-        from . import backend_cuda, nans_cuda
-        backend_cuda.install()
-        nans_cuda.install()               # jitnet.debug_nans checks device arrays on the device
-        _ad.enable_devices()
+        for install in _ON_LOAD:
+            install()
         _loaded = True
     if index != 0:
         n = device_count()
         raise RuntimeError(f"{what}: device cuda:{index} is not supported: jitnet runs on cuda:0 only "
                            f"({n} device{'s' if n != 1 else ''} found)")
+
+
+def on_load(install):
+    """Make the first :func:`require` call ``install()`` (once a GPU is found); return ``install``.
+
+    This module is the device layer under the registry: the layers above it that bring the CUDA backend up
+    (the row implementations, device dispatch in ``apply``: ``jitnet.tensor``) register here what that takes,
+    and it runs only when a GPU is first used."""
+    _ON_LOAD.append(install)
+    return install
 
 
 def active() -> bool:
@@ -137,8 +147,7 @@ def to_device(a):
 
 def to_host(d) -> np.ndarray:
     """Return a host copy of device array ``d`` (counted as one d2h transfer; raises pending device errors)."""
-    if not is_contiguous(d):
-        d = _G.contiguous(d)
+    d = contiguous(d)
     _STATS["d2h"] += 1
     _STATS["d2h_bytes"] += d.size * d.dtype.itemsize
     out = np.empty(tuple(d.shape), d.dtype)
@@ -213,6 +222,21 @@ def view(d, shape, strides, offset=0):
     return v
 
 
+def contiguous(d):
+    """Return ``d`` if it is C-contiguous, else a C-contiguous copy on the device (one gather kernel)."""
+    if is_contiguous(d):
+        return d
+    out = empty(d.shape, d.dtype)
+    n = out.size
+    if n:
+        isz = d.dtype.itemsize
+        shape, strides = tuple(int(s) for s in d.shape), tuple(int(st) for st in d.strides)
+        extent = 1 + sum((s - 1) * st for s, st in zip(shape, strides)) // isz     # (view strides are >= 0)
+        _KG.gather_strided[_KG.grid(n), _KG.BLOCK](view(d, (extent,), (isz,), 0), 0, shape,
+                                                    tuple(st // isz for st in strides), reshape(out, (n,)))
+    return out
+
+
 def reshape(d, shape):
     """Return a C-contiguous device array ``d`` viewed with a new shape (no copy)."""
     shape = tuple(int(s) for s in shape)
@@ -276,7 +300,7 @@ def check_errors() -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Interop and the transfer primitive
+# Interop
 # --------------------------------------------------------------------------------------------------------------
 
 def array_interface(d) -> dict:
@@ -295,18 +319,3 @@ def from_cuda_array(obj):
     if simulator_enabled():
         raise RuntimeError("as_tensor: Numba's CUDA simulator cannot wrap foreign CUDA arrays")
     return nc.as_cuda_array(obj)
-
-
-def _transfer_impl(a, device):
-    if device == "cpu":
-        return a if isinstance(a, np.ndarray) else to_host(a)
-    return to_device(a) if isinstance(a, np.ndarray) else a
-
-
-def _transfer_vjp(g, ans, ins, needs, device):
-    return (g.to(ins[0].device),)
-
-
-#: Tensor.to / .cpu / .cuda: a copy between devices (differentiable; its inputs may be on any device)
-TRANSFER = _ad.Primitive("to_device", impl={"cpu": _transfer_impl, "cuda": _transfer_impl}, vjp=_transfer_vjp)
-TRANSFER.extra["any_device"] = True

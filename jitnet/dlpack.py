@@ -1,5 +1,8 @@
 """DLPack exchange: ``Tensor.__dlpack__`` / ``__dlpack_device__`` and ``jn.from_dlpack`` (zero-copy).
 
+This module sits above ``jitnet.tensor`` (``from_dlpack`` makes tensors) and gives the class its two DLPack
+methods when it loads (``import jitnet`` loads it).
+
 A CPU tensor exports its NumPy array's DLPack capsule: the capsule points at the tensor's memory (strides and
 dtype as they are, read-only views flagged read-only) and holds a reference to that array until the consumer
 releases it. ``from_dlpack`` takes anything with ``__dlpack__`` (NumPy, PyTorch, JAX, CuPy, ...) or a NumPy
@@ -22,10 +25,13 @@ ways; every other dtype goes through NumPy's DLPack exactly as before.
 from __future__ import annotations
 
 import ctypes
+import types
 
 import numpy as np
 
+from . import cuda as _cuda
 from . import lowp as _lowp
+from .tensor import _SUPPORTED, Device, Tensor, as_tensor, tensor
 
 __all__ = ["from_dlpack", "to_dlpack", "dlpack_device"]
 
@@ -181,11 +187,6 @@ def _import_capsule(cap, obj):
     return np.asarray(owner).view(bf16)
 
 
-def _tensor_types():
-    from .tensor import Tensor, _SUPPORTED
-    return Tensor, _SUPPORTED
-
-
 def dlpack_device(t) -> tuple:
     """Return the ``(device_type, device_id)`` pair of tensor ``t`` as DLPack codes ((1, 0) for the CPU)."""
     if isinstance(t._data, np.ndarray):
@@ -223,10 +224,9 @@ def _describe(obj):
 
 
 def _check_dtype(arr, obj):
-    Tensor, supported = _tensor_types()
     if _lowp.is_lowp(arr.dtype):
         _lowp.enable()                      # float16/bfloat16 compute through jitnet.lowp's rule
-    elif arr.dtype not in supported:
+    elif arr.dtype not in _SUPPORTED:
         raise TypeError(f"from_dlpack: {_describe(obj)} has dtype {arr.dtype}, which jitnet does not support "
                         "(float16/32/64, bfloat16, int8/16/32/64, uint8, bool); convert it on the producer's "
                         "side first")
@@ -239,15 +239,12 @@ def from_dlpack(obj, *, device=None, copy=None):
     ``copy=True`` copies; ``copy=False`` refuses to copy (an error if sharing is impossible). ``device``
     ('cpu') may name where the result must live. The tensor keeps the producer's memory alive.
     """
-    Tensor, _ = _tensor_types()
     if device is not None:
-        from .tensor import Device
         if Device(device).type != "cpu":
             raise BufferError(f"from_dlpack: device={device!r} is not supported; DLPack import makes CPU "
                               "tensors (GPU arrays come in with jn.as_tensor through __cuda_array_interface__)")
     if isinstance(obj, Tensor):
         if copy:
-            from .tensor import tensor
             return tensor(obj)
         return obj
     if isinstance(obj, np.ndarray):
@@ -261,7 +258,6 @@ def from_dlpack(obj, *, device=None, copy=None):
     if kind not in (KDL_CPU, KDL_CUDA_HOST):
         name = _DEVICE_NAMES.get(kind, f"type {kind}")
         if kind == KDL_CUDA and hasattr(obj, "__cuda_array_interface__"):
-            from .tensor import as_tensor, tensor
             return tensor(as_tensor(obj)) if copy else as_tensor(obj)
         raise BufferError(f"from_dlpack: {_describe(obj)} lives on device {name}:{dev[1]}; DLPack import "
                           "takes CPU memory (move it to the CPU on the producer's side, or pass a CUDA array "
@@ -285,3 +281,31 @@ def _from_dlpack_bf16(obj, copy):
     if arr is not None and copy:
         arr = arr.copy()
     return arr
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tensor's DLPack methods (tensor.py sits below this module and does not import it: the class gets them here)
+# --------------------------------------------------------------------------------------------------------------
+
+def _dlpack_method(self):
+    """The DLPack export method (``np.from_dlpack``, ``torch.from_dlpack``): returns a capsule sharing memory.
+
+    A GPU tensor has none (AttributeError), so consumers that look for ``__dlpack__`` first (PyTorch,
+    numba.cuda kernel arguments) fall back to its ``__cuda_array_interface__``, its zero-copy export.
+    """
+    d = self._data
+    if not isinstance(d, np.ndarray):
+        if _cuda.is_device_array(d):
+            raise AttributeError("a GPU tensor has no __dlpack__: it is exported without a copy through "
+                                 "__cuda_array_interface__ (torch.as_tensor, cupy.asarray, "
+                                 "numba.cuda.as_cuda_array), or use t.cpu() for DLPack")
+    return types.MethodType(to_dlpack, self)
+
+
+def _dlpack_device_method(self):
+    """Return the DLPack ``(device_type, device_id)`` of the data: (1, 0) on the CPU, (2, n) on cuda:n."""
+    return dlpack_device(self)
+
+
+Tensor.__dlpack__ = property(_dlpack_method)
+Tensor.__dlpack_device__ = _dlpack_device_method

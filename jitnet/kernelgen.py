@@ -23,6 +23,7 @@ import warnings
 
 import numpy as np
 
+from . import __version__
 from . import cache as _cache
 from . import kernels_cpu as _K
 
@@ -44,7 +45,6 @@ cache_dir = _cache.cache_dir
 def _versions_salt() -> str:
     import numba
 
-    from . import __version__
     here = os.path.dirname(os.path.abspath(__file__))
     with open(os.path.join(here, "kernels_scalar.py"), "rb") as f:
         kc = hashlib.sha256(f.read()).hexdigest()[:16]
@@ -135,9 +135,7 @@ def load_source(source: str, target: str = "cpu", flags: str = ""):
 
 def stats() -> dict:
     """Return counters: generated modules written/loaded/rebuilt, and compiles / disk-cache hits of kernels."""
-    from . import kernels_cpu
-
-    disps = list(_dispatchers) + kernels_cpu.all_dispatchers()
+    disps = list(_dispatchers) + _K.all_dispatchers()
     compiles = sum(sum(d._cache_misses.values()) for d in disps)
     hits = sum(sum(d._cache_hits.values()) for d in disps)
     return dict(_counters, compiles=compiles, cache_hits=hits, **_cache.stats())
@@ -320,3 +318,39 @@ def use_kernel(kernels, kernel, size=0):
     kname = f"k{len(kernels)}"
     kernels.append((kname, line))
     return kname
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Helpers of the elementwise launchers (the CPU one in ops.py, the CUDA one in backend_cuda.py)
+# --------------------------------------------------------------------------------------------------------------
+
+def collapse_dims(shape, strides_list):
+    """Merge adjacent dims that are contiguous in every operand; return (shape, [strides per operand])."""
+    dims = [(s, [st[i] for st in strides_list]) for i, s in enumerate(shape) if s != 1]
+    if not dims:
+        return (1,), [(0,) for _ in strides_list]
+    out_shape = [dims[0][0]]
+    out_strides = [[st] for st in dims[0][1]]
+    for s, sts in dims[1:]:
+        if all(o[-1] == st * s for o, st in zip(out_strides, sts)):
+            out_shape[-1] *= s
+            for o, st in zip(out_strides, sts):
+                o[-1] = st
+        else:
+            out_shape.append(s)
+            for o, st in zip(out_strides, sts):
+                o.append(st)
+    return tuple(out_shape), [tuple(o) for o in out_strides]
+
+
+def template_expr(template, in_dtypes, cdtype, odtype=None):
+    """Return a row's scalar ``template`` spelled over inputs ``x0, x1, ...`` of ``in_dtypes``, computed in
+    ``cdtype`` (inputs of another dtype converted) with result dtype ``odtype`` (``{T}``, ``{O}``)."""
+    cn = dtype_name(cdtype)
+    names = [f"x{i}" if d == cdtype else f"{cn}(x{i})" for i, d in enumerate(in_dtypes)]
+    return template.format(*names, T=cn, O=dtype_name(odtype or cdtype))
+
+
+def cast_template(params):
+    """The scalar template of a cast to ``params["dtype"]`` (to bool: a test against zero)."""
+    return "({0} != 0)" if params["dtype"] == np.dtype(np.bool_) else "{O}({0})"

@@ -23,6 +23,7 @@ from . import kernels_cpu as K
 from . import tensor as _tensor
 from .lazy import LazyModule
 from .autodiff.core import Primitive, apply, current_interpreter
+from .kernelgen import cast_template as _cast_template, collapse_dims as _collapse, template_expr as _expr
 from .tensor import (Tensor, _infer_array, _normalize_dtype, bool_, float32, float64, int64)
 
 # the CUDA backend's services and kernels, imported when a CUDA implementation first runs (never on the CPU)
@@ -115,25 +116,6 @@ def _norm_axes(axis, ndim, op):
 # Elementwise execution: plans cached by (primitive, dtypes, shapes, strides)
 # ==============================================================================================================
 
-def _collapse(shape, strides_list):
-    """Merge adjacent dims that are contiguous in every operand; return (shape, [strides per operand])."""
-    dims = [(s, [st[i] for st in strides_list]) for i, s in enumerate(shape) if s != 1]
-    if not dims:
-        return (1,), [(0,) for _ in strides_list]
-    out_shape = [dims[0][0]]
-    out_strides = [[st] for st in dims[0][1]]
-    for s, sts in dims[1:]:
-        if _all(o[-1] == st * s for o, st in zip(out_strides, sts)):
-            out_shape[-1] *= s
-            for o, st in zip(out_strides, sts):
-                o[-1] = st
-        else:
-            out_shape.append(s)
-            for o, st in zip(out_strides, sts):
-                o.append(st)
-    return tuple(out_shape), [tuple(o) for o in out_strides]
-
-
 class _EwPlan:
     """How to run one elementwise kernel for one signature (dtypes, shapes, strides) of its operands."""
 
@@ -196,12 +178,6 @@ def _ew_build(prim, arrays, odtype, expr):
                                         [(expr, odtype)], [("t0", odtype)])
     p.serial, p.parallel = kernelgen.elementwise_kernels(prog, rank)
     return p
-
-
-def _expr(template, in_dtypes, cdtype, odtype=None):
-    cn = kernelgen.dtype_name(cdtype)
-    names = [f"x{i}" if d == cdtype else f"{cn}(x{i})" for i, d in enumerate(in_dtypes)]
-    return template.format(*names, T=cn, O=kernelgen.dtype_name(odtype or cdtype))
 
 
 _EXPR_CACHE: dict = {}
@@ -386,10 +362,6 @@ BAND = elementwise("bitwise_and", "{0} & {1}", _rule_arith, None)
 BOR = elementwise("bitwise_or", "{0} | {1}", _rule_arith, None)
 BXOR = elementwise("bitwise_xor", "{0} ^ {1}", _rule_arith, None)
 BNOT = elementwise("bitwise_not", "~{0}", _rule_arith, None)
-
-
-def _cast_template(p):
-    return "({0} != 0)" if p["dtype"] == bool_ else "{O}({0})"
 
 
 CAST = elementwise("cast", _cast_template, _rule_cast,
@@ -2172,19 +2144,11 @@ def _getitem_grad_cuda(g, *arrays, template, shape):
 GETITEM_GRAD = Primitive("getitem_grad", impl={"cpu": _getitem_grad_impl, "cuda": _getitem_grad_cuda},
                          vjp=lambda g, ans, ins, needs, template, shape: (
                              apply(GETITEM, g, *ins[1:], template=template),) + (None,) * (len(ins) - 1))
+
+
 def _getitem_vjp(g, ans, ins, needs, template):
-    x = ins[0]
-    if len(ins) == 1 and len(template) == 1 and type(template[0]) is int and x.ndim >= 1:
-        # x[t] along the first axis (a loop over time, unstacking): a sparse row gradient, so that T slices
-        # accumulate in O(T) and become dense once, where they meet a computed tensor or a leaf
-        from .autodiff.sparse import IndexedSlices
-        t = template[0] % x.shape[0]
-        return (IndexedSlices(reshape(g, (1,) + x.shape[1:]), _scalar_index(t), x.shape, dense_at_leaf=True),)
-    return (apply(GETITEM_GRAD, g, *ins[1:], template=template, shape=x.shape),) + (None,) * (len(ins) - 1)
-
-
-def _scalar_index(t):
-    return Tensor._wrap(np.array([t], dtype=np.int64))
+    # (autodiff.sparse, a layer up, wraps this rule: x[t] along the first axis gets a sparse row gradient)
+    return (apply(GETITEM_GRAD, g, *ins[1:], template=template, shape=ins[0].shape),) + (None,) * (len(ins) - 1)
 
 
 def _expand_index_cuda(idx, ndim, op="getitem"):
@@ -2503,7 +2467,9 @@ __all_ops__ = [n for n in dir() if not n.startswith("_") and n not in (
 
 
 def _bind_operators():
-    """Bind Tensor's operators straight to the op functions (no extra Python frame per operator)."""
+    """Bind Tensor's operators and op methods straight to the op functions (no extra Python frame per call).
+
+    ``tensor.py`` sits below this module and does not import it: the class gets its operators here."""
     def rev(f):
         def r(self, other):
             return f(other, self)
@@ -2517,7 +2483,26 @@ def _bind_operators():
                  ("ne", not_equal)]:
         setattr(Tensor, f"__{n}__", f)
     Tensor.__neg__ = negative
+    Tensor.__pos__ = lambda self: self
+    Tensor.__abs__ = abs
+    Tensor.__invert__ = logical_not_or_bitwise
     Tensor.__getitem__ = getitem
+    g = globals()
+    for n in ["sum", "mean", "max", "min", "prod", "var", "std", "argmax", "argmin", "logsumexp", "cumsum",
+              "cumprod", "reshape", "transpose", "flatten", "squeeze", "expand_dims", "astype", "exp", "log",
+              "log1p", "sqrt", "abs", "sign", "square", "reciprocal", "sin", "cos", "tanh", "sigmoid", "relu",
+              "softplus", "clip", "matmul", "take", "broadcast_to", "flip", "all", "any", "sort", "argsort",
+              "maximum", "minimum", "swapaxes", "moveaxis", "dot", "norm"]:
+        setattr(Tensor, n, g[n])
+    Tensor.unsqueeze = expand_dims
+    Tensor.T = property(transpose, doc="The tensor with its axes reversed.")
+
+    def view(self, *shape):
+        """Return ``jitnet.reshape(self, shape)`` (the shape as one tuple or as separate ints)."""
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+            shape = tuple(shape[0])
+        return reshape(self, shape)
+    Tensor.view = view
 
 
 _bind_operators()

@@ -11,6 +11,7 @@ import numpy as np
 from .autodiff.core import Primitive, apply
 from . import tensor as _tensor
 from .lazy import LazyModule
+from .ops import take
 from .tensor import Tensor, _normalize_dtype, float32, int64
 
 # the CUDA backend, imported when a CUDA implementation first runs (never on the CPU)
@@ -185,7 +186,6 @@ def permutation(n):
     """Return a random permutation of range(n) (int64), or of the first axis of a tensor."""
     if isinstance(n, (int, np.integer)):
         return Tensor._wrap(_gen.permutation(int(n)).astype(np.int64))
-    from .ops import take
     t = n if isinstance(n, Tensor) else Tensor(n)
     return take(t, permutation(t.shape[0]), axis=0)
 

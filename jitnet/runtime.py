@@ -12,6 +12,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import kernelgen
+from . import kernels_cpu
 
 # Numba's OpenMP layer busy-waits after every parallel region; on a small machine those spinning workers
 # fight BLAS's own threads and a training step gets 10-25x slower (measured: an MLP step took 78 ms with
@@ -48,7 +49,6 @@ def _is_dispatcher(v) -> bool:
 def _all_dispatchers() -> list:
     """Return every Numba dispatcher jitnet owns, each once: generated kernels, ``kernels_cpu`` and the
     ``@njit`` kernels of any other ``jitnet.*`` module (data augmentation, this module, layers)."""
-    from . import kernels_cpu
     seen: dict[int, object] = {}
     for d in list(kernelgen._dispatchers) + kernels_cpu.all_dispatchers():
         seen.setdefault(id(d), d)

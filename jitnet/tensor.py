@@ -9,6 +9,7 @@ from .autodiff import core as _ad
 from .lazy import LazyModule
 
 _G = LazyModule("jitnet.backend_cuda")      # the CUDA backend, imported once a GPU is in use
+_NC = LazyModule("jitnet.nans_cuda")        # debug_nans on the device, imported with it
 
 __all__ = ["Tensor", "Parameter", "Variable", "tensor", "as_tensor", "float32", "float64", "float16", "bfloat16",
            "int32", "int64", "int8", "uint8", "bool_", "Device", "device", "get_default_dtype", "get_default_device",
@@ -265,12 +266,6 @@ class Tensor:
         """True for tensors not computed by a recorded op."""
         return self._node is None
 
-    @property
-    def T(self):
-        """The tensor with its axes reversed."""
-        from . import ops
-        return ops.transpose(self)
-
     def requires_grad_(self, flag=True):
         """Set ``requires_grad`` in place (floating dtypes only) and return self."""
         if flag and not _lowp.is_floating(self._data.dtype):
@@ -309,28 +304,6 @@ class Tensor:
             return a.copy()
         return a
 
-    @property
-    def __dlpack__(self):
-        """The DLPack export method (``np.from_dlpack``, ``torch.from_dlpack``): returns a capsule sharing memory.
-
-        A GPU tensor has none (AttributeError), so consumers that look for ``__dlpack__`` first (PyTorch,
-        numba.cuda kernel arguments) fall back to its ``__cuda_array_interface__``, its zero-copy export.
-        """
-        from .dlpack import to_dlpack
-        d = self._data
-        if not isinstance(d, np.ndarray):
-            if _cuda.is_device_array(d):
-                raise AttributeError("a GPU tensor has no __dlpack__: it is exported without a copy through "
-                                     "__cuda_array_interface__ (torch.as_tensor, cupy.asarray, "
-                                     "numba.cuda.as_cuda_array), or use t.cpu() for DLPack")
-        import types
-        return types.MethodType(to_dlpack, self)
-
-    def __dlpack_device__(self):
-        """Return the DLPack ``(device_type, device_id)`` of the data: (1, 0) on the CPU, (2, n) on cuda:n."""
-        from .dlpack import dlpack_device
-        return dlpack_device(self)
-
     def numpy(self):
         """Return the data as a NumPy array (a view on the CPU: do not modify it; a copy from a GPU)."""
         d = self._data
@@ -361,7 +334,7 @@ class Tensor:
         if d == self.device:
             return self
         _cuda.require(f"Tensor.to({str(d)!r})", d.index if d.type == "cuda" else 0)
-        return _ad.apply(_cuda.TRANSFER, self, device=str(d))
+        return _ad.apply(TRANSFER, self, device=str(d))
 
     def cpu(self):
         """Return the tensor on the CPU."""
@@ -380,10 +353,6 @@ class Tensor:
         if isinstance(g, Tensor):
             g._move_(d)
         return self
-
-    def backward(self, grad=None, create_graph=False):
-        """Accumulate gradients of this tensor into ``.grad`` of the leaves that require them."""
-        _ad.backward(self, grad, create_graph)
 
     def zero_grad(self):
         """Set ``.grad`` to None."""
@@ -409,45 +378,9 @@ class Tensor:
     __hash__ = object.__hash__
 
 
-def _binop(name, reverse=False):
-    def f(self, other):
-        from . import ops
-        fn = getattr(ops, name)
-        return fn(other, self) if reverse else fn(self, other)
-    f.__name__ = name
-    return f
-
-
-def _method(name):
-    def f(self, *args, **kwargs):
-        from . import ops
-        return getattr(ops, name)(self, *args, **kwargs)
-    f.__name__ = name
-    f.__doc__ = f"Return ``jitnet.{name}(self, ...)``."
-    return f
-
-
-for _n, _op in [("add", "add"), ("sub", "subtract"), ("mul", "multiply"), ("truediv", "divide"),
-                ("floordiv", "floor_divide"), ("mod", "remainder"), ("pow", "power"), ("matmul", "matmul"),
-                ("and", "logical_and_or_bitwise"), ("or", "logical_or_or_bitwise"),
-                ("xor", "logical_xor_or_bitwise")]:
-    setattr(Tensor, f"__{_n}__", _binop(_op))
-    setattr(Tensor, f"__r{_n}__", _binop(_op, reverse=True))
-for _n, _op in [("lt", "less"), ("le", "less_equal"), ("gt", "greater"), ("ge", "greater_equal"),
-                ("eq", "equal"), ("ne", "not_equal")]:
-    setattr(Tensor, f"__{_n}__", _binop(_op))
-Tensor.__neg__ = _method("negative")
-Tensor.__pos__ = lambda self: self
-Tensor.__abs__ = _method("abs")
-Tensor.__invert__ = _method("logical_not_or_bitwise")
-Tensor.__getitem__ = _method("getitem")
-for _n in ["sum", "mean", "max", "min", "prod", "var", "std", "argmax", "argmin", "logsumexp", "cumsum",
-           "cumprod", "reshape", "transpose", "flatten", "squeeze", "expand_dims", "astype", "exp", "log",
-           "log1p", "sqrt", "abs", "sign", "square", "reciprocal", "sin", "cos", "tanh", "sigmoid", "relu",
-           "softplus", "clip", "matmul", "take", "broadcast_to", "flip", "all", "any", "sort", "argsort",
-           "maximum", "minimum", "swapaxes", "moveaxis", "dot", "norm"]:
-    setattr(Tensor, _n, _method(_n))
-Tensor.unsqueeze = _method("expand_dims")
+# Tensor's operators and most of its methods are jitnet.ops functions: ops.py binds them to the class when it
+# loads (it imports this module, not the reverse), as autodiff.backprop binds ``backward`` and jitnet.dlpack
+# ``__dlpack__``.
 Tensor.float = lambda self: self.astype(float32)
 Tensor.double = lambda self: self.astype(float64)
 Tensor.long = lambda self: self.astype(int64)
@@ -456,14 +389,6 @@ Tensor.half = lambda self: self.astype(float16)
 Tensor.bfloat16 = lambda self: self.astype(bfloat16)
 
 
-def _view(self, *shape):
-    from . import ops
-    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
-        shape = tuple(shape[0])
-    return ops.reshape(self, shape)
-
-
-Tensor.view = _view
 
 
 class Parameter(Tensor):
@@ -534,6 +459,33 @@ class Parameter(Tensor):
 
 Variable = Parameter
 _ad._wrap = Tensor._wrap
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Devices: the transfer primitive, and what the first use of a GPU brings up
+# --------------------------------------------------------------------------------------------------------------
+
+def _transfer_impl(a, device):
+    if device == "cpu":
+        return a if isinstance(a, np.ndarray) else _cuda.to_host(a)
+    return _cuda.to_device(a) if isinstance(a, np.ndarray) else a
+
+
+def _transfer_vjp(g, ans, ins, needs, device):
+    return (g.to(ins[0].device),)
+
+
+#: Tensor.to / .cpu / .cuda: a copy between devices (differentiable; its inputs may be on any device)
+TRANSFER = _ad.Primitive("to_device", impl={"cpu": _transfer_impl, "cuda": _transfer_impl}, vjp=_transfer_vjp)
+TRANSFER.extra["any_device"] = True
+
+
+@_cuda.on_load
+def _load_cuda_backend():
+    """Run by the first ``jitnet.cuda.require``: CUDA kernels for the rows, device dispatch in ``apply``."""
+    _G.install()
+    _NC.install()               # jitnet.debug_nans checks device arrays on the device
+    _ad.enable_devices()
 
 
 def tensor(data, dtype=None, requires_grad=False, device=None):

@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 
 from . import lowp as _lowp
-from .autodiff.core import grad as _grad
+from .autodiff.backprop import grad as _grad
+from .ops import sum as _sum
 from .tensor import Tensor, float64
 
 __all__ = ["numerical_grad", "gradcheck"]
@@ -40,9 +41,7 @@ def gradcheck(f, *inputs, argnums=None, eps=1e-6, atol=1e-5, rtol=1e-4, raise_ex
         argnums = tuple(i for i, x in enumerate(xs) if isinstance(x, Tensor) and x.dtype == float64)
     for a in argnums:
         def scalar(*args):
-            out = f(*args)
-            from .ops import sum as _sum
-            return _sum(out)
+            return _sum(f(*args))
         analytic = _grad(scalar, argnums=a)(*xs).numpy()
         numeric = numerical_grad(f, xs, a, eps)
         if not np.allclose(analytic, numeric, atol=atol, rtol=rtol):

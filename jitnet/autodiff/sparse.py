@@ -4,17 +4,26 @@ An ``IndexedSlices`` stands for the dense tensor of shape ``dense_shape`` that i
 ``indices``, where it holds ``values`` (duplicate indices add up). The backward pass accumulates it like a
 dense gradient (``IndexedSlices + IndexedSlices`` concatenates, ``+`` with a dense tensor densifies), and the
 optimizers in :mod:`jitnet.optim` update only the rows it names.
+
+Sparse gradients are built from jitnet ops, so this module sits above ``tensor`` and ``ops`` (with
+``autodiff.backprop``, which accumulates them). Loading it gives the ``getitem`` row its sparse rule: the
+gradient of ``x[t]`` (one index along the first axis: a loop over time, unstacking) is one row at ``t``, so
+that T slices accumulate in O(T) and become dense once, where they meet a computed tensor or a leaf; every
+other index keeps the row's dense VJP.
 """
 from __future__ import annotations
 
 import numpy as np
+
+from .. import kernels_cpu as K
+from .. import ops
+from ..tensor import Tensor
 
 __all__ = ["IndexedSlices", "unique_sum"]
 
 
 def unique_sum(indices, values):
     """Return (unique sorted int64 indices, values with the rows of duplicate indices summed) as NumPy arrays."""
-    from .. import kernels_cpu as K
     idx = np.ascontiguousarray(indices, dtype=np.int64).reshape(-1)
     vals = np.asarray(values)
     vals2 = np.ascontiguousarray(vals.reshape(idx.shape[0], -1))
@@ -33,7 +42,6 @@ class IndexedSlices:
     __array_priority__ = 2000
 
     def __init__(self, values, indices, dense_shape, dense_at_leaf=False):
-        from ..tensor import Tensor
         values = values if isinstance(values, Tensor) else Tensor(values)
         indices = indices if isinstance(indices, Tensor) else Tensor(np.asarray(indices, dtype=np.int64))
         if indices.dtype != np.int64:
@@ -58,7 +66,6 @@ class IndexedSlices:
     def _collapse(self):
         """Join the parts (sums of several IndexedSlices) into one (values, indices): one concatenation."""
         if len(self._parts) > 1:
-            from .. import ops
             dt = self._parts[0][0].dtype
             vals = ops.concatenate([v if v.dtype == dt else v.astype(dt) for v, _ in self._parts], 0)
             idx = ops.concatenate([i for _, i in self._parts], 0)
@@ -108,7 +115,6 @@ class IndexedSlices:
     # -- conversions -----------------------------------------------------------------------------------------
     def to_dense(self):
         """Return the dense Tensor (zeros with ``values`` scatter-added at ``indices``)."""
-        from .. import ops
         zeros = ops.zeros(self.dense_shape, self.dtype, device=self.values.device if self.values.is_cuda else None)
         return ops.scatter_add(zeros, self.indices, self.values, 0)
 
@@ -130,13 +136,11 @@ class IndexedSlices:
 
     def deduplicate(self):
         """Return an equal IndexedSlices with unique sorted indices (duplicate rows summed; not differentiable)."""
-        from ..tensor import Tensor
         idx, vals = unique_sum(self.indices.numpy(), self.values.numpy())
         return IndexedSlices(Tensor._wrap(vals), Tensor._wrap(idx), self.dense_shape)
 
     # -- arithmetic ------------------------------------------------------------------------------------------
     def __add__(self, other):
-        from .. import ops
         if other is None:
             return self
         if isinstance(other, IndexedSlices):
@@ -148,7 +152,6 @@ class IndexedSlices:
         return ops.add(self.to_dense(), other)
 
     def __radd__(self, other):
-        from .. import ops
         if other is None or (isinstance(other, (int, float)) and other == 0):
             return self
         if isinstance(other, IndexedSlices):
@@ -166,3 +169,20 @@ class IndexedSlices:
 
     def __truediv__(self, scale):
         return IndexedSlices(self.values / scale, self.indices, self.dense_shape)
+
+
+_dense_getitem_vjp = ops.GETITEM.vjp
+
+
+def _getitem_vjp(g, ans, ins, needs, template):
+    """The VJP of ``getitem``: one row (an IndexedSlices) for ``x[t]`` along the first axis, else dense (and on a
+    GPU, where the row's index would be a host array)."""
+    x = ins[0]
+    if len(ins) == 1 and len(template) == 1 and type(template[0]) is int and x.ndim >= 1 and not x.is_cuda:
+        t = template[0] % x.shape[0]
+        return (IndexedSlices(ops.reshape(g, (1,) + x.shape[1:]), Tensor._wrap(np.array([t], dtype=np.int64)),
+                              x.shape, dense_at_leaf=True),)
+    return _dense_getitem_vjp(g, ans, ins, needs, template)
+
+
+ops.GETITEM.vjp = _getitem_vjp

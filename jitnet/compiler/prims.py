@@ -3,13 +3,13 @@ from __future__ import annotations
 
 from ..autodiff.core import Primitive
 from ..lazy import LazyModule
+from ..ops import _copy_into
 
 # the CUDA backend, imported when a CUDA implementation first runs (never on the CPU)
 _G = LazyModule("jitnet.backend_cuda")
 
 
 def _assign_impl(var, value):
-    from ..ops import _copy_into
     _copy_into(var, value)
     return var
 

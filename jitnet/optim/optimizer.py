@@ -21,8 +21,10 @@ import numpy as np
 
 from .. import ops
 from ..autodiff import core as _ad
-from ..autodiff.core import enable_grad, gradients, no_grad
+from ..autodiff.backprop import gradients
+from ..autodiff.core import enable_grad, no_grad
 from ..autodiff.sparse import IndexedSlices
+from ..io.checkpoint import unflatten_state
 from ..lowp import is_floating
 from ..tensor import Tensor, Variable
 from . import updates as U
@@ -262,7 +264,6 @@ class Optimizer:
         """Restore global_step, slot variables and numeric hyperparameters from ``state_dict``; return None."""
         sd = dict(state_dict)
         if any("/" in k for k in sd):                       # the flat form that jn.load returns
-            from ..io.checkpoint import unflatten_state
             sd = unflatten_state(sd)
         params = self._all_params()
         if "global_step" in sd:
