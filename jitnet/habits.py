@@ -20,10 +20,12 @@ import inspect
 
 import numpy as np
 
+from . import cuda as _cuda
 from . import lowp as _lowp
 from . import ops as _ops
 from . import random as _random
 from .autodiff import core as _ad
+from .compiler import TracingError
 from .tensor import Tensor, float32
 from .lazy import LazyModule
 
@@ -161,7 +163,6 @@ rand.__name__ = rand.__qualname__ = "rand"
 def _check_inplace(x, op):
     """Raise unless tensor ``x`` may be written in place by ``op``."""
     if _ad.current_interpreter() is not None:
-        from .compiler import TracingError
         raise TracingError(f"{op}: in-place update of a tensor inside jitnet.jit cannot be compiled; use the "
                            f"functional y = x.at[idx].set(v) / .add(v) (or Parameter.assign for state)")
     if x.requires_grad or x._node is not None:
@@ -191,7 +192,6 @@ def _value(v, x):
     if isinstance(v, Tensor):
         d = v._data
         if isinstance(x._data, np.ndarray) and not isinstance(d, np.ndarray):
-            from . import cuda as _cuda
             d = _cuda.to_host(d)
         return d
     return v

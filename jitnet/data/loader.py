@@ -9,12 +9,13 @@ from typing import Any
 
 import numpy as np
 
+from ..tensor import Tensor
+
 __all__ = ["ArrayDataset", "DataLoader", "DistributedSampler"]
 
 
 def _to_output(array: np.ndarray) -> Any:
     """Return ``array`` as a jitnet Tensor sharing its memory (the single NumPy-to-Tensor point)."""
-    from ..tensor import Tensor
     return Tensor(array)
 
 

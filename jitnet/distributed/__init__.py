@@ -28,8 +28,9 @@ import time
 
 import numpy as np
 
+from .. import cuda as _cuda
 from .. import lowp as _lowp
-from ..autodiff.core import REGISTRY, Primitive, apply, no_grad
+from ..autodiff.core import REGISTRY, Primitive, apply, enable_grad, no_grad
 from ..autodiff.sparse import IndexedSlices
 from ..optim.optimizer import Optimizer
 from ..lazy import LazyModule
@@ -298,7 +299,6 @@ def _allgather_cpu(a):
 def _staged(fn):
     """Return the GPU impl of a host collective: copy to the host, run ``fn``, copy the result back."""
     def impl(*arrays, **params):
-        from .. import cuda as _cuda
         host = [a if isinstance(a, np.ndarray) else _cuda.to_host(a) for a in arrays]
         return _cuda.to_device(fn(*host, **params))
     impl.__name__ = fn.__name__ + "_staged"
@@ -435,7 +435,6 @@ def broadcast_variables(variables, root=0):
             # MPI has no bfloat16 (nor, in every MPI, float16) type: their bits travel as uint16, unchanged
             c.comm.Bcast(d.view(np.uint16) if _lowp.is_lowp(d.dtype) else d, root=root)
         else:                                           # a GPU variable: staged through the host
-            from .. import cuda as _cuda
             h = np.ascontiguousarray(_cuda.to_host(d) if not isinstance(d, np.ndarray) else d)
             c.comm.Bcast(h, root=root)
             v.assign(h)
@@ -657,7 +656,6 @@ class DistributedOptimizer(Optimizer):
         """Average the gradients over the ranks and apply the wrapped optimizer's update; return closure's loss."""
         loss = None
         if closure is not None:
-            from ..autodiff.core import enable_grad
             with enable_grad():
                 loss = closure()
         opt = self.optimizer

@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..io.safetensors import load_file, save_file
 from ..nn.layers import Conv2d, Embedding, Linear, _BatchNorm
 from ..nn.module import Module
 from ..nn.recurrent import GRUCell, LSTMCell, RNNCell, _SeqBase
@@ -198,7 +199,6 @@ def _torch_state(state, where):
     """Return an ordered list of (key, NumPy array) from a torch module, a state dict or a safetensors path."""
     keep_order = False
     if isinstance(state, (str, os.PathLike)):
-        from ..io.safetensors import load_file
         state = load_file(state)
     elif _is_torch_module(state):
         state = state.state_dict()
@@ -553,7 +553,6 @@ def save_torch_safetensors(model, path, like=None, metadata=None, strict=True):
     PyTorch reads it with ``safetensors.torch.load_file(path)`` and ``torch_model.load_state_dict``; names
     and ``like`` as in :func:`torch_state_dict`.
     """
-    from ..io.safetensors import save_file
     state = torch_state_dict(model, like=like, strict=strict)
     save_file(state, path, metadata=metadata)
     return list(state)

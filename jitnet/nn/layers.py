@@ -8,6 +8,7 @@ from ..autodiff.core import no_grad
 from ..tensor import Parameter, Tensor, _infer_array, float32
 from . import functional as F
 from . import init as I
+from .embedding_ops import embedding
 from .module import Module
 
 __all__ = ["Linear", "Conv2d", "MaxPool2d", "AvgPool2d", "BatchNorm1d", "BatchNorm2d", "Dropout", "Embedding",
@@ -212,7 +213,6 @@ class Embedding(Module):
 
     def forward(self, ids):
         """Return the rows of W at ``ids``: shape ids.shape + (embedding_dim,)."""
-        from .embedding_ops import embedding
         return embedding(self.W, ids)
 
     def extra_repr(self):

@@ -10,6 +10,7 @@ from collections import OrderedDict
 
 import numpy as np
 
+from .. import cuda as _cuda
 from ..autodiff.core import no_grad
 from ..io.checkpoint import check_state
 from ..lowp import is_floating
@@ -227,7 +228,6 @@ class Module:
         if device is not None:
             d = Device(device)
             if d.type == "cuda":
-                from .. import cuda as _cuda
                 _cuda.require(f"{type(self).__name__}.to({str(d)!r})", d.index)
             for _, v in self.named_variables():
                 v._move_(d)

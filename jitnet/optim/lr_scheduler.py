@@ -17,6 +17,7 @@ import numbers
 import numpy as np
 
 from ..tensor import Tensor, Variable
+from .optimizer import Optimizer
 
 __all__ = ["LRScheduler", "LambdaLR", "StepLR", "CosineAnnealingLR", "OneCycleLR", "ReduceLROnPlateau"]
 
@@ -42,7 +43,6 @@ class LRScheduler:
     """Base class: subclasses define ``get_lr()`` (the rates of epoch ``last_epoch``, one per group)."""
 
     def __init__(self, optimizer, last_epoch=-1):
-        from .optimizer import Optimizer
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"{type(self).__name__}: expected a jitnet optimizer, got {type(optimizer).__name__}")
         self.optimizer = optimizer

@@ -11,6 +11,8 @@ import numbers
 
 import numpy as np
 
+from .. import ops
+
 __all__ = ["LearningRateSchedule", "ExponentialDecay", "StepDecay", "PiecewiseConstant", "exponential_decay",
            "step_decay", "piecewise_constant"]
 
@@ -21,7 +23,6 @@ class LearningRateSchedule:
     def __call__(self, step):
         if isinstance(step, numbers.Number) or isinstance(step, np.generic):
             return float(self.value(float(step)))
-        from .. import ops
         return self.tensor_value(ops.astype(step, np.float64))
 
     def value(self, step: float) -> float:
@@ -53,7 +54,6 @@ class ExponentialDecay(LearningRateSchedule):
 
     def tensor_value(self, step):
         """Return the decayed learning rate at a step tensor."""
-        from .. import ops
         p = step / self.decay_steps
         if self.staircase:
             p = ops.floor(p)
@@ -80,7 +80,6 @@ class StepDecay(LearningRateSchedule):
 
     def tensor_value(self, step):
         """Return the learning rate at a step tensor."""
-        from .. import ops
         return ops.power(self.gamma, ops.floor(step / self.step_size)) * self.initial_learning_rate
 
     def __repr__(self):
@@ -106,7 +105,6 @@ class PiecewiseConstant(LearningRateSchedule):
 
     def tensor_value(self, step):
         """Return the learning rate at a step tensor."""
-        from .. import ops
         out = ops.full((), self.values[-1], np.float64)
         for b, v in reversed(list(zip(self.boundaries, self.values))):
             out = ops.where(step <= b, v, out)
