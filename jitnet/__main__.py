@@ -10,21 +10,10 @@ import sys
 import threading
 import time
 
-
-def _import_layers() -> list[str]:
-    """Import the layers that may register warm-up functions; return the ones that could not be imported."""
-    import importlib
-    missing = []
-    for name in ("jitnet.nn", "jitnet.optim"):
-        try:
-            importlib.import_module(name)
-        except ImportError as e:
-            if getattr(e, "name", None) == name:      # not written yet
-                continue
-            missing.append(f"{name} ({type(e).__name__}: {e})")
-        except Exception as e:                        # a broken layer must not stop the rest from warming up
-            missing.append(f"{name} ({type(e).__name__}: {e})")
-    return missing
+import jitnet
+from jitnet import cache, kernelgen, runtime, warmup
+from jitnet.models import get_trainer, trainers
+from jitnet.models._train import ArgumentParser, NonFiniteError, UsageError
 
 
 def _parse_shard(s: str) -> tuple[int, int]:
@@ -47,9 +36,6 @@ def _fmt_seconds(s: float) -> str:
 
 def _warmup_shard(args) -> int:
     """Child process of ``warmup --jobs``: run one shard, report each step and the result on stdout."""
-    from jitnet import warmup
-
-    _import_layers()
     todo = warmup.cases(args.quick)
     i, n = args.shard
     steps = []
@@ -65,7 +51,6 @@ def _warmup_shard(args) -> int:
 
 def _warmup_parallel(args):
     """Run ``args.jobs`` shard processes; return the summed result."""
-    from jitnet import warmup
     total = len(warmup.cases(args.quick))
     bar = warmup._Progress(total, not args.no_progress, sys.stderr)
     lock = threading.Lock()
@@ -108,9 +93,6 @@ def cmd_warmup(args) -> int:
     if args.shard is not None:
         return _warmup_shard(args)
     t0 = time.perf_counter()
-    import jitnet
-    from jitnet import kernelgen, warmup
-    missing = _import_layers()
     jobs = max(1, int(args.jobs or 1))
     if jobs > 1:
         res = _warmup_parallel(args)
@@ -129,8 +111,6 @@ def cmd_warmup(args) -> int:
               + (f" ({jobs} processes)" if jobs > 1 else ""))
         print(f"kernel cache: {res['cache_dir']}")
         print(f"numba cache:  {res['numba_cache_dir']}")
-        for m in missing:
-            print(f"warning: could not import {m}", file=sys.stderr)
         for name, msg in res["errors"][:20]:
             print(f"error: {name}: {msg}", file=sys.stderr)
         if len(res["errors"]) > 20:
@@ -190,8 +170,6 @@ def cmd_info(args) -> int:
     import numba
     import numpy as np
 
-    import jitnet
-    from jitnet import kernelgen, runtime
 
     dn = runtime.denormal_state()           # runs one parallel kernel, so the threading layer is chosen
     try:
@@ -232,7 +210,6 @@ def cmd_info(args) -> int:
 
 
 def _malloc_line():
-    from jitnet import runtime
     env = os.environ.get("JITNET_MALLOC_TUNING")
     v = ("yes (large freed blocks kept for reuse: mmap threshold 32 MiB, trim threshold 1 GiB)"
          if runtime.malloc_tuned else "no")
@@ -242,7 +219,6 @@ def _malloc_line():
 # --------------------------------------------------------------------------------------------------------------
 
 def cmd_cache(args) -> int:
-    from jitnet import cache
     return cache.cli(args.action, as_json=args.json, dry_run=args.dry_run)
 
 
@@ -252,7 +228,6 @@ def cmd_not_yet(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .models import get_trainer, trainers
     if not args.model:
         names = sorted(trainers())
         print("models: " + (", ".join(names) if names else "(none)"))
@@ -262,14 +237,12 @@ def cmd_train(args) -> int:
     except KeyError as e:
         print(f"jitnet train: error: {e.args[0]}", file=sys.stderr)
         return 2
-    from jitnet import runtime
     if os.environ.get("JITNET_MALLOC_TUNING", "1").strip().lower() not in ("0", "false", "no", "off"):
         runtime.set_malloc_tuning(True)      # the CLI owns its process: keep activations' memory for reuse
     return int(fn(args.rest) or 0)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .models._train import ArgumentParser         # errors in one line, pointing at --help
     p = ArgumentParser(prog="jitnet", description="jitnet command line")
     p.add_argument("--traceback", action="store_true",
                    help="show the full traceback of an error (anywhere on the line; or set JITNET_DEBUG)")
@@ -321,7 +294,6 @@ def _one_line(text) -> str:
 
 def user_error(e: BaseException):
     """Return (message, exit code) when ``e`` is a user error to report in one line, else None (a bug)."""
-    from .models._train import NonFiniteError, UsageError
     if isinstance(e, SystemExit):
         return (_one_line(e.code), 2) if isinstance(e.code, str) else None
     if isinstance(e, KeyboardInterrupt):

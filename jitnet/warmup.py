@@ -10,7 +10,7 @@ built on top add their own entries with :func:`register_warmup`::
     def _warm_linear(quick=False):          # ``quick`` is passed when the function accepts it
         Linear(4, 3)(jn.ones((2, 4))).sum().backward()
 
-``python -m jitnet warmup`` imports ``jitnet.nn`` and ``jitnet.optim`` (so their registrations run) and then calls
+``python -m jitnet warmup`` imports jitnet (its layers ``jitnet.nn`` and ``jitnet.optim`` register theirs) and calls
 :func:`run`, which reports how many kernels were compiled and how many came from the disk cache.
 """
 from __future__ import annotations
@@ -21,6 +21,11 @@ import time
 from typing import Callable, Iterable
 
 import numpy as np
+
+import jitnet
+
+from . import runtime
+from .data import augment
 
 __all__ = ["register_warmup", "registered", "cases", "run", "kernel_counts", "ELEMENTWISE_UNARY",
            "ELEMENTWISE_BINARY", "OTHER_OPS"]
@@ -68,7 +73,6 @@ def registered() -> list[tuple[str, Callable]]:
 # OTHER_OPS: name -> (function(x, dtype) -> result, kinds), run on one array of each rank.
 
 def _jn():
-    import jitnet
     return jitnet
 
 
@@ -338,7 +342,6 @@ def _backward(fdt, big):
 
 
 def _augment(quick):
-    from .data import augment
     rng = np.random.default_rng(0)
     x = rng.random((2, 3, 8, 8)).astype(np.float32)
     augment.random_crop(x, 6, rng=rng, padding=1)
@@ -350,7 +353,6 @@ def _augment(quick):
 
 
 def _denormals(quick):
-    from . import runtime
     runtime.denormal_state()
 
 
@@ -414,7 +416,6 @@ def _bind_quick(fn, quick):
 def kernel_counts() -> dict:
     """Return ``{"compiled", "cached", "modules_written"}`` from ``jitnet.compile_stats()`` (every kernel jitnet
     owns: generated, ``kernels_cpu``, ``jitnet.data.augment``, ``jitnet.runtime``, layers' own kernels)."""
-    from . import runtime
     st = runtime.compile_stats()
     return {"compiled": int(st["compiles"]), "cached": int(st["cache_hits"]),
             "modules_written": int(st.get("modules_written", 0))}

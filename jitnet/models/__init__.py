@@ -5,24 +5,20 @@ Every module listed in ``_TRAINER_MODULES`` defines ``TRAINERS = {name: function
 """
 from __future__ import annotations
 
-import importlib
+from ..lazy import LazyModule
 
 __all__ = ["trainers", "get_trainer"]
 
-_TRAINER_MODULES = ("vision", "rl", "sequence")
+# loaded when a command asks for them (``python -m jitnet train NAME``), not when jitnet.models is imported
+_TRAINER_MODULES = (LazyModule("jitnet.models.vision"), LazyModule("jitnet.models.policy_gradient"),
+                    LazyModule("jitnet.models.dqn"), LazyModule("jitnet.models.sequence"))
 
 
 def trainers() -> dict:
-    """Return {model name: train function} over every model module that is present."""
+    """Return {model name: train function} over every model module."""
     out = {}
     for m in _TRAINER_MODULES:
-        try:
-            mod = importlib.import_module(f"{__name__}.{m}")
-        except ModuleNotFoundError as e:
-            if e.name == f"{__name__}.{m}":
-                continue
-            raise
-        out.update(getattr(mod, "TRAINERS", {}))
+        out.update(m.TRAINERS)
     return out
 
 

@@ -16,13 +16,18 @@ import numpy as np
 from numba.core import event as _numba_event
 
 import jitnet as jn
+from jitnet import data as D
+from jitnet import kernelgen
 from jitnet import lowp as _lowp
 from jitnet.data import DataLoader
 from jitnet.compiler.native import NATIVE_AFTER
+from jitnet.lazy import LazyModule
 
 __all__ = ["base_parser", "learning_rate", "load_dataset", "Progress", "save_checkpoint", "restore_checkpoint",
            "fit", "setup_run", "ArgumentParser", "UsageError", "NonFiniteError", "NonFiniteGuard",
            "add_nonfinite_args", "compile_notice"]
+
+dist = LazyModule("jitnet.distributed")      # MPI data parallelism, loaded by a distributed run only
 
 
 class UsageError(Exception):
@@ -118,7 +123,6 @@ def setup_distributed(args):
         if _mpi_world_from_env() <= 1:
             return 1
         args.distributed = True          # mpiexec -n N without the flag: N copies would overwrite each other
-    from jitnet import distributed as dist
     try:
         args.rank, args.world_size = dist.init()
     except RuntimeError as e:
@@ -160,7 +164,6 @@ def load_dataset(name, data_dir=None, download=False, limit=None, test_limit=Non
 
 
 def _load_dataset(name, data_dir, download, limit, test_limit):
-    from jitnet import data as D
     if name == "default":
         xtr, ytr, src = D.load_default_images("train", path=data_dir, as_float=True)
         xte, yte, _ = D.load_default_images("test", path=data_dir, as_float=True)
@@ -191,7 +194,6 @@ class _CompileListener(_numba_event.Listener):
         """Show the notice once the work has compiled for ``after`` seconds; returns None."""
         if not self.shown and time.perf_counter() - self.t0 >= self.after:
             self.shown = True
-            from jitnet import kernelgen
             self.say(f"compiling kernels (once; cached in {kernelgen.cache_dir()}) ...")
 
     def on_end(self, event):
@@ -454,7 +456,6 @@ class _NullLog:
 def _distributed_evaluate(model, r, n):
     """Return evaluate(x, y) for data-parallel runs: batch-norm averages are made equal on every rank, each rank
     evaluates its share of the examples, and the metrics (means) are combined over the ranks."""
-    from jitnet import distributed as dist
 
     def evaluate(x, y):
         dist.average_buffers(model.net)
@@ -488,7 +489,6 @@ def fit(model, args, data, logdir, name):
             print(f"{name}: resumed from {path} (epoch {start_epoch}, step {step})", flush=True)
     evaluate = model.evaluate
     if n > 1:
-        from jitnet import distributed as dist
         # rank 0's parameters, optimizer state and buffers (restored or fresh) go to every rank
         model.opt = dist.DistributedOptimizer(model.opt, module=model.net)
         start_epoch, step = dist._ctx().comm.bcast((start_epoch, step), root=0)

@@ -50,7 +50,9 @@ from jitnet import lowp as _lowp
 from jitnet import ops
 from jitnet.autodiff.core import Primitive, apply, no_cuda
 from jitnet.compiler.loops import scan
-from ._train import ArgumentParser, add_nonfinite_args
+from jitnet.data import babi as BB
+from ._train import (ArgumentParser, NonFiniteGuard, Progress, add_nonfinite_args, restore_checkpoint,
+                     save_checkpoint)
 
 __all__ = ["EPS", "oneplus", "interface_size", "Interface", "split_interface", "cosine_similarity",
            "content_weights", "allocation_weights", "update_usage", "write_weights", "update_memory",
@@ -1096,7 +1098,6 @@ def _parser(prog, description, *, steps, batch_size, lr, hidden, memory, word, r
 
 def _fit_steps(model, args, name, logdir, next_batch, evaluate):
     """Train ``model`` to ``args.steps`` steps with periodic evaluation, logs and checkpoints; return metrics."""
-    from ._train import NonFiniteGuard, Progress, restore_checkpoint, save_checkpoint
     os.makedirs(logdir, exist_ok=True)
     saver = jn.io.Saver(os.path.join(logdir, "checkpoints"), max_to_keep=args.keep)
     guard = NonFiniteGuard(model, saver, name, getattr(args, "skip_nonfinite", None))
@@ -1230,7 +1231,6 @@ def babi_parser():
 
 def run_babi(argv=None):
     """Train the bAbI command with ``argv``; return the final metrics (answer accuracy included)."""
-    from jitnet.data import babi as BB
     args = babi_parser().parse_args(argv)
     name = "dnc-babi"
     logdir = args.logdir or os.path.join("runs", name)

@@ -18,9 +18,10 @@ import jitnet as jn
 import jitnet.nn as nn
 import jitnet.nn.functional as F
 
-from .rl import explore_action, greedy_action, make_optimizer, make_schedule, mlp
+from .rl import (agent_parser, env_spaces, explore_action, greedy_action, make_env, make_optimizer, make_schedule, mlp,
+                 run_agent)
 
-__all__ = ["ReplayBuffer", "AtariQNetwork", "DQNAgent", "copy_parameters"]
+__all__ = ["train_dqn", "TRAINERS", "ReplayBuffer", "AtariQNetwork", "DQNAgent", "copy_parameters"]
 
 
 class ReplayBuffer:
@@ -209,3 +210,34 @@ class DQNAgent:
         if "counters/steps" in flat:
             self.steps = int(np.asarray(flat["counters/steps"]))
             self.updates = int(np.asarray(flat["counters/updates"]))
+
+
+def train_dqn(argv=None):
+    """Train the DQN agent (``python -m jitnet train dqn-cartpole``); return the exit code."""
+    p = agent_parser("dqn-cartpole", "DQN with experience replay and a target network on CartPole-v1",
+                       episodes=1000, lr=5e-4, gamma=0.99, hidden=(128, 128), target=195.0)
+    p.add_argument("--buffer-size", type=int, default=50000, help="replay capacity (default 50000)")
+    p.add_argument("--batch-size", type=int, default=128, help="replay batch (default 128)")
+    p.add_argument("--learning-starts", type=int, default=1000, help="steps before learning (default 1000)")
+    p.add_argument("--train-freq", type=int, default=1, help="environment steps per update (default 1)")
+    p.add_argument("--target-update", type=int, default=1000, help="steps between target copies (default 1000)")
+    p.add_argument("--loss", default="huber", choices=["huber", "mse"], help="(default huber)")
+    p.add_argument("--tau", type=float, default=0.005, help="soft target update fraction per update; 0 copies "
+                                                          "every --target-update steps (default 0.005)")
+    p.add_argument("--no-double", action="store_true", help="plain DQN targets (max of the target network)")
+    p.add_argument("--clip-norm", type=float, default=10.0, help="gradient-norm clip, 0 for none (default 10)")
+    p.add_argument("--epsilon", default="linear:1,0.05,5000",
+                   help="epsilon schedule over steps (default linear:1,0.05,5000)")
+    args = p.parse_args(argv)
+    env = make_env(args.env)
+    obs_shape, n = env_spaces(env)
+    agent = DQNAgent(int(np.prod(obs_shape)), n, hidden=args.hidden, lr=args.lr, gamma=args.gamma,
+                     buffer_size=args.buffer_size, batch_size=args.batch_size,
+                     learning_starts=args.learning_starts, train_freq=args.train_freq,
+                     target_update=args.target_update, loss=args.loss, epsilon=make_schedule(args.epsilon),
+                     double=not args.no_double, clip_norm=args.clip_norm, tau=args.tau or None,
+                     optimizer=args.optimizer, seed=args.seed, use_jit=not args.no_jit)
+    return run_agent("dqn-cartpole", args, agent, env)
+
+
+TRAINERS = {"dqn-cartpole": train_dqn}

@@ -17,9 +17,10 @@ from numba import njit
 import jitnet as jn
 import jitnet.nn.functional as F
 
-from .rl import ConstantSchedule, explore_action, greedy_action, make_optimizer, make_schedule, mlp
+from .rl import (ConstantSchedule, agent_parser, env_spaces, explore_action, greedy_action, make_env, make_optimizer,
+                 make_schedule, mlp, run_agent)
 
-__all__ = ["discounted_returns", "bucket_size", "PolicyGradientAgent"]
+__all__ = ["train_pg", "TRAINERS", "discounted_returns", "bucket_size", "PolicyGradientAgent"]
 
 
 @njit(cache=True, nogil=True)
@@ -202,3 +203,29 @@ class PolicyGradientAgent:
 
 
 jn.cache.protect_module(__name__)    # imported after jitnet: give this module's kernels the self-repairing cache
+
+
+def train_pg(argv=None):
+    """Train the REINFORCE agent (``python -m jitnet train pg-cartpole``); return the exit code."""
+    p = agent_parser("pg-cartpole", "REINFORCE policy gradient on CartPole-v1 (or any discrete-action env)",
+                       episodes=2000, lr=0.01, gamma=0.99, hidden=(16, 16), target=475.0)
+    p.add_argument("--batch-episodes", type=int, default=1, help="episodes per update (default 1)")
+    p.add_argument("--baseline", default="normalize", choices=["normalize", "mean", "none"],
+                   help="return normalisation per batch (default normalize)")
+    p.add_argument("--explore", default="sample", choices=["sample", "egreedy"],
+                   help="sample from the policy, or take the greedy action with epsilon-greedy (default sample)")
+    p.add_argument("--epsilon", default=None,
+                   help="exploration schedule over episodes: a number, 'linear:1,0.01,500' or 'exp:1,0.01,0.99' "
+                        "(default 0 with --explore sample, linear:1,0.01,500 with egreedy)")
+    args = p.parse_args(argv)
+    env = make_env(args.env)
+    obs_shape, n = env_spaces(env)
+    eps = args.epsilon if args.epsilon is not None else ("linear:1,0.01,500" if args.explore == "egreedy" else 0)
+    agent = PolicyGradientAgent(int(np.prod(obs_shape)), n, hidden=args.hidden, lr=args.lr, gamma=args.gamma,
+                                batch_episodes=args.batch_episodes, baseline=args.baseline,
+                                explore=args.explore, epsilon=make_schedule(eps), optimizer=args.optimizer,
+                                seed=args.seed, use_jit=not args.no_jit)
+    return run_agent("pg-cartpole", args, agent, env)
+
+
+TRAINERS = {"pg-cartpole": train_pg}

@@ -1,4 +1,4 @@
-"""Reinforcement learning: shared pieces of the policy-gradient and DQN agents, and their training commands.
+"""Reinforcement learning: shared pieces of the policy-gradient and DQN agents and of their training commands.
 
 ``python -m jitnet train pg-cartpole`` and ``python -m jitnet train dqn-cartpole`` train on Gymnasium's
 CartPole-v1 (any environment id with discrete actions works through ``--env``); ``--env corridor`` uses the
@@ -28,7 +28,7 @@ from ._train import ArgumentParser, NonFiniteError
 
 __all__ = ["LinearSchedule", "ExponentialSchedule", "ConstantSchedule", "make_schedule", "CorridorEnv",
            "make_env", "env_spaces", "mlp", "greedy_action", "explore_action", "make_optimizer", "train_agent",
-           "plot_returns", "train_pg", "train_dqn", "TRAINERS"]
+           "plot_returns", "agent_parser", "run_agent"]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -374,7 +374,8 @@ def _hidden(s):
             from None
 
 
-def _common_parser(name, description, *, episodes, lr, gamma, hidden, target):
+def agent_parser(name, description, *, episodes, lr, gamma, hidden, target):
+    """Return the argument parser of agent command ``name`` with the options every agent shares."""
     p = ArgumentParser(prog=f"python -m jitnet train {name}", description=description)
     p.add_argument("--env", default="CartPole-v1", help="Gymnasium environment id with discrete actions, or "
                                                         "'corridor' (built in) (default CartPole-v1)")
@@ -398,7 +399,8 @@ def _common_parser(name, description, *, episodes, lr, gamma, hidden, target):
     return p
 
 
-def _run(name, args, agent, env):
+def run_agent(name, args, agent, env):
+    """Train ``agent`` on ``env`` as the parsed command-line ``args`` say, print the result; return the exit code."""
     logdir = args.logdir or os.path.join("runs", name)
     if args.resume:
         path = jn.io.latest_checkpoint(os.path.join(logdir, "checkpoints"))
@@ -427,60 +429,6 @@ def _run(name, args, agent, env):
     return 0
 
 
-def train_pg(argv=None):
-    """Train the REINFORCE agent (``python -m jitnet train pg-cartpole``); return the exit code."""
-    from .policy_gradient import PolicyGradientAgent
-    p = _common_parser("pg-cartpole", "REINFORCE policy gradient on CartPole-v1 (or any discrete-action env)",
-                       episodes=2000, lr=0.01, gamma=0.99, hidden=(16, 16), target=475.0)
-    p.add_argument("--batch-episodes", type=int, default=1, help="episodes per update (default 1)")
-    p.add_argument("--baseline", default="normalize", choices=["normalize", "mean", "none"],
-                   help="return normalisation per batch (default normalize)")
-    p.add_argument("--explore", default="sample", choices=["sample", "egreedy"],
-                   help="sample from the policy, or take the greedy action with epsilon-greedy (default sample)")
-    p.add_argument("--epsilon", default=None,
-                   help="exploration schedule over episodes: a number, 'linear:1,0.01,500' or 'exp:1,0.01,0.99' "
-                        "(default 0 with --explore sample, linear:1,0.01,500 with egreedy)")
-    args = p.parse_args(argv)
-    env = make_env(args.env)
-    obs_shape, n = env_spaces(env)
-    eps = args.epsilon if args.epsilon is not None else ("linear:1,0.01,500" if args.explore == "egreedy" else 0)
-    agent = PolicyGradientAgent(int(np.prod(obs_shape)), n, hidden=args.hidden, lr=args.lr, gamma=args.gamma,
-                                batch_episodes=args.batch_episodes, baseline=args.baseline,
-                                explore=args.explore, epsilon=make_schedule(eps), optimizer=args.optimizer,
-                                seed=args.seed, use_jit=not args.no_jit)
-    return _run("pg-cartpole", args, agent, env)
-
-
-def train_dqn(argv=None):
-    """Train the DQN agent (``python -m jitnet train dqn-cartpole``); return the exit code."""
-    from .dqn import DQNAgent
-    p = _common_parser("dqn-cartpole", "DQN with experience replay and a target network on CartPole-v1",
-                       episodes=1000, lr=5e-4, gamma=0.99, hidden=(128, 128), target=195.0)
-    p.add_argument("--buffer-size", type=int, default=50000, help="replay capacity (default 50000)")
-    p.add_argument("--batch-size", type=int, default=128, help="replay batch (default 128)")
-    p.add_argument("--learning-starts", type=int, default=1000, help="steps before learning (default 1000)")
-    p.add_argument("--train-freq", type=int, default=1, help="environment steps per update (default 1)")
-    p.add_argument("--target-update", type=int, default=1000, help="steps between target copies (default 1000)")
-    p.add_argument("--loss", default="huber", choices=["huber", "mse"], help="(default huber)")
-    p.add_argument("--tau", type=float, default=0.005, help="soft target update fraction per update; 0 copies "
-                                                          "every --target-update steps (default 0.005)")
-    p.add_argument("--no-double", action="store_true", help="plain DQN targets (max of the target network)")
-    p.add_argument("--clip-norm", type=float, default=10.0, help="gradient-norm clip, 0 for none (default 10)")
-    p.add_argument("--epsilon", default="linear:1,0.05,5000",
-                   help="epsilon schedule over steps (default linear:1,0.05,5000)")
-    args = p.parse_args(argv)
-    env = make_env(args.env)
-    obs_shape, n = env_spaces(env)
-    agent = DQNAgent(int(np.prod(obs_shape)), n, hidden=args.hidden, lr=args.lr, gamma=args.gamma,
-                     buffer_size=args.buffer_size, batch_size=args.batch_size,
-                     learning_starts=args.learning_starts, train_freq=args.train_freq,
-                     target_update=args.target_update, loss=args.loss, epsilon=make_schedule(args.epsilon),
-                     double=not args.no_double, clip_norm=args.clip_norm, tau=args.tau or None,
-                     optimizer=args.optimizer, seed=args.seed, use_jit=not args.no_jit)
-    return _run("dqn-cartpole", args, agent, env)
-
-
-TRAINERS = {"pg-cartpole": train_pg, "dqn-cartpole": train_dqn}
 
 
 def make_optimizer(name, params, lr):
@@ -492,4 +440,3 @@ def make_optimizer(name, params, lr):
     if name == "sgd":
         return jn.optim.SGD(params, lr=lr)
     raise ValueError(f"unknown optimizer {name!r}; choose adam, rmsprop or sgd")
-

@@ -41,11 +41,14 @@ import jitnet.nn as nn
 import jitnet.nn.functional as F
 from jitnet import ops
 from jitnet.autodiff.core import Primitive, apply, no_cuda
+from jitnet.compiler.native import use_kernel
 from jitnet.data import seq_tasks as T
+from jitnet.kernelgen import dtype_name
 from jitnet.kernels_cpu import nn_lstm_step, nn_lstm_step_dprev, nn_lstm_step_dz
 from jitnet.kernels_scalar import tanh_v
 from jitnet.tensor import Tensor, _infer_array
-from ._train import ArgumentParser, add_nonfinite_args
+from ._train import (ArgumentParser, NonFiniteGuard, Progress, add_nonfinite_args, restore_checkpoint,
+                     save_checkpoint)
 
 __all__ = ["lstm_step_fused", "lstm_state", "additive_attention_step", "additive_attention_weights",
            "additive_attention_tanh", "additive_attention_context", "Seq2Seq", "Seq2SeqTrainer", "beam_search",
@@ -390,7 +393,6 @@ no_cuda("the seq2seq decoder's fused LSTM and attention kernels have no CUDA for
 # --------------------------------------------------------------------------------------------------------------
 
 def _np_dt(dtype):
-    from jitnet.kernelgen import dtype_name
     return "np." + dtype_name(dtype)
 
 
@@ -419,7 +421,6 @@ def _contig(names):
 
 
 def _use(kernels, kernel):
-    from jitnet.compiler.native import use_kernel
     return use_kernel(kernels, kernel)
 
 
@@ -1165,7 +1166,6 @@ def fit(trainer, task, args, name):
     Returns the last evaluation's metrics plus "step", "epochs", "train_seconds" (the clock stops while
     evaluating) and "reached_target_s" (training seconds when the target was first reached, else None).
     """
-    from ._train import NonFiniteGuard, Progress, restore_checkpoint, save_checkpoint
     logdir = args.logdir or os.path.join("runs", name)
     os.makedirs(logdir, exist_ok=True)
     src, tgt = T.encode_pairs(task.train, task.src_vocab, task.tgt_vocab)

@@ -26,8 +26,13 @@ from numba import njit, prange
 import jitnet as jn
 import jitnet.nn as nn
 import jitnet.nn.functional as F
+from jitnet.data import datasets as D
+from jitnet.lazy import LazyModule
 from jitnet.nn.embedding_ops import embedding
-from ._train import ArgumentParser, NonFiniteError, UsageError, add_distributed_arg, setup_distributed
+from ._train import (ArgumentParser, NonFiniteError, Progress, UsageError, add_distributed_arg,
+                     setup_distributed)
+
+dist = LazyModule("jitnet.distributed")      # MPI data parallelism, loaded by a distributed run only
 
 __all__ = ["Vocab", "keep_probabilities", "subsample", "generate_batch", "skipgram_pairs", "unigram_table",
            "sample_negatives", "noise_guide", "warm_fast_kernel", "sentences_from_tokens", "encode_sentences", "sg_ns_train_chunk", "SkipGram",
@@ -783,7 +788,6 @@ def load_corpus(name):
     Files go through text8-style preprocessing (markup stripped, lowercase letters only). A file with several
     lines keeps each line as a sentence; long sentences are cut at 10,000 words.
     """
-    from jitnet.data import datasets as D
     if name == "text8":
         return sentences_from_tokens(D.load_text8()), "text8"
     if name in ("enwiki-test", "lee"):
@@ -913,9 +917,7 @@ def train_skipgram(argv=None):
         model = SkipGramModel(sg, loss=args.loss, num_sampled=args.num_sampled, negative=args.negative,
                               lr=args.alpha or 1.0)
         if world > 1:
-            from jitnet import distributed as dist
             model.opt = dist.DistributedOptimizer(model.opt)        # rank 0's initial vectors on every rank
-        from ._train import Progress
         n_pairs_est = int(bounds[-1]) * args.window
         steps = n_pairs_est // args.batch_size * args.epochs
         if args.max_steps:
