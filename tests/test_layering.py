@@ -1,7 +1,10 @@
 """The package's layers, checked from the source: the core (tensors, autodiff, ops and the registry, the
 compiler, kernels, backends, runtime) imports nothing from the layers built on it (nn, optim, data, io,
 models, the CLI, ...), and the library layers import neither the models nor the CLI. Imports inside functions
-and ``LazyModule("...")`` names count as imports."""
+and ``LazyModule("...")`` names count as imports.
+
+The import graph of every jitnet module (module-level imports, imports inside functions and ``LazyModule``
+handles) has no cycle, and a function imports a jitnet module only where the allow-list below says why."""
 import ast
 import os
 
@@ -77,3 +80,152 @@ def test_the_checker_sees_imports_inside_functions_and_lazy_names(tmp_path):
     src.write_text("def f():\n    from .nn import layers\n_G = LazyModule('jitnet.models.vision')\n")
     found = {m for _, m in _imports("jitnet.m", str(src), False)}
     assert "jitnet.nn" in found and "jitnet.nn.layers" in found and "jitnet.models.vision" in found
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The import graph: no module imports (at any depth) a module that imports it back
+# ----------------------------------------------------------------------------------------------------------------
+
+#: Function-level imports of jitnet modules still allowed: (importing module, imported module) -> reason. Each
+#: entry is a debt: a function-level import is for an optional third-party dependency (torch, mpi4py, onnx, ...),
+#: and a jitnet module deferred for start-up speed is a module-level ``LazyModule`` handle instead.
+_NO_CYCLE_LEFT = "no cycle remains: a module-level import"
+FUNCTION_IMPORTS_ALLOWED = {
+    ("jitnet.compiler.trace", "jitnet.autodiff"): _NO_CYCLE_LEFT,
+    ("jitnet.compiler.trace", "jitnet.autodiff.sparse"): _NO_CYCLE_LEFT,
+    ("jitnet.compiler.trace", "jitnet.ops"): _NO_CYCLE_LEFT,
+    ("jitnet.compiler.trace", "jitnet.compiler.prims"): _NO_CYCLE_LEFT,
+    ("jitnet.compiler.loops", "jitnet.compiler.trace"): "already imported at module level",
+    ("jitnet.compiler.loops", "jitnet.compiler.plan"): "already imported at module level",
+}
+
+
+def _import_targets(name, is_pkg, node, known):
+    """Return the jitnet modules an Import/ImportFrom node (or a LazyModule call) of module ``name`` loads."""
+    if isinstance(node, ast.Call):
+        mods = [node.args[0].value]
+    elif isinstance(node, ast.Import):
+        mods = [a.name for a in node.names]
+    else:
+        if node.level:
+            base = name.split(".") if is_pkg else name.split(".")[:-1]
+            base = base[:len(base) - (node.level - 1)]
+            mod = ".".join(base + ([node.module] if node.module else []))
+        else:
+            mod = node.module or ""
+        mods = [f"{mod}.{a.name}" if f"{mod}.{a.name}" in known else mod for a in node.names]
+    out = set()
+    for m in mods:
+        if not (m == "jitnet" or m.startswith("jitnet.")):
+            continue
+        while m not in known and "." in m:          # a name inside a module: the module
+            m = m.rpartition(".")[0]
+        # importing a.b.c runs the __init__ of a.b first: every package above the target is loaded too, except
+        # the packages the importer itself lives in (already loading) and the top-level jitnet (loaded first)
+        parts = m.split(".")
+        for k in range(2, len(parts) + 1):
+            anc = ".".join(parts[:k])
+            if anc != name and not (name + ".").startswith(anc + ".") and anc in known:
+                out.add(anc)
+    return out
+
+
+def _graph():
+    """Return ({module: {imported jitnet modules}}, [(module, line, imported module) of function-level imports])."""
+    files = {name: (path, is_pkg) for name, path, is_pkg in _modules()}
+    known = set(files)
+    edges, in_functions = {m: set() for m in files}, []
+
+    def walk(name, is_pkg, node, in_function):
+        for child in ast.iter_child_nodes(node):
+            inner = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            targets = ()
+            if isinstance(child, (ast.Import, ast.ImportFrom)):
+                targets = _import_targets(name, is_pkg, child, known)
+                if in_function:
+                    in_functions.extend((name, child.lineno, t) for t in sorted(targets))
+            elif isinstance(child, ast.Call) and getattr(child.func, "id", None) == "LazyModule" and child.args \
+                    and isinstance(child.args[0], ast.Constant):
+                targets = _import_targets(name, is_pkg, child, known)
+            edges[name].update(t for t in targets if t != name)
+            walk(name, is_pkg, child, inner)
+
+    for name, (path, is_pkg) in files.items():
+        walk(name, is_pkg, ast.parse(open(path).read()), False)
+    return edges, in_functions
+
+
+def _cycles(edges):
+    """Return the strongly connected components of more than one module (Tarjan), each as a sorted list."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in sorted(edges[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def _a_cycle(edges, comp):
+    """Return one cycle through the modules of ``comp`` as a list a -> b -> ... -> a (a shortest one from its first)."""
+    start, members = comp[0], set(comp)
+    prev, frontier = {start: None}, [start]
+    while frontier:
+        nxt = []
+        for v in frontier:
+            for w in sorted(edges[v] & members):
+                if w == start:
+                    path = [v]
+                    while prev[path[-1]] is not None:
+                        path.append(prev[path[-1]])
+                    return list(reversed(path)) + [start]
+                if w not in prev:
+                    prev[w] = v
+                    nxt.append(w)
+        frontier = nxt
+    return comp
+
+
+def test_the_import_graph_has_no_cycle():
+    edges, _ = _graph()
+    cycles = _cycles(edges)
+    assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(_a_cycle(edges, c)) for c in cycles)
+
+
+def test_functions_import_no_jitnet_module_outside_the_allow_list():
+    _, in_functions = _graph()
+    bad = [f"{m}:{line} imports {t}" for m, line, t in in_functions if (m, t) not in FUNCTION_IMPORTS_ALLOWED]
+    assert not bad, "function-level imports of jitnet modules (import at module level, or use a module-level " \
+                    "LazyModule handle):\n" + "\n".join(bad)
+
+
+def test_the_graph_sees_packages_lazy_handles_and_cycles(tmp_path):
+    known = {"jitnet.a", "jitnet.a.b", "jitnet.c"}
+    imp = ast.parse("from .a import b").body[0]
+    assert _import_targets("jitnet.c", False, imp, known) == {"jitnet.a", "jitnet.a.b"}   # the package's __init__
+    assert _import_targets("jitnet.a.x", False, ast.parse("from . import b").body[0], known) == {"jitnet.a.b"}
+    lazy = ast.parse("LazyModule('jitnet.a.b.f')").body[0].value
+    assert _import_targets("jitnet.c", False, lazy, known) == {"jitnet.a", "jitnet.a.b"}
+    g = {"x": {"y"}, "y": {"z"}, "z": {"x"}, "w": {"x"}}
+    assert _cycles(g) == [["x", "y", "z"]] and _a_cycle(g, ["x", "y", "z"]) == ["x", "y", "z", "x"]
+    assert _cycles({"x": {"y"}, "y": set()}) == []
