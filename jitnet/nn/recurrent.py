@@ -51,7 +51,7 @@ class _CellBase(Module):
         return x
 
     def _zeros(self, x):
-        return ops.zeros((x.shape[0], self.hidden_size), self.W_hh.dtype)
+        return ops.zeros((x.shape[0], self.hidden_size), self.W_hh.dtype, device=x.device)
 
     def extra_repr(self):
         return f"{self.input_size}, {self.hidden_size}"
@@ -165,6 +165,8 @@ class _SeqBase(Module):
         """Return x as (time, batch, features) and the mask as (time, batch) (or None)."""
         seq = ops.transpose(x, (1, 0, 2))
         mt = None if m is None else Tensor._wrap(np.ascontiguousarray(m.T))
+        if mt is not None and x.is_cuda:                # (a host mask: one copy to the device per call)
+            mt = mt.to(x.device)
         return seq, mt
 
     def _run_h(self, x, h0, lengths, mask, cell_fn):
@@ -173,7 +175,7 @@ class _SeqBase(Module):
         seq, mt = self._time_major(x, m)
         finals = []
         for i, cell in enumerate(self.cells()):
-            h = ops.zeros((x.shape[0], self.hidden_size), x.dtype) if h0 is None else _t(h0)[i]
+            h = ops.zeros((x.shape[0], self.hidden_size), x.dtype, device=x.device) if h0 is None else _t(h0)[i]
 
             def body(h, inp, cell=cell):
                 xt, mk = inp if mt is not None else (inp, None)
@@ -193,7 +195,8 @@ class _SeqBase(Module):
     def _outputs(self, seq, m):
         out = ops.transpose(seq, (1, 0, 2))
         if m is not None:
-            out = out * Tensor._wrap(m[:, :, None])
+            mk = Tensor._wrap(m[:, :, None])
+            out = out * (mk.to(out.device) if out.is_cuda else mk)
         return out
 
     def extra_repr(self):
@@ -248,14 +251,14 @@ class LSTM(_SeqBase):
         hs_final, cs_final = [], []
         for i, cell in enumerate(self.cells()):
             if state is None:
-                h = c = ops.zeros((bsz, hd), x.dtype)
-                s0 = ops.zeros((bsz, 6 * hd), x.dtype)      # the packed zero state, no concatenation
+                h = c = ops.zeros((bsz, hd), x.dtype, device=x.device)
+                s0 = ops.zeros((bsz, 6 * hd), x.dtype, device=x.device)      # the packed zero state
             else:
                 h, c = _t(state[0])[i], _t(state[1])[i]
                 s0 = F.lstm_state(h, c)
             xw = ops.matmul(seq, cell.W_ih)            # the input projection of every step: one GEMM
             if seq.shape[0] == 0:
-                seq = ops.zeros((0, bsz, hd), x.dtype)
+                seq = ops.zeros((0, bsz, hd), x.dtype, device=x.device)
             else:                                      # every step in one primitive (a kernel call each way)
                 S = F.lstm_seq(xw, s0, cell.W_hh, cell.b, mask=mt)
                 seq, h, c = S[:, :, :hd], S[-1, :, :hd], S[-1, :, hd:2 * hd]
