@@ -89,15 +89,7 @@ def test_the_checker_sees_imports_inside_functions_and_lazy_names(tmp_path):
 #: Function-level imports of jitnet modules still allowed: (importing module, imported module) -> reason. Each
 #: entry is a debt: a function-level import is for an optional third-party dependency (torch, mpi4py, onnx, ...),
 #: and a jitnet module deferred for start-up speed is a module-level ``LazyModule`` handle instead.
-_NO_CYCLE_LEFT = "no cycle remains: a module-level import"
-FUNCTION_IMPORTS_ALLOWED = {
-    ("jitnet.compiler.trace", "jitnet.autodiff"): _NO_CYCLE_LEFT,
-    ("jitnet.compiler.trace", "jitnet.autodiff.sparse"): _NO_CYCLE_LEFT,
-    ("jitnet.compiler.trace", "jitnet.ops"): _NO_CYCLE_LEFT,
-    ("jitnet.compiler.trace", "jitnet.compiler.prims"): _NO_CYCLE_LEFT,
-    ("jitnet.compiler.loops", "jitnet.compiler.trace"): "already imported at module level",
-    ("jitnet.compiler.loops", "jitnet.compiler.plan"): "already imported at module level",
-}
+FUNCTION_IMPORTS_ALLOWED = {}
 
 
 def _import_targets(name, is_pkg, node, known):

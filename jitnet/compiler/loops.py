@@ -22,8 +22,8 @@ from ..lowp import is_floating
 from ..tensor import Tensor
 from .passes import cse, dce, prune_scan_saves
 from .native import loop_driver, while_driver
-from .plan import build_plan
-from .trace import Tracer, TracingError, flatten, substituting, unflatten
+from .plan import _debug_level, build_plan
+from .trace import Tracer, TracerTensor, TracingError, flatten, substituting, unflatten
 
 __all__ = ["scan", "while_loop"]
 
@@ -480,7 +480,6 @@ def _step_tape(fwd_fn, args, nc, nx, caps):
 
 def _tape_tensors(outs, leaves):
     """Traced tensors of the step's tape (results and operands of its nodes), leaves excluded, in order."""
-    from .trace import TracerTensor
     skip = {id(t) for t in leaves}
     seen, found = set(), []
     for t in ad._toposort([o for o in outs if o.requires_grad]):
@@ -540,7 +539,6 @@ def _store_body(outer, fwd_fn, examples, nc, nx, caps, n_out):
         b.n_user_out = n_out
         return b
     except Exception as e:                  # any surprise: the recompute scan, which always works
-        from .plan import _debug_level
         if _debug_level():
             print(f"[jitnet] scan: residuals not stored ({type(e).__name__}: {e}); the backward recomputes")
         return None

@@ -17,12 +17,14 @@ import sys
 
 import numpy as np
 
-from .. import backends
+from .. import backends, ops
 from ..autodiff import core as ad
 from ..autodiff import nans
+from ..autodiff.sparse import IndexedSlices
+from ..lazy import LazyModule
 from ..tensor import Parameter, Tensor
 from .ir import Graph
-from ..lazy import LazyModule
+from .prims import ASSIGN
 
 _G = LazyModule("jitnet.backend_cuda")      # the CUDA backend, imported once a GPU is in use
 
@@ -307,7 +309,6 @@ class Tracer:
 
     def finish_grads(self):
         """Record the final ``.grad`` of every variable the step wrote, and set the real ones now."""
-        from ..autodiff.sparse import IndexedSlices
         for var, value in self._grads.values():
             if isinstance(value, IndexedSlices):       # a sparse gradient: its values and indices are outputs
                 vv, iv = self.value_of(value.values), self.value_of(value.indices)
@@ -330,8 +331,6 @@ class Tracer:
 
     def assign(self, var, value):
         """Record ``var.assign(value)`` as an effect node and perform it now."""
-        from .. import ops
-        from .prims import ASSIGN
         if not isinstance(value, Tensor):
             value = Tensor(np.asarray(value, dtype=var.dtype))
         if value.dtype != var.dtype:
