@@ -1218,8 +1218,10 @@ def _h_cuda(s, hd):
 
 
 def _lstm_mask_cuda(mask, b):
-    """(contiguous mask, has_mask): without a mask, a 1-D view of contiguous ``b`` stands in (never read)."""
-    return (_G.contiguous(mask[0]), True) if mask else (_G.flat_view(b), False)
+    """(contiguous mask, has_mask): without a mask, a 1-D view of b's first element stands in (never read)."""
+    if mask:
+        return _G.contiguous(mask[0]), True
+    return _C.view(b, (min(b.size, 1),), (b.dtype.itemsize,), 0), False
 
 
 def _lstm_gates_cuda(xw, s_prev, whh, b, m, has_mask, out):
@@ -1231,7 +1233,8 @@ def _lstm_step_cuda(xw, s_prev, whh, b, *mask):
     xw, s_prev, whh, b = (_G.contiguous(a) for a in (xw, s_prev, whh, b))
     m, has_mask = _lstm_mask_cuda(mask, b)
     out = _C.empty((s_prev.shape[0], 6 * whh.shape[0]), xw.dtype)
-    _lstm_gates_cuda(xw, s_prev, whh, b, m, has_mask, out)
+    if out.size:
+        _lstm_gates_cuda(xw, s_prev, whh, b, m, has_mask, out)
     return out
 
 
@@ -1255,7 +1258,8 @@ def _lstm_dprev_cuda(g, dz, s, whh, *mask):
     g, dz, s, whh = (_G.contiguous(a) for a in (g, dz, s, whh))
     m, has_mask = _lstm_mask_cuda(mask, g)
     out = _C.empty(s.shape, s.dtype)
-    _lstm_dprev_into(g, dz, s, whh, m, has_mask, None, out)
+    if out.size:
+        _lstm_dprev_into(g, dz, s, whh, m, has_mask, None, out)
     return out
 
 
@@ -1341,7 +1345,7 @@ def _lstm_seq_cuda(xw, s0, whh, b, *mask):
     m, has_mask = _lstm_mask_cuda(mask, b)
     t, bsz, hd = xw.shape[0], s0.shape[0], whh.shape[0]
     S = _C.empty((t, bsz, 6 * hd), xw.dtype)
-    for k in range(t):
+    for k in range(t if S.size else 0):
         _lstm_gates_cuda(_row_cuda(xw, k), s0 if k == 0 else _row_cuda(S, k - 1), whh, b,
                          _row_cuda(m, k) if has_mask else m, has_mask, _row_cuda(S, k))
     return S
@@ -1352,7 +1356,7 @@ def _lstm_seq_bwd_cuda(g, S, s0, whh, *mask):
     t, bsz, h6 = S.shape
     hd = h6 // 6
     parts = _lstm_seq_bwd_parts(t, bsz, hd)
-    if t == 0:
+    if t * bsz * hd == 0:                      # no steps, rows or units: every gradient is zero (or empty)
         return _G.zeros((parts[-1][1],), S.dtype)
     m, has_mask = _lstm_mask_cuda(mask, s0)
     flat = _C.empty((parts[-1][1],), S.dtype)

@@ -99,15 +99,15 @@ def test_lstm_seq_rows_match_cpu(dtype, masked, jit, cuda_calls):
     assert cuda_calls.get("lstm_seq", 0) >= 1 and cuda_calls.get("lstm_seq_bwd", 0) >= 1, cuda_calls
 
 
-def test_lstm_seq_rows_direct_and_empty():
-    """The rows applied directly: T = 0 gives an empty sequence and a zero backward, like the CPU form."""
-    hd, bsz = 2, 2
-    args = [_rand(0, bsz, 4 * hd), _rand(bsz, 6 * hd), _rand(hd, 4 * hd), _rand(4 * hd)]
-    for prim, arrays in ((F.LSTM_SEQ, args), (F.LSTM_SEQ_BWD, [_rand(0, bsz, 6 * hd), _rand(0, bsz, 6 * hd)]
+@pytest.mark.parametrize("t,bsz,hd", [(0, 2, 2), (2, 0, 3), (2, 2, 0)], ids=["no-steps", "no-rows", "no-units"])
+def test_lstm_seq_rows_direct_on_empty_shapes(t, bsz, hd):
+    """The rows applied directly to empty shapes: an empty sequence and a zero (or empty) backward, like the CPU."""
+    args = [_rand(t, bsz, 4 * hd), _rand(bsz, 6 * hd), _rand(hd, 4 * hd), _rand(4 * hd)]
+    for prim, arrays in ((F.LSTM_SEQ, args), (F.LSTM_SEQ_BWD, [_rand(t, bsz, 6 * hd), _rand(t, bsz, 6 * hd)]
                                               + args[1:3])):
         ref = prim.impl["cpu"](*arrays)
         got = jn.cuda.to_host(prim.impl["cuda"](*[jn.cuda.to_device(a) for a in arrays]))
-        assert got.shape == ref.shape
+        assert got.shape == ref.shape and got.dtype == ref.dtype
         np.testing.assert_array_equal(got, ref)
 
 
