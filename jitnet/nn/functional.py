@@ -1423,7 +1423,7 @@ def lstm_seq(xw, s0, W_hh, b, mask=None):
 def lstm_state(h, c):
     """Return the packed LSTM state [h, c, 0, 0, 0, 0] (B, 6H) that ``lstm_step`` consumes."""
     h, c = _t(h), _t(c)
-    z = ops.zeros((h.shape[0], 4 * h.shape[1]), h.dtype)
+    z = ops.zeros((h.shape[0], 4 * h.shape[1]), h.dtype, device=h.device)
     return ops.concatenate([h, c, z], axis=1)
 
 
