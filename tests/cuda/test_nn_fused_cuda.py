@@ -228,3 +228,19 @@ def test_lstm_layer_on_cuda_matches_cpu(jit, cuda_calls):
     for a, b in zip(gc + pc, gg + pg):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
     assert cuda_calls.get("lstm_seq", 0) >= 1 and cuda_calls.get("lstm_seq_bwd", 0) >= 1, cuda_calls
+
+
+def test_lstm_cell_on_cuda_matches_cpu(cuda_calls):
+    """nn.LSTMCell (zero initial state, packed by lstm_state) runs the fused step rows on the device."""
+    x = _rand(B, 2)
+
+    def loss_of(model, xb):
+        h, c = model(xb)
+        return jn.sum(h * h) + jn.sum(c)
+
+    lc, gc, _, _ = _train_step("cpu", lambda: nn.LSTMCell(2, H), x, loss_of, False)
+    lg, gg, _, _ = _train_step("cuda", lambda: nn.LSTMCell(2, H), x, loss_of, False)
+    np.testing.assert_allclose(lg, lc, rtol=1e-5, atol=1e-5)
+    for a, b in zip(gc, gg):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+    assert cuda_calls.get("lstm_step", 0) >= 1 and cuda_calls.get("lstm_step_dz", 0) >= 1, cuda_calls
