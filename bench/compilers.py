@@ -260,9 +260,11 @@ class JitnetLib:
         x, y = jn.tensor(xn), jn.tensor(yn)
         return (lambda: float(model.train_step(x, y).item()))
 
-    def cnn(self, seed):
-        check = self._cnn(seed, 0.0)
-        losses = [check() for _ in range(CHECK_STEPS)]
+    def cnn(self, seed, check=True):
+        losses = None
+        if check:
+            first = self._cnn(seed, 0.0)
+            losses = [first() for _ in range(CHECK_STEPS)]
         return self._cnn(seed, 0.5), losses
 
     def autoencoder(self, seed):
@@ -408,9 +410,11 @@ class JaxLib:
             return float(loss)
         return step
 
-    def cnn(self, seed):
-        check = self._cnn(seed, 0.0)
-        losses = [check() for _ in range(CHECK_STEPS)]
+    def cnn(self, seed, check=True):
+        losses = None
+        if check:
+            first = self._cnn(seed, 0.0)
+            losses = [first() for _ in range(CHECK_STEPS)]
         return self._cnn(seed, 0.5), losses
 
     def autoencoder(self, seed):
@@ -541,11 +545,12 @@ class TorchLib:
                                 torch.nn.functional.cross_entropy)
         return lambda: float(step().item())
 
-    def cnn(self, seed):
-        torch = self.torch
-        torch.manual_seed(seed)
-        check = self._cnn(seed, 0.0)
-        losses = [check() for _ in range(CHECK_STEPS)]
+    def cnn(self, seed, check=True):
+        self.torch.manual_seed(seed)
+        losses = None
+        if check:
+            first = self._cnn(seed, 0.0)
+            losses = [first() for _ in range(CHECK_STEPS)]
         return self._cnn(seed, 0.5), losses
 
     def autoencoder(self, seed):
@@ -616,7 +621,7 @@ def run_worker(args):
     t_start = time.time()
     quick = args.quick
     min_time = 0.15 if quick else (0.6 if args.case in ("cnn", "autoencoder") else 0.8)
-    min_steps, warmup = (3, 2) if quick else (5, 5)
+    min_steps, warmup = (3, 5) if quick else (5, 5)
     n_chain = N_CHAIN // 10 if quick else N_CHAIN
     res = {"lib": args.worker, "case": args.case, "pid": os.getpid(), "threads": args.threads}
     if args.worker == "triad":
@@ -629,6 +634,8 @@ def run_worker(args):
     if case == "chain":
         step, check = lib.chain(args.seed, n_chain)
         res["n"] = n_chain
+    elif case == "cnn":
+        step, check = lib.cnn(args.seed, check=not args.no_check)
     else:
         step, check = getattr(lib, case)(args.seed)
     res["check"] = check
@@ -685,12 +692,20 @@ def _pin(threads):
 # Driver
 # ==============================================================================================================
 
-def spawn(lib, case, args, extra_env=None, timeout=900):
-    """Run one worker process; return (its result dict, the time.time() just before it started)."""
+def spawn(lib, case, args, extra_env=None, check=True, timeout=900):
+    """Run one worker process; return (its result dict, the time.time() just before it started).
+
+    ``check=False`` lets the cnn worker skip its dropout-free copy of the model (a second compile): the driver
+    checks the first round of each library.
+    """
+    import resource
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", lib, "--case", case,
            "--threads", str(args.threads), "--seed", str(args.seed)]
     if args.quick:
         cmd.append("--quick")
+    if not check:
+        cmd.append("--no-check")
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t_start = time.time()
     r = subprocess.run(cmd, env=worker_env(lib, args.threads, extra_env), capture_output=True, text=True,
                        timeout=timeout)
@@ -699,6 +714,8 @@ def spawn(lib, case, args, extra_env=None, timeout=900):
         raise RuntimeError(f"worker {lib}/{case} failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
     res = json.loads(lines[-1][len("RESULT "):])
     res["wall_s"] = time.time() - t_start
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    res["cpu_s"] = (ru.ru_utime - ru0.ru_utime) + (ru.ru_stime - ru0.ru_stime)
     return res, t_start
 
 
@@ -736,6 +753,8 @@ def check_agreement(case, per_lib):
     problems = []
     for lib, runs in per_lib.items():
         for i, r in enumerate(runs):
+            if r.get("check") is None:
+                continue
             c = np.asarray(r["check"], np.float64)
             if c.shape != ref.shape or not np.all(np.isfinite(c)) or \
                     not np.allclose(c, ref, rtol=RTOL[case], atol=1e-6 * max(1.0, float(np.abs(ref).max()))):
@@ -782,12 +801,12 @@ def run_case(case, args, libs, report):
             if case == "chain":
                 order = order + ["triad"]
             for lib in order:
-                res, _ = spawn(lib, case, args)
+                res, _ = spawn(lib, case, args, check=r == 0)
                 record["runs"].append(res)
                 (triad if lib == "triad" else per_lib[lib]).append(res)
                 extra = f", slowdown {res['slowdown']:.2f}x" if case == "contention" else ""
                 print(f"  {case} round {r + 1} {lib}: {res['median_ms']:.3f} ms{extra} "
-                      f"(process {res['wall_s']:.1f} s)", flush=True)
+                      f"(process {res['wall_s']:.1f} s, {res['cpu_s']:.1f} s CPU)", flush=True)
         if case == "contention":
             idle = {lib: [dict(median_ms=x["idle"]["median_ms"]) for x in per_lib[lib]] for lib in libs}
             rows = _ratio_rows(case, libs, idle)
@@ -821,7 +840,7 @@ def run_case(case, args, libs, report):
     record["seconds"] = time.perf_counter() - t_case
     record["check_problems"] = problems
     record["checks"] = {r["lib"] + ("/" + r["kind"] if "kind" in r else ""): r["check"] for r in record["runs"]
-                        if "check" in r}
+                        if r.get("check") is not None}
     print(f"{case}: {len(record['runs'])} worker processes in {record['seconds']:.1f} s; check values "
           f"{'AGREE' if not problems else 'DISAGREE'}", flush=True)
     return record
@@ -893,13 +912,14 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="a seconds-long smoke run (1 round, few steps)")
     p.add_argument("--json", default=None)
     p.add_argument("--worker", choices=LIBS + ("triad",), help=argparse.SUPPRESS)
+    p.add_argument("--no-check", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.threads < 1 or args.rounds < 1 or args.slow_rounds < 1:
         p.error("--threads, --rounds and --slow-rounds must be at least 1")
-    pinned = _pin(args.threads)
     if args.worker:
         if args.case == "all":
             p.error("a worker runs one case")
+        _pin(args.threads)
         res = run_worker(args)
         print("RESULT " + json.dumps(res), flush=True)
         return res
@@ -907,6 +927,7 @@ def main(argv=None):
     libs = available(args.libs, args.threads)
     if "jitnet" not in libs:
         p.error("jitnet is the reference of every ratio: keep it in --libs")
+    pinned = _pin(args.threads)
     report = [header(args, libs, pinned)]
     t0 = time.perf_counter()
     out = {"config": {"threads": args.threads, "rounds": args.rounds, "slow_rounds": args.slow_rounds,
