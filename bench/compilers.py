@@ -591,8 +591,8 @@ def _chain_check(out):
     return [float(o.sum()), float(np.abs(o).sum())]
 
 
-def triad_worker(threads, n, min_time, min_steps):
-    """Return the machine's triad bandwidth (a = b + s*c, Numba prange, ``threads`` threads) in GB/s."""
+def triad_step(threads, n):
+    """Return (step, bytes per step) of the machine's triad a = b + s*c (Numba prange, ``threads`` threads)."""
     os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
     import numba
     import numpy as np
@@ -605,62 +605,80 @@ def triad_worker(threads, n, min_time, min_steps):
 
     a = np.zeros(n, np.float32)
     b, c = chain_inputs(0, n)[:2]
-    triad(a, b, c, np.float32(3.0))
-    times = time_steps(lambda: triad(a, b, c, np.float32(3.0)), min_time, min_steps)
-    res = summary(times)
-    res["gb_s"] = 12.0 * n / (res["median_ms"] * 1e-3) / 1e9
-    return res
+    s = np.float32(3.0)
+    return (lambda: triad(a, b, c, s)), 12.0 * n
 
 
 # ==============================================================================================================
 # Worker
 # ==============================================================================================================
 
+def _block(step, min_time, min_steps):
+    """One timed block: an untimed call (the caches and thread pools after another process ran), then steps."""
+    step()
+    return summary(time_steps(step, min_time, min_steps))
+
+
 def run_worker(args):
-    """Run one library on one case in this process; return the result dict printed as the RESULT line."""
+    """Set one library up on one case, print ``READY {json}``, then run a timed block for each ``run`` line read
+    from stdin, printing ``RESULT {json}`` after each, until ``exit`` or the end of stdin."""
     t_start = time.time()
     quick = args.quick
-    min_time = 0.15 if quick else (0.6 if args.case in ("cnn", "autoencoder") else 0.8)
+    min_time = 0.15 if quick else 0.5
     min_steps, warmup = (3, 5) if quick else (5, 5)
     n_chain = N_CHAIN // 10 if quick else N_CHAIN
-    res = {"lib": args.worker, "case": args.case, "pid": os.getpid(), "threads": args.threads}
+    base = {"lib": args.worker, "case": args.case, "pid": os.getpid(), "threads": args.threads}
+    ready = dict(base)
+
+    def emit(tag, d):
+        print(f"{tag} " + json.dumps(d), flush=True)
+
     if args.worker == "triad":
-        res.update(triad_worker(args.threads, n_chain, min_time, min_steps))
-        return res
-    lib = LIB_CLASSES[args.worker](args.threads)
-    res["import_s"] = time.time() - t_start
-    case = "mlp" if args.case in ("contention", "coldstart") else args.case
-    t0 = time.perf_counter()
-    if case == "chain":
-        step, check = lib.chain(args.seed, n_chain)
-        res["n"] = n_chain
-    elif case == "cnn":
-        step, check = lib.cnn(args.seed, check=not args.no_check)
+        step, gb = triad_step(args.threads, n_chain)
+        ready["n"] = n_chain
     else:
-        step, check = getattr(lib, case)(args.seed)
-    res["check"] = check
+        lib = LIB_CLASSES[args.worker](args.threads)
+        ready["import_s"] = time.time() - t_start
+        case = "mlp" if args.case in ("contention", "coldstart") else args.case
+        t0 = time.perf_counter()
+        if case == "chain":
+            step, check = lib.chain(args.seed, n_chain)
+            ready["n"], gb = n_chain, 24.0 * n_chain
+        elif case == "cnn":
+            step, check = lib.cnn(args.seed, check=not args.no_check)
+        else:
+            step, check = getattr(lib, case)(args.seed)
+        ready["check"] = check
+        if args.case == "coldstart":
+            ready["t_third_step"] = time.time()       # the check ran the first three steps
+        ready["setup_s"] = time.perf_counter() - t0   # building, compiling, the check steps
+        if case != "chain":
+            gb = None
+    if args.case != "coldstart":
+        for _ in range(warmup):
+            step()
+    emit("READY", ready)
     if args.case == "coldstart":
-        res["t_third_step"] = time.time()        # the check ran the first three steps
-        res["setup_s"] = time.perf_counter() - t0
-        return res
-    res["setup_s"] = time.perf_counter() - t0    # building, compiling, the check steps
-    for _ in range(warmup):
-        step()
-    res.update(summary(time_steps(step, min_time, min_steps)))
-    if case == "chain":
-        res["gb_s"] = 24.0 * n_chain / (res["median_ms"] * 1e-3) / 1e9
-    if args.case == "contention":
-        res["idle"] = {k: res[k] for k in ("median_ms", "mean_ms", "min_ms", "steps")}
-        busy = subprocess.Popen([sys.executable, "-c", BUSY_CMD])
-        try:
-            time.sleep(0.5)
-            res["busy"] = summary(time_steps(step, min_time, min_steps))
-        finally:
-            busy.kill()
-            busy.wait()
-        res["median_ms"] = res["busy"]["median_ms"]
-        res["slowdown"] = res["busy"]["median_ms"] / res["idle"]["median_ms"]
-    return res
+        return ready
+    for line in sys.stdin:
+        if line.strip() != "run":
+            break
+        res = dict(base, **_block(step, min_time, min_steps))
+        if gb:
+            res["gb_s"] = gb / (res["median_ms"] * 1e-3) / 1e9
+        if args.case == "contention":
+            res["idle"] = {k: res[k] for k in ("median_ms", "mean_ms", "min_ms", "steps")}
+            busy = subprocess.Popen([sys.executable, "-c", BUSY_CMD])
+            try:
+                time.sleep(0.5)
+                res["busy"] = summary(time_steps(step, min_time, min_steps))
+            finally:
+                busy.kill()
+                busy.wait()
+            res["median_ms"] = res["busy"]["median_ms"]
+            res["slowdown"] = res["busy"]["median_ms"] / res["idle"]["median_ms"]
+        emit("RESULT", res)
+    return ready
 
 
 def worker_env(lib, threads, extra=None):
@@ -692,31 +710,58 @@ def _pin(threads):
 # Driver
 # ==============================================================================================================
 
-def spawn(lib, case, args, extra_env=None, check=True, timeout=900):
-    """Run one worker process; return (its result dict, the time.time() just before it started).
+class Worker:
+    """One worker process (``--worker LIB --case CASE``): started and set up on creation (``ready`` holds its
+    READY record: check values, import and setup seconds), ``run()`` times one block, ``close()`` ends it."""
 
-    ``check=False`` lets the cnn worker skip its dropout-free copy of the model (a second compile): the driver
-    checks the first round of each library.
-    """
-    import resource
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", lib, "--case", case,
-           "--threads", str(args.threads), "--seed", str(args.seed)]
-    if args.quick:
-        cmd.append("--quick")
-    if not check:
-        cmd.append("--no-check")
-    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t_start = time.time()
-    r = subprocess.run(cmd, env=worker_env(lib, args.threads, extra_env), capture_output=True, text=True,
-                       timeout=timeout)
-    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
-    if r.returncode or not lines:
-        raise RuntimeError(f"worker {lib}/{case} failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
-    res = json.loads(lines[-1][len("RESULT "):])
-    res["wall_s"] = time.time() - t_start
-    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-    res["cpu_s"] = (ru.ru_utime - ru0.ru_utime) + (ru.ru_stime - ru0.ru_stime)
-    return res, t_start
+    def __init__(self, lib, case, args, extra_env=None, check=True):
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", lib, "--case", case,
+               "--threads", str(args.threads), "--seed", str(args.seed)]
+        if args.quick:
+            cmd.append("--quick")
+        if not check:
+            cmd.append("--no-check")
+        self.lib, self.case, self.gap = lib, case, 0.05 if args.quick else 0.3
+        self.err = tempfile.TemporaryFile(mode="w+")
+        self.t_start = time.time()
+        self.proc = subprocess.Popen(cmd, env=worker_env(lib, args.threads, extra_env), stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.err, text=True, bufsize=1)
+        self.ready = self._read("READY")
+        self.ready["ready_s"] = time.time() - self.t_start
+
+    def _read(self, tag):
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                self.proc.wait()
+                self.err.seek(0)
+                raise RuntimeError(f"worker {self.lib}/{self.case} ended (exit {self.proc.returncode}) before "
+                                   f"its {tag} line:\n{self.err.read()[-3000:]}")
+            if line.startswith(tag + " "):
+                return json.loads(line[len(tag) + 1:])
+
+    def run(self):
+        """Time one block in the worker (after a pause that lets other processes' spinning threads sleep)."""
+        time.sleep(self.gap)
+        self.proc.stdin.write("run\n")
+        self.proc.stdin.flush()
+        return self._read("RESULT")
+
+    def close(self):
+        """End the worker; return its CPU seconds (user + system, its children included)."""
+        try:
+            self.proc.stdin.write("exit\n")
+            self.proc.stdin.close()
+        except (BrokenPipeError, OSError):
+            pass
+        try:
+            _, status, ru = os.wait4(self.proc.pid, 0)
+            self.proc.returncode = os.waitstatus_to_exitcode(status)
+        except ChildProcessError:
+            self.proc.wait()
+            return None
+        self.err.close()
+        return ru.ru_utime + ru.ru_stime
 
 
 def _order(libs, r):
@@ -763,63 +808,99 @@ def check_agreement(case, per_lib):
     return problems
 
 
+def _coldstart(case, args, libs, record):
+    """Cold and warm process starts: fresh cache directories per library and round, the same ones for warm."""
+    cold, warm = {lib: [] for lib in libs}, {lib: [] for lib in libs}
+    for r in range(record["rounds"]):
+        for lib in _order(libs, r):
+            root = tempfile.mkdtemp(prefix="jitnet-coldstart-")
+            try:
+                env = {"JITNET_CACHE_DIR": os.path.join(root, "k"), "NUMBA_CACHE_DIR": os.path.join(root, "n"),
+                       "TORCHINDUCTOR_CACHE_DIR": os.path.join(root, "inductor")}
+                for kind, out in (("cold", cold), ("warm", warm)):
+                    w = Worker(lib, case, args, env)
+                    res = dict(w.ready, kind=kind, start_to_third_step_s=w.ready["t_third_step"] - w.t_start)
+                    res["cpu_s"] = w.close()
+                    out[lib].append(res)
+                    record["runs"].append(res)
+                    print(f"  {case} round {r + 1} {lib} {kind}: {res['start_to_third_step_s']:.2f} s", flush=True)
+            finally:
+                shutil.rmtree(root, ignore_errors=True)
+    return cold, warm
+
+
+def _timed_rounds(case, args, libs, record):
+    """Run the rounds of a timed case; return ({lib: [RESULT per round]}, {lib: [READY records]}, triad)."""
+    rounds = record["rounds"]
+    names = list(libs) + (["triad"] if case == "chain" else [])
+    per, readies = {lib: [] for lib in names}, {lib: [] for lib in names}
+    workers = {}
+
+    def start(lib, first):
+        w = Worker(lib, case, args, check=first)
+        readies[lib].append(w.ready)
+        return w
+
+    def stop(lib, w):
+        readies[lib][-1]["cpu_s"] = w.close()
+
+    try:
+        if not args.fresh:
+            for lib in names:
+                workers[lib] = start(lib, True)
+        for r in range(rounds):
+            for lib in _order(libs, r) + names[len(libs):]:
+                w = workers[lib] if not args.fresh else start(lib, r == 0)
+                try:
+                    res = w.run()
+                finally:
+                    if args.fresh:
+                        stop(lib, w)
+                res["round"] = r + 1
+                per[lib].append(res)
+                record["runs"].append(res)
+                extra = f", slowdown {res['slowdown']:.2f}x" if case == "contention" else ""
+                print(f"  {case} round {r + 1} {lib}: {res['median_ms']:.3f} ms{extra}", flush=True)
+    finally:
+        for lib, w in workers.items():
+            stop(lib, w)
+    record["workers"] = [dict(r) for lib in names for r in readies[lib]]
+    triad = per.pop("triad", None)
+    readies.pop("triad", None)
+    return per, readies, triad
+
+
 def run_case(case, args, libs, report):
     """Run one case over its rounds; print its table(s); return its JSON record."""
     from _util import table
     rounds = 1 if args.quick else (args.slow_rounds if case in ("contention", "coldstart") else args.rounds)
-    record = {"case": case, "rounds": rounds, "libs": list(libs), "runs": []}
+    record = {"case": case, "rounds": rounds, "libs": list(libs), "runs": [],
+              "processes": "fresh per round" if args.fresh or case == "coldstart" else "one per library"}
     t_case = time.perf_counter()
     if case == "coldstart":
-        record["cold"], record["warm"] = cold, warm = {lib: [] for lib in libs}, {lib: [] for lib in libs}
-        for r in range(rounds):
-            for lib in _order(libs, r):
-                root = tempfile.mkdtemp(prefix="jitnet-coldstart-")
-                try:
-                    env = {"JITNET_CACHE_DIR": os.path.join(root, "k"), "NUMBA_CACHE_DIR": os.path.join(root, "n"),
-                           "TORCHINDUCTOR_CACHE_DIR": os.path.join(root, "inductor")}
-                    for kind, out in (("cold", cold), ("warm", warm)):
-                        res, t0 = spawn(lib, case, args, env)
-                        res["start_to_third_step_s"] = res["t_third_step"] - t0
-                        res["kind"] = kind
-                        out[lib].append(res)
-                        record["runs"].append(res)
-                        print(f"  {case} round {r + 1} {lib} {kind}: {res['start_to_third_step_s']:.2f} s",
-                              flush=True)
-                finally:
-                    shutil.rmtree(root, ignore_errors=True)
+        cold, warm = _coldstart(case, args, libs, record)
+        record["cold"], record["warm"] = cold, warm
         for kind, per in (("cold", cold), ("warm", warm)):
             rows = _ratio_rows(case, libs, per, "start_to_third_step_s", "s")
             record[f"rows_{kind}"] = rows
-            report.append(table(rows, f"\n{case} ({kind} caches): process start to the end of the third MLP step, "
-                                      f"seconds; x_jitnet = peer / jitnet"))
+            report.append(table(rows, f"\n{case} ({kind} caches): process start to the end of the third MLP "
+                                      f"step, seconds; x_jitnet = peer / jitnet"))
         problems = check_agreement(case, {lib: cold[lib] + warm[lib] for lib in libs})
     else:
-        per_lib = {lib: [] for lib in libs}
-        triad = []
-        for r in range(rounds):
-            order = _order(libs, r)
-            if case == "chain":
-                order = order + ["triad"]
-            for lib in order:
-                res, _ = spawn(lib, case, args, check=r == 0)
-                record["runs"].append(res)
-                (triad if lib == "triad" else per_lib[lib]).append(res)
-                extra = f", slowdown {res['slowdown']:.2f}x" if case == "contention" else ""
-                print(f"  {case} round {r + 1} {lib}: {res['median_ms']:.3f} ms{extra} "
-                      f"(process {res['wall_s']:.1f} s, {res['cpu_s']:.1f} s CPU)", flush=True)
+        per_lib, readies, triad = _timed_rounds(case, args, libs, record)
+        where = "each round in a new process" if args.fresh else "one process per library, rounds alternating"
         if case == "contention":
             idle = {lib: [dict(median_ms=x["idle"]["median_ms"]) for x in per_lib[lib]] for lib in libs}
             rows = _ratio_rows(case, libs, idle)
-            report.append(table(rows, f"\n{case}: MLP step idle, ms"))
+            report.append(table(rows, f"\n{case}: MLP step idle, ms ({where})"))
             record["rows_idle"] = rows
             rows = _ratio_rows(case, libs, per_lib)
             for row in rows:
                 sl = [x["slowdown"] for x in per_lib[row["lib"]]]
                 row["slowdown_median"] = statistics.median(sl)
                 row["slowdown_worst"] = max(sl)
-            report.append(table(rows, f"\n{case}: MLP step with one busy process ({sys.executable} -c "
-                                      f"\"{BUSY_CMD}\", 1 process), ms; slowdown = busy / idle in the same "
-                                      f"process"))
+            report.append(table(rows, f"\n{case}: MLP step with ONE busy process ({sys.executable} -c "
+                                      f"\"{BUSY_CMD}\"), ms; slowdown = busy / idle in the same process and round"))
             record["rows"] = rows
         else:
             rows = _ratio_rows(case, libs, per_lib)
@@ -831,18 +912,20 @@ def run_case(case, args, libs, report):
                     gb = statistics.median(x["gb_s"] for x in per_lib[row["lib"]])
                     row["gb_s"] = gb
                     row["pct_triad"] = 100.0 * gb / tri
-                print(f"\ntriad (Numba prange a = b + s*c, {args.threads} threads): "
-                      f"{', '.join(f'{t:.1f}' for t in record['triad_runs'])} GB/s, median {tri:.1f} GB/s")
-            report.append(table(rows, f"\n{case}: {CASE_TITLES[case]}, ms per step (median in each process); "
-                                      f"x_jitnet = peer / jitnet"))
+                print(f"\ntriad (Numba prange a = b + s*c, {args.threads} threads, 12 bytes per element): "
+                      f"{', '.join(f'{t:.1f}' for t in record['triad_runs'])} GB/s, median {tri:.1f} GB/s",
+                      flush=True)
+            report.append(table(rows, f"\n{case}: {CASE_TITLES[case]}; ms per step, each round the median of "
+                                      f"its block ({where}); x_jitnet = peer / jitnet"))
             record["rows"] = rows
-        problems = check_agreement(case, per_lib)
+        problems = check_agreement(case, readies)
     record["seconds"] = time.perf_counter() - t_case
     record["check_problems"] = problems
-    record["checks"] = {r["lib"] + ("/" + r["kind"] if "kind" in r else ""): r["check"] for r in record["runs"]
+    src = record.get("workers", record["runs"])
+    record["checks"] = {f"{r['lib']}/{r.get('kind', 'pid %d' % r['pid'])}": r["check"] for r in src
                         if r.get("check") is not None}
-    print(f"{case}: {len(record['runs'])} worker processes in {record['seconds']:.1f} s; check values "
-          f"{'AGREE' if not problems else 'DISAGREE'}", flush=True)
+    print(f"{case}: {record['seconds']:.1f} s; check values {'AGREE' if not problems else 'DISAGREE'}",
+          flush=True)
     return record
 
 
@@ -856,8 +939,9 @@ CASE_TITLES = {
 
 
 def header(args, libs, pinned):
-    lines = [f"jitnet vs compilers: {args.threads} threads per library, each library in its own process, "
-             f"{args.rounds} rounds ({args.slow_rounds} for contention and coldstart)"
+    mode = "a new process per library and round" if args.fresh else "one process per library and case"
+    lines = [f"jitnet vs compilers: {args.threads} threads per library, each library in its own process ({mode}), "
+             f"{args.rounds} rounds ({args.slow_rounds} for contention and coldstart), libraries alternating"
              f"{' [--quick: 1 round, few steps, not a measurement]' if args.quick else ''}",
              f"  libraries: {', '.join(libs)}; python {sys.version.split()[0]}; {os.cpu_count()} CPUs"
              + (f", workers pinned to CPUs {pinned}" if pinned else ""),
@@ -910,6 +994,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a seconds-long smoke run (1 round, few steps)")
+    p.add_argument("--fresh", action="store_true",
+                   help="start a new worker process for every library and round (the spread between processes; "
+                        "slower) instead of one process per library and case")
     p.add_argument("--json", default=None)
     p.add_argument("--worker", choices=LIBS + ("triad",), help=argparse.SUPPRESS)
     p.add_argument("--no-check", action="store_true", help=argparse.SUPPRESS)
@@ -931,7 +1018,7 @@ def main(argv=None):
     report = [header(args, libs, pinned)]
     t0 = time.perf_counter()
     out = {"config": {"threads": args.threads, "rounds": args.rounds, "slow_rounds": args.slow_rounds,
-                      "quick": args.quick, "seed": args.seed, "libs": libs, "pinned_cpus": pinned,
+                      "quick": args.quick, "fresh": args.fresh, "seed": args.seed, "libs": libs, "pinned_cpus": pinned,
                       "busy_process": f"{sys.executable} -c \"{BUSY_CMD}\" (1 process)"},
            "cases": {}}
     problems = []

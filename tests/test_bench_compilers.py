@@ -30,9 +30,12 @@ def test_quick_mlp_jitnet_and_jax_agree(tmp_path):
     assert set(runs) == {"jitnet", "jax"}
     assert runs["jitnet"]["pid"] != runs["jax"]["pid"] != os.getpid()     # each library in its own process
     for x in runs.values():
-        assert len(x["check"]) == C.CHECK_STEPS
         assert x["steps"] >= 3 and 0 < x["min_ms"] <= x["median_ms"]
-    lj, lx = runs["jitnet"]["check"], runs["jax"]["check"]
+    workers = {x["lib"]: x for x in rec["workers"]}
+    assert workers["jax"]["pid"] == runs["jax"]["pid"]
+    for x in workers.values():
+        assert len(x["check"]) == C.CHECK_STEPS and x["setup_s"] > 0
+    lj, lx = workers["jitnet"]["check"], workers["jax"]["check"]
     assert lj == pytest.approx(lx, rel=1e-3)
     assert lj[-1] < lj[0]                                                  # the steps train: the loss falls
     rows = {row["lib"]: row for row in rec["rows"]}
