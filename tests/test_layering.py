@@ -86,10 +86,10 @@ def test_the_checker_sees_imports_inside_functions_and_lazy_names(tmp_path):
 # The import graph: no module imports (at any depth) a module that imports it back
 # ----------------------------------------------------------------------------------------------------------------
 
-#: Function-level imports of jitnet modules still allowed: (importing module, imported module) -> reason. Each
-#: entry is a debt: a function-level import is for an optional third-party dependency (torch, mpi4py, onnx, ...),
-#: and a jitnet module deferred for start-up speed is a module-level ``LazyModule`` handle instead.
-FUNCTION_IMPORTS_ALLOWED = {}
+#: Function-level imports of jitnet modules that are allowed: (importing module, imported module) -> reason. None
+#: is: a function-level import is for an optional third-party dependency (torch, mpi4py, onnx, ...), and a jitnet
+#: module deferred for start-up speed is a module-level ``LazyModule`` handle instead.
+FUNCTION_IMPORTS_ALLOWED: dict = {}
 
 
 def _import_targets(name, is_pkg, node, known):
