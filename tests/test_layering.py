@@ -122,28 +122,36 @@ def _import_targets(name, is_pkg, node, known):
     return out
 
 
+def _module_imports(name, is_pkg, tree, known):
+    """Return (the jitnet modules module ``name`` imports at any depth or names in a LazyModule, [(line, module)
+    for its imports inside functions])."""
+    targets, in_functions = set(), []
+
+    def walk(node, in_function):
+        for child in ast.iter_child_nodes(node):
+            inner = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            if isinstance(child, (ast.Import, ast.ImportFrom)):
+                found = _import_targets(name, is_pkg, child, known)
+                targets.update(found)
+                if in_function:
+                    in_functions.extend((child.lineno, t) for t in sorted(found))
+            elif isinstance(child, ast.Call) and getattr(child.func, "id", None) == "LazyModule" and child.args \
+                    and isinstance(child.args[0], ast.Constant):
+                targets.update(_import_targets(name, is_pkg, child, known))
+            walk(child, inner)
+
+    walk(tree, False)
+    targets.discard(name)
+    return targets, in_functions
+
+
 def _graph():
     """Return ({module: {imported jitnet modules}}, [(module, line, imported module) of function-level imports])."""
     files = {name: (path, is_pkg) for name, path, is_pkg in _modules()}
-    known = set(files)
-    edges, in_functions = {m: set() for m in files}, []
-
-    def walk(name, is_pkg, node, in_function):
-        for child in ast.iter_child_nodes(node):
-            inner = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
-            targets = ()
-            if isinstance(child, (ast.Import, ast.ImportFrom)):
-                targets = _import_targets(name, is_pkg, child, known)
-                if in_function:
-                    in_functions.extend((name, child.lineno, t) for t in sorted(targets))
-            elif isinstance(child, ast.Call) and getattr(child.func, "id", None) == "LazyModule" and child.args \
-                    and isinstance(child.args[0], ast.Constant):
-                targets = _import_targets(name, is_pkg, child, known)
-            edges[name].update(t for t in targets if t != name)
-            walk(name, is_pkg, child, inner)
-
+    edges, in_functions = {}, []
     for name, (path, is_pkg) in files.items():
-        walk(name, is_pkg, ast.parse(open(path).read()), False)
+        edges[name], inner = _module_imports(name, is_pkg, ast.parse(open(path).read()), set(files))
+        in_functions += [(name, line, t) for line, t in inner]
     return edges, in_functions
 
 
@@ -211,13 +219,17 @@ def test_functions_import_no_jitnet_module_outside_the_allow_list():
                     "LazyModule handle):\n" + "\n".join(bad)
 
 
-def test_the_graph_sees_packages_lazy_handles_and_cycles(tmp_path):
+def test_the_graph_sees_packages_lazy_handles_function_imports_and_cycles():
     known = {"jitnet.a", "jitnet.a.b", "jitnet.c"}
     imp = ast.parse("from .a import b").body[0]
     assert _import_targets("jitnet.c", False, imp, known) == {"jitnet.a", "jitnet.a.b"}   # the package's __init__
     assert _import_targets("jitnet.a.x", False, ast.parse("from . import b").body[0], known) == {"jitnet.a.b"}
     lazy = ast.parse("LazyModule('jitnet.a.b.f')").body[0].value
     assert _import_targets("jitnet.c", False, lazy, known) == {"jitnet.a", "jitnet.a.b"}
+    tree = ast.parse("import numpy\nfrom . import c\n_H = LazyModule('jitnet.a.b')\n"
+                     "def f():\n    import torch\n    from .a.b import g\n")
+    assert _module_imports("jitnet.m", False, tree, known | {"jitnet.m"}) == (
+        {"jitnet.c", "jitnet.a", "jitnet.a.b"}, [(6, "jitnet.a"), (6, "jitnet.a.b")])   # torch: not jitnet
     g = {"x": {"y"}, "y": {"z"}, "z": {"x"}, "w": {"x"}}
     assert _cycles(g) == [["x", "y", "z"]] and _a_cycle(g, ["x", "y", "z"]) == ["x", "y", "z", "x"]
     assert _cycles({"x": {"y"}, "y": set()}) == []
