@@ -5,11 +5,15 @@
                               [--quick] [--json out.json]
 
 Each library runs in its own process (one library's thread pools disturb another's in a shared process): the
-driver starts one worker per library and round (``python bench/compilers.py --worker LIB --case CASE ...``),
-rotates the order of the libraries from round to round, and reads the JSON line each worker prints. Each table
-shows every library's per-round figure (the median step time in that process, after warm-up), the median and
-the worst round, and the ratios peer_time / jitnet_time (above 1: jitnet is faster): of the medians, and the
-smallest per-round ratio (the round where jitnet's lead was smallest).
+driver starts one worker per library (``python bench/compilers.py --worker LIB --case CASE ...``), each builds
+and compiles its step, runs its check steps and warm-up, and prints a ``READY`` JSON line; then the rounds
+alternate between the workers (the order rotates from round to round, and each block follows a 0.2 s pause
+and one untimed step, so the previous library's spinning threads have gone to sleep), each worker printing a
+``RESULT`` JSON line per block. ``--fresh`` starts a new worker for every library and round instead (shows the
+spread between processes, e.g. a slow mode that depends on the process; it pays every setup again). Each table
+shows every library's per-round figure (the median step time of its block), the median and the worst round,
+and the ratios peer_time / jitnet_time (above 1: jitnet is faster): of the medians, and the smallest per-round
+ratio (the round where jitnet's lead was smallest).
 
 Every library starts from the same weights and inputs (NumPy, from ``--seed``) and reports check values: the
 first training losses (MLP, CNN with its dropout set to 0 in a second copy of the model, autoencoder), the
@@ -41,7 +45,10 @@ Cases (each written the way that library's users write it):
 * ``coldstart``: wall time from the worker process's start (``subprocess.Popen``) to the end of the third
   finished MLP step. Cold: jitnet with fresh empty ``JITNET_CACHE_DIR`` and ``NUMBA_CACHE_DIR`` temporary
   directories, torch.compile with a fresh ``TORCHINDUCTOR_CACHE_DIR``, JAX without a compilation cache
-  (``JAX_COMPILATION_CACHE_DIR`` unset); warm: a second process with the same directories.
+  (``JAX_COMPILATION_CACHE_DIR`` unset); warm: a second process with the same directories. (In the other
+  cases torch.compile's worker compiles in its own process, ``TORCHINDUCTOR_COMPILE_THREADS=1``: inductor's
+  pool of compile processes otherwise keeps starting up, each importing torch, after a warm-cache compile
+  has finished, and loads the machine during the next blocks.)
 
 Threads (``--threads``, default 2) for every library: ``OPENBLAS_NUM_THREADS``, ``OMP_NUM_THREADS``,
 ``MKL_NUM_THREADS`` and ``NUMBA_NUM_THREADS``; jitnet ``jn.set_num_threads`` (and the training CLI's malloc
@@ -51,8 +58,9 @@ thread-count setting: it starts one thread per schedulable CPU, so on a machine 
 ``--threads 1`` JAX also gets ``XLA_FLAGS=--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1``.
 The header prints what was set.
 
-``--quick``: a smoke run of seconds per worker (1 round, few steps): it checks the plumbing and the losses,
-not the speed.
+``--quick``: a smoke run (1 round, 0.15 s blocks, the chain on 1M elements): it checks the plumbing and the
+losses, not the speed. A full ``--case all`` takes about 6 minutes on an idle 2-core machine, plus inductor's
+first compiles (about 2 minutes more) the first time torch.compile runs on a machine.
 """
 from __future__ import annotations
 
@@ -193,7 +201,6 @@ class JitnetLib:
         self.jn = jn
 
     def _mlp_model(self, seed):
-        jn = self.jn
         import jitnet.nn as nn
         model = nn.Sequential(nn.Linear(D_IN, H), nn.ReLU(), nn.Linear(H, H), nn.ReLU(), nn.Linear(H, D_OUT))
         for p, w in zip(model.parameters(), mlp_weights(seed)):
@@ -463,7 +470,7 @@ class TorchLib:
         return self.torch.compile(fn) if self.compiled else fn
 
     def _mlp_net(self, seed):
-        torch, nn = self.torch, self.torch.nn
+        nn = self.torch.nn
         net = nn.Sequential(nn.Linear(D_IN, H), nn.ReLU(), nn.Linear(H, H), nn.ReLU(), nn.Linear(H, D_OUT))
         self._load(net, mlp_weights(seed))
         return net
@@ -624,7 +631,7 @@ def run_worker(args):
     from stdin, printing ``RESULT {json}`` after each, until ``exit`` or the end of stdin."""
     t_start = time.time()
     quick = args.quick
-    min_time = 0.15 if quick else 0.5
+    min_time = 0.15 if quick else 0.4
     min_steps, warmup = (3, 5) if quick else (5, 5)
     n_chain = N_CHAIN // 10 if quick else N_CHAIN
     base = {"lib": args.worker, "case": args.case, "pid": os.getpid(), "threads": args.threads}
@@ -721,7 +728,7 @@ class Worker:
             cmd.append("--quick")
         if not check:
             cmd.append("--no-check")
-        self.lib, self.case, self.gap = lib, case, 0.05 if args.quick else 0.3
+        self.lib, self.case, self.gap = lib, case, 0.05 if args.quick else 0.2
         self.err = tempfile.TemporaryFile(mode="w+")
         self.t_start = time.time()
         self.proc = subprocess.Popen(cmd, env=worker_env(lib, args.threads, extra_env), stdin=subprocess.PIPE,
@@ -837,7 +844,10 @@ def _timed_rounds(case, args, libs, record):
     workers = {}
 
     def start(lib, first):
-        w = Worker(lib, case, args, check=first)
+        # inductor's pool of compile processes keeps starting (each imports torch) after a warm-cache compile
+        # has finished: it would load the machine during the other libraries' first blocks
+        env = {"TORCHINDUCTOR_COMPILE_THREADS": "1"} if lib == "torch_compile" else None
+        w = Worker(lib, case, args, env, check=first)
         readies[lib].append(w.ready)
         return w
 
