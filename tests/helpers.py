@@ -57,10 +57,12 @@ class PerDevice(dict):
         return self[devtype(device)]
 
 
-#: operand shapes: up to 3-d with sides up to 4 on the CPU, sides up to 3 on cuda
-dev_shapes = PerDevice(shapes, hnp.array_shapes(min_dims=0, max_dims=3, min_side=1, max_side=3))
+#: operand shapes: 0-d to 3-d with sides up to 4 on the CPU; 1-d to 3-d with sides up to 3 on cuda (0-d tensors
+#: do not reach the GPU intact: jitnet.cuda.to_device's np.ascontiguousarray makes them (1,), see
+#: tests/cuda/test_cuda_kernels.py::test_a_0d_tensor_keeps_its_shape_on_the_gpu)
+dev_shapes = PerDevice(shapes, hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=3))
 dev_nonscalar_shapes = PerDevice(nonscalar_shapes, hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=3))
-dev_pair_shapes = PerDevice(pair_shapes, hnp.mutually_broadcastable_shapes(num_shapes=2, min_dims=0, max_dims=3,
+dev_pair_shapes = PerDevice(pair_shapes, hnp.mutually_broadcastable_shapes(num_shapes=2, min_dims=1, max_dims=3,
                                                                            min_side=1, max_side=3))
 
 
@@ -177,6 +179,16 @@ def assert_close(actual, expected, rtol=1e-5, atol=1e-6, dtype=None, device=None
                                    equal_nan=True)
 
 
+def to_device(data, device, dtype=None):
+    """Return ``data`` as a tensor created on the CPU and moved to ``device`` with ``.to``. (A 0-d tensor moves as
+    (1,) and is reshaped back on the device: jitnet.cuda.to_device promotes 0-d arrays to 1-d, see
+    tests/cuda/test_cuda_kernels.py::test_a_0d_tensor_keeps_its_shape_on_the_gpu.)"""
+    t = jn.tensor(data, dtype=dtype)
+    if t.ndim == 0 and devtype(device) != "cpu":
+        return jn.reshape(jn.reshape(t, (1,)).to(device), ())
+    return t.to(device)
+
+
 def gradcheck(f, *bases, device="cpu", **kw):
     """Check the gradient of ``f`` at float64 copies of ``bases`` (NumPy arrays) on ``device`` against central
     differences: ``jitnet.testing.gradcheck`` (the whole Jacobian) on the CPU, ``directional_gradcheck`` on cuda."""
@@ -194,14 +206,14 @@ def directional_gradcheck(f, *bases, device, directions=2, eps=1e-6, atol=1e-5, 
     xs64 = [np.asarray(b, dtype=np.float64) for b in bases]
 
     def on_device(arrays):
-        return [jn.tensor(a, dtype=jn.float64).to(device) for a in arrays]
+        return [to_device(a, device, jn.float64) for a in arrays]
     leaves = [x.requires_grad_() for x in on_device(xs64)]
     out = f(*leaves)
     w = rng.uniform(0.5, 1.5, out.shape)
     if not out.requires_grad:
         grads = [np.zeros_like(x) for x in xs64]
     else:
-        out.backward(jn.tensor(w, dtype=out.dtype).to(device))
+        out.backward(to_device(w, device, out.dtype))
         grads = []
         for x, leaf in zip(xs64, leaves):
             if leaf.grad is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import assert_close, gradcheck
+from helpers import assert_close, gradcheck, to_device
 
 import jitnet as jn
 import jitnet.nn.functional as F
@@ -15,7 +15,7 @@ RNG = np.random.default_rng(1234)
 
 
 def T(data, device, dtype=None):
-    return jn.tensor(data, dtype=dtype).to(device)
+    return to_device(data, device, dtype)
 
 
 def arr(*shape, lo=-2.0, hi=2.0):

@@ -24,6 +24,10 @@ from numba.core import config
 
 SIM = bool(config.ENABLE_CUDASIM)
 
+_TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _TESTS not in sys.path:              # tests/helpers.py, and the op suite that test_ops_cuda.py collects
+    sys.path.insert(0, _TESTS)
+
 if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
     assert SIM, "NUMBA_ENABLE_CUDASIM=1 was set after Numba was imported: run tests/cuda in their own process"
 
@@ -123,6 +127,25 @@ def _make_strict():
 
 if SIM:
     _make_strict()
+
+
+@pytest.fixture(scope="session")
+def device():
+    """The op suite (tests/test_ops.py, collected by test_ops_cuda.py) runs on the GPU here."""
+    return "cuda"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    """Skip a test that reaches a registry row without a CUDA implementation, with the row's reason."""
+    try:
+        return (yield)
+    except (NotImplementedError, ExceptionGroup) as e:
+        from helpers import no_cuda_reason
+        reason = no_cuda_reason(e)
+        if reason is None:
+            raise
+        pytest.skip(f"no CUDA implementation: {reason}")
 
 
 @pytest.fixture(scope="session", autouse=True)
