@@ -287,7 +287,7 @@ def elementwise_impl(prim):
 
 def run_primitive(prim_name, /, *arrays, **params):
     """Run the CUDA implementation of registry row ``prim_name`` (the rows' own, or a generated elementwise one)."""
-    return _ad._cuda_impl(_ad.REGISTRY[prim_name])(*arrays, **params)
+    return impl_of(_ad.REGISTRY[prim_name])(*arrays, **params)
 
 
 def cast(d, dtype):
@@ -435,12 +435,23 @@ def sparse_rows(p, values, indices, name):
 
 
 
+def impl_of(prim):
+    """Return ``prim``'s CUDA implementation: the row's own, or a generated kernel from its elementwise template
+    (made on first use and kept on the row); raise NotImplementedError naming the op otherwise."""
+    f = prim.impl.get("cuda")
+    if f is None and prim.kind == "elementwise" and prim.template is not None:
+        f = prim.impl["cuda"] = elementwise_impl(prim)
+    if f is None:
+        why = prim.extra.get("no_cuda")
+        raise NotImplementedError(f"{prim.name}: this op has no CUDA kernel{f' ({why})' if why else ' yet'}; run "
+                                  f"it on the CPU (.cpu()) and move the result back with .to('cuda')")
+    return f
+
+
 def install():
     """Give every elementwise row a generated CUDA kernel (called once by ``cuda.require``); rows registered later
-    get theirs on first use through the factory installed here. Every other row holds its own ``impl["cuda"]``
-    (or says why it has none: ``extra["no_cuda"]``)."""
+    get theirs on first use (``impl_of``). Every other row holds its own ``impl["cuda"]`` (or says why it has
+    none: ``extra["no_cuda"]``)."""
     for prim in list(_ad.REGISTRY.values()):
         if "cuda" not in prim.impl and prim.kind == "elementwise" and prim.template is not None:
             prim.impl["cuda"] = elementwise_impl(prim)
-    _ad.set_cuda_factory(lambda prim: elementwise_impl(prim) if prim.kind == "elementwise" and prim.template
-                         is not None else None)

@@ -26,6 +26,7 @@ import sys
 import numpy as np
 
 from . import kernelgen
+from .autodiff import core as _ad
 from .lazy import LazyModule
 
 __all__ = ["Backend", "CpuBackend", "CudaBackend", "CPU", "CUDA", "register", "get", "backend_of", "names"]
@@ -56,6 +57,24 @@ class Backend:
         """Return host array ``arr`` on this device (a counted transfer when it moves)."""
         raise NotImplementedError
 
+    # constructors (``jn.zeros``/``full``/``arange``/``linspace``/``eye`` on this device): by default made on the
+    # host and moved; a device overrides them with fill kernels
+    def full(self, shape, value, dtype):
+        """Return an array of this device of ``shape`` filled with ``value``."""
+        return self.from_host(np.full(shape, value, dtype))
+
+    def arange(self, start, stop, step, dtype):
+        """Return ``np.arange(start, stop, step)`` as an array of this device."""
+        return self.from_host(np.arange(start, stop, step, dtype=dtype))
+
+    def linspace(self, start, stop, num, dtype):
+        """Return ``np.linspace(start, stop, num)`` as an array of this device."""
+        return self.from_host(np.linspace(start, stop, num, dtype=dtype))
+
+    def eye(self, n, m, dtype):
+        """Return the (n, m) identity as an array of this device."""
+        return self.from_host(np.eye(n, m, dtype=dtype))
+
     def to_host(self, arr) -> np.ndarray:
         """Return this device's array ``arr`` as a host NumPy array."""
         raise NotImplementedError
@@ -65,7 +84,10 @@ class Backend:
 
     # -- ops ---------------------------------------------------------------------------------------------------
     def impl(self, prim):
-        """Return ``prim``'s implementation over this device's arrays, or raise NotImplementedError naming it."""
+        """Return ``prim``'s implementation over this device's arrays, or raise NotImplementedError naming it.
+
+        A row marked ``extra["any_device"]`` (the transfer between devices) takes arrays of every device in its
+        one implementation, ``impl["cpu"]``: return that."""
         raise NotImplementedError
 
     # -- plan target -------------------------------------------------------------------------------------------
@@ -260,15 +282,21 @@ class CudaBackend(Backend):
     def synchronize(self):
         _C.synchronize()
 
+    def full(self, shape, value, dtype):
+        return _G.full(shape, value, dtype)
+
+    def arange(self, start, stop, step, dtype):
+        return _G.arange(start, stop, step, dtype)
+
+    def linspace(self, start, stop, num, dtype):
+        return _G.linspace(start, stop, num, dtype)
+
+    def eye(self, n, m, dtype):
+        return _G.eye(n, m, dtype)
+
     def impl(self, prim):
         f = prim.impl.get("cuda")
-        if f is None and prim.kind == "elementwise" and prim.template is not None:
-            f = prim.impl["cuda"] = _G.elementwise_impl(prim)       # a generated kernel from the row's template
-        if f is None:
-            why = prim.extra.get("no_cuda") if prim.extra else None
-            raise NotImplementedError(f"{prim.name}: this op has no CUDA kernel{f' ({why})' if why else ' yet'}; "
-                                      f"run it on the CPU (.cpu()) and move the result back with .to('cuda')")
-        return f
+        return f if f is not None else _G.impl_of(prim)    # else a generated kernel from its template, or an error
 
     def group_kernel(self, program, out_rank, in_maps, scalar_kinds, size):
         return _KGC.group_kernel(program, out_rank, in_maps, scalar_kinds)
@@ -324,6 +352,7 @@ def register(backend: Backend) -> Backend:
         raise ValueError(f"a backend named {backend.name!r} is already registered")
     _BACKENDS[backend.name] = backend
     _OTHERS.append(backend)
+    _ad.enable_devices()                 # dispatch now asks each operand's backend
     return backend
 
 
@@ -340,11 +369,21 @@ def names() -> list:
     return list(_BACKENDS)
 
 
+_BY_TYPE = {}              # array type -> the backend that owns it (asked once per type)
+
+
 def backend_of(arr) -> Backend:
     """Return the backend whose array ``arr`` is (CPU for NumPy arrays, scalars and loop tuples)."""
     if isinstance(arr, (np.ndarray, tuple, np.generic)):
         return CPU
+    b = _BY_TYPE.get(type(arr))
+    if b is not None:
+        return b
     for b in _OTHERS:
         if b.owns(arr):
+            _BY_TYPE[type(arr)] = b
             return b
     raise TypeError(f"no jitnet backend owns an array of type {type(arr).__name__}")
+
+
+_ad.install_backends(backend_of, get)

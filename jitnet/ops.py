@@ -16,6 +16,7 @@ import numbers
 import numba
 import numpy as np
 
+from . import backends as _backends
 from . import kernelgen
 from . import bounds
 from . import lowp as _lowp
@@ -2380,7 +2381,7 @@ def _filled(shape, value, dtype, device):
     dev = _on(device)
     if dev.type == "cpu":
         return Tensor._wrap(np.full(shape, value, dtype))
-    return Tensor._wrap(_G.full(shape, value, dtype))
+    return Tensor._wrap(_backends.get(dev.type).full(shape, value, dtype))
 
 
 def zeros(shape, dtype=float32, device=None):
@@ -2432,7 +2433,7 @@ def empty(shape, dtype=float32, device=None):
     """Return an uninitialised tensor (on ``device``; default: the default device)."""
     dev = _on(device)
     if dev.type != "cpu":
-        return Tensor._wrap(_G.empty(_shape_arg(shape), _normalize_dtype(dtype)))
+        return Tensor._wrap(_backends.get(dev.type).empty(_shape_arg(shape), _normalize_dtype(dtype)))
     return Tensor._wrap(np.empty(_shape_arg(shape), _normalize_dtype(dtype)))
 
 
@@ -2442,22 +2443,25 @@ def arange(start, stop=None, step=1, dtype=None, device=None):
         start, stop = 0, start
     if dtype is None:
         dtype = int64 if _all(isinstance(v, (int, np.integer)) for v in (start, stop, step)) else float32
-    if _on(device).type != "cpu":
-        return Tensor._wrap(_G.arange(start, stop, step, _normalize_dtype(dtype)))
+    dev = _on(device)
+    if dev.type != "cpu":
+        return Tensor._wrap(_backends.get(dev.type).arange(start, stop, step, _normalize_dtype(dtype)))
     return Tensor._wrap(np.arange(start, stop, step, dtype=_normalize_dtype(dtype)))
 
 
 def linspace(start, stop, num=50, dtype=float32, device=None):
     """Return ``num`` evenly spaced values from start to stop inclusive."""
-    if _on(device).type != "cpu":
-        return Tensor._wrap(_G.linspace(start, stop, int(num), _normalize_dtype(dtype)))
+    dev = _on(device)
+    if dev.type != "cpu":
+        return Tensor._wrap(_backends.get(dev.type).linspace(start, stop, int(num), _normalize_dtype(dtype)))
     return Tensor._wrap(np.linspace(start, stop, num, dtype=_normalize_dtype(dtype)))
 
 
 def eye(n, m=None, dtype=float32, device=None):
     """Return an identity matrix (n x m)."""
-    if _on(device).type != "cpu":
-        return Tensor._wrap(_G.eye(int(n), int(n if m is None else m), _normalize_dtype(dtype)))
+    dev = _on(device)
+    if dev.type != "cpu":
+        return Tensor._wrap(_backends.get(dev.type).eye(int(n), int(n if m is None else m), _normalize_dtype(dtype)))
     return Tensor._wrap(np.eye(n, m, dtype=_normalize_dtype(dtype)))
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import backends as _backends
 from . import cuda as _cuda
 from . import lowp as _lowp
 from .autodiff import core as _ad
@@ -49,8 +50,9 @@ class Device:
             return
         s = str(spec)
         t, _, i = s.partition(":")
-        if t not in ("cpu", "cuda"):
-            raise ValueError(f"unknown device {spec!r}: expected 'cpu' or 'cuda[:index]'")
+        if t not in ("cpu", "cuda") and t not in _backends.names():
+            raise ValueError(f"unknown device {spec!r}: expected 'cpu' or 'cuda[:index]'"
+                             + "".join(f" or {n!r}" for n in _backends.names() if n not in ("cpu", "cuda")))
         self.type, self.index = t, (int(i) if i else 0)
 
     def __eq__(self, other):
@@ -58,13 +60,13 @@ class Device:
             o = Device(other)
         except (ValueError, TypeError):
             return NotImplemented
-        return self.type == o.type and (self.type == "cpu" or self.index == o.index)
+        return self.type == o.type and (self.type != "cuda" or self.index == o.index)
 
     def __hash__(self):
         return hash((self.type, self.index if self.type == "cuda" else 0))
 
     def __str__(self):
-        return self.type if self.type == "cpu" else f"cuda:{self.index}"
+        return f"cuda:{self.index}" if self.type == "cuda" else self.type
 
     __repr__ = lambda self: f"device({str(self)!r})"  # noqa: E731
 
@@ -108,7 +110,12 @@ def _on_device(arr, dev):
     if dev.type == "cpu":
         if isinstance(arr, np.ndarray):
             return arr
-        return _cuda.to_host(arr)
+        return _backends.backend_of(arr).to_host(arr)
+    if dev.type != "cuda":                              # a device kind registered with jitnet.backends
+        be = _backends.get(dev.type)
+        if be.owns(arr):
+            return arr
+        return be.from_host(arr if isinstance(arr, np.ndarray) else _backends.backend_of(arr).to_host(arr))
     _cuda.require(f"to({str(dev)!r})", dev.index)
     if isinstance(arr, np.ndarray) and _lowp.is_bf16(arr.dtype):
         raise TypeError("bfloat16 tensors live on the CPU (no GPU kernel reads them); convert with .float() or "
@@ -246,12 +253,17 @@ class Tensor:
     @property
     def device(self):
         """The Device holding the data."""
-        return _CPU if isinstance(self._data, (np.ndarray, tuple)) else _CUDA0
+        d = self._data
+        if isinstance(d, (np.ndarray, tuple)):
+            return _CPU
+        be = _backends.backend_of(d)
+        return _CUDA0 if be is _backends.CUDA else Device(be.name)
 
     @property
     def is_cuda(self):
         """True when the data is on a CUDA device."""
-        return not isinstance(self._data, (np.ndarray, tuple))
+        d = self._data
+        return not isinstance(d, (np.ndarray, tuple)) and _backends.backend_of(d) is _backends.CUDA
 
     @property
     def __cuda_array_interface__(self):
@@ -309,7 +321,7 @@ class Tensor:
         d = self._data
         if isinstance(d, np.ndarray):
             return d
-        return _cuda.to_host(d)
+        return _backends.backend_of(d).to_host(d)
 
     def item(self):
         """Return the single element as a Python number."""
@@ -333,7 +345,8 @@ class Tensor:
         d = dev if isinstance(dev, Device) else Device(dev)
         if d == self.device:
             return self
-        _cuda.require(f"Tensor.to({str(d)!r})", d.index if d.type == "cuda" else 0)
+        if d.type == "cuda":
+            _cuda.require(f"Tensor.to({str(d)!r})", d.index)
         return _ad.apply(TRANSFER, self, device=str(d))
 
     def cpu(self):
@@ -466,16 +479,15 @@ _ad._wrap = Tensor._wrap
 # --------------------------------------------------------------------------------------------------------------
 
 def _transfer_impl(a, device):
-    if device == "cpu":
-        return a if isinstance(a, np.ndarray) else _cuda.to_host(a)
-    return _cuda.to_device(a) if isinstance(a, np.ndarray) else a
+    return _on_device(a, Device(device))
 
 
 def _transfer_vjp(g, ans, ins, needs, device):
     return (g.to(ins[0].device),)
 
 
-#: Tensor.to / .cpu / .cuda: a copy between devices (differentiable; its inputs may be on any device)
+#: Tensor.to / .cpu / .cuda: a copy between devices (differentiable; its inputs may be on any device, and every
+#: backend runs this one implementation: ``any_device``)
 TRANSFER = _ad.Primitive("to_device", impl={"cpu": _transfer_impl, "cuda": _transfer_impl}, vjp=_transfer_vjp)
 TRANSFER.extra["any_device"] = True
 

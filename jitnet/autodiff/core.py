@@ -153,12 +153,25 @@ def enable_devices():
     _DEVICES = True
 
 
+# ``jitnet.backends`` installs these when it loads (it imports this module, not the reverse): the backend owning
+# an array, and the backend of a device name. Dispatch asks the backend for a row's implementation.
+_BACKEND_OF = None
+_BACKEND_NAMED = None
+
+
+def install_backends(backend_of, backend_named):
+    """Let dispatch find the backend of an array / a device name (called once by ``jitnet.backends``)."""
+    global _BACKEND_OF, _BACKEND_NAMED
+    _BACKEND_OF, _BACKEND_NAMED = backend_of, backend_named
+
+
 def _device_name(arr):
-    return "cpu" if isinstance(arr, (np.ndarray, tuple)) else "cuda:0"
+    return "cpu" if isinstance(arr, (np.ndarray, tuple)) else _BACKEND_OF(arr).name
 
 
 def select_impl(prim, inputs, params):
-    """Return the impl of ``prim`` for the device of its tensor ``inputs`` (checking they agree)."""
+    """Return the impl of ``prim`` for the device of its tensor ``inputs`` (checking they agree): the row's
+    implementation that the backend of that device (``jitnet.backends``) gives."""
     if not _DEVICES:
         return prim.impl["cpu"]
     dev, j = None, 0
@@ -167,20 +180,19 @@ def select_impl(prim, inputs, params):
             dev = t
             break
     if dev is None:
-        if not inputs and params.get("device", "cpu") != "cpu":
-            return _cuda_impl(prim)
+        if not inputs and params.get("device", "cpu") != "cpu":     # a constructor on a device
+            return _BACKEND_NAMED(params["device"]).impl(prim)
         return prim.impl["cpu"]
+    backend = _BACKEND_OF(dev._data)
     if not prim.extra.get("any_device"):
         for i, t in enumerate(inputs):
             d = t._data
             if isinstance(d, np.ndarray) and d.ndim:      # 0-d host tensors are scalars: allowed, as in PyTorch
                 raise RuntimeError(
-                    f"{prim.name}: expected all tensors on the same device, got cuda:0 (input {j}, shape "
-                    f"{dev.shape}) and cpu (input {i}, shape {t.shape}); move them with .to('cuda') or .cpu()")
-    return _cuda_impl(prim)
-
-
-_CUDA_FACTORY = None     # builds a CUDA impl on first use (elementwise primitives registered after the backend)
+                    f"{prim.name}: expected all tensors on the same device, got {dev.device} (input {j}, shape "
+                    f"{dev.shape}) and cpu (input {i}, shape {t.shape}); move them with .to('{backend.name}') or "
+                    f".cpu()")
+    return backend.impl(prim)
 
 
 def no_cuda(reason, *prims):
@@ -190,24 +202,6 @@ def no_cuda(reason, *prims):
     why not here; ``tests/test_registry.py`` fails a row that does none of these."""
     for p in prims:
         p.extra["no_cuda"] = reason
-
-
-def set_cuda_factory(factory):
-    """Install the function that builds a missing CUDA impl of a primitive (or returns None)."""
-    global _CUDA_FACTORY
-    _CUDA_FACTORY = factory
-
-
-def _cuda_impl(prim):
-    f = prim.impl.get("cuda")
-    if f is None and _CUDA_FACTORY is not None:
-        f = _CUDA_FACTORY(prim)
-        if f is not None:
-            prim.impl["cuda"] = f
-    if f is None:
-        raise NotImplementedError(f"{prim.name}: this op has no CUDA kernel yet; run it on the CPU "
-                                  f"(.cpu()) and move the result back with .to('cuda')")
-    return f
 
 
 def _apply_devices(prim, inputs, params):
