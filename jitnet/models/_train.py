@@ -25,7 +25,7 @@ from jitnet.lazy import LazyModule
 
 __all__ = ["base_parser", "learning_rate", "load_dataset", "Progress", "save_checkpoint", "restore_checkpoint",
            "fit", "setup_run", "ArgumentParser", "UsageError", "NonFiniteError", "NonFiniteGuard",
-           "add_nonfinite_args", "compile_notice"]
+           "add_nonfinite_args", "compile_notice", "add_device_args", "setup_device", "apply_smoke"]
 
 dist = LazyModule("jitnet.distributed")      # MPI data parallelism, loaded by a distributed run only
 
@@ -69,7 +69,7 @@ def base_parser(prog, description, *, epochs, batch_size, lr, lr_decay=1.0, data
     p.add_argument("--lr", type=float, default=lr, help=f"learning rate (default {lr})")
     p.add_argument("--lr-decay", type=float, default=lr_decay,
                    help=f"multiply the learning rate by this each epoch (default {lr_decay})")
-    p.add_argument("--device", default="cpu", help="device (only 'cpu' in this build)")
+    add_device_args(p)
     p.add_argument("--logdir", default=None, help="TensorBoard events, metrics.csv and checkpoints/ go here "
                                                   f"(default runs/{prog})")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --logdir")
@@ -85,6 +85,33 @@ def base_parser(prog, description, *, epochs, batch_size, lr, lr_decay=1.0, data
     add_distributed_arg(p)
     add_nonfinite_args(p)
     return p
+
+
+def add_device_args(p):
+    """Add ``--device`` and ``--smoke`` to parser ``p``; return ``p``."""
+    p.add_argument("--device", default="cpu",
+                   help="cpu or cuda (an NVIDIA GPU through numba-cuda; NUMBA_ENABLE_CUDASIM=1 runs Numba's CUDA "
+                        "simulator instead: slow, for checking) (default cpu)")
+    p.add_argument("--smoke", action="store_true",
+                   help="a few steps on the smallest data, to check an install or a device in seconds")
+    return p
+
+
+def setup_device(args):
+    """Check ``args.device`` ('cpu', 'cuda', 'cuda:N'); return the jn.Device (a UsageError when it is unknown or
+    not available, with the reason)."""
+    try:
+        return jn.device(args.device)
+    except (ValueError, RuntimeError) as e:
+        raise UsageError(f"--device {args.device}: {e}") from e
+
+
+def apply_smoke(args, **settings):
+    """Under ``--smoke``, set each option in ``settings`` (e.g. ``epochs=1, limit=256``) on ``args``; return args."""
+    if getattr(args, "smoke", False):
+        for k, v in settings.items():
+            setattr(args, k, v)
+    return args
 
 
 def add_distributed_arg(p):
@@ -417,8 +444,7 @@ def restore_checkpoint(path, model):
 
 def setup_run(args):
     """Apply --device, --threads, --seed and --distributed; return the log directory."""
-    if args.device != "cpu":
-        raise UsageError(f"--device {args.device}: only 'cpu' is available in this build")
+    args.device_obj = setup_device(args)
     n = setup_distributed(args)
     if n > 1:
         if args.batch_size % n:
