@@ -2,7 +2,7 @@
 
     python bench/compilers.py --case mlp|lstm|chain|cnn|autoencoder|contention|coldstart|all
                               [--rounds 5] [--slow-rounds 2] [--threads 2] [--libs jitnet jax torch torch_compile]
-                              [--quick] [--json out.json]
+                              [--fresh] [--quick] [--json out.json]
 
 Each library runs in its own process (one library's thread pools disturb another's in a shared process): the
 driver starts one worker per library (``python bench/compilers.py --worker LIB --case CASE ...``), each builds
@@ -38,10 +38,10 @@ Cases (each written the way that library's users write it):
   permuted to match), dropout keys split per step; the torch.nn network of bench/torch_weights.py.
 * ``autoencoder``: jitnet's Autoencoder 784-1000-500-250-30 and its mirror, each layer linear (no bias) +
   batch norm (training statistics) + sigmoid, batch 100 as the CLI, per-example squared L2 loss, Adam 1e-3.
-* ``contention``: the MLP step idle, then with ONE busy process on the machine: the worker starts
-  ``<this python> -c "while True: pass"`` (one process, default priority, no CPU pinning), waits 0.5 s,
-  times the steps again and kills it. Each library's slowdown is against its own idle time in the same
-  process.
+* ``contention``: in each round, the MLP step idle, then with ONE busy process on the machine: the worker
+  starts ``<this python> -c "while True: pass"`` (one process, default priority, no CPU pinning), waits
+  0.5 s, times the steps again and kills it. Each library's slowdown is against its own idle time in the
+  same process and round.
 * ``coldstart``: wall time from the worker process's start (``subprocess.Popen``) to the end of the third
   finished MLP step. Cold: jitnet with fresh empty ``JITNET_CACHE_DIR`` and ``NUMBA_CACHE_DIR`` temporary
   directories, torch.compile with a fresh ``TORCHINDUCTOR_CACHE_DIR``, JAX without a compilation cache
@@ -59,8 +59,9 @@ thread-count setting: it starts one thread per schedulable CPU, so on a machine 
 The header prints what was set.
 
 ``--quick``: a smoke run (1 round, 0.15 s blocks, the chain on 1M elements): it checks the plumbing and the
-losses, not the speed. A full ``--case all`` takes about 6 minutes on an idle 2-core machine, plus inductor's
-first compiles (about 2 minutes more) the first time torch.compile runs on a machine.
+losses, not the speed. A full ``--case all`` (5 rounds, 2 for contention and coldstart) costs its workers
+about 6.5 minutes of CPU time, a third of it coldstart's cold compiles; the first time torch.compile runs on
+a machine, inductor's first compiles add about 2 minutes.
 """
 from __future__ import annotations
 
