@@ -5,6 +5,10 @@
 Every model builds its network (a :class:`jitnet.nn.Module`) and optimizer in ``__init__``; ``inference``
 maps inputs to outputs, ``loss`` scores them, ``train_step`` is the whole step (forward, loss, backward,
 optimizer update) compiled by ``jitnet.jit`` (eager with ``jit=False``), ``evaluate`` returns test metrics.
+
+``device`` ('cpu', 'cuda', a jn.Device) places the network and the optimizer's state; each training batch (images
+and labels) goes to the device once, before its step, and evaluation batches likewise. Inside a step nothing
+crosses between host and device: the command reads the step's loss (one scalar) afterwards.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ import jitnet.nn as nn
 import jitnet.nn.functional as F
 from jitnet.data import augment as A
 
-from ._train import base_parser, fit, learning_rate, load_dataset, setup_run
+from ._train import UsageError, apply_smoke, base_parser, fit, learning_rate, load_dataset, setup_run
 
 __all__ = ["ImageClassifier", "LogisticRegression", "MLP", "CNNMnist", "CNNCifar", "Autoencoder", "pca_fit",
            "pca_reconstruct", "pca_errors",
@@ -35,8 +39,9 @@ class ImageClassifier:
 
     eval_batch = 500
 
-    def __init__(self, net, optimizer, jit=True):
-        self.net, self.opt = net, optimizer
+    def __init__(self, net, optimizer, jit=True, device=None):
+        self.device = jn.device(device or "cpu")
+        self.net, self.opt = net.to(self.device), optimizer    # the optimizer's slots follow its parameters
         self._step = jn.jit(self._train_step) if jit else self._train_step
         self._eval = jn.jit(self._eval_batch) if jit else self._eval_batch
 
@@ -74,14 +79,15 @@ class ImageClassifier:
     def batches(self, loader):
         """Yield (x, y) step inputs from a DataLoader's batches."""
         for x, y in loader:
-            yield jn.tensor(self.preprocess(x.numpy(), True)), y
+            yield (jn.tensor(self.preprocess(x.numpy(), True), device=self.device),
+                   jn.tensor(y, device=self.device))
 
     def predict(self, x):
         """Return the logits of ``x`` (NumPy or Tensor images) in evaluation mode, as a NumPy array."""
         self.net.eval()
         x = self.preprocess(np.asarray(x.numpy() if isinstance(x, jn.Tensor) else x), False)
         with jn.no_grad():
-            return self.inference(jn.tensor(x)).numpy()
+            return self.inference(jn.tensor(x, device=self.device)).numpy()
 
     def evaluate(self, x, y):
         """Return {"test_loss", "test_accuracy"} over the images x and labels y (evaluation mode)."""
@@ -89,8 +95,8 @@ class ImageClassifier:
         loss = correct = 0.0
         n = len(y)
         for i in range(0, n, self.eval_batch):
-            xb = jn.tensor(np.ascontiguousarray(self.preprocess(x[i:i + self.eval_batch], False)))
-            l, c = self._eval(xb, jn.tensor(np.ascontiguousarray(y[i:i + self.eval_batch])))
+            xb = jn.tensor(np.ascontiguousarray(self.preprocess(x[i:i + self.eval_batch], False)), device=self.device)
+            l, c = self._eval(xb, jn.tensor(np.ascontiguousarray(y[i:i + self.eval_batch]), device=self.device))
             loss += float(l.item())
             correct += float(c.item())
         self.net.train()
@@ -100,34 +106,35 @@ class ImageClassifier:
 class LogisticRegression(ImageClassifier):
     """Multinomial logistic regression: 784 pixels -> 10 logits, softmax cross-entropy, SGD with momentum."""
 
-    def __init__(self, lr=0.05, jit=True):
-        net = nn.Sequential(nn.Flatten(), nn.Linear(784, 10, init="zeros"))
-        super().__init__(net, jn.optim.SGD(net.parameters(), lr=lr, momentum=0.9), jit)
+    def __init__(self, lr=0.05, jit=True, device=None, in_features=784):
+        net = nn.Sequential(nn.Flatten(), nn.Linear(in_features, 10, init="zeros"))
+        super().__init__(net, jn.optim.SGD(net.parameters(), lr=lr, momentum=0.9), jit, device)
 
 
 class MLP(ImageClassifier):
     """784-256-256-10 perceptron with ReLU hidden layers, He init and linear logits; Adam."""
 
-    def __init__(self, lr=1e-3, hidden=(256, 256), jit=True):
-        layers, d = [nn.Flatten()], 784
+    def __init__(self, lr=1e-3, hidden=(256, 256), jit=True, device=None, in_features=784):
+        layers, d = [nn.Flatten()], in_features
         for h in hidden:
             layers += [nn.Linear(d, h, init="he"), nn.ReLU()]
             d = h
         layers.append(nn.Linear(d, 10, init="he"))       # logits stay linear (no ReLU on the output)
         net = nn.Sequential(*layers)
-        super().__init__(net, jn.optim.Adam(net.parameters(), lr=lr), jit)
+        super().__init__(net, jn.optim.Adam(net.parameters(), lr=lr), jit, device)
 
 
 class CNNMnist(ImageClassifier):
     """conv5x5-32 'same' -> pool 2 -> conv5x5-64 'same' -> pool 2 -> fc-1024 -> dropout 0.5 -> 10; Adam."""
 
-    def __init__(self, lr=1e-3, dropout=0.5, jit=True):
+    def __init__(self, lr=1e-3, dropout=0.5, jit=True, device=None, channels=(32, 64), fc=1024, size=28):
+        c1, c2 = channels
         net = nn.Sequential(
-            nn.Conv2d(1, 32, 5, padding="same"), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 5, padding="same"), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(7 * 7 * 64, 1024, init="he"), nn.ReLU(), nn.Dropout(dropout),
-            nn.Linear(1024, 10))
-        super().__init__(net, jn.optim.Adam(net.parameters(), lr=lr), jit)
+            nn.Conv2d(1, c1, 5, padding="same"), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 5, padding="same"), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear((size // 4) ** 2 * c2, fc, init="he"), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(fc, 10))
+        super().__init__(net, jn.optim.Adam(net.parameters(), lr=lr), jit, device)
 
 
 class CNNCifar(ImageClassifier):
@@ -139,16 +146,18 @@ class CNNCifar(ImageClassifier):
 
     crop = 24
 
-    def __init__(self, lr=1e-3, seed=0, jit=True):
+    def __init__(self, lr=1e-3, seed=0, jit=True, device=None, channels=(64, 64), fc=(384, 192), crop=24):
+        (c1, c2), (f1, f2) = channels, fc
+        self.crop = int(crop)
         net = nn.Sequential(
-            nn.Conv2d(3, 64, 5, padding="same", bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(64, 64, 5, padding="same", bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(3, c1, 5, padding="same", bias=False), nn.BatchNorm2d(c1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 5, padding="same", bias=False), nn.BatchNorm2d(c2), nn.ReLU(), nn.MaxPool2d(2),
             nn.Flatten(),
-            nn.Linear(6 * 6 * 64, 384, init="he", bias=False), nn.BatchNorm1d(384), nn.ReLU(),
-            nn.Linear(384, 192, init="he", bias=False), nn.BatchNorm1d(192), nn.ReLU(),
-            nn.Linear(192, 10))
+            nn.Linear((self.crop // 4) ** 2 * c2, f1, init="he", bias=False), nn.BatchNorm1d(f1), nn.ReLU(),
+            nn.Linear(f1, f2, init="he", bias=False), nn.BatchNorm1d(f2), nn.ReLU(),
+            nn.Linear(f2, 10))
         self.rng = np.random.default_rng(seed)
-        super().__init__(net, jn.optim.Adam(net.parameters(), lr=lr), jit)
+        super().__init__(net, jn.optim.Adam(net.parameters(), lr=lr), jit, device)
 
     def preprocess(self, x, train):
         """Return augmented 24x24 standardized crops (train) or standardized centre crops (eval)."""
@@ -179,17 +188,19 @@ class Autoencoder:
 
     eval_batch = 1000
 
-    def __init__(self, code_size=2, lr=1e-3, denoise=False, hidden=(1000, 500, 250), jit=True):
-        self.code_size, self.denoise = int(code_size), bool(denoise)
-        enc, d = [nn.Flatten()], 784
+    def __init__(self, code_size=2, lr=1e-3, denoise=False, hidden=(1000, 500, 250), jit=True, device=None,
+                 in_features=784):
+        self.code_size, self.denoise, self.in_features = int(code_size), bool(denoise), int(in_features)
+        enc, d = [nn.Flatten()], self.in_features
         for h in list(hidden) + [self.code_size]:
             enc += _dense_bn_sigmoid(d, h)
             d = h
         dec = []
-        for h in list(hidden[::-1]) + [784]:
+        for h in list(hidden[::-1]) + [self.in_features]:
             dec += _dense_bn_sigmoid(d, h)
             d = h
-        self.net = nn.Sequential({"encoder": nn.Sequential(*enc), "decoder": nn.Sequential(*dec)})
+        self.device = jn.device(device or "cpu")
+        self.net = nn.Sequential({"encoder": nn.Sequential(*enc), "decoder": nn.Sequential(*dec)}).to(self.device)
         self.opt = jn.optim.Adam(self.net.parameters(), lr=lr)
         self._step = jn.jit(self._train_step) if jit else self._train_step
         self._eval = jn.jit(self._eval_batch) if jit else self._eval_batch
@@ -209,11 +220,11 @@ class Autoencoder:
 
     def corrupt(self, x):
         """Return x with each pixel zeroed with probability 0.5 (the denoising input)."""
-        return x * jn.random.bernoulli(0.5, x.shape)
+        return x * jn.random.bernoulli(0.5, x.shape, device=x.device)
 
     def _train_step(self, x):
         self.opt.zero_grad()
-        flat = jn.reshape(x, (x.shape[0], 784))
+        flat = jn.reshape(x, (x.shape[0], self.in_features))
         inp = self.corrupt(flat) if self.denoise else flat
         loss = self.loss(self.inference(inp), flat)
         loss.backward()
@@ -228,11 +239,11 @@ class Autoencoder:
     def batches(self, loader):
         """Yield (x,) step inputs from a DataLoader's batches."""
         for x, _ in loader:
-            yield (x,)
+            yield (jn.tensor(x, device=self.device),)
 
     def _eval_batch(self, x):
         with jn.no_grad():
-            flat = jn.reshape(x, (x.shape[0], 784))
+            flat = jn.reshape(x, (x.shape[0], self.in_features))
             d = self.inference(flat) - flat
             return jn.sum(d * d)
 
@@ -240,7 +251,7 @@ class Autoencoder:
         """Return the reconstructions (N, 784) of NumPy images x in evaluation mode, as a NumPy array."""
         self.net.eval()
         with jn.no_grad():
-            out = self.inference(jn.tensor(np.asarray(x, np.float32).reshape(len(x), 784))).numpy()
+            out = self.inference(jn.tensor(np.asarray(x, np.float32).reshape(len(x), self.in_features), device=self.device)).numpy()
         self.net.train()
         return out
 
@@ -249,7 +260,8 @@ class Autoencoder:
         self.net.eval()
         out = []
         for i in range(0, len(x), self.eval_batch):
-            out.append(self._encode(jn.tensor(np.ascontiguousarray(x[i:i + self.eval_batch]))).numpy())
+            xb = jn.tensor(np.ascontiguousarray(x[i:i + self.eval_batch]), device=self.device)
+            out.append(self._encode(xb).numpy())
         self.net.train()
         return np.concatenate(out)
 
@@ -258,10 +270,11 @@ class Autoencoder:
         self.net.eval()
         total = 0.0
         for i in range(0, len(x), self.eval_batch):
-            total += float(self._eval(jn.tensor(np.ascontiguousarray(x[i:i + self.eval_batch]))).item())
+            xb = jn.tensor(np.ascontiguousarray(x[i:i + self.eval_batch]), device=self.device)
+            total += float(self._eval(xb).item())
         self.net.train()
         n = max(len(x), 1)
-        return {"test_l2": total / n, "test_mse": total / (n * 784)}
+        return {"test_l2": total / n, "test_mse": total / (n * self.in_features)}
 
 
 def _orthonormalize(v):
@@ -345,8 +358,9 @@ class ClassifierCommand:
     """The training command of one classifier: ``cmd(argv) -> exit code``; ``cmd.run(argv) -> final metrics``."""
 
     def __init__(self, name, build, *, epochs, batch_size, lr, lr_decay=1.0, dataset="default",
-                 datasets=("default", "fashion-mnist", "mnist")):
+                 datasets=("default", "fashion-mnist", "mnist"), tiny=None):
         self.name, self.build = name, build
+        self.tiny = dict(tiny or {})          # --smoke: the model's widths shrunk to these
         self.defaults = dict(epochs=epochs, batch_size=batch_size, lr=lr, lr_decay=lr_decay, dataset=dataset,
                              datasets=list(datasets))
 
@@ -356,15 +370,15 @@ class ClassifierCommand:
 
     def run(self, argv=None):
         """Train with the options in argv; return the last epoch's metrics (with "step" and "seconds")."""
-        args = self.parser().parse_args(argv)
+        args = apply_smoke(self.parser().parse_args(argv), **SMOKE)
         args.model_name = self.name
         logdir = setup_run(args)
-        xtr, ytr, xte, yte, src = load_dataset(args.dataset, args.data_dir, args.download, args.limit,
-                                               args.test_limit)
+        xtr, ytr, xte, yte, src = _smoke_data(args) if args.smoke else load_dataset(
+            args.dataset, args.data_dir, args.download, args.limit, args.test_limit)
         print(f"{self.name}: {len(ytr)} training / {len(yte)} test examples from {src}; logdir {logdir}",
               flush=True)
         args.lr = learning_rate(args, len(ytr))
-        model = self.build(args)
+        model = self.build(args, **(self.tiny if args.smoke else {}))
         t0 = time.perf_counter()
         metrics = fit(model, args, (xtr, ytr, xte, yte), logdir, self.name)
         metrics["seconds"] = time.perf_counter() - t0
@@ -377,24 +391,44 @@ class ClassifierCommand:
         return 0
 
 
+# --smoke: one epoch of two batches of 4 and 4 test images, with the models' widths shrunk (see TRAINERS' tiny)
+SMOKE = dict(epochs=1, batch_size=4, limit=8, test_limit=4, lr_decay=1.0, keep=1)
+
+
+def _smoke_data(args):
+    """Return the --smoke data: the first images of the dataset when it is found locally, else (and always for
+    a dataset that is not embedded, e.g. CIFAR-10) the embedded Fashion-MNIST images, made 3-channel 32x32 for
+    CIFAR-10's models; a check of the install and the device, not of the model."""
+    try:
+        return load_dataset(args.dataset, args.data_dir, False, args.limit, args.test_limit)
+    except UsageError:
+        if args.dataset != "cifar10":
+            raise
+    xtr, ytr, xte, yte, src = load_dataset("default", None, False, args.limit, args.test_limit)
+
+    def rgb32(x):
+        return np.ascontiguousarray(np.repeat(np.pad(x, ((0, 0), (0, 0), (2, 2), (2, 2))), 3, axis=1))
+    return rgb32(xtr), ytr, rgb32(xte), yte, f"{src} as 3x32x32 (--smoke stand-in for {args.dataset})"
+
+
 def _build_logreg(args):
     """Multinomial logistic regression (784 -> 10 softmax)."""
-    return LogisticRegression(lr=args.lr, jit=not args.no_jit)
+    return LogisticRegression(lr=args.lr, jit=not args.no_jit, device=args.device_obj)
 
 
-def _build_mlp(args):
+def _build_mlp(args, **tiny):
     """MLP 784-256-256-10 with ReLU and He init."""
-    return MLP(lr=args.lr, jit=not args.no_jit)
+    return MLP(lr=args.lr, jit=not args.no_jit, device=args.device_obj, **tiny)
 
 
-def _build_cnn_mnist(args):
+def _build_cnn_mnist(args, **tiny):
     """CNN for 28x28 images: two conv5x5/pool layers, fc-1024, dropout 0.5."""
-    return CNNMnist(lr=args.lr, jit=not args.no_jit)
+    return CNNMnist(lr=args.lr, jit=not args.no_jit, device=args.device_obj, **tiny)
 
 
-def _build_cnn_cifar(args):
+def _build_cnn_cifar(args, **tiny):
     """CIFAR-10 CNN with batch norm on augmented 24x24 crops."""
-    return CNNCifar(lr=args.lr, seed=args.seed, jit=not args.no_jit)
+    return CNNCifar(lr=args.lr, seed=args.seed, jit=not args.no_jit, device=args.device_obj, **tiny)
 
 
 def autoencoder_parser():
@@ -411,13 +445,14 @@ def autoencoder_parser():
 
 def run_autoencoder(args):
     """Train the autoencoder described by parsed ``args``, compare with PCA, plot; return a dict of results."""
+    apply_smoke(args, **SMOKE, no_pca=True, no_plot=True)
     args.model_name = f"autoencoder{args.code_size}" + ("_denoise" if args.denoise else "")
     logdir = setup_run(args)
     xtr, ytr, xte, yte, src = load_dataset(args.dataset, args.data_dir, args.download, args.limit, args.test_limit)
     print(f"autoencoder: code size {args.code_size}{', denoising' if args.denoise else ''}; {len(ytr)} training / "
           f"{len(yte)} test examples from {src}; logdir {logdir}", flush=True)
     model = Autoencoder(args.code_size, lr=learning_rate(args, len(ytr)), denoise=args.denoise,
-                        jit=not args.no_jit)
+                        jit=not args.no_jit, device=args.device_obj, **({"hidden": (8,)} if args.smoke else {}))
     m = fit(model, args, (xtr, ytr, xte, yte), logdir, "autoencoder")
     out = {"code_size": args.code_size, "denoise": args.denoise, "ae_l2": m["test_l2"], "ae_mse": m["test_mse"],
            "steps": m["step"]}
@@ -443,10 +478,11 @@ def train_autoencoder(argv=None):
 
 TRAINERS = {
     "logreg": ClassifierCommand("logreg", _build_logreg, epochs=10, batch_size=100, lr=0.05, lr_decay=0.8),
-    "mlp": ClassifierCommand("mlp", _build_mlp, epochs=20, batch_size=128, lr=1e-3, lr_decay=0.85),
+    "mlp": ClassifierCommand("mlp", _build_mlp, epochs=20, batch_size=128, lr=1e-3, lr_decay=0.85,
+                             tiny=dict(hidden=(8,))),
     "cnn_mnist": ClassifierCommand("cnn_mnist", _build_cnn_mnist, epochs=5, batch_size=64, lr=1e-3,
-                                   lr_decay=0.6),
+                                   lr_decay=0.6, tiny=dict(channels=(2, 2), fc=8)),
     "cnn_cifar": ClassifierCommand("cnn_cifar", _build_cnn_cifar, epochs=10, batch_size=128, lr=1e-3, lr_decay=0.9,
-                                   dataset="cifar10", datasets=["cifar10"]),
+                                   dataset="cifar10", datasets=["cifar10"], tiny=dict(channels=(2, 2), fc=(8, 8))),
     "autoencoder": train_autoencoder,
 }
