@@ -139,7 +139,7 @@ def is_device_array(a) -> bool:
 def to_device(a):
     """Return a new device array holding a copy of host array ``a`` (counted as one h2d transfer)."""
     nc = _numba_cuda()
-    a = np.ascontiguousarray(a)
+    a = np.ascontiguousarray(a) if a.ndim else np.array(a)        # (ascontiguousarray makes a 0-d array 1-d)
     _STATS["h2d"] += 1
     _STATS["h2d_bytes"] += a.nbytes
     return nc.to_device(a)
@@ -163,7 +163,10 @@ def empty(shape, dtype):
 
 
 def is_contiguous(d) -> bool:
-    """Return True when device array ``d`` is C-contiguous (computed from its shape and strides)."""
+    """Return True when device array ``d`` is C-contiguous (computed from its shape and strides; an empty array
+    is: it holds no element to be out of place)."""
+    if 0 in tuple(d.shape):
+        return True
     expect = d.dtype.itemsize
     for s, st in zip(reversed(tuple(d.shape)), reversed(tuple(d.strides))):
         if s == 1:

@@ -187,7 +187,7 @@ def permutation(n):
     if isinstance(n, (int, np.integer)):
         return Tensor._wrap(_gen.permutation(int(n)).astype(np.int64))
     t = n if isinstance(n, Tensor) else Tensor(n)
-    return take(t, permutation(t.shape[0]), axis=0)
+    return take(t, permutation(t.shape[0]).to(t.device), axis=0)
 
 
 def randint(low, high=None, shape=(), dtype=int64, device=None):

@@ -847,7 +847,7 @@ def test_take_along_axis_sort_argsort(device, shape, layout, seed, data):
     assert_close(jn.argsort(op.tensor(jn.float64, device), axis, descending=True), np.argsort(-a, axis, kind="stable"), device=device)
     ws = np.arange(a.size, dtype=np.float64).reshape(a.shape) + 1
     gradcheck(lambda x: jn.sort(op.view(x), axis) * T(ws, device), op.base, device=device)
-    kk = data.draw(st.integers(1 if on_cuda(device) else 0, shape[-1]))    # k = 0: test_top_k_of_zero
+    kk = data.draw(st.integers(0, shape[-1]))
     vals, ids = jn.top_k(op.tensor(jn.float64, device), kk)
     ref_ids = np.argsort(-a, -1, kind="stable")[..., :kk]
     assert_close(ids, ref_ids, dtype=jn.int64, device=device)
@@ -856,11 +856,7 @@ def test_take_along_axis_sort_argsort(device, shape, layout, seed, data):
         gradcheck(lambda x: jn.top_k(op.view(x), kk)[0] * 2, op.base, device=device)
 
 
-def test_top_k_of_zero(device, request):
-    if on_cuda(device):
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "top_k(x, 0) of a 1-d cuda tensor: _topk_cuda (jitnet/ops.py) reshapes its empty output with "
-            "jitnet.cuda.reshape, which raises 'reshape of a non-contiguous device array needs a copy' (2-d works)")))
+def test_top_k_of_zero(device):
     vals, ids = jn.top_k(T([0.5, 2.0, 1.0], device), 0)
     assert vals.shape == (0,) and ids.shape == (0,) and ids.dtype == jn.int64
     assert vals.device.type == devtype(device)
@@ -1013,11 +1009,7 @@ def test_random_distributions(device):
     assert set(np.unique(y)) <= {0.0, 2.0} and abs((y == 0).mean() - 0.5) < 0.5 * tol
 
 
-def test_random_permutation_of_rows(device, request):
-    if on_cuda(device):
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "jn.random.permutation(t) of a cuda tensor takes rows with a host index: take refuses the mix of "
-            "devices (jitnet/random.py permutation, the index is not moved to t's device)")))
+def test_random_permutation_of_rows(device):
     rows = jn.random.permutation(T(np.arange(12.0).reshape(6, 2), device))
     assert rows.device.type == devtype(device)
     rows = rows.numpy()

@@ -53,8 +53,6 @@ def test_a_row_without_cuda_implementation_is_recognized_for_the_skip():
     assert no_cuda_reason(ValueError("bn_moments: this op has no CUDA kernel")) is None
 
 
-@pytest.mark.xfail(strict=True, reason="jitnet.cuda.to_device copies through np.ascontiguousarray, which returns "
-                                       "at least 1-d: a 0-d tensor arrives on the GPU with shape (1,)")
 def test_a_0d_tensor_keeps_its_shape_on_the_gpu():
     t = jn.tensor(1.5).to("cuda")
     assert t.shape == () and t.numpy().shape == ()
