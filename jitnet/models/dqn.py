@@ -19,7 +19,7 @@ import jitnet.nn as nn
 import jitnet.nn.functional as F
 
 from .rl import (agent_parser, env_spaces, explore_action, greedy_action, make_env, make_optimizer, make_schedule, mlp,
-                 run_agent)
+                 parse_agent_args, run_agent)
 
 __all__ = ["train_dqn", "TRAINERS", "ReplayBuffer", "AtariQNetwork", "DQNAgent", "copy_parameters"]
 
@@ -87,8 +87,15 @@ class AtariQNetwork(nn.Module):
 
 
 def copy_parameters(src, dst):
-    """Copy every parameter and buffer of module ``src`` into ``dst`` in place (a target-network update)."""
-    dst.load_state_dict(src.state_dict())
+    """Copy every parameter and buffer of module ``src`` into ``dst`` in place (a target-network update).
+
+    Modules on the same device copy device to device (no host round trip); otherwise through load_state_dict."""
+    s, d = src.state_dict(), dst.state_dict()
+    if list(s) != list(d) or any(a.device != b.device or a.shape != b.shape for a, b in zip(s.values(), d.values())):
+        dst.load_state_dict(s)
+        return
+    for a, b in zip(s.values(), d.values()):
+        b.assign(a)
 
 
 class DQNAgent:
@@ -97,7 +104,7 @@ class DQNAgent:
     def __init__(self, obs_dim, n_actions, hidden=(128, 128), lr=5e-4, gamma=0.99, buffer_size=50000,
                  batch_size=128, learning_starts=1000, train_freq=1, target_update=1000, loss="huber",
                  epsilon="linear:1,0.05,5000", optimizer="adam", double=True, clip_norm=10.0, tau=0.005, seed=None,
-                 use_jit=True, q_network=None, obs_shape=None):
+                 use_jit=True, q_network=None, obs_shape=None, device=None):
         if loss not in ("huber", "mse"):
             raise ValueError(f"loss must be 'huber' or 'mse', got {loss!r}")
         if seed is not None:
@@ -114,6 +121,9 @@ class DQNAgent:
             self.target = mlp((int(np.prod(self.obs_shape)), *hidden, self.n_actions))
         else:
             self.net, self.target = q_network(), q_network()
+        self.device = jn.device(device or "cpu")
+        self.net.to(self.device)
+        self.target.to(self.device)
         copy_parameters(self.net, self.target)
         self.target.requires_grad_(False)
         self.opt = make_optimizer(optimizer, self.net.parameters(), lr)
@@ -161,16 +171,20 @@ class DQNAgent:
         return {"steps": self.steps, "updates": self.updates, "epsilon": self.epsilon(self.steps),
                 "buffer": len(self.buffer)}
 
+    transfers_per_act = 3             # on a GPU: the observation and epsilon in, the action out
+    transfers_per_update = 6          # the five batch arrays in, the loss out
+
     def act(self, obs, explore=True):
         """Return an epsilon-greedy action (int) for one observation (greedy when ``explore`` is False)."""
-        x = jn.as_tensor(np.asarray(obs, np.float32).reshape((1,) + self.obs_shape))
+        x = jn.tensor(np.asarray(obs, np.float32).reshape((1,) + self.obs_shape), device=self.device)
         self._eps[()] = self.epsilon(self.steps) if explore else 0.0
-        return int(self._act_fn(x, jn.as_tensor(self._eps)).numpy()[0])
+        return int(self._act_fn(x, jn.tensor(self._eps, device=self.device)).numpy()[0])
 
     def q_values(self, obs):
         """Return the Q-values (NumPy) of a batch of observations (eager)."""
         with jn.no_grad():
-            return self.net(jn.as_tensor(np.asarray(obs, np.float32).reshape((-1,) + self.obs_shape))).numpy()
+            x = np.asarray(obs, np.float32).reshape((-1,) + self.obs_shape)
+            return self.net(jn.tensor(x, device=self.device)).numpy()
 
     def observe(self, obs, action, reward, next_obs, terminated, truncated):
         """Store the transition (done = terminated), learn every ``train_freq`` steps; return the loss or None."""
@@ -189,8 +203,9 @@ class DQNAgent:
     def update(self):
         """Take one gradient step on a uniform replay batch; return the loss (float)."""
         o, a, r, o2, d = self.buffer.sample(self.batch_size, self.rng)
-        loss = self._learn_fn(jn.as_tensor(o), jn.as_tensor(self._eye[a]), jn.as_tensor(r), jn.as_tensor(o2),
-                              jn.as_tensor(d))
+        dev = self.device
+        loss = self._learn_fn(jn.tensor(o, device=dev), jn.tensor(self._eye[a], device=dev), jn.tensor(r, device=dev),
+                              jn.tensor(o2, device=dev), jn.tensor(d, device=dev))
         self.updates += 1
         return float(loss.item())
 
@@ -228,7 +243,7 @@ def train_dqn(argv=None):
     p.add_argument("--clip-norm", type=float, default=10.0, help="gradient-norm clip, 0 for none (default 10)")
     p.add_argument("--epsilon", default="linear:1,0.05,5000",
                    help="epsilon schedule over steps (default linear:1,0.05,5000)")
-    args = p.parse_args(argv)
+    args = parse_agent_args(p, argv, buffer_size=64, batch_size=4, learning_starts=8)
     env = make_env(args.env)
     obs_shape, n = env_spaces(env)
     agent = DQNAgent(int(np.prod(obs_shape)), n, hidden=args.hidden, lr=args.lr, gamma=args.gamma,
@@ -236,7 +251,7 @@ def train_dqn(argv=None):
                      learning_starts=args.learning_starts, train_freq=args.train_freq,
                      target_update=args.target_update, loss=args.loss, epsilon=make_schedule(args.epsilon),
                      double=not args.no_double, clip_norm=args.clip_norm, tau=args.tau or None,
-                     optimizer=args.optimizer, seed=args.seed, use_jit=not args.no_jit)
+                     optimizer=args.optimizer, seed=args.seed, use_jit=not args.no_jit, device=args.device_obj)
     return run_agent("dqn-cartpole", args, agent, env)
 
 

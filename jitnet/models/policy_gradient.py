@@ -18,7 +18,7 @@ import jitnet as jn
 import jitnet.nn.functional as F
 
 from .rl import (ConstantSchedule, agent_parser, env_spaces, explore_action, greedy_action, make_env, make_optimizer,
-                 make_schedule, mlp, run_agent)
+                 make_schedule, mlp, parse_agent_args, run_agent)
 
 __all__ = ["train_pg", "TRAINERS", "discounted_returns", "bucket_size", "PolicyGradientAgent"]
 
@@ -61,7 +61,7 @@ class PolicyGradientAgent:
 
     def __init__(self, obs_dim, n_actions, hidden=(16, 16), lr=0.01, gamma=0.99, batch_episodes=1,
                  baseline="normalize", explore="sample", epsilon=None, optimizer="adam", activation="relu",
-                 seed=None, use_jit=True, min_bucket=64):
+                 seed=None, use_jit=True, min_bucket=64, device=None):
         if baseline not in ("normalize", "mean", "none"):
             raise ValueError(f"baseline must be 'normalize', 'mean' or 'none', got {baseline!r}")
         if explore not in ("sample", "egreedy"):
@@ -75,7 +75,8 @@ class PolicyGradientAgent:
             epsilon = 0.0 if explore == "sample" else "linear:1,0.01,500"
         self.epsilon = make_schedule(epsilon)
         self._mix = not (isinstance(self.epsilon, ConstantSchedule) and self.epsilon.value == 0.0)
-        self.net = mlp((self.obs_dim, *hidden, self.n_actions), activation)
+        self.device = jn.device(device or "cpu")
+        self.net = mlp((self.obs_dim, *hidden, self.n_actions), activation).to(self.device)
         self.opt = make_optimizer(optimizer, self.net.parameters(), lr)
         self.episodes = 0          # finished episodes (the epsilon schedule's clock)
         self.updates = 0
@@ -90,7 +91,7 @@ class PolicyGradientAgent:
     def _act_graph(self, obs, eps=None):
         logits = self.net(obs)
         if self.explore == "sample":
-            u = jn.random.uniform(logits.shape, 1e-12, 1.0)
+            u = jn.random.uniform(logits.shape, 1e-12, 1.0, device=logits.device)
             a = greedy_action(logits - jn.log(-jn.log(u)))
         else:
             a = greedy_action(logits)
@@ -109,18 +110,25 @@ class PolicyGradientAgent:
         """Return counters: episodes, updates, current epsilon."""
         return {"episodes": self.episodes, "updates": self.updates, "epsilon": self.epsilon(self.episodes)}
 
+    @property
+    def transfers_per_act(self):
+        """Host<->device copies of one act step on a GPU: the observation in, the action out (and epsilon in)."""
+        return 3 if self._mix else 2
+
+    transfers_per_update = 3          # the padded observations and the weights in, the loss out
+
     def act(self, obs):
         """Return the action (int) for one observation, sampled from the policy (or epsilon-greedy)."""
-        x = jn.as_tensor(np.asarray(obs, np.float32).reshape(1, self.obs_dim))
+        x = jn.tensor(np.asarray(obs, np.float32).reshape(1, self.obs_dim), device=self.device)
         if not self._mix:                        # pure sampling: no epsilon input to the graph
             return int(self._act_fn(x).numpy()[0])
         self._eps[()] = self.epsilon(self.episodes)
-        return int(self._act_fn(x, jn.as_tensor(self._eps)).numpy()[0])
+        return int(self._act_fn(x, jn.tensor(self._eps, device=self.device)).numpy()[0])
 
     def policy(self, obs):
         """Return the action probabilities (NumPy) for a batch of observations (eager, no exploration)."""
         with jn.no_grad():
-            x = jn.as_tensor(np.asarray(obs, np.float32).reshape(-1, self.obs_dim))
+            x = jn.tensor(np.asarray(obs, np.float32).reshape(-1, self.obs_dim), device=self.device)
             return jn.softmax(self.net(x), axis=-1).numpy()
 
     def observe(self, obs, action, reward, next_obs, terminated, truncated):
@@ -161,7 +169,7 @@ class PolicyGradientAgent:
         obs[:n] = np.stack(self._obs)
         w = np.zeros((nb, self.n_actions), np.float32)
         w[np.arange(n), np.array(self._act, np.int64)] = adv / max(self._in_batch, 1)
-        loss = self._learn_fn(jn.as_tensor(obs), jn.as_tensor(w))
+        loss = self._learn_fn(jn.tensor(obs, device=self.device), jn.tensor(w, device=self.device))
         self._obs, self._act, self._rew, self._done = [], [], [], []
         self._in_batch = 0
         self.updates += 1
@@ -177,8 +185,8 @@ class PolicyGradientAgent:
         sizes, b = [], bucket_size(1, self.min_bucket)
         while True:
             sizes.append(b)
-            self._learn_fn(jn.as_tensor(np.zeros((b, self.obs_dim), np.float32)),
-                           jn.as_tensor(np.zeros((b, self.n_actions), np.float32)))
+            self._learn_fn(jn.zeros((b, self.obs_dim), device=self.device),
+                           jn.zeros((b, self.n_actions), device=self.device))
             if b >= max_steps:
                 break
             b *= 2
@@ -217,14 +225,14 @@ def train_pg(argv=None):
     p.add_argument("--epsilon", default=None,
                    help="exploration schedule over episodes: a number, 'linear:1,0.01,500' or 'exp:1,0.01,0.99' "
                         "(default 0 with --explore sample, linear:1,0.01,500 with egreedy)")
-    args = p.parse_args(argv)
+    args = parse_agent_args(p, argv)
     env = make_env(args.env)
     obs_shape, n = env_spaces(env)
     eps = args.epsilon if args.epsilon is not None else ("linear:1,0.01,500" if args.explore == "egreedy" else 0)
     agent = PolicyGradientAgent(int(np.prod(obs_shape)), n, hidden=args.hidden, lr=args.lr, gamma=args.gamma,
                                 batch_episodes=args.batch_episodes, baseline=args.baseline,
                                 explore=args.explore, epsilon=make_schedule(eps), optimizer=args.optimizer,
-                                seed=args.seed, use_jit=not args.no_jit)
+                                seed=args.seed, use_jit=not args.no_jit, device=args.device_obj)
     return run_agent("pg-cartpole", args, agent, env)
 
 

@@ -10,6 +10,11 @@ checkpoints and a plot of the returns.
 An agent offers ``act(obs) -> int``, ``observe(obs, action, reward, next_obs, terminated, truncated)``
 (called after every environment step; returns a loss when it learned), ``state_dict()`` /
 ``load_state_dict(state)`` and ``stats`` (a dict of counters).
+
+With ``device='cuda'`` an agent keeps its networks and optimizer state on the GPU. Observations come from the
+environment as host NumPy arrays: each act step moves the observation in (plus the exploration rate where the
+act graph takes one) and the chosen action out; each update moves its batch in and its loss (one scalar) out.
+The agents' ``transfers_per_act`` and ``transfers_per_update`` give those counts.
 """
 from __future__ import annotations
 
@@ -24,11 +29,11 @@ import numpy as np
 import jitnet as jn
 
 from .. import lowp as _lowp
-from ._train import ArgumentParser, NonFiniteError
+from ._train import ArgumentParser, NonFiniteError, add_device_args, apply_smoke, setup_device
 
 __all__ = ["LinearSchedule", "ExponentialSchedule", "ConstantSchedule", "make_schedule", "CorridorEnv",
            "make_env", "env_spaces", "mlp", "greedy_action", "explore_action", "make_optimizer", "train_agent",
-           "plot_returns", "agent_parser", "run_agent"]
+           "plot_returns", "agent_parser", "parse_agent_args", "run_agent"]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -207,14 +212,14 @@ def greedy_action(values):
     """
     n = values.shape[-1]
     m = jn.max(values, axis=-1, keepdims=True)
-    idx = jn.tensor(np.arange(n, dtype=np.float32))
+    idx = jn.tensor(np.arange(n, dtype=np.float32), device=values.device)
     return jn.astype(jn.min(jn.where(values >= m, idx, float(n)), axis=-1), jn.int64)
 
 
 def explore_action(greedy, n_actions, epsilon):
     """Return ``greedy`` replaced by a uniform random action with probability ``epsilon`` (a 0-d tensor)."""
-    u = jn.random.uniform(greedy.shape)
-    r = jn.random.randint(0, n_actions, greedy.shape)
+    u = jn.random.uniform(greedy.shape, device=greedy.device)
+    r = jn.random.randint(0, n_actions, greedy.shape, device=greedy.device)
     return jn.where(u < epsilon, r, greedy)
 
 
@@ -396,7 +401,20 @@ def agent_parser(name, description, *, episodes, lr, gamma, hidden, target):
     p.add_argument("--checkpoint-every", type=int, default=100, help="episodes between checkpoints (default 100)")
     p.add_argument("--no-jit", action="store_true", help="run the act and learn steps eagerly")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_device_args(p)
     return p
+
+
+# --smoke: two short episodes with a small network, checkpointing after each
+SMOKE = dict(episodes=2, hidden=(8,), checkpoint_every=1, target=-1.0)
+
+
+def parse_agent_args(p, argv, **smoke):
+    """Parse ``argv`` with agent parser ``p``, apply --smoke (``SMOKE`` and the command's ``smoke`` settings) and
+    check --device (``args.device_obj``); return the args."""
+    args = apply_smoke(p.parse_args(argv), **{**SMOKE, **smoke})
+    args.device_obj = setup_device(args)
+    return args
 
 
 def run_agent(name, args, agent, env):
