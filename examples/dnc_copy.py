@@ -10,7 +10,7 @@ import sys
 import time
 
 import jitnet as jn
-from jitnet.models import dnc
+from jitnet.models import dnc_cli
 
 
 def main():
@@ -18,7 +18,7 @@ def main():
     jn.set_num_threads(2)
     argv = ["--steps", "8000", "--eval-every", "1000"] + sys.argv[1:]
     t0 = time.perf_counter()
-    m = dnc.run_copy(argv)
+    m = dnc_cli.run_copy(argv)
     wall = time.perf_counter() - t0
     by_len = {k[len("bit_error_len"):]: v for k, v in m.items() if k.startswith("bit_error_len")}
     worst = m["worst_bit_error"]

@@ -371,7 +371,8 @@ class _NanModel:
 
 def test_dnc_and_seq2seq_loops_stop_on_a_nonfinite_loss(tmp_path):
     from jitnet.data import seq_tasks as T
-    from jitnet.models import dnc, seq2seq
+    from jitnet.models import dnc_cli as dnc
+    from jitnet.models import _seq2seq_cli as seq2seq
 
     args = dnc.copy_parser().parse_args(["--steps", "4", "--eval-every", "2", "--no-progress"])
     with pytest.raises(TR.NonFiniteError, match=r"dnc: training diverged: the loss is nan at step 1; no checkpoint"):

@@ -8,6 +8,7 @@ import pytest
 import jitnet as jn
 from jitnet.data import babi as BB
 from jitnet.models import dnc as D
+from jitnet.models import dnc_cli as DC
 from jitnet.testing import gradcheck
 
 F64 = jn.float64
@@ -364,14 +365,14 @@ def test_babi_model_step_and_evaluation():
 
 def test_training_commands_are_registered():
     from jitnet.models import get_trainer
-    assert get_trainer("dnc-copy") is D.train_dnc_copy and get_trainer("dnc-babi") is D.train_dnc_babi
-    args = D.copy_parser().parse_args(["--max-len", "5", "--repeat-copy"])
+    assert get_trainer("dnc-copy") is DC.train_dnc_copy and get_trainer("dnc-babi") is DC.train_dnc_babi
+    args = DC.copy_parser().parse_args(["--max-len", "5", "--repeat-copy"])
     assert args.max_len == 5 and args.repeat_copy and args.hidden == 64
 
 
 def test_plot_memory_writes_a_file(tmp_path):
     net = _tiny()
     _, trace = net(_t(np.ones((1, 3, 3))), return_trace=True)
-    path = D.plot_memory(trace, str(tmp_path / "m.png"))
+    path = DC.plot_memory(trace, str(tmp_path / "m.png"))
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"

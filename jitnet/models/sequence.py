@@ -1,8 +1,8 @@
 """Sequence models of the curriculum and their training commands (``python -m jitnet train NAME``)."""
 from __future__ import annotations
 
-from .dnc import train_dnc_babi, train_dnc_copy
-from .seq2seq import train_seq2seq_dates, train_seq2seq_reverse
+from .dnc_cli import train_dnc_babi, train_dnc_copy
+from ._seq2seq_cli import train_seq2seq_dates, train_seq2seq_reverse
 from .skipgram import train_skipgram
 
 __all__ = ["TRAINERS"]

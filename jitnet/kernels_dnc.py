@@ -1,0 +1,400 @@
+"""The DNC memory step's CPU kernels (Numba): the forward step and its gradient over a packed state.
+
+A packed row of one example: memory (N*W) | usage (N) | link (N*N) | precedence (N) | read weights (R*N) |
+write weights (N) | read vectors (R*W). The interface stays raw (B, R*W + 3W + 5R + 3): the kernels apply its
+nonlinearities themselves. The rows (``dnc_memory_step`` and its gradient) and the equations written with
+jitnet ops live in :mod:`jitnet.nn.dnc_memory`; the CUDA form of these kernels is :mod:`jitnet.kernels_dnc_gpu`.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+__all__ = ["offsets", "dnc_memory_forward", "dnc_memory_backward"]
+
+
+def _offsets_py(N, W, R):
+    """Start of each part of a packed row: memory, usage, link, precedence, read weights, write weights, reads."""
+    oM = 0
+    ou = oM + N * W
+    oL = ou + N
+    op = oL + N * N
+    owr = op + N
+    oww = owr + R * N
+    orv = oww + N
+    return oM, ou, oL, op, owr, oww, orv
+
+
+_offsets = njit(cache=True, no_cpython_wrapper=True)(_offsets_py)
+
+
+@njit(cache=True, no_cpython_wrapper=True, error_model="numpy")
+def _sigm(x):
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    z = math.exp(x)
+    return z / (1.0 + z)
+
+
+@njit(cache=True, no_cpython_wrapper=True, error_model="numpy")
+def _softplus(x):
+    return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
+
+
+@njit(cache=True, no_cpython_wrapper=True, error_model="numpy")
+def _row_norms(mem, eps, norms):
+    """Write sqrt(sum_k mem[n, k]^2 + eps) of every row of mem (N, W) into norms."""
+    N, W = mem.shape
+    for n in range(N):
+        sq = 0.0
+        for k in range(W):
+            sq += mem[n, k] * mem[n, k]
+        norms[n] = math.sqrt(sq + eps)
+
+
+@njit(cache=True, no_cpython_wrapper=True, error_model="numpy")
+def _content_fwd(mem, norms, key, beta, eps, sim, w):
+    """Cosine similarities and softmax weights of one key over mem (N, W) with row norms ``norms``; return the
+    key's norm."""
+    N, W = mem.shape
+    kn = 0.0
+    for k in range(W):
+        kn += key[k] * key[k]
+    kn = math.sqrt(kn + eps)
+    mx = -np.inf
+    for n in range(N):
+        dot = 0.0
+        for k in range(W):
+            dot += mem[n, k] * key[k]
+        sim[n] = dot / (kn * norms[n] + eps)
+        mx = max(mx, beta * sim[n])
+    tot = 0.0
+    for n in range(N):
+        w[n] = math.exp(beta * sim[n] - mx)
+        tot += w[n]
+    for n in range(N):
+        w[n] /= tot
+    return kn
+
+
+@njit(cache=True, no_cpython_wrapper=True, error_model="numpy")
+def _content_bwd(mem, norms, key, beta, eps, kn, sim, w, gw, gmem, gnorms, gkey):
+    """Accumulate the gradients of the content weights ``w`` (given ``gw``) into gmem, gnorms (the row norms'
+    gradient, applied to gmem by :func:`_norms_bwd`) and gkey; return gbeta."""
+    N, W = mem.shape
+    s = 0.0
+    for n in range(N):
+        s += gw[n] * w[n]
+    gbeta = 0.0
+    gkn = 0.0
+    for n in range(N):
+        gz = w[n] * (gw[n] - s)
+        gbeta += gz * sim[n]
+        gsim = gz * beta
+        den = kn * norms[n] + eps
+        gdot = gsim / den
+        gden = -gsim * sim[n] / den
+        gkn += gden * norms[n]
+        gnorms[n] += gden * kn
+        for k in range(W):
+            gkey[k] += gdot * mem[n, k]
+            gmem[n, k] += gdot * key[k]
+    for k in range(W):
+        gkey[k] += gkn * key[k] / kn
+    return gbeta
+
+
+@njit(cache=True, no_cpython_wrapper=True, error_model="numpy")
+def _norms_bwd(mem, norms, gnorms, gmem):
+    """Add the row norms' gradient ``gnorms`` to gmem (d norm_n / d mem[n, k] = mem[n, k] / norm_n)."""
+    N, W = mem.shape
+    for n in range(N):
+        c = gnorms[n] / norms[n]
+        for k in range(W):
+            gmem[n, k] += c * mem[n, k]
+
+
+@njit(cache=True, error_model="numpy")
+def _memory_kernel(state, xi, g, N, W, R, eps, out, grad):
+    """The memory step of every row of ``state`` (B, S) under the raw interface ``xi`` (B, I).
+
+    ``grad`` False: write the next packed state into ``out`` (B, S). ``grad`` True: recompute the step and write
+    [d(loss)/d(state) | d(loss)/d(xi)] into ``out`` (B, S + I) given ``g`` = d(loss)/d(next state). One function
+    does both so that the step's code is compiled once.
+    """
+    dt = state.dtype
+    S, I = state.shape[1], xi.shape[1]
+    oM, ou, oL, op, owr, oww, orv = _offsets(N, W, R)
+    RW = R * W
+    o_br, o_kw = RW, RW + R
+    o_bw = o_kw + W
+    o_e = o_bw + 1
+    o_v = o_e + W
+    o_f = o_v + W
+    o_ga = o_f + R
+    o_gw = o_ga + 1
+    o_pi = o_gw + 1
+    # scratch: the interface after its nonlinearities, usage and allocation, content lookups, link weightings
+    iv = np.empty(I, dt)
+    psi, pre, prefix, alloc = np.empty(N, dt), np.empty(N, dt), np.empty(N, dt), np.empty(N, dt)
+    phi = np.empty(N, np.int64)
+    n0, sw, cw = np.empty(N, dt), np.empty(N, dt), np.empty(N, dt)
+    n1, sr, cr = np.empty(N, dt), np.empty((R, N), dt), np.empty((R, N), dt)
+    fw, bw = np.empty((R, N), dt), np.empty((R, N), dt)
+    kn = np.empty(R + 1, dt)
+    tmp = np.empty(S, dt)
+    # gradients of the new memory, links, read weights, write weights, usage; of content and allocation weights
+    gM = np.empty((N, W), dt)
+    gL = np.empty((N, N), dt)
+    gwr = np.empty((R, N), dt)
+    gww = np.empty(N, dt)
+    gu = np.empty(N, dt)
+    gc = np.empty(N, dt)
+    gsa = np.empty(N, dt)
+    giv = np.empty(I, dt)    # gradient of the interface after its nonlinearities
+    gn = np.empty(N, dt)     # gradient of the memory rows' norms
+    for b in range(state.shape[0]):
+        s = state[b]
+        x = xi[b]
+        o = tmp if grad else out[b]
+        for k in range(x.shape[0]):
+            iv[k] = x[k]
+        for i in range(R):
+            iv[o_br + i] = 1.0 + _softplus(x[o_br + i])
+            iv[o_f + i] = _sigm(x[o_f + i])
+            mx = max(x[o_pi + 3 * i], max(x[o_pi + 3 * i + 1], x[o_pi + 3 * i + 2]))
+            t = 0.0
+            for m in range(3):
+                iv[o_pi + 3 * i + m] = math.exp(x[o_pi + 3 * i + m] - mx)
+                t += iv[o_pi + 3 * i + m]
+            for m in range(3):
+                iv[o_pi + 3 * i + m] /= t
+        iv[o_bw] = 1.0 + _softplus(x[o_bw])
+        for k in range(W):
+            iv[o_e + k] = _sigm(x[o_e + k])
+        ga = iv[o_ga] = _sigm(x[o_ga])
+        gw = iv[o_gw] = _sigm(x[o_gw])
+        M0 = s[oM:ou].reshape((N, W))
+        M = o[oM:ou].reshape((N, W))
+        L0 = s[oL:op].reshape((N, N))
+        L = o[oL:op].reshape((N, N))
+        wr0 = s[owr:oww].reshape((R, N))
+        wr = o[owr:oww].reshape((R, N))
+        u = o[ou:oL]
+        ww = o[oww:orv]
+        # 1. usage: retention by the free gates of last step's reads, then last step's write
+        for n in range(N):
+            p = 1.0
+            for i in range(R):
+                p *= 1.0 - iv[o_f + i] * wr0[i, n]
+            psi[n] = p
+            pre[n] = s[ou + n] + s[oww + n] - s[ou + n] * s[oww + n]
+            u[n] = pre[n] * p
+        # 2. allocation: stable ascending sort of the usage (insertion sort), exclusive product
+        for n in range(N):
+            j = n
+            while j > 0 and u[phi[j - 1]] > u[n]:
+                phi[j] = phi[j - 1]
+                j -= 1
+            phi[j] = n
+        acc = 1.0
+        for j in range(N):
+            prefix[j] = acc
+            alloc[phi[j]] = (1.0 - u[phi[j]]) * acc
+            acc *= u[phi[j]]
+        # 3-4. write weighting from the old memory
+        _row_norms(M0, eps, n0)
+        kn[R] = _content_fwd(M0, n0, iv[o_kw:o_kw + W], iv[o_bw], eps, sw, cw)
+        for n in range(N):
+            ww[n] = gw * (ga * alloc[n] + (1.0 - ga) * cw[n])
+        # 5. erase and write
+        for n in range(N):
+            for k in range(W):
+                M[n, k] = M0[n, k] * (1.0 - ww[n] * iv[o_e + k]) + ww[n] * iv[o_v + k]
+        # 6-7. temporal links and precedence
+        tot = 0.0
+        for n in range(N):
+            tot += ww[n]
+        for i in range(N):
+            for j in range(N):
+                L[i, j] = 0.0 if i == j else (1.0 - ww[i] - ww[j]) * L0[i, j] + ww[i] * s[op + j]
+        for n in range(N):
+            o[op + n] = (1.0 - tot) * s[op + n] + ww[n]
+        # 8-10. read weightings: backward, content, forward
+        _row_norms(M, eps, n1)
+        for r in range(R):
+            kn[r] = _content_fwd(M, n1, iv[r * W:(r + 1) * W], iv[o_br + r], eps, sr[r], cr[r])
+            for i in range(N):
+                fsum = 0.0
+                bsum = 0.0
+                for j in range(N):
+                    fsum += L[i, j] * wr0[r, j]
+                    bsum += wr0[r, j] * L[j, i]
+                fw[r, i] = fsum
+                bw[r, i] = bsum
+            for n in range(N):
+                wr[r, n] = (iv[o_pi + 3 * r] * bw[r, n] + iv[o_pi + 3 * r + 1] * cr[r, n]
+                            + iv[o_pi + 3 * r + 2] * fw[r, n])
+        # 11. read vectors
+        for r in range(R):
+            for k in range(W):
+                t = 0.0
+                for n in range(N):
+                    t += wr[r, n] * M[n, k]
+                o[orv + r * W + k] = t
+        if not grad:
+            continue
+        gb = g[b]
+        gs = out[b, :S]
+        gs[:] = 0.0
+        giv[:] = 0.0
+        gM0 = gs[oM:ou].reshape((N, W))
+        gL0 = gs[oL:op].reshape((N, N))
+        gwr0 = gs[owr:oww].reshape((R, N))
+        for n in range(N):
+            for k in range(W):
+                gM[n, k] = gb[oM + n * W + k]
+            for j in range(N):
+                gL[n, j] = gb[oL + n * N + j]
+            gww[n] = gb[oww + n]
+            gu[n] = gb[ou + n]
+        for r in range(R):
+            for n in range(N):
+                gwr[r, n] = gb[owr + r * N + n]
+        # 11. read vectors r = wr M
+        for r in range(R):
+            for n in range(N):
+                t = 0.0
+                for k in range(W):
+                    gr = gb[orv + r * W + k]
+                    t += gr * M[n, k]
+                    gM[n, k] += wr[r, n] * gr
+                gwr[r, n] += t
+        # 10-8. read modes, content lookups, forward/backward weightings
+        gn[:] = 0.0
+        for r in range(R):
+            p0, p1, p2 = iv[o_pi + 3 * r], iv[o_pi + 3 * r + 1], iv[o_pi + 3 * r + 2]
+            a0 = a1 = a2 = 0.0
+            for n in range(N):
+                a0 += gwr[r, n] * bw[r, n]
+                a1 += gwr[r, n] * cr[r, n]
+                a2 += gwr[r, n] * fw[r, n]
+                gc[n] = p1 * gwr[r, n]
+            giv[o_pi + 3 * r] += a0
+            giv[o_pi + 3 * r + 1] += a1
+            giv[o_pi + 3 * r + 2] += a2
+            giv[o_br + r] += _content_bwd(M, n1, iv[r * W:(r + 1) * W], iv[o_br + r], eps, kn[r], sr[r], cr[r], gc,
+                                          gM, gn, giv[r * W:(r + 1) * W])
+            # f_i = sum_j L_ij wr0_j ; b_j = sum_i wr0_i L_ij
+            for i in range(N):
+                gf = p2 * gwr[r, i]
+                gbk = p0 * gwr[r, i]
+                for j in range(N):
+                    gL[i, j] += gf * wr0[r, j]
+                    gwr0[r, j] += gf * L[i, j]
+                    gL[j, i] += wr0[r, j] * gbk
+                    gwr0[r, j] += gbk * L[j, i]
+        _norms_bwd(M, n1, gn, gM)
+        # 7. precedence p = (1 - sum ww) p0 + ww
+        tot = 0.0
+        gtot = 0.0
+        for n in range(N):
+            tot += ww[n]
+        for n in range(N):
+            gp = gb[op + n]
+            gs[op + n] = (1.0 - tot) * gp
+            gtot -= gp * s[op + n]
+            gww[n] += gp
+        for n in range(N):
+            gww[n] += gtot
+        # 6. links L_ij = (1 - ww_i - ww_j) L0_ij + ww_i p0_j, i != j
+        for i in range(N):
+            for j in range(N):
+                if i == j:
+                    gL0[i, j] = 0.0
+                    continue
+                gl = gL[i, j]
+                gL0[i, j] = (1.0 - ww[i] - ww[j]) * gl
+                gww[i] += gl * (s[op + j] - L0[i, j])
+                gww[j] -= gl * L0[i, j]
+                gs[op + j] += gl * ww[i]
+        # 5. memory M = M0 (1 - ww e) + ww v
+        for n in range(N):
+            for k in range(W):
+                gm = gM[n, k]
+                e = iv[o_e + k]
+                gM0[n, k] += gm * (1.0 - ww[n] * e)
+                gww[n] += gm * (iv[o_v + k] - M0[n, k] * e)
+                giv[o_e + k] -= gm * M0[n, k] * ww[n]
+                giv[o_v + k] += gm * ww[n]
+        # 4. ww = gw (ga a + (1 - ga) cw)
+        ga, gwt = iv[o_ga], iv[o_gw]
+        for n in range(N):
+            giv[o_gw] += gww[n] * (ga * alloc[n] + (1.0 - ga) * cw[n])
+            giv[o_ga] += gww[n] * gwt * (alloc[n] - cw[n])
+            gc[n] = gww[n] * gwt * (1.0 - ga)
+            gsa[n] = gww[n] * gwt * ga              # gradient of the allocation weighting, by row for now
+        # 3. write content lookup on the old memory
+        gn[:] = 0.0
+        giv[o_bw] += _content_bwd(M0, n0, iv[o_kw:o_kw + W], iv[o_bw], eps, kn[R], sw, cw, gc, gM0, gn,
+                                  giv[o_kw:o_kw + W])
+        _norms_bwd(M0, n0, gn, gM0)
+        # 2. allocation: sa_j = (1 - su_j) P_j with P_j = prod_{k<j} su_k; with c_m = gsa_m (1 - su_m) and
+        # Q_j = sum_{m>j} c_m prod_{j<k<m} su_k (Q_j = c_{j+1} + su_{j+1} Q_{j+1}): d/d su_j = P_j (Q_j - gsa_j)
+        q = 0.0
+        for j in range(N - 1, -1, -1):
+            n = phi[j]
+            su = o[ou + n]
+            gu[n] += prefix[j] * (q - gsa[n])
+            q = gsa[n] * (1.0 - su) + su * q
+        # 1. usage u = pre * psi, pre = u0 + ww0 - u0 ww0, psi = prod_i (1 - f_i wr0_i)
+        for n in range(N):
+            gpre = gu[n] * psi[n]
+            gpsi = gu[n] * pre[n]
+            gs[ou + n] = gpre * (1.0 - s[oww + n])
+            gs[oww + n] = gpre * (1.0 - s[ou + n])
+            for i in range(R):
+                rest = 1.0
+                for m in range(R):
+                    if m != i:
+                        rest *= 1.0 - iv[o_f + m] * wr0[m, n]
+                gq = gpsi * rest
+                giv[o_f + i] -= gq * wr0[i, n]
+                gwr0[i, n] -= gq * iv[o_f + i]
+        # the interface's nonlinearities
+        gx = out[b, S:]
+        for k in range(xi.shape[1]):
+            gx[k] = giv[k]
+        x = xi[b]
+        for i in range(R):
+            gx[o_br + i] = giv[o_br + i] * _sigm(x[o_br + i])
+            fi = iv[o_f + i]
+            gx[o_f + i] = giv[o_f + i] * fi * (1.0 - fi)
+            t = 0.0
+            for m in range(3):
+                t += iv[o_pi + 3 * i + m] * giv[o_pi + 3 * i + m]
+            for m in range(3):
+                gx[o_pi + 3 * i + m] = iv[o_pi + 3 * i + m] * (giv[o_pi + 3 * i + m] - t)
+        gx[o_bw] = giv[o_bw] * _sigm(x[o_bw])
+        for k in range(W):
+            e = iv[o_e + k]
+            gx[o_e + k] = giv[o_e + k] * e * (1.0 - e)
+        gx[o_ga] = giv[o_ga] * ga * (1.0 - ga)
+        gx[o_gw] = giv[o_gw] * gwt * (1.0 - gwt)
+
+
+def dnc_memory_forward(state, xi, N, W, R, eps, out):
+    """Write the next packed memory state of every row of ``state`` (B, S) under the raw interface ``xi`` into
+    ``out`` (B, S) (C-contiguous arrays of one float dtype)."""
+    _memory_kernel(state, xi, state, N, W, R, eps, out, False)
+
+
+def dnc_memory_backward(state, xi, g, N, W, R, eps, out):
+    """Write [d(loss)/d(state) | d(loss)/d(xi)] into ``out`` (B, S + I) given ``g`` = d(loss)/d(next state),
+    recomputing the forward step (nothing but the step's inputs is kept between the passes)."""
+    _memory_kernel(state, xi, g, N, W, R, eps, out, True)
+
+
+offsets = _offsets_py
