@@ -12,7 +12,7 @@ import sys
 import time
 
 import jitnet as jn
-from jitnet.models import seq2seq as S
+from jitnet.models import _seq2seq_cli as S
 
 GOAL = 0.99
 

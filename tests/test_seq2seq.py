@@ -11,7 +11,9 @@ import jitnet as jn
 import jitnet.nn as nn
 import jitnet.nn.functional as F
 from jitnet.data import seq_tasks as T
+from jitnet.models import _seq2seq_cli as CLI
 from jitnet.models import seq2seq as S
+from jitnet.nn import attention_decoder as AD
 from jitnet.testing import gradcheck
 
 
@@ -174,10 +176,10 @@ def test_vectorized_tanh_and_sigmoid_float32_accuracy():
                         [0.0, np.inf, -np.inf, np.nan]]).astype(np.float32)
     n = x.size
     # through the production kernels: th = tanh(pk + 0); the LSTM's input gate = sigmoid(xw + 0 @ W_hh)
-    t = S._tanh_impl(np.zeros((1, n), np.float32), x.reshape(1, 1, n), np.ones((1, 1), np.uint8)).reshape(-1)
+    t = AD._tanh_impl(np.zeros((1, n), np.float32), x.reshape(1, 1, n), np.ones((1, 1), np.uint8)).reshape(-1)
     xw = np.zeros((n, 4), np.float32)
     xw[:, 0] = x
-    s = S._lstm_fwd_impl(xw, np.zeros((n, 6), np.float32), np.zeros((1, 4), np.float32))[:, 2]
+    s = AD._lstm_fwd_impl(xw, np.zeros((n, 6), np.float32), np.zeros((1, 4), np.float32))[:, 2]
     x64 = x[:-1].astype(np.float64)
     np.testing.assert_allclose(t[:-1], np.tanh(x64), rtol=2e-6, atol=1e-30)
     with np.errstate(over="ignore"):
@@ -406,7 +408,7 @@ def test_attention_maps_and_plot(tmp_path, monkeypatch, rev):
     out, ws = tr.greedy_decode(task.test.sources[:3], return_weights=True)
     assert len(out) == 3 and ws[0].shape == (6, max(len(s) for s in task.test.sources[:3]))
     np.testing.assert_allclose(ws[0].sum(-1), 1.0, rtol=1e-5)
-    text = S.ascii_attention(ws[0], list(task.test.sources[0]), list(out[0]))
+    text = CLI.ascii_attention(ws[0], list(task.test.sources[0]), list(out[0]))
     assert len(text.splitlines()) == len(out[0]) + 1
     import builtins
     real_import = builtins.__import__
@@ -416,7 +418,7 @@ def test_attention_maps_and_plot(tmp_path, monkeypatch, rev):
             raise ImportError(name)
         return real_import(name, *a, **k)
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
-    assert S.plot_attention(ws[0], ["a"], ["b"], str(tmp_path / "a.png")) is None
+    assert CLI.plot_attention(ws[0], ["a"], ["b"], str(tmp_path / "a.png")) is None
 
 
 @pytest.mark.slow
@@ -430,7 +432,7 @@ def test_cli_trains_checkpoints_and_resumes(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "held-out exact match" in out and (tmp_path / "metrics.csv").exists()
     assert list((tmp_path / "checkpoints").glob("*.safetensors"))
-    _, m = S.run_reverse(argv[:-6] + ["--epochs", "2", "--resume", "--no-progress", "--no-plot", "--samples", "0",
+    _, m = CLI.run_reverse(argv[:-6] + ["--epochs", "2", "--resume", "--no-progress", "--no-plot", "--samples", "0",
                                       "--logdir", str(tmp_path)])
     assert "resumed from" in capsys.readouterr().out and m["step"] == 20
     from jitnet.models import trainers
