@@ -1,0 +1,142 @@
+"""The training commands' models on the GPU: the vision models and the RL agents train on cuda with the CPU's
+first losses (same seed), a jitted step moves nothing between host and device, checkpoints and evaluation work
+on a cuda model, and ``python -m jitnet train ... --device cuda --smoke`` runs. Tiny shapes (4x4 images, widths
+of 2-8) keep the simulator fast."""
+import os
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+
+import jitnet as jn
+from jitnet.models import _train
+from jitnet.models import vision as V
+from jitnet.models.dqn import DQNAgent
+from jitnet.models.policy_gradient import PolicyGradientAgent
+from jitnet.models.rl import CorridorEnv, train_agent
+
+RNG = np.random.default_rng(3)
+GRAY = RNG.random((6, 1, 4, 4)).astype(np.float32)          # 3 batches of 2 tiny "images"
+RGB = RNG.random((6, 3, 6, 6)).astype(np.float32)
+LABELS = RNG.integers(0, 10, 6)
+
+BUILD = {
+    "logreg": lambda dev, jit: V.LogisticRegression(lr=0.1, jit=jit, device=dev, in_features=16),
+    "mlp": lambda dev, jit: V.MLP(hidden=(8,), jit=jit, device=dev, in_features=16),
+    # dropout off: the comparison is of the arithmetic, not of two devices' random streams
+    "cnn_mnist": lambda dev, jit: V.CNNMnist(channels=(2, 2), fc=4, size=4, dropout=0.0, jit=jit, device=dev),
+    "cnn_cifar": lambda dev, jit: V.CNNCifar(channels=(2, 2), fc=(4, 4), crop=4, seed=1, jit=jit, device=dev),
+    "autoencoder": lambda dev, jit: V.Autoencoder(code_size=2, hidden=(4,), in_features=16, jit=jit, device=dev),
+}
+
+
+def batches(name):
+    x = RGB if name == "cnn_cifar" else GRAY
+    return [(jn.tensor(x[i:i + 2]), jn.tensor(LABELS[i:i + 2])) for i in range(0, len(x), 2)]
+
+
+def losses(name, dev, jit, steps=2, stats=None):
+    jn.random.seed(0)
+    model = BUILD[name](dev, jit)
+    out = []
+    for batch in list(model.batches(batches(name)))[:steps]:
+        assert all(t.device.type == jn.device(dev).type for t in batch)
+        jn.cuda.reset_transfer_stats()
+        loss = model.train_step(*batch)
+        if stats is not None:
+            stats.append(jn.cuda.transfer_stats())
+        out.append(loss.item())
+    return model, out
+
+
+@pytest.mark.parametrize("name,jit", [("mlp", False), ("mlp", True), ("cnn_mnist", False), ("cnn_mnist", True),
+                                      ("logreg", True), ("cnn_cifar", True), ("autoencoder", True)])
+def test_first_losses_match_cpu(name, jit):
+    mc, lc = losses(name, "cpu", jit)
+    mg, lg = losses(name, "cuda", jit)
+    np.testing.assert_allclose(lg, lc, rtol=2e-5, atol=1e-6)
+    assert all(p.is_cuda for p in mg.net.parameters())
+    assert all(s.is_cuda for st in mg.opt.state.values() for s in st.values())
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn_mnist"])
+def test_jitted_step_makes_no_transfer(name, raw_transfers):
+    stats = []
+    losses(name, "cuda", True, steps=3, stats=stats)
+    # the first call traces and builds the plan, uploading its constants once (nothing comes back); every later
+    # step, measured around the step alone, moves nothing: its loss (one scalar) is read afterwards
+    assert stats[0]["d2h"] == 0, stats[0]
+    assert len(stats) == 3
+    for st in stats[1:]:
+        assert st["h2d"] == 0 and st["d2h"] == 0, st
+    assert raw_transfers["d2h"] == 3          # the simulator's own count: the three losses read by the test
+
+
+def test_fit_evaluates_checkpoints_and_restores_on_cuda(tmp_path):
+    args = types.SimpleNamespace(epochs=1, batch_size=2, seed=0, resume=False, keep=1, no_progress=True,
+                                 skip_nonfinite=None)
+    data = (GRAY[:4], LABELS[:4], GRAY[4:], LABELS[4:])
+    jn.random.seed(0)
+    model = BUILD["mlp"]("cuda", True)
+    m = _train.fit(model, args, data, str(tmp_path), "mlp")
+    assert m["step"] == 2 and 0.0 <= m["test_accuracy"] <= 1.0 and np.isfinite(m["test_loss"])
+    assert any(f.startswith("events.") for f in os.listdir(tmp_path))           # TensorBoard on a cuda run
+    path = jn.io.Saver(str(tmp_path / "checkpoints")).latest_checkpoint()
+    fresh = BUILD["mlp"]("cuda", True)
+    assert _train.restore_checkpoint(path, fresh) == (1, 2)
+    for a, b in zip(model.net.parameters(), fresh.net.parameters()):
+        assert b.is_cuda
+        np.testing.assert_array_equal(b.numpy(), a.numpy())
+    np.testing.assert_allclose(fresh.predict(GRAY[4:]), model.predict(GRAY[4:]), rtol=1e-6)
+    assert fresh.evaluate(GRAY[4:], LABELS[4:]) == pytest.approx(model.evaluate(GRAY[4:], LABELS[4:]))
+
+
+def run_agent(make, dev, episodes):
+    agent = make(dev)
+    env = CorridorEnv(length=3, max_steps=4)
+    got = []
+    observe = agent.observe
+
+    def record(*a):
+        loss = observe(*a)
+        if loss is not None:
+            got.append(loss)
+        return loss
+    agent.observe = record
+    train_agent(agent, env, episodes, seed=0)
+    return agent, got
+
+
+AGENTS = {   # greedy acting (epsilon 0): the actions do not depend on a device's random stream
+    "pg": lambda dev: PolicyGradientAgent(3, 2, hidden=(4,), explore="egreedy", epsilon=0.0, seed=0, min_bucket=4,
+                                          device=dev),
+    "dqn": lambda dev: DQNAgent(3, 2, hidden=(4,), buffer_size=16, batch_size=2, learning_starts=2, epsilon=0.0,
+                                seed=0, device=dev),
+}
+
+
+@pytest.mark.parametrize("kind", ["pg", "dqn"])
+def test_agents_first_losses_match_cpu_and_count_transfers(kind):
+    episodes = 2 if kind == "pg" else 1          # pg: one update per episode; dqn: one per step from step 2
+    _, lc = run_agent(AGENTS[kind], "cpu", episodes)
+    agent, lg = run_agent(AGENTS[kind], "cuda", episodes)
+    assert len(lc) >= 2
+    np.testing.assert_allclose(lg, lc, rtol=2e-5, atol=1e-6)
+    assert all(p.is_cuda for p in agent.net.parameters())
+    jn.cuda.reset_transfer_stats()
+    agent.act(np.eye(3, dtype=np.float32)[0])
+    st = jn.cuda.transfer_stats()
+    assert st["h2d"] + st["d2h"] == agent.transfers_per_act, st
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["mlp", "pg-cartpole"])
+def test_cli_smoke_on_cuda(model, tmp_path):
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    r = subprocess.run([sys.executable, "-m", "jitnet", "train", model, "--device", "cuda", "--smoke",
+                        "--no-progress", "--logdir", str(tmp_path)], capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert os.listdir(tmp_path / "checkpoints")
