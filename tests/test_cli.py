@@ -407,3 +407,20 @@ def test_rl_never_saves_a_nonfinite_agent(tmp_path):
     with pytest.raises(TR.NonFiniteError, match="parameters are not finite after episode 1; no checkpoint"):
         rl.train_agent(Agent(), rl.make_env("corridor"), 3, logdir=str(tmp_path), checkpoint_every=1, desc="pg")
     assert not [f for f in os.listdir(tmp_path / "checkpoints") if f.endswith(".safetensors")]
+
+
+@pytest.mark.parametrize("model", ["logreg", "mlp", "cnn_mnist", "cnn_cifar", "autoencoder", "pg-cartpole",
+                                   "dqn-cartpole"])
+def test_smoke_trains_a_few_steps_on_cpu(model, tmp_path, capsys):
+    assert main(["train", model, "--smoke", "--no-progress", "--logdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert os.listdir(tmp_path / "checkpoints")
+    if model.endswith("cartpole"):
+        assert "2 episodes" in out
+    else:
+        assert "epoch 1/1: step 2," in out          # one epoch of two batches
+
+
+def test_device_that_is_not_there_is_one_line_and_exit_2(tmp_path, capsys):
+    assert main(["train", "mlp", "--device", "tpu", "--smoke", "--logdir", str(tmp_path)]) == 2
+    assert "--device tpu" in capsys.readouterr().err
