@@ -217,6 +217,7 @@ class _DNCModel:
             self.opt = jn.optim.Adam(net.parameters(), lr=lr)
         else:
             raise ValueError(f"unknown optimizer {optimizer!r}; choose 'rmsprop' or 'adam'")
+        self.device = None
         self._step = jn.jit(self._train_step) if jit else self._train_step
         self._fwd = jn.jit(self._logits) if jit else self._logits
 
@@ -233,13 +234,23 @@ class _DNCModel:
         with jn.no_grad():
             return self.net(x)
 
+    def to(self, device):
+        """Move the network (and so its optimizer's state) to ``device``; batches given as arrays follow it."""
+        self.net.to(device)
+        self.device = None if jn.device(device).type == "cpu" else jn.device(device)
+        return self
+
+    def _tensor(self, b):
+        b = b if isinstance(b, jn.Tensor) else jn.tensor(b)
+        return b.to(self.device) if self.device is not None and not b.is_cuda else b
+
     def train_step(self, *batch):
         """Run one optimization step (forward, loss, backward, clipping, update); return the loss before it."""
-        return self._step(*[b if isinstance(b, jn.Tensor) else jn.tensor(b) for b in batch])
+        return self._step(*[self._tensor(b) for b in batch])
 
     def logits(self, x):
         """Return the output logits (B, T, Y) for inputs ``x`` (B, T, X) without recording gradients."""
-        return self._fwd(x if isinstance(x, jn.Tensor) else jn.tensor(x))
+        return self._fwd(self._tensor(x))
 
 
 class CopyModel(_DNCModel):
