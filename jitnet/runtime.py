@@ -6,11 +6,13 @@ import os
 import platform
 import sys
 import threading
+import time
 
 import numba
 import numpy as np
 from numba import njit, prange
 
+from . import blas
 from . import kernelgen
 from . import kernels_cpu
 
@@ -287,3 +289,124 @@ def _tune_malloc_on_import() -> None:
     """Apply ``JITNET_MALLOC_TUNING=1`` (opt-in; glibc only) when jitnet is imported."""
     if _env_on("JITNET_MALLOC_TUNING"):
         set_malloc_tuning(True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# BLAS threads on a busy machine
+#
+# OpenBLAS's pthread pool hands each GEMM to all its threads and waits for every one of them; when another
+# process holds a core, the GEMM waits for a descheduled thread, and a compiled MLP step measured 1.3 ms idle
+# became 60-200 ms beside other work (Numba's workqueue threads do not show this: with them at 2 threads and
+# OpenBLAS at 1 the same step took 2.1 ms). A compiled step therefore watches its own time and, when one BLAS
+# thread is faster, runs its GEMMs on one: OpenBLAS's ``openblas_set_num_threads_local(1)`` for the calling
+# thread, for the duration of the step only (set back to 0, "use the global count", after it), so no other code
+# sees a changed setting. The choice is made by timing both settings (a few steps each) after the first runs,
+# again whenever the step becomes several times slower than its best, and then at growing intervals.
+# --------------------------------------------------------------------------------------------------------------
+
+def _find_local_blas_threads():
+    """Return ctypes ``openblas_set_num_threads_local`` of NumPy's OpenBLAS, or None."""
+    if not blas.blas_library or os.environ.get("JITNET_ADAPTIVE_BLAS", "1") == "0":
+        return None
+    try:
+        fn = ctypes.CDLL(blas.blas_library).openblas_set_num_threads_local
+    except (OSError, AttributeError):
+        return None
+    fn.restype, fn.argtypes = ctypes.c_int, [ctypes.c_int]
+    return fn
+
+
+_set_local_blas_threads = _find_local_blas_threads()
+_blas_stats = {"switches": 0, "probes": 0}
+
+
+class StepTimer:
+    """Runs a compiled step with its BLAS on all threads or on one, whichever the step's own timing favours.
+
+    ``run(fn, *args)`` calls ``fn(*args)``. Calls 3-4 run with all BLAS threads and 5-6 with one; the faster
+    setting is kept. A call more than ``SLOW`` times its setting's best starts a new comparison after
+    ``SLOW_CALLS`` such calls in a row, and the other setting is retried every ``interval`` seconds (doubling
+    from 2 s to 64 s while the choice stands). ``single`` says which is in use.
+    """
+
+    SLOW = 2.5
+    SLOW_CALLS = 3
+    PROBE = 2
+
+    __slots__ = ("single", "calls", "best", "probe", "slow", "next_probe", "interval", "times")
+
+    def __init__(self):
+        self.single = False
+        self.calls = 0
+        self.best = [None, None]         # best seconds per call with all threads, with one
+        self.probe = None                # remaining (setting, calls) of a comparison, or None
+        self.slow = 0
+        self.next_probe = 0.0
+        self.interval = 2.0
+        self.times = [[], []]            # this comparison's times per setting
+
+    def run(self, fn, *args):
+        if _set_local_blas_threads is None:
+            return fn(*args)
+        self.calls += 1
+        if self.calls == 3 and self.probe is None:
+            self._start_probe()
+        use_single = self.single if self.probe is None else self.probe[0]
+        if use_single:
+            _set_local_blas_threads(1)
+            t0 = time.perf_counter()
+            try:
+                out = fn(*args)
+            finally:
+                dt = time.perf_counter() - t0
+                _set_local_blas_threads(0)
+        else:
+            t0 = time.perf_counter()
+            out = fn(*args)
+            dt = time.perf_counter() - t0
+        self._record(int(use_single), dt)
+        return out
+
+    def _start_probe(self):
+        _blas_stats["probes"] += 1
+        self.probe = [self.single] * self.PROBE + [not self.single] * self.PROBE    # the settings left to time
+        self.times = [[], []]
+
+    def _record(self, k, dt):
+        if self.probe is not None:
+            self.times[k].append(dt)
+            self.probe.pop(0)
+            if self.probe:
+                return
+            self.probe = None
+            full = min(self.times[0]) if self.times[0] else None
+            one = min(self.times[1]) if self.times[1] else None
+            self.best = [full, one]
+            choice = one is not None and full is not None and one < full
+            if choice != self.single:
+                _blas_stats["switches"] += 1
+                self.interval = 2.0
+            else:
+                self.interval = min(self.interval * 2, 64.0)
+            self.single = choice
+            self.slow = 0
+            self.next_probe = time.monotonic() + self.interval
+            return
+        b = self.best[k]
+        if b is None or self.calls < 3:
+            return
+        if dt > self.SLOW * b:
+            self.slow += 1
+            if self.slow >= self.SLOW_CALLS:
+                self._start_probe()
+            return
+        self.slow = 0
+        if dt < b:
+            self.best[k] = dt
+        if time.monotonic() >= self.next_probe:
+            self._start_probe()
+
+
+def blas_thread_stats() -> dict:
+    """Return how often compiled steps compared BLAS thread settings (``probes``) and changed them (``switches``)."""
+    return dict(_blas_stats, available=_set_local_blas_threads is not None)

@@ -14,6 +14,7 @@ import os
 
 import numpy as np
 
+from .. import runtime
 from ..autodiff import core as ad
 from ..tensor import Parameter, Tensor
 from .passes import cse, dce, prune_scan_saves
@@ -40,7 +41,7 @@ def _hashable_tree(tree):
 
 
 class _Compiled:
-    __slots__ = ("plan", "graph", "out_tree", "out_kinds", "tracer_vars", "var_hosts")
+    __slots__ = ("plan", "graph", "out_tree", "out_kinds", "tracer_vars", "var_hosts", "timer")
 
 
 class JitFunction:
@@ -94,7 +95,7 @@ class JitFunction:
             del self._cache[key]                     # a variable moved between devices since the trace
             return self._trace_and_compile(key, leaves, tree)
         _stats["plan_runs"] += 1
-        env = comp.plan.run(tensors)
+        env = comp.timer.run(comp.plan.run, tensors)     # BLAS on one thread when that is faster (a busy machine)
         outs = []
         k = 0
         for kind, payload in comp.out_kinds:
@@ -164,6 +165,7 @@ def _compile(tracer, result, fuse_ops):
     _stats["plans"] += 1
     comp = _Compiled()
     comp.plan, comp.graph, comp.out_tree, comp.out_kinds = plan, g, out_tree, kinds
+    comp.timer = runtime.StepTimer()
     comp.var_hosts = [isinstance(v._data, np.ndarray) for v, _ in plan.var_shapes]
     lvl = _debug()
     if lvl >= 2:
