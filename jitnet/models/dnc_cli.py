@@ -14,8 +14,8 @@ import numpy as np
 import jitnet as jn
 from jitnet.data import babi as BB
 from jitnet.io import encode_png
-from ._train import (ArgumentParser, NonFiniteGuard, Progress, add_nonfinite_args, restore_checkpoint,
-                     save_checkpoint)
+from ._train import (ArgumentParser, NonFiniteGuard, Progress, add_device_args, add_nonfinite_args, apply_smoke,
+                     restore_checkpoint, save_checkpoint, setup_device)
 from .dnc import BabiModel, CopyModel
 
 __all__ = ["plot_memory", "copy_parser", "run_copy", "babi_parser", "run_babi", "train_dnc_copy", "train_dnc_babi",
@@ -81,6 +81,7 @@ def plot_memory(trace, path, index=0, inputs=None, outputs=None):
 def _parser(prog, description, *, steps, batch_size, lr, hidden, memory, word, reads):
     p = ArgumentParser(prog=f"python -m jitnet train {prog}", description=description)
     add_nonfinite_args(p)
+    add_device_args(p)
     p.add_argument("--steps", type=int, default=steps, help=f"training steps to reach (default {steps})")
     p.add_argument("--batch-size", type=int, default=batch_size, help=f"sequences per step (default {batch_size})")
     p.add_argument("--lr", type=float, default=lr, help=f"learning rate (default {lr})")
@@ -186,12 +187,15 @@ def copy_parser():
 
 def run_copy(argv=None):
     """Train the copy command with ``argv``; return the final metrics (bit error per length included)."""
-    args = copy_parser().parse_args(argv)
+    args = apply_smoke(copy_parser().parse_args(argv), steps=2, eval_every=2, batch_size=2, hidden=4, memory_size=3,
+                       word_size=2, reads=1, bits=2, min_len=1, max_len=2, eval_batches=1, no_plot=True)
+    dev = setup_device(args)
     name = "dnc-repeat-copy" if args.repeat_copy else "dnc-copy"
     logdir = args.logdir or os.path.join("runs", name)
     rng = _setup(args)
     model = CopyModel(args.bits, args.hidden, args.memory_size, args.word_size, args.reads, args.repeat_copy,
                       args.lr, args.optimizer, args.clip, jit=not args.no_jit, fused=not args.composed)
+    model.to(dev)
     print(f"{name}: DNC({model.net.extra_repr()}), {model.net.num_parameters()} parameters; lengths "
           f"{args.min_len}-{args.max_len}, batch {args.batch_size}", flush=True)
     probe = model.batch(rng, args.batch_size, args.min_len, args.max_len, max_repeats=args.max_repeats)
@@ -241,7 +245,9 @@ def babi_parser():
 
 def run_babi(argv=None):
     """Train the bAbI command with ``argv``; return the final metrics (answer accuracy included)."""
-    args = babi_parser().parse_args(argv)
+    args = apply_smoke(babi_parser().parse_args(argv), steps=2, eval_every=2, batch_size=2, hidden=4, memory_size=3,
+                       word_size=2, reads=1, generated=10, max_tokens=400, no_plot=True)
+    dev = setup_device(args)
     name = "dnc-babi"
     logdir = args.logdir or os.path.join("runs", name)
     rng = _setup(args)
@@ -267,6 +273,7 @@ def run_babi(argv=None):
     T = max(BB.pad_length(tr), BB.pad_length(te))
     model = BabiModel(len(vocab), args.hidden, args.memory_size, args.word_size, args.reads, args.lr,
                       args.optimizer, args.clip, jit=not args.no_jit, fused=not args.composed)
+    model.to(dev)
     print(f"{name}: {source}: {len(tr)} train / {len(te)} test stories, vocabulary {len(vocab)}, padded length "
           f"{T}; DNC({model.net.extra_repr()}), {model.net.num_parameters()} parameters", flush=True)
     it = [iter(())]
