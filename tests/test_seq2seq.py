@@ -437,3 +437,14 @@ def test_cli_trains_checkpoints_and_resumes(tmp_path, capsys):
     assert "resumed from" in capsys.readouterr().out and m["step"] == 20
     from jitnet.models import trainers
     assert "seq2seq-dates" in trainers()
+
+
+def test_smoke_option_trains_a_tiny_model_for_two_steps(tmp_path, capsys):
+    trainer, m = CLI.run_reverse(["--smoke", "--no-progress", "--no-jit", "--logdir", str(tmp_path)])
+    net = trainer.net
+    assert (net.hidden, net.embed_dim, m["step"], m["epochs"]) == (4, 4, 2, 1)
+    assert trainer.device.type == "cpu" and (tmp_path / "checkpoints").is_dir()
+    assert "8 training / 2 held-out pairs" in capsys.readouterr().out
+    from jitnet.models._train import UsageError
+    with pytest.raises(UsageError, match="--device tpu: .*unknown device"):    # a usage error, with the reason
+        CLI.run_reverse(["--device", "tpu", "--smoke"])

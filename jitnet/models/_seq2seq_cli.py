@@ -16,8 +16,8 @@ import numpy as np
 
 import jitnet as jn
 from jitnet.data import seq_tasks as T
-from ._train import (ArgumentParser, NonFiniteGuard, Progress, add_nonfinite_args, restore_checkpoint,
-                     save_checkpoint)
+from ._train import (ArgumentParser, NonFiniteGuard, Progress, add_device_args, add_nonfinite_args, apply_smoke,
+                     restore_checkpoint, save_checkpoint, setup_device)
 from ._seq2seq_trainer import Seq2SeqTrainer
 from .seq2seq import Seq2Seq
 
@@ -61,8 +61,8 @@ def ascii_attention(weights, src_tokens, out_tokens):
     shades = " .:-=+*#%@"
     w = np.asarray(weights)[:len(out_tokens), :len(src_tokens)]
     lines = ["     " + "".join(c if c != " " else "_" for c in src_tokens)]
-    for t, o in enumerate(out_tokens):
-        row = "".join(shades[min(int(x * (len(shades) - 1) + 0.5), len(shades) - 1)] for x in w[t])
+    for o, wt in zip(out_tokens, w):           # (an output of max_len tokens has no row for its end mark)
+        row = "".join(shades[min(int(x * (len(shades) - 1) + 0.5), len(shades) - 1)] for x in wt)
         lines.append(f"{o:>4} {row}")
     return "\n".join(lines)
 
@@ -75,6 +75,7 @@ def ascii_attention(weights, src_tokens, out_tokens):
 def _parser(name, description, *, epochs, batch_size, lr, hidden, embed, target):
     p = ArgumentParser(prog=f"python -m jitnet train {name}", description=description)
     add_nonfinite_args(p)
+    add_device_args(p)
     p.add_argument("--train-size", type=int, default=None, help="training examples (default: the task's)")
     p.add_argument("--test-size", type=int, default=None, help="held-out test examples (default: the task's)")
     p.add_argument("--epochs", type=int, default=epochs, help=f"maximum epochs (default {epochs})")
@@ -118,7 +119,7 @@ def build(task, args):
                   reverse_source=args.reverse_source)
     return Seq2SeqTrainer(net, task.src_vocab, task.tgt_vocab, lr=args.lr, clip_norm=args.clip_norm,
                           num_sampled=args.num_sampled, max_len=task.max_target_len, eval_batch=args.eval_batch,
-                          jit=not args.no_jit)
+                          jit=not args.no_jit, device=getattr(args, "device_obj", None))
 
 
 def fit(trainer, task, args, name):
@@ -249,6 +250,18 @@ def _run(name, args, task):
     return trainer, m
 
 
+#: what ``--smoke`` sets: a few steps of a tiny model on the smallest data, one short evaluation
+SMOKE = dict(train_size=8, test_size=2, epochs=1, max_steps=2, batch_size=4, embed=4, hidden=4, buckets=1,
+             eval_batch=2, beam=0, samples=1, no_plot=True, target=0.0)
+
+
+def _setup(parser, argv):
+    """Parse ``argv``, apply ``--smoke`` and check ``--device`` (stored as ``args.device_obj``)."""
+    args = apply_smoke(parser.parse_args(argv), **SMOKE)
+    args.device_obj = setup_device(args)
+    return args
+
+
 def dates_parser():
     """Return the ArgumentParser of ``python -m jitnet train seq2seq-dates``."""
     return _parser("seq2seq-dates", "Seq2seq with attention: human-written dates -> ISO YYYY-MM-DD "
@@ -268,14 +281,14 @@ def reverse_parser():
 
 def run_dates(argv=None):
     """Train on the date task with the options in argv; return (trainer, final metrics)."""
-    args = dates_parser().parse_args(argv)
+    args = _setup(dates_parser(), argv)
     task = T.date_task(args.train_size or 20000, args.test_size or 2000, seed=args.seed)
     return _run("seq2seq-dates", args, task)
 
 
 def run_reverse(argv=None):
     """Train on the reversal task with the options in argv; return (trainer, final metrics)."""
-    args = reverse_parser().parse_args(argv)
+    args = apply_smoke(_setup(reverse_parser(), argv), min_len=1, max_len=2, alphabet="abc")
     task = T.reverse_task(args.train_size or 10000, args.test_size or 1000, args.min_len, args.max_len,
                           args.alphabet, seed=args.seed)
     return _run("seq2seq-reverse", args, task)

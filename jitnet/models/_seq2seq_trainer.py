@@ -21,12 +21,15 @@ class Seq2SeqTrainer:
     The step (``jitnet.jit``, compiled once per source bucket length) is: forward with teacher forcing, the
     padding-masked loss, backward, ``clip_by_global_norm`` of all gradients to ``clip_norm`` and the Adam
     update. With ``num_sampled`` > 0 the loss is a sampled softmax whose candidates are drawn per step outside
-    the compiled function. ``net`` and ``opt`` are what checkpoints save.
+    the compiled function. ``net`` and ``opt`` are what checkpoints save. ``device`` ('cpu', 'cuda', a jn.Device)
+    places the network and the optimizer's state; each batch goes to the device once, before its step, and
+    inside the step nothing crosses between host and device (the caller reads the loss afterwards).
     """
 
     def __init__(self, net, src_vocab, tgt_vocab, lr=1e-3, clip_norm=5.0, num_sampled=0, max_len=None,
-                 eval_batch=256, jit=True):
-        self.net = net
+                 eval_batch=256, jit=True, device=None):
+        self.device = jn.device(device or "cpu")
+        self.net = net.to(self.device)        # the optimizer's slots follow its parameters
         self.src_vocab, self.tgt_vocab = src_vocab, tgt_vocab
         self.opt = jn.optim.Adam(net.parameters(), lr=lr)
         self.clip_norm, self.num_sampled = float(clip_norm), int(num_sampled)
@@ -65,8 +68,10 @@ class Seq2SeqTrainer:
     def step_inputs(self, batch):
         """Return the step's tensors (src, src_mask, tgt_in, tgt_out) of a batch dict (see ``make_batch``)."""
         src, mask = self.net.source_arrays(batch["src"], batch["src_len"])
-        return [jn.tensor(src), jn.tensor(mask), jn.tensor(np.ascontiguousarray(batch["tgt_in"])),
-                jn.tensor(np.ascontiguousarray(batch["tgt_out"]))]
+        dev = self.device
+        return [jn.tensor(src, device=dev), jn.tensor(mask, device=dev),
+                jn.tensor(np.ascontiguousarray(batch["tgt_in"]), device=dev),
+                jn.tensor(np.ascontiguousarray(batch["tgt_out"]), device=dev)]
 
     def train_step(self, batch):
         """Run one optimization step on a batch dict; return (loss, global gradient norm before clipping)."""
@@ -74,8 +79,8 @@ class Seq2SeqTrainer:
         args = self.step_inputs(batch)
         if self.num_sampled:
             labels = np.asarray(batch["tgt_out"], np.int64).T.reshape(-1, 1)
-            args += list(F.log_uniform_candidate_sampler(jn.tensor(labels), 1, self.num_sampled, True,
-                                                         self.net.tgt_vocab))
+            args += [t.to(self.device) for t in F.log_uniform_candidate_sampler(
+                jn.tensor(labels), 1, self.num_sampled, True, self.net.tgt_vocab)]
         return self._step(*args)
 
     # -- decoding ------------------------------------------------------------------------------------------------
@@ -106,7 +111,7 @@ class Seq2SeqTrainer:
             if k < bs:
                 chunk = chunk + [chunk[0]] * (bs - k)               # fixed shape: one compiled decoder
             src, mask = self._source_batch(chunk, length)
-            toks, ws = self._greedy(jn.tensor(src), jn.tensor(mask), max_len)
+            toks, ws = self._greedy(jn.tensor(src, device=self.device), jn.tensor(mask, device=self.device), max_len)
             toks = toks.numpy()
             for j in range(k):
                 out.append(self.tgt_vocab.decode(toks[j]))
@@ -138,7 +143,7 @@ class Seq2SeqTrainer:
 
 def _rows(x, idx):
     """Return tensor x with its rows taken at NumPy indices ``idx`` (a new tensor)."""
-    return jn.tensor(np.ascontiguousarray(x.numpy()[idx]))
+    return jn.tensor(np.ascontiguousarray(x.numpy()[idx]), device=x.device)
 
 
 def beam_search(trainer, src, src_mask, beam_size=4, max_len=20, length_penalty=0.0):
@@ -156,13 +161,14 @@ def beam_search(trainer, src, src_mask, beam_size=4, max_len=20, length_penalty=
     mask = np.asarray(src_mask, np.uint8)
     bsz = src.shape[0]
     rep = np.repeat(np.arange(bsz), k)
-    states, att_in = trainer._encode(jn.tensor(src), jn.tensor(mask))
+    dev = trainer.device
+    states, att_in = trainer._encode(jn.tensor(src, device=dev), jn.tensor(mask, device=dev))
     states = tuple(_rows(s, rep) for s in states)
     att_in = tuple(_rows(a, rep) if a.ndim == 3 else a for a in att_in)
-    mask_r = jn.tensor(np.ascontiguousarray(mask[rep]))
+    mask_r = jn.tensor(np.ascontiguousarray(mask[rep]), device=dev)
 
     def step(states, tokens):
-        states, logp, _ = trainer._dstep(states, jn.tensor(tokens), att_in, mask_r)
+        states, logp, _ = trainer._dstep(states, jn.tensor(tokens, device=dev), att_in, mask_r)
         return states, logp.numpy()
     return decoding.beam_search(step, states, lambda states, rows: tuple(_rows(s, rows) for s in states), bsz,
                                 k, max_len, sos=T.SOS, eos=T.EOS, banned=(T.PAD, T.SOS),

@@ -125,9 +125,9 @@ class Seq2Seq(nn.Module):
     def _h(self, state):
         return state[:, :self.hidden] if self.cell == "lstm" else state
 
-    def _zero_state(self, bsz, dtype):
+    def _zero_state(self, bsz, dtype, device=None):
         width = 6 * self.hidden if self.cell == "lstm" else self.hidden
-        return ops.zeros((bsz, width), dtype)
+        return ops.zeros((bsz, width), dtype, device=device)
 
     def encode(self, src, src_mask):
         """Return (outputs (S, B, H) time-major, final state per layer) of the encoder over src (B, S)."""
@@ -141,7 +141,7 @@ class Seq2Seq(nn.Module):
         mt = ops.copy(ops.transpose(m))                         # (S, B), contiguous: scan slices rows of it
         finals = []
         for cell in self._cells("encoder"):
-            s0 = self._zero_state(src.shape[0], x.dtype)
+            s0 = self._zero_state(src.shape[0], x.dtype, x.device)
             if self.cell == "lstm":
                 xw = _mm(x, cell.W_ih)                                    # every step's input projection: one GEMM
 
@@ -271,10 +271,10 @@ class Seq2Seq(nn.Module):
             states, att_in = self.encode_for_decoding(src, m)
             w_e, w_c, b0 = self._dec_weights()
             bsz = states[0].shape[0]
-            tok0 = ops.full((bsz,), T.SOS, np.int64)
+            tok0 = ops.full((bsz,), T.SOS, np.int64, device=m.device)
             never = np.zeros(self.tgt_vocab, np.float32)
             never[[T.PAD, T.SOS]] = -np.inf                                   # never emitted
-            never = Tensor._wrap(never.astype(states[0].dtype))
+            never = jn.tensor(never.astype(states[0].dtype), device=m.device)
 
             def body(carry, _):
                 states, tok = carry
@@ -300,7 +300,8 @@ def sequence_log_prob(net, src, src_mask, sequences):
     length = max(len(s) for s in seqs)
     b = T.make_batch([np.zeros(1)] * n, seqs, 1, length)
     with jn.no_grad():
-        logits = net(jn.tensor(src), jn.tensor(mask), jn.tensor(b["tgt_in"]))
+        dev = net.src_embed.W.device
+        logits = net(jn.tensor(src, device=dev), jn.tensor(mask, device=dev), jn.tensor(b["tgt_in"], device=dev))
         lp = ops.log_softmax(logits.astype(np.float64), -1).numpy()
     out = np.zeros(n)
     for i, s in enumerate(seqs):
