@@ -448,3 +448,21 @@ def test_smoke_option_trains_a_tiny_model_for_two_steps(tmp_path, capsys):
     from jitnet.models._train import UsageError
     with pytest.raises(UsageError, match="--device tpu: .*unknown device"):    # a usage error, with the reason
         CLI.run_reverse(["--device", "tpu", "--smoke"])
+
+
+def test_attention_decoder_cell_equals_bahdanau_attention_and_an_lstm_cell():
+    jn.random.seed(4)
+    cell = nn.AttentionDecoderCell(3, 4, 5, units=6, dtype=jn.float64)
+    rng = np.random.default_rng(4)
+    x, h, c, vals = (_f64(rng.standard_normal(sh)) for sh in ((2, 3), (2, 4), (2, 4), (2, 3, 5)))
+    mask = np.array([[1, 1, 0], [1, 1, 1]], np.uint8)
+    new, ctx = cell(x, cell.initial_state(h, c), cell.prepare(vals, jn.tensor(mask)))
+    ctx_ref, _ = cell.attention(h, vals, mask=jn.tensor(mask))
+    h_ref, c_ref = cell.cell(jn.concatenate([x, ctx_ref], axis=1), (h, c))
+    np.testing.assert_allclose(ctx.numpy(), ctx_ref.numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(new.numpy()[:, :8], np.concatenate([h_ref.numpy(), c_ref.numpy()], 1), rtol=1e-10)
+    loss = jn.sum(cell(x, cell.initial_state(h, c), cell.prepare(vals, mask))[0])
+    loss.backward()
+    assert all(p.grad is not None and np.any(p.grad.numpy() != 0) for p in cell.parameters())
+    with pytest.raises(ValueError, match="AttentionDecoderCell: x"):
+        cell(x[:, :2], cell.initial_state(h, c), cell.prepare(vals, mask))

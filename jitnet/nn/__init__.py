@@ -1,5 +1,6 @@
 """Neural-network layers, losses and initializers."""
-from . import functional, init, utils
+from . import decoding, functional, init, utils
+from .attention_decoder import AttentionDecoderCell
 from .dnc_memory import DNCMemory
 from .attention import BahdanauAttention, LuongAttention, additive_attention, dot_product_attention
 from .functional import (binary_cross_entropy_with_logits, cross_entropy, huber_loss, l1_regularizer, l2_loss,
@@ -18,4 +19,4 @@ __all__ = ["functional", "init", "utils", "CrossEntropyLoss", "MSELoss", "BCEWit
            "RNNCell", "LSTMCell", "GRUCell", "RNN", "LSTM", "GRU", "LuongAttention", "BahdanauAttention",
            "dot_product_attention", "additive_attention", "cross_entropy", "binary_cross_entropy_with_logits",
            "mse_loss", "l2_loss", "huber_loss", "nce_loss", "sampled_softmax_loss", "l1_regularizer",
-           "l2_regularizer", "max_norm", "DNCMemory"]
+           "l2_regularizer", "max_norm", "DNCMemory", "decoding", "AttentionDecoderCell"]

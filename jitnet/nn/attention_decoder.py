@@ -6,6 +6,7 @@ body of them, and the loop around it, into one generated function:
 
 * :func:`lstm_step_fused` ``(xw, s, W_hh, mask)``: one LSTM step over a packed state ``[h, c, i, f, g, o]``
   (the recurrent GEMM is BLAS / the CUDA matmul; the bias is folded into ``xw``);
+* :class:`AttentionDecoderCell`: both as a layer (an LSTM decoder cell reading ``[x; context]``);
 * :func:`additive_attention_step` ``(q, pk, v, mask, values)``: Bahdanau scores ``v . tanh(pk + q)``, the
   masked softmax over the source and the context vector, for one decoder step (two rows:
   :func:`additive_attention_tanh`, whose result is kept for the backward pass, and
@@ -24,15 +25,18 @@ from ..autodiff.core import Primitive, apply
 from ..compiler.native import use_kernel
 from ..kernelgen import dtype_name
 from ..lazy import LazyModule
-from ..tensor import Tensor, _infer_array
+from ..tensor import Tensor, _infer_array, float32
 from . import functional as F
+from .attention import BahdanauAttention
+from .module import Module
+from .recurrent import LSTMCell
 
 # the CUDA backend's services and kernels, imported when a CUDA implementation first runs (never on the CPU)
 _G = LazyModule("jitnet.backend_cuda")
 _C = LazyModule("jitnet.cuda")
 _KQ = LazyModule("jitnet.kernels_seq2seq_gpu")
 
-__all__ = ["lstm_step_fused", "lstm_state", "additive_attention_step", "additive_attention_weights",
+__all__ = ["AttentionDecoderCell", "lstm_step_fused", "lstm_state", "additive_attention_step", "additive_attention_weights",
            "additive_attention_tanh", "additive_attention_context"]
 
 lstm_fwd_kernel = KS.lstm_fwd_kernel
@@ -500,3 +504,54 @@ def additive_attention_weights(q, pk, v, mask, values):
     q, pk, v, m, values = _attn_args(q, pk, v, mask, values)
     return apply(ATTN_WEIGHTS, additive_attention_tanh(q, pk, m), v, m, values)
 
+
+class AttentionDecoderCell(Module):
+    """An LSTM decoder cell with additive (Bahdanau) attention, on the fused rows (one LSTM kernel and two
+    attention kernels per step, forward and backward, on either device).
+
+    Each step reads ``[x; context]``, where the context attends over ``values`` (B, S, key_size) with the
+    previous h as the query (the decoder step of :class:`jitnet.models.seq2seq.Seq2Seq`). Call :meth:`prepare`
+    once per source (the keys are projected once), :meth:`initial_state` for the packed state (B, 6H), then
+    ``cell(x, state, memory)`` per step: it returns ``(next state, context)``; ``state[:, :H]`` is h.
+    """
+
+    def __init__(self, input_size, hidden_size, key_size, units=None, dtype=float32):
+        super().__init__()
+        self.input_size, self.hidden_size, self.key_size = int(input_size), int(hidden_size), int(key_size)
+        self.cell = LSTMCell(self.input_size + self.key_size, self.hidden_size, dtype=dtype)
+        self.attention = BahdanauAttention(self.hidden_size, self.key_size, int(units or hidden_size), dtype=dtype)
+
+    def extra_repr(self):
+        return f"input_size={self.input_size}, hidden_size={self.hidden_size}, key_size={self.key_size}"
+
+    def initial_state(self, h, c=None):
+        """Return the packed state (B, 6H) of h and c (default zeros)."""
+        h = _t(h)
+        return lstm_state(h, ops.zeros_like(h) if c is None else c)
+
+    def prepare(self, values, mask):
+        """Return the attention memory (values, projected keys, score vector, uint8 mask) of one source."""
+        values, m = _t(values), _t(mask)
+        if values.ndim != 3 or values.shape[2] != self.key_size or m.shape != values.shape[:2]:
+            raise ValueError(f"AttentionDecoderCell.prepare: values (B, S, {self.key_size}) and mask (B, S) "
+                             f"expected, got {values.shape} and {m.shape}")
+        values = ops.copy(values)
+        kp = self.attention.key_proj
+        pk = ops.reshape(ops.matmul(ops.reshape(values, (-1, self.key_size)), kp.W), values.shape[:2] + (-1,)) + kp.b
+        if m.dtype != np.uint8:
+            m = ops.astype(m != 0, np.uint8)
+        return values, pk, ops.reshape(self.attention.v.W, (-1,)), m
+
+    def forward(self, x, state, memory):
+        """Return (next packed state (B, 6H), context (B, key_size)) after reading ``x`` (B, input_size)."""
+        values, pk, v, m = memory
+        x, state = _t(x), _t(state)
+        hd, e = self.hidden_size, self.input_size
+        if x.ndim != 2 or x.shape[1] != e or state.shape != (x.shape[0], 6 * hd):
+            raise ValueError(f"AttentionDecoderCell: x (B, {e}) and state (B, {6 * hd}) expected, got {x.shape} "
+                             f"and {state.shape}")
+        q = ops.matmul(state[:, :hd], self.attention.query_proj.W)
+        ctx = additive_attention_context(additive_attention_tanh(q, pk, m), v, m, values)
+        w = self.cell.W_ih
+        xw = ops.matmul(x, w[:e]) + ops.matmul(ctx, w[e:]) + self.cell.b
+        return lstm_step_fused(xw, state, self.cell.W_hh), ctx
