@@ -5,6 +5,11 @@ checkpoints, TensorBoard/CSV logs, resume, non-finite stop), decoded samples and
     python -m jitnet train seq2seq-reverse [...]
 
 The model and its trainer are :mod:`jitnet.models.seq2seq` (:class:`Seq2Seq`, :class:`Seq2SeqTrainer`).
+
+``--device cuda`` trains on the GPU: the network and Adam's state live there and each batch moves there once,
+before its step; the loop then reads one scalar per step (the loss, for the progress bar and the non-finite
+guard) and the gradient norm every 20 steps (TensorBoard). Evaluation decodes on the device and reads the
+tokens back. ``--smoke`` trains a 4-unit model for two steps on 8 pairs (a check of an install or a device).
 """
 from __future__ import annotations
 
