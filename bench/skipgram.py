@@ -26,19 +26,22 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _util import dump, table  # noqa: E402
 
 import jitnet as jn  # noqa: E402
+from jitnet.data import word2vec as W  # noqa: E402
+from jitnet.data import word_eval as E  # noqa: E402
 from jitnet.models import skipgram as S  # noqa: E402
+from jitnet.models import skipgram_cli as CLI  # noqa: E402
 
 
 def run_jitnet(sentences, a, seed):
     """Return (metrics row, SkipGram) for jitnet's fast path."""
     t0 = time.perf_counter()
-    vocab = S.Vocab.build(sentences, a.min_count)
+    vocab = W.Vocab.build(sentences, a.min_count)
     t_vocab = time.perf_counter() - t0
     sg = S.SkipGram(vocab, a.dim, seed=seed, init=a.init)
     # compile / load the kernel from the disk cache, untimed
     S.warm_fast_kernel(sg)
     t0 = time.perf_counter()
-    ids, bounds, raw = S.encode_sentences(vocab, sentences)
+    ids, bounds, raw = W.encode_sentences(vocab, sentences)
     t_enc = time.perf_counter() - t0
     st = sg.train_fast(ids, bounds, raw, epochs=a.epochs, window=a.window, negative=a.negative, alpha=0.025,
                        min_alpha=0.0001, sample=a.sample, threads=a.threads)
@@ -67,10 +70,10 @@ def run_gensim(sentences, a, seed):
 def quality(normed, index, row):
     """Add wordsim353 / simlex999 Spearman and analogy accuracy (with coverage) to ``row``; return it."""
     for key, fname in (("ws353", "wordsim353.tsv"), ("simlex", "simlex999.txt")):
-        r = S.similarity_score(normed, index, S.read_similarity_file(S.gensim_test_file(fname)))
+        r = E.similarity_score(normed, index, E.read_similarity_file(CLI.gensim_test_file(fname)))
         row[key] = r["spearman"]
         row[key + "_cov"] = r["coverage"]
-    r = S.analogy_score(normed, index, S.read_analogy_file(S.gensim_test_file("questions-words.txt")))
+    r = E.analogy_score(normed, index, E.read_analogy_file(CLI.gensim_test_file("questions-words.txt")))
     row["analogy"] = r["accuracy"]
     row["analogy_cov"] = r["coverage"]
     return row
@@ -94,7 +97,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     jn.set_num_threads(a.threads)
     t0 = time.perf_counter()
-    sentences, src = S.load_corpus(a.corpus)
+    sentences, src = CLI.load_corpus(a.corpus)
     n_words = sum(len(s) for s in sentences)
     print(f"corpus {src}: {n_words} words, {len(sentences)} sentences, loaded in {time.perf_counter() - t0:.1f} s;"
           f" dim {a.dim}, window {a.window}, negative {a.negative}, min_count {a.min_count}, sample {a.sample}, "
@@ -109,7 +112,7 @@ def main(argv=None):
                 rows.append(quality(sg.normalized(), sg.vocab.index, row))
             else:
                 row, (normed, index, m) = run_gensim(sentences, a, seed)
-                ws = m.wv.evaluate_word_pairs(S.gensim_test_file("wordsim353.tsv"))
+                ws = m.wv.evaluate_word_pairs(CLI.gensim_test_file("wordsim353.tsv"))
                 print(f"  gensim's own evaluate_word_pairs on wordsim353 (seed {seed}): Spearman "
                       f"{ws[1][0]:.4f}, OOV {ws[2]:.1f}%", flush=True)
                 rows.append(quality(normed, index, row))

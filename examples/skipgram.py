@@ -7,7 +7,9 @@ from __future__ import annotations
 import argparse
 
 import jitnet as jn
+from jitnet.data import word2vec as W
 from jitnet.models import skipgram as S
+from jitnet.models import skipgram_cli as CLI
 
 
 def main():
@@ -17,9 +19,9 @@ def main():
     p.add_argument("--steps", type=int, default=2000)
     a = p.parse_args()
     jn.random.seed(0)
-    sentences, src = S.load_corpus(a.corpus)
-    vocab = S.Vocab.build(sentences, min_count=5)
-    ids, bounds, raw = S.encode_sentences(vocab, sentences)
+    sentences, src = CLI.load_corpus(a.corpus)
+    vocab = W.Vocab.build(sentences, min_count=5)
+    ids, bounds, raw = W.encode_sentences(vocab, sentences)
     print(f"{src}: {raw} words, vocabulary {len(vocab)}")
 
     sg = S.SkipGram(vocab, dim=64, init="tf")

@@ -39,6 +39,8 @@ from .download import (
 )
 from .loader import ArrayDataset, DataLoader
 from .seq_tasks import BucketBatcher, CharVocab, date_task, pad_batch, reverse_task
+from . import word2vec, word_eval
+from .word2vec import Vocab, generate_batch, keep_probabilities, skipgram_pairs, subsample, unigram_table
 
 __all__ = [
     "ArrayDataset",
@@ -78,4 +80,12 @@ __all__ = [
     "reverse_task",
     "sha256_file",
     "text8_preprocess",
+    "Vocab",
+    "generate_batch",
+    "keep_probabilities",
+    "skipgram_pairs",
+    "subsample",
+    "unigram_table",
+    "word2vec",
+    "word_eval",
 ]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .dnc_cli import train_dnc_babi, train_dnc_copy
 from ._seq2seq_cli import train_seq2seq_dates, train_seq2seq_reverse
-from .skipgram import train_skipgram
+from .skipgram_cli import train_skipgram
 
 __all__ = ["TRAINERS"]
 
