@@ -16,19 +16,9 @@ import math
 
 from numba import cuda
 
+from . import kernels_dnc as KD
+
 __all__ = ["scratch_layout", "scratch_size", "dnc_memory"]
-
-
-def offsets(N, W, R):
-    """Start of each part of a packed row: memory, usage, link, precedence, read weights, write weights, reads."""
-    oM = 0
-    ou = oM + N * W
-    oL = ou + N
-    op = oL + N * N
-    owr = op + N
-    oww = owr + R * N
-    orv = oww + N
-    return oM, ou, oL, op, owr, oww, orv
 
 
 def scratch_layout(N, W, R, I, S):
@@ -68,21 +58,11 @@ def scratch_size(N, W, R, I, S):
     return scratch_layout(N, W, R, I, S)[-1]
 
 
-_offsets = cuda.jit(device=True)(offsets)
+# the packed row's offsets and the scalar helpers are the CPU kernels' own Python bodies, compiled for the device
+_offsets = cuda.jit(device=True)(KD._offsets_py)
 _layout = cuda.jit(device=True)(scratch_layout)
-
-
-@cuda.jit(device=True)
-def _sigm(x):
-    if x >= 0:
-        return 1.0 / (1.0 + math.exp(-x))
-    z = math.exp(x)
-    return z / (1.0 + z)
-
-
-@cuda.jit(device=True)
-def _softplus(x):
-    return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
+_sigm = cuda.jit(device=True)(KD._sigm.py_func)
+_softplus = cuda.jit(device=True)(KD._softplus.py_func)
 
 
 @cuda.jit(device=True)
