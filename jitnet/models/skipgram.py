@@ -60,8 +60,24 @@ class SkipGram:
 
     @property
     def vectors(self):
-        """The input embedding matrix (V, D) as a NumPy array (the live storage)."""
+        """The input embedding matrix (V, D) as a NumPy array (the live storage on the CPU, a copy from a GPU)."""
         return self.embeddings.numpy()
+
+    @property
+    def device(self):
+        """The jn.Device holding the matrices."""
+        return self.embeddings.device
+
+    def to(self, device):
+        """Move the matrices to ``device`` ('cpu', 'cuda') in place (the Parameters stay the same objects);
+        return self."""
+        d = jn.device(str(device))
+        if d.type == "cuda":
+            jn.cuda.require(f"SkipGram.to({str(d)!r})", d.index)
+        for p in (self.embeddings, self.out_weights, self.out_biases):
+            p._move_(d)
+        self._normed = None
+        return self
 
     def train_fast(self, sentences_ids, bounds, raw_words, epochs=5, window=5, negative=5, alpha=0.025,
                    min_alpha=0.0001, sample=1e-3, ns_exponent=0.75, threads=None, chunk_words=None,
@@ -70,8 +86,12 @@ class SkipGram:
 
         ``sentences_ids``/``bounds`` come from :func:`encode_sentences`; ``raw_words`` (tokens per epoch before
         vocabulary filtering and subsampling) is what words/s counts. ``progress(done_fraction)`` is called
-        after each chunk.
+        after each chunk. On a GPU (after :meth:`to`) the CUDA form of the kernel runs with ``threads`` parts
+        (default: one per sentence, at most 4096), the corpus moved to the device once.
         """
+        if self.device.type == "cuda":
+            return self._train_fast_cuda(sentences_ids, bounds, raw_words, epochs, window, negative, alpha,
+                                         min_alpha, sample, ns_exponent, threads, chunk_words, progress)
         import numba
         old = jn.get_num_threads()
         jn.set_num_threads(min(threads or old, numba.config.NUMBA_NUM_THREADS))
@@ -88,14 +108,7 @@ class SkipGram:
             total = max(1, n_words * epochs)
             # big chunks: few barriers between the threads (the progress bar moves once per chunk)
             chunk_words = chunk_words or max(MAX_SENTENCE * 8 * nparts, n_words // 20)
-            # chunk boundaries (in sentences), about chunk_words each
-            cuts = [0]
-            target = chunk_words
-            for s in range(1, len(bounds) - 1):
-                if bounds[s] >= target:
-                    cuts.append(s)
-                    target = bounds[s] + chunk_words
-            cuts.append(len(bounds) - 1)
+            cuts = _chunk_cuts(bounds, chunk_words)
             kept = 0
             t0 = time.perf_counter()
             for ep in range(epochs):
@@ -111,6 +124,39 @@ class SkipGram:
         self._normed = None
         words = raw_words * epochs
         return {"words": words, "effective_words": kept, "seconds": sec, "words_per_s": words / max(sec, 1e-9)}
+
+    def _train_fast_cuda(self, sentences_ids, bounds, raw_words, epochs, window, negative, alpha, min_alpha,
+                         sample, ns_exponent, threads, chunk_words, progress):
+        from jitnet import kernels_skipgram_gpu as G
+        ids = np.ascontiguousarray(sentences_ids, np.int32)
+        bounds = np.ascontiguousarray(bounds, np.int64)
+        cum = unigram_table(self.vocab.counts, ns_exponent)
+        n_sent = len(bounds) - 1
+        nparts = max(1, threads or min(n_sent, 4096))
+        states = (np.arange(nparts, dtype=np.uint64) * np.uint64(7919) + np.uint64(self.seed * 1000003 + 1))
+        n_words = int(bounds[-1])
+        total = max(1, n_words * epochs)
+        cuts = _chunk_cuts(bounds, chunk_words or max(n_words, 1))
+        maxlen = max(1, int(np.diff(bounds).max())) if n_sent else 1
+        d = jn.cuda.to_device            # the corpus and tables once; nothing moves per chunk
+        args = [d(a) for a in (ids, bounds)]
+        tables = [d(a) for a in (cum, noise_guide(cum), sample_ints(keep_probabilities(self.vocab.counts, sample)))]
+        st, kept, done = d(states), d(np.zeros(nparts, np.int64)), d(np.zeros(1, np.int64))
+        buf, work = jn.cuda.empty((nparts, maxlen), np.int32), jn.cuda.empty((nparts, self.dim), np.float32)
+        w_in, w_out = self.embeddings._data, self.out_weights._data
+        t0 = time.perf_counter()
+        for ep in range(epochs):
+            for a, b in zip(cuts[:-1], cuts[1:]):
+                pos0 = ep * n_words + int(bounds[a])
+                G.train_chunk(*args, a, b, w_in, w_out, *tables, window, negative, alpha, min_alpha, pos0, total,
+                              st, kept, done, buf, work)
+                if progress is not None:
+                    progress((pos0 + bounds[b] - bounds[a]) / total)
+        n_kept = int(jn.cuda.to_host(kept).sum())          # waits for the kernels
+        sec = time.perf_counter() - t0
+        self._normed = None
+        words = raw_words * epochs
+        return {"words": words, "effective_words": n_kept, "seconds": sec, "words_per_s": words / max(sec, 1e-9)}
 
     # ---- queries ---------------------------------------------------------------------------------------------
 
@@ -183,13 +229,27 @@ class SkipGram:
         return path
 
 
+def _chunk_cuts(bounds, chunk_words):
+    """Return the chunk boundaries (in sentences) of about ``chunk_words`` words each."""
+    cuts = [0]
+    target = chunk_words
+    for s in range(1, len(bounds) - 1):
+        if bounds[s] >= target:
+            cuts.append(s)
+            target = bounds[s] + chunk_words
+    cuts.append(len(bounds) - 1)
+    return cuts
+
+
 def warm_fast_kernel(sg):
-    """Compile (or load from Numba's disk cache) the fast kernel for ``sg``'s arrays; returns None."""
+    """Compile (or load from Numba's disk cache) the fast kernel for ``sg``'s arrays (the CPU's; a GPU's kernel
+    compiles at its first launch); returns None."""
+    if sg.device.type != "cpu":
+        return
     cum = unigram_table(sg.vocab.counts)
     sg_ns_train_chunk(np.zeros(0, np.int32), np.zeros(2, np.int64), 0, 0, sg.vectors, sg.out_weights.numpy(),
                       cum, noise_guide(cum), np.zeros(len(sg.vocab), np.uint32), 1, 1, 0.0, 0.0, 0, 1,
                       np.ones(1, np.uint64))
-
 
 
 class SkipGramModel(nn.Module):
