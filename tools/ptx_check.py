@@ -47,6 +47,16 @@ for T in (float32, float64):
         local = ".local" in ptx
         print(f"{name:22s} {T}: {len(ptx):6d} chars of PTX, local memory: {local}, {time.time()-t0:.1f}s")
         ok += 1
+# the DNC memory step (one thread per batch row; its scalar helpers are the CPU kernel's bodies)
+import jitnet.kernels_dnc_gpu as KDG
+for T in (float32, float64):
+    a2 = T[:, :]
+    t0 = time.time()
+    ptx, _ = compile_ptx(KDG.dnc_memory.py_func, (a2, a2, a2, int64, int64, int64, float64, a2, boolean, a2,
+                                                  int64[:, :]), cc=(9, 0))
+    print(f"{'dnc_memory':22s} {T}: {len(ptx):6d} chars of PTX, local memory: {'.local' in ptx}, "
+          f"{time.time()-t0:.1f}s")
+    ok += 1
 # the shared scalar helpers inside a kernel, as the generated elementwise kernels call them
 from numba import cuda
 def helpers(x, y, out):
