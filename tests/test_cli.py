@@ -424,3 +424,16 @@ def test_smoke_trains_a_few_steps_on_cpu(model, tmp_path, capsys):
 def test_device_that_is_not_there_is_one_line_and_exit_2(tmp_path, capsys):
     assert main(["train", "mlp", "--device", "tpu", "--smoke", "--logdir", str(tmp_path)]) == 2
     assert "--device tpu" in capsys.readouterr().err
+
+
+def test_smoke_keeps_the_options_the_command_line_gave():
+    from jitnet.models._train import ArgumentParser, add_device_args, apply_smoke
+    p = add_device_args(ArgumentParser(prog="t"))
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--limit", type=int, default=None)
+    a = apply_smoke(p.parse_args(["--smoke", "--epochs=3"]), epochs=1, limit=8)
+    assert (a.epochs, a.limit) == (3, 8)
+    a = apply_smoke(p.parse_args(["--smoke", "--limit", "2"]), epochs=1, limit=8)
+    assert (a.epochs, a.limit) == (1, 2)
+    a = apply_smoke(p.parse_args(["--epochs", "2"]), epochs=1, limit=8)
+    assert (a.epochs, a.limit) == (2, None)

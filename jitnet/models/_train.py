@@ -45,6 +45,18 @@ class ArgumentParser(argparse.ArgumentParser):
         """Print ``message`` in one line and exit with status 2; never returns."""
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
+    def parse_known_args(self, args=None, namespace=None):
+        """Parse as argparse does; the result also records which options the command line gave
+        (``_given``), so ``apply_smoke`` changes only the ones left at their defaults."""
+        argv = list(sys.argv[1:] if args is None else args)
+        ns, rest = super().parse_known_args(argv, namespace)
+        given = set()
+        for a in self._actions:
+            if any(o == tok or tok.startswith(o + "=") for o in a.option_strings for tok in argv):
+                given.add(a.dest)
+        ns._given = given
+        return ns, rest
+
 
 def add_nonfinite_args(p):
     """Add ``--skip-nonfinite [N]`` to parser ``p``; return ``p``."""
@@ -107,10 +119,13 @@ def setup_device(args):
 
 
 def apply_smoke(args, **settings):
-    """Under ``--smoke``, set each option in ``settings`` (e.g. ``epochs=1, limit=256``) on ``args``; return args."""
+    """Under ``--smoke``, set each option in ``settings`` (e.g. ``epochs=1, limit=256``) on ``args`` unless the
+    command line gave it (``--smoke --epochs 3`` runs 3 epochs); return args."""
     if getattr(args, "smoke", False):
+        given = getattr(args, "_given", set())
         for k, v in settings.items():
-            setattr(args, k, v)
+            if k not in given:
+                setattr(args, k, v)
     return args
 
 
