@@ -303,13 +303,15 @@ class SkipGramModel(nn.Module):
 
     def train_step(self, centers, labels, rng=None):
         """Run one optimizer step on (centers (B,), labels (B, 1)); return the loss before the update."""
-        c = jn.tensor(np.asarray(centers, np.int64))
-        y = jn.tensor(np.asarray(labels, np.int64).reshape(-1, 1))
+        dev = self.embeddings.device          # the batch moves to the model's device before the step
+        c = jn.tensor(np.asarray(centers, np.int64), device=dev)
+        y_host = jn.tensor(np.asarray(labels, np.int64).reshape(-1, 1))
+        y = y_host.to(dev)
         if self.kind == "nce":
-            s, te, se = F.log_uniform_candidate_sampler(y, 1, self.num_sampled, True, self.vocab_size)
-            return self._step(c, y, s, te, se)
+            s, te, se = F.log_uniform_candidate_sampler(y_host, 1, self.num_sampled, True, self.vocab_size)
+            return self._step(c, y, s.to(dev), te.to(dev), se.to(dev))
         neg = sample_negatives(self.table, (len(centers), self.negative), rng)
-        return self._step(c, y, jn.tensor(neg))
+        return self._step(c, y, jn.tensor(neg, device=dev))
 
 
 def train_model(model, ids, epochs=1, batch_size=128, window=5, sample=1e-3, lr_end=None, seed=0,

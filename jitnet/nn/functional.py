@@ -1062,6 +1062,16 @@ def _sampled_logits(weights, biases, labels, inputs, num_sampled, num_classes, n
     return logits, bsz
 
 
+def _sampled_targets(logits, num_true):
+    """Targets of sampled logits: 1/num_true in the true columns, 0 in the sampled ones (on the logits' device)."""
+    if logits.device.type != "cpu":         # built on the device: no host constant to copy in a step
+        return ops.concatenate([ops.full_like(logits[:, :num_true], 1.0 / num_true),
+                                ops.zeros_like(logits[:, num_true:])], axis=1)
+    tgt = np.zeros(logits.shape, logits.dtype)
+    tgt[:, :num_true] = 1.0 / num_true
+    return Tensor._wrap(tgt)
+
+
 def nce_loss(weights, biases, labels, inputs, num_sampled, num_classes, num_true=1, sampled_values=None,
              remove_accidental_hits=False):
     """Return the per-example noise-contrastive estimation loss (batch,) with TensorFlow's semantics.
@@ -1073,9 +1083,7 @@ def nce_loss(weights, biases, labels, inputs, num_sampled, num_classes, num_true
     """
     logits, bsz = _sampled_logits(weights, biases, labels, inputs, num_sampled, num_classes, num_true,
                                   sampled_values, remove_accidental_hits, "nce_loss")
-    tgt = np.zeros(logits.shape, logits.dtype)
-    tgt[:, :num_true] = 1.0 / num_true
-    loss = binary_cross_entropy_with_logits(logits, Tensor._wrap(tgt), reduction="none")
+    loss = binary_cross_entropy_with_logits(logits, _sampled_targets(logits, num_true), reduction="none")
     return ops.sum(loss, axis=1)
 
 
@@ -1084,9 +1092,7 @@ def sampled_softmax_loss(weights, biases, labels, inputs, num_sampled, num_class
     """Return the per-example sampled softmax loss (batch,) with TensorFlow's semantics (log-uniform sampler)."""
     logits, bsz = _sampled_logits(weights, biases, labels, inputs, num_sampled, num_classes, num_true,
                                   sampled_values, remove_accidental_hits, "sampled_softmax_loss")
-    tgt = np.zeros(logits.shape, logits.dtype)
-    tgt[:, :num_true] = 1.0 / num_true
-    return cross_entropy(logits, Tensor._wrap(tgt), reduction="none")
+    return cross_entropy(logits, _sampled_targets(logits, num_true), reduction="none")
 
 
 # ---- regularizers and constraints ---------------------------------------------------------------------------

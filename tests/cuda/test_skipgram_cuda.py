@@ -110,3 +110,32 @@ def test_train_fast_on_cuda_with_one_part_equals_the_cpu():
     assert st_g["effective_words"] == st_c["effective_words"] == raw
     np.testing.assert_allclose(gpu.vectors, cpu.vectors, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(gpu.out_weights.numpy(), cpu.out_weights.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def _model_losses(dev, loss, jit, vocab, ids, bounds):
+    jn.random.seed(0)
+    sg = S.SkipGram(vocab, dim=D, seed=0, init="tf")
+    m = S.SkipGramModel(sg, loss=loss, num_sampled=3, negative=2, lr=0.5, jit=jit).to(dev)
+    inner, seen = m._step, []
+
+    def step(*batch):
+        assert all(t.device == jn.device(dev) for t in batch)
+        jcuda.reset_transfer_stats()
+        out = inner(*batch)
+        seen.append(jcuda.transfer_stats())
+        return out
+    m._step = step
+    losses = S.train_model(m, ids, epochs=1, batch_size=2, window=2, sample=0, seed=0, max_steps=2, bounds=bounds)
+    return losses, seen, sg
+
+
+@pytest.mark.parametrize("loss,jit", [("nce", True), ("neg", False)], ids=["nce-jit", "neg-eager"])
+def test_model_path_on_cuda_first_losses_equal_the_cpu_without_transfers_in_a_step(loss, jit):
+    vocab, ids, bounds, _ = _corpus()
+    cpu, _, sg_c = _model_losses("cpu", loss, jit, vocab, ids, bounds)
+    gpu, seen, sg_g = _model_losses("cuda", loss, jit, vocab, ids, bounds)
+    assert len(cpu) == len(gpu) == 2 and cpu[0] != cpu[-1]
+    np.testing.assert_allclose(gpu, cpu, rtol=1e-5, atol=1e-6)
+    assert all(t["h2d"] == 0 and t["d2h"] == 0 for t in seen), seen
+    assert sg_g.embeddings.is_cuda
+    np.testing.assert_allclose(sg_g.vectors, sg_c.vectors, rtol=1e-5, atol=1e-6)
