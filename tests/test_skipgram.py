@@ -230,3 +230,14 @@ def test_embedding_initialisations(init, bound):
     w = sg.vectors
     assert np.abs(w).max() <= bound / 10 and np.abs(w).max() > 0.9 * bound / 10     # uniform(-b/D, b/D)
     assert not sg.out_weights.numpy().any()
+
+
+def test_command_smoke_and_device_option(tmp_path, capsys):
+    from jitnet.models._train import UsageError
+    assert CLI.train_skipgram(["--smoke", "--no-progress", "--threads", "1", "--logdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "smoke" in out and "128 words" in out and "(128 after subsampling)" in out
+    vec = (tmp_path / "vectors.txt").read_text().splitlines()
+    assert vec[0] == "12 8" and len(vec) == 13
+    with pytest.raises(UsageError, match="--device"):
+        CLI.train_skipgram(["--smoke", "--device", "tpu", "--logdir", str(tmp_path)])

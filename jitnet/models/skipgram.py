@@ -29,8 +29,11 @@ from jitnet.data.word2vec import (MAX_SENTENCE, keep_probabilities, noise_guide,
                                   skipgram_pairs, subsample, unigram_table)
 from jitnet.data.word_eval import analogy_score, read_analogy_file, read_similarity_file, similarity_score
 from jitnet.kernels_skipgram import sg_ns_train_chunk
+from jitnet.lazy import LazyModule
 from jitnet.nn.embedding_ops import embedding
 from ._train import NonFiniteError
+
+_gpu = LazyModule("jitnet.kernels_skipgram_gpu")     # the CUDA kernel, loaded by a run on a GPU only
 
 __all__ = ["SkipGram", "warm_fast_kernel", "SkipGramModel", "train_model"]
 
@@ -127,7 +130,6 @@ class SkipGram:
 
     def _train_fast_cuda(self, sentences_ids, bounds, raw_words, epochs, window, negative, alpha, min_alpha,
                          sample, ns_exponent, threads, chunk_words, progress):
-        from jitnet import kernels_skipgram_gpu as G
         ids = np.ascontiguousarray(sentences_ids, np.int32)
         bounds = np.ascontiguousarray(bounds, np.int64)
         cum = unigram_table(self.vocab.counts, ns_exponent)
@@ -148,7 +150,7 @@ class SkipGram:
         for ep in range(epochs):
             for a, b in zip(cuts[:-1], cuts[1:]):
                 pos0 = ep * n_words + int(bounds[a])
-                G.train_chunk(*args, a, b, w_in, w_out, *tables, window, negative, alpha, min_alpha, pos0, total,
+                _gpu.train_chunk(*args, a, b, w_in, w_out, *tables, window, negative, alpha, min_alpha, pos0, total,
                               st, kept, done, buf, work)
                 if progress is not None:
                     progress((pos0 + bounds[b] - bounds[a]) / total)

@@ -16,12 +16,13 @@ import jitnet as jn
 from jitnet.data import datasets as D
 from jitnet.data.word2vec import Vocab, encode_sentences, sentences_from_tokens
 from jitnet.lazy import LazyModule
-from ._train import ArgumentParser, Progress, UsageError, add_distributed_arg, setup_distributed
+from ._train import (ArgumentParser, Progress, UsageError, add_device_args, add_distributed_arg, apply_smoke,
+                     setup_device, setup_distributed)
 from .skipgram import SkipGram, SkipGramModel, train_model, warm_fast_kernel
 
 dist = LazyModule("jitnet.distributed")      # MPI data parallelism, loaded by a distributed run only
 
-__all__ = ["gensim_test_file", "load_corpus", "pca_2d", "plot_embeddings", "evaluate_all", "train_skipgram",
+__all__ = ["gensim_test_file", "smoke_corpus", "load_corpus", "pca_2d", "plot_embeddings", "evaluate_all", "train_skipgram",
            "TRAINERS"]
 
 
@@ -38,14 +39,24 @@ def gensim_test_file(name):
 ENWIKI_TEST = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 
 
+def smoke_corpus(n_sentences=16, length=8, seed=0):
+    """Return a tiny two-topic corpus (sentences of ``length`` words, each from one of two 6-word topics)."""
+    rng = np.random.default_rng(seed)
+    topics = [[f"{t}{i}" for i in range(6)] for t in ("sun", "sea")]
+    return [list(rng.choice(topics[k % 2], length)) for k in range(n_sentences)]
+
+
 def load_corpus(name):
-    """Return (sentences as token lists, description) for text8, enwiki-test, lee or a plain-text file path.
+    """Return (sentences as token lists, description) for text8, enwiki-test, lee, smoke (:func:`smoke_corpus`)
+    or a plain-text file path.
 
     Files go through text8-style preprocessing (markup stripped, lowercase letters only). A file with several
     lines keeps each line as a sentence; long sentences are cut at 10,000 words.
     """
     if name == "text8":
         return sentences_from_tokens(D.load_text8()), "text8"
+    if name == "smoke":
+        return smoke_corpus(), "smoke (a tiny built-in corpus)"
     if name in ("enwiki-test", "lee"):
         path = gensim_test_file(ENWIKI_TEST if name == "enwiki-test" else "lee_background.cor")
         if path is None:
@@ -96,7 +107,8 @@ def _parser():
     p = ArgumentParser(prog="python -m jitnet train skipgram",
                        description="Train skip-gram word2vec embeddings and evaluate them.")
     p.add_argument("--corpus", default="enwiki-test",
-                   help="text8 | enwiki-test | lee (gensim's test data) | path of a text file")
+                   help="text8 | enwiki-test | lee (gensim's test data) | smoke (tiny, built in) | path of a text "
+                        "file")
     p.add_argument("--dim", type=int, default=100)
     p.add_argument("--window", type=int, default=5)
     p.add_argument("--negative", type=int, default=5, help="noise words per pair (fast path / --loss neg)")
@@ -123,6 +135,7 @@ def _parser():
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-plot", action="store_true")
     add_distributed_arg(p)
+    add_device_args(p)
     p.add_argument("--eval-dir", default=None, help="folder with wordsim353.tsv, simlex999.txt, "
                                                     "questions-words.txt (default: gensim's test data)")
     return p
@@ -155,7 +168,9 @@ def evaluate_all(sg, args=None, eval_dir=None):
 
 def train_skipgram(argv=None):
     """Train skip-gram embeddings from the command line; return the exit code."""
-    args = _parser().parse_args(argv)
+    args = apply_smoke(_parser().parse_args(argv), corpus="smoke", dim=8, window=2, negative=2, min_count=1,
+                       epochs=1, num_sampled=4, batch_size=8, max_steps=2, sample=0.0, no_plot=True)
+    device = setup_device(args)
     world = setup_distributed(args)
     if world > 1:
         if args.path != "model":
@@ -176,6 +191,8 @@ def train_skipgram(argv=None):
     print(f"skipgram: {src}: {raw} words, {len(sentences)} sentences, vocabulary {len(vocab)} "
           f"(min count {args.min_count}), {time.perf_counter() - t0:.1f} s", flush=True)
     sg = SkipGram(vocab, args.dim, seed=args.seed, init="word2vec" if args.path == "fast" else "tf")
+    if device.type != "cpu":
+        sg.to(device)                     # the matrices live on the device; the corpus follows once
     if args.path == "fast":
         bar = None
         if not args.no_progress:

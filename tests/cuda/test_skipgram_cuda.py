@@ -139,3 +139,38 @@ def test_model_path_on_cuda_first_losses_equal_the_cpu_without_transfers_in_a_st
     assert all(t["h2d"] == 0 and t["d2h"] == 0 for t in seen), seen
     assert sg_g.embeddings.is_cuda
     np.testing.assert_allclose(sg_g.vectors, sg_c.vectors, rtol=1e-5, atol=1e-6)
+
+
+def _cli(tmp_path, name, *extra):
+    out = tmp_path / name
+    assert CLI.train_skipgram(["--smoke", "--no-progress", "--logdir", str(out), *extra]) == 0
+    return np.loadtxt(out / "vectors.txt", skiprows=1, usecols=range(1, 9), dtype=np.float64)
+
+
+def test_command_fast_path_on_cuda_equals_the_cpu_with_one_part(tmp_path):
+    cpu = _cli(tmp_path, "cpu", "--threads", "1")
+    gpu = _cli(tmp_path, "gpu", "--threads", "1", "--device", "cuda")
+    assert cpu.shape == (12, 8) and np.abs(cpu).max() > 0
+    np.testing.assert_allclose(gpu, cpu, atol=3e-6)
+
+
+def test_command_model_path_on_cuda_first_losses_equal_the_cpu(tmp_path, capsys):
+    cpu = _cli(tmp_path, "cpu", "--model")
+    out_cpu = capsys.readouterr().out
+    gpu = _cli(tmp_path, "gpu", "--model", "--device", "cuda")
+    out_gpu = capsys.readouterr().out
+    line = [ln for ln in out_cpu.splitlines() if " steps in " in ln][0]
+    assert "2 steps" in line and line.split(", ", 1)[1] in out_gpu        # "loss a -> b", both runs
+    np.testing.assert_allclose(gpu, cpu, atol=3e-6)
+
+
+def test_command_smoke_on_cuda_in_a_subprocess(tmp_path):
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    p = subprocess.run([sys.executable, "-m", "jitnet", "train", "skipgram", "--device", "cuda", "--smoke",
+                        "--no-progress", "--logdir", str(tmp_path)], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "128 words" in p.stdout and (tmp_path / "vectors.txt").exists()
