@@ -323,15 +323,19 @@ _blas_stats = {"switches": 0, "probes": 0}
 class StepTimer:
     """Runs a compiled step with its BLAS on all threads or on one, whichever the step's own timing favours.
 
-    ``run(fn, *args)`` calls ``fn(*args)``. Calls 3-4 run with all BLAS threads and 5-6 with one; the faster
-    setting is kept. A call more than ``SLOW`` times its setting's best starts a new comparison after
-    ``SLOW_CALLS`` such calls in a row, and the other setting is retried every ``interval`` seconds (doubling
-    from 2 s to 64 s while the choice stands). ``single`` says which is in use.
+    ``run(fn, *args)`` calls ``fn(*args)``. From the fifth call, a comparison times ``PROBE`` calls with the
+    current setting, then ``PROBE`` with the other, and keeps one thread only when its best call (the first
+    call of each block left out: it wakes or parks OpenBLAS's threads) beats the best with all threads by
+    ``MARGIN``. A call more than ``SLOW`` times its setting's best starts a new comparison after ``SLOW_CALLS``
+    such calls in a row, and the comparison is repeated every ``interval`` seconds (doubling from 2 s to 64 s
+    while the choice stands). ``single`` says which setting is in use.
     """
 
     SLOW = 2.5
     SLOW_CALLS = 3
-    PROBE = 2
+    PROBE = 4
+    MARGIN = 0.9
+    START = 5
 
     __slots__ = ("single", "calls", "best", "probe", "slow", "next_probe", "interval", "times")
 
@@ -349,7 +353,7 @@ class StepTimer:
         if _set_local_blas_threads is None:
             return fn(*args)
         self.calls += 1
-        if self.calls == 3 and self.probe is None:
+        if self.calls == self.START and self.probe is None:
             self._start_probe()
         use_single = self.single if self.probe is None else self.probe[0]
         if use_single:
@@ -379,10 +383,10 @@ class StepTimer:
             if self.probe:
                 return
             self.probe = None
-            full = min(self.times[0]) if self.times[0] else None
-            one = min(self.times[1]) if self.times[1] else None
+            full = min(self.times[0][1:]) if len(self.times[0]) > 1 else None
+            one = min(self.times[1][1:]) if len(self.times[1]) > 1 else None
             self.best = [full, one]
-            choice = one is not None and full is not None and one < full
+            choice = one is not None and full is not None and one < self.MARGIN * full
             if choice != self.single:
                 _blas_stats["switches"] += 1
                 self.interval = 2.0
@@ -393,7 +397,7 @@ class StepTimer:
             self.next_probe = time.monotonic() + self.interval
             return
         b = self.best[k]
-        if b is None or self.calls < 3:
+        if b is None or self.calls < self.START:
             return
         if dt > self.SLOW * b:
             self.slow += 1
