@@ -324,16 +324,17 @@ class StepTimer:
     """Runs a compiled step with its BLAS on all threads or on one, whichever the step's own timing favours.
 
     ``run(fn, *args)`` calls ``fn(*args)``. From the fifth call, a comparison times ``PROBE`` calls with the
-    current setting, then ``PROBE`` with the other, and keeps one thread only when its best call (the first
-    call of each block left out: it wakes or parks OpenBLAS's threads) beats the best with all threads by
-    ``MARGIN``. A call more than ``SLOW`` times its setting's best starts a new comparison after ``SLOW_CALLS``
+    current setting, then ``PROBE`` with the other, and keeps one thread only when its mean call (the first
+    call of each block left out: it wakes or parks OpenBLAS's threads) beats the mean with all threads by
+    ``MARGIN`` (a mean, not a minimum or median: beside a busy process most calls with all threads are as fast as
+    idle ones and every few calls one waits for milliseconds). A call more than ``SLOW`` times its setting's best starts a new comparison after ``SLOW_CALLS``
     such calls in a row, and the comparison is repeated every ``interval`` seconds (doubling from 2 s to 64 s
     while the choice stands). ``single`` says which setting is in use.
     """
 
     SLOW = 2.5
     SLOW_CALLS = 3
-    PROBE = 4
+    PROBE = 8
     MARGIN = 0.9
     START = 5
 
@@ -383,8 +384,8 @@ class StepTimer:
             if self.probe:
                 return
             self.probe = None
-            full = min(self.times[0][1:]) if len(self.times[0]) > 1 else None
-            one = min(self.times[1][1:]) if len(self.times[1]) > 1 else None
+            full = _mean(self.times[0][1:]) if len(self.times[0]) > 1 else None
+            one = _mean(self.times[1][1:]) if len(self.times[1]) > 1 else None
             self.best = [full, one]
             choice = one is not None and full is not None and one < self.MARGIN * full
             if choice != self.single:
@@ -409,6 +410,10 @@ class StepTimer:
             self.best[k] = dt
         if time.monotonic() >= self.next_probe:
             self._start_probe()
+
+
+def _mean(xs):
+    return sum(xs) / len(xs)
 
 
 def blas_thread_stats() -> dict:

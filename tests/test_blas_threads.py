@@ -41,7 +41,7 @@ def _step(fb, cost):
 def test_one_thread_is_chosen_when_it_is_faster_and_the_setting_is_undone_after_each_step(fake_blas):
     t = runtime.StepTimer()
     fn = _step(fake_blas, {False: 0.004, True: 0.0005})        # all threads slow: a busy machine
-    for _ in range(14):
+    for _ in range(t.START + 2 * t.PROBE + 2):
         t.run(fn)
     assert t.single and fake_blas.local == 0                   # chosen, and restored between steps
     assert t.run(fn) == 1                                       # the step itself ran with one thread
@@ -51,7 +51,7 @@ def test_one_thread_is_chosen_when_it_is_faster_and_the_setting_is_undone_after_
 def test_all_threads_are_kept_when_they_are_faster(fake_blas):
     t = runtime.StepTimer()
     fn = _step(fake_blas, {False: 0.0005, True: 0.002})
-    for _ in range(14):
+    for _ in range(t.START + 2 * t.PROBE + 2):
         assert t.run(fn) in (0, 1)
     assert not t.single
     n = len(fake_blas.calls)
@@ -63,7 +63,7 @@ def test_a_step_that_becomes_slow_compares_again(fake_blas):
     t = runtime.StepTimer()
     cost = {False: 0.0005, True: 0.002}
     fn = _step(fake_blas, cost)
-    for _ in range(14):
+    for _ in range(t.START + 2 * t.PROBE + 2):
         t.run(fn)
     assert not t.single
     cost[False] = 0.006                                         # another process starts: all threads slow down
@@ -86,9 +86,10 @@ def test_a_jitted_step_runs_through_its_timer_and_matches_eager():
         return (x @ w).sum()
 
     x = jn.tensor(np.arange(6.0, dtype=np.float32).reshape(2, 3))
-    vals = [f(x).item() for _ in range(14)]
-    assert vals == [30.0] * 14
+    n = runtime.StepTimer.START + 2 * runtime.StepTimer.PROBE + 2
+    vals = [f(x).item() for _ in range(n)]
+    assert vals == [30.0] * n
     comp = list(f._cache.values())[0]
     assert isinstance(comp.timer, runtime.StepTimer)
     if runtime.blas_thread_stats()["available"]:
-        assert comp.timer.calls == 13 and comp.timer.best[0] is not None and comp.timer.best[1] is not None
+        assert comp.timer.calls == n - 1 and comp.timer.best[0] is not None and comp.timer.best[1] is not None
