@@ -22,6 +22,8 @@ import math
 import numpy as np
 from numba import cuda
 
+from . import kernels_skipgram as KS
+
 __all__ = ["train_chunk_kernel", "zero_kernel", "train_chunk", "THREADS_PER_BLOCK"]
 
 THREADS_PER_BLOCK = 64
@@ -37,7 +39,6 @@ _ADD = np.uint64(11)
 _MASK = np.uint64(0xFFFFFFFFFFFF)
 _SH16 = np.uint64(16)
 _M32 = np.uint64(0xFFFFFFFF)
-_GUIDE_SHIFT = 15
 
 
 @cuda.jit(device=True)
@@ -48,12 +49,7 @@ def _lcg(r):
     return (lo * _MUL_LO + (mid << _S24) + _ADD) & _MASK
 
 
-@cuda.jit(device=True)
-def _draw(cum, guide, v):
-    i = guide[v >> _GUIDE_SHIFT]
-    while cum[i] <= v:
-        i += 1
-    return i
+_draw = cuda.jit(device=True)(KS._draw.py_func)      # the CPU kernels' noise draw, compiled for the device
 
 
 @cuda.jit(device=True)
