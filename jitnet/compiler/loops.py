@@ -379,17 +379,14 @@ def scan(body, init, xs=None, length=None, reverse=False, checkpoint=False):
 
 def _example_row(x, t, length):
     """Row ``t`` of stacked per-step input ``x`` on its device (zeros when the sequence is empty)."""
-    be = backends.backend_of(x)
-    if be is backends.CPU:
-        return x[t, ...] if length else np.zeros(x.shape[1:], x.dtype)
-    return _row(x, t) if length else _G.zeros(x.shape[1:], x.dtype)
+    if not length:
+        return _filled_on(x, 0, x.shape[1:])
+    return x[t, ...] if isinstance(x, np.ndarray) else _row(x, t)
 
 
-def _filled_on(a, value):
-    """An array shaped like array ``a``, filled with ``value``, on its device (placeholders for a trial trace)."""
-    if isinstance(a, np.ndarray):
-        return np.full(a.shape, value, a.dtype)
-    return _G.full(a.shape, value, a.dtype)
+def _filled_on(a, value, shape=None):
+    """An array of ``shape`` (default: ``a``'s) filled with ``value``, on ``a``'s device (its backend's fill)."""
+    return backends.backend_of(a).full(a.shape if shape is None else shape, value, a.dtype)
 
 
 def _scan_traced(outer, body, init, xs, length, reverse, store=False):
