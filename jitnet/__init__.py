@@ -29,6 +29,7 @@ from .tensor import (Device, Parameter, Tensor, Variable, as_tensor, bfloat16, b
                      set_default_device, tensor, uint8)
 from . import cuda  # noqa: E402  (no numba.cuda import until a GPU is used)
 from .dlpack import from_dlpack  # noqa: E402
+from .autocast import autocast  # noqa: E402
 from . import nn  # noqa: E402
 from .runtime import (compile_stats, denormals_flushed, flush_denormals, get_num_threads,  # noqa: E402
                       set_malloc_tuning, set_num_threads)

@@ -1467,10 +1467,11 @@ def _matmul_arrays_cuda(a, b):
     """Return a @ b for device arrays of at least 2 dims (broadcast batches) with the tiled kernel."""
     dt = np.promote_types(a.dtype, b.dtype)
     cdt = dt if dt in (float32, float64) else (float64 if dt.kind != "f" else float32)
-    if a.dtype != cdt:
-        a = _G.cast(a, cdt)
-    if b.dtype != cdt:
-        b = _G.cast(b, cdt)
+    if dt != _lowp.float16 or a.dtype != b.dtype:     # float16 operands: read as stored, summed in float32
+        if a.dtype != cdt:
+            a = _G.cast(a, cdt)
+        if b.dtype != cdt:
+            b = _G.cast(b, cdt)
     batch = np.broadcast_shapes(tuple(a.shape)[:-2], tuple(b.shape)[:-2])
     M, K = tuple(a.shape)[-2:]
     N = tuple(b.shape)[-1]

@@ -146,6 +146,11 @@ _NAN_CHECK = None
 # global test), then the function that swaps a primitive for its float32-computing row on low-precision data.
 _LOWP = None
 
+# ``jitnet.autocast``: None outside an autocast block; inside one, the policy (``autocast.Policy``: its ``dtype``
+# and a call that returns an op's inputs cast as the policy says). It is read only after ``_LOWP`` is set
+# (entering autocast installs the low-precision rule), so programs that never use either pay one global test.
+_AUTOCAST = None
+
 
 def enable_devices():
     """Turn on per-op device dispatch (called once by the CUDA backend when it loads)."""
@@ -229,6 +234,8 @@ def _apply_devices(prim, inputs, params):
 def apply(prim: Primitive, *inputs, **params):
     """Run primitive ``prim`` on tensors ``inputs``; return the output tensor (recording a tape node)."""
     if _LOWP is not None:
+        if _AUTOCAST is not None:
+            inputs = _AUTOCAST(prim, inputs, params)
         prim = _LOWP(prim, inputs, params)
     if _State.interpreters:
         return _State.interpreters[-1].apply(prim, inputs, params)

@@ -1,7 +1,7 @@
 """jitnet.jit: trace a step into a graph, optimize it, fuse elementwise chains into generated kernels.
 
 The first call for an input signature (tensor shapes, dtypes and requires_grad; the values of every
-non-tensor argument) traces the function: it runs once for real under a recording interpreter, so it
+non-tensor argument; the enclosing ``jn.autocast`` dtype, if any) traces the function: it runs once for real under a recording interpreter, so it
 returns real results and updates variables exactly as the eager code would. The recorded graph then goes
 through DCE, CSE and fusion, and becomes a :class:`~jitnet.compiler.plan.Plan`. Later calls with the same
 signature run the plan without touching the Python function.
@@ -84,6 +84,8 @@ class JitFunction:
         key, leaves, tree, tensors = self._signature(args, kwargs)
         if ad._NAN_CHECK is not None:
             key = (key, "debug_nans")                # checked plans are kept apart from the fast ones
+        if ad._AUTOCAST is not None:
+            key = (key, "autocast", ad._AUTOCAST.name)   # a trace inside jn.autocast records its casts
         comp = self._cache.get(key)
         if comp is None:
             return self._trace_and_compile(key, leaves, tree)

@@ -21,6 +21,7 @@ from .. import kernels_cpu as K
 from .. import ops
 from .. import random as _random
 from .. import winograd
+from ..autodiff import core as _ad
 from ..autodiff.core import Primitive, apply, current_interpreter
 from ..lazy import LazyModule
 from ..lowp import is_floating
@@ -89,7 +90,11 @@ def linear(x, W, b=None):
         raise ValueError(f"linear: input of shape {x.shape} does not match weight of shape {W.shape} "
                          f"(expected last input dim {W.shape[0]})")
     y = ops.matmul(x, W)
-    return y if b is None else y + b
+    if b is None:
+        return y
+    if _ad._AUTOCAST is not None:            # under jn.autocast the bias joins the GEMM's low dtype
+        b = _ad._AUTOCAST.lower(_t(b))
+    return y + b
 
 
 # ==============================================================================================================

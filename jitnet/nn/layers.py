@@ -56,8 +56,7 @@ class Linear(Module):
         if x.shape[-1:] != (self.in_features,):
             raise ValueError(f"Linear({self.in_features}, {self.out_features}): input of shape {x.shape} does "
                              f"not end in {self.in_features}")
-        y = ops.matmul(x, self.W)
-        return y if self.b is None else y + self.b
+        return F.linear(x, self.W, self.b)
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.b is not None}"
