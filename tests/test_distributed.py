@@ -166,6 +166,24 @@ def _run(args, timeout, env=None):
     return p, time.monotonic() - t0
 
 
+def test_allreduce_into_out_on_every_path(tmp_path):
+    # quick (one 2-rank job, a few seconds): the lean path's remembered pair, in place, overlapping buffers
+    out = str(tmp_path / "paths.npz")
+    p, _ = _run([os.path.join(SCRIPTS, "allreduce_paths.py"), out], timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    res = np.load(out)
+    base = np.arange(6, dtype=np.float32) + 1
+    for i in range(3):
+        np.testing.assert_array_equal(res[f"pair1/{i}"], 3 * base)         # ranks hold base*1, base*2
+        np.testing.assert_array_equal(res[f"pair2/{i}"], 5 * base)         # base*2, base*3
+    np.testing.assert_array_equal(res["cross"], 5 * base)
+    np.testing.assert_array_equal(res["changed"], 7 * base)                # base*3, base*4
+    np.testing.assert_array_equal(res["inplace"], 3 * base)
+    np.testing.assert_array_equal(res["overlap"], 3 * base)
+    np.testing.assert_array_equal(res["mean"], 2.5 * base)
+    np.testing.assert_array_equal(res["max"], 3 * base)
+
+
 @pytest.mark.slow
 def test_two_ranks_hold_the_parameters_of_one_process(tmp_path):
     out = str(tmp_path / "out.npz")

@@ -79,21 +79,35 @@ _CTX: _Context | None = None
 
 
 class _Watchdog:
-    """A daemon thread that aborts the job when one collective has waited longer than ``timeout`` seconds."""
+    """A daemon thread that aborts the job when one collective has waited longer than ``timeout`` seconds.
+
+    A collective costs it two stores: ``calls`` counts the collectives begun and ``pending`` names the one in
+    flight (None between them). The thread samples both every ``period``; a collective seen in flight under the
+    same count for longer than ``timeout`` (measured from the first sample that saw it) fires. So the limit is
+    kept to within one period, and the hot path reads no clock (a small allreduce takes a few microseconds).
+    """
 
     def __init__(self, ctx, timeout):
         self.ctx, self.timeout = ctx, float(timeout)
-        self.pending = None                       # (name of the collective, time.monotonic() at its start)
+        self.pending = None                       # the name of the collective in flight, or None
+        self.calls = 0                            # collectives begun so far
+        self.period = max(0.02, min(1.0, self.timeout / 5))
         self._thread = threading.Thread(target=self._run, name="jitnet-mpi-watchdog", daemon=True)
         self._thread.start()
 
     def _run(self):
-        period = max(0.05, min(1.0, self.timeout / 5))
+        seen, since = -1, 0.0
         while True:
-            time.sleep(period)
-            p = self.pending
-            if p is not None and time.monotonic() - p[1] > self.timeout:
-                self._fire(p[0])
+            time.sleep(self.period)
+            calls, what = self.calls, self.pending
+            if what is None:
+                seen = -1
+                continue
+            now = time.monotonic()
+            if calls != seen:                     # a collective not seen in flight before: start its clock
+                seen, since = calls, now
+            elif now - since > self.timeout:
+                self._fire(what)
                 return
 
     def _fire(self, what):
@@ -112,7 +126,8 @@ class _Watchdog:
 def _enter(ctx, what):
     w = ctx.watchdog
     if w is not None:
-        w.pending = (what, time.monotonic())
+        w.calls += 1
+        w.pending = what
 
 
 def _leave(ctx):
@@ -231,12 +246,9 @@ def _allreduce_cpu(a, op="sum"):
     c = _CTX if _CTX is not None else _ctx()
     send = a if a.flags.c_contiguous else np.ascontiguousarray(a)
     out = np.empty(send.shape, send.dtype)
-    w = c.watchdog
-    if w is not None:
-        w.pending = ("allreduce", time.monotonic())
+    _enter(c, "allreduce")
     c.Allreduce(send, out, c.SUM if op == "sum" or op == "mean" else getattr(c.MPI, _OPS[op]))
-    if w is not None:
-        w.pending = None
+    _leave(c)
     if op == "mean":
         np.multiply(out, out.dtype.type(1.0 / c.size), out=out)
     return out
@@ -337,6 +349,9 @@ def _as_tensor(x, what):
     raise TypeError(f"jitnet.distributed.{what}: expected a Tensor or NumPy array, got {type(x).__name__}")
 
 
+_LEAN = [None, None]          # the last (input, output) arrays the lean path of allreduce checked
+
+
 def allreduce(x, op="mean", out=None):
     """Return the elementwise reduction of ``x`` over every rank (``op``: mean, sum, max, min, prod).
 
@@ -347,18 +362,30 @@ def allreduce(x, op="mean", out=None):
     ``jitnet.lowp``), as are the gradient buckets of :class:`DistributedOptimizer`; broadcasts move their bits
     as they are.
     """
-    if op == "sum" and out is not None and _CTX is not None:      # the lean path: no checks beyond these
-        a, o = getattr(x, "_data", None), getattr(out, "_data", None)
-        if (type(a) is np.ndarray and type(o) is np.ndarray and a.dtype == o.dtype and a.shape == o.shape
-                and a.flags.c_contiguous and o.flags.c_contiguous and isinstance(out, Tensor)
-                and not _lowp.is_lowp(a.dtype)):
+    if out is not None and op == "sum" and _CTX is not None:      # the lean path (gradient-sized calls and
+        try:                                                         # small ones alike): no checks beyond these
+            a, o = x._data, out._data
+        except AttributeError:
+            a = o = None
+        if a is _LEAN[0] and o is _LEAN[1] and a is not None:        # the pair checked by the previous call
             c = _CTX
             w = c.watchdog
-            if w is not None:
-                w.pending = ("allreduce", time.monotonic())
-            c.Allreduce(a, o, c.SUM)
-            if w is not None:
+            if w is None:
+                c.Allreduce(a, o, c.SUM)
+            else:
+                w.calls += 1
+                w.pending = "allreduce"
+                c.Allreduce(a, o, c.SUM)
                 w.pending = None
+            return out
+        if (type(a) is np.ndarray and type(o) is np.ndarray and a.dtype == o.dtype and a.shape == o.shape
+                and a.flags.c_contiguous and o.flags.c_contiguous and isinstance(out, Tensor)
+                and not _lowp.is_lowp(a.dtype) and not np.may_share_memory(a, o)):
+            _LEAN[0], _LEAN[1] = a, o       # a NumPy array keeps its dtype, shape and layout: checked once
+            c = _CTX
+            _enter(c, "allreduce")
+            c.Allreduce(a, o, c.SUM)
+            _leave(c)
             return out
     if op not in _OPS:
         raise ValueError(f"allreduce: op must be one of {', '.join(_OPS)}, got {op!r}")
@@ -385,9 +412,13 @@ def _allreduce_into(x, op, out):
         else:
             _G.copy_into(o, r)
         return out
+    mop = c.SUM if op in ("sum", "mean") else getattr(c.MPI, _OPS[op])
     _enter(c, "allreduce")
-    c.Allreduce(a if a.flags.c_contiguous else np.ascontiguousarray(a), o,
-                c.SUM if op in ("sum", "mean") else getattr(c.MPI, _OPS[op]))
+    if a is o:                                   # in place: MPI forbids aliased send and receive buffers
+        c.Allreduce(c.IN_PLACE, o, mop)
+    else:
+        c.Allreduce(a if a.flags.c_contiguous and not np.may_share_memory(a, o) else np.array(a, order="C"),
+                    o, mop)
     _leave(c)
     if op == "mean":
         np.multiply(o, o.dtype.type(1.0 / c.size), out=o)
