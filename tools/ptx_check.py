@@ -2,7 +2,8 @@
 
 Covers the kernels built from bodies shared with the CPU (optimizer updates, the scalar helpers), the two
 matmul kernels compiled from one body, and the fused nn rows' kernels (LSTM step and its gradients, the
-per-channel batch-norm reductions and affine map), for float32 and float64; prints the PTX size and whether a
+per-channel batch-norm reductions and affine map), for float32 and float64 (and the matmuls on float16 operands
+with a float32 product); prints the PTX size and whether a
 kernel spills to local memory. Needs NVVM/NVRTC: ``pip install -e ".[cuda]"``; no driver or device.
 
     python tools/ptx_check.py
@@ -47,6 +48,16 @@ for T in (float32, float64):
         local = ".local" in ptx
         print(f"{name:22s} {T}: {len(ptx):6d} chars of PTX, local memory: {local}, {time.time()-t0:.1f}s")
         ok += 1
+# float16 operands (jn.autocast): the matmul kernels read them as stored and sum in float32
+from numba.core.types import float16
+for name in ("matmul_tiled", "matmul_tiled_big"):
+    t0 = time.time()
+    h3 = float16[:, :, :]
+    ptx, _ = compile_ptx(getattr(KG, name).py_func, (h3, h3, float32[:, :, :], float32), cc=(9, 0))
+    assert "cvt.f32.f16" in ptx, f"{name}: float16 operands are not widened in the kernel"
+    print(f"{name:22s} float16->float32: {len(ptx):6d} chars of PTX, local memory: {'.local' in ptx}, "
+          f"{time.time()-t0:.1f}s")
+    ok += 1
 # the DNC memory step (one thread per batch row; its scalar helpers are the CPU kernel's bodies)
 import jitnet.kernels_dnc_gpu as KDG
 for T in (float32, float64):
