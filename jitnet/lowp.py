@@ -15,8 +15,14 @@ rounded results back into the low-precision arrays. Views (reshape, transpose, b
 primitives act on the stored arrays directly. The rule is one hook in ``autodiff.core.apply``: it swaps the
 primitive for a derived row (``<name>:f32``) whose impl widens, calls the original impl and rounds, and
 whose VJP is the original one, so gradients flow, jitted steps record the derived rows, and backward passes
-follow the same rule. The hook is installed the first time a low-precision dtype appears; until then
-``apply`` pays one global test. On a GPU float16 runs in the CUDA kernels as is; bfloat16 stays on the CPU.
+follow the same rule. The hook is installed the first time a low-precision dtype appears (or ``jn.autocast``
+is entered); until then ``apply`` pays one global test. On a GPU float16 runs in the CUDA kernels as is (the
+matmul kernels, and so conv2d, read float16 operands and sum in float32); bfloat16 stays on the CPU.
+
+**Mixed precision.** This rule is storage only: it never changes a dtype the program chose. ``jn.autocast``
+(:mod:`jitnet.autocast`) chooses them: inside it, the same hook first casts the inputs of GEMM-like rows to
+float16/bfloat16 and those of sensitive rows (softmax, losses, sums, exp/log) to float32, and then this rule
+runs on the cast tensors. ``jn.optim.GradScaler`` adds loss scaling for float16 gradients.
 
 **Conversions** are ``@njit`` kernels on the 16-bit patterns (``uint16`` views): float32 <-> bfloat16 is a
 16-bit shift with round-to-nearest-even, float32 <-> float16 rebiases the exponent and handles subnormals,
