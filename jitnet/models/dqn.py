@@ -243,7 +243,7 @@ def train_dqn(argv=None):
     p.add_argument("--clip-norm", type=float, default=10.0, help="gradient-norm clip, 0 for none (default 10)")
     p.add_argument("--epsilon", default="linear:1,0.05,5000",
                    help="epsilon schedule over steps (default linear:1,0.05,5000)")
-    args = parse_agent_args(p, argv, buffer_size=64, batch_size=4, learning_starts=8)
+    args = parse_agent_args(p, argv, buffer_size=16, batch_size=4, learning_starts=6)   # --smoke: 4 updates
     env = make_env(args.env)
     obs_shape, n = env_spaces(env)
     agent = DQNAgent(int(np.prod(obs_shape)), n, hidden=args.hidden, lr=args.lr, gamma=args.gamma,

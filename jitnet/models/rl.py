@@ -395,6 +395,8 @@ def agent_parser(name, description, *, episodes, lr, gamma, hidden, target):
                    help=f"stop once the 100-episode mean return reaches this (default {target}; "
                         "a negative value never stops early)")
     p.add_argument("--window", type=int, default=100, help="episodes in the running mean (default 100)")
+    p.add_argument("--max-episode-steps", type=int, default=None,
+                   help="end (truncate) an episode after this many steps (default: when the environment ends it)")
     p.add_argument("--logdir", default=None, help=f"TensorBoard events, returns.csv, checkpoints/ and "
                                                   f"returns.png (default runs/{name})")
     p.add_argument("--resume", action="store_true", help="start from the latest checkpoint in --logdir")
@@ -405,8 +407,8 @@ def agent_parser(name, description, *, episodes, lr, gamma, hidden, target):
     return p
 
 
-# --smoke: two short episodes with a small network, checkpointing after each
-SMOKE = dict(episodes=2, hidden=(8,), checkpoint_every=1, target=-1.0)
+# --smoke: two episodes of at most 5 steps with a small network, checkpointing after each
+SMOKE = dict(episodes=2, max_episode_steps=5, hidden=(8,), checkpoint_every=1, target=-1.0)
 
 
 def parse_agent_args(p, argv, **smoke):
@@ -429,8 +431,8 @@ def run_agent(name, args, agent, env):
         print(f"resumed from {path}")
     target = args.target if args.target is not None and args.target >= 0 else None
     res = train_agent(agent, env, args.episodes, seed=args.seed, target=target, window=args.window,
-                      logdir=logdir, progress=not args.no_progress, checkpoint_every=args.checkpoint_every,
-                      desc=name)
+                      max_steps=args.max_episode_steps, logdir=logdir, progress=not args.no_progress,
+                      checkpoint_every=args.checkpoint_every, desc=name)
     n = len(res["returns"])
     sps = res["steps"] / res["seconds"] if res["seconds"] > 0 else float("nan")
     if res["solved_episode"] is not None:

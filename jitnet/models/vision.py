@@ -25,7 +25,7 @@ from jitnet.data import augment as A
 from ._train import UsageError, apply_smoke, base_parser, fit, learning_rate, load_dataset, setup_run
 
 __all__ = ["ImageClassifier", "LogisticRegression", "MLP", "CNNMnist", "CNNCifar", "Autoencoder", "pca_fit",
-           "pca_reconstruct", "pca_errors",
+           "pca_reconstruct", "pca_errors", "shrink_images",
            "plot_autoencoder", "ClassifierCommand", "autoencoder_parser", "run_autoencoder", "train_autoencoder",
            "TRAINERS"]
 
@@ -360,7 +360,7 @@ class ClassifierCommand:
     def __init__(self, name, build, *, epochs, batch_size, lr, lr_decay=1.0, dataset="default",
                  datasets=("default", "fashion-mnist", "mnist"), tiny=None):
         self.name, self.build = name, build
-        self.tiny = dict(tiny or {})          # --smoke: the model's widths shrunk to these
+        self.tiny = tiny or (lambda shape: {})  # --smoke: image shape -> the model's tiny widths and input size
         self.defaults = dict(epochs=epochs, batch_size=batch_size, lr=lr, lr_decay=lr_decay, dataset=dataset,
                              datasets=list(datasets))
 
@@ -378,7 +378,7 @@ class ClassifierCommand:
         print(f"{self.name}: {len(ytr)} training / {len(yte)} test examples from {src}; logdir {logdir}",
               flush=True)
         args.lr = learning_rate(args, len(ytr))
-        model = self.build(args, **(self.tiny if args.smoke else {}))
+        model = self.build(args, **(self.tiny(xtr.shape[1:]) if args.smoke else {}))
         t0 = time.perf_counter()
         metrics = fit(model, args, (xtr, ytr, xte, yte), logdir, self.name)
         metrics["seconds"] = time.perf_counter() - t0
@@ -391,29 +391,45 @@ class ClassifierCommand:
         return 0
 
 
-# --smoke: one epoch of two batches of 4 and 4 test images, with the models' widths shrunk (see TRAINERS' tiny)
-SMOKE = dict(epochs=1, batch_size=4, limit=8, test_limit=4, lr_decay=1.0, keep=1)
+# --smoke: one epoch of two batches of 2 and 2 test images shrunk to 4x4 (6x6 for CIFAR-10's model, which crops
+# them to 4x4), with the models' widths and input sizes shrunk to match (see TRAINERS' tiny): every layer still
+# runs, on inputs that Numba's CUDA simulator (one Python thread per GPU thread) gets through in seconds
+SMOKE = dict(epochs=1, batch_size=2, limit=4, test_limit=2, lr_decay=1.0, keep=1)
+SMOKE_SIZE = {"cifar10": 6}          # the side of the --smoke images by dataset (default 4)
+
+
+def shrink_images(x, size):
+    """Return NCHW images ``x`` as ``size`` x ``size`` images: the largest centred square whose side is a multiple
+    of ``size``, averaged over blocks (28x28 to 4x4: 7x7 blocks; 32x32 to 6x6: the centre 30x30 in 5x5 blocks)."""
+    n, c, h, w = x.shape
+    k = min(h, w) // size
+    if k < 1:
+        raise ValueError(f"images of {h}x{w} are smaller than {size}x{size}")
+    top, left = (h - k * size) // 2, (w - k * size) // 2
+    x = x[:, :, top:top + k * size, left:left + k * size]
+    return np.ascontiguousarray(x.reshape(n, c, size, k, size, k).mean(axis=(3, 5), dtype=np.float32))
 
 
 def _smoke_data(args):
     """Return the --smoke data: the first images of the dataset when it is found locally, else (and always for
-    a dataset that is not embedded, e.g. CIFAR-10) the embedded Fashion-MNIST images, made 3-channel 32x32 for
-    CIFAR-10's models; a check of the install and the device, not of the model."""
+    a dataset that is not embedded, e.g. CIFAR-10) the embedded Fashion-MNIST images, made 3-channel for
+    CIFAR-10's models; all shrunk to 4x4 or 6x6 (:func:`shrink_images`, ``SMOKE_SIZE``). A check of the install
+    and the device, not of the model."""
     try:
-        return load_dataset(args.dataset, args.data_dir, False, args.limit, args.test_limit)
+        xtr, ytr, xte, yte, src = load_dataset(args.dataset, args.data_dir, False, args.limit, args.test_limit)
     except UsageError:
         if args.dataset != "cifar10":
             raise
-    xtr, ytr, xte, yte, src = load_dataset("default", None, False, args.limit, args.test_limit)
+        xtr, ytr, xte, yte, src = load_dataset("default", None, False, args.limit, args.test_limit)
+        xtr, xte = (np.repeat(x, 3, axis=1) for x in (xtr, xte))
+        src = f"{src}, 3-channel (--smoke stand-in for {args.dataset})"
+    size = SMOKE_SIZE.get(args.dataset, 4)
+    return shrink_images(xtr, size), ytr, shrink_images(xte, size), yte, f"{src} as {size}x{size}"
 
-    def rgb32(x):
-        return np.ascontiguousarray(np.repeat(np.pad(x, ((0, 0), (0, 0), (2, 2), (2, 2))), 3, axis=1))
-    return rgb32(xtr), ytr, rgb32(xte), yte, f"{src} as 3x32x32 (--smoke stand-in for {args.dataset})"
 
-
-def _build_logreg(args):
+def _build_logreg(args, **tiny):
     """Multinomial logistic regression (784 -> 10 softmax)."""
-    return LogisticRegression(lr=args.lr, jit=not args.no_jit, device=args.device_obj)
+    return LogisticRegression(lr=args.lr, jit=not args.no_jit, device=args.device_obj, **tiny)
 
 
 def _build_mlp(args, **tiny):
@@ -448,11 +464,13 @@ def run_autoencoder(args):
     apply_smoke(args, **SMOKE, no_pca=True, no_plot=True)
     args.model_name = f"autoencoder{args.code_size}" + ("_denoise" if args.denoise else "")
     logdir = setup_run(args)
-    xtr, ytr, xte, yte, src = load_dataset(args.dataset, args.data_dir, args.download, args.limit, args.test_limit)
+    xtr, ytr, xte, yte, src = _smoke_data(args) if args.smoke else load_dataset(
+        args.dataset, args.data_dir, args.download, args.limit, args.test_limit)
     print(f"autoencoder: code size {args.code_size}{', denoising' if args.denoise else ''}; {len(ytr)} training / "
           f"{len(yte)} test examples from {src}; logdir {logdir}", flush=True)
     model = Autoencoder(args.code_size, lr=learning_rate(args, len(ytr)), denoise=args.denoise,
-                        jit=not args.no_jit, device=args.device_obj, **({"hidden": (8,)} if args.smoke else {}))
+                        jit=not args.no_jit, device=args.device_obj,
+                        **({"hidden": (8,), "in_features": int(np.prod(xtr.shape[1:]))} if args.smoke else {}))
     m = fit(model, args, (xtr, ytr, xte, yte), logdir, "autoencoder")
     out = {"code_size": args.code_size, "denoise": args.denoise, "ae_l2": m["test_l2"], "ae_mse": m["test_mse"],
            "steps": m["step"]}
@@ -476,13 +494,19 @@ def train_autoencoder(argv=None):
     return 0
 
 
+def _pixels(shape):
+    return int(np.prod(shape))
+
+
 TRAINERS = {
-    "logreg": ClassifierCommand("logreg", _build_logreg, epochs=10, batch_size=100, lr=0.05, lr_decay=0.8),
+    "logreg": ClassifierCommand("logreg", _build_logreg, epochs=10, batch_size=100, lr=0.05, lr_decay=0.8,
+                                tiny=lambda shape: dict(in_features=_pixels(shape))),
     "mlp": ClassifierCommand("mlp", _build_mlp, epochs=20, batch_size=128, lr=1e-3, lr_decay=0.85,
-                             tiny=dict(hidden=(8,))),
+                             tiny=lambda shape: dict(hidden=(8,), in_features=_pixels(shape))),
     "cnn_mnist": ClassifierCommand("cnn_mnist", _build_cnn_mnist, epochs=5, batch_size=64, lr=1e-3,
-                                   lr_decay=0.6, tiny=dict(channels=(2, 2), fc=8)),
+                                   lr_decay=0.6, tiny=lambda shape: dict(channels=(2, 2), fc=8, size=shape[-1])),
     "cnn_cifar": ClassifierCommand("cnn_cifar", _build_cnn_cifar, epochs=10, batch_size=128, lr=1e-3, lr_decay=0.9,
-                                   dataset="cifar10", datasets=["cifar10"], tiny=dict(channels=(2, 2), fc=(8, 8))),
+                                   dataset="cifar10", datasets=["cifar10"],
+                                   tiny=lambda shape: dict(channels=(2, 2), fc=(4, 4), crop=4)),
     "autoencoder": train_autoencoder,
 }
