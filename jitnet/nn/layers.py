@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import ops
+from ..autodiff import core as _ad
 from ..autodiff.core import no_grad
 from ..tensor import Parameter, Tensor, _infer_array, float32
 from . import functional as F
@@ -56,7 +57,10 @@ class Linear(Module):
         if x.shape[-1:] != (self.in_features,):
             raise ValueError(f"Linear({self.in_features}, {self.out_features}): input of shape {x.shape} does "
                              f"not end in {self.in_features}")
-        return F.linear(x, self.W, self.b)
+        y = ops.matmul(x, self.W)
+        if self.b is None:
+            return y
+        return y + (self.b if _ad._AUTOCAST is None else _ad._AUTOCAST.lower(self.b))   # (autocast: bias too)
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.b is not None}"
