@@ -89,10 +89,17 @@ def _reduce_cols_block(x, out, op, r0, r1):
                     out[j] = v
 
 
+@njit(cache=True, inline="always")
+def _copy_row(x, r, out):
+    # an explicit loop: ``out[:] = x[r]`` (NumPy slice assignment) took 4-6 s of a cold start to compile
+    for j in range(x.shape[1]):
+        out[j] = x[r, j]
+
+
 @njit(cache=True, fastmath=_FM, nogil=True)
 def reduce_first(x, out, op):
     """Reduce x (m, cols) over its first axis with op into out (cols,)."""
-    out[:] = x[0]
+    _copy_row(x, 0, out)
     _reduce_cols_block(x, out, op, 1, x.shape[0])
 
 
@@ -106,11 +113,11 @@ def reduce_first_par(x, out, op, nchunks):
         r0 = c * step
         r1 = min(m, r0 + step)
         if r0 < r1:
-            part[c, :] = x[r0]
+            _copy_row(x, r0, part[c])
             _reduce_cols_block(x, part[c], op, r0 + 1, r1)
         else:
-            part[c, :] = x[0]
-    out[:] = part[0]
+            _copy_row(x, 0, part[c])
+    _copy_row(part, 0, out)
     # a chunk with no rows repeats row 0, which only a sum or product would count twice
     used = min(nchunks, (m + step - 1) // step)
     _reduce_cols_block(part, out, op, 1, used)
