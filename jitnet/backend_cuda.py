@@ -35,15 +35,16 @@ _f64 = np.dtype(np.float64)
 
 
 def launch(kernel, n, *args):
-    """Launch a 1-D kernel for ``n`` work items (grid computed from n; nothing for n == 0)."""
+    """Launch a 1-D kernel for ``n`` work items (grid computed from n; nothing for n == 0) on the current
+    stream (``cuda_runtime.launch_stream``)."""
     if n > 0:
-        kernel[KG.grid(n), KG.BLOCK](*args)
+        kernel[KG.grid(n), KG.BLOCK, C.launch_stream()](*args)
 
 
 def launch_rows(kernel, m, *args):
     """Launch a block-per-row kernel over ``m`` rows."""
     if m > 0:
-        kernel[max(1, min(m, KG.MAX_BLOCKS)), KG.BLOCK](*args)
+        kernel[max(1, min(m, KG.MAX_BLOCKS)), KG.BLOCK, C.launch_stream()](*args)
 
 
 def shape_size(shape):
@@ -264,7 +265,7 @@ def run_program(arrays, expr, odtype, out=None, name="elementwise"):
             else:
                 args.append(C.view(a, p.cshape, st, 0))
         ov = C.view(o, p.cshape, p.ostrides, 0)
-    p.kernel[KG.grid(size), KG.BLOCK](size, *args, ov)
+    p.kernel[KG.grid(size), KG.BLOCK, C.launch_stream()](size, *args, ov)
     return o
 
 

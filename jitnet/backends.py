@@ -35,6 +35,7 @@ _C = LazyModule("jitnet.cuda")                    # CUDA device services (arrays
 _G = LazyModule("jitnet.backend_cuda")            # CUDA launch services and generated one-op kernels
 _KGC = LazyModule("jitnet.kernelgen_cuda")        # the CUDA source emitter for elementwise programs
 _KG = LazyModule("jitnet.kernels_gpu")            # grid sizes
+_R = LazyModule("jitnet.cuda_runtime")            # CUDA streams and prepared launches
 
 
 class Backend:
@@ -107,6 +108,9 @@ class Backend:
         ``buffer()`` returns a plan-owned output buffer (or None where the value escapes the step) for a step
         that writes its result into one (a specialization)."""
         raise NotImplementedError
+
+    def finish_plan(self, plan) -> None:
+        """Adjust a built plan that runs steps on this device (the CUDA backend: the plan's stream)."""
 
     def __repr__(self):
         return f"<jitnet backend {self.name!r}>"
@@ -226,8 +230,9 @@ def _recycled(held, shape, dtype, empty):
     A returned array is recycled only when nothing but this plan refers to it (its reference count: ``held[k]``,
     the local name and getrefcount's argument), so results the caller still holds are never overwritten (every
     view jitnet makes of a device array refers to it too); steady-state steps then allocate no new memory for
-    their outputs and skip the page faults of fresh large arrays. On a GPU, kernels run in launch order on one
-    stream, so a kernel still reading the old value finishes first.
+    their outputs and skip the page faults of fresh large arrays. On a GPU, kernels run in launch order (the
+    runtime orders a stream after the previous launch's: ``cuda_runtime``), so a kernel still reading the old
+    value finishes first.
     """
     for k in (0, 1):
         a = held[k]
@@ -308,12 +313,15 @@ class CudaBackend(Backend):
             n *= d
         scal = [m == "scalar" for m in in_maps]
         host = [k == "host" for k in scalar_kinds]
-        grid, block = _KG.grid(n), _KG.BLOCK
+        # launched through a prepared launch: configured once per stream, overload looked up once per layout
+        # (arguments: n, the operands, the output; the device arrays among them key the overload)
+        arrays = [k + 1 for k, (sc, h) in enumerate(zip(scal, host)) if not (sc and h)] + [len(in_slots) + 1]
+        launch = _R.PreparedLaunch(kernel, _KG.grid(n), _KG.BLOCK, arrays)
         reshape, empty = _C.reshape, _C.empty
         held = [None, None]
 
         def step(env):
-            args = []
+            args = [n]
             for s, sc, h in zip(in_slots, scal, host):
                 a = env[s]
                 if sc:                           # a 1-element operand: by value from the host, else a 1-vector
@@ -325,7 +333,8 @@ class CudaBackend(Backend):
             else:
                 dst = buf if buf is not None else _recycled(held, kshape, dtype, empty)
             if n:
-                kernel[grid, block](n, *args, dst)
+                args.append(dst)
+                launch(args)
             if into is not None:
                 env[o] = var
             else:
@@ -334,6 +343,10 @@ class CudaBackend(Backend):
 
     def node_step(self, node, in_slots, o, buffer):
         return _node_step(self.impl(node.prim), in_slots, o, node.params), False
+
+    def finish_plan(self, plan):
+        # the plan's kernels launch on its own stream (cuda_runtime.run_on_plan_stream)
+        plan.run_arrays = _R.run_on_plan_stream(plan, plan.run_arrays)
 
 
 # ==============================================================================================================

@@ -20,13 +20,18 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import cuda_runtime as _R
 from .bounds import index_error
+from .cuda_runtime import (Stream, current_stream, empty_cache, launch_stats, launch_stream, memory_stats,
+                           reset_launch_stats, reset_peak_memory_stats, stream)
 from .lazy import LazyModule
 
 _KG = LazyModule("jitnet.kernels_gpu")      # the CUDA kernels (a strided copy), imported once a GPU is in use
 
 __all__ = ["is_available", "simulator_enabled", "device_count", "synchronize", "transfer_stats",
-           "reset_transfer_stats", "to_device", "to_host", "empty", "is_device_array", "require"]
+           "reset_transfer_stats", "to_device", "to_host", "empty", "is_device_array", "require", "memory_stats",
+           "reset_peak_memory_stats", "empty_cache", "Stream", "stream", "current_stream", "launch_stream",
+           "launch_stats", "reset_launch_stats"]
 
 _nc = None                 # numba.cuda, once imported
 _loaded = False            # the CUDA backend (kernels, primitive impls) is installed
@@ -137,12 +142,12 @@ def is_device_array(a) -> bool:
 
 
 def to_device(a):
-    """Return a new device array holding a copy of host array ``a`` (counted as one h2d transfer)."""
-    nc = _numba_cuda()
+    """Return a new device array holding a copy of host array ``a`` (counted as one h2d transfer; the memory
+    comes from the caching allocator, the copy runs on the default stream after the work queued before it)."""
     a = np.ascontiguousarray(a) if a.ndim else np.array(a)        # (ascontiguousarray makes a 0-d array 1-d)
     _STATS["h2d"] += 1
     _STATS["h2d_bytes"] += a.nbytes
-    return nc.to_device(a)
+    return _R.from_host(a)
 
 
 def to_host(d) -> np.ndarray:
@@ -152,14 +157,15 @@ def to_host(d) -> np.ndarray:
     _STATS["d2h_bytes"] += d.size * d.dtype.itemsize
     out = np.empty(tuple(d.shape), d.dtype)
     if out.size:
+        _R.on_default_stream()           # (the copy waits for the work queued before it, on every stream)
         d.copy_to_host(out)
     check_errors()
     return out
 
 
 def empty(shape, dtype):
-    """Return an uninitialised C-contiguous device array."""
-    return _numba_cuda().device_array(tuple(int(s) for s in shape), np.dtype(dtype))
+    """Return an uninitialised C-contiguous device array (from the caching allocator: ``cuda_runtime``)."""
+    return _R.empty(shape, dtype)
 
 
 def is_contiguous(d) -> bool:
@@ -235,7 +241,7 @@ def contiguous(d):
         isz = d.dtype.itemsize
         shape, strides = tuple(int(s) for s in d.shape), tuple(int(st) for st in d.strides)
         extent = 1 + sum((s - 1) * st for s, st in zip(shape, strides)) // isz     # (view strides are >= 0)
-        _KG.gather_strided[_KG.grid(n), _KG.BLOCK](view(d, (extent,), (isz,), 0), 0, shape,
+        _KG.gather_strided[_KG.grid(n), _KG.BLOCK, launch_stream()](view(d, (extent,), (isz,), 0), 0, shape,
                                                     tuple(st // isz for st in strides), reshape(out, (n,)))
     return out
 

@@ -22,6 +22,7 @@ import os
 
 from . import kernelgen
 from . import kernels_gpu as KG
+from .cuda_runtime import launch_stream
 from .kernelgen import dtype_name
 
 __all__ = ["elementwise_kernel", "group_kernel", "launch_elementwise"]
@@ -136,4 +137,4 @@ def group_kernel(program, out_rank, in_maps, scalar_kinds):
 def launch_elementwise(kernel, n, args):
     """Launch a generated elementwise kernel over ``n`` elements (nothing for n == 0)."""
     if n:
-        kernel[KG.grid(n), KG.BLOCK](n, *args)
+        kernel[KG.grid(n), KG.BLOCK, launch_stream()](n, *args)

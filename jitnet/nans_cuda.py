@@ -62,7 +62,7 @@ def nonfinite_counts(d):
     rec = _record()
     h = _host(rec)
     h[:] = 0
-    count_nonfinite[KG.grid(d.size), KG.BLOCK](flat, rec)
+    count_nonfinite[KG.grid(d.size), KG.BLOCK, C.launch_stream()](flat, rec)
     cuda.synchronize()
     return int(h[0]), int(h[1])
 

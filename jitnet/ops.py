@@ -1485,10 +1485,10 @@ def _matmul_arrays_cuda(a, b):
             c3 = _C.reshape(out, (B, M, N))
             if M * N >= _KG.MB_MIN_OUTPUTS:
                 grid = (-(-N // _KG.MB_BN), -(-M // _KG.MB_BM), _min(B, 65535))
-                _KG.matmul_tiled_big[grid, _KG.MB_THREADS](a3, b3, c3, cdt.type(0))
+                _KG.matmul_tiled_big[grid, _KG.MB_THREADS, _C.launch_stream()](a3, b3, c3, cdt.type(0))
             else:
                 grid = (-(-N // _KG.MM_BN), -(-M // _KG.MM_BM), _min(B, 65535))
-                _KG.matmul_tiled[grid, _KG.MM_THREADS](a3, b3, c3, cdt.type(0))
+                _KG.matmul_tiled[grid, _KG.MM_THREADS, _C.launch_stream()](a3, b3, c3, cdt.type(0))
     return out if cdt == dt else _G.cast(out, dt)
 
 

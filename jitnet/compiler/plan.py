@@ -45,6 +45,7 @@ class Plan:
         self.infos = []            # per step: what it computes, for native segments (see native.py)
         self.slot_shapes = {}      # slot -> shape of its value
         self.devices = ["cpu"]     # the device kinds its steps run on
+        self.stream = None         # the CUDA stream its GPU steps launch on (made on the first run)
 
     def run(self, tensors):
         """Run the step on the flattened tensor arguments; return the environment of arrays."""
@@ -282,4 +283,7 @@ def build_plan(g, fuse_ops=True):
                       for step, info in zip(plan.steps, plan.infos)]
     elif all(backends.get(d).native for d in kinds_used):
         nativize(plan)
+    for d in plan.devices:
+        if d != "cpu":
+            backends.get(d).finish_plan(plan)
     return plan
