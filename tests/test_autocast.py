@@ -306,3 +306,39 @@ def test_unscale_before_clipping_sees_true_gradients():
     sc.unscale_(opt)
     for r, p in zip(ref, m.parameters()):
         np.testing.assert_allclose(p.grad.numpy(), r, rtol=1e-6, atol=1e-9)
+
+
+def _sparse_run(jit):
+    jn.random.seed(1)
+    emb, lin = nn.Embedding(9, 4), nn.Linear(4, 3)
+    params = list(emb.parameters()) + list(lin.parameters())
+    opt = jn.optim.Adam(params, lr=0.05)
+    sc = jn.optim.GradScaler(init_scale=128.0)
+    ids, y = jn.tensor(np.array([[1, 1, 4], [0, 8, 4]])), jn.tensor(np.array([0, 2]))
+
+    def step(ids, y, poison):
+        opt.zero_grad()
+        loss = F.cross_entropy(lin(emb(ids).mean(axis=1)), y)
+        sc.scale(loss * poison).backward()
+        sc.step(opt)
+        sc.update()
+        return loss
+
+    if jit:
+        step = jn.jit(step)
+    rows = []
+    for i in range(3):
+        before = params[0].numpy().copy()
+        with np.errstate(invalid="ignore", over="ignore"):
+            step(ids, y, jn.tensor(np.float32(np.inf if i == 1 else 1.0)))
+        rows.append((sc.get_scale(), np.array_equal(before, params[0].numpy())))
+    return rows, [p.numpy() for p in params], type(params[0].grad).__name__
+
+
+def test_grad_scaler_with_sparse_embedding_gradients_eager_and_jitted():
+    eager, pe, kind = _sparse_run(False)
+    jitted, pj, _ = _sparse_run(True)
+    assert kind == "IndexedSlices"
+    assert eager == jitted == [(128.0, False), (64.0, True), (64.0, False)]
+    for a, b in zip(pe, pj):
+        np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7)

@@ -109,8 +109,7 @@ class GradScaler:
         if isinstance(outputs, Tensor):
             if outputs.dtype.kind not in "fV":
                 raise TypeError(f"GradScaler.scale: expected a floating tensor, got dtype {outputs.dtype}")
-            s = self._scale if outputs.dtype == _F32 else ops.astype(self._scale, outputs.dtype)
-            return outputs * s
+            return outputs * self._scale        # (a float16 loss becomes float32: 2**16 overflows float16)
         if isinstance(outputs, (list, tuple)):
             return type(outputs)(self.scale(o) for o in outputs)
         if isinstance(outputs, dict):
@@ -120,9 +119,10 @@ class GradScaler:
 
     def _state(self, optimizer):
         st = self._per_opt.get(id(optimizer))
-        if st is None:
+        interp = current_interpreter()
+        if st is None or st["interp"] is not interp:     # (left by a trace that stopped half way: dropped)
             st = self._per_opt[id(optimizer)] = {"unscaled": False, "stepped": False, "found_inf": None,
-                                                 "optimizer": optimizer}
+                                                 "optimizer": optimizer, "interp": interp}
         return st
 
     def unscale_(self, optimizer):
@@ -215,7 +215,8 @@ class GradScaler:
                 self._scale.assign(np.array(new_scale, _F32))
             self._growth_tracker.assign(np.array(0, np.int64))
             return
-        states = [st for st in self._per_opt.values() if st["unscaled"]]
+        interp = current_interpreter()
+        states = [st for st in self._per_opt.values() if st["unscaled"] and st["interp"] is interp]
         if not states:
             raise RuntimeError("GradScaler.update(): no optimizer was stepped (or unscaled) since the last "
                                "update(); call scaler.step(optimizer) first")
