@@ -4,8 +4,9 @@ Inside ``with jn.autocast(jn.float16):`` (or ``jn.bfloat16``) each primitive's i
 applied in ``autodiff.core.apply`` before the low-precision rule of :mod:`jitnet.lowp`:
 
 * **GEMM-like rows** (:data:`LOWER`: matmul, conv2d and conv2d's two gradient rows) cast their float32 inputs
-  (and inputs of the other 16-bit type) to the autocast dtype, so they return it. ``nn.functional.linear`` casts
-  its bias too, so a linear layer returns the low dtype. float64 inputs are left alone (as in PyTorch).
+  (and inputs of the other 16-bit type) to the autocast dtype, so they return it. ``nn.Linear`` and
+  ``nn.functional.linear`` cast their bias too, so a linear layer returns the low dtype (conv2d's bias is cast
+  with its other inputs). float64 inputs are left alone (as in PyTorch).
 * **Numerically sensitive rows** (:data:`FLOAT32`: softmax, log_softmax, logsumexp, the cross-entropy rows,
   exp, log, log1p, power, reciprocal, softplus, cumulative sums and products, batch-norm statistics, and the
   ``sum``/``prod`` reductions, which ``mean``, ``var``, the norms and the losses are made of) cast
