@@ -12,6 +12,11 @@ A tensor on the GPU holds a Numba device array (``DeviceNDArray``; in Numba's CU
 goes through :func:`to_device` / :func:`to_host`, which count them: :func:`transfer_stats` lets tests assert
 that a training step moves nothing but what the user asked for (``item()``, ``numpy()``, ``cpu()``).
 
+Device memory comes from a caching allocator, kernels launch on the current stream (a plan's own, a user's
+``with jn.cuda.stream(s):``, else the default stream) and fused plan steps through prepared launches: see
+:mod:`jitnet.cuda_runtime` (``memory_stats``, ``reset_peak_memory_stats``, ``empty_cache``, ``Stream``,
+``stream``, ``launch_stats`` are re-exported here).
+
 Kernels that find bad input (an index out of range) cannot raise: they record the first problem in a small
 error record in mapped host memory, and the next synchronizing call (``item()``, ``numpy()``, ``cpu()``,
 :func:`synchronize`) raises it as a Python exception, as PyTorch reports device-side asserts.
@@ -257,7 +262,8 @@ def reshape(d, shape):
 
 
 def synchronize() -> None:
-    """Wait for every queued kernel to finish, then raise any error a kernel recorded (an index out of range)."""
+    """Wait for every queued kernel to finish (on every stream), then raise any error a kernel recorded (an index
+    out of range)."""
     if not _loaded:
         return
     _numba_cuda().synchronize()
