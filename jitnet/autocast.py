@@ -10,7 +10,8 @@ applied in ``autodiff.core.apply`` before the low-precision rule of :mod:`jitnet
 * **Numerically sensitive rows** (:data:`FLOAT32`: softmax, log_softmax, logsumexp, the cross-entropy rows,
   exp, log, log1p, power, reciprocal, softplus, cumulative sums and products, batch-norm statistics, and the
   ``sum``/``prod`` reductions, which ``mean``, ``var``, the norms and the losses are made of) cast
-  float16/bfloat16 inputs up to float32, so they compute and return float32.
+  float16/bfloat16 inputs up to float32, so they compute and return float32. Batch norm's normalizing map
+  (``nn.functional.channel_affine``) does too, so a BatchNorm layer returns float32 on every device.
 * Every other row sees its inputs as they are and follows the low-precision rule (float16 with float16 gives
   float16; float16 with float32 gives float32).
 

@@ -341,3 +341,18 @@ def test_grad_scaler_with_sparse_embedding_gradients_eager_and_jitted():
     assert eager == jitted == [(128.0, False), (64.0, True), (64.0, False)]
     for a, b in zip(pe, pj):
         np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7)
+
+
+def test_conv_batchnorm_block_under_autocast():
+    jn.random.seed(4)
+    m = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU())
+    x = jn.tensor(RNG.normal(size=(2, 2, 4, 4)).astype(np.float32))
+    ref = m(x).numpy()
+    with jn.autocast(jn.float16):
+        c = m[0](x)
+        y = m(x)
+        loss = jn.sum(y * y)
+    assert c.dtype == F16 and y.dtype == F32 and loss.dtype == F32
+    np.testing.assert_allclose(y.numpy(), ref, rtol=2e-2, atol=2e-2)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == F32 for p in m.parameters())

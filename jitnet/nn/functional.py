@@ -24,7 +24,7 @@ from .. import winograd
 from ..autodiff import core as _ad
 from ..autodiff.core import Primitive, apply, current_interpreter
 from ..lazy import LazyModule
-from ..lowp import is_floating
+from ..lowp import is_floating, is_lowp
 from ..ops import log_softmax, relu, sigmoid, softmax, softplus, tanh
 from ..tensor import Tensor, _infer_array
 from .embedding_ops import embedding
@@ -700,6 +700,8 @@ def channel_affine(x, a, b):
     x, a, b = _t(x), _t(a), _t(b)
     if a.shape != (x.shape[1],) or b.shape != (x.shape[1],):
         raise ValueError(f"channel_affine: a {a.shape} and b {b.shape} must be ({x.shape[1]},) for x {x.shape}")
+    if _ad._AUTOCAST is not None and is_lowp(x.dtype):
+        x = x.astype(np.float32)          # under jn.autocast batch norm maps float16 in float32 on every device
     if not _fused_bn(x):
         shape = _channel_shape(x)
         return x * ops.reshape(a, shape) + ops.reshape(b, shape)

@@ -138,3 +138,20 @@ def test_jitted_grad_scaler_step_skips_on_the_gpu_with_one_scalar_read():
     assert int(opt.global_step.numpy()) == 3
     for st in stats[1:]:                        # compiled runs: the overflow flag is the only read-back
         assert st["d2h"] <= 1 and st["d2h_bytes"] <= 8, st
+
+
+def test_conv_batchnorm_block_matches_cpu_under_autocast():
+    x = RNG.normal(size=(2, 2, 4, 4)).astype(np.float32)
+    out = {}
+    for dev in ("cpu", "cuda"):
+        jn.random.seed(4)
+        m = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU()).to(dev)
+        with jn.autocast(jn.float16):
+            c = m[0](jn.tensor(x).to(dev))
+            y = m(jn.tensor(x).to(dev))
+            loss = jn.sum(y * y)
+        loss.backward()
+        assert c.dtype == F16 and y.dtype == np.float32
+        out[dev] = [loss.item()] + [p.grad.numpy() for p in m.parameters()]
+    for a, b in zip(out["cpu"], out["cuda"]):
+        np.testing.assert_allclose(b, a, rtol=1e-2, atol=1e-2)
