@@ -65,9 +65,16 @@ __all__ = ["size_class", "memory_stats", "reset_peak_memory_stats", "empty_cache
 MIN_BLOCK = 512            # the smallest size class, and the step of the classes up to 4 KiB
 
 
+_SIM = None
+
+
 def _sim() -> bool:
-    from numba.core import config
-    return bool(config.ENABLE_CUDASIM)
+    """True in Numba's CUDA simulator (fixed once Numba is imported)."""
+    global _SIM
+    if _SIM is None:
+        from numba.core import config
+        _SIM = bool(config.ENABLE_CUDASIM)
+    return _SIM
 
 
 def _nc():
@@ -106,6 +113,14 @@ def size_class(nbytes: int) -> int:
 # ==============================================================================================================
 # The caching allocator
 # ==============================================================================================================
+
+def _c_strides(shape, itemsize):
+    strides, acc = [], itemsize
+    for s in reversed(shape):
+        strides.append(acc)
+        acc *= max(s, 1)
+    return tuple(reversed(strides))
+
 
 class _SimHold:
     """Owner of a simulator array's memory: every NumPy view of the array refers to it (NumPy collapses view
@@ -223,11 +238,7 @@ class _Pool:
         mem = AutoFreePointer(_nc().current_context(), ptr, nbytes,
                               finalizer=lambda: self._released(key, cls, block))
         self.live[key] = mem               # Numba's OwnedPointers hold only a weak proxy of it
-        strides, acc = [], dtype.itemsize
-        for s in reversed(shape):
-            strides.append(acc)
-            acc *= max(s, 1)
-        return DeviceNDArray(shape, tuple(reversed(strides)), dtype, gpu_data=mem.own())
+        return DeviceNDArray(shape, _c_strides(shape, dtype.itemsize), dtype, gpu_data=mem.own())
 
     # -- statistics ----------------------------------------------------------------------------------------------
     def stats(self):
@@ -262,7 +273,9 @@ def from_host(a):
             with POOL.lock:
                 POOL.st["num_allocs"] += 1
         return nc.to_device(a)
-    dst = empty(a.shape, a.dtype)
+    if a.strides != _c_strides(a.shape, a.itemsize):
+        a = a.copy()                   # (a contiguous array may carry any stride on a length-1 axis: Numba's
+    dst = empty(a.shape, a.dtype)      # copy into an array of the same shape compares the canonical ones)
     nc.to_device(a, to=dst)
     return dst
 

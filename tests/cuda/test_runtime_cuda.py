@@ -87,6 +87,9 @@ def test_pooled_arrays_hold_values_and_transfers_use_the_pool(pool_on):
     assert tuple(z.shape) == () and C.to_host(z)[()] == np.float32(2.5)
     e = C.empty((0, 3), np.float32)                          # no bytes: not from the pool
     assert tuple(e.shape) == (0, 3)
+    odd = np.lib.stride_tricks.as_strided(np.arange(9, dtype=np.float32), (3, 3, 1), (12, 4, 0))
+    assert odd.flags.c_contiguous                           # (a length-1 axis may have any stride)
+    np.testing.assert_array_equal(C.to_host(C.to_device(odd)), odd)
 
 
 def test_views_keep_the_block_taken(pool_on):
