@@ -409,16 +409,31 @@ def test_rl_never_saves_a_nonfinite_agent(tmp_path):
     assert not [f for f in os.listdir(tmp_path / "checkpoints") if f.endswith(".safetensors")]
 
 
-@pytest.mark.parametrize("model", ["logreg", "mlp", "cnn_mnist", "cnn_cifar", "autoencoder", "pg-cartpole",
-                                   "dqn-cartpole"])
+#: what each command prints after its --smoke run: the steps or episodes that --smoke asks for
+SMOKE_SAYS = {
+    "logreg": "epoch 1/1: step 2,", "mlp": "epoch 1/1: step 2,", "cnn_mnist": "epoch 1/1: step 2,",
+    "cnn_cifar": "epoch 1/1: step 2,", "autoencoder": "epoch 1/1: step 2,",       # one epoch of two batches
+    "pg-cartpole": "2 episodes", "dqn-cartpole": "2 episodes",
+    "seq2seq-dates": "seq2seq-dates epoch 1: step 2,", "seq2seq-reverse": "seq2seq-reverse epoch 1: step 2,",
+    "dnc-copy": "dnc-copy step 2/2:", "dnc-babi": "dnc-babi step 2/2:",
+    "skipgram": "128 words",
+}
+
+
+def test_every_command_has_a_smoke_check():
+    from jitnet.models import trainers
+    assert sorted(SMOKE_SAYS) == sorted(trainers())
+
+
+@pytest.mark.parametrize("model", sorted(SMOKE_SAYS))
 def test_smoke_trains_a_few_steps_on_cpu(model, tmp_path, capsys):
     assert main(["train", model, "--smoke", "--no-progress", "--logdir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert os.listdir(tmp_path / "checkpoints")
-    if model.endswith("cartpole"):
-        assert "2 episodes" in out
+    assert SMOKE_SAYS[model] in out
+    if model == "skipgram":
+        assert (tmp_path / "vectors.txt").exists()
     else:
-        assert "epoch 1/1: step 2," in out          # one epoch of two batches
+        assert os.listdir(tmp_path / "checkpoints")
 
 
 def test_device_that_is_not_there_is_one_line_and_exit_2(tmp_path, capsys):

@@ -21,8 +21,8 @@ import numpy as np
 
 import jitnet as jn
 from jitnet.data import seq_tasks as T
-from ._train import (ArgumentParser, NonFiniteGuard, Progress, add_device_args, add_nonfinite_args, apply_smoke,
-                     restore_checkpoint, save_checkpoint, setup_device)
+from ._train import (ArgumentParser, NonFiniteGuard, Progress, UsageError, add_device_args, add_nonfinite_args,
+                     apply_smoke, restore_checkpoint, save_checkpoint, setup_device)
 from ._seq2seq_trainer import Seq2SeqTrainer
 from .seq2seq import Seq2Seq
 
@@ -269,9 +269,13 @@ def _setup(parser, argv):
 
 def dates_parser():
     """Return the ArgumentParser of ``python -m jitnet train seq2seq-dates``."""
-    return _parser("seq2seq-dates", "Seq2seq with attention: human-written dates -> ISO YYYY-MM-DD "
-                   "(character level, held-out dates and format/month pairs)", epochs=20, batch_size=64,
-                   lr=2e-3, hidden=64, embed=32, target=0.99)
+    p = _parser("seq2seq-dates", "Seq2seq with attention: human-written dates -> ISO YYYY-MM-DD "
+                "(character level, held-out dates and format/month pairs)", epochs=20, batch_size=64,
+                lr=2e-3, hidden=64, embed=32, target=0.99)
+    p.add_argument("--formats", nargs="+", default=None, metavar="FORMAT",
+                   help="write the dates in only these formats, by name (quoted: 'd MMM yyyy') or index in "
+                        "jitnet.data.seq_tasks.DATE_FORMATS (default: all)")
+    return p
 
 
 def reverse_parser():
@@ -286,8 +290,16 @@ def reverse_parser():
 
 def run_dates(argv=None):
     """Train on the date task with the options in argv; return (trainer, final metrics)."""
-    args = _setup(dates_parser(), argv)
-    task = T.date_task(args.train_size or 20000, args.test_size or 2000, seed=args.seed)
+    # --smoke: the shortest dates (6-8 characters; every target is 11 tokens), two batches of 2
+    args = apply_smoke(_setup(dates_parser(), argv), formats=["m/d/yy"], train_size=4, batch_size=2, hidden=2,
+                       embed=2)
+    formats = None if args.formats is None else [int(f) if f.isdigit() else f for f in args.formats]
+    names = [n for n, _ in T.DATE_FORMATS]
+    for f in formats or ():
+        if not (0 <= f < len(names) if isinstance(f, int) else f in names):
+            raise UsageError(f"--formats: no date format {f!r}; the formats are {', '.join(map(repr, names))} "
+                             f"(or their indices 0-{len(names) - 1})")
+    task = T.date_task(args.train_size or 20000, args.test_size or 2000, seed=args.seed, formats=formats)
     return _run("seq2seq-dates", args, task)
 
 

@@ -14,8 +14,8 @@ import numpy as np
 import jitnet as jn
 from jitnet.data import babi as BB
 from jitnet.io import encode_png
-from ._train import (ArgumentParser, NonFiniteGuard, Progress, add_device_args, add_nonfinite_args, apply_smoke,
-                     restore_checkpoint, save_checkpoint, setup_device)
+from ._train import (ArgumentParser, NonFiniteGuard, Progress, UsageError, add_device_args, add_nonfinite_args,
+                     apply_smoke, restore_checkpoint, save_checkpoint, setup_device)
 from .dnc import BabiModel, CopyModel
 
 __all__ = ["plot_memory", "copy_parser", "run_copy", "babi_parser", "run_babi", "train_dnc_copy", "train_dnc_babi",
@@ -188,7 +188,7 @@ def copy_parser():
 def run_copy(argv=None):
     """Train the copy command with ``argv``; return the final metrics (bit error per length included)."""
     args = apply_smoke(copy_parser().parse_args(argv), steps=2, eval_every=2, batch_size=2, hidden=4, memory_size=3,
-                       word_size=2, reads=1, bits=2, min_len=1, max_len=2, eval_batches=1, no_plot=True)
+                       word_size=2, reads=1, bits=2, min_len=1, max_len=1, eval_batches=1, no_plot=True)
     dev = setup_device(args)
     name = "dnc-repeat-copy" if args.repeat_copy else "dnc-copy"
     logdir = args.logdir or os.path.join("runs", name)
@@ -240,13 +240,18 @@ def babi_parser():
     p.add_argument("--generated", type=int, default=None,
                    help="train on N generated task-1 stories instead of the files (test: N // 5)")
     p.add_argument("--max-tokens", type=int, default=400, help="drop stories longer than this (default 400)")
+    p.add_argument("--story-questions", type=int, default=5,
+                   help="questions per generated story (default 5; the stories grow with them)")
+    p.add_argument("--pad-multiple", type=int, default=8,
+                   help="pad every story to a multiple of this many steps (default 8; one compiled length)")
     return p
 
 
 def run_babi(argv=None):
     """Train the bAbI command with ``argv``; return the final metrics (answer accuracy included)."""
-    args = apply_smoke(babi_parser().parse_args(argv), steps=2, eval_every=2, batch_size=2, hidden=4, memory_size=3,
-                       word_size=2, reads=1, generated=10, max_tokens=400, no_plot=True)
+    args = apply_smoke(babi_parser().parse_args(argv), steps=2, eval_every=2, batch_size=1, hidden=4, memory_size=3,
+                       word_size=2, reads=1, generated=2, story_questions=1, pad_multiple=1,
+                       max_tokens=400, no_plot=True)
     dev = setup_device(args)
     name = "dnc-babi"
     logdir = args.logdir or os.path.join("runs", name)
@@ -260,8 +265,9 @@ def run_babi(argv=None):
         if args.generated is None:
             print(f"{name}: bAbI task {args.task} files not found (give --data-dir, $JITNET_DATA or --download); "
                   f"using {n} generated single-supporting-fact stories", flush=True)
-        train = BB.generated_babi_stories(n, seed=args.seed)
-        test = BB.generated_babi_stories(max(n // 5, 1), seed=args.seed + 10_000)
+        train = BB.generated_babi_stories(n, seed=args.seed, questions_per_story=args.story_questions)
+        test = BB.generated_babi_stories(max(n // 5, 1), seed=args.seed + 10_000,
+                                         questions_per_story=args.story_questions)
         source = f"generated task 1 ({n} stories)"
     else:
         source = f"bAbI task {args.task}"
@@ -270,7 +276,9 @@ def run_babi(argv=None):
     te = BB.encode_stories(test, vocab, args.max_tokens)
     if not tr or not te:
         raise SystemExit(f"{name}: no story of at most {args.max_tokens} tokens")
-    T = max(BB.pad_length(tr), BB.pad_length(te))
+    if args.pad_multiple < 1:
+        raise UsageError(f"--pad-multiple {args.pad_multiple}: must be at least 1")
+    T = max(BB.pad_length(tr, args.pad_multiple), BB.pad_length(te, args.pad_multiple))
     model = BabiModel(len(vocab), args.hidden, args.memory_size, args.word_size, args.reads, args.lr,
                       args.optimizer, args.clip, jit=not args.no_jit, fused=not args.composed)
     model.to(dev)
