@@ -251,6 +251,77 @@ def test_random_ops_draw_new_numbers_each_call():
     assert not np.array_equal(a, b) and not np.array_equal(b, c)
 
 
+def _abstract_counts():
+    st = jit_stats()
+    return st["abstract_traces"], st["abstract_fallbacks"]
+
+
+def test_first_trace_compiles_no_eager_elementwise_kernel(monkeypatch):
+    monkeypatch.delenv("JITNET_TRACE", raising=False)
+    from jitnet import ops
+    x = jn.tensor(np.linspace(-2, 2, 21 * 5).reshape(21, 5))        # float64, a shape no other test uses
+    before = len(ops.SIN.extra["plans"]), len(ops.COS.extra["plans"])
+    a0, f0 = _abstract_counts()
+    f = jn.jit(lambda t: jn.sin(t) * jn.cos(t) + 1.0)
+    out = f(x).numpy()                                                # the first call: traced, then the plan ran
+    np.testing.assert_allclose(out, np.sin(x.numpy()) * np.cos(x.numpy()) + 1.0, rtol=1e-12)
+    assert _abstract_counts() == (a0 + 1, f0)
+    assert (len(ops.SIN.extra["plans"]), len(ops.COS.extra["plans"])) == before      # no eager sin/cos kernel
+    jn.sin(x)                                                         # (eager use still builds one)
+    assert len(ops.SIN.extra["plans"]) == before[0] + 1
+
+
+def test_abstract_first_call_updates_variables_once_and_matches_concrete(monkeypatch):
+    def run(mode):
+        monkeypatch.setenv("JITNET_TRACE", mode)
+        jn.random.seed(3)
+        net = jn.nn.Sequential(jn.nn.Linear(6, 8), jn.nn.ReLU(), jn.nn.Dropout(0.5), jn.nn.Linear(8, 3))
+        opt = jn.optim.Adam(net.parameters(), lr=1e-2)
+
+        @jn.jit
+        def step(x, y):
+            opt.zero_grad()
+            loss = jn.nn.functional.cross_entropy(net(x), y)
+            loss.backward()
+            opt.step()
+            return loss
+
+        x = jn.tensor(np.random.default_rng(0).normal(size=(10, 6)).astype(np.float32))
+        y = jn.tensor(np.arange(10) % 3)
+        losses = [float(step(x, y).item()) for _ in range(3)]
+        return losses, [p.numpy().copy() for p in net.parameters()], jn.random.uniform((2,)).numpy()
+
+    a0, _ = _abstract_counts()
+    la, pa, ra = run("")
+    assert _abstract_counts()[0] == a0 + 1
+    lc, pc, rc = run("concrete")
+    assert _abstract_counts()[0] == a0 + 1
+    np.testing.assert_allclose(la, lc, rtol=1e-5)           # the same dropout masks, one update per call
+    for a, c in zip(pa, pc):
+        np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(ra, rc)                   # the generator is where a concrete trace leaves it
+
+
+def test_index_from_a_computed_value_traces_again_concretely(monkeypatch):
+    monkeypatch.delenv("JITNET_TRACE", raising=False)
+    v = jn.Variable(jn.zeros(3))
+
+    @jn.jit
+    def f(x):
+        v.assign(v + 1.0)
+        return x[jn.argmax(x * 2.0, axis=0)]         # an index computed from a placeholder: shape unknown
+
+    xn = np.random.default_rng(5).permutation(20).reshape(4, 5).astype(np.float64)     # > 16 elements
+    x = jn.tensor(xn)
+    a0, f0 = _abstract_counts()
+    out = f(x).numpy()
+    assert _abstract_counts() == (a0, f0 + 1)
+    np.testing.assert_array_equal(out, xn[np.argmax(xn, axis=0)])
+    np.testing.assert_array_equal(v.numpy(), 1.0)          # the abandoned trace's update was undone
+    f(x)
+    np.testing.assert_array_equal(v.numpy(), 2.0)
+
+
 def test_grad_inside_jit_and_nested_structures():
     def loss(w, batch):
         x, y = batch["x"], batch["y"]

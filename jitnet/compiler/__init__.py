@@ -11,20 +11,23 @@ from __future__ import annotations
 import functools
 import io
 import os
+import sys
 
 import numpy as np
 
+from .. import random as _random
 from .. import runtime
 from ..autodiff import core as ad
 from ..tensor import Parameter, Tensor
 from .passes import cse, dce, prune_scan_saves
+from . import native as _native
 from .plan import build_plan
 from .trace import Tracer, TracerTensor, TracingError, flatten, unflatten
 
 
 __all__ = ["jit", "explain", "TracingError", "stats", "JitFunction"]
 
-_stats = {"traces": 0, "plans": 0, "calls": 0, "plan_runs": 0}
+_stats = {"traces": 0, "plans": 0, "calls": 0, "plan_runs": 0, "abstract_traces": 0, "abstract_fallbacks": 0}
 
 
 def stats() -> dict:
@@ -88,32 +91,22 @@ class JitFunction:
             key = (key, "autocast", ad._AUTOCAST.name)   # a trace inside jn.autocast records its casts
         comp = self._cache.get(key)
         if comp is None:
-            return self._trace_and_compile(key, leaves, tree)
+            return self._trace_and_compile(key, leaves, tree, tensors)
         for var, shape in comp.plan.var_shapes:
             if var._data.shape != shape:
                 del self._cache[key]
-                return self._trace_and_compile(key, leaves, tree)
+                return self._trace_and_compile(key, leaves, tree, tensors)
         if ad._DEVICES and comp.var_hosts != [isinstance(v._data, np.ndarray) for v, _ in comp.plan.var_shapes]:
             del self._cache[key]                     # a variable moved between devices since the trace
-            return self._trace_and_compile(key, leaves, tree)
+            return self._trace_and_compile(key, leaves, tree, tensors)
         _stats["plan_runs"] += 1
-        env = comp.timer.run(comp.plan.run, tensors)     # BLAS on one thread when that is faster (a busy machine)
-        outs = []
-        k = 0
-        for kind, payload in comp.out_kinds:
-            if kind == "tensor":
-                s = comp.plan.out_slots[k]
-                k += 1
-                arr = s[1]._data if isinstance(s, tuple) else env[s]
-                outs.append(Tensor._wrap(arr))
-            else:
-                outs.append(payload)
-        return unflatten(comp.out_tree, outs) if comp.out_tree is not None else outs[0]
+        return _run(comp, tensors)
 
     # -- tracing ----------------------------------------------------------------------------------------------
-    def trace(self, leaves, tree, snapshot=False):
+    def trace(self, leaves, tree, snapshot=False, tracer=None):
         """Trace the function on ``leaves``; return (tracer, returned structure)."""
-        tracer = Tracer(snapshot_vars=snapshot)
+        if tracer is None:
+            tracer = Tracer(snapshot_vars=snapshot)
         targs, ti = [], 0
         for leaf in leaves:
             if isinstance(leaf, Tensor) and not isinstance(leaf, TracerTensor):
@@ -128,9 +121,39 @@ class JitFunction:
             tracer.finish_grads()
         return tracer, result
 
-    def _trace_and_compile(self, key, leaves, tree, fuse=None):
+    def _trace_and_compile(self, key, leaves, tree, tensors, fuse=None):
+        fuse = self.fuse if fuse is None else fuse
+        if _abstract_ok():
+            rng = _rng_state()
+            tracer = Tracer(snapshot_vars=True)
+            tracer.unsettled = {}
+            try:
+                _, result = self.trace(leaves, tree, tracer=tracer)
+                comp, _ = _compile(tracer, result, fuse)
+            except TracingError:              # the function's own mistake (.item() on a traced tensor, ...):
+                tracer.restore_snapshots()    # a concrete trace would stop at the same line
+                _set_rng_state(rng)
+                raise
+            except Exception as e:            # a value-shaped op, or an op that failed on placeholder values:
+                _stats["traces"] -= 1         # trace again, concretely (an error then comes from real values)
+                _stats["abstract_fallbacks"] += 1
+                if _debug() >= 1:
+                    print(f"jitnet.jit: {getattr(self.fn, '__qualname__', self.fn)!s}: traced again with values "
+                          f"({type(e).__name__}: {e})", file=sys.stderr)
+                tracer.restore_snapshots()
+                _set_rng_state(rng)
+            else:
+                tracer.restore_snapshots()    # undo what the trace's in-place ops did to the variables
+                _set_rng_state(rng)           # the plan draws this call's random numbers, as a trace would
+                self._cache[key] = comp
+                _stats["abstract_traces"] += 1
+                _native.HOLD[0] = True
+                try:
+                    return _run(comp, tensors)
+                finally:
+                    _native.HOLD[0] = False
         tracer, result = self.trace(leaves, tree)
-        comp, eager_out = _compile(tracer, result, self.fuse if fuse is None else fuse)
+        comp, eager_out = _compile(tracer, result, fuse)
         self._cache[key] = comp
         return eager_out
 
@@ -143,6 +166,37 @@ class JitFunction:
         finally:
             tracer.restore_snapshots()
         return comp.graph, comp.plan
+
+
+def _abstract_ok():
+    """Whether a new trace may skip running its elementwise ops (CPU only, no NaN checks; JITNET_TRACE=concrete
+    turns it off)."""
+    return not ad._DEVICES and ad._NAN_CHECK is None and os.environ.get("JITNET_TRACE", "") != "concrete"
+
+
+def _rng_state():
+    return _random._gen, _random._gen.bit_generator.state
+
+
+def _set_rng_state(saved):
+    gen, state = saved
+    gen.bit_generator.state = state
+
+
+def _run(comp, tensors):
+    """Run a compiled step's plan on the call's tensors; return its outputs in the function's structure."""
+    env = comp.timer.run(comp.plan.run, tensors)     # BLAS on one thread when that is faster (a busy machine)
+    outs = []
+    k = 0
+    for kind, payload in comp.out_kinds:
+        if kind == "tensor":
+            s = comp.plan.out_slots[k]
+            k += 1
+            arr = s[1]._data if isinstance(s, tuple) else env[s]
+            outs.append(Tensor._wrap(arr))
+        else:
+            outs.append(payload)
+    return unflatten(comp.out_tree, outs) if comp.out_tree is not None else outs[0]
 
 
 def _compile(tracer, result, fuse_ops):

@@ -34,6 +34,9 @@ MAX_STEPS = 160
 #: as in tests and one-off calls, never pays Numba's compile time; a training loop gets the driver at
 #: its third step). ``JITNET_NATIVE_AFTER`` overrides it.
 NATIVE_AFTER = int(os.environ.get("JITNET_NATIVE_AFTER", "2"))
+#: Set while a step's first call runs its plan right after an abstract trace: that run takes the Python steps
+#: and does not count toward NATIVE_AFTER (as the call that traced concretely never did).
+HOLD = [False]
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 FLOATS = _FLOATS        # the dtypes native emitters handle (rows' own emitters test against it)
@@ -97,7 +100,7 @@ class _Tiered:
 
     def attempt(self, call):
         """Return ``call()``, or None while the Python path should run (early runs, or after a failure)."""
-        if self.failed:
+        if self.failed or HOLD[0]:
             return None
         if self.runs < NATIVE_AFTER:
             self.runs += 1

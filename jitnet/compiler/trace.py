@@ -120,6 +120,23 @@ class TupleArray(tuple):
     ndim = 0
 
 
+def _size(shape):
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+class AbstractFallback(Exception):
+    """Raised inside an abstract trace when an op's output shape could depend on a value it did not compute."""
+
+
+# Rows whose output shape, or whose number of steps, can depend on the values of their inputs (a boolean mask
+# index, a loop's condition): an abstract trace that reaches one with an unsettled input is redone concretely.
+# (A scan runs its fixed number of steps on placeholder values: its outputs' shapes do not depend on them.)
+_VALUE_SHAPED = frozenset({"getitem", "while_loop"})
+
+
 class Tracer:
     """The interpreter that records a graph while computing every op for real."""
 
@@ -137,6 +154,11 @@ class Tracer:
         self.vars = {}               # id(var) -> var (in first-seen order)
         self._grads = {}             # id(var) -> (var, current .grad: TracerTensor, Tensor or None)
         self.snapshots = {} if snapshot_vars else None
+        # Abstract mode (``abstract=True``, snapshots on): elementwise ops record their node without running;
+        # their output is a zero-filled array of the right shape and dtype, and every array computed from one
+        # is "unsettled" (id -> array, kept alive so ids stay unique). The step's kernels are then compiled once,
+        # for the plan, instead of once per op for the trace and again fused.
+        self.unsettled = None
 
     def _mark(self, v, arr):
         """Record on IR value ``v`` the device its array ``arr`` lives on (the plan builder reads it)."""
@@ -232,7 +254,11 @@ class Tracer:
         if inplace and self.parent is not None:
             raise TracingError(f"{prim.name}: updating a variable inside a jn.scan / jn.while_loop body is not "
                                f"supported; return the new value in the carry and assign it after the loop")
-        out_arr = ad.select_impl(prim, inputs, params)(*arrays, **params)
+        uns = self.unsettled
+        if uns is not None:
+            out_arr = self._abstract_apply(prim, inputs, arrays, params, vals, inplace, uns)
+        else:
+            out_arr = ad.select_impl(prim, inputs, params)(*arrays, **params)
         if isinstance(out_arr, tuple):
             out_arr = TupleArray(out_arr)
         is_random = bool(prim.extra.get("random")) if prim.extra else False
@@ -267,6 +293,32 @@ class Tracer:
                     break
         if ad._NAN_CHECK is not None:
             _check_nans(prim, inputs, params, out_arr, node, out, vals)
+        return out
+
+    def _abstract_apply(self, prim, inputs, arrays, params, vals, inplace, uns):
+        """Run (or, for an elementwise op, only shape) one op in abstract mode; return its output array."""
+        touched = any(id(a) in uns for a in arrays)
+        if touched and prim.name in _VALUE_SHAPED:
+            if prim.name != "getitem" or any(id(a) in uns for a in arrays[1:]):     # getitem: its indices
+                raise AbstractFallback(prim.name)
+        if (prim.kind == "elementwise" and not inplace and prim.template is not None
+                and not all(v.kind == "const" for v in vals)
+                and all(type(a) is np.ndarray and a.dtype.kind in "biuf" and a.dtype.itemsize >= 4
+                        or a.dtype == np.bool_ for a in arrays)):
+            dt = np.dtype(prim.dtype_rule([a.dtype for a in arrays], params)[1])
+            shape = np.broadcast_shapes(*[a.shape for a in arrays])
+            # Small results of settled inputs are computed (a step counter, a learning rate: rows read those
+            # on the host, as Adam's bias correction does); everything else gets a placeholder.
+            if dt.kind in "biuf" and (dt.itemsize >= 4 or dt == np.bool_) and (touched or _size(shape) > 16):
+                out = np.zeros(shape, dt)
+                uns[id(out)] = out
+                return out
+        out = ad.select_impl(prim, inputs, params)(*arrays, **params)
+        if touched:
+            for a in (out if isinstance(out, tuple) else (out,)):
+                uns[id(a)] = a
+            if isinstance(out, tuple):
+                uns[id(out)] = out
         return out
 
     def _write_var(self, var, node):
