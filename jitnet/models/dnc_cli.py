@@ -187,7 +187,7 @@ def copy_parser():
 
 def run_copy(argv=None):
     """Train the copy command with ``argv``; return the final metrics (bit error per length included)."""
-    args = apply_smoke(copy_parser().parse_args(argv), steps=2, eval_every=2, batch_size=2, hidden=4, memory_size=3,
+    args = apply_smoke(copy_parser().parse_args(argv), steps=2, eval_every=2, batch_size=2, hidden=2, memory_size=3,
                        word_size=2, reads=1, bits=2, min_len=1, max_len=1, eval_batches=1, no_plot=True)
     dev = setup_device(args)
     name = "dnc-repeat-copy" if args.repeat_copy else "dnc-copy"
@@ -249,7 +249,7 @@ def babi_parser():
 
 def run_babi(argv=None):
     """Train the bAbI command with ``argv``; return the final metrics (answer accuracy included)."""
-    args = apply_smoke(babi_parser().parse_args(argv), steps=2, eval_every=2, batch_size=1, hidden=4, memory_size=3,
+    args = apply_smoke(babi_parser().parse_args(argv), steps=2, eval_every=2, batch_size=1, hidden=2, memory_size=3,
                        word_size=2, reads=1, generated=2, story_questions=1, pad_multiple=1,
                        max_tokens=400, no_plot=True)
     dev = setup_device(args)

@@ -470,7 +470,7 @@ def run_autoencoder(args):
           f"{len(yte)} test examples from {src}; logdir {logdir}", flush=True)
     model = Autoencoder(args.code_size, lr=learning_rate(args, len(ytr)), denoise=args.denoise,
                         jit=not args.no_jit, device=args.device_obj,
-                        **({"hidden": (8,), "in_features": int(np.prod(xtr.shape[1:]))} if args.smoke else {}))
+                        **({"hidden": (4,), "in_features": int(np.prod(xtr.shape[1:]))} if args.smoke else {}))
     m = fit(model, args, (xtr, ytr, xte, yte), logdir, "autoencoder")
     out = {"code_size": args.code_size, "denoise": args.denoise, "ae_l2": m["test_l2"], "ae_mse": m["test_mse"],
            "steps": m["step"]}
