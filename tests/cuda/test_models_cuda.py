@@ -1,8 +1,10 @@
 """The training commands' models on the GPU: the vision models and the RL agents train on cuda with the CPU's
 first losses (same seed), a jitted step moves nothing between host and device, checkpoints and evaluation work
-on a cuda model, and ``python -m jitnet train ... --device cuda --smoke`` runs. Tiny shapes (4x4 images, widths
-of 2-8) keep the simulator fast."""
+on a cuda model, and every training command's ``python -m jitnet train MODEL --device cuda --smoke`` runs in a
+simulator process of its own. Tiny shapes (4x4 images, widths of 2-8) keep the simulator fast."""
+import csv
 import os
+import re
 import subprocess
 import sys
 import types
@@ -11,7 +13,7 @@ import numpy as np
 import pytest
 
 import jitnet as jn
-from jitnet.models import _train
+from jitnet.models import _train, trainers
 from jitnet.models import vision as V
 from jitnet.models.dqn import DQNAgent
 from jitnet.models.policy_gradient import PolicyGradientAgent
@@ -131,12 +133,74 @@ def test_agents_first_losses_match_cpu_and_count_transfers(kind):
     assert st["h2d"] + st["d2h"] == agent.transfers_per_act, st
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("model", ["mlp", "pg-cartpole"])
+# ---- every training command: ``python -m jitnet train MODEL --device cuda --smoke`` in a fresh simulator process --
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _finite(rows, *columns):
+    vals = [float(r[c]) for r in rows for c in columns]
+    assert vals and all(np.isfinite(vals)), (columns, rows)
+    return vals
+
+
+def _epoch_loss(out, name):
+    """The train loss of the command's "NAME epoch 1: step 2, train loss X, ..." line."""
+    m = re.search(rf"^{re.escape(name)} epoch 1: step 2, train loss (\S+),", out, re.M)
+    assert m, out[-2000:]
+    return float(m.group(1))
+
+
+def _episodes(d):
+    """Two episodes of at most 5 steps (--smoke's --max-episode-steps), each with a finite return."""
+    rows = _rows(d / "returns.csv")
+    _finite(rows, "return")
+    return len(rows) == 2 and all(1 <= int(r["length"]) <= 5 for r in rows)
+
+
+def _vision(d, out):
+    return _finite(_rows(d / "metrics.csv"), "train_loss", "test_loss")
+
+
+# each command's log besides its checkpoint: a finite loss, the episodes --smoke asks for, ...
+SMOKE_LOGS = {
+    "logreg": _vision, "mlp": _vision, "cnn_mnist": _vision, "cnn_cifar": _vision,
+    "autoencoder": lambda d, out: _finite(_rows(d / "metrics.csv"), "train_loss", "test_l2"),
+    "seq2seq-dates": lambda d, out: np.isfinite(_epoch_loss(out, "seq2seq-dates")) and
+    _finite(_rows(d / "metrics.csv"), "char_accuracy"),
+    "seq2seq-reverse": lambda d, out: np.isfinite(_epoch_loss(out, "seq2seq-reverse")) and
+    _finite(_rows(d / "metrics.csv"), "char_accuracy"),
+    "dnc-copy": lambda d, out: _finite(_rows(d / "metrics.csv"), "train_loss", "bit_error"),
+    "dnc-babi": lambda d, out: _finite(_rows(d / "metrics.csv"), "train_loss"),
+    "pg-cartpole": lambda d, out: _episodes(d),
+    "dqn-cartpole": lambda d, out: _episodes(d),
+}
+COMMANDS = sorted(SMOKE_LOGS) + ["skipgram"]
+
+
+def test_every_training_command_has_a_smoke_test():
+    assert sorted(COMMANDS) == sorted(trainers())
+
+
+@pytest.mark.parametrize("model", COMMANDS)
 def test_cli_smoke_on_cuda(model, tmp_path):
+    """Each command builds its model on cuda, trains a few jitted steps, evaluates and writes what it writes,
+    in a process of its own (the simulator as CI runs it)."""
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
     r = subprocess.run([sys.executable, "-m", "jitnet", "train", model, "--device", "cuda", "--smoke",
                         "--no-progress", "--logdir", str(tmp_path)], capture_output=True, text=True, env=env,
-                       timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert os.listdir(tmp_path / "checkpoints")
+                       timeout=600, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr[-3000:]
+    if model == "skipgram":          # the word2vec fast path: vectors, no optimizer state
+        assert "128 words" in r.stdout
+        vecs = np.loadtxt(tmp_path / "vectors.txt", skiprows=1, usecols=range(1, 9))
+        assert vecs.shape == (12, 8) and np.isfinite(vecs).all() and np.abs(vecs).max() > 0
+        return
+    assert SMOKE_LOGS[model](tmp_path, r.stdout), r.stdout[-2000:]
+    state = jn.io.load(jn.io.latest_checkpoint(str(tmp_path / "checkpoints")))
+    floats = [np.asarray(v) for v in state.values() if np.asarray(v).dtype.kind == "f"]
+    assert floats and all(np.isfinite(v).all() for v in floats)
+    steps = [int(np.asarray(v)) for k, v in state.items() if k.endswith("global_step")]
+    assert steps and max(steps) >= 2, {k: v for k, v in state.items() if k.endswith("global_step")}

@@ -152,7 +152,7 @@ def test_model_first_losses_match_cpu_without_in_step_transfers(jit, raw_transfe
         np.testing.assert_allclose(pg.numpy(), pc.numpy(), rtol=1e-4, atol=1e-5, err_msg=name)
 
 
-def test_reverse_command_smoke_on_cuda_in_process(tmp_path, capsys):        # eager (the subprocess test: jitted)
+def test_reverse_command_smoke_on_cuda_in_process(tmp_path, capsys):   # eager (test_models_cuda's subprocess: jitted)
     from jitnet.models import _seq2seq_cli as CLI
     argv = ["--device", "cuda", "--smoke", "--no-progress", "--no-jit", "--logdir", str(tmp_path)]
     trainer, m = CLI.run_reverse(argv)
@@ -160,16 +160,3 @@ def test_reverse_command_smoke_on_cuda_in_process(tmp_path, capsys):        # ea
     assert m["step"] == 2 and 0.0 <= m["char_accuracy"] <= 1.0             # --smoke's two steps
     assert (tmp_path / "checkpoints").is_dir() and (tmp_path / "metrics.csv").exists()
     assert "seq2seq-reverse epoch 1: step 2" in capsys.readouterr().out
-
-
-@pytest.mark.slow              # the command in a fresh simulator process: about 30 s
-def test_reverse_command_smoke_subprocess(tmp_path):
-    import os
-    import subprocess
-    import sys
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
-    r = subprocess.run([sys.executable, "-m", "jitnet", "train", "seq2seq-reverse", "--device", "cuda", "--smoke",
-                        "--no-progress", "--logdir", str(tmp_path)], capture_output=True, text=True, env=env,
-                       timeout=600, stdin=subprocess.DEVNULL)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "seq2seq-reverse: held-out exact match" in r.stdout

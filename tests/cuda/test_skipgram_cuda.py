@@ -162,15 +162,3 @@ def test_command_model_path_on_cuda_first_losses_equal_the_cpu(tmp_path, capsys)
     line = [ln for ln in out_cpu.splitlines() if " steps in " in ln][0]
     assert "2 steps" in line and line.split(", ", 1)[1] in out_gpu        # "loss a -> b", both runs
     np.testing.assert_allclose(gpu, cpu, atol=3e-6)
-
-
-def test_command_smoke_on_cuda_in_a_subprocess(tmp_path):
-    import os
-    import subprocess
-    import sys
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
-    p = subprocess.run([sys.executable, "-m", "jitnet", "train", "skipgram", "--device", "cuda", "--smoke",
-                        "--no-progress", "--logdir", str(tmp_path)], env=env, capture_output=True, text=True,
-                       timeout=300)
-    assert p.returncode == 0, p.stderr[-2000:]
-    assert "128 words" in p.stdout and (tmp_path / "vectors.txt").exists()
