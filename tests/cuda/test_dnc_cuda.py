@@ -1,6 +1,6 @@
 """The DNC memory step on CUDA (``dnc_memory_step`` and its gradient row, kernels_dnc_gpu) against its CPU form:
-values and gradients, float64 and float32, eagerly and under ``jn.jit``; and the DNC model's jitted training
-step on the GPU against the CPU, with no host<->device transfer inside the step. Tiny shapes: the simulator
+values and gradients, float64 and float32, eagerly and under ``jn.jit``; and the training steps of the copy and
+bAbI models, eager and jitted, on the GPU against the CPU, with no host<->device transfer inside a step. Tiny shapes: the simulator
 runs every GPU thread as Python."""
 import numpy as np
 import pytest
@@ -65,25 +65,47 @@ def test_memory_module_runs_on_cuda_fused_and_composed():
     np.testing.assert_allclose(out.numpy(), M.pack_state(st).numpy(), rtol=1e-10, atol=1e-12)
 
 
-def _copy_losses(dev, steps=3, jit=True):
+def _babi_batch(rng, vocab=5, T=3):
+    """One tiny bAbI-shaped batch: one-hot tokens (1, T, vocab), answer ids and an answer slot at the end."""
+    x = np.eye(vocab, dtype=np.float32)[rng.integers(0, vocab, (1, T))]
+    y = rng.integers(0, vocab, (1, T))
+    mask = np.zeros((1, T), np.float32)
+    mask[0, -1] = 1
+    return x, y, mask
+
+
+TASKS = {   # the two commands' models, with a 2-unit controller and a 3x2 memory
+    "copy": (lambda jit: D.CopyModel(bits=2, hidden_size=2, memory_size=3, word_size=2, num_reads=1, jit=jit),
+             lambda m, rng: m.batch(rng, 2, 1, 1)),
+    "babi": (lambda jit: D.BabiModel(5, hidden_size=2, memory_size=3, word_size=2, num_reads=1, jit=jit),
+             lambda m, rng: _babi_batch(rng)),
+}
+
+
+def _losses(task, dev, jit, steps=2):
     jn.random.seed(0)
     rng = np.random.default_rng(0)
-    m = D.CopyModel(bits=2, hidden_size=4, memory_size=3, word_size=2, num_reads=1, jit=jit)
+    make, batch = TASKS[task]
+    m = make(jit)
     m.to(dev)
     losses, stats = [], []
     for _ in range(steps):
-        x, y, mask = (m._tensor(a) for a in m.batch(rng, 2, 1, 1))   # the batch moves before the step
+        x, y, mask = (m._tensor(a) for a in batch(m, rng))   # the batch moves before the step
         jn.cuda.reset_transfer_stats()
         loss = m.train_step(x, y, mask)
         stats.append(jn.cuda.transfer_stats())
         losses.append(float(loss.numpy()))   # the one scalar read, after the counted step
-    return losses, stats
+    return m, losses, stats
 
 
-@pytest.mark.slow       # ~2 min in the simulator on a busy 2-core machine (tracing and planning the scan step)
-def test_jitted_copy_step_matches_the_cpu_without_transfers():
-    ref, _ = _copy_losses("cpu")
-    got, stats = _copy_losses("cuda")
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_training_step_matches_the_cpu_without_transfers(task, jit):
+    _, ref, _ = _losses(task, "cpu", jit)
+    m, got, stats = _losses(task, "cuda", jit)
     np.testing.assert_allclose(got, ref, rtol=2e-5, atol=1e-6)
-    for st in stats[1:]:                     # after the first call traced and built the plan
-        assert st["h2d"] == 0 and st["d2h"] == 0, st
+    assert ref[0] != ref[1]                  # the first step changed the parameters
+    assert all(p.is_cuda for p in m.net.parameters())
+    # the first step uploads once (a jitted one its plan's constants, an eager one the optimizer's slots) and
+    # reads nothing back; the next one moves nothing
+    assert all(st["d2h"] == 0 for st in stats) and stats[1]["h2d"] == 0, stats
