@@ -1,7 +1,7 @@
 """The DNC memory step on CUDA (``dnc_memory_step`` and its gradient row, kernels_dnc_gpu) against its CPU form:
 values and gradients, float64 and float32, eagerly and under ``jn.jit``; and the training steps of the copy and
-bAbI models, eager and jitted, on the GPU against the CPU, with no host<->device transfer inside a step. Tiny shapes: the simulator
-runs every GPU thread as Python."""
+bAbI models, eager and jitted, on the GPU against the CPU, with no host<->device transfer inside a step. Tiny
+shapes: the simulator runs every GPU thread as Python."""
 import numpy as np
 import pytest
 
