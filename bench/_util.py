@@ -55,12 +55,15 @@ def set_blas_threads_env(n):
         os.environ[v] = str(n)
 
 
-def set_threads(n):
-    """Set jitnet's and (if installed) PyTorch's thread counts to ``n``, and apply the training CLI's process
-    setting (malloc keeps large freed blocks for reuse; it serves both libraries in the process alike)."""
+def set_threads(n, torch=True):
+    """Set jitnet's and (if installed; ``torch=False``: never) PyTorch's thread counts to ``n``, and apply the
+    training CLI's process setting (malloc keeps large freed blocks for reuse; it serves both libraries in the
+    process alike). A process that runs jitnet alone passes ``torch=False``: importing torch costs ~1.7 s."""
     import jitnet as jn
     jn.set_num_threads(n)
     jn.set_malloc_tuning(True)
+    if not torch:
+        return
     try:
         import torch
         torch.set_num_threads(n)

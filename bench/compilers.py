@@ -197,7 +197,7 @@ class JitnetLib:
 
     def __init__(self, threads):
         from _util import set_threads
-        set_threads(threads)
+        set_threads(threads, torch=False)        # jitnet's worker process runs jitnet alone
         import jitnet as jn
         self.jn = jn
 
