@@ -87,6 +87,8 @@ class _Watchdog:
     kept to within one period, and the hot path reads no clock (a small allreduce takes a few microseconds).
     """
 
+    __slots__ = ("ctx", "timeout", "pending", "calls", "period", "_thread")     # slots: faster stores per call
+
     def __init__(self, ctx, timeout):
         self.ctx, self.timeout = ctx, float(timeout)
         self.pending = None                       # the name of the collective in flight, or None
@@ -349,7 +351,7 @@ def _as_tensor(x, what):
     raise TypeError(f"jitnet.distributed.{what}: expected a Tensor or NumPy array, got {type(x).__name__}")
 
 
-_LEAN = [None, None]          # the last (input, output) arrays the lean path of allreduce checked
+_LEAN = (None, None, None, None, None)      # the lean path's last checked (input, output, context, ...)
 
 
 def allreduce(x, op="mean", out=None):
@@ -362,27 +364,28 @@ def allreduce(x, op="mean", out=None):
     ``jitnet.lowp``), as are the gradient buckets of :class:`DistributedOptimizer`; broadcasts move their bits
     as they are.
     """
+    global _LEAN
     if out is not None and op == "sum" and _CTX is not None:      # the lean path (gradient-sized calls and
         try:                                                         # small ones alike): no checks beyond these
             a, o = x._data, out._data
         except AttributeError:
             a = o = None
-        if a is _LEAN[0] and o is _LEAN[1] and a is not None:        # the pair checked by the previous call
-            c = _CTX
-            w = c.watchdog
+        lean = _LEAN
+        if a is lean[0] and o is lean[1] and lean[2] is _CTX:          # the pair checked by the previous call
+            w = lean[4]
             if w is None:
-                c.Allreduce(a, o, c.SUM)
+                lean[3](a, o, _CTX.SUM)
             else:
                 w.calls += 1
                 w.pending = "allreduce"
-                c.Allreduce(a, o, c.SUM)
+                lean[3](a, o, _CTX.SUM)
                 w.pending = None
             return out
         if (type(a) is np.ndarray and type(o) is np.ndarray and a.dtype == o.dtype and a.shape == o.shape
                 and a.flags.c_contiguous and o.flags.c_contiguous and isinstance(out, Tensor)
                 and not _lowp.is_lowp(a.dtype) and not np.may_share_memory(a, o)):
-            _LEAN[0], _LEAN[1] = a, o       # a NumPy array keeps its dtype, shape and layout: checked once
-            c = _CTX
+            c = _CTX                        # a NumPy array keeps its dtype, shape and layout: checked once
+            _LEAN = (a, o, c, c.Allreduce, c.watchdog)
             _enter(c, "allreduce")
             c.Allreduce(a, o, c.SUM)
             _leave(c)
