@@ -214,6 +214,14 @@ def _make_ew_impl(prim):
             p = plans.get(sig)
             if p is None:
                 p = _ew_plan(prim, arrays, params, sig)
+            ep = p.entry                         # (_EwPlan.run's first branch, inlined: ~0.1 us a call)
+            if ep is not None:
+                out = np.empty(p.oshape, p.odtype)
+                try:
+                    ep(a, b, out)
+                    return out
+                except TypeError:
+                    pass
             return p.run(arrays)
         return _ew_plan(prim, arrays, params).run(arrays)
     return impl

@@ -243,13 +243,16 @@ def apply(prim: Primitive, *inputs, **params):
         return _apply_devices(prim, inputs, params)
     if DEBUG:
         out = _wrap(_apply_debug(prim, inputs, params))
+    elif len(inputs) == 2:                            # (binary operators: no list built for the arrays)
+        out = _wrap(prim.impl["cpu"](inputs[0]._data, inputs[1]._data, **params))
     else:
         out = _wrap(prim.impl["cpu"](*[t._data for t in inputs], **params))
-    if _State.grad_enabled and not prim.nondiff and out._data.dtype.kind in "fV":  # int: no grad (V: bf16)
+    if _State.grad_enabled and not prim.nondiff:
         for t in inputs:
             if t.requires_grad:
-                out._node = Node(prim, inputs, params)
-                out.requires_grad = True
+                if out._data.dtype.kind in "fV":      # int: no grad (V: bf16)
+                    out._node = Node(prim, inputs, params)
+                    out.requires_grad = True
                 break
     if _NAN_CHECK is not None:
         _NAN_CHECK(prim, inputs, params, out)
