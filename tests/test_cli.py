@@ -452,3 +452,18 @@ def test_smoke_keeps_the_options_the_command_line_gave():
     assert (a.epochs, a.limit) == (1, 2)
     a = apply_smoke(p.parse_args(["--epochs", "2"]), epochs=1, limit=8)
     assert (a.epochs, a.limit) == (2, None)
+
+
+def test_progress_says_when_the_first_step_ran_during_a_cold_compile(capsys):
+    from types import SimpleNamespace
+    from jitnet.models._train import Progress
+    for compiling in (True, False):
+        p = Progress(total=6, desc="mlp epoch 1/1", enabled=False)
+        p._notice.__exit__(None, None, None)
+        p._notice = SimpleNamespace(shown=compiling, __exit__=lambda *a: False)
+        p.update(loss=2.5)
+        p.update(loss=2.4)
+        p.close()
+        err = capsys.readouterr().err
+        assert ("first step done after" in err and "loss 2.5000" in err) == compiling
+        assert err.count("first step done") == (1 if compiling else 0)

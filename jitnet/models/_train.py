@@ -328,6 +328,10 @@ class Progress:
         """Advance by one step, showing ``loss``; returns None."""
         self.n += 1
         if self.n < self._warm:
+            if self.n == 1 and self._notice.shown and not self.quiet:     # a cold start: say the step runs
+                self.write(f"{self.desc}: first step done after {time.perf_counter() - self._t0:.1f} s"
+                           + (f", loss {loss:.4f}" if loss is not None else "")
+                           + "; compiling the rest of the step (its native driver, once) ...")
             return                       # still compiling: no bar, no rate, no ETA yet
         if self.n == self._warm:
             self._first()
