@@ -1103,6 +1103,20 @@ reduce_last = serial_twin(reduce_last_par)
 reduce_middle = serial_twin(reduce_middle_par)
 
 
+@njit(cache=True, nogil=True)
+def discounted_returns(rewards, dones, gamma, out):
+    """out[t] = rewards[t] + gamma * out[t + 1], restarting from 0 after every t with dones[t] (float64, 1-D).
+
+    The policy-gradient agent's returns (jitnet.models.policy_gradient.discounted_returns checks and
+    converts its inputs)."""
+    running = 0.0
+    for t in range(rewards.shape[0] - 1, -1, -1):
+        if dones[t]:
+            running = 0.0
+        running = rewards[t] + gamma * running
+        out[t] = running
+
+
 class Adaptive:
     """A parallel kernel and its serial twin; a call runs the serial one for small inputs or off the main thread."""
 

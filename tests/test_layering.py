@@ -15,7 +15,8 @@ ROOT = os.path.dirname(jitnet.__file__)
 CORE = ("jitnet.tensor", "jitnet.ops", "jitnet.autodiff", "jitnet.compiler", "jitnet.kernels_cpu", "jitnet.kernels_gpu",
         "jitnet.kernels_scalar", "jitnet.kernels_conv", "jitnet.kernelgen", "jitnet.kernelgen_cuda",
         "jitnet.backend_cuda", "jitnet.cuda", "jitnet.runtime", "jitnet.lazy", "jitnet.blas", "jitnet.bounds",
-        "jitnet.cache", "jitnet.random", "jitnet.lowp", "jitnet.winograd", "jitnet.nans_cuda", "jitnet.dlpack")
+        "jitnet.cache", "jitnet.random", "jitnet.lowp", "jitnet.winograd", "jitnet.nans_cuda", "jitnet.dlpack",
+        "jitnet.cuda_runtime")
 LIBRARY = ("jitnet.nn", "jitnet.optim", "jitnet.data", "jitnet.io", "jitnet.distributed", "jitnet.export",
            "jitnet.interop")
 APPS = ("jitnet.models", "jitnet.__main__", "jitnet.warmup")
@@ -233,3 +234,24 @@ def test_the_graph_sees_packages_lazy_handles_function_imports_and_cycles():
     g = {"x": {"y"}, "y": {"z"}, "z": {"x"}, "w": {"x"}}
     assert _cycles(g) == [["x", "y", "z"]] and _a_cycle(g, ["x", "y", "z"]) == ["x", "y", "z", "x"]
     assert _cycles({"x": {"y"}, "y": set()}) == []
+
+
+def test_model_modules_hold_models_not_kernels_or_rows():
+    # The models are built from the library: their kernels live in the kernel layer, their rows in the registry.
+    models = os.path.join(os.path.dirname(jitnet.__file__), "models")
+    found = []
+    for name in sorted(os.listdir(models)):
+        if not name.endswith(".py"):
+            continue
+        tree = ast.parse(open(os.path.join(models, name)).read())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for d in node.decorator_list:
+                    src = ast.unparse(d)
+                    if "njit" in src or "cuda.jit" in src or src.startswith("jit(") or "vectorize" in src:
+                        found.append(f"{name}:{node.lineno} @{src}")
+            if isinstance(node, ast.Call):
+                fn = ast.unparse(node.func)
+                if fn.endswith("Primitive") or fn.endswith("elementwise") or fn.endswith("_update_prim"):
+                    found.append(f"{name}:{node.lineno} {fn}(...)")
+    assert not found, "kernels or registry rows in model modules: " + ", ".join(found)

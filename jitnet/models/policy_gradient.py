@@ -4,7 +4,7 @@ The policy is an MLP (4-16-16-2 on CartPole) that outputs action logits. Each st
 runs the policy and samples an action inside the graph with the Gumbel-max trick
 (``argmax(logits - log(-log(u)))``, ``u`` a ``jn.random.uniform`` draw, so the draw is a graph node), or
 takes the greedy action with epsilon-greedy exploration. After every ``batch_episodes`` episodes the
-discounted returns ``R_t = r_t + gamma * R_{t+1}`` (a small Numba kernel) are normalised over the batch
+discounted returns ``R_t = r_t + gamma * R_{t+1}`` (a small kernel in kernels_cpu) are normalised over the batch
 (the baseline) and one jitted update minimises ``-sum_t A_t log pi(a_t | s_t) / episodes``. The batch's steps
 are padded with zero-weight rows to a power-of-two bucket, so the update compiles once per bucket and not
 once per episode length.
@@ -12,25 +12,15 @@ once per episode length.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
 import jitnet as jn
 import jitnet.nn.functional as F
+from jitnet import kernels_cpu as _K
 
 from .rl import (ConstantSchedule, agent_parser, env_spaces, explore_action, greedy_action, make_env, make_optimizer,
                  make_schedule, mlp, parse_agent_args, run_agent)
 
 __all__ = ["train_pg", "TRAINERS", "discounted_returns", "bucket_size", "PolicyGradientAgent"]
-
-
-@njit(cache=True, nogil=True)
-def _discount_kernel(rewards, dones, gamma, out):
-    running = 0.0
-    for t in range(rewards.shape[0] - 1, -1, -1):
-        if dones[t]:
-            running = 0.0
-        running = rewards[t] + gamma * running
-        out[t] = running
 
 
 def discounted_returns(rewards, gamma, dones=None):
@@ -44,7 +34,7 @@ def discounted_returns(rewards, gamma, dones=None):
     if d.shape != r.shape:
         raise ValueError(f"discounted_returns: dones of shape {d.shape} do not match rewards of shape {r.shape}")
     out = np.empty_like(r)
-    _discount_kernel(r, d, float(gamma), out)
+    _K.discounted_returns(r, d, float(gamma), out)
     return out.astype(np.float32)
 
 
