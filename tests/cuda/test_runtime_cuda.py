@@ -163,10 +163,11 @@ def test_pool_off_by_environment(monkeypatch):
     assert stats()["enabled"]
 
 
-def mlp_losses(steps=4):
+def mlp_step(make_opt):
+    """Return (jitted training step of a tiny MLP on cuda, its model, the batch on cuda)."""
     jn.random.seed(3)
     m = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3)).to("cuda")
-    opt = jn.optim.Adam(m.parameters(), lr=0.01)
+    opt = make_opt(m.parameters())
 
     @jn.jit
     def step(xb, yb):
@@ -176,7 +177,11 @@ def mlp_losses(steps=4):
         opt.step()
         return loss
 
-    xb, yb = jn.tensor(X).to("cuda"), jn.tensor(Y).to("cuda")
+    return step, m, (jn.tensor(X).to("cuda"), jn.tensor(Y).to("cuda"))
+
+
+def mlp_losses(steps=4):
+    step, m, (xb, yb) = mlp_step(lambda ps: jn.optim.Adam(ps, lr=0.01))
     losses = [step(xb, yb).item() for _ in range(steps)]
     return losses, [p.numpy() for p in m.parameters()], step, (xb, yb)
 
@@ -239,19 +244,7 @@ def cuda_groups(plan):
 
 
 def test_a_plan_prepares_its_fused_launches_once():
-    jn.random.seed(3)
-    m = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3)).to("cuda")
-    opt = jn.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
-
-    @jn.jit
-    def step(xb, yb):
-        opt.zero_grad()
-        loss = F.cross_entropy(m(xb), yb)
-        loss.backward()
-        opt.step()
-        return loss
-
-    xb, yb = jn.tensor(X).to("cuda"), jn.tensor(Y).to("cuda")
+    step, _, (xb, yb) = mlp_step(lambda ps: jn.optim.SGD(ps, lr=0.1, momentum=0.9))
     step(xb, yb)
     R.reset_launch_stats()
     step(xb, yb)
