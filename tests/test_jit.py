@@ -256,8 +256,16 @@ def _abstract_counts():
     return st["abstract_traces"], st["abstract_fallbacks"]
 
 
-def test_first_trace_compiles_no_eager_elementwise_kernel(monkeypatch):
+@pytest.fixture
+def cpu_process(monkeypatch):
+    # A process that has used another device traces concretely (jitnet.compiler._abstract_ok); these tests use
+    # CPU tensors only, so they may run in an xdist worker after device tests as in a CPU-only process.
+    from jitnet.autodiff import core as ad
+    monkeypatch.setattr(ad, "_DEVICES", False)
     monkeypatch.delenv("JITNET_TRACE", raising=False)
+
+
+def test_first_trace_compiles_no_eager_elementwise_kernel(cpu_process):
     from jitnet import ops
     x = jn.tensor(np.linspace(-2, 2, 21 * 5).reshape(21, 5))        # float64, a shape no other test uses
     before = len(ops.SIN.extra["plans"]), len(ops.COS.extra["plans"])
@@ -271,7 +279,7 @@ def test_first_trace_compiles_no_eager_elementwise_kernel(monkeypatch):
     assert len(ops.SIN.extra["plans"]) == before[0] + 1
 
 
-def test_abstract_first_call_updates_variables_once_and_matches_concrete(monkeypatch):
+def test_abstract_first_call_updates_variables_once_and_matches_concrete(cpu_process, monkeypatch):
     def run(mode):
         monkeypatch.setenv("JITNET_TRACE", mode)
         jn.random.seed(3)
@@ -302,8 +310,7 @@ def test_abstract_first_call_updates_variables_once_and_matches_concrete(monkeyp
     np.testing.assert_array_equal(ra, rc)                   # the generator is where a concrete trace leaves it
 
 
-def test_index_from_a_computed_value_traces_again_concretely(monkeypatch):
-    monkeypatch.delenv("JITNET_TRACE", raising=False)
+def test_index_from_a_computed_value_traces_again_concretely(cpu_process):
     v = jn.Variable(jn.zeros(3))
 
     @jn.jit
