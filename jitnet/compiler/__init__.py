@@ -1,8 +1,11 @@
 """jitnet.jit: trace a step into a graph, optimize it, fuse elementwise chains into generated kernels.
 
 The first call for an input signature (tensor shapes, dtypes and requires_grad; the values of every
-non-tensor argument; the enclosing ``jn.autocast`` dtype, if any) traces the function: it runs once for real under a recording interpreter, so it
-returns real results and updates variables exactly as the eager code would. The recorded graph then goes
+non-tensor argument; the enclosing ``jn.autocast`` dtype, if any) traces the function under a recording
+interpreter. On the CPU the trace is abstract (elementwise ops are recorded, not run; variables are restored
+afterwards) and the compiled plan then runs the first call; elsewhere, or when an op's shape could depend on a
+skipped value, the function runs once for real, returning real results and updating variables exactly as the
+eager code would. The recorded graph then goes
 through DCE, CSE and fusion, and becomes a :class:`~jitnet.compiler.plan.Plan`. Later calls with the same
 signature run the plan without touching the Python function.
 """
@@ -127,24 +130,22 @@ class JitFunction:
             rng = _rng_state()
             tracer = Tracer(snapshot_vars=True)
             tracer.unsettled = {}
+            comp = None
             try:
                 _, result = self.trace(leaves, tree, tracer=tracer)
                 comp, _ = _compile(tracer, result, fuse)
             except TracingError:              # the function's own mistake (.item() on a traced tensor, ...):
-                tracer.restore_snapshots()    # a concrete trace would stop at the same line
-                _set_rng_state(rng)
-                raise
+                raise                         # a concrete trace would stop at the same line
             except Exception as e:            # a value-shaped op, or an op that failed on placeholder values:
                 _stats["traces"] -= 1         # trace again, concretely (an error then comes from real values)
                 _stats["abstract_fallbacks"] += 1
                 if _debug() >= 1:
                     print(f"jitnet.jit: {getattr(self.fn, '__qualname__', self.fn)!s}: traced again with values "
                           f"({type(e).__name__}: {e})", file=sys.stderr)
-                tracer.restore_snapshots()
-                _set_rng_state(rng)
-            else:
-                tracer.restore_snapshots()    # undo what the trace's in-place ops did to the variables
-                _set_rng_state(rng)           # the plan draws this call's random numbers, as a trace would
+            finally:
+                tracer.restore_snapshots()    # undo what the trace's in-place ops did to the variables, and
+                _set_rng_state(rng)           # let the plan (or the concrete trace) draw this call's numbers
+            if comp is not None:
                 self._cache[key] = comp
                 _stats["abstract_traces"] += 1
                 _native.HOLD[0] = True

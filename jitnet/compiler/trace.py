@@ -12,6 +12,7 @@ Variables (``jitnet.Parameter``) read by the step become implicit inputs; in-pla
 from __future__ import annotations
 
 import linecache
+import math
 import os
 import sys
 
@@ -120,11 +121,9 @@ class TupleArray(tuple):
     ndim = 0
 
 
-def _size(shape):
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+def _plain(dt):
+    """Whether an abstract trace may stand a placeholder in for an array of dtype ``dt`` (32/64-bit numbers, bool)."""
+    return dt == np.bool_ or (dt.kind in "biuf" and dt.itemsize >= 4)
 
 
 class AbstractFallback(Exception):
@@ -138,7 +137,7 @@ _VALUE_SHAPED = frozenset({"getitem", "while_loop"})
 
 
 class Tracer:
-    """The interpreter that records a graph while computing every op for real."""
+    """The interpreter that records a graph while computing every op (or, abstractly, shaping elementwise ones)."""
 
     def __init__(self, snapshot_vars=False, parent=None):
         self.graph = Graph()
@@ -259,7 +258,7 @@ class Tracer:
             out_arr = self._abstract_apply(prim, inputs, arrays, params, vals, inplace, uns)
         else:
             out_arr = ad.select_impl(prim, inputs, params)(*arrays, **params)
-        if isinstance(out_arr, tuple):
+        if type(out_arr) is tuple:
             out_arr = TupleArray(out_arr)
         is_random = bool(prim.extra.get("random")) if prim.extra else False
         node = None
@@ -303,22 +302,21 @@ class Tracer:
                 raise AbstractFallback(prim.name)
         if (prim.kind == "elementwise" and not inplace and prim.template is not None
                 and not all(v.kind == "const" for v in vals)
-                and all(type(a) is np.ndarray and a.dtype.kind in "biuf" and a.dtype.itemsize >= 4
-                        or a.dtype == np.bool_ for a in arrays)):
+                and all(type(a) is np.ndarray and _plain(a.dtype) for a in arrays)):
             dt = np.dtype(prim.dtype_rule([a.dtype for a in arrays], params)[1])
             shape = np.broadcast_shapes(*[a.shape for a in arrays])
             # Small results of settled inputs are computed (a step counter, a learning rate: rows read those
             # on the host, as Adam's bias correction does); everything else gets a placeholder.
-            if dt.kind in "biuf" and (dt.itemsize >= 4 or dt == np.bool_) and (touched or _size(shape) > 16):
+            if _plain(dt) and (touched or math.prod(shape) > 16):
                 out = np.zeros(shape, dt)
                 uns[id(out)] = out
                 return out
         out = ad.select_impl(prim, inputs, params)(*arrays, **params)
         if touched:
-            for a in (out if isinstance(out, tuple) else (out,)):
-                uns[id(a)] = a
-            if isinstance(out, tuple):
-                uns[id(out)] = out
+            if isinstance(out, tuple):       # a loop's arrays: the container (which tuple_get reads) and each one
+                out = TupleArray(out)
+                uns.update((id(a), a) for a in out)
+            uns[id(out)] = out
         return out
 
     def _write_var(self, var, node):
