@@ -129,7 +129,11 @@ if HAVE_NUMPY_BLAS:
         else:
             tmp = np.empty((m, n), out.dtype)
             _cblas_gemm(ta, tb, m, n, k, a, lda, b, ldb, tmp, n)
-            out[:] = tmp
+            # an explicit loop: ``out[:] = tmp`` (an array-to-array slice assignment) makes Numba compile its
+            # shape-error message formatting, 3 s of a cold process's first native driver
+            for i in range(m):
+                for j in range(n):
+                    out[i, j] = tmp[i, j]
 else:
     @njit(cache=True)
     def gemm(a, b, out):
