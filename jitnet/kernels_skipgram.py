@@ -8,6 +8,8 @@ CUDA form of the training kernel (the same update per sentence, row updates by a
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numba import njit, prange
 
@@ -35,6 +37,7 @@ _LCG_MUL = np.uint64(25214903917)
 _LCG_ADD = np.uint64(11)
 _LCG_MASK = np.uint64(0xFFFFFFFFFFFF)
 _SH16 = np.uint64(16)
+_M32 = np.uint64(0xFFFFFFFF)
 
 
 @njit(cache=True, nogil=True)
@@ -55,6 +58,21 @@ def _draw(cum, guide, v):
     return i
 
 
+# -- the training walk, written once for both targets ------------------------------------------------------------
+# _sg_ns_pair, _sg_ns_walk and _sg_ns_part are plain Python bodies compiled here for the CPU;
+# kernels_skipgram_gpu compiles the same bodies as CUDA device functions, rebinding the names they call that
+# differ between the targets: _add_at (the update of a shared row or counter), _lcg (the simulator's form
+# avoids NumPy's overflow warning), _draw, and the walk's own _sg_ns_pair / _sg_ns_walk. The loop over parts
+# is the only code of each target: a prange here, a grid-stride loop over threads there.
+
+@njit(cache=True, nogil=True, inline="always")
+def _add_at(a, i, v):
+    """a[i] += v with no lock: threads race on shared rows and on the word counter (word2vec's Hogwild).
+
+    The CUDA form is an atomic add (threads still read rows being updated, but no update is lost)."""
+    a[i] += v
+
+
 @njit(cache=True, fastmath=True, nogil=True)
 def _sg_ns_pair(w_in, w_out, cum, guide, center, ctx, negative, alpha, work, r):
     """One (center, context) pair: the context's input row predicts the center against ``negative`` noise
@@ -66,11 +84,11 @@ def _sg_ns_pair(w_in, w_out, cum, guide, center, ctx, negative, alpha, work, r):
     top = np.uint64(cum[cum.shape[0] - 1])
     for d in range(negative + 1):
         if d == 0:
-            t = center
+            t = np.int64(center)
             label = np.float32(1.0)
         else:
             r = _lcg(r)
-            t = _draw(cum, guide, np.int64((r >> _SH16) % top))
+            t = np.int64(_draw(cum, guide, np.int64((r >> _SH16) % top)))
             if t == center:
                 continue
             label = np.float32(0.0)
@@ -83,28 +101,25 @@ def _sg_ns_pair(w_in, w_out, cum, guide, center, ctx, negative, alpha, work, r):
         elif f < -6.0:
             g = label * alpha
         else:
-            g = (label - np.float32(1.0) / (np.float32(1.0) + np.exp(-f))) * alpha
+            g = (label - np.float32(1.0) / (np.float32(1.0) + math.exp(-f))) * alpha
+        g = np.float32(g)
         for k in range(dim):
             work[k] += g * row[k]
-            row[k] += g * l1[k]
+            _add_at(row, k, g * l1[k])
     for k in range(dim):
-        l1[k] += work[k]
+        _add_at(l1, k, work[k])
     return r
 
 
 @njit(cache=True, fastmath=True, nogil=True)
-def _sg_ns_sentences(ids, bounds, s_lo, s_hi, w_in, w_out, cum, guide, sample_int, window, negative, alpha0,
-                     alpha1, pos0, total, done, r):
+def _sg_ns_walk(ids, bounds, s_lo, s_hi, w_in, w_out, cum, guide, sample_int, window, negative, alpha0, alpha1,
+                pos0, total, done, r, buf, work):
     """Train sentences s_lo..s_hi-1 serially; return (generator state, words kept after subsampling).
 
-    The learning rate follows the words processed by all threads, pos0 + done[0] (word2vec's shared counter,
-    updated without a lock after each sentence).
+    ``buf`` (at least the longest sentence) int32 holds a sentence's kept words, ``work`` (D,) float32 the
+    input row's gradient. The learning rate follows the words processed by all threads, pos0 + done[0]
+    (word2vec's shared counter, added to after each sentence).
     """
-    maxlen = 0
-    for s in range(s_lo, s_hi):
-        maxlen = max(maxlen, bounds[s + 1] - bounds[s])
-    buf = np.empty(maxlen, np.int32)
-    work = np.empty(w_in.shape[1], np.float32)
     kept = 0
     for s in range(s_lo, s_hi):
         alpha = alpha0 - (alpha0 - alpha1) * (pos0 + done[0]) / total
@@ -115,7 +130,7 @@ def _sg_ns_sentences(ids, bounds, s_lo, s_hi, w_in, w_out, cum, guide, sample_in
         for i in range(bounds[s], bounds[s + 1]):
             w = ids[i]
             r = _lcg(r)
-            if np.uint64(sample_int[w]) < (r >> _SH16) & np.uint64(0xFFFFFFFF):
+            if np.uint64(sample_int[w]) < (r >> _SH16) & _M32:
                 continue
             buf[n] = w
             n += 1
@@ -128,8 +143,45 @@ def _sg_ns_sentences(ids, bounds, s_lo, s_hi, w_in, w_out, cum, guide, sample_in
             for j in range(lo, hi):
                 if j != i:
                     r = _sg_ns_pair(w_in, w_out, cum, guide, buf[i], buf[j], negative, alpha32, work, r)
-        done[0] += bounds[s + 1] - bounds[s]
+        _add_at(done, 0, bounds[s + 1] - bounds[s])
     return r, kept
+
+
+@njit(cache=True, fastmath=True, nogil=True)
+def _sg_ns_part(p, ids, bounds, s_lo, s_hi, w_in, w_out, cum, guide, sample_int, window, negative, alpha0, alpha1,
+                pos0, total, states, kept, done, buf, work):
+    """Train part p of sentences s_lo..s_hi-1 cut into states.shape[0] parts: advance states[p], add the words
+    kept to kept[p]. ``buf`` and ``work`` are the part's scratch (see :func:`_sg_ns_walk`)."""
+    nparts = states.shape[0]
+    ns = s_hi - s_lo
+    a = s_lo + ns * p // nparts
+    b = s_lo + ns * (p + 1) // nparts
+    if b > a:
+        r, k = _sg_ns_walk(ids, bounds, a, b, w_in, w_out, cum, guide, sample_int, window, negative, alpha0,
+                           alpha1, pos0, total, done, states[p], buf, work)
+        states[p] = r
+        kept[p] += k
+
+
+@njit(cache=True, nogil=True)
+def _longest(bounds, s_lo, s_hi):
+    """Return the length of the longest of sentences s_lo..s_hi-1 (0 for none)."""
+    m = 0
+    for s in range(s_lo, s_hi):
+        m = max(m, bounds[s + 1] - bounds[s])
+    return m
+
+
+@njit(cache=True, fastmath=True, nogil=True)
+def _sg_ns_sentences(ids, bounds, s_lo, s_hi, w_in, w_out, cum, guide, sample_int, window, negative, alpha0,
+                     alpha1, pos0, total, done, r):
+    """Train sentences s_lo..s_hi-1 serially; return (generator state, words kept after subsampling).
+
+    :func:`_sg_ns_walk` with its scratch allocated here."""
+    buf = np.empty(_longest(bounds, s_lo, s_hi), np.int32)
+    work = np.empty(w_in.shape[1], np.float32)
+    return _sg_ns_walk(ids, bounds, s_lo, s_hi, w_in, w_out, cum, guide, sample_int, window, negative, alpha0,
+                       alpha1, pos0, total, done, r, buf, work)
 
 
 @njit(cache=True, fastmath=True, parallel=True)
@@ -145,15 +197,11 @@ def sg_ns_train_chunk(ids, bounds, s_lo, s_hi, w_in, w_out, cum, guide, sample_i
     nparts = states.shape[0]
     kept = np.zeros(nparts, np.int64)
     done = np.zeros(1, np.int64)
-    ns = s_hi - s_lo
+    maxlen = _longest(bounds, s_lo, s_hi)
+    dim = w_in.shape[1]
     for p in prange(nparts):
-        a = s_lo + ns * p // nparts
-        b = s_lo + ns * (p + 1) // nparts
-        if b > a:
-            r, k = _sg_ns_sentences(ids, bounds, a, b, w_in, w_out, cum, guide, sample_int, window, negative,
-                                    alpha0, alpha1, pos0, total, done, states[p])
-            states[p] = r
-            kept[p] = k
+        _sg_ns_part(p, ids, bounds, s_lo, s_hi, w_in, w_out, cum, guide, sample_int, window, negative, alpha0,
+                    alpha1, pos0, total, states, kept, done, np.empty(maxlen, np.int32), np.empty(dim, np.float32))
     return kept.sum()
 
 

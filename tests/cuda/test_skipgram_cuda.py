@@ -6,12 +6,14 @@ runs every GPU thread as Python.
 The CPU kernel is Hogwild (threads race on shared rows without locks), so the kernels are compared where the
 result does not depend on the schedule: with one part (one thread each side: the same serial walk), and with
 several parts whose sentences use disjoint words and draw no noise words (negative 0, constant learning rate),
-so that no two parts touch the same row."""
+so that no two parts touch the same row. The CUDA kernel is the CPU kernel's Python bodies compiled for the
+device, and it launches on jitnet's current stream."""
 import numpy as np
 import pytest
 
 import jitnet as jn
 from jitnet import cuda as jcuda
+from jitnet import cuda_runtime as R
 from jitnet import kernels_skipgram as K
 from jitnet.data import word2vec as W
 from jitnet.models import skipgram as S
@@ -35,7 +37,9 @@ def _setup(seed, n_sent, length, vocab_of_sentence=None):
     return ids, bounds, cum, guide, counts, w_in, w_out
 
 
-def _both(ids, bounds, cum, guide, sample_int, w_in, w_out, window, negative, alpha0, alpha1, nparts):
+def _both(ids, bounds, cum, guide, sample_int, w_in, w_out, window, negative, alpha0, alpha1, nparts, stream=None):
+    """Run both kernels from the same start; return (CPU results, GPU results, the launch counters right after the
+    GPU launch, made inside ``jn.cuda.stream(stream)``)."""
     from jitnet import kernels_skipgram_gpu as G
     states = np.arange(nparts, dtype=np.uint64) * np.uint64(7919) + np.uint64(3)
     total = int(bounds[-1])
@@ -47,16 +51,20 @@ def _both(ids, bounds, cum, guide, sample_int, w_in, w_out, window, negative, al
     kept, done = d(np.zeros(nparts, np.int64)), d(np.zeros(1, np.int64))
     maxlen = int(np.diff(bounds).max())
     buf, work = jcuda.empty((nparts, maxlen), np.int32), jcuda.empty((nparts, D), np.float32)
-    G.train_chunk(d(ids), d(bounds), 0, len(bounds) - 1, g_in, g_out, d(cum), d(guide), d(sample_int), window,
-                  negative, alpha0, alpha1, 0, total, g_st, kept, done, buf, work)
+    args = (d(ids), d(bounds), 0, len(bounds) - 1, g_in, g_out, d(cum), d(guide), d(sample_int), window, negative,
+            alpha0, alpha1, 0, total, g_st, kept, done, buf, work)
+    R.reset_launch_stats()
+    with jn.cuda.stream(stream):
+        G.train_chunk(*args)
+    stats = R.launch_stats()
     h = jcuda.to_host
-    return (a_in, a_out, a_st, kept_cpu), (h(g_in), h(g_out), h(g_st), int(h(kept).sum()))
+    return (a_in, a_out, a_st, kept_cpu), (h(g_in), h(g_out), h(g_st), int(h(kept).sum())), stats
 
 
 def test_one_part_equals_the_cpu_kernel_with_subsampling_and_noise_words():
     ids, bounds, cum, guide, counts, w_in, w_out = _setup(0, 3, 6)
     sample_int = W.sample_ints(W.keep_probabilities(counts, 0.05))
-    (c_in, c_out, c_st, c_kept), (g_in, g_out, g_st, g_kept) = _both(
+    (c_in, c_out, c_st, c_kept), (g_in, g_out, g_st, g_kept), _ = _both(
         ids, bounds, cum, guide, sample_int, w_in, w_out, 2, 2, 0.1, 0.01, 1)
     assert 0 < c_kept < len(ids) and g_kept == c_kept               # the same words subsampled away
     assert np.array_equal(g_st, c_st)                               # the same draws from the generator
@@ -69,12 +77,32 @@ def test_parts_on_disjoint_rows_equal_the_cpu_kernel():
     # sentence s uses words of group s % 2 only, parts get one sentence each: no row is shared between parts
     ids, bounds, cum, guide, counts, w_in, w_out = _setup(1, 2, 5, lambda s: np.arange(s % 2, V, 2))
     sample_int = W.sample_ints(np.ones(V))
-    (c_in, c_out, _, c_kept), (g_in, g_out, _, g_kept) = _both(
+    (c_in, c_out, _, c_kept), (g_in, g_out, _, g_kept), _ = _both(
         ids, bounds, cum, guide, sample_int, w_in, w_out, 2, 0, 0.2, 0.2, 2)
     assert g_kept == c_kept == len(ids)
     assert not np.allclose(c_in, w_in)
     np.testing.assert_allclose(g_in, c_in, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(g_out, c_out, rtol=1e-5, atol=1e-6)
+
+
+def test_launches_go_to_the_current_stream():
+    ids, bounds, cum, guide, counts, w_in, w_out = _setup(2, 2, 6)
+    sample_int = W.sample_ints(W.keep_probabilities(counts, 0.05))
+    s = jn.cuda.Stream()
+    (c_in, c_out, c_st, c_kept), (g_in, g_out, g_st, g_kept), stats = _both(
+        ids, bounds, cum, guide, sample_int, w_in, w_out, 2, 2, 0.1, 0.01, 1, stream=s)
+    # the arrays were copied on the default stream; both launches (zeroing the counter, training) go to s
+    assert stats["stream_switches"] == 1
+    assert g_kept == c_kept and np.array_equal(g_st, c_st)
+    np.testing.assert_allclose(g_in, c_in, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(g_out, c_out, rtol=1e-5, atol=1e-6)
+
+
+def test_device_functions_are_the_cpu_kernels_bodies():
+    from jitnet import kernels_skipgram_gpu as G
+    for gpu, cpu in ((G._pair, K._sg_ns_pair), (G._walk, K._sg_ns_walk), (G._part, K._sg_ns_part),
+                     (G._draw, K._draw)):
+        assert gpu.py_func.__code__ is cpu.py_func.__code__, cpu.py_func.__name__
 
 
 def test_scratch_of_the_wrong_size_is_refused():
