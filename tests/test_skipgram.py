@@ -142,6 +142,29 @@ def test_fast_kernel_moves_cooccurring_words_closer():
     assert sg.nearest("a0", 3)[0][0].startswith("a")
 
 
+def test_fast_kernel_one_part_is_the_serial_walk():
+    # the chunk kernel with one generator state walks its sentences as sg_ns_sentences does, to the bit
+    rng = np.random.default_rng(4)
+    counts = rng.integers(1, 40, 15)
+    bounds = np.array([0, 7, 9, 20, 26], np.int64)
+    ids = rng.integers(0, 15, bounds[-1]).astype(np.int32)
+    cum = W.unigram_table(counts)
+    guide = W.noise_guide(cum)
+    sample_int = W.sample_ints(W.keep_probabilities(counts, 0.005))
+    w_in = (rng.random((15, 6), dtype=np.float32) - 0.5)
+    w_out = (rng.random((15, 6), dtype=np.float32) - 0.5)
+    a_in, a_out, states = w_in.copy(), w_out.copy(), np.array([11], np.uint64)
+    kept = K.sg_ns_train_chunk(ids, bounds, 1, 4, a_in, a_out, cum, guide, sample_int, 2, 3, 0.1, 0.01, 5, 60, states)
+    b_in, b_out, done = w_in.copy(), w_out.copy(), np.zeros(1, np.int64)
+    r, k = K.sg_ns_sentences(ids, bounds, 1, 4, b_in, b_out, cum, guide, sample_int, 2, 3, 0.1, 0.01, 5, 60, done,
+                             np.uint64(11))
+    assert 0 < kept < bounds[4] - bounds[1] and k == kept and states[0] == r
+    assert done[0] == bounds[4] - bounds[1]                 # the shared counter: every word of the walk
+    assert not np.array_equal(a_in, w_in) and np.array_equal(a_in, b_in) and np.array_equal(a_out, b_out)
+    outside = np.setdiff1d(np.arange(15), ids[bounds[1]:bounds[4]])     # words of none of the walked sentences
+    assert outside.size and np.array_equal(a_in[outside], w_in[outside])
+
+
 # ---- model path ----------------------------------------------------------------------------------------------
 
 def test_nce_model_loss_decreases():
