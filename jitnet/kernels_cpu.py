@@ -96,6 +96,27 @@ def _copy_row(x, r, out):
         out[j] = x[r, j]
 
 
+@njit(cache=True, nogil=True)
+def copy_into(dst, src):
+    """``dst[...] = src`` for arrays of one shape, as loops. Native drivers write slices with it: Numba's
+    array-to-array setitem compiles its shape-error message formatting, 3 s of a process's first driver."""
+    if dst.ndim == 1:
+        for i in range(dst.shape[0]):
+            dst[i] = src[i]
+    elif dst.ndim == 2:
+        for i in range(dst.shape[0]):
+            for j in range(dst.shape[1]):
+                dst[i, j] = src[i, j]
+    elif dst.ndim == 3:
+        for i in range(dst.shape[0]):
+            for j in range(dst.shape[1]):
+                for k in range(dst.shape[2]):
+                    dst[i, j, k] = src[i, j, k]
+    else:
+        for idx in np.ndindex(dst.shape):
+            dst[idx] = src[idx]
+
+
 @njit(cache=True, fastmath=_FM, nogil=True)
 def reduce_first(x, out, op):
     """Reduce x (m, cols) over its first axis with op into out (cols,)."""

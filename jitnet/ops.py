@@ -1048,14 +1048,15 @@ def _reduce_native(n, a, o, kernels):
     cnt = int(np.prod([x.shape[i] for i in axes]))
     m = x.size // cnt
     dt = kernelgen.dtype_source(x.dtype)
+    # np.int64(code), not a literal: the driver calls the kernel the Python steps compiled, not a specialization
     lines = [f"_c = np.ascontiguousarray({a[0]})", f"_r = np.empty(({m},), {dt})"]
     if axes == tuple(range(nd - len(axes), nd)):
-        lines.append(f"K.reduce_last(_c.reshape(({m}, {cnt})), _r, {code})")
+        lines.append(f"K.reduce_last(_c.reshape(({m}, {cnt})), _r, np.int64({code}))")
     elif axes == tuple(range(len(axes))):
-        lines.append(f"K.reduce_first(_c.reshape(({cnt}, {m})), _r, {code})")
+        lines.append(f"K.reduce_first(_c.reshape(({cnt}, {m})), _r, np.int64({code}))")
     elif (mid := _middle_split(tuple(x.shape), axes)) is not None:
         kname = "reduce_middle_par" if x.size >= kernelgen.PARALLEL_THRESHOLD else "reduce_middle"
-        lines.append(f"K.{kname}(_c.reshape({kernelgen.shape_source(mid)}), _r, {code})")
+        lines.append(f"K.{kname}(_c.reshape({kernelgen.shape_source(mid)}), _r, np.int64({code}))")
     else:
         return None
     lines.append(f"{o} = _r.reshape({kernelgen.shape_source(n.out.shape)})")
@@ -2307,8 +2308,9 @@ def _getitem_grad_native(n, a, o, kernels):
     idx = _index_source(n.params["template"])
     if idx is None:
         return None
+    # K.copy_into, not ``o[idx] = a``: Numba's array setitem compiles its error formatting (3 s, once a process)
     return [f"{o} = np.zeros({kernelgen.shape_source(n.out.shape)}, {kernelgen.dtype_source(n.out.dtype)})",
-            f"{o}[{idx}] = {a[0]}"]
+            f"K.copy_into({o}[{idx}], {a[0]})"]
 
 
 def _transpose_native(n, a, o, kernels):

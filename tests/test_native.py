@@ -173,3 +173,16 @@ def test_compiled_step_reads_operands_of_another_layout_correctly(monkeypatch):
     (ec, ey), (jc, jy) = f(c0, xs), jn.jit(f)(c0, xs)
     np.testing.assert_allclose(jc.numpy(), ec.numpy(), rtol=1e-12)
     np.testing.assert_allclose(jy.numpy(), ey.numpy(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(5,), (3, 4), (2, 3, 4), (2, 2, 3, 2)])
+def test_copy_into_writes_strided_views_of_every_rank(shape):
+    from jitnet import kernels_cpu as K
+    rng = np.random.default_rng(0)
+    dst = np.zeros(tuple(s + 2 for s in shape), np.float32)
+    view = dst[tuple(slice(1, s + 1) for s in shape)]
+    src = rng.standard_normal(tuple(reversed(shape))).astype(np.float32).T       # a transposed source
+    K.copy_into(view, src)
+    expect = np.zeros_like(dst)
+    expect[tuple(slice(1, s + 1) for s in shape)] = src
+    np.testing.assert_array_equal(dst, expect)

@@ -317,18 +317,18 @@ def _loop_source(plan, seg, n_carry, n_x, n_args, save):
     lines += ["    for i in range(length):", "        t = length - 1 - i if reverse else i"]
     if save:
         for k in range(n_carry):
-            lines.append(f"        v{k}[t] = c{k}" if carry_ranks[k] else f"        v{k}[t] = c{k}[()]")
+            lines.append(f"        K.copy_into(v{k}[t], c{k})" if carry_ranks[k] else f"        v{k}[t] = c{k}[()]")
     lines.append(f"        r = body({', '.join(seg_args)})")
     for k in range(ny):
         o = outs[n_carry + k]
-        lines.append(f"        y{k}[t] = {o}" if y_ranks[k] else f"        y{k}[t] = {o}[()]")
+        lines.append(f"        K.copy_into(y{k}[t], {o})" if y_ranks[k] else f"        y{k}[t] = {o}[()]")
     for k in range(n_carry):
         lines.append(f"        n{k} = {outs[k]}")
     for k in range(n_carry):
         lines.append(f"        c{k} = n{k}")
     lines.append("    return (" + "".join(f"c{k}, " for k in range(n_carry)) + ")")
     head = ["# jitnet generated native loop: edit the graph, not this file", "import numpy as np",
-            "from numba import njit", "from {segmod} import segment as body", "", ""]
+            "from numba import njit", "import jitnet.kernels_cpu as K", "from {segmod} import segment as body", "", ""]
     return "\n".join(head + lines) + "\n"
 
 
