@@ -43,77 +43,97 @@ def _softplus(x):
     return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
 
 
+def _iface_offsets_py(R, W):
+    """Start of each part of the raw interface after its R read keys (R*W): read strengths, write key, write
+    strength, erase vector, write vector, free gates, allocation gate, write gate, read modes (3 per read)."""
+    o_br = R * W
+    o_kw = o_br + R
+    o_bw = o_kw + W
+    o_e = o_bw + 1
+    o_v = o_e + W
+    o_f = o_v + W
+    o_ga = o_f + R
+    o_gw = o_ga + 1
+    o_pi = o_gw + 1
+    return o_br, o_kw, o_bw, o_e, o_v, o_f, o_ga, o_gw, o_pi
+
+
+_iface_offsets = njit(cache=True, no_cpython_wrapper=True)(_iface_offsets_py)
+
+# The content lookup and the memory rows' norms, with their gradients: plain bodies that kernels_dnc_gpu compiles
+# for the device too. Every array is indexed flat from an offset (mem[om + n*W + k] is row n of an (N, W) memory
+# starting at om), as device code that slices its scratch out of one row needs.
+
+
 @njit(cache=True, no_cpython_wrapper=True, error_model="numpy")
-def _row_norms(mem, eps, norms):
-    """Write sqrt(sum_k mem[n, k]^2 + eps) of every row of mem (N, W) into norms."""
-    N, W = mem.shape
+def _row_norms(mem, om, N, W, eps, norms, on):
+    """norms[on + n] = sqrt(sum_k mem[om + n*W + k]^2 + eps)."""
     for n in range(N):
         sq = 0.0
         for k in range(W):
-            sq += mem[n, k] * mem[n, k]
-        norms[n] = math.sqrt(sq + eps)
+            v = mem[om + n * W + k]
+            sq += v * v
+        norms[on + n] = math.sqrt(sq + eps)
 
 
 @njit(cache=True, no_cpython_wrapper=True, error_model="numpy")
-def _content_fwd(mem, norms, key, beta, eps, sim, w):
-    """Cosine similarities and softmax weights of one key over mem (N, W) with row norms ``norms``; return the
-    key's norm."""
-    N, W = mem.shape
+def _content_fwd(mem, om, norms, on, key, ok, beta, eps, sim, osim, w, ow, N, W):
+    """Cosine similarities and softmax weights of one key over an (N, W) memory with row norms ``norms``;
+    return the key's norm."""
     kn = 0.0
     for k in range(W):
-        kn += key[k] * key[k]
+        kn += key[ok + k] * key[ok + k]
     kn = math.sqrt(kn + eps)
-    mx = -np.inf
+    mx = -math.inf
     for n in range(N):
         dot = 0.0
         for k in range(W):
-            dot += mem[n, k] * key[k]
-        sim[n] = dot / (kn * norms[n] + eps)
-        mx = max(mx, beta * sim[n])
+            dot += mem[om + n * W + k] * key[ok + k]
+        sim[osim + n] = dot / (kn * norms[on + n] + eps)
+        mx = max(mx, beta * sim[osim + n])
     tot = 0.0
     for n in range(N):
-        w[n] = math.exp(beta * sim[n] - mx)
-        tot += w[n]
+        w[ow + n] = math.exp(beta * sim[osim + n] - mx)
+        tot += w[ow + n]
     for n in range(N):
-        w[n] /= tot
+        w[ow + n] /= tot
     return kn
 
 
 @njit(cache=True, no_cpython_wrapper=True, error_model="numpy")
-def _content_bwd(mem, norms, key, beta, eps, kn, sim, w, gw, gmem, gnorms, gkey):
+def _content_bwd(mem, om, norms, on, key, ok, beta, eps, kn, sim, osim, w, ow, gw, ogw, gmem, ogm, gnorms, ogn,
+                 gkey, ogk, N, W):
     """Accumulate the gradients of the content weights ``w`` (given ``gw``) into gmem, gnorms (the row norms'
     gradient, applied to gmem by :func:`_norms_bwd`) and gkey; return gbeta."""
-    N, W = mem.shape
     s = 0.0
     for n in range(N):
-        s += gw[n] * w[n]
+        s += gw[ogw + n] * w[ow + n]
     gbeta = 0.0
     gkn = 0.0
     for n in range(N):
-        gz = w[n] * (gw[n] - s)
-        gbeta += gz * sim[n]
+        gz = w[ow + n] * (gw[ogw + n] - s)
+        gbeta += gz * sim[osim + n]
         gsim = gz * beta
-        den = kn * norms[n] + eps
+        den = kn * norms[on + n] + eps
         gdot = gsim / den
-        gden = -gsim * sim[n] / den
-        gkn += gden * norms[n]
-        gnorms[n] += gden * kn
+        gden = -gsim * sim[osim + n] / den
+        gkn += gden * norms[on + n]
+        gnorms[ogn + n] += gden * kn
         for k in range(W):
-            gkey[k] += gdot * mem[n, k]
-            gmem[n, k] += gdot * key[k]
+            gkey[ogk + k] += gdot * mem[om + n * W + k]
+            gmem[ogm + n * W + k] += gdot * key[ok + k]
     for k in range(W):
-        gkey[k] += gkn * key[k] / kn
+        gkey[ogk + k] += gkn * key[ok + k] / kn
     return gbeta
 
 
 @njit(cache=True, no_cpython_wrapper=True, error_model="numpy")
-def _norms_bwd(mem, norms, gnorms, gmem):
+def _norms_bwd(mem, om, norms, on, gnorms, ogn, gmem, ogm, N, W):
     """Add the row norms' gradient ``gnorms`` to gmem (d norm_n / d mem[n, k] = mem[n, k] / norm_n)."""
-    N, W = mem.shape
     for n in range(N):
-        c = gnorms[n] / norms[n]
+        c = gnorms[ogn + n] / norms[on + n]
         for k in range(W):
-            gmem[n, k] += c * mem[n, k]
+            gmem[ogm + n * W + k] += c * mem[om + n * W + k]
 
 
 @njit(cache=True, error_model="numpy")
@@ -127,15 +147,7 @@ def _memory_kernel(state, xi, g, N, W, R, eps, out, grad):
     dt = state.dtype
     S, I = state.shape[1], xi.shape[1]
     oM, ou, oL, op, owr, oww, orv = _offsets(N, W, R)
-    RW = R * W
-    o_br, o_kw = RW, RW + R
-    o_bw = o_kw + W
-    o_e = o_bw + 1
-    o_v = o_e + W
-    o_f = o_v + W
-    o_ga = o_f + R
-    o_gw = o_ga + 1
-    o_pi = o_gw + 1
+    o_br, o_kw, o_bw, o_e, o_v, o_f, o_ga, o_gw, o_pi = _iface_offsets(R, W)
     # scratch: the interface after its nonlinearities, usage and allocation, content lookups, link weightings
     iv = np.empty(I, dt)
     psi, pre, prefix, alloc = np.empty(N, dt), np.empty(N, dt), np.empty(N, dt), np.empty(N, dt)
@@ -147,6 +159,7 @@ def _memory_kernel(state, xi, g, N, W, R, eps, out, grad):
     tmp = np.empty(S, dt)
     # gradients of the new memory, links, read weights, write weights, usage; of content and allocation weights
     gM = np.empty((N, W), dt)
+    gMf = gM.reshape(N * W)  # (the same, flat: the content lookup's gradient takes flat arrays)
     gL = np.empty((N, N), dt)
     gwr = np.empty((R, N), dt)
     gww = np.empty(N, dt)
@@ -205,8 +218,8 @@ def _memory_kernel(state, xi, g, N, W, R, eps, out, grad):
             alloc[phi[j]] = (1.0 - u[phi[j]]) * acc
             acc *= u[phi[j]]
         # 3-4. write weighting from the old memory
-        _row_norms(M0, eps, n0)
-        kn[R] = _content_fwd(M0, n0, iv[o_kw:o_kw + W], iv[o_bw], eps, sw, cw)
+        _row_norms(s, oM, N, W, eps, n0, 0)
+        kn[R] = _content_fwd(s, oM, n0, 0, iv, o_kw, iv[o_bw], eps, sw, 0, cw, 0, N, W)
         for n in range(N):
             ww[n] = gw * (ga * alloc[n] + (1.0 - ga) * cw[n])
         # 5. erase and write
@@ -223,9 +236,9 @@ def _memory_kernel(state, xi, g, N, W, R, eps, out, grad):
         for n in range(N):
             o[op + n] = (1.0 - tot) * s[op + n] + ww[n]
         # 8-10. read weightings: backward, content, forward
-        _row_norms(M, eps, n1)
+        _row_norms(o, oM, N, W, eps, n1, 0)
         for r in range(R):
-            kn[r] = _content_fwd(M, n1, iv[r * W:(r + 1) * W], iv[o_br + r], eps, sr[r], cr[r])
+            kn[r] = _content_fwd(o, oM, n1, 0, iv, r * W, iv[o_br + r], eps, sr[r], 0, cr[r], 0, N, W)
             for i in range(N):
                 fsum = 0.0
                 bsum = 0.0
@@ -285,8 +298,8 @@ def _memory_kernel(state, xi, g, N, W, R, eps, out, grad):
             giv[o_pi + 3 * r] += a0
             giv[o_pi + 3 * r + 1] += a1
             giv[o_pi + 3 * r + 2] += a2
-            giv[o_br + r] += _content_bwd(M, n1, iv[r * W:(r + 1) * W], iv[o_br + r], eps, kn[r], sr[r], cr[r], gc,
-                                          gM, gn, giv[r * W:(r + 1) * W])
+            giv[o_br + r] += _content_bwd(o, oM, n1, 0, iv, r * W, iv[o_br + r], eps, kn[r], sr[r], 0, cr[r], 0, gc,
+                                          0, gMf, 0, gn, 0, giv, r * W, N, W)
             # f_i = sum_j L_ij wr0_j ; b_j = sum_i wr0_i L_ij
             for i in range(N):
                 gf = p2 * gwr[r, i]
@@ -296,7 +309,7 @@ def _memory_kernel(state, xi, g, N, W, R, eps, out, grad):
                     gwr0[r, j] += gf * L[i, j]
                     gL[j, i] += wr0[r, j] * gbk
                     gwr0[r, j] += gbk * L[j, i]
-        _norms_bwd(M, n1, gn, gM)
+        _norms_bwd(o, oM, n1, 0, gn, 0, gMf, 0, N, W)
         # 7. precedence p = (1 - sum ww) p0 + ww
         tot = 0.0
         gtot = 0.0
@@ -338,9 +351,9 @@ def _memory_kernel(state, xi, g, N, W, R, eps, out, grad):
             gsa[n] = gww[n] * gwt * ga              # gradient of the allocation weighting, by row for now
         # 3. write content lookup on the old memory
         gn[:] = 0.0
-        giv[o_bw] += _content_bwd(M0, n0, iv[o_kw:o_kw + W], iv[o_bw], eps, kn[R], sw, cw, gc, gM0, gn,
-                                  giv[o_kw:o_kw + W])
-        _norms_bwd(M0, n0, gn, gM0)
+        giv[o_bw] += _content_bwd(s, oM, n0, 0, iv, o_kw, iv[o_bw], eps, kn[R], sw, 0, cw, 0, gc, 0, gs, oM, gn, 0,
+                                  giv, o_kw, N, W)
+        _norms_bwd(s, oM, n0, 0, gn, 0, gs, oM, N, W)
         # 2. allocation: sa_j = (1 - su_j) P_j with P_j = prod_{k<j} su_k; with c_m = gsa_m (1 - su_m) and
         # Q_j = sum_{m>j} c_m prod_{j<k<m} su_k (Q_j = c_{j+1} + su_{j+1} Q_{j+1}): d/d su_j = P_j (Q_j - gsa_j)
         q = 0.0

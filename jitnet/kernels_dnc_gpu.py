@@ -4,7 +4,9 @@ The same equations, in the same order, as the CPU kernel ``kernels_dnc._memory_k
 indexed flat (CUDA device code has no ``reshape`` and no allocation): one thread runs one batch row, walking
 the rows with a grid-stride loop, and its scratch (the interface after its nonlinearities, usage and
 allocation, content lookups, link weightings and the gradients of the backward pass) is its row of one
-(B, F) device array laid out by :func:`scratch_layout`, plus a (B, N) int64 array for the usage sort.
+(B, F) device array laid out by :func:`scratch_layout`, plus a (B, N) int64 array for the usage sort. Its
+helpers (the offsets, the nonlinearities, the content lookup and the row norms with their gradients) are the CPU
+kernel's own Python bodies compiled for the device.
 
 One thread per row keeps the step's sequential parts (the insertion sort of the usage, the allocation's
 exclusive product and its reverse-order gradient) as they are on the CPU, and the step's loops are short
@@ -58,79 +60,17 @@ def scratch_size(N, W, R, I, S):
     return scratch_layout(N, W, R, I, S)[-1]
 
 
-# the packed row's offsets and the scalar helpers are the CPU kernels' own Python bodies, compiled for the device
+# the packed row's and the interface's offsets, the scalar helpers, the content lookup and the row norms with
+# their gradients are the CPU kernels' own Python bodies, compiled for the device
 _offsets = cuda.jit(device=True)(KD._offsets_py)
+_iface_offsets = cuda.jit(device=True)(KD._iface_offsets_py)
 _layout = cuda.jit(device=True)(scratch_layout)
 _sigm = cuda.jit(device=True)(KD._sigm.py_func)
 _softplus = cuda.jit(device=True)(KD._softplus.py_func)
-
-
-@cuda.jit(device=True)
-def _row_norms(mem, om, N, W, eps, norms, on):
-    """norms[on + n] = sqrt(sum_k mem[om + n*W + k]^2 + eps)."""
-    for n in range(N):
-        sq = 0.0
-        for k in range(W):
-            v = mem[om + n * W + k]
-            sq += v * v
-        norms[on + n] = math.sqrt(sq + eps)
-
-
-@cuda.jit(device=True)
-def _content_fwd(mem, om, norms, on, key, ok, beta, eps, sim, osim, w, ow, N, W):
-    """Cosine similarities and softmax weights of one key over an (N, W) memory; return the key's norm."""
-    kn = 0.0
-    for k in range(W):
-        kn += key[ok + k] * key[ok + k]
-    kn = math.sqrt(kn + eps)
-    mx = -math.inf
-    for n in range(N):
-        dot = 0.0
-        for k in range(W):
-            dot += mem[om + n * W + k] * key[ok + k]
-        sim[osim + n] = dot / (kn * norms[on + n] + eps)
-        mx = max(mx, beta * sim[osim + n])
-    tot = 0.0
-    for n in range(N):
-        w[ow + n] = math.exp(beta * sim[osim + n] - mx)
-        tot += w[ow + n]
-    for n in range(N):
-        w[ow + n] /= tot
-    return kn
-
-
-@cuda.jit(device=True)
-def _content_bwd(mem, om, norms, on, key, ok, beta, eps, kn, sim, osim, w, ow, gw, ogw, gmem, ogm, gnorms, ogn,
-                 gkey, ogk, N, W):
-    """Accumulate the content weights' gradients into gmem, gnorms and gkey; return gbeta."""
-    s = 0.0
-    for n in range(N):
-        s += gw[ogw + n] * w[ow + n]
-    gbeta = 0.0
-    gkn = 0.0
-    for n in range(N):
-        gz = w[ow + n] * (gw[ogw + n] - s)
-        gbeta += gz * sim[osim + n]
-        gsim = gz * beta
-        den = kn * norms[on + n] + eps
-        gdot = gsim / den
-        gden = -gsim * sim[osim + n] / den
-        gkn += gden * norms[on + n]
-        gnorms[ogn + n] += gden * kn
-        for k in range(W):
-            gkey[ogk + k] += gdot * mem[om + n * W + k]
-            gmem[ogm + n * W + k] += gdot * key[ok + k]
-    for k in range(W):
-        gkey[ogk + k] += gkn * key[ok + k] / kn
-    return gbeta
-
-
-@cuda.jit(device=True)
-def _norms_bwd(mem, om, norms, on, gnorms, ogn, gmem, ogm, N, W):
-    for n in range(N):
-        c = gnorms[ogn + n] / norms[on + n]
-        for k in range(W):
-            gmem[ogm + n * W + k] += c * mem[om + n * W + k]
+_row_norms = cuda.jit(device=True)(KD._row_norms.py_func)
+_content_fwd = cuda.jit(device=True)(KD._content_fwd.py_func)
+_content_bwd = cuda.jit(device=True)(KD._content_bwd.py_func)
+_norms_bwd = cuda.jit(device=True)(KD._norms_bwd.py_func)
 
 
 @cuda.jit
@@ -141,15 +81,7 @@ def dnc_memory(state, xi, g, N, W, R, eps, out, grad, scratch, phis):
     oM, ou, oL, op, owr, oww, orv = _offsets(N, W, R)
     (f_iv, f_psi, f_pre, f_prefix, f_alloc, f_n0, f_sw, f_cw, f_n1, f_sr, f_cr, f_fw, f_bw, f_kn, f_tmp,
      f_gM, f_gL, f_gwr, f_gww, f_gu, f_gc, f_gsa, f_giv, f_gn, _end) = _layout(N, W, R, I, S)
-    RW = R * W
-    o_br, o_kw = RW, RW + R
-    o_bw = o_kw + W
-    o_e = o_bw + 1
-    o_v = o_e + W
-    o_f = o_v + W
-    o_ga = o_f + R
-    o_gw = o_ga + 1
-    o_pi = o_gw + 1
+    o_br, o_kw, o_bw, o_e, o_v, o_f, o_ga, o_gw, o_pi = _iface_offsets(R, W)
     for b in range(cuda.grid(1), state.shape[0], cuda.gridsize(1)):
         s = state[b]
         x = xi[b]
