@@ -61,18 +61,19 @@ def _iface_offsets_py(R, W):
 _iface_offsets = njit(cache=True, no_cpython_wrapper=True)(_iface_offsets_py)
 
 # The content lookup and the memory rows' norms, with their gradients: plain bodies that kernels_dnc_gpu compiles
-# for the device too. Every array is indexed flat from an offset (mem[om + n*W + k] is row n of an (N, W) memory
-# starting at om), as device code that slices its scratch out of one row needs.
+# for the device too. Every array comes with an offset (an (N, W) memory starting at om has row n at
+# mem[om + n*W:om + (n+1)*W]), as device code that slices its scratch out of one row needs; the inner loops run
+# over views of one row each, so that the CPU's loops index from 0 and vectorize.
 
 
 @njit(cache=True, no_cpython_wrapper=True, error_model="numpy")
 def _row_norms(mem, om, N, W, eps, norms, on):
     """norms[on + n] = sqrt(sum_k mem[om + n*W + k]^2 + eps)."""
     for n in range(N):
+        m = mem[om + n * W:om + (n + 1) * W]
         sq = 0.0
         for k in range(W):
-            v = mem[om + n * W + k]
-            sq += v * v
+            sq += m[k] * m[k]
         norms[on + n] = math.sqrt(sq + eps)
 
 
@@ -80,15 +81,17 @@ def _row_norms(mem, om, N, W, eps, norms, on):
 def _content_fwd(mem, om, norms, on, key, ok, beta, eps, sim, osim, w, ow, N, W):
     """Cosine similarities and softmax weights of one key over an (N, W) memory with row norms ``norms``;
     return the key's norm."""
+    kv = key[ok:ok + W]
     kn = 0.0
     for k in range(W):
-        kn += key[ok + k] * key[ok + k]
+        kn += kv[k] * kv[k]
     kn = math.sqrt(kn + eps)
     mx = -math.inf
     for n in range(N):
+        m = mem[om + n * W:om + (n + 1) * W]
         dot = 0.0
         for k in range(W):
-            dot += mem[om + n * W + k] * key[ok + k]
+            dot += m[k] * kv[k]
         sim[osim + n] = dot / (kn * norms[on + n] + eps)
         mx = max(mx, beta * sim[osim + n])
     tot = 0.0
@@ -105,6 +108,8 @@ def _content_bwd(mem, om, norms, on, key, ok, beta, eps, kn, sim, osim, w, ow, g
                  gkey, ogk, N, W):
     """Accumulate the gradients of the content weights ``w`` (given ``gw``) into gmem, gnorms (the row norms'
     gradient, applied to gmem by :func:`_norms_bwd`) and gkey; return gbeta."""
+    kv = key[ok:ok + W]
+    gk = gkey[ogk:ogk + W]
     s = 0.0
     for n in range(N):
         s += gw[ogw + n] * w[ow + n]
@@ -119,11 +124,13 @@ def _content_bwd(mem, om, norms, on, key, ok, beta, eps, kn, sim, osim, w, ow, g
         gden = -gsim * sim[osim + n] / den
         gkn += gden * norms[on + n]
         gnorms[ogn + n] += gden * kn
+        m = mem[om + n * W:om + (n + 1) * W]
+        gm = gmem[ogm + n * W:ogm + (n + 1) * W]
         for k in range(W):
-            gkey[ogk + k] += gdot * mem[om + n * W + k]
-            gmem[ogm + n * W + k] += gdot * key[ok + k]
+            gk[k] += gdot * m[k]
+            gm[k] += gdot * kv[k]
     for k in range(W):
-        gkey[ogk + k] += gkn * key[ok + k] / kn
+        gk[k] += gkn * kv[k] / kn
     return gbeta
 
 
@@ -132,8 +139,10 @@ def _norms_bwd(mem, om, norms, on, gnorms, ogn, gmem, ogm, N, W):
     """Add the row norms' gradient ``gnorms`` to gmem (d norm_n / d mem[n, k] = mem[n, k] / norm_n)."""
     for n in range(N):
         c = gnorms[ogn + n] / norms[on + n]
+        m = mem[om + n * W:om + (n + 1) * W]
+        gm = gmem[ogm + n * W:ogm + (n + 1) * W]
         for k in range(W):
-            gmem[ogm + n * W + k] += c * mem[om + n * W + k]
+            gm[k] += c * m[k]
 
 
 @njit(cache=True, error_model="numpy")
