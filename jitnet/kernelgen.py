@@ -290,6 +290,13 @@ def dtype_source(dtype) -> str:
     return "np." + dtype_name(dtype)
 
 
+def flag_source(v) -> str:
+    """Return the source of a bool or int kernel argument as a typed, non-literal value (``np.bool_(True)``,
+    ``np.int64(0)``). A bare ``True`` or ``0`` in a driver makes Numba compile the kernel again for
+    ``Literal[bool](True)`` (seconds for a fused LSTM kernel) beside the one the Python steps compiled."""
+    return f"np.bool_({bool(v)})" if isinstance(v, (bool, np.bool_)) else f"np.int64({int(v)})"
+
+
 def shape_source(s) -> str:
     """Return the source text of shape ``s`` as a tuple literal (``(3,)``)."""
     s = tuple(int(d) for d in s)

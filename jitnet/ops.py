@@ -1048,15 +1048,14 @@ def _reduce_native(n, a, o, kernels):
     cnt = int(np.prod([x.shape[i] for i in axes]))
     m = x.size // cnt
     dt = kernelgen.dtype_source(x.dtype)
-    # np.int64(code), not a literal: the driver calls the kernel the Python steps compiled, not a specialization
     lines = [f"_c = np.ascontiguousarray({a[0]})", f"_r = np.empty(({m},), {dt})"]
     if axes == tuple(range(nd - len(axes), nd)):
-        lines.append(f"K.reduce_last(_c.reshape(({m}, {cnt})), _r, np.int64({code}))")
+        lines.append(f"K.reduce_last(_c.reshape(({m}, {cnt})), _r, {kernelgen.flag_source(code)})")
     elif axes == tuple(range(len(axes))):
-        lines.append(f"K.reduce_first(_c.reshape(({cnt}, {m})), _r, np.int64({code}))")
+        lines.append(f"K.reduce_first(_c.reshape(({cnt}, {m})), _r, {kernelgen.flag_source(code)})")
     elif (mid := _middle_split(tuple(x.shape), axes)) is not None:
         kname = "reduce_middle_par" if x.size >= kernelgen.PARALLEL_THRESHOLD else "reduce_middle"
-        lines.append(f"K.{kname}(_c.reshape({kernelgen.shape_source(mid)}), _r, np.int64({code}))")
+        lines.append(f"K.{kname}(_c.reshape({kernelgen.shape_source(mid)}), _r, {kernelgen.flag_source(code)})")
     else:
         return None
     lines.append(f"{o} = _r.reshape({kernelgen.shape_source(n.out.shape)})")
@@ -1398,7 +1397,7 @@ def _softmax_native(mode):
         k = kernelgen.use_kernel(kernels, K.softmax_last_par if x.size >= kernelgen.PARALLEL_THRESHOLD
                                  else K.softmax_last)
         return [f"{o} = np.empty(({rows}, {cols}), {kernelgen.dtype_source(x.dtype)})",
-                f"{k}(np.ascontiguousarray({a[0]}).reshape(({rows}, {cols})), {o}, {mode})",
+                f"{k}(np.ascontiguousarray({a[0]}).reshape(({rows}, {cols})), {o}, {kernelgen.flag_source(mode)})",
                 f"{o} = {o}.reshape({kernelgen.shape_source(x.shape)})"]
     return emit
 

@@ -23,7 +23,7 @@ from .. import kernels_seq2seq as KS
 from .. import ops
 from ..autodiff.core import Primitive, apply
 from ..compiler.native import use_kernel
-from ..kernelgen import dtype_name
+from ..kernelgen import dtype_name, flag_source
 from ..lazy import LazyModule
 from ..tensor import Tensor, _infer_array, float32
 from . import functional as F
@@ -358,10 +358,10 @@ def _floats_alike(vals, n=None):
 def _mask_src(n, a, i):
     """Return (mask expression, use flag) for an optional uint8 mask input at position i, or None if unusable."""
     if len(n.inputs) <= i:
-        return "np.ones(1, np.uint8)", "False"
+        return "np.ones(1, np.uint8)", flag_source(False)
     if n.inputs[i].dtype != np.uint8:
         return None
-    return f"np.ascontiguousarray({a[i]})", "True"
+    return f"np.ascontiguousarray({a[i]})", flag_source(True)
 
 
 def _contig(names):
@@ -438,8 +438,9 @@ def _emit_attn_ctx(weights):
         ctx = _shape_src((th.shape[0], vals.shape[2]))
         if weights:
             return [f"{o} = np.empty({_shape_src(n.out.shape)}, {dt})",
-                    f"{k}({_contig(a)}, np.empty({ctx}, {dt}), {o}, True)"]
-        return [f"{o} = np.empty({ctx}, {dt})", f"{k}({_contig(a)}, {o}, np.empty((1, 1), {dt}), False)"]
+                    f"{k}({_contig(a)}, np.empty({ctx}, {dt}), {o}, {flag_source(True)})"]
+        return [f"{o} = np.empty({ctx}, {dt})",
+                f"{k}({_contig(a)}, {o}, np.empty((1, 1), {dt}), {flag_source(False)})"]
     return emit
 
 

@@ -1307,7 +1307,7 @@ def _kernel_native(kernel, n_args, out_shape):
         src_dt = kernelgen.dtype_source(dt)
         mask = f"np.ascontiguousarray({a[n_args]})" if has_mask else f"np.ones(1, {src_dt})"
         return [f"{o} = np.empty({kernelgen.shape_source(out_shape(n))}, {src_dt})",
-                f"{kname}({', '.join(args)}, {mask}, {o}, {has_mask})"]
+                f"{kname}({', '.join(args)}, {mask}, {o}, {kernelgen.flag_source(has_mask)})"]
     return emit
 
 

@@ -100,7 +100,7 @@ def _native_update(kernel, n_state, h_fn, flags=()):
         state = [f"{a[2 + i]}.reshape(-1)" for i in range(n_state)]
         h = h_fn(n.params, [f"np.float64({v}[()])" for v in a[2 + n_state:]])
         h = f"[{', '.join(h)}]" if isinstance(h, list) else f"{_native.use_kernel(kernels, h[0])}({', '.join(h[1])})"
-        fl = [f"np.bool_({f(n.params)})" for f in flags]     # not a literal: one kernel for every flag value
+        fl = [f"np.bool_({f(n.params)})" for f in flags]     # not a literal (kernelgen.flag_source)
         return [f"_h = np.array({h}, {_native.dtype_source(p.dtype)})",
                 f"{kname}({a[0]}.reshape(-1), np.ascontiguousarray({a[1]}).reshape(-1), "
                 f"{', '.join(state + ['_h'] + fl)})",
