@@ -145,23 +145,10 @@ def reduce_first_par(x, out, op, nchunks):
 
 
 @njit(cache=True, fastmath=_FM, inline="always")
-def _combine(acc, v, op):
-    if op == 0:
-        return acc + v
-    if op == 1:
-        return acc * v
-    if acc != acc:
-        return acc
-    if v != v or (op == 2 and v > acc) or (op == 3 and v < acc):
-        return v
-    return acc
-
-
-@njit(cache=True, fastmath=_FM, inline="always")
 def _reduce_mid(x, m, op):
     acc = _reduce_row(x[0], m, op)          # x[a] is a C-contiguous (M, B) block: rows vectorize
     for a in range(1, x.shape[0]):
-        acc = _combine(acc, _reduce_row(x[a], m, op), op)
+        acc = combine_s(acc, _reduce_row(x[a], m, op), op)
     return acc
 
 

@@ -188,6 +188,7 @@ softplus_s = device_form("softplus_s")
 sign_s = device_form("sign_s")
 maximum_s = device_form("maximum_s")
 minimum_s = device_form("minimum_s")
+combine_s = device_form("combine_s")      # op 0 sum, 1 product, 2 max, 3 min (NaN wins)
 floordiv_s = device_form("floordiv_s")
 ifloordiv_s = device_form("ifloordiv_s")
 imod_s = device_form("imod_s")
@@ -197,38 +198,6 @@ adagrad_elem = device_form("adagrad_elem")
 rmsprop_elem = device_form("rmsprop_elem")
 adam_elem = device_form("adam_elem")
 adamw_elem = device_form("adamw_elem")
-
-
-@cuda.jit(device=True)
-def _better_max(a, b):
-    """Combine for max: NaN wins."""
-    if a != a:
-        return a
-    if b != b or b > a:
-        return b
-    return a
-
-
-@cuda.jit(device=True)
-def _better_min(a, b):
-    """Combine for min: NaN wins."""
-    if a != a:
-        return a
-    if b != b or b < a:
-        return b
-    return a
-
-
-@cuda.jit(device=True)
-def _combine(a, b, op):
-    """Combine two partial reductions: op 0 sum, 1 prod, 2 max, 3 min."""
-    if op == 0:
-        return a + b
-    if op == 1:
-        return a * b
-    if op == 2:
-        return _better_max(a, b)
-    return _better_min(a, b)
 
 
 @cuda.jit(device=True)
@@ -352,14 +321,14 @@ def reduce_rows(x, out, op, ident, chunk):
         acc = ident
         j = lo + t
         while j < hi:
-            acc = _combine(acc, x[r, j], op)
+            acc = combine_s(acc, x[r, j], op)
             j += BLOCK
         sm[t] = acc
         cuda.syncthreads()
         s = BLOCK // 2
         while s > 0:
             if t < s:
-                sm[t] = _combine(sm[t], sm[t + s], op)
+                sm[t] = combine_s(sm[t], sm[t + s], op)
             cuda.syncthreads()
             s //= 2
         if t == 0:
@@ -383,7 +352,7 @@ def reduce_cols(x, out, op, ident, chunk):
         hi = min(lo + chunk, n)
         acc = ident
         for r in range(lo, hi):
-            acc = _combine(acc, x[r, j], op)
+            acc = combine_s(acc, x[r, j], op)
         out[c, j] = acc
         i += step
 
@@ -468,7 +437,7 @@ def _block_max(sm, t, v):
     s = BLOCK // 2
     while s > 0:
         if t < s:
-            sm[t] = _better_max(sm[t], sm[t + s])
+            sm[t] = maximum_s(sm[t], sm[t + s])
         cuda.syncthreads()
         s //= 2
     r = sm[0]
@@ -504,7 +473,7 @@ def softmax_rows(x, out, mode):
         mx = x[r, 0]
         j = t
         while j < n:
-            mx = _better_max(mx, x[r, j])
+            mx = maximum_s(mx, x[r, j])
             j += BLOCK
         mx = _block_max(sm, t, mx)
         s = mx - mx                 # 0, or NaN for an infinite or NaN max (the row's softmax is NaN then)
@@ -537,7 +506,7 @@ def softmax_rows_small(x, out, mode):
     while r < x.shape[0]:
         mx = x[r, 0]
         for j in range(1, n):
-            mx = _better_max(mx, x[r, j])
+            mx = maximum_s(mx, x[r, j])
         s = mx - mx
         for j in range(n):
             s += fexp(x[r, j] - mx)
@@ -572,7 +541,7 @@ def logsumexp_rows(x, out):
         mx = x[r, 0]
         j = t
         while j < n:
-            mx = _better_max(mx, x[r, j])
+            mx = maximum_s(mx, x[r, j])
             j += BLOCK
         mx = _block_max(sm, t, mx)
         s = mx * 0
@@ -593,7 +562,7 @@ def _row_lse(x, r):
     n = x.shape[1]
     mx = x[r, 0]
     for j in range(1, n):
-        mx = _better_max(mx, x[r, j])
+        mx = maximum_s(mx, x[r, j])
     s = mx * 0
     if mx == mx and mx != math.inf and mx != -math.inf:
         for j in range(n):
@@ -608,7 +577,7 @@ def _block_row_lse(x, r, sm, t):
     mx = x[r, 0]
     j = t
     while j < n:
-        mx = _better_max(mx, x[r, j])
+        mx = maximum_s(mx, x[r, j])
         j += BLOCK
     mx = _block_max(sm, t, mx)
     s = mx * 0
@@ -1324,7 +1293,7 @@ def max_pool2d(x, out, kh_, kw_, sh, sw, ph, pw):
                             best = v
                             have = True
                         else:
-                            best = _better_max(best, v)
+                            best = maximum_s(best, v)
         out[n, c, oy, ox] = best
         i += step
 

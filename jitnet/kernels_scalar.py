@@ -10,8 +10,8 @@ from numba import njit, types
 from numba.extending import intrinsic, overload
 
 __all__ = ["fexp", "exp_f32", "tanh_v", "sigmoid_v", "floor_s", "fmod_raw", "sigmoid_s", "softplus_s", "sign_s",
-           "maximum_s", "minimum_s", "floordiv_s", "ifloordiv_s", "imod_s", "fmod_s", "sgd_elem", "adagrad_elem",
-           "rmsprop_elem", "adam_elem", "adamw_elem", "adam_scalars", "SHARED", "scalar"]
+           "maximum_s", "minimum_s", "combine_s", "floordiv_s", "ifloordiv_s", "imod_s", "fmod_s", "sgd_elem",
+           "adagrad_elem", "rmsprop_elem", "adam_elem", "adamw_elem", "adam_scalars", "SHARED", "scalar"]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -194,6 +194,18 @@ def minimum_s(a, b):
     if b != b:
         return b
     return a if a <= b else b
+
+
+@scalar
+def combine_s(acc, v, op):
+    """Combine two partial reductions: op 0 sum, 1 product, 2 max, 3 min (NaN wins in max and min)."""
+    if op == 0:
+        return acc + v
+    if op == 1:
+        return acc * v
+    if op == 2:
+        return maximum_s(acc, v)
+    return minimum_s(acc, v)
 
 
 @scalar
