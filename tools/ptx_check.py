@@ -2,9 +2,10 @@
 
 Covers the kernels built from bodies shared with the CPU (optimizer updates, the scalar helpers), the two
 matmul kernels compiled from one body, and the fused nn rows' kernels (LSTM step and its gradients, the
-per-channel batch-norm reductions and affine map), for float32 and float64 (and the matmuls on float16 operands
-with a float32 product); prints the PTX size and whether a
-kernel spills to local memory. Needs NVVM/NVRTC: ``pip install -e ".[cuda]"``; no driver or device.
+per-channel batch-norm reductions and affine map), the row/column reductions, the DNC memory step and skip-gram's
+training kernel, for float32 and float64 (and the matmuls on float16 operands with a float32 product); prints the
+PTX size and whether a kernel spills to local memory. Needs NVVM/NVRTC: ``pip install -e ".[cuda]"``; no driver
+or device.
 
     python tools/ptx_check.py
 """
@@ -13,7 +14,7 @@ import time
 
 argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                         epilog="Exits non-zero when a kernel fails to compile.").parse_args()
-from numba import float32, float64, int64, int8, boolean, uint8
+from numba import float32, float64, int64, int8, boolean, uint8, uint32
 from numba.cuda import compile_ptx
 import jitnet.kernels_gpu as KG
 import types as _t
@@ -68,6 +69,23 @@ for T in (float32, float64):
     print(f"{'dnc_memory':22s} {T}: {len(ptx):6d} chars of PTX, local memory: {'.local' in ptx}, "
           f"{time.time()-t0:.1f}s")
     ok += 1
+# the reductions' combine step (kernels_scalar.combine_s) and skip-gram's walk (kernels_skipgram's CPU bodies with
+# the device's atomic add and generator: the simulator runs another generator, so only this compiles the GPU's)
+import jitnet.kernels_skipgram_gpu as KSG
+from numba import int32, uint64
+for T in (float32, float64):
+    for name in ("reduce_rows", "reduce_cols"):
+        ptx, _ = compile_ptx(getattr(KG, name).py_func, (T[:, :], T[:, :], int64, T, int64), cc=(9, 0)); ok += 1
+        print(f"{name:22s} {T}: {len(ptx):6d} chars of PTX, local memory: {'.local' in ptx}")
+t0 = time.time()
+c2 = float32[:, ::1]                 # (the device arrays the model passes are C-contiguous)
+ptx, _ = compile_ptx(KSG.train_chunk_kernel.py_func, (int32[::1], int64[::1], int64, int64, c2, c2, int64[::1],
+                     int64[::1], uint32[::1], int64, int64, float64, float64, int64, int64, uint64[::1], int64[::1],
+                     int64[::1], int32[:, ::1], c2), cc=(9, 0))
+assert "atom.global.add.f32" in ptx and "atom.global.add.u64" in ptx, "skip-gram: row or counter updates not atomic"
+print(f"{'skipgram train_chunk':22s} float32: {len(ptx):6d} chars of PTX, local memory: {'.local' in ptx}, "
+      f"{time.time()-t0:.1f}s")
+ok += 1
 # the shared scalar helpers inside a kernel, as the generated elementwise kernels call them
 from numba import cuda
 def helpers(x, y, out):
