@@ -3,8 +3,8 @@ negative-sampling SGD of word2vec's C code over chunks of sentences (``sg_ns_tra
 
 The data helpers that feed them (vocabulary, subsampling thresholds, the cumulative noise table and its guide)
 are in :mod:`jitnet.data.word2vec`; the embeddings and the training loops in :mod:`jitnet.models.skipgram`. The
-CUDA form of the training kernel (the same update per sentence, row updates by atomics) is
-:mod:`jitnet.kernels_skipgram_gpu`.
+CUDA form of the training kernel, :mod:`jitnet.kernels_skipgram_gpu`, compiles this file's walk (``_sg_ns_part``,
+``_sg_ns_walk``, ``_sg_ns_pair``) for the device, with row updates by atomics.
 """
 from __future__ import annotations
 
