@@ -198,7 +198,7 @@ def fit(trainer, task, args, name):
                     stop = True
                     break
             bar.close()
-            guard.check_state(epoch + 1, step, float(np.mean(losses)) if losses else None)
+            guard.check_state(f"epoch {epoch + 1} (step {step})", float(np.mean(losses)) if losses else None)
             if last_eval != step:
                 metrics = evaluate(epoch + 1)
             print(f"{name} epoch {epoch + 1}: step {step}, train loss {np.mean(losses or [np.nan]):.4f}, held-out exact match "

@@ -1,8 +1,9 @@
-"""Shared pieces of the training commands: options, datasets, progress bar, checkpoints, logs, the epoch loop.
+"""Shared pieces of the training commands: options, datasets, the progress bar, checkpoints, logs, and the one
+training loop every command runs (:class:`Loop`).
 
-A model object handed to :func:`fit` provides ``train_step(*batch) -> loss Tensor``, ``evaluate(x, y) ->
-dict of metrics``, ``batches(x, y, loader)`` (turns a loader's batches into step inputs), and ``net`` /
-``opt`` (the :class:`jitnet.nn.Module` and its optimizer, saved in checkpoints).
+A model object handed to :func:`fit` (the vision models' epochs) provides ``train_step(*batch) -> loss Tensor``,
+``evaluate(x, y) -> dict of metrics``, ``batches(loader)`` (turns a loader's batches into step inputs), and
+``net`` / ``opt`` (the :class:`jitnet.nn.Module` and its optimizer, saved in checkpoints).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import math
 import os
 import sys
 import time
+from collections import namedtuple
 
 import numpy as np
 from numba.core import event as _numba_event
@@ -24,8 +26,8 @@ from jitnet.compiler.native import NATIVE_AFTER
 from jitnet.lazy import LazyModule
 
 __all__ = ["base_parser", "learning_rate", "load_dataset", "Progress", "save_checkpoint", "restore_checkpoint",
-           "fit", "setup_run", "ArgumentParser", "UsageError", "NonFiniteError", "NonFiniteGuard",
-           "add_nonfinite_args", "compile_notice", "add_device_args", "setup_device", "apply_smoke"]
+           "fit", "Loop", "Round", "format_metrics", "setup_run", "ArgumentParser", "UsageError", "NonFiniteError",
+           "NonFiniteGuard", "add_nonfinite_args", "compile_notice", "add_device_args", "setup_device", "apply_smoke"]
 
 dist = LazyModule("jitnet.distributed")      # MPI data parallelism, loaded by a distributed run only
 
@@ -283,16 +285,16 @@ class compile_notice:
 
 
 class Progress:
-    """A tqdm progress bar over one epoch's steps, or plain periodic prints when tqdm is missing or disabled.
+    """A tqdm progress bar over one round's steps, or plain periodic prints when tqdm is missing or disabled.
 
     The first steps run inside :class:`compile_notice` (the first call of a jitted step traces and compiles its
     kernels, and the plan's run after ``compiler.native.NATIVE_AFTER`` runs, call 4, compiles the native driver), and the bar appears
     once they are done, starting its clock there (``initial`` = those steps): its rate and ETA leave out the
-    time spent compiling.
+    time spent compiling. ``unit`` names a step (a step, an episode, a chunk).
     """
 
-    def __init__(self, total, desc, enabled=True, quiet=False):
-        self.total, self.desc, self.n = total, desc, 0
+    def __init__(self, total, desc, enabled=True, quiet=False, unit="step"):
+        self.total, self.desc, self.n, self.unit = total, desc, 0, unit
         self.quiet = quiet                   # prints nothing at all (ranks other than 0 of a distributed run)
         enabled = enabled and not quiet
         self._warm = max(1, min(NATIVE_AFTER + 2, total))     # call 1 traces; plan runs 2.. compile natively
@@ -322,32 +324,33 @@ class Progress:
         self._notice.__exit__(None, None, None)
         if self._tqdm is not None:
             self.bar = self._tqdm(total=self.total, initial=self.n, desc=self.desc, leave=True, dynamic_ncols=True,
-                                  file=sys.stderr)
+                                  file=sys.stderr, unit=self.unit)
 
-    def update(self, loss=None):
-        """Advance by one step, showing ``loss``; returns None."""
+    def update(self, loss=None, info=None):
+        """Advance by one step, showing ``loss`` and the entries of dict ``info``; returns None."""
         self.n += 1
         if self.n < self._warm:
             if self.n == 1 and self._notice.shown and not self.quiet:     # a cold start: say the step runs
-                self.write(f"{self.desc}: first step done after {time.perf_counter() - self._t0:.1f} s"
+                self.write(f"{self.desc}: first {self.unit} done after {time.perf_counter() - self._t0:.1f} s"
                            + (f", loss {loss:.4f}" if loss is not None else "")
                            + "; compiling the rest of the step (its native driver, once) ...")
             return                       # still compiling: no bar, no rate, no ETA yet
         if self.n == self._warm:
             self._first()
+        shown = ({"loss": f"{loss:.4f}"} if loss is not None else {}) | dict(info or {})
         if self.bar is not None:
             if self.n > self._warm:
                 self.bar.update(1)
-            if loss is not None and (self.n % 10 == 0 or self.n == self.total):
-                self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            if shown and (self.n % 10 == 0 or self.n == self.total):
+                self.bar.set_postfix(shown, refresh=False)
             return
         now = time.perf_counter()
         if self.quiet:
             return
         if now - self._last >= 10 or self.n == self.total:
             self._last = now
-            msg = f"{self.desc}: {self.n}/{self.total} steps, {now - self._t0:.1f} s"
-            print(msg + (f", loss {loss:.4f}" if loss is not None else ""), flush=True)
+            msg = f"{self.desc}: {self.n}/{self.total} {self.unit}s, {now - self._t0:.1f} s"
+            print(msg + "".join(f", {k} {v}" for k, v in shown.items()), flush=True)
 
     def close(self):
         """Close the bar; returns None."""
@@ -357,7 +360,12 @@ class Progress:
 
 
 def _state_variables(model):
-    """Return the variables a checkpoint holds: the network's, the optimizer's slots and its step counter."""
+    """Return what a checkpoint of ``model`` holds: the leaves of its ``state_dict()`` when it has one (an RL
+    agent), else the network's variables, the optimizer's slots and its step counter; [] for no model."""
+    if model is None:
+        return []
+    if hasattr(model, "state_dict"):
+        return list(jn.io.flatten_state(model.state_dict()).values())
     out, seen = [], set()
     opt = model.opt
     slots = []
@@ -370,20 +378,26 @@ def _state_variables(model):
     return out
 
 
-def _finite(variables):
-    return all(np.isfinite(v.numpy()).all() for v in variables if _lowp.is_floating(v.dtype))
+def _finite(values):
+    for v in values:
+        a = v.numpy() if hasattr(v, "numpy") else np.asarray(v)
+        if _lowp.is_floating(a.dtype) and not np.isfinite(a).all():
+            return False
+    return True
 
 
 class NonFiniteGuard:
     """Checks each step's loss and the state before each save: stops training, or skips the step.
 
-    Without ``skip`` the first non-finite loss (or state) raises :class:`NonFiniteError` naming the epoch, the
-    step and the last good checkpoint. With ``skip=N`` the state is copied before each step and a step whose
-    loss or state is not finite is undone (the copy restored) and counted; N such steps in a row raise.
+    Without ``skip`` the first non-finite loss (or state) raises :class:`NonFiniteError` naming where it happened
+    and the last good checkpoint. With ``skip=N`` the state is copied before each step and a step whose loss or
+    state is not finite is undone (the copy restored) and counted; N such steps in a row raise. ``hint`` ends the
+    message; ``skippable`` says whether the command offers ``--skip-nonfinite``.
     """
 
-    def __init__(self, model, saver, name, skip=None):
+    def __init__(self, model, saver, name, skip=None, hint="A smaller --lr may help", skippable=True):
         self.model, self.saver, self.name, self.skip = model, saver, name, skip
+        self.hint, self.skippable = hint, skippable
         self.skipped = self.in_a_row = 0
         self._vars = self._copies = None
 
@@ -425,19 +439,22 @@ class NonFiniteGuard:
             loss = float(step_fn().item())
         return loss if self.after(loss, where) else None
 
-    def check_state(self, epoch, step, loss=None):
-        """Raise NonFiniteError unless ``loss`` (when given) and every state variable are finite; returns None."""
+    def check_state(self, when, loss=None):
+        """Raise NonFiniteError unless ``loss`` (a round's mean, when given) and every state variable are finite
+        at ``when`` (e.g. "epoch 2 (step 8)", "episode 100"); returns None."""
         if loss is not None and not math.isfinite(loss):
-            self._stop(f"the loss is {loss} at the end of epoch {epoch} (step {step})")
+            self._stop(f"the loss is {loss} at the end of {when}")
         if not _finite(self._vars or _state_variables(self.model)):
-            self._stop(f"parameters or optimizer state are not finite at epoch {epoch}, step {step}")
+            self._stop(f"parameters or optimizer state are not finite after {when}")
 
     def _stop(self, what):
-        last = self.saver.latest_checkpoint() if self.saver is not None else None
-        keep = (f"the last good checkpoint is {last} (nothing was saved after it)" if last
-                else "no checkpoint was saved")
-        hint = "" if self.skip is not None else "; --skip-nonfinite skips such steps"
-        raise NonFiniteError(f"{self.name}: training diverged: {what}; {keep}. A smaller --lr may help{hint}")
+        msg = f"{self.name}: training diverged: {what}"
+        if self.saver is not None:
+            last = self.saver.latest_checkpoint()
+            msg += (f"; the last good checkpoint is {last} (nothing was saved after it)" if last
+                    else "; no checkpoint was saved")
+        hint = "; --skip-nonfinite skips such steps" if self.skippable and self.skip is None else ""
+        raise NonFiniteError(f"{msg}. {self.hint}{hint}")
 
     def report(self):
         """Return a line counting the skipped steps, or '' when none was skipped."""
@@ -478,7 +495,8 @@ def setup_run(args):
     return args.logdir or os.path.join("runs", getattr(args, "model_name", "model"))
 
 
-def _fmt(metrics):
+def format_metrics(metrics):
+    """Return ``metrics`` as "name value, ..." (floats with 4 decimals), as the training commands print them."""
     return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
 
 
@@ -512,88 +530,237 @@ def _distributed_evaluate(model, r, n):
     return evaluate
 
 
+Round = namedtuple("Round", "items length desc epoch", defaults=(None,))
+Round.__doc__ = """One round of a :class:`Loop`: the ``items`` its steps take (any iterable, drawn one per step), how
+many there are (``length``, for the progress bar), the bar's label ``desc``, and the ``epoch`` (from 1) the round
+trains, or None for a round that is no epoch (the steps between two evaluations, a run of episodes)."""
+
+
+class Loop:
+    """The training loop of every command: rounds of steps with a progress bar, the non-finite guard, logs,
+    evaluations, checkpoints and resume, in one process or on every rank of a data-parallel job.
+
+    A *step* is whatever ``step(item)`` makes of one item of a round: a batch of images, a bucket of seq2seq pairs,
+    a batch of DNC sequences, an RL episode, a chunk of skip-gram sentences. It returns its loss (a Tensor or a
+    number), a dict of scalars (whose ``"loss"``, when present, is the loss; its other Tensors are read only when
+    logged), or None. The loop reads the loss once per step, for the bar and the guard (:class:`NonFiniteGuard`,
+    which stops the run, or with ``--skip-nonfinite`` undoes the step), and keeps it in ``losses``.
+
+    Building the loop opens the checkpoint directory ``logdir/checkpoints``, restores the latest checkpoint with
+    ``--resume`` (``epoch`` and ``step`` continue from it) and, on several ranks, wraps the model's optimizer in a
+    :class:`jitnet.distributed.DistributedOptimizer` and gives every rank rank 0's state and position. Only rank 0
+    writes checkpoints, logs and the bar. ``model`` is what checkpoints hold: an object with ``state_dict()`` /
+    ``load_state_dict()`` (an RL agent), or one with ``net`` and ``opt``, saved as {"model", "optimizer"}; None
+    keeps nothing (and ``logdir=None`` writes no file). The command's options come from ``args`` (``--resume``,
+    ``--keep``, ``--skip-nonfinite``, ``--no-progress``, the rank and world size :func:`setup_distributed` set);
+    ``progress`` ("bar", "lines" or "off") overrides ``--no-progress``. ``unit`` names a step in messages,
+    ``csv`` / ``csv_fields`` the CSV log in ``logdir``, ``eval_prefix`` the TensorBoard group of evaluation
+    metrics, ``checkpoint_every`` saves every N steps besides the end of each round, and ``hint`` ends the
+    non-finite message.
+    """
+
+    def __init__(self, name, model, logdir=None, args=None, *, unit="step", csv="metrics.csv", csv_fields=None,
+                 eval_prefix="test/", checkpoint_every=0, progress=None, hint="A smaller --lr may help"):
+        self.name, self.model, self.logdir, self.unit = name, model, logdir, unit
+        self.rank, self.world_size = getattr(args, "rank", 0), getattr(args, "world_size", 1)
+        self.lead = self.rank == 0                   # only rank 0 writes checkpoints, events, CSV, the bar
+        self.progress = progress or ("lines" if getattr(args, "no_progress", False) else "bar")
+        self._csv_name, self._csv_fields, self.eval_prefix = csv, csv_fields, eval_prefix
+        self.checkpoint_every = checkpoint_every
+        if logdir and self.lead:
+            os.makedirs(logdir, exist_ok=True)
+        self.saver = (jn.io.Saver(os.path.join(logdir, "checkpoints"), max_to_keep=getattr(args, "keep", 3))
+                      if logdir and self.lead and model is not None else None)
+        self.guard = NonFiniteGuard(model, self.saver, name, getattr(args, "skip_nonfinite", None), hint=hint,
+                                    skippable=hasattr(args, "skip_nonfinite"))
+        self.epoch = self.step = 0                   # the epoch being (or last) trained; steps counted so far
+        self.train_seconds = 0.0                     # time spent in steps (evaluations and logging left out)
+        self.train_loss = float("nan")               # the mean loss of the last round's steps
+        self.round_seconds, self.round_steps = 0.0, 0
+        self.losses, self.metrics = [], {}           # every counted step's loss; the last evaluation's metrics
+        self.writer = self.csv = _NullLog()
+        self._stopping, self._saved, self._evaluated = False, None, None
+        if getattr(args, "resume", False) and self.lead:
+            self._resume()
+        if self.world_size > 1 and model is not None:
+            # rank 0's parameters, optimizer state and buffers (restored or fresh) go to every rank
+            model.opt = dist.DistributedOptimizer(model.opt, module=getattr(model, "net", None))
+            self.epoch, self.step = dist._ctx().comm.bcast((self.epoch, self.step), root=0)
+
+    def stop(self):
+        """End the run after the current step (or round end): the round still ends, evaluated, saved and
+        reported; returns None."""
+        self._stopping = True
+
+    # -- checkpoints ---------------------------------------------------------------------------------------------
+    def _resume(self):
+        path = self.saver.latest_checkpoint() if self.saver is not None else None
+        if path is None:
+            where = os.path.join(self.logdir or ".", "checkpoints")
+            print(f"{self.name}: no checkpoint in {where}, starting from scratch", flush=True)
+            return
+        if hasattr(self.model, "state_dict"):
+            self.model.load_state_dict(jn.io.load(path))
+            meta = jn.io.load_metadata(path) or {}
+            self.epoch, self.step = int(meta.get("epoch", 0)), int(meta.get("global_step", 0))
+        else:
+            self.epoch, self.step = restore_checkpoint(path, self.model)
+        at = f"epoch {self.epoch}, " if self.epoch else ""
+        print(f"{self.name}: resumed from {path} ({at}{self.unit} {self.step})", flush=True)
+
+    def _save(self):
+        if self.saver is None or self._saved == self.step:
+            return
+        if hasattr(self.model, "state_dict"):
+            self.saver.save(self.model.state_dict(), self.step,
+                            metadata={"epoch": str(self.epoch), "global_step": str(self.step)})
+        else:
+            save_checkpoint(self.saver, self.model, self.epoch, self.step)
+        self._saved = self.step
+
+    # -- the loop --------------------------------------------------------------------------------------------------
+    def run(self, step, rounds, *, evaluate=None, eval_every=0, report=None, log_every=0, max_steps=None):
+        """Run ``step`` over the items of each :class:`Round` in ``rounds``; return the last metrics.
+
+        Every ``log_every`` counted steps the step's scalars go to TensorBoard as ``train/<name>``. An evaluation
+        (``evaluate()`` -> dict of metrics, every ``eval_every`` steps and at the end of each round) becomes one
+        row of the CSV log, ``report(loop, metrics)[0]``, whose floats but times also go to TensorBoard
+        (``train/`` for training figures and rates, ``eval_prefix`` for the rest). At the end of each round the
+        loop checks the round's mean loss and the state, evaluates unless it just did, saves a checkpoint and
+        prints ``report(loop, metrics)[1]``. The run stops after ``max_steps`` steps, after :meth:`stop`, or when the
+        rounds run out. Returns {"train_loss", the last evaluation's metrics, "step", "skipped_steps"}.
+        """
+        if self.logdir and self.lead:
+            self.writer = jn.io.SummaryWriter(self.logdir)
+            self.csv = jn.io.CSVLogger(os.path.join(self.logdir, self._csv_name), fieldnames=self._csv_fields)
+        self._evaluate, self._report = evaluate, report
+        try:
+            for rnd in rounds:
+                self._round(step, rnd, eval_every, log_every, max_steps)
+                if self._stopping:
+                    break
+        finally:
+            self.writer.close()
+            self.csv.close()
+            if self.guard.report():
+                print(self.guard.report(), file=sys.stderr, flush=True)
+        return {"train_loss": self.train_loss, **self.metrics, "step": self.step,
+                "skipped_steps": self.guard.skipped}
+
+    def _round(self, step, rnd, eval_every, log_every, max_steps):
+        if rnd.epoch is not None:
+            self.epoch = rnd.epoch
+        bar = Progress(rnd.length, rnd.desc, enabled=self.progress == "bar",
+                       quiet=not self.lead or self.progress == "off", unit=self.unit)
+        t0 = time.perf_counter()
+        total, count, first = 0.0, 0, self.step
+        try:
+            for i, item in enumerate(rnd.items):
+                where = (f"epoch {rnd.epoch}, batch {i + 1} ({self.unit} {self.step + 1})" if rnd.epoch is not None
+                         else f"{self.unit} {self.step + 1}")
+                values, loss = self._step(step, item, where)
+                if values is None:                   # skipped: its state was restored
+                    bar.update(None)
+                    continue
+                self.step += 1
+                if loss is not None:
+                    total += loss
+                    count += 1
+                    self.losses.append(loss)
+                bar.update(loss, {k: v for k, v in values.items() if k != "loss" and not isinstance(v, jn.Tensor)})
+                if log_every and self.step % log_every == 0:
+                    self._log_step(values, loss)
+                if eval_every and self.step % eval_every == 0:
+                    self._evaluation()
+                if self.saver is not None and self.checkpoint_every and self.step % self.checkpoint_every == 0:
+                    self.guard.check_state(f"{self.unit} {self.step}")
+                    self._save()
+                if max_steps and self.step >= max_steps:
+                    self._stopping = True
+                if self._stopping:
+                    break
+        finally:
+            bar.close()
+        self.round_seconds, self.round_steps = time.perf_counter() - t0, self.step - first
+        self.train_loss = total / count if count else float("nan")
+        when = f"epoch {rnd.epoch} (step {self.step})" if rnd.epoch is not None else f"{self.unit} {self.step}"
+        self.guard.check_state(when, self.train_loss if count else None)
+        if self.world_size > 1:                      # the mean of the ranks' training losses
+            self.train_loss = dist.allreduce_metrics({"train_loss": self.train_loss})["train_loss"]
+        just_evaluated = eval_every and self._evaluated == self.step
+        if (self._evaluate is not None or self._report is not None) and not just_evaluated:
+            self._evaluation()
+        self._save()
+        if self._report is not None:
+            print(self._report(self, self.metrics)[1], flush=True)
+
+    def _step(self, step, item, where):
+        """Run one guarded step; return (its values as a dict, its loss as a float or None), or (None, None) when
+        the guard skipped it."""
+        self.guard.before()
+        t0 = time.perf_counter()
+        with np.errstate(over="ignore", invalid="ignore"):      # the guard reports a diverging run
+            out = step(item)
+            values = out if isinstance(out, dict) else {} if out is None else {"loss": out}
+            loss = values.get("loss")
+            if loss is not None:
+                loss = float(loss.item() if hasattr(loss, "item") else loss)
+        self.train_seconds += time.perf_counter() - t0
+        if loss is not None and not self.guard.after(loss, where):
+            return None, None
+        return values, loss
+
+    def _log_step(self, values, loss):
+        for k, v in values.items():
+            v = loss if k == "loss" else float(v.item()) if isinstance(v, jn.Tensor) else v
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                self.writer.add_scalar(f"train/{k}", v, self.step)
+
+    def _evaluation(self):
+        self.metrics = self._evaluate() if self._evaluate is not None else {}
+        self._evaluated = self.step
+        if self._report is None:
+            return
+        row = self._report(self, self.metrics)[0]
+        for k, v in row.items():                 # its metrics and rates; not the position, not the clock
+            if isinstance(v, (float, np.floating)) and not k.endswith("seconds"):
+                train = k.startswith("train") or k.endswith("_per_s")
+                self.writer.add_scalar(("train/" if train else self.eval_prefix) + k, v, self.step)
+        self.writer.flush()
+        self.csv.log(row)
+
+
 def fit(model, args, data, logdir, name):
     """Train ``model`` for ``args.epochs`` epochs with evaluation, checkpoints and logs; return the last metrics.
 
-    ``data`` is (x_train, y_train, x_test, y_test). With ``args.resume`` training continues from the latest
+    Each epoch is one round of the shared :class:`Loop`. ``data`` is (x_train, y_train, x_test, y_test). With ``args.resume`` training continues from the latest
     checkpoint in ``logdir/checkpoints`` (model, optimizer, epoch and step).
     """
     xtr, ytr, xte, yte = data
-    r, n = getattr(args, "rank", 0), getattr(args, "world_size", 1)
-    lead = r == 0                                      # only rank 0 writes checkpoints, events, CSV, the bar
-    if lead:
-        os.makedirs(logdir, exist_ok=True)
-    saver = jn.io.Saver(os.path.join(logdir, "checkpoints"), max_to_keep=args.keep) if lead else None
-    start_epoch, step = 0, 0
-    if args.resume and lead:
-        path = saver.latest_checkpoint()
-        if path is None:
-            print(f"{name}: no checkpoint in {saver.directory}, starting from scratch", flush=True)
-        else:
-            start_epoch, step = restore_checkpoint(path, model)
-            print(f"{name}: resumed from {path} (epoch {start_epoch}, step {step})", flush=True)
-    evaluate = model.evaluate
-    if n > 1:
-        # rank 0's parameters, optimizer state and buffers (restored or fresh) go to every rank
-        model.opt = dist.DistributedOptimizer(model.opt, module=model.net)
-        start_epoch, step = dist._ctx().comm.bcast((start_epoch, step), root=0)
-        evaluate = _distributed_evaluate(model, r, n)
+    loop = Loop(name, model, logdir, args)
+    r, n = loop.rank, loop.world_size
+    evaluate = _distributed_evaluate(model, r, n) if n > 1 else model.evaluate
     loader = DataLoader((xtr, ytr), batch_size=args.batch_size // n, shuffle=True, seed=args.seed, drop_last=True,
                         **({"num_replicas": n, "rank": r} if n > 1 else {}))
     if len(loader) == 0:
         raise UsageError(f"{name}: {len(xtr)} training examples is less than one batch of {args.batch_size}")
-    writer = jn.io.SummaryWriter(logdir) if lead else _NullLog()
-    csv = jn.io.CSVLogger(os.path.join(logdir, "metrics.csv")) if lead else _NullLog()
-    metrics = {}
-    log_every = max(1, min(100, len(loader) // 4))
-    guard = NonFiniteGuard(model, saver, name, getattr(args, "skip_nonfinite", None))
-    try:
-        if start_epoch >= args.epochs:
-            metrics = evaluate(xte, yte)
-            print(f"{name}: already trained for {start_epoch} epochs; {_fmt(metrics)}", flush=True)
-        for epoch in range(start_epoch, args.epochs):
+    if loop.epoch >= args.epochs:
+        metrics = evaluate(xte, yte)
+        print(f"{name}: already trained for {loop.epoch} epochs; {format_metrics(metrics)}", flush=True)
+        return {**metrics, "step": loop.step, "skipped_steps": 0}
+
+    def rounds():
+        for epoch in range(loop.epoch, args.epochs):
             loader.set_epoch(epoch)
-            bar = Progress(len(loader), f"{name} epoch {epoch + 1}/{args.epochs}",
-                           enabled=not args.no_progress, quiet=not lead)
-            t0 = time.perf_counter()
-            total, count = 0.0, 0
-            try:
-                for i, batch in enumerate(model.batches(loader)):
-                    loss = guard.run(lambda: model.train_step(*batch),
-                                     f"epoch {epoch + 1}, batch {i + 1} (step {step + 1})")
-                    if loss is None:
-                        bar.update(None)
-                        continue
-                    step += 1
-                    total += loss
-                    count += 1
-                    bar.update(loss)
-                    if step % log_every == 0:
-                        writer.add_scalar("train/loss", loss, step)
-            finally:
-                bar.close()
-            seconds = time.perf_counter() - t0
-            metrics = {"train_loss": total / count if count else float("nan")}
-            guard.check_state(epoch + 1, step, metrics["train_loss"] if count else None)
-            if n > 1:
-                metrics = dist.allreduce_metrics(metrics)        # the mean of the ranks' training losses
-            metrics.update(evaluate(xte, yte))
-            row = {"epoch": epoch + 1, "step": step, **metrics, "epoch_seconds": seconds,
-                   "examples_per_s": count * args.batch_size / seconds}
-            for k, v in metrics.items():
-                writer.add_scalar(("train/" if k.startswith("train") else "test/") + k, v, step)
-            writer.add_scalar("train/examples_per_s", row["examples_per_s"], step)
-            writer.flush()
-            csv.log(row)
-            if lead:
-                save_checkpoint(saver, model, epoch + 1, step)
-            print(f"{name} epoch {epoch + 1}/{args.epochs}: step {step}, {_fmt(metrics)}, {seconds:.1f} s "
-                  f"({row['examples_per_s']:.0f} examples/s)", flush=True)
-    finally:
-        writer.close()
-        csv.close()
-        if guard.report():
-            print(guard.report(), file=sys.stderr, flush=True)
-    metrics["step"] = step
-    metrics["skipped_steps"] = guard.skipped
-    return metrics
+            yield Round(model.batches(loader), len(loader), f"{name} epoch {epoch + 1}/{args.epochs}", epoch + 1)
+
+    def report(lp, m):
+        seconds = lp.round_seconds
+        shown = {"train_loss": lp.train_loss, **m}
+        row = {"epoch": lp.epoch, "step": lp.step, **shown, "epoch_seconds": seconds,
+               "examples_per_s": lp.round_steps * args.batch_size / seconds}
+        return row, (f"{name} epoch {lp.epoch}/{args.epochs}: step {lp.step}, {format_metrics(shown)}, {seconds:.1f} s "
+                     f"({row['examples_per_s']:.0f} examples/s)")
+
+    return loop.run(lambda batch: model.train_step(*batch), rounds(), evaluate=lambda: evaluate(xte, yte),
+                    report=report, log_every=max(1, min(100, len(loader) // 4)))

@@ -145,7 +145,7 @@ def _fit_steps(model, args, name, logdir, next_batch, evaluate):
                 bar.close()
             seconds = time.perf_counter() - t0
             metrics = {"train_loss": total / count if count else float("nan")}
-            guard.check_state(0, step, metrics["train_loss"] if count else None)
+            guard.check_state(f"step {step}", metrics["train_loss"] if count else None)
             metrics.update(evaluate())
             row = {"step": step, **metrics, "seconds": seconds, "steps_per_s": chunk / seconds}
             for k, v in metrics.items():
