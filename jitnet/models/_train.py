@@ -432,13 +432,6 @@ class NonFiniteGuard:
                        f"(each was skipped)")
         return False
 
-    def run(self, step_fn, where):
-        """Run ``step_fn()`` (returning a loss tensor) guarded; return the loss as a float, or None if skipped."""
-        self.before()
-        with np.errstate(over="ignore", invalid="ignore"):      # the guard reports a diverging run
-            loss = float(step_fn().item())
-        return loss if self.after(loss, where) else None
-
     def check_state(self, when, loss=None):
         """Raise NonFiniteError unless ``loss`` (a round's mean, when given) and every state variable are finite
         at ``when`` (e.g. "epoch 2 (step 8)", "episode 100"); returns None."""

@@ -6,16 +6,14 @@
 from __future__ import annotations
 
 import os
-import sys
-import time
 
 import numpy as np
 
 import jitnet as jn
 from jitnet.data import babi as BB
 from jitnet.io import encode_png
-from ._train import (ArgumentParser, NonFiniteGuard, Progress, UsageError, add_device_args, add_nonfinite_args,
-                     apply_smoke, restore_checkpoint, save_checkpoint, setup_device)
+from ._train import (ArgumentParser, Loop, Round, UsageError, add_device_args, add_nonfinite_args, apply_smoke,
+                     format_metrics, setup_device)
 from .dnc import BabiModel, CopyModel
 
 __all__ = ["plot_memory", "copy_parser", "run_copy", "babi_parser", "run_babi", "train_dnc_copy", "train_dnc_babi",
@@ -108,61 +106,23 @@ def _parser(prog, description, *, steps, batch_size, lr, hidden, memory, word, r
 
 
 def _fit_steps(model, args, name, logdir, next_batch, evaluate):
-    """Train ``model`` to ``args.steps`` steps with periodic evaluation, logs and checkpoints; return metrics."""
-    os.makedirs(logdir, exist_ok=True)
-    saver = jn.io.Saver(os.path.join(logdir, "checkpoints"), max_to_keep=args.keep)
-    guard = NonFiniteGuard(model, saver, name, getattr(args, "skip_nonfinite", None))
-    step = 0
-    if args.resume:
-        path = saver.latest_checkpoint()
-        if path is None:
-            print(f"{name}: no checkpoint in {saver.directory}, starting from scratch", flush=True)
-        else:
-            _, step = restore_checkpoint(path, model)
-            print(f"{name}: resumed from {path} (step {step})", flush=True)
-    writer = jn.io.SummaryWriter(logdir)
-    csv = jn.io.CSVLogger(os.path.join(logdir, "metrics.csv"))
-    metrics = {}
-    try:
-        while step < args.steps:
-            chunk = min(args.eval_every, args.steps - step)
-            bar = Progress(chunk, f"{name} steps {step + 1}-{step + chunk}", enabled=not args.no_progress)
-            t0 = time.perf_counter()
-            total, count = 0.0, 0
-            try:
-                for _ in range(chunk):
-                    loss = guard.run(lambda: model.train_step(*next_batch()), f"step {step + 1}")
-                    if loss is None:
-                        bar.update(None)
-                        continue
-                    step += 1
-                    total += loss
-                    count += 1
-                    bar.update(loss)
-                    if step % 50 == 0:
-                        writer.add_scalar("train/loss", loss, step)
-            finally:
-                bar.close()
-            seconds = time.perf_counter() - t0
-            metrics = {"train_loss": total / count if count else float("nan")}
-            guard.check_state(f"step {step}", metrics["train_loss"] if count else None)
-            metrics.update(evaluate())
-            row = {"step": step, **metrics, "seconds": seconds, "steps_per_s": chunk / seconds}
-            for k, v in metrics.items():
-                if isinstance(v, float):
-                    writer.add_scalar(("train/" if k.startswith("train") else "eval/") + k, v, step)
-            writer.flush()
-            csv.log(row)
-            save_checkpoint(saver, model, 0, step)
-            shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
-            print(f"{name} step {step}/{args.steps}: {shown}, {chunk / seconds:.1f} steps/s", flush=True)
-    finally:
-        writer.close()
-        csv.close()
-        if guard.report():
-            print(guard.report(), file=sys.stderr, flush=True)
-    metrics["step"] = step
-    return metrics
+    """Train ``model`` to ``args.steps`` steps, evaluating, logging and saving every ``args.eval_every``; return
+    the last metrics (the shared :class:`~jitnet.models._train.Loop`, one round per evaluation)."""
+    loop = Loop(name, model, logdir, args, eval_prefix="eval/")
+
+    def rounds():
+        while loop.step < args.steps:
+            n = min(args.eval_every, args.steps - loop.step)
+            yield Round((next_batch() for _ in range(n)), n, f"{name} steps {loop.step + 1}-{loop.step + n}")
+
+    def report(lp, m):
+        shown = {"train_loss": lp.train_loss, **m}
+        rate = lp.round_steps / lp.round_seconds
+        row = {"step": lp.step, **shown, "seconds": lp.round_seconds, "steps_per_s": rate}
+        return row, f"{name} step {lp.step}/{args.steps}: {format_metrics(shown)}, {rate:.1f} steps/s"
+
+    return loop.run(lambda batch: model.train_step(*batch), rounds(), evaluate=evaluate, report=report,
+                    log_every=50)
 
 
 def _setup(args):
