@@ -1,5 +1,6 @@
-"""The ``seq2seq-dates`` and ``seq2seq-reverse`` commands: options, the training loop (evaluation, early stop,
-checkpoints, TensorBoard/CSV logs, resume, non-finite stop), decoded samples and attention plots.
+"""The ``seq2seq-dates`` and ``seq2seq-reverse`` commands: options, the training run on the shared loop
+(:class:`~jitnet.models._train.Loop`: evaluation, checkpoints, TensorBoard/CSV logs, resume, non-finite stop)
+with an early stop at a target exact match, decoded samples and attention plots.
 
     python -m jitnet train seq2seq-dates   [--epochs N --hidden 64 --batch-size 64 --cell lstm|gru ...]
     python -m jitnet train seq2seq-reverse [...]
@@ -14,15 +15,13 @@ tokens back. ``--smoke`` trains a 4-unit model for two steps on 8 pairs (a check
 from __future__ import annotations
 
 import os
-import sys
-import time
 
 import numpy as np
 
 import jitnet as jn
 from jitnet.data import seq_tasks as T
-from ._train import (ArgumentParser, NonFiniteGuard, Progress, UsageError, add_device_args, add_nonfinite_args,
-                     apply_smoke, restore_checkpoint, save_checkpoint, setup_device)
+from ._train import (ArgumentParser, Loop, Round, UsageError, add_device_args, add_nonfinite_args, apply_smoke,
+                     setup_device)
 from ._seq2seq_trainer import Seq2SeqTrainer
 from .seq2seq import Seq2Seq
 
@@ -134,86 +133,37 @@ def fit(trainer, task, args, name):
     evaluating) and "reached_target_s" (training seconds when the target was first reached, else None).
     """
     logdir = args.logdir or os.path.join("runs", name)
-    os.makedirs(logdir, exist_ok=True)
     src, tgt = T.encode_pairs(task.train, task.src_vocab, task.tgt_vocab)
     batcher = T.BucketBatcher(src, tgt, args.batch_size, n_buckets=args.buckets, seed=args.seed)
     if len(batcher) == 0:
         raise SystemExit(f"{name}: {len(src)} training examples make no full batch of {args.batch_size}")
-    saver = jn.io.Saver(os.path.join(logdir, "checkpoints"), max_to_keep=args.keep)
-    start_epoch, step = 0, 0
-    if args.resume:
-        path = saver.latest_checkpoint()
-        if path is None:
-            print(f"{name}: no checkpoint in {saver.directory}, starting from scratch", flush=True)
-        else:
-            start_epoch, step = restore_checkpoint(path, trainer)
-            print(f"{name}: resumed from {path} (epoch {start_epoch}, step {step})", flush=True)
-    writer = jn.io.SummaryWriter(logdir)
-    csv = jn.io.CSVLogger(os.path.join(logdir, "metrics.csv"))
-    metrics, train_s, reached, last_eval = {}, 0.0, None, -1
-    guard = NonFiniteGuard(trainer, saver, name, getattr(args, "skip_nonfinite", None))
-    test_len = max(len(s) for s in task.test.sources)
+    loop = Loop(name, trainer, logdir, args)
+    reached = None
 
-    def evaluate(epoch):
-        nonlocal reached, last_eval
-        last_eval = step
+    def evaluate():
+        nonlocal reached
         m = trainer.evaluate(task.test)
-        row = {"epoch": epoch, "step": step, "train_seconds": round(train_s, 3), **m}
-        csv.log(row)
-        writer.add_scalar("test/exact_match", m["exact_match"], step)
-        writer.add_scalar("test/char_accuracy", m["char_accuracy"], step)
-        writer.flush()
         if reached is None and args.target and m["exact_match"] >= args.target:
-            reached = train_s
+            reached = loop.train_seconds
+            loop.stop()
         return m
 
-    try:
-        stop = False
-        epoch = start_epoch
-        for epoch in range(start_epoch, args.epochs):
-            bar = Progress(len(batcher), f"{name} epoch {epoch + 1}/{args.epochs}", enabled=not args.no_progress)
-            losses = []
-            for i, batch in enumerate(batcher.batches(epoch)):
-                guard.before()
-                t0 = time.perf_counter()
-                with np.errstate(over="ignore", invalid="ignore"):       # the guard reports a diverging run
-                    loss, norm = trainer.train_step(batch)
-                    lv = float(loss.item())
-                train_s += time.perf_counter() - t0
-                if not guard.after(lv, f"epoch {epoch + 1}, batch {i + 1} (step {step + 1})"):
-                    bar.update(None)
-                    continue
-                step += 1
-                losses.append(lv)
-                bar.update(lv)
-                if step % 20 == 0:
-                    writer.add_scalar("train/loss", lv, step)
-                    writer.add_scalar("train/grad_norm", float(norm.item()), step)
-                if args.eval_every and step % args.eval_every == 0:
-                    metrics = evaluate(epoch + 1)
-                    if reached is not None:
-                        stop = True
-                        break
-                if args.max_steps and step >= args.max_steps:
-                    stop = True
-                    break
-            bar.close()
-            guard.check_state(f"epoch {epoch + 1} (step {step})", float(np.mean(losses)) if losses else None)
-            if last_eval != step:
-                metrics = evaluate(epoch + 1)
-            print(f"{name} epoch {epoch + 1}: step {step}, train loss {np.mean(losses or [np.nan]):.4f}, held-out exact match "
-                  f"{metrics['exact_match']:.4f} (char accuracy {metrics['char_accuracy']:.4f}), "
-                  f"{train_s:.1f} s training", flush=True)
-            save_checkpoint(saver, trainer, epoch + 1, step)
-            if stop or reached is not None:
-                break
-    finally:
-        writer.close()
-        csv.close()
-        if guard.report():
-            print(guard.report(), file=sys.stderr, flush=True)
-    metrics.update(step=step, epochs=epoch + 1, train_seconds=train_s, reached_target_s=reached, logdir=logdir,
-                   test_src_len=test_len)
+    def report(lp, m):
+        row = {"epoch": lp.epoch, "step": lp.step, "train_seconds": round(lp.train_seconds, 3), **m}
+        return row, (f"{name} epoch {lp.epoch}: step {lp.step}, train loss {lp.train_loss:.4f}, held-out exact "
+                     f"match {m['exact_match']:.4f} (char accuracy {m['char_accuracy']:.4f}), "
+                     f"{lp.train_seconds:.1f} s training")
+
+    def step(batch):
+        loss, norm = trainer.train_step(batch)
+        return {"loss": loss, "grad_norm": norm}          # the norm is read only when logged
+
+    rounds = (Round(batcher.batches(e), len(batcher), f"{name} epoch {e + 1}/{args.epochs}", e + 1)
+              for e in range(loop.epoch, args.epochs))
+    metrics = loop.run(step, rounds, evaluate=evaluate, eval_every=args.eval_every, report=report, log_every=20,
+                       max_steps=args.max_steps)
+    metrics.update(epochs=loop.epoch, train_seconds=loop.train_seconds, reached_target_s=reached, logdir=logdir,
+                   test_src_len=max(len(s) for s in task.test.sources))
     return metrics
 
 
