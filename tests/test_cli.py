@@ -404,7 +404,7 @@ def test_rl_never_saves_a_nonfinite_agent(tmp_path):
         def state_dict(self):
             return {"net": {"w": self.w}}
 
-    with pytest.raises(TR.NonFiniteError, match="parameters are not finite after episode 1; no checkpoint"):
+    with pytest.raises(TR.NonFiniteError, match="state are not finite after episode 1; no checkpoint"):
         rl.train_agent(Agent(), rl.make_env("corridor"), 3, logdir=str(tmp_path), checkpoint_every=1, desc="pg")
     assert not [f for f in os.listdir(tmp_path / "checkpoints") if f.endswith(".safetensors")]
 

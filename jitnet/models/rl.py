@@ -4,8 +4,9 @@
 CartPole-v1 (any environment id with discrete actions works through ``--env``); ``--env corridor`` uses the
 tiny built-in :class:`CorridorEnv`, which needs no Gymnasium. The agents live in
 :mod:`jitnet.models.policy_gradient` and :mod:`jitnet.models.dqn`; this module holds what they share:
-exploration schedules, environment creation (Gymnasium imported lazily), the episode loop with logging,
-checkpoints and a plot of the returns.
+exploration schedules, environment creation (Gymnasium imported lazily), the episode loop (an episode is one
+step of the shared :class:`~jitnet.models._train.Loop`: progress, logs, checkpoints, resume) and a plot of the
+returns.
 
 An agent offers ``act(obs) -> int``, ``observe(obs, action, reward, next_obs, terminated, truncated)``
 (called after every environment step; returns a loss when it learned), ``state_dict()`` /
@@ -23,13 +24,13 @@ import os
 import sys
 import time
 from collections import deque
+from types import SimpleNamespace
 
 import numpy as np
 
 import jitnet as jn
 
-from .. import lowp as _lowp
-from ._train import ArgumentParser, NonFiniteError, add_device_args, apply_smoke, setup_device
+from ._train import ArgumentParser, Loop, Round, add_device_args, apply_smoke, setup_device
 
 __all__ = ["LinearSchedule", "ExponentialSchedule", "ConstantSchedule", "make_schedule", "CorridorEnv",
            "make_env", "env_spaces", "mlp", "greedy_action", "explore_action", "make_optimizer", "train_agent",
@@ -227,120 +228,61 @@ def explore_action(greedy, n_actions, epsilon):
 # the episode loop
 # --------------------------------------------------------------------------------------------------------------
 
-class _Progress:
-    """A tqdm bar over episodes on stderr, or a line every few seconds when tqdm is missing or disabled."""
-
-    def __init__(self, total, enabled=True, desc="train"):
-        self.total, self.enabled, self.desc = total, enabled, desc
-        self.bar, self._last, self._n = None, 0.0, 0
-        if enabled:
-            try:
-                from tqdm import tqdm
-                self.bar = tqdm(total=total, desc=desc, unit="ep", dynamic_ncols=True, file=sys.stderr)
-            except ImportError:
-                pass
-
-    def update(self, info):
-        """Advance by one episode and show ``info`` (a dict)."""
-        self._n += 1
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(info, refresh=False)
-        elif time.perf_counter() - self._last > 5.0 or self._n == self.total:
-            self._last = time.perf_counter()
-            items = " ".join(f"{k}={v}" for k, v in info.items())
-            print(f"{self.desc} [{self._n}/{self.total}] {items}", file=sys.stderr, flush=True)
-
-    def close(self):
-        """Close the bar."""
-        if self.bar is not None:
-            self.bar.close()
-
-
 def train_agent(agent, env, episodes, *, seed=None, target=None, window=100, max_steps=None, logdir=None,
-                progress=False, checkpoint_every=0, on_episode=None, desc="train"):
+                progress=False, checkpoint_every=0, on_episode=None, desc="train", resume=False):
     """Run ``episodes`` episodes (stopping early once the ``window``-episode mean return reaches ``target``).
 
-    Logs each episode's return to TensorBoard and ``returns.csv`` and writes checkpoints under ``logdir``
-    (when given). Returns a dict: returns (list), steps, seconds, solved_episode (or None), mean_return.
+    Each episode is one step of the shared :class:`~jitnet.models._train.Loop`, its loss the mean of its updates'
+    losses (a non-finite one stops the run). With ``logdir`` each episode's return goes to TensorBoard and
+    ``returns.csv``, and the agent is saved every ``checkpoint_every`` episodes and at the end (never with
+    non-finite parameters: that stops the run); ``resume`` first restores the latest checkpoint there, and the
+    episode count continues from it. Returns a dict: returns (list), steps, seconds, solved_episode (or None),
+    mean_return.
     """
-    writer = csv = saver = None
-    if logdir:
-        os.makedirs(logdir, exist_ok=True)
-        writer = jn.io.SummaryWriter(logdir)
-        csv = jn.io.CSVLogger(os.path.join(logdir, "returns.csv"),
-                              fieldnames=["episode", "return", "length", "mean_return", "steps", "seconds"])
-        saver = jn.io.Saver(os.path.join(logdir, "checkpoints"), max_to_keep=3)
-    bar = _Progress(episodes, progress, desc)
+    loop = Loop(desc, agent, logdir, SimpleNamespace(resume=resume), unit="episode", csv="returns.csv",
+                csv_fields=["episode", "return", "length", "mean_return", "steps", "seconds"],
+                checkpoint_every=checkpoint_every, progress="bar" if progress else "off")
     returns, recent = [], deque(maxlen=window)
     steps, solved = 0, None
     t0 = time.perf_counter()
-    obs, _ = env.reset(seed=seed)
-    try:
-        for ep in range(episodes):
-            if ep:
-                obs, _ = env.reset()
-            total, length, done = 0.0, 0, False
-            while not done:
-                a = agent.act(obs)
-                nxt, r, terminated, truncated, _ = env.step(a)
-                length += 1
-                if max_steps is not None and length >= max_steps:
-                    truncated = True
-                agent.observe(obs, a, r, nxt, terminated, truncated)
-                total += r
-                obs = nxt
-                done = terminated or truncated
-            steps += length
-            returns.append(total)
-            recent.append(total)
-            mean = float(np.mean(recent))
-            elapsed = time.perf_counter() - t0
-            if writer is not None:
-                writer.add_scalar("episode/return", total, ep)
-                writer.add_scalar("episode/length", length, ep)
-                writer.add_scalar(f"episode/mean_return_{window}", mean, ep)
-                csv.log(episode=ep, **{"return": total}, length=length, mean_return=mean, steps=steps,
-                        seconds=round(elapsed, 3))
-            bar.update({"ret": f"{total:.0f}", f"avg{window}": f"{mean:.1f}", "steps": steps})
-            if on_episode is not None:
-                on_episode(ep, total, mean)
-            if saver is not None and checkpoint_every and (ep + 1) % checkpoint_every == 0:
-                _save_finite(saver, agent, ep + 1, desc)
-            if target is not None and len(recent) == window and mean >= target:
-                solved = ep + 1
-                break
-    finally:
-        bar.close()
-        seconds = time.perf_counter() - t0
-        if saver is not None and returns and _tree_finite(agent.state_dict()):
-            saver.save(agent.state_dict(), len(returns))          # a diverged agent keeps the last good one
-        if writer is not None:
-            writer.close()
-            csv.close()
-    return {"returns": returns, "steps": steps, "seconds": seconds, "solved_episode": solved,
+
+    def episode(_):
+        nonlocal steps, solved
+        ep = loop.step                           # episodes before this one
+        obs, _ = env.reset(seed=seed) if not returns else env.reset()
+        total, length, done, losses = 0.0, 0, False, []
+        while not done:
+            a = agent.act(obs)
+            nxt, r, terminated, truncated, _ = env.step(a)
+            length += 1
+            if max_steps is not None and length >= max_steps:
+                truncated = True
+            loss = agent.observe(obs, a, r, nxt, terminated, truncated)
+            if loss is not None:
+                losses.append(loss)
+            total += r
+            obs = nxt
+            done = terminated or truncated
+        steps += length
+        returns.append(total)
+        recent.append(total)
+        mean = float(np.mean(recent))
+        loop.writer.add_scalar("episode/return", total, ep)
+        loop.writer.add_scalar("episode/length", length, ep)
+        loop.writer.add_scalar(f"episode/mean_return_{window}", mean, ep)
+        loop.csv.log(episode=ep, **{"return": total}, length=length, mean_return=mean, steps=steps,
+                     seconds=round(time.perf_counter() - t0, 3))
+        if on_episode is not None:
+            on_episode(ep, total, mean)
+        if target is not None and len(recent) == window and mean >= target:
+            solved = len(returns)
+            loop.stop()
+        return {"loss": float(np.mean(losses)) if losses else None, "ret": f"{total:.0f}",
+                f"avg{window}": f"{mean:.1f}", "steps": steps}
+
+    loop.run(episode, [Round(range(episodes), episodes, desc)])
+    return {"returns": returns, "steps": steps, "seconds": time.perf_counter() - t0, "solved_episode": solved,
             "mean_return": float(np.mean(recent)) if recent else float("nan")}
-
-
-def _tree_finite(tree):
-    """Return whether every float array in a nested dict of tensors/arrays is finite."""
-    if isinstance(tree, dict):
-        return all(_tree_finite(v) for v in tree.values())
-    a = tree.numpy() if hasattr(tree, "numpy") else np.asarray(tree)
-    return not _lowp.is_floating(a.dtype) or bool(np.isfinite(a).all())
-
-
-def _save_finite(saver, agent, episode, desc):
-    """Save the agent's state as checkpoint ``episode``; raise NonFiniteError (saving nothing) when not finite."""
-    state = agent.state_dict()
-    if not _tree_finite(state):
-        last = saver.latest_checkpoint()
-        raise NonFiniteError(f"{desc}: training diverged: the agent's parameters are not finite after episode "
-                             f"{episode}; " + (f"the last good checkpoint is {last} (nothing was saved after it)"
-                                               if last else "no checkpoint was saved") + ". A smaller --lr may help")
-    saver.save(state, episode)
 
 
 def plot_returns(returns, path, window=100, title=None):
@@ -422,17 +364,13 @@ def parse_agent_args(p, argv, **smoke):
 def run_agent(name, args, agent, env):
     """Train ``agent`` on ``env`` as the parsed command-line ``args`` say, print the result; return the exit code."""
     logdir = args.logdir or os.path.join("runs", name)
-    if args.resume:
-        path = jn.io.latest_checkpoint(os.path.join(logdir, "checkpoints"))
-        if path is None:
-            print(f"{name}: no checkpoint to resume from in {logdir}/checkpoints", file=sys.stderr)
-            return 2
-        agent.load_state_dict(jn.io.load(path))
-        print(f"resumed from {path}")
+    if args.resume and jn.io.latest_checkpoint(os.path.join(logdir, "checkpoints")) is None:
+        print(f"{name}: no checkpoint to resume from in {logdir}/checkpoints", file=sys.stderr)
+        return 2
     target = args.target if args.target is not None and args.target >= 0 else None
     res = train_agent(agent, env, args.episodes, seed=args.seed, target=target, window=args.window,
                       max_steps=args.max_episode_steps, logdir=logdir, progress=not args.no_progress,
-                      checkpoint_every=args.checkpoint_every, desc=name)
+                      checkpoint_every=args.checkpoint_every, desc=name, resume=args.resume)
     n = len(res["returns"])
     sps = res["steps"] / res["seconds"] if res["seconds"] > 0 else float("nan")
     if res["solved_episode"] is not None:
@@ -447,8 +385,6 @@ def run_agent(name, args, agent, env):
           + (", returns.png)" if png else "; pip install matplotlib for returns.png)"))
     env.close()
     return 0
-
-
 
 
 def make_optimizer(name, params, lr):
