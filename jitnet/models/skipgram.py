@@ -16,6 +16,7 @@ are :mod:`jitnet.data.word2vec` and the evaluation scores :mod:`jitnet.data.word
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -35,7 +36,7 @@ from ._train import NonFiniteError
 
 _gpu = LazyModule("jitnet.kernels_skipgram_gpu")     # the CUDA kernel, loaded by a run on a GPU only
 
-__all__ = ["SkipGram", "warm_fast_kernel", "SkipGramModel", "train_model"]
+__all__ = ["SkipGram", "warm_fast_kernel", "SkipGramModel", "train_model", "pair_batches"]
 
 
 class SkipGram:
@@ -92,73 +93,82 @@ class SkipGram:
         after each chunk. On a GPU (after :meth:`to`) the CUDA form of the kernel runs with ``threads`` parts
         (default: one per sentence, at most 4096), the corpus moved to the device once.
         """
-        if self.device.type == "cuda":
-            return self._train_fast_cuda(sentences_ids, bounds, raw_words, epochs, window, negative, alpha,
-                                         min_alpha, sample, ns_exponent, threads, chunk_words, progress)
-        import numba
-        old = jn.get_num_threads()
-        jn.set_num_threads(min(threads or old, numba.config.NUMBA_NUM_THREADS))
-        try:
-            ids = np.ascontiguousarray(sentences_ids, np.int32)
-            bounds = np.ascontiguousarray(bounds, np.int64)
-            cum = unigram_table(self.vocab.counts, ns_exponent)
-            guide = noise_guide(cum)
-            sample_int = sample_ints(keep_probabilities(self.vocab.counts, sample))
-            w_in, w_out = self.vectors, self.out_weights.numpy()
-            nparts = jn.get_num_threads()
-            states = (np.arange(nparts, dtype=np.uint64) * np.uint64(7919) + np.uint64(self.seed * 1000003 + 1))
-            n_words = int(bounds[-1])
-            total = max(1, n_words * epochs)
-            # big chunks: few barriers between the threads (the progress bar moves once per chunk)
-            chunk_words = chunk_words or max(MAX_SENTENCE * 8 * nparts, n_words // 20)
-            cuts = _chunk_cuts(bounds, chunk_words)
-            kept = 0
-            t0 = time.perf_counter()
-            for ep in range(epochs):
-                for a, b in zip(cuts[:-1], cuts[1:]):
-                    pos0 = ep * n_words + int(bounds[a])
-                    kept += int(sg_ns_train_chunk(ids, bounds, a, b, w_in, w_out, cum, guide, sample_int, window,
-                                                  negative, alpha, min_alpha, pos0, total, states))
-                    if progress is not None:
-                        progress((pos0 + bounds[b] - bounds[a]) / total)
-            sec = time.perf_counter() - t0
-        finally:
-            jn.set_num_threads(old)
-        self._normed = None
-        words = raw_words * epochs
-        return {"words": words, "effective_words": kept, "seconds": sec, "words_per_s": words / max(sec, 1e-9)}
+        stats = {"words": raw_words * epochs, "effective_words": 0, "seconds": 0.0, "words_per_s": 0.0}
+        for chunk in self.fast_chunks(sentences_ids, bounds, raw_words, epochs, window, negative, alpha, min_alpha,
+                                      sample, ns_exponent, threads, chunk_words):
+            stats = chunk()
+            if progress is not None:
+                progress(stats["done"])
+        return {k: stats[k] for k in ("words", "effective_words", "seconds", "words_per_s")}
 
-    def _train_fast_cuda(self, sentences_ids, bounds, raw_words, epochs, window, negative, alpha, min_alpha,
-                         sample, ns_exponent, threads, chunk_words, progress):
+    def fast_chunks(self, sentences_ids, bounds, raw_words, epochs=5, window=5, negative=5, alpha=0.025,
+                    min_alpha=0.0001, sample=1e-3, ns_exponent=0.75, threads=None, chunk_words=None):
+        """Return :meth:`train_fast`'s work as a list of chunks of sentences to run in order, each a function that
+        trains its chunk and returns the statistics so far: {done (the fraction), words, effective_words (counted
+        after the last chunk, None before), seconds, words_per_s}."""
         ids = np.ascontiguousarray(sentences_ids, np.int32)
         bounds = np.ascontiguousarray(bounds, np.int64)
+        n_words = int(bounds[-1])
+        total, words = max(1, n_words * epochs), raw_words * epochs
         cum = unigram_table(self.vocab.counts, ns_exponent)
+        sample_int = sample_ints(keep_probabilities(self.vocab.counts, sample))
+        runner = self._cuda_chunk_runner if self.device.type == "cuda" else self._cpu_chunk_runner
+        run, cuts, count_kept = runner(ids, bounds, cum, sample_int, window, negative, alpha, min_alpha, total,
+                                       threads, chunk_words)
+        plan = [(ep * n_words + int(bounds[a]), a, b) for ep in range(epochs) for a, b in zip(cuts[:-1], cuts[1:])]
+        start = []                       # the clock starts with the first chunk
+
+        def chunk(k):
+            pos0, a, b = plan[k]
+            start.append(start[0] if start else time.perf_counter())
+            run(a, b, pos0)
+            self._normed = None
+            sec = time.perf_counter() - start[0]
+            return {"done": (pos0 + bounds[b] - bounds[a]) / total, "words": words,
+                    "effective_words": count_kept() if k == len(plan) - 1 else None, "seconds": sec,
+                    "words_per_s": words / max(sec, 1e-9)}
+        return [functools.partial(chunk, k) for k in range(len(plan))]
+
+    def _cpu_chunk_runner(self, ids, bounds, cum, sample_int, window, negative, alpha, min_alpha, total, threads,
+                          chunk_words):
+        import numba
+        nparts = min(threads or jn.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+        guide = noise_guide(cum)
+        w_in, w_out = self.vectors, self.out_weights.numpy()
+        states = (np.arange(nparts, dtype=np.uint64) * np.uint64(7919) + np.uint64(self.seed * 1000003 + 1))
+        # big chunks: few barriers between the threads (the progress bar moves once per chunk)
+        cuts = _chunk_cuts(bounds, chunk_words or max(MAX_SENTENCE * 8 * nparts, int(bounds[-1]) // 20))
+        kept = []
+
+        def run(a, b, pos0):
+            old = jn.get_num_threads()
+            jn.set_num_threads(nparts)
+            try:
+                kept.append(int(sg_ns_train_chunk(ids, bounds, a, b, w_in, w_out, cum, guide, sample_int, window,
+                                                  negative, alpha, min_alpha, pos0, total, states)))
+            finally:
+                jn.set_num_threads(old)
+        return run, cuts, lambda: sum(kept)
+
+    def _cuda_chunk_runner(self, ids, bounds, cum, sample_int, window, negative, alpha, min_alpha, total, threads,
+                           chunk_words):
         n_sent = len(bounds) - 1
         nparts = max(1, threads or min(n_sent, 4096))
         states = (np.arange(nparts, dtype=np.uint64) * np.uint64(7919) + np.uint64(self.seed * 1000003 + 1))
         n_words = int(bounds[-1])
-        total = max(1, n_words * epochs)
         cuts = _chunk_cuts(bounds, chunk_words or max(n_words, 1))
         maxlen = max(1, int(np.diff(bounds).max())) if n_sent else 1
         d = jn.cuda.to_device            # the corpus and tables once; nothing moves per chunk
         args = [d(a) for a in (ids, bounds)]
-        tables = [d(a) for a in (cum, noise_guide(cum), sample_ints(keep_probabilities(self.vocab.counts, sample)))]
+        tables = [d(a) for a in (cum, noise_guide(cum), sample_int)]
         st, kept, done = d(states), d(np.zeros(nparts, np.int64)), d(np.zeros(1, np.int64))
         buf, work = jn.cuda.empty((nparts, maxlen), np.int32), jn.cuda.empty((nparts, self.dim), np.float32)
         w_in, w_out = self.embeddings._data, self.out_weights._data
-        t0 = time.perf_counter()
-        for ep in range(epochs):
-            for a, b in zip(cuts[:-1], cuts[1:]):
-                pos0 = ep * n_words + int(bounds[a])
-                _gpu.train_chunk(*args, a, b, w_in, w_out, *tables, window, negative, alpha, min_alpha, pos0, total,
-                              st, kept, done, buf, work)
-                if progress is not None:
-                    progress((pos0 + bounds[b] - bounds[a]) / total)
-        n_kept = int(jn.cuda.to_host(kept).sum())          # waits for the kernels
-        sec = time.perf_counter() - t0
-        self._normed = None
-        words = raw_words * epochs
-        return {"words": words, "effective_words": n_kept, "seconds": sec, "words_per_s": words / max(sec, 1e-9)}
+
+        def run(a, b, pos0):
+            _gpu.train_chunk(*args, a, b, w_in, w_out, *tables, window, negative, alpha, min_alpha, pos0, total,
+                             st, kept, done, buf, work)
+        return run, cuts, lambda: int(jn.cuda.to_host(kept).sum())          # waits for the kernels
 
     # ---- queries ---------------------------------------------------------------------------------------------
 
@@ -320,14 +330,34 @@ def train_model(model, ids, epochs=1, batch_size=128, window=5, sample=1e-3, lr_
                 progress=None, max_steps=None, bounds=None, rank=0, world_size=1):
     """Train a :class:`SkipGramModel` on subsampled dynamic-window pairs; return the list of step losses.
 
-    Each epoch subsamples ``ids``, makes the pairs, shuffles them and runs steps of ``batch_size``; with
+    The steps are those of :func:`pair_batches` (same arguments); ``progress(loss)`` is called after each.
+    """
+    losses = []
+    for centers, labels, rng in pair_batches(model, ids, epochs, batch_size, window, sample, lr_end, seed,
+                                             max_steps, bounds, rank, world_size):
+        loss = float(model.train_step(centers, labels, rng).item())
+        if not math.isfinite(loss):
+            raise NonFiniteError(f"skipgram: training diverged: the loss is {loss} at step {len(losses) + 1}; a "
+                                 f"smaller learning rate may help")
+        losses.append(loss)
+        if progress is not None:
+            progress(loss)
+    return losses
+
+
+def pair_batches(model, ids, epochs=1, batch_size=128, window=5, sample=1e-3, lr_end=None, seed=0, max_steps=None,
+                 bounds=None, rank=0, world_size=1):
+    """Yield the inputs (centers, labels, rng) of each training step of a :class:`SkipGramModel`, having set the
+    learning rate for that step.
+
+    Each epoch subsamples ``ids``, makes the pairs, shuffles them and cuts steps of ``batch_size``; with
     ``lr_end`` the learning rate decays linearly to it over all steps. With ``world_size`` > 1 (data-parallel,
     the model's optimizer a :class:`jitnet.distributed.DistributedOptimizer`) every rank draws the same pairs
     and order from ``seed`` and trains on its strided share (``batch_size // world_size`` pairs) of each batch.
     """
     rng = np.random.default_rng(seed)
     keep = keep_probabilities(model.sg.vocab.counts, sample)
-    losses, step = [], 0
+    step = 0
     lr0 = model.opt.param_groups[0]["lr"]
     for _ in range(epochs):
         if bounds is None:
@@ -346,20 +376,13 @@ def train_model(model, ids, epochs=1, batch_size=128, window=5, sample=1e-3, lr_
         total = steps * epochs if max_steps is None else min(max_steps, steps * epochs)
         for i in range(steps):
             if max_steps is not None and step >= max_steps:
-                return losses
+                return
             if lr_end is not None:
                 for g in model.opt.param_groups:
                     g["lr"] = lr0 + (lr_end - lr0) * step / max(total, 1)
             idx = perm[i * batch_size:(i + 1) * batch_size]
             if world_size > 1:
                 idx = idx[rank::world_size]
-            loss = float(model.train_step(c[idx], x[idx], rng).item())
-            if not math.isfinite(loss):
-                raise NonFiniteError(f"skipgram: training diverged: the loss is {loss} at step {step + 1}; a "
-                                     f"smaller learning rate may help")
-            losses.append(loss)
+            yield c[idx], x[idx], rng
             step += 1
-            if progress is not None:
-                progress(loss)
     model.sg._normed = None
-    return losses

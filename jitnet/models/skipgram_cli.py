@@ -1,5 +1,6 @@
 """The ``skipgram`` training command: corpora, the evaluation files it looks for, the 2-D plot, and the command
-line (the embeddings and the training loops are :mod:`jitnet.models.skipgram`).
+line. The embeddings, the fast path's chunks of sentences and the model path's batches of pairs are
+:mod:`jitnet.models.skipgram`; both paths run on the shared :class:`~jitnet.models._train.Loop`.
 
     python -m jitnet train skipgram --corpus PATH|text8|enwiki-test|lee [--dim 100 --window 5 --negative 5
                                     --min-count 5 --epochs N --threads 2 --fast|--model] --logdir D
@@ -7,7 +8,6 @@ line (the embeddings and the training loops are :mod:`jitnet.models.skipgram`).
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 import numpy as np
@@ -15,12 +15,9 @@ import numpy as np
 import jitnet as jn
 from jitnet.data import datasets as D
 from jitnet.data.word2vec import Vocab, encode_sentences, sentences_from_tokens
-from jitnet.lazy import LazyModule
-from ._train import (ArgumentParser, Progress, UsageError, add_device_args, add_distributed_arg, apply_smoke,
+from ._train import (ArgumentParser, Loop, Round, UsageError, add_device_args, add_distributed_arg, apply_smoke,
                      setup_device, setup_distributed)
-from .skipgram import SkipGram, SkipGramModel, train_model, warm_fast_kernel
-
-dist = LazyModule("jitnet.distributed")      # MPI data parallelism, loaded by a distributed run only
+from .skipgram import SkipGram, SkipGramModel, pair_batches, warm_fast_kernel
 
 __all__ = ["gensim_test_file", "smoke_corpus", "load_corpus", "pca_2d", "plot_embeddings", "evaluate_all", "train_skipgram",
            "TRAINERS"]
@@ -194,25 +191,13 @@ def train_skipgram(argv=None):
     if device.type != "cpu":
         sg.to(device)                     # the matrices live on the device; the corpus follows once
     if args.path == "fast":
-        bar = None
-        if not args.no_progress:
-            try:
-                from tqdm import tqdm
-                bar = tqdm(total=100, desc="skipgram (fast)", unit="%", file=sys.stderr, dynamic_ncols=True,
-                           bar_format="{l_bar}{bar}| {n:.0f}/{total}% [{elapsed}<{remaining}]")
-            except ImportError:
-                pass
-
-        def progress(frac):
-            if bar is not None:
-                bar.update(100 * frac - bar.n)
-        # compile (or load from the disk cache) before timing
-        warm_fast_kernel(sg)
-        stats = sg.train_fast(ids, bounds, raw, epochs=args.epochs, window=args.window, negative=args.negative,
-                              alpha=args.alpha or 0.025, min_alpha=args.min_alpha, sample=args.sample,
-                              threads=args.threads, progress=progress)
-        if bar is not None:
-            bar.close()
+        warm_fast_kernel(sg)              # compile (or load from the disk cache) before timing
+        chunks = sg.fast_chunks(ids, bounds, raw, epochs=args.epochs, window=args.window, negative=args.negative,
+                                alpha=args.alpha or 0.025, min_alpha=args.min_alpha, sample=args.sample,
+                                threads=args.threads)
+        stats = {}
+        loop = Loop("skipgram", None, None, args, unit="chunk")     # a step trains one chunk of sentences
+        loop.run(lambda chunk: stats.update(chunk()), [Round(chunks, len(chunks), "skipgram (fast)")])
         print(f"skipgram: {args.epochs} epochs, {stats['words']} words in {stats['seconds']:.1f} s: "
               f"{stats['words_per_s']:,.0f} words/s ({stats['effective_words']} after subsampling)", flush=True)
     else:
@@ -220,19 +205,18 @@ def train_skipgram(argv=None):
             jn.set_num_threads(args.threads)
         model = SkipGramModel(sg, loss=args.loss, num_sampled=args.num_sampled, negative=args.negative,
                               lr=args.alpha or 1.0)
-        if world > 1:
-            model.opt = dist.DistributedOptimizer(model.opt)        # rank 0's initial vectors on every rank
-        n_pairs_est = int(bounds[-1]) * args.window
-        steps = n_pairs_est // args.batch_size * args.epochs
+        # on several ranks the loop gives every rank rank 0's initial vectors (a DistributedOptimizer)
+        loop = Loop("skipgram", model, None, args, hint="A smaller --alpha may help")
+        steps = int(bounds[-1]) * args.window // args.batch_size * args.epochs      # about: pairs are drawn
         if args.max_steps:
             steps = min(steps, args.max_steps)
-        bar = Progress(steps, f"skipgram (model, {args.loss})", enabled=not args.no_progress, quiet=not lead)
+        batches = pair_batches(model, ids, args.epochs, args.batch_size, args.window, args.sample,
+                               lr_end=(args.alpha or 1.0) * 0.01, seed=args.seed, max_steps=args.max_steps,
+                               bounds=bounds, rank=args.rank, world_size=world)
         t1 = time.perf_counter()
-        losses = train_model(model, ids, args.epochs, args.batch_size, args.window, args.sample,
-                             lr_end=(args.alpha or 1.0) * 0.01, seed=args.seed, progress=bar.update,
-                             max_steps=args.max_steps, bounds=bounds, rank=args.rank, world_size=world)
-        bar.close()
+        loop.run(lambda batch: model.train_step(*batch), [Round(batches, steps, f"skipgram (model, {args.loss})")])
         sec = time.perf_counter() - t1
+        losses = loop.losses
         if losses:
             k = max(1, len(losses) // 10)
             print(f"skipgram: {len(losses)} steps in {sec:.1f} s, loss {np.mean(losses[:k]):.3f} -> "
