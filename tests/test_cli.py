@@ -357,36 +357,143 @@ def test_skip_nonfinite_undoes_the_bad_steps(tmp_path, capsys):
     assert all(np.isfinite(v).all() for v in ck.values() if v.dtype.kind == "f")
 
 
-class _NanModel:
-    """A model whose every step returns a NaN loss (no compiles): drives the other training loops."""
+class _Model:
+    """A model for the training loop's tests (no compiles): step k returns ``losses[k]`` (1.0 past the end) and
+    records the first weight it saw; ``net`` and ``opt`` are what its checkpoints hold."""
 
-    def __init__(self):
+    def __init__(self, losses=(), seed=0):
         import jitnet.nn as nn
+        jitnet.random.seed(seed)
         self.net = nn.Linear(2, 2)
         self.opt = jitnet.optim.SGD(self.net.parameters(), lr=0.1)
+        self.losses, self.seen = list(losses), []
 
     def train_step(self, *batch):
-        return jitnet.tensor(np.float32(np.nan))
+        self.seen.append(float(self.net.W.numpy()[0, 0]))
+        return jitnet.tensor(np.float32(self.losses.pop(0) if self.losses else 1.0))
+
+    def batches(self, loader):
+        return iter(loader)
+
+    def evaluate(self, *data):
+        return {}
 
 
-def test_dnc_and_seq2seq_loops_stop_on_a_nonfinite_loss(tmp_path):
+class _Agent:
+    """An RL agent for the loop's tests: always moves right; each episode's update returns the next of ``losses``."""
+
+    def __init__(self, losses=(), w=1.0):
+        self.w, self.losses = np.full(3, w, np.float32), list(losses)
+
+    def act(self, obs):
+        return 1
+
+    def observe(self, obs, action, reward, next_obs, terminated, truncated):
+        if terminated or truncated:
+            return self.losses.pop(0) if self.losses else 1.0
+        return None
+
+    def state_dict(self):
+        return {"net": {"w": self.w}}
+
+    def load_state_dict(self, flat):
+        self.w = np.array(flat["net/w"])
+
+
+def _vision(tmp_path, losses):
+    from jitnet.models import vision as V
+    args = V.TRAINERS["mlp"].parser().parse_args(["--batch-size", "2", "--epochs", "1", "--no-progress"])
+    x, y = np.zeros((8, 1, 2, 2), np.float32), np.zeros(8, np.int64)
+    return lambda: TR.fit(_Model(losses), args, (x, y, x, y), str(tmp_path), "mlp")
+
+
+def _seq2seq(tmp_path, losses):
     from jitnet.data import seq_tasks as T
-    from jitnet.models import dnc_cli as dnc
     from jitnet.models import _seq2seq_cli as seq2seq
 
-    args = dnc.copy_parser().parse_args(["--steps", "4", "--eval-every", "2", "--no-progress"])
-    with pytest.raises(TR.NonFiniteError, match=r"dnc: training diverged: the loss is nan at step 1; no checkpoint"):
-        dnc._fit_steps(_NanModel(), args, "dnc", str(tmp_path / "dnc"), lambda: (), dict)
-
-    class Trainer(_NanModel):
+    class Trainer(_Model):
         def train_step(self, batch):
-            return jitnet.tensor(np.float32(np.inf)), jitnet.tensor(np.float32(0))
+            return super().train_step(), jitnet.tensor(np.float32(0))
 
-    task = T.reverse_task(40, 8, seed=0)
-    args = seq2seq.reverse_parser().parse_args(["--batch-size", "8", "--no-progress", "--logdir",
-                                                str(tmp_path / "s2s")])
-    with pytest.raises(TR.NonFiniteError, match=r"s2s: training diverged: the loss is inf at epoch 1, batch 1"):
-        seq2seq.fit(Trainer(), task, args, "s2s")
+    args = seq2seq.reverse_parser().parse_args(["--batch-size", "8", "--no-progress", "--logdir", str(tmp_path)])
+    return lambda: seq2seq.fit(Trainer(losses), T.reverse_task(40, 8, seed=0), args, "seq2seq-reverse")
+
+
+def _dnc(tmp_path, losses):
+    from jitnet.models import dnc_cli as dnc
+    args = dnc.copy_parser().parse_args(["--steps", "4", "--eval-every", "2", "--no-progress"])
+    return lambda: dnc._fit_steps(_Model(losses), args, "dnc-copy", str(tmp_path), lambda: (), dict)
+
+
+def _rl(tmp_path, losses):
+    from jitnet.models import rl
+    return lambda: rl.train_agent(_Agent(losses), rl.make_env("corridor"), 4, logdir=str(tmp_path),
+                                  desc="pg-cartpole")
+
+
+def _skipgram(tmp_path, losses, monkeypatch):
+    from jitnet.models import skipgram_cli as CLI
+
+    class Model(CLI.SkipGramModel):
+        def train_step(self, centers, labels, rng=None):
+            return jitnet.tensor(np.float32(losses.pop(0) if losses else 1.0))
+
+    monkeypatch.setattr(CLI, "SkipGramModel", Model)
+    return lambda: CLI.train_skipgram(["--smoke", "--model", "--no-progress", "--logdir", str(tmp_path)])
+
+
+#: each family's training run on the shared loop, and how its messages place step 2
+FAMILIES = {"vision": (_vision, "mlp", r"epoch 1, batch 2 \(step 2\)"),
+            "seq2seq": (_seq2seq, "seq2seq-reverse", r"epoch 1, batch 2 \(step 2\)"),
+            "dnc": (_dnc, "dnc-copy", "step 2"), "rl": (_rl, "pg-cartpole", "episode 2"),
+            "skipgram": (_skipgram, "skipgram", "step 2")}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_one_nonfinite_loss_stops_every_family_the_same_way(family, tmp_path, monkeypatch, capsys):
+    make, name, where = FAMILIES[family]
+    loops, run_loop = [], TR.Loop.run
+
+    def spy(loop, *a, **k):
+        loops.append(loop.name)
+        return run_loop(loop, *a, **k)
+    monkeypatch.setattr(TR.Loop, "run", spy)
+    extra = (monkeypatch,) if family == "skipgram" else ()
+    run = make(tmp_path, [0.5, float("nan")], *extra)          # the second step's loss is NaN
+    with pytest.raises(TR.NonFiniteError, match=rf"^{name}: training diverged: the loss is nan at {where}[;.]"):
+        run()
+    assert loops == [name]                                      # the family's steps ran in the shared loop
+    assert not list(tmp_path.glob("checkpoints/*.safetensors"))     # nothing saved after the bad step
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_the_loop_resumes_the_step_count_of_two_families(tmp_path, capsys):
+    from jitnet.models import dnc_cli as dnc
+    from jitnet.models import rl
+    logdir = str(tmp_path / "dnc")
+    first = _Model(seed=0)
+    args = dnc.copy_parser().parse_args(["--steps", "2", "--eval-every", "2", "--no-progress"])
+    assert dnc._fit_steps(first, args, "dnc-copy", logdir, lambda: (), dict)["step"] == 2
+    saved = float(first.net.W.numpy()[0, 0])
+    again = _Model(seed=1)
+    assert float(again.net.W.numpy()[0, 0]) != saved
+    args = dnc.copy_parser().parse_args(["--steps", "4", "--eval-every", "2", "--no-progress", "--resume"])
+    assert dnc._fit_steps(again, args, "dnc-copy", logdir, lambda: (), dict)["step"] == 4
+    assert again.seen == [saved, saved]                         # restored before its first step; 2 more steps
+    assert [r.split(",")[0] for r in open(os.path.join(logdir, "metrics.csv")).read().split()[1:]] == ["2", "4"]
+    assert f"dnc-copy: resumed from {os.path.join(logdir, 'checkpoints', 'ckpt-2.safetensors')} (step 2)" \
+        in capsys.readouterr().out
+
+    logdir = str(tmp_path / "rl")
+    env = rl.make_env("corridor")
+    rl.train_agent(_Agent(w=2.0), env, 2, logdir=logdir, checkpoint_every=1, desc="pg")
+    agent = _Agent(w=5.0)
+    res = rl.train_agent(agent, env, 2, logdir=logdir, checkpoint_every=1, desc="pg", resume=True)
+    assert agent.w.tolist() == [2.0] * 3 and len(res["returns"]) == 2
+    assert jn_latest(logdir).endswith("ckpt-4.safetensors")        # episodes 3 and 4, not 1 and 2 again
+    assert [r.split(",")[0] for r in open(os.path.join(logdir, "returns.csv")).read().split()[1:]] == \
+        ["0", "1", "2", "3"]
+    assert "pg: resumed from" in capsys.readouterr().out
 
 
 def test_rl_never_saves_a_nonfinite_agent(tmp_path):
