@@ -195,7 +195,7 @@ def train_skipgram(argv=None):
         chunks = sg.fast_chunks(ids, bounds, raw, epochs=args.epochs, window=args.window, negative=args.negative,
                                 alpha=args.alpha or 0.025, min_alpha=args.min_alpha, sample=args.sample,
                                 threads=args.threads)
-        stats = {}
+        stats = {"words": 0, "effective_words": 0, "seconds": 0.0, "words_per_s": 0.0}    # (--epochs 0)
         loop = Loop("skipgram", None, None, args, unit="chunk")     # a step trains one chunk of sentences
         loop.run(lambda chunk: stats.update(chunk()), [Round(chunks, len(chunks), "skipgram (fast)")])
         print(f"skipgram: {args.epochs} epochs, {stats['words']} words in {stats['seconds']:.1f} s: "
