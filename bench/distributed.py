@@ -1,7 +1,7 @@
 """Data-parallel training over MPI: collective throughput and the cost of data parallelism on the same cores.
 
     python bench/distributed.py [--quick] [--models mlp cnn_mnist] [--steps 200] [--cnn-steps 40]
-                                [--bucket-bytes N] [--repeats 3] [--compare-shm] [--json out]
+                                [--bucket-bytes N] [--repeats 3] [--json out]
 
 1. Allreduce of float32 buffers from 1 KiB to 64 MiB between 2 ranks (``mpiexec -n 2``): mpi4py's own
    ``comm.Allreduce(a, b)`` against jitnet's ``distributed.allreduce(t, "sum", out=o)`` on the same buffers,
@@ -57,7 +57,7 @@ def _threads_env(n):
     return env
 
 
-def _run_worker(args, ranks, threads, env=None):
+def _run_worker(args, ranks, threads):
     """Run this file as a worker (under mpiexec when ``ranks`` > 1); return what rank 0 wrote (JSON)."""
     fd, out = tempfile.mkstemp(suffix=".json")
     os.close(fd)
@@ -65,7 +65,7 @@ def _run_worker(args, ranks, threads, env=None):
     if ranks > 1:
         cmd = [_mpiexec(), "-n", str(ranks)] + cmd
     try:
-        subprocess.run(cmd, check=True, env=dict(_threads_env(threads), **(env or {})))
+        subprocess.run(cmd, check=True, env=_threads_env(threads))
         with open(out) as f:
             return json.load(f)
     finally:
@@ -198,9 +198,6 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="fresh runs of each training configuration")
     p.add_argument("--bucket-bytes", type=int, default=None,
                    help="DistributedOptimizer's bucket size (default: jitnet.distributed.DEFAULT_BUCKET_BYTES)")
-    p.add_argument("--compare-shm", action="store_true",
-                   help="also run each 2-rank job with JITNET_MPI_SHM=0 (gradient buckets on MPI_Allreduce "
-                        "instead of the shared-memory window), alternating with the default")
     p.add_argument("--skip-allreduce", action="store_true")
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--json", default=None)
@@ -242,24 +239,18 @@ def main(argv=None):
             common = ["--task", name, "--steps", str(steps), "--warmup", "6" if args.quick else "8"]
             if args.bucket_bytes is not None:
                 common += ["--bucket-bytes", str(args.bucket_bytes)]
-            one, two, two_mpi = [], [], []
+            one, two = [], []
             for _ in range(args.repeats):
                 one.append(_run_worker(common + ["--threads", "2"], 1, 2))
                 two.append(_run_worker(common + ["--threads", "1"], 2, 1))
-                if args.compare_shm:            # the same job with the buckets on MPI_Allreduce
-                    two_mpi.append(_run_worker(common + ["--threads", "1"], 2, 1, {"JITNET_MPI_SHM": "0"}))
             e1 = statistics.median(r["ex_s"] for r in one)
             e2 = statistics.median(r["ex_s"] for r in two)
             comm = statistics.median(r["comm_ms"] for r in two)
             step2 = statistics.median(r["step_ms"] for r in two)
-            row = {"model": name, "batch": BATCH[name], "1x2 ex/s": e1, "2x1 ex/s": e2,
-                   "ratio 2x1/1x2": e2 / e1, "goal": ">=0.9x", "met": "met" if e2 / e1 >= 0.9 else "not met",
-                   "grad MB": two[0]["grad_bytes"] / 1e6, "buckets": two[0]["buckets"],
-                   "2x1 step ms": step2, "allreduce ms": comm, "comm share": f"{comm / step2:.1%}"}
-            if two_mpi:
-                row["ratio, MPI_Allreduce buckets"] = statistics.median(r["ex_s"] for r in two_mpi) / e1
-                row["allreduce ms, MPI_Allreduce"] = statistics.median(r["comm_ms"] for r in two_mpi)
-            train.append(row)
+            train.append({"model": name, "batch": BATCH[name], "1x2 ex/s": e1, "2x1 ex/s": e2,
+                          "ratio 2x1/1x2": e2 / e1, "goal": ">=0.9x", "met": "met" if e2 / e1 >= 0.9 else "not met",
+                          "grad MB": two[0]["grad_bytes"] / 1e6, "buckets": two[0]["buckets"],
+                          "2x1 step ms": step2, "allreduce ms": comm, "comm share": f"{comm / step2:.1%}"})
         table(train, title="training throughput, 2 ranks x 1 thread (MPI, per-rank batch B/2) vs 1 rank x 2 "
                            f"threads (batch B); median of {args.repeats} fresh runs each")
         out["train"] = train
