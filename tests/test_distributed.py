@@ -182,11 +182,6 @@ def test_allreduce_into_out_on_every_path(tmp_path):
     np.testing.assert_array_equal(res["overlap"], 3 * base)
     np.testing.assert_array_equal(res["mean"], 2.5 * base)
     np.testing.assert_array_equal(res["max"], 3 * base)
-    # both ranks on this machine: gradient buckets go through the shared-memory window, and sum as MPI does
-    assert bool(res["node_reducer"]) == (os.environ.get("JITNET_MPI_SHM", "1") != "0")
-    for i in range(5):
-        assert res[f"bucket{i}"].dtype == res[f"bucket{i}/mpi"].dtype
-        np.testing.assert_array_equal(res[f"bucket{i}"], res[f"bucket{i}/mpi"])
 
 
 @pytest.mark.slow

@@ -66,114 +66,13 @@ def launched_by_mpi(environ=None) -> bool:
 # --------------------------------------------------------------------------------------------------------------
 
 class _Context:
-    __slots__ = ("MPI", "comm", "rank", "size", "watchdog", "Allreduce", "SUM", "IN_PLACE", "node")
+    __slots__ = ("MPI", "comm", "rank", "size", "watchdog", "Allreduce", "SUM", "IN_PLACE")
 
     def __init__(self, MPI, comm, timeout):
         self.MPI, self.comm = MPI, comm
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self.Allreduce, self.SUM, self.IN_PLACE = comm.Allreduce, MPI.SUM, MPI.IN_PLACE
         self.watchdog = _Watchdog(self, timeout) if timeout and self.size > 1 else None
-        self.node = _NodeReducer.for_job(self)
-
-
-class _NodeReducer:
-    """Gradient buckets summed in an MPI-3 shared-memory window, when every rank of the job is on one machine.
-
-    ``MPI_Win_allocate_shared`` gives the ranks of a node one block of memory they all map. A bucket is then
-    reduced the way MPI libraries reduce inside a node, with jitnet's own packing as the first copy: each rank
-    packs its (scaled) gradients straight into its row of the window; after a barrier each rank sums its
-    1/N slice of the bucket over the N rows (in rank order: every rank reads the same result, bit for bit) into
-    the result row; after a second barrier each copies the result out. The window holds two such sets of rows
-    and the calls alternate between them, so a rank may start the next bucket while another still copies the
-    last result out: two barriers a bucket, no third. Ordering is MPI's (``MPI_Win_sync`` around
-    ``MPI_Barrier`` inside a ``MPI_Win_lock_all`` epoch), so this is MPI's shared memory, not another transport.
-
-    Jobs across machines use ``MPI_Allreduce``; so does any job with ``JITNET_MPI_SHM=0`` (BENCHMARKS.md
-    compares the two).
-    """
-
-    __slots__ = ("ctx", "comm", "win", "base", "cap", "parity", "views", "lo", "hi")
-
-    @classmethod
-    def for_job(cls, ctx):
-        """Return the reducer for ``ctx``'s job, or None (one rank, several machines, or JITNET_MPI_SHM=0)."""
-        if ctx.size < 2 or os.environ.get("JITNET_MPI_SHM", "1") in ("0", "false", "no"):
-            return None
-        MPI = ctx.MPI
-        node = ctx.comm.Split_type(MPI.COMM_TYPE_SHARED)        # collective: every rank makes the same choice
-        if node.Get_size() != ctx.size:
-            node.Free()
-            return None
-        return cls(ctx, node)
-
-    def __init__(self, ctx, node):
-        self.ctx, self.comm = ctx, node
-        self.win, self.base, self.cap, self.parity, self.views = None, None, 0, 0, {}
-
-    def _reserve(self, nbytes):
-        """Make the window hold buckets of ``nbytes`` (collective: every rank plans the same buckets)."""
-        MPI, n = self.ctx.MPI, self.ctx.size
-        cap = max(nbytes, 1 << 16)
-        cap = (cap + 63) // 64 * 64
-        if self.win is not None:
-            self.win.Unlock_all()
-            self.win.Free()
-        size = 2 * (n + 1) * cap
-        self.win = MPI.Win.Allocate_shared(size if self.comm.Get_rank() == 0 else 0, 1, comm=self.comm)
-        self.win.Lock_all(MPI.MODE_NOCHECK)
-        buf, _ = self.win.Shared_query(0)
-        self.base = np.ndarray(buffer=buf, dtype=np.uint8, shape=(size,))
-        self.cap, self.views = cap, {}
-
-    def _views(self, total, dtype):
-        key = (total, dtype.str)
-        v = self.views.get(key)
-        if v is None:
-            nbytes = total * dtype.itemsize
-            if nbytes > self.cap:
-                self._reserve(nbytes)
-            n, r = self.ctx.size, self.ctx.rank
-            rows = [[self.base[((p * (n + 1)) + k) * self.cap:][:nbytes].view(dtype) for k in range(n + 1)]
-                    for p in (0, 1)]
-            lo, hi = total * r // n, total * (r + 1) // n
-            v = self.views[key] = (rows, lo, hi)
-        return v
-
-    def reduce(self, arrays, total, average):
-        """Return a new flat array: the sum (or mean) over the ranks of ``arrays`` packed in order."""
-        c = self.ctx
-        dtype = arrays[0].dtype
-        rows, lo, hi = self._views(total, dtype)
-        p = self.parity
-        self.parity = p ^ 1
-        ins = rows[p]
-        mine, res = ins[c.rank], ins[-1]
-        scale = dtype.type(1.0 / c.size)
-        o = 0
-        for a in arrays:
-            m = a.size
-            if average:
-                np.multiply(a.reshape(-1), scale, out=mine[o:o + m])
-            else:
-                mine[o:o + m] = a.reshape(-1)
-            o += m
-        win, barrier = self.win, self.comm.Barrier
-        _enter(c, "allreduce (gradient bucket)")
-        win.Sync()
-        barrier()
-        win.Sync()
-        n = c.size
-        part = res[lo:hi]
-        np.add(ins[0][lo:hi], ins[1][lo:hi], out=part)
-        for k in range(2, n):
-            np.add(part, ins[k][lo:hi], out=part)
-        win.Sync()
-        barrier()
-        win.Sync()
-        _leave(c)
-        out = np.empty(total, dtype)
-        np.copyto(out, res)
-        return out
 
 
 _CTX: _Context | None = None
@@ -363,8 +262,6 @@ def _bucket_cpu(*arrays, average=True):
     total = 0
     for a in arrays:
         total += a.size
-    if c.node is not None:
-        return c.node.reduce(arrays, total, average)
     out = np.empty(total, arrays[0].dtype)
     scale = out.dtype.type(1.0 / c.size)
     o = 0
