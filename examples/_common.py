@@ -3,7 +3,7 @@ import sys
 import time
 
 import jitnet as jn
-from jitnet.models.vision import TRAINERS
+from jitnet.models.vision_cli import TRAINERS
 
 
 def run_classifier(name, defaults, goal):

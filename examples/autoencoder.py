@@ -9,7 +9,7 @@ import argparse
 import sys
 
 import jitnet as jn
-from jitnet.models.vision import autoencoder_parser, run_autoencoder
+from jitnet.models.vision_cli import autoencoder_parser, run_autoencoder
 
 
 def main():

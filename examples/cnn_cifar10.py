@@ -15,7 +15,7 @@ import tempfile
 import numpy as np
 
 import jitnet as jn
-from jitnet.models.vision import TRAINERS
+from jitnet.models.vision_cli import TRAINERS
 
 
 def write_synthetic_cifar(root, n_per_file, seed=0):

@@ -251,18 +251,18 @@ def test_readme_flags_match_the_cli():
     import re
     import shlex
     from jitnet.__main__ import build_parser
-    from jitnet.models import vision as V
+    from jitnet.models import vision_cli as VC
     with open(os.path.join(os.path.dirname(__file__), os.pardir, "README.md")) as f:
         readme = f.read()
-    known = set(V.TRAINERS["mlp"].parser()._option_string_actions) | set(build_parser()._option_string_actions)
+    known = set(VC.TRAINERS["mlp"].parser()._option_string_actions) | set(build_parser()._option_string_actions)
     for act in build_parser()._subparsers._group_actions[0].choices.values():
         known |= set(act._option_string_actions)
     prose = set(re.findall(r"`(--[a-z][a-z-]*)", readme))
     assert prose and prose <= known, sorted(prose - known)
     for line in readme.splitlines():                  # every documented classifier command line parses
         m = re.search(r"python -m jitnet train (\w+)( [^#`]*)?", line)
-        if m and m.group(1) in V.TRAINERS and hasattr(V.TRAINERS[m.group(1)], "parser"):
-            V.TRAINERS[m.group(1)].parser().parse_args(shlex.split(m.group(2) or ""))
+        if m and m.group(1) in VC.TRAINERS and hasattr(VC.TRAINERS[m.group(1)], "parser"):
+            VC.TRAINERS[m.group(1)].parser().parse_args(shlex.split(m.group(2) or ""))
 
 
 def test_compile_notice_is_shown_while_compiling_and_only_then(monkeypatch):
@@ -313,9 +313,9 @@ _COMMON = ["--limit", "200", "--test-limit", "100", "--batch-size", "50", "--see
 
 @pytest.mark.slow              # trains the MLP through the CLI twice (~20 s cold)
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
-    from jitnet.models import vision as V
+    from jitnet.models import vision_cli as VC
     logdir = str(tmp_path / "run")
-    assert V.TRAINERS["mlp"](_COMMON + ["--epochs", "1", "--logdir", logdir]) == 0
+    assert VC.TRAINERS["mlp"](_COMMON + ["--epochs", "1", "--logdir", logdir]) == 0
     good = jn_latest(logdir)
     assert good.endswith("ckpt-4.safetensors")
     capsys.readouterr()
@@ -337,18 +337,19 @@ def jn_latest(logdir):
 @pytest.mark.slow              # trains the MLP through the CLI (~20 s cold)
 def test_skip_nonfinite_undoes_the_bad_steps(tmp_path, capsys):
     from jitnet.models import vision as V
+    from jitnet.models import vision_cli as VC
     rng = np.random.default_rng(0)
     x = rng.random((200, 1, 28, 28), dtype=np.float32)
     y = rng.integers(0, 10, 200)
     x[17, 0, 3, 3] = np.nan                       # one poisoned example: one bad batch per epoch
     data = (x, y, x[:100].copy(), y[:100])
     data[2][17] = 0.5
-    stop = V.TRAINERS["mlp"].parser().parse_args(_COMMON + ["--epochs", "2"])
+    stop = VC.TRAINERS["mlp"].parser().parse_args(_COMMON + ["--epochs", "2"])
     with pytest.raises(TR.NonFiniteError, match=r"the loss is nan at epoch 1, batch \d \(step \d\); no checkpoint"):
         TR.fit(V.MLP(lr=1e-3), stop, data, str(tmp_path / "stop"), "mlp")
     assert jn_latest(str(tmp_path / "stop")) is None
 
-    args = V.TRAINERS["mlp"].parser().parse_args(_COMMON + ["--epochs", "2", "--skip-nonfinite", "2"])
+    args = VC.TRAINERS["mlp"].parser().parse_args(_COMMON + ["--epochs", "2", "--skip-nonfinite", "2"])
     m = TR.fit(V.MLP(lr=1e-3), args, data, str(tmp_path / "skip"), "mlp")
     assert m["skipped_steps"] == 2 and m["step"] == 6 and np.isfinite(m["test_loss"])
     assert "mlp: skipped 2 steps with a non-finite loss or state" in capsys.readouterr().err
@@ -401,8 +402,8 @@ class _Agent:
 
 
 def _vision(tmp_path, losses):
-    from jitnet.models import vision as V
-    args = V.TRAINERS["mlp"].parser().parse_args(["--batch-size", "2", "--epochs", "1", "--no-progress"])
+    from jitnet.models import vision_cli as VC
+    args = VC.TRAINERS["mlp"].parser().parse_args(["--batch-size", "2", "--epochs", "1", "--no-progress"])
     x, y = np.zeros((8, 1, 2, 2), np.float32), np.zeros(8, np.int64)
     return lambda: TR.fit(_Model(losses), args, (x, y, x, y), str(tmp_path), "mlp")
 

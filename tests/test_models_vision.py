@@ -7,6 +7,7 @@ import pytest
 
 import jitnet as jn
 from jitnet.models import vision as V
+from jitnet.models import vision_cli as VC
 
 
 def _images(n, c=1, hw=28, seed=0):
@@ -78,12 +79,12 @@ def _csv_rows(logdir):
 def test_cli_resume_continues_steps_and_optimizer(tmp_path):
     common = ["--limit", "200", "--test-limit", "100", "--batch-size", "50", "--no-progress", "--seed", "3"]
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    assert V.TRAINERS["mlp"](common + ["--epochs", "1", "--logdir", a]) == 0
-    assert V.TRAINERS["mlp"](common + ["--epochs", "2", "--logdir", a, "--resume"]) == 0
+    assert VC.TRAINERS["mlp"](common + ["--epochs", "1", "--logdir", a]) == 0
+    assert VC.TRAINERS["mlp"](common + ["--epochs", "2", "--logdir", a, "--resume"]) == 0
     rows = _csv_rows(a)
     assert [int(r["step"]) for r in rows] == [4, 8]
     assert [int(r["epoch"]) for r in rows] == [1, 2]
-    assert V.TRAINERS["mlp"](common + ["--epochs", "2", "--logdir", b]) == 0   # the same run uninterrupted
+    assert VC.TRAINERS["mlp"](common + ["--epochs", "2", "--logdir", b]) == 0   # the same run uninterrupted
     ra = jn.io.load(jn.io.latest_checkpoint(os.path.join(a, "checkpoints")))
     rb = jn.io.load(jn.io.latest_checkpoint(os.path.join(b, "checkpoints")))
     assert sorted(ra) == sorted(rb)
@@ -119,7 +120,7 @@ def test_cifar_pipeline_on_binary_files(tmp_path):
     assert losses[-1] < losses[0], losses
     logdir = str(tmp_path / "run")
     args = ["--data-dir", str(tmp_path), "--epochs", "1", "--batch-size", "20", "--logdir", logdir, "--no-progress"]
-    assert V.TRAINERS["cnn_cifar"](args) == 0
+    assert VC.TRAINERS["cnn_cifar"](args) == 0
     rows = _csv_rows(logdir)
     assert int(rows[0]["step"]) == 5 and 0 <= float(rows[0]["test_accuracy"]) <= 1
 

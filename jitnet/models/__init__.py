@@ -10,7 +10,7 @@ from ..lazy import LazyModule
 __all__ = ["trainers", "get_trainer"]
 
 # loaded when a command asks for them (``python -m jitnet train NAME``), not when jitnet.models is imported
-_TRAINER_MODULES = (LazyModule("jitnet.models.vision"), LazyModule("jitnet.models.policy_gradient"),
+_TRAINER_MODULES = (LazyModule("jitnet.models.vision_cli"), LazyModule("jitnet.models.policy_gradient"),
                     LazyModule("jitnet.models.dqn"), LazyModule("jitnet.models.sequence"))
 
 
