@@ -186,3 +186,71 @@ def test_copy_into_writes_strided_views_of_every_rank(shape):
     expect = np.zeros_like(dst)
     expect[tuple(slice(1, s + 1) for s in shape)] = src
     np.testing.assert_array_equal(dst, expect)
+
+
+def _driver_kernels(seg):
+    """The Numba dispatchers a driver's source calls (its generated kernels k<i> and kernels_cpu's K.<name>)."""
+    import re
+    from jitnet import kernels_cpu as K
+    g = seg.function().py_func.__globals__
+    found = [g[n] for n in re.findall(r"\b(k\d+)\(", seg.source)] + \
+        [getattr(K, n) for n in re.findall(r"\bK\.(\w+)\(", seg.source)]
+    out = []
+    for d in found:
+        for x in (d, getattr(d, "serial", None), getattr(d, "parallel", None)):
+            if hasattr(x, "signatures"):
+                out.append(x)
+    return out
+
+
+def test_drivers_reuse_the_kernels_of_the_python_steps():
+    # A driver that passes a bare constant (a reduction code, an optimizer or mask flag) makes Numba compile a
+    # Literal[...] specialization of the kernel beside the one the Python steps use (seconds for the fused LSTM
+    # kernels); a slice written with an array setitem compiles Numba's shape-error formatting (3 s a process).
+    from numba.core import event, types
+    compiled = []
+
+    class Listener(event.Listener):
+        def on_start(self, ev):
+            compiled.append(getattr(getattr(ev.data.get("dispatcher"), "py_func", None), "__qualname__", ""))
+
+        def on_end(self, ev):
+            pass
+    rng = np.random.default_rng(4)
+    H = 3
+    x = jn.tensor(rng.standard_normal((4, 6), dtype=np.float32))
+    y = jn.tensor(np.arange(4) % 3)
+    w_ih = jn.Parameter(rng.standard_normal((6, 4 * H)).astype(np.float32) * 0.3)
+    w_hh = jn.Parameter(rng.standard_normal((H, 4 * H)).astype(np.float32) * 0.3)
+    b = jn.Parameter(np.zeros(4 * H, np.float32))
+    head = jn.Parameter(rng.standard_normal((H, 3)).astype(np.float32))
+    params = [w_ih, w_hh, b, head]
+    opt = jn.optim.RMSProp(params, lr=1e-2, momentum=0.9, centered=True)
+    mask = jn.tensor(np.array([1, 1, 0, 1], np.uint8))
+
+    def step(x, y):
+        opt.zero_grad()
+        s = F.lstm_step(x @ w_ih, jn.zeros((4, 6 * H)), w_hh, b, mask)
+        logits = s[:, :H] @ head                        # a slice: its gradient is written into a zero array
+        loss = F.cross_entropy(logits, y) + jn.sum(jn.softmax(logits, -1)[:, 0])
+        loss.backward()
+        opt.step()
+        return loss
+    js = jn.jit(step)
+    lst = Listener()
+    event.register("numba:compile", lst)
+    try:
+        losses = [js(x, y).item() for _ in range(3)]
+    finally:
+        event.unregister("numba:compile", lst)
+    assert all(np.isfinite(losses))
+    (comp,) = js._cache.values()
+    segs = getattr(comp.plan, "segments", [])
+    assert segs and all(getattr(s, "error", None) is None for s in segs)
+    kernels = [d for s in segs for d in _driver_kernels(s)]
+    names = {d.py_func.__name__ for d in kernels}
+    assert {"nn_lstm_step", "rmsprop_update"} <= names, names
+    for d in kernels:
+        for sig in d.signatures:
+            assert not any(isinstance(t, types.Literal) for t in sig), (d.py_func.__qualname__, sig)
+    assert not [c for c in compiled if "raise_with_shape_context" in c], compiled
