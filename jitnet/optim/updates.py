@@ -20,6 +20,7 @@ from .. import bounds
 from .. import kernels_cpu as K
 from ..autodiff.core import Primitive, apply
 from ..autodiff.sparse import unique_sum
+from .. import kernelgen
 from ..kernelgen import PARALLEL_THRESHOLD
 from ..compiler import native as _native
 from ..kernels_scalar import adam_scalars as _adam_scalars_jit
@@ -87,7 +88,8 @@ def _par(size):
 
 
 def _native_update(kernel, n_state, h_fn, flags=()):
-    """Native-driver emitter of a dense update: ``kernel(p, g, *state, h, *flags)``, ``h`` built in the driver.
+    """Native-driver emitter of a dense update: ``kernel(p, g, *state, h, *flags)``, ``h`` built in the driver;
+    ``flags`` are functions of the node's params returning each flag's value.
 
     ``h_fn(params, scalar_sources)`` returns the source of the packed scalars: a list of expressions, or
     ``(njit function, argument sources)`` for a shared kernels_scalar function the driver calls."""
@@ -100,7 +102,7 @@ def _native_update(kernel, n_state, h_fn, flags=()):
         state = [f"{a[2 + i]}.reshape(-1)" for i in range(n_state)]
         h = h_fn(n.params, [f"np.float64({v}[()])" for v in a[2 + n_state:]])
         h = f"[{', '.join(h)}]" if isinstance(h, list) else f"{_native.use_kernel(kernels, h[0])}({', '.join(h[1])})"
-        fl = [f"np.bool_({f(n.params)})" for f in flags]     # not a literal (kernelgen.flag_source)
+        fl = [kernelgen.flag_source(bool(f(n.params))) for f in flags]
         return [f"_h = np.array({h}, {_native.dtype_source(p.dtype)})",
                 f"{kname}({a[0]}.reshape(-1), np.ascontiguousarray({a[1]}).reshape(-1), "
                 f"{', '.join(state + ['_h'] + fl)})",
@@ -194,7 +196,7 @@ def _sgd_h(P, s):
 
 _sgd_plain_native = _native_update("sgd_update", 1,
                                    lambda P, s: [s[0], _f(P.get("weight_decay", 0.0)), "0.0", "1.0"],
-                                   (lambda P: "False", lambda P: "False"))
+                                   (lambda P: False, lambda P: False))
 
 
 def _sgd_native(n, a, o, kernels):
@@ -205,8 +207,8 @@ def _sgd_native(n, a, o, kernels):
 SGD_UPDATE = _update_prim("sgd_update", _sgd_impl, (0,), _sgd_cuda, _sgd_native)
 SGD_MOMENTUM_UPDATE = _update_prim(
     "sgd_momentum_update", _sgd_momentum_impl, (0, 2), _sgd_momentum_cuda,
-    _native_update("sgd_update", 1, _sgd_h, (lambda P: repr(bool(P.get("nesterov"))),
-                                             lambda P: repr(P.get("momentum", 0.0) != 0))))
+    _native_update("sgd_update", 1, _sgd_h, (lambda P: P.get("nesterov"),
+                                             lambda P: P.get("momentum", 0.0) != 0)))
 SGD_SPARSE_UPDATE = _update_prim("sgd_sparse_update", _sgd_sparse_impl, (0,), _sgd_sparse_cuda)
 SGD_MOMENTUM_SPARSE_UPDATE = _update_prim("sgd_momentum_sparse_update", _sgd_momentum_sparse_impl, (0, 3),
                                           _sgd_momentum_sparse_cuda)
@@ -334,8 +336,7 @@ def _rms_h(P, s):
 
 
 def _rmsprop_native(centered, momentum):
-    inner = _native_update("rmsprop_update", 3, _rms_h, (lambda P: repr(bool(centered)),
-                                                         lambda P: repr(bool(momentum))))
+    inner = _native_update("rmsprop_update", 3, _rms_h, (lambda P: centered, lambda P: momentum))
 
     def emit(n, a, o, kernels):
         # inputs: p, g, ms, [mg], [mom], lr; the kernel always takes ms, mg, mom (p stands in for absent ones)
