@@ -50,6 +50,7 @@ _F32 = np.dtype(np.float32)
 LOWER = frozenset({"matmul", "conv2d", "conv2d_grad_input", "conv2d_grad_weight"})
 #: numerically sensitive primitives: float16/bfloat16 inputs are cast up to float32
 FLOAT32 = frozenset({"softmax", "log_softmax", "logsumexp", "cross_entropy_int", "cross_entropy_int_grad",
+                     "cross_entropy_int_reduced", "cross_entropy_int_reduced_grad",
                      "cross_entropy_prob", "cross_entropy_prob_grad", "exp", "log", "log1p", "power",
                      "reciprocal", "softplus", "cumulative", "bn_moments"})
 #: the ``reduce`` row's operations that run in float32 (max and min round nothing: they keep the dtype)

@@ -805,6 +805,21 @@ def nn_xent_int(x, labels, out):
     return bad if bad < m else -1
 
 
+@njit(cache=True, fastmath=_FM, inline="always")
+def _nn_xent_grad_row(x, i, lab, gi, out):
+    """out[i] = gi * (softmax(x[i]) - onehot(lab)); a row of 0 for a negative label, of NaN for lab >= classes."""
+    n = x.shape[1]
+    if lab < 0 or lab >= n:
+        fill = 0.0 if lab < 0 else np.nan
+        for j in range(n):
+            out[i, j] = fill
+        return
+    lse = _nn_row_lse(x, i)
+    for j in range(n):
+        out[i, j] = gi * math.exp(x[i, j] - lse)
+    out[i, lab] -= gi
+
+
 @njit(cache=True, fastmath=_FM, parallel=True, nogil=True)
 def nn_xent_int_grad(x, labels, g, out):
     """out[i] = g[i] * (softmax(x[i]) - onehot(labels[i])) (a zero row where the label is negative); return the
@@ -814,18 +829,58 @@ def nn_xent_int_grad(x, labels, g, out):
     bad = m
     for i in prange(m):
         lab = labels[i]
-        if lab < 0 or lab >= n:
-            fill = 0.0 if lab < 0 else np.nan
-            for j in range(n):
-                out[i, j] = fill
-            if lab >= n:
-                bad = min(bad, i)
-            continue
-        lse = _nn_row_lse(x, i)
-        gi = g[i]
-        for j in range(n):
-            out[i, j] = gi * math.exp(x[i, j] - lse)
-        out[i, lab] -= gi
+        if lab >= n:
+            bad = min(bad, i)
+        _nn_xent_grad_row(x, i, lab, g[i], out)
+    return bad if bad < m else -1
+
+
+@njit(cache=True, fastmath=_FM, parallel=True, nogil=True)
+def nn_xent_int_reduced(x, labels, mean, out):
+    """out[0] = the sum (mean: the mean) of logsumexp(x[i]) - x[i, labels[i]] over the rows whose label is not
+    negative, summed in float64 (a mean over no counted row: 0, over no rows at all: NaN); return the position
+    of the first label >= the class count (out[0] is then NaN), or -1. The cross entropy's usual reductions in
+    one pass: no per-row losses, no count, no scale."""
+    n = x.shape[1]
+    m = x.shape[0]
+    bad = m
+    s = 0.0
+    cnt = 0
+    for i in prange(m):
+        lab = labels[i]
+        if lab >= n:
+            bad = min(bad, i)
+        elif lab >= 0:
+            s += np.float64(_nn_row_lse(x, i) - x[i, lab])
+            cnt += 1
+    if bad < m:
+        out[0] = np.nan
+        return bad
+    if mean:
+        out[0] = s / cnt if cnt else (0.0 if m else np.nan)
+    else:
+        out[0] = s
+    return -1
+
+
+@njit(cache=True, fastmath=_FM, parallel=True, nogil=True)
+def nn_xent_int_reduced_grad(x, labels, g, mean, out):
+    """The gradient of ``nn_xent_int_reduced`` scaled by g[0]: out[i] = g[0] (mean: / max(count, 1)) *
+    (softmax(x[i]) - onehot(labels[i])) on the counted rows, 0 on ignored ones; returns as ``nn_xent_int_grad``."""
+    n = x.shape[1]
+    m = x.shape[0]
+    cnt = 0
+    if mean:
+        for i in range(m):
+            if labels[i] >= 0:
+                cnt += 1
+    gi = g[0] / max(cnt, 1) if mean else g[0] * 1.0
+    bad = m
+    for i in prange(m):
+        lab = labels[i]
+        if lab >= n:
+            bad = min(bad, i)
+        _nn_xent_grad_row(x, i, lab, gi, out)
     return bad if bad < m else -1
 
 
@@ -1153,7 +1208,7 @@ def adaptive(disp):
 for _name in ("arg_reduce_last", "logsumexp_last", "cumulative", "take_axis", "take_along_last",
               "put_along_last_add", "one_hot_kernel", "argsort_last", "topk_last", "segment_sum_rows",
               "sgd_sparse_update", "adagrad_sparse_update", "adam_sparse_update", "nn_max_pool2d",
-              "nn_max_pool2d_grad", "nn_avg_pool2d", "nn_avg_pool2d_grad", "nn_xent_int", "nn_xent_int_grad",
+              "nn_max_pool2d_grad", "nn_avg_pool2d", "nn_avg_pool2d_grad", "nn_xent_int", "nn_xent_int_grad", "nn_xent_int_reduced", "nn_xent_int_reduced_grad",
               "nn_xent_prob", "nn_xent_prob_grad"):
     if _name in globals():
         globals()[_name] = Adaptive(globals()[_name])

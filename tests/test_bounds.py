@@ -71,6 +71,10 @@ CASES = {
         jn.matmul(_c(_LOGIT_X), v["w"]), i, reduction="none")),
     "cross_entropy_int_grad": ("cross_entropy", "ignore", "1", lambda i, v: apply(
         F.XENT_INT_GRAD, jn.matmul(_c(_LOGIT_X), v["w"]), i, jn.ones((2,)))),
+    "cross_entropy_int_reduced": ("cross_entropy", "ignore", "1", lambda i, v: F.cross_entropy(
+        jn.matmul(_c(_LOGIT_X), v["w"]), i) * 2.0),
+    "cross_entropy_int_reduced_grad": ("cross_entropy", "ignore", "1", lambda i, v: apply(
+        F.XENT_INT_REDUCED_GRAD, jn.matmul(_c(_LOGIT_X), v["w"]), i, jn.ones(()), mean=False)),
     "sgd_sparse_update": ("sparse update", "error", "1", _sparse("sgd")),
     "sgd_momentum_sparse_update": ("sparse update", "error", "1", _sparse("sgd_momentum")),
     "adagrad_sparse_update": ("sparse update", "error", "1", _sparse("adagrad")),

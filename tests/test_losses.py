@@ -208,3 +208,32 @@ def test_cross_entropy_mean_ignores_negative_labels_under_jit_as_eagerly():
     for _ in range(3):
         np.testing.assert_allclose(gj(x, y).numpy(), ge, atol=1e-12)
     assert (ge[[1, 4]] == 0).all()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_cross_entropy_mean_and_sum_are_one_fused_row_with_exact_gradients(reduction):
+    """The mean (sum) over non-ignored integer labels is one row (XENT_INT_REDUCED) forward and one backward:
+    gradients and second order by central differences with ignored labels and non-contiguous logits; every
+    label ignored gives 0, a mean over no rows NaN; the traced step holds no count, scale or reduce node."""
+    rng = np.random.default_rng(4)
+    xf = rng.normal(size=(4, 7)) * 2
+    x = T64(xf)[:, ::2]                                  # non-contiguous (4, 4) logits
+    y = np.array([3, -1, 0, 2])
+    rows = (np_lse(xf[:, ::2]) - xf[:, ::2][np.arange(4), np.maximum(y, 0)])[y >= 0]
+    ref = rows.mean() if reduction == "mean" else rows.sum()
+    np.testing.assert_allclose(nn.cross_entropy(x, y, reduction=reduction).item(), ref, rtol=1e-12)
+    assert gradcheck(lambda x: nn.cross_entropy(x, y, reduction=reduction), x)
+    assert gradcheck(lambda x: jn.grad(lambda x: nn.cross_entropy(x, y, reduction=reduction) * 3.0)(x) ** 2, x,
+                     atol=1e-4)
+    assert gradcheck(lambda x, s: jn.sum(jn.apply(F.XENT_INT_REDUCED_GRAD, x, jn.tensor(y), s,
+                                                  mean=reduction == "mean") ** 2), x, T64(np.array(1.5)), atol=1e-4)
+    assert nn.cross_entropy(x, np.full(4, -1), reduction=reduction).item() == 0.0
+    empty = nn.cross_entropy(T64(np.zeros((0, 3))), np.zeros(0, np.int64), reduction=reduction).item()
+    assert np.isnan(empty) if reduction == "mean" else empty == 0.0
+    jf = jn.jit(lambda x: nn.cross_entropy(x, y, reduction=reduction))
+    for _ in range(3):                                  # trace, plan, native driver
+        np.testing.assert_allclose(jf(x).item(), ref, rtol=1e-12)
+    (comp,) = jf._cache.values()
+    assert any("cross_entropy_int_reduced" in n for n in comp.plan.step_names) or any(
+        "nn_xent_int_reduced" in s for s in comp.plan.sources), comp.plan.step_names
+    assert not any(n.startswith("reduce") for n in comp.plan.step_names), comp.plan.step_names

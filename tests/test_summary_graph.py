@@ -46,7 +46,7 @@ def test_add_graph_of_a_training_step(tmp_path):
     assert by_name["input_0"].op == "Placeholder"
     assert by_name["net/0/W"].op == "VariableV2"              # variables carry their state-dict names
     assert [d.size for d in by_name["net/0/W"].attr["shape"].shape.dim] == [4, 8]
-    assert {"matmul", "relu", "cross_entropy_int", "sgd_update"} <= set(ops)
+    assert {"matmul", "relu", "cross_entropy_int_reduced", "sgd_update"} <= set(ops)
     first_matmul = next(nd for nd in g.node if nd.op == "matmul")
     assert first_matmul.name.startswith("net/0/")               # ops sit in the scope of the layer they read
     assert list(first_matmul.input) == ["input_0", "net/0/W"]

@@ -22,7 +22,7 @@ from .. import ops
 from .. import random as _random
 from .. import winograd
 from ..autodiff import core as _ad
-from ..autodiff.core import Primitive, apply, current_interpreter
+from ..autodiff.core import Primitive, apply, current_interpreter, no_cuda
 from ..lazy import LazyModule
 from ..lowp import is_floating, is_lowp
 from ..ops import log_softmax, relu, sigmoid, softmax, softplus, tanh
@@ -758,6 +758,25 @@ def _xent_int_grad_impl(x, labels, g):
     return out
 
 
+def _xent_int_reduced_impl(x, labels, mean):
+    out = np.empty(1, x.dtype)
+    labels = _c(labels.astype(np.int64, copy=False))
+    bad = K.nn_xent_int_reduced(_c(x), labels, np.bool_(mean), out)
+    if bad >= 0:
+        raise _label_error(labels, bad, x.shape[1])
+    return out.reshape(())
+
+
+def _xent_int_reduced_grad_impl(x, labels, g, mean):
+    out = np.empty(x.shape, x.dtype)
+    labels = _c(labels.astype(np.int64, copy=False))
+    bad = K.nn_xent_int_reduced_grad(_c(x), labels, np.ascontiguousarray(g, x.dtype).reshape(1), np.bool_(mean),
+                                     out)
+    if bad >= 0:
+        raise _label_error(labels, bad, x.shape[1])
+    return out
+
+
 def _xent_prob_impl(x, p):
     out = np.empty(x.shape[0], x.dtype)
     K.nn_xent_prob(_c(x), _c(p.astype(x.dtype, copy=False)), out)
@@ -836,6 +855,34 @@ XENT_INT_GRAD.vjp = lambda g, ans, ins, needs: (
     * ops.astype(ins[1] >= 0, ins[0].dtype) if needs[2] else None)
 bounds.mark(XENT_INT, i1=("label", "ignore"))
 bounds.mark(XENT_INT_GRAD, i1=("label", "ignore"))
+
+
+def _xent_reduced_weights(labels, dtype, mean):
+    """(rows,) weights of the reduced cross entropy's rows: 1 (mean: 1 / max(count, 1)) on the rows with a label
+    >= 0, 0 on the others, as a graph."""
+    valid = ops.astype(labels >= 0, dtype)
+    return valid / ops.maximum(ops.sum(valid), 1.0) if mean else valid
+
+
+def _xent_int_reduced_grad_vjp(g, ans, ins, needs, mean):
+    """Second order, through the per-row gradient: XENT_INT_REDUCED_GRAD(x, y, s) = XENT_INT_GRAD(x, y, s * w)."""
+    x, y, s = ins
+    w = _xent_reduced_weights(y, x.dtype, mean)
+    dx, _, dgr = XENT_INT_GRAD.vjp(g, None, (x, y, ops.reshape(s, (1,)) * w), needs)
+    return dx, None, ops.sum(dgr * w) if needs[2] else None
+
+
+XENT_INT_REDUCED_GRAD = Primitive("cross_entropy_int_reduced_grad", impl={"cpu": _xent_int_reduced_grad_impl},
+                                  vjp=_xent_int_reduced_grad_vjp)
+XENT_INT_REDUCED = Primitive("cross_entropy_int_reduced", impl={"cpu": _xent_int_reduced_impl},
+                             vjp=lambda g, ans, ins, needs, mean: (
+                                 apply(XENT_INT_REDUCED_GRAD, ins[0], ins[1], g, mean=mean), None))
+bounds.mark(XENT_INT_REDUCED, i1=("label", "ignore"))
+bounds.mark(XENT_INT_REDUCED_GRAD, i1=("label", "ignore"))
+no_cuda("on the GPU the per-row cross entropy's rows are reduced (and scaled) by the graph (cross_entropy)",
+        XENT_INT_REDUCED, XENT_INT_REDUCED_GRAD)
+
+
 XENT_PROB_GRAD = Primitive("cross_entropy_prob_grad", impl={"cpu": _xent_prob_grad_impl,
                                                                   "cuda": _xent_prob_grad_cuda})
 XENT_PROB = Primitive("cross_entropy_prob", impl={"cpu": _xent_prob_impl, "cuda": _xent_prob_cuda},
@@ -849,25 +896,39 @@ XENT_PROB_GRAD.vjp = lambda g, ans, ins, needs: (
     ops.sum(g * (ops.softmax(ins[0]) * ops.sum(ins[1], -1, keepdims=True) - ins[1]), -1) if needs[2] else None)
 
 
-def _xent_int_native(grad):
-    """The native-driver form of the fused cross entropy (and its gradient), with the label check."""
+def _xent_int_native(grad, reduced=False):
+    """The native-driver form of the fused cross entropy (its gradient; the reduced forms), with the label check."""
+    kernel = {(False, False): K.nn_xent_int, (True, False): K.nn_xent_int_grad,
+              (False, True): K.nn_xent_int_reduced, (True, True): K.nn_xent_int_reduced_grad}[grad, reduced]
+
     def emit(n, a, o, kernels):
         x, lab = n.inputs[0], n.inputs[1]
         if x.dtype not in _FLOAT_DTYPES or len(x.shape) != 2 or lab.dtype.kind not in "iu" or len(lab.shape) != 1:
             return None
         if grad and n.inputs[2].dtype != x.dtype:
             return None
-        k = kernelgen.use_kernel(kernels, K.nn_xent_int_grad if grad else K.nn_xent_int, x.size)
+        k = kernelgen.use_kernel(kernels, kernel, x.size)
+        scalar = reduced and not grad                # the reduced kernel writes a (1,) buffer
+        buf = f"_b{o}" if scalar else o
         lines = [f"_l = np.ascontiguousarray({a[1]}).astype(np.int64)",
-                 f"{o} = np.empty({kernelgen.shape_source(n.out.shape)}, {kernelgen.dtype_source(x.dtype)})"]
-        extra = f"np.ascontiguousarray({a[2]}), " if grad else ""
-        lines.append(f"_e = {k}(np.ascontiguousarray({a[0]}), _l, {extra}{o})")
+                 f"{buf} = np.empty({kernelgen.shape_source((1,) if scalar else n.out.shape)}, "
+                 f"{kernelgen.dtype_source(x.dtype)})"]
+        args = [f"np.ascontiguousarray({a[0]})", "_l"]
+        if grad:
+            args.append(f"np.ascontiguousarray({a[2]})" + (".reshape(1)" if reduced else ""))
+        if reduced:
+            args.append(kernelgen.flag_source(bool(n.params["mean"])))
+        lines.append(f"_e = {k}({', '.join(args + [buf])})")
+        if scalar:
+            lines.append(f"{o} = {buf}.reshape(())")
         return lines + bounds.native_raise_lines("_e", "_l", "cross_entropy", "label", x.shape[1], "{} classes")
     return emit
 
 
 XENT_INT.extra["native"] = _xent_int_native(False)
 XENT_INT_GRAD.extra["native"] = _xent_int_native(True)
+XENT_INT_REDUCED.extra["native"] = _xent_int_native(False, True)
+XENT_INT_REDUCED_GRAD.extra["native"] = _xent_int_native(True, True)
 
 
 
@@ -899,6 +960,8 @@ def cross_entropy(logits, labels, reduction="mean", label_smoothing=0.0):
         yv = y.numpy() if _is_eager() and not y.is_cuda else None      # (no copy from the GPU: a label out
                                                                           # of range is reported by the kernel)
         y2 = ops.reshape(y, (-1,))
+        if reduction in ("mean", "sum") and not label_smoothing and not x.is_cuda:     # one fused kernel each way
+            return apply(XENT_INT_REDUCED, x2, y2, mean=reduction == "mean")
         if label_smoothing:
             p = ops.one_hot(y2, c, x.dtype) * (1.0 - label_smoothing) + label_smoothing / c
             loss = apply(XENT_PROB, x2, p)
