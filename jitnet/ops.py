@@ -308,11 +308,11 @@ def _pow_vjp(g, ans, ins, needs):
 
 POW = elementwise("power", "{0} ** {1}", _rule_arith, _pow_vjp)
 MAXIMUM = elementwise("maximum", "maximum_s({0}, {1})", _rule_arith,
-                      lambda g, ans, ins, needs: (where(ins[0] >= ins[1], g, zeros_like(g)),
-                                                  where(ins[0] >= ins[1], zeros_like(g), g)))
+                      lambda g, ans, ins, needs: (where(ins[0] >= ins[1], g, 0),
+                                                  where(ins[0] >= ins[1], 0, g)))
 MINIMUM = elementwise("minimum", "minimum_s({0}, {1})", _rule_arith,
-                      lambda g, ans, ins, needs: (where(ins[0] <= ins[1], g, zeros_like(g)),
-                                                  where(ins[0] <= ins[1], zeros_like(g), g)))
+                      lambda g, ans, ins, needs: (where(ins[0] <= ins[1], g, 0),
+                                                  where(ins[0] <= ins[1], 0, g)))
 EXP = elementwise("exp", "fexp({0})", _rule_float, lambda g, ans, ins, needs: (g * ans,))
 LOG = elementwise("log", "math.log({0}) if {0} > 0 else ({T}(-np.inf) if {0} == 0 else {T}(np.nan))",
                   _rule_float, lambda g, ans, ins, needs: (g / ins[0],))
@@ -330,7 +330,7 @@ TANH = elementwise("tanh", "tanh_v({0})", _rule_float, lambda g, ans, ins, needs
 SIGMOID = elementwise("sigmoid", "sigmoid_s({0}, {T}(1))", _rule_float,
                       lambda g, ans, ins, needs: (g * ans * (1 - ans),))
 RELU = elementwise("relu", "{T}(0) if {0} <= {T}(0) else {0}", _rule_arith,
-                   lambda g, ans, ins, needs: (where(ans > 0, g, zeros_like(g)),))  # ans: fuses with fwd
+                   lambda g, ans, ins, needs: (where(ans > 0, g, 0),))  # ans: fuses with fwd; 0: a scalar
 SOFTPLUS = elementwise("softplus", "softplus_s({0}, {T}(0))", _rule_float,
                        lambda g, ans, ins, needs: (g * sigmoid(ins[0]),))
 FLOOR = elementwise("floor", "math.floor({0})", _rule_arith, None)
@@ -347,7 +347,7 @@ IREMAINDER = elementwise("iremainder", "imod_s({0}, {1})", _rule_arith, None)
 
 def _clip_vjp(g, ans, ins, needs):
     x, lo, hi = ins
-    z = zeros_like(g)
+    z = 0                                   # a scalar operand: no array of zeros to allocate and read
     inside = logical_and(x >= lo, x <= hi)
     return (where(inside, g, z), where(x < lo, g, z) if needs[1] else None,
             where(x > hi, g, z) if needs[2] else None)
@@ -356,8 +356,7 @@ def _clip_vjp(g, ans, ins, needs):
 CLIP = elementwise("clip", "minimum_s(maximum_s({0}, {1}), {2})", _rule_arith, _clip_vjp)
 WHERE = elementwise("where", "({1} if {0} else {2})",
                     lambda dts, p: (_promote(dts[1], dts[2]),) * 2,
-                    lambda g, ans, ins, needs: (None, where(ins[0], g, zeros_like(g)),
-                                                where(ins[0], zeros_like(g), g)))
+                    lambda g, ans, ins, needs: (None, where(ins[0], g, 0), where(ins[0], 0, g)))
 
 _CMP = {}
 for _name, _sym in [("less", "<"), ("less_equal", "<="), ("greater", ">"), ("greater_equal", ">="),
