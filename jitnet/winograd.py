@@ -18,13 +18,12 @@ nu] (one long-K GEMM per position), dg = G^T dU G. It is the exact gradient of t
 
 Layout: the transforms vectorize over channels, so images are NHWC (``to_nhwc`` / ``from_nhwc`` transpose to
 and from NCHW, with the zero padding and the cropping of the last partial tiles), and the transformed tiles
-live in "planes" (a*a, T*N, lanes): plane p holds position p = xi*a + nu of every tile, row n*T + t for tile t
-of image n, so each of the a*a GEMMs reads and writes one contiguous matrix. (Planes whose rows held a whole
-tile, read by the GEMMs through a leading dimension, made the GEMMs 1.5-2x slower than on contiguous operands.)
-The transform kernels are generated for each (m, r) and dtype with the matrices' entries as literals and zero
-terms dropped, written through ``kernelgen.load_source`` (so they are cached on disk like every generated
-kernel): each job transforms one (tile, image) block, LB channels at a time, in two passes (rows, then
-columns) between scratch buffers that stay in L1. Large batches run in chunks (``CHUNK_BYTES``).
+live in "planes": row t*N + n holds tile t of image n as a*a runs of channels, and the GEMMs read position
+(xi, nu) of every row through a leading dimension. The transform kernels are generated for each (m, r) and
+dtype with the matrices' entries as literals and zero terms dropped, written through ``kernelgen.load_source``
+(so they are cached on disk like every generated kernel): each job transforms one (tile, image) block, LB
+channels at a time, in two passes (rows, then columns) between scratch buffers that stay in L1. Large
+batches run in chunks (``CHUNK_BYTES``).
 
 The transforms come from the Toom-Cook construction on the points 0, 1, -1, 2, -2, 1/2, -1/2, ... and infinity
 (``matrices``); B^T is solved exactly (fractions) from the defining identity. Tiles: F(4x4, 3x3) (a = 6) and
@@ -149,18 +148,18 @@ def _separable(name, doc, p1, p2, rin, cin, src_image, tname):
     """Source of a kernel that maps each (rin, cin) block b of its input to P2 b P1^T, per tile and lane.
 
     One side is an image (N, rows, columns, lanes) whose block for tile t of image n starts at (y0, x0); the
-    other is a planes array (positions, T*N, lanes) whose row n*T + t of plane p holds the block's position p as
-    a run of lanes. A job handles one (tile, image) pair, LB lanes at a time: it gathers the block into a scratch buffer,
+    other is a planes matrix whose row t*N + n holds the block's positions one after the other, each a run of
+    lanes. A job handles one (tile, image) pair, LB lanes at a time: it gathers the block into a scratch buffer,
     runs the two passes between scratch buffers at compile-time offsets (LLVM vectorizes them behind a single
-    alias check) and writes the result out in runs of lanes.
+    alias check) and writes the result out in contiguous runs.
     """
     n1, n2 = len(p1), len(p2)
     fm = "{'reassoc', 'nsz', 'arcp', 'contract'}"
-    img = "src" if src_image else "dst"
+    img, pl = ("src", "dst") if src_image else ("dst", "src")
     L = [f"@njit(cache=True, nogil=True, fastmath={fm}, error_model='numpy')",
-         f"def _{name}_job(src, dst, t, n, tx_n, n_tiles, bi, bt):",
+         f"def _{name}_job(src, dst, t, n, tx_n, bi, bt):",
          "    ty = t // tx_n", "    y0 = ty * M", "    x0 = (t - ty * tx_n) * M",
-         f"    nc = {img}.shape[3]", "    row = n * n_tiles + t",
+         f"    nc = {img}.shape[3]", f"    row = t * {img}.shape[0] + n",
          "    for c0 in range(0, nc, LB):", "        nl = min(LB, nc - c0)",
          f"        for i in range({rin}):", f"            for j in range({cin}):",
          f"                o = (i * {cin} + j) * LB"]
@@ -168,8 +167,8 @@ def _separable(name, doc, p1, p2, rin, cin, src_image, tname):
         L += ["                for k in range(nl):",
               "                    bi[o + k] = src[n, y0 + i, x0 + j, u64(c0 + k)]"]
     else:
-        L += ["                for k in range(nl):",
-              f"                    bi[o + k] = src[i * {cin} + j, row, u64(c0 + k)]"]
+        L += [f"                s0 = (i * {cin} + j) * nc + c0", "                for k in range(nl):",
+              "                    bi[o + k] = src[row, u64(s0 + k)]"]
     L += [f"        for i in range({rin}):", f"            b0 = i * {cin * LB}", f"            b1 = i * {n1 * LB}",
           "            for k in range(LB):"]
     L += [f"                v{j} = bi[b0 + {j * LB} + k]" for j in range(cin)]
@@ -182,8 +181,8 @@ def _separable(name, doc, p1, p2, rin, cin, src_image, tname):
     L += [f"        for i in range({n2}):", f"            for j in range({n1}):",
           f"                o = (i * {n1} + j) * LB"]
     if src_image:
-        L += ["                for k in range(nl):",
-              f"                    dst[i * {n1} + j, row, u64(c0 + k)] = bi[o + k]"]
+        L += [f"                d0 = (i * {n1} + j) * nc + c0", "                for k in range(nl):",
+              "                    dst[row, u64(d0 + k)] = bi[o + k]"]
     else:
         L += ["                for k in range(nl):",
               "                    dst[n, y0 + i, x0 + j, u64(c0 + k)] = bi[o + k]"]
@@ -192,7 +191,7 @@ def _separable(name, doc, p1, p2, rin, cin, src_image, tname):
           "    for job in prange(nn * n_tiles):", "        n = job // n_tiles",
           f"        bi = np.empty({max(rin * cin, n1 * n2) * LB}, src.dtype)",
           f"        bt = np.empty({rin * n1 * LB}, src.dtype)",
-          f"        _{name}_job(src, dst, job - n * n_tiles, n, tx_n, n_tiles, bi, bt)", "", ""]
+          f"        _{name}_job(src, dst, job - n * n_tiles, n, tx_n, bi, bt)", "", ""]
     return L
 
 
@@ -299,13 +298,13 @@ def _work(tag, shape, dtype):
     return workspace(int(np.prod(shape)), dtype, "winograd-" + tag).reshape(shape)
 
 
-def _planes(tag, p, rows, lanes, dtype):
-    """A (p, rows, lanes) scratch buffer and its view of the first ``rows`` rows of each plane: each plane is one
-    contiguous GEMM operand. The planes' stride is kept off multiples of 4 KiB, so that a transform job's p runs
-    do not all fall in the same cache sets. The transform kernels take the whole (contiguous) buffer."""
-    rp = rows + (1 if (rows * lanes * np.dtype(dtype).itemsize) % 4096 == 0 else 0)
-    buf = _work(tag, (p, rp, lanes), dtype)
-    return buf, buf[:, :rows]
+def _planes(tag, rows, p, lanes, dtype):
+    """A (rows, p*lanes + pad) scratch buffer and its (p, rows, lanes) view; the row length is kept off
+    multiples of 4 KiB, so the p runs of one row do not all fall in the same cache sets."""
+    rl = p * lanes
+    rl += (-rl) % 16 + 16 if (rl * np.dtype(dtype).itemsize) % 4096 == 0 else 0
+    buf = _work(tag, (rows, rl), dtype)
+    return buf, buf[:, :p * lanes].reshape(rows, p, lanes).transpose(1, 0, 2)
 
 
 def _input_tiles(x, r, pads, m, ty, tx, mod):
@@ -314,7 +313,7 @@ def _input_tiles(x, r, pads, m, ty, tx, mod):
     a = m + r - 1
     xp = _work("xp", (n, ty * m + r - 1, tx * m + r - 1, c), x.dtype)
     to_nhwc(np.ascontiguousarray(x), xp, pads[0][0], pads[1][0])
-    buf, v = _planes("v", a * a, ty * tx * n, c, x.dtype)
+    buf, v = _planes("v", ty * tx * n, a * a, c, x.dtype)
     mod.input_transform(xp, buf, tx, ty * tx)
     return v
 
@@ -347,7 +346,7 @@ def conv2d(x, w, b, pads):
     for n0, n1 in _batch_chunks(n, ty, tx, a, (c, o), x.itemsize):
         k = n1 - n0
         v = _input_tiles(x[n0:n1], r, pads, m, ty, tx, mod)
-        mbuf, mx = _planes("m", a * a, ty * tx * k, o, x.dtype)
+        mbuf, mx = _planes("m", ty * tx * k, a * a, o, x.dtype)
         _gemms(v, u, mx)
         y = _work("y", (k, ty * m, tx * m, o), x.dtype)
         mod.output_transform(mbuf, y, tx, ty * tx)
@@ -370,7 +369,7 @@ def conv2d_grad_weight(x, g, w_shape, pads):
         v = _input_tiles(x[n0:n1], r, pads, m, ty, tx, mod)
         gp = _work("y", (k, ty * m, tx * m, o), x.dtype)
         to_nhwc(np.ascontiguousarray(g[n0:n1]), gp, 0, 0)
-        dbuf, dm = _planes("m", a * a, ty * tx * k, o, x.dtype)
+        dbuf, dm = _planes("m", ty * tx * k, a * a, o, x.dtype)
         mod.output_transform_adjoint(gp, dbuf, tx, ty * tx)
         if n0 == 0:
             _gemms_tn(v, dm, du)
