@@ -311,7 +311,7 @@ def use_kernel(kernels, kernel, size=0):
     """
     if isinstance(kernel, _K.Adaptive):
         which = "parallel" if size >= _K.SERIAL_BELOW else "serial"
-        line = f"from jitnet.kernels_cpu import {kernel.__name__} as _a"
+        line = f"from {kernel.parallel.py_func.__module__} import {kernel.__name__} as _a"
         for kname, ln in kernels:
             if ln == (line, which):
                 return kname

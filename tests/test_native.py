@@ -254,3 +254,43 @@ def test_drivers_reuse_the_kernels_of_the_python_steps():
         for sig in d.signatures:
             assert not any(isinstance(t, types.Literal) for t in sig), (d.py_func.__qualname__, sig)
     assert not [c for c in compiled if "raise_with_shape_context" in c], compiled
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_batch_norm_training_step_is_native_and_matches_eager(conv):
+    """Batch norm's rows (moments, the per-channel affine map, its gradient sums) have native forms, and the
+    moments' rows are taken by slices (dense gradients), so a BN training step has no Python step left; its
+    losses and parameters match the eager run (float64)."""
+    rng = np.random.default_rng(3)
+
+    def make():
+        jn.random.seed(0)
+        if conv:
+            m = nn.Sequential(nn.Conv2d(2, 3, 3, padding="same", bias=False), nn.BatchNorm2d(3), nn.ReLU(),
+                              nn.Flatten(), nn.Linear(3 * 4 * 4, 3))
+        else:
+            m = nn.Sequential(nn.Linear(6, 5, bias=False), nn.BatchNorm1d(5), nn.Sigmoid(), nn.Linear(5, 3))
+        m = m.to(dtype=jn.float64) if hasattr(m, "to") else m
+        opt = jn.optim.Adam(m.parameters(), lr=1e-2)
+
+        def step(x, y):
+            opt.zero_grad()
+            loss = F.cross_entropy(m(x), y)
+            loss.backward()
+            opt.step()
+            return loss
+        return m, step
+    shape = (8, 2, 4, 4) if conv else (8, 6)
+    x = jn.tensor(rng.standard_normal(shape), dtype=jn.float64)
+    y = jn.tensor(np.arange(8) % 3)
+    m1, s1 = make()
+    m2, s2 = make()
+    js = jn.jit(s2)
+    for _ in range(3):
+        assert s1(x, y).item() == pytest.approx(js(x, y).item(), rel=1e-12)
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        np.testing.assert_allclose(p.numpy(), q.numpy(), rtol=1e-10, atol=1e-12)
+    _, plan = js.lower(x, y)
+    names = " ".join(plan.step_names)        # (conv2d has no native form: its rows stay Python steps)
+    assert all(n.startswith(("native", "conv2d")) for n in plan.step_names), plan.step_names
+    assert "bn_moments" in " ".join(plan.sources) and "channel_affine_sums" in " ".join(plan.sources), names

@@ -674,6 +674,30 @@ CHANNEL_AFFINE_SUMS = Primitive("channel_affine_sums", impl={"cpu": _channel_aff
                                 vjp=_no_second_order_bn)
 
 
+def _bn_native(which):
+    """The native-driver form of batch norm's fused rows (``kernels_conv`` kernels over (N, C, S) views)."""
+    kernel = {"moments": KC.bn_moments, "affine": KC.channel_affine, "sums": KC.channel_affine_sums}[which]
+
+    def emit(n, a, o, kernels):
+        x = n.inputs[-1] if which == "sums" else n.inputs[0]
+        if (x.dtype not in _FLOAT_DTYPES or any(v.dtype != x.dtype for v in n.inputs) or len(x.shape) < 2
+                or not x.size):
+            return None
+        ncs = kernelgen.shape_source((x.shape[0], x.shape[1], x.size // (x.shape[0] * x.shape[1])))
+        dt = kernelgen.dtype_source(x.dtype)
+        k = kernelgen.use_kernel(kernels, kernel, x.size)
+        v3 = [f"np.ascontiguousarray({s}).reshape({ncs})" for s in a]
+        if which == "affine":
+            return [f"{o} = np.empty({kernelgen.shape_source(x.shape)}, {dt})",
+                    f"{k}({v3[0]}, np.ascontiguousarray({a[1]}), np.ascontiguousarray({a[2]}), {o}.reshape({ncs}))"]
+        return [f"{o} = np.empty({kernelgen.shape_source((2, x.shape[1]))}, {dt})", f"{k}({', '.join(v3)}, {o})"]
+    return emit
+
+
+BN_MOMENTS.extra["native"] = _bn_native("moments")
+CHANNEL_AFFINE.extra["native"] = _bn_native("affine")
+CHANNEL_AFFINE_SUMS.extra["native"] = _bn_native("sums")
+
 def _fused_bn(x):
     """Whether batch norm's fused rows take x: floating on the CPU, float32/float64 on CUDA, and not empty."""
     return x.size > 0 and (x.dtype in _FLOAT_DTYPES if x.is_cuda else is_floating(x.dtype))
@@ -691,7 +715,9 @@ def batch_moments(x):
         axes = (0,) + tuple(range(2, x.ndim))
         return ops.mean(x, axes), ops.var(x, axes)
     st = apply(BN_MOMENTS, x)
-    return ops.getitem(st, 0), ops.getitem(st, 1)
+    c = (x.shape[1],)           # rows taken by slices: their gradients are dense rows that fuse (an integer
+    return ops.reshape(ops.getitem(st, slice(0, 1)), c), ops.reshape(ops.getitem(st, slice(1, 2)), c)   # index
+    # would give each a sparse gradient, summed by a concatenation and densified by a scatter_add)
 
 
 def channel_affine(x, a, b):
