@@ -642,6 +642,55 @@ def xent_int_rows_small(x, labels, out, err, opid):
 
 
 @cuda.jit(cache=True)
+def labelled_rows_reduce(rows, labels, mean, out):
+    """out[0] = the float64 sum of rows (mean: divided by the count of labels >= 0; 0 when every label is
+    negative, NaN for no rows): the reduced cross entropy's second pass (its rows are 0 where the label is
+    negative). One block (``launch_rows`` over one row)."""
+    sm = cuda.shared.array(BLOCK, dtype=np.float64)
+    t = cuda.threadIdx.x
+    s = 0.0
+    c = 0.0
+    i = t
+    while i < rows.shape[0]:
+        if labels[i] >= 0:
+            s += rows[i]
+            c += 1.0
+        i += BLOCK
+    s = _block_sum(sm, t, s)
+    c = _block_sum(sm, t, c)
+    if t == 0:
+        if not mean:
+            out[0] = s
+        elif c > 0:
+            out[0] = s / c
+        elif rows.shape[0] > 0:
+            out[0] = 0
+        else:
+            out[0] = math.nan
+
+
+@cuda.jit(cache=True)
+def labelled_rows_scale(labels, g, mean, out):
+    """out[r] = g[0] (mean: divided by max(count of labels >= 0, 1)) for every row: the per-row weight of the
+    reduced cross entropy's gradient (rows with a negative label get zeros from the gradient kernel). One
+    block."""
+    sm = cuda.shared.array(BLOCK, dtype=np.float64)
+    t = cuda.threadIdx.x
+    c = 0.0
+    i = t
+    while i < labels.shape[0]:
+        if labels[i] >= 0:
+            c += 1.0
+        i += BLOCK
+    c = _block_sum(sm, t, c)
+    v = g[0] / max(c, 1.0) if mean else g[0] * 1.0
+    i = t
+    while i < out.shape[0]:
+        out[i] = v
+        i += BLOCK
+
+
+@cuda.jit(cache=True)
 def xent_int_grad_rows(x, labels, g, out, err, opid):
     """out[r] = g[r] * (softmax(x[r]) - onehot(labels[r])) (zeros for a negative label, a report for one >= n);
     one block per row."""

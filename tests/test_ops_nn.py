@@ -112,6 +112,11 @@ def test_cross_entropy_int_labels(device, classes):
                  device=device)
     gradcheck(lambda a: F.cross_entropy(a, T(y2, device)), x, device=device)
     gradcheck(lambda a: F.cross_entropy(a, T(y, device), label_smoothing=eps), x, device=device)
+    # the reduced rows (cross_entropy_int_reduced): the sum, every label ignored, and the gradient of the sum
+    assert_close(F.cross_entropy(T(x, device), T(y2, device), reduction="sum"), nll[keep].sum(), rtol=1e-5,
+                 device=device)
+    assert_close(F.cross_entropy(T(x, device), T(np.full(5, -1), device)), np.float64(0.0), device=device)
+    gradcheck(lambda a: F.cross_entropy(a, T(y2, device), reduction="sum"), x, device=device)
 
 
 def test_cross_entropy_probabilities_bce_mse(device):

@@ -22,7 +22,7 @@ from .. import ops
 from .. import random as _random
 from .. import winograd
 from ..autodiff import core as _ad
-from ..autodiff.core import Primitive, apply, current_interpreter, no_cuda
+from ..autodiff.core import Primitive, apply, current_interpreter
 from ..lazy import LazyModule
 from ..lowp import is_floating, is_lowp
 from ..ops import log_softmax, relu, sigmoid, softmax, softplus, tanh
@@ -845,6 +845,24 @@ def _xent_int_grad_cuda(x, labels, g):
     return out
 
 
+def _xent_int_reduced_cuda(x, labels, mean):
+    rows = _xent_int_cuda(x, labels)            # per-row losses, the label check reported by that kernel
+    labels = _G.contiguous(_G.index_array(labels, 1 << 62, "cross_entropy", 0)) if _G.is_host(labels) else \
+        _G.contiguous(labels)
+    out = _C.empty((1,), x.dtype)
+    _G.launch_rows(_KG.labelled_rows_reduce, 1, rows, _G.flat_view(labels), np.bool_(mean), out)
+    return _C.reshape(out, ())
+
+
+def _xent_int_reduced_grad_cuda(x, labels, g, mean):
+    labels = _G.contiguous(_G.index_array(labels, 1 << 62, "cross_entropy", 0)) if _G.is_host(labels) else \
+        _G.contiguous(labels)
+    gr = _C.empty((x.shape[0],), x.dtype)
+    _G.launch_rows(_KG.labelled_rows_scale, 1, _G.flat_view(labels), _G.flat_view(_G.contiguous(_G.cast(g, x.dtype))),
+                   np.bool_(mean), gr)
+    return _xent_int_grad_cuda(x, labels, gr)
+
+
 def _xent_prob_cuda(x, p):
     x = _G.contiguous(x)
     p = _G.contiguous(_G.cast(p, x.dtype))
@@ -898,15 +916,15 @@ def _xent_int_reduced_grad_vjp(g, ans, ins, needs, mean):
     return dx, None, ops.sum(dgr * w) if needs[2] else None
 
 
-XENT_INT_REDUCED_GRAD = Primitive("cross_entropy_int_reduced_grad", impl={"cpu": _xent_int_reduced_grad_impl},
+XENT_INT_REDUCED_GRAD = Primitive("cross_entropy_int_reduced_grad", impl={"cpu": _xent_int_reduced_grad_impl,
+                                                                          "cuda": _xent_int_reduced_grad_cuda},
                                   vjp=_xent_int_reduced_grad_vjp)
-XENT_INT_REDUCED = Primitive("cross_entropy_int_reduced", impl={"cpu": _xent_int_reduced_impl},
+XENT_INT_REDUCED = Primitive("cross_entropy_int_reduced", impl={"cpu": _xent_int_reduced_impl,
+                                                                "cuda": _xent_int_reduced_cuda},
                              vjp=lambda g, ans, ins, needs, mean: (
                                  apply(XENT_INT_REDUCED_GRAD, ins[0], ins[1], g, mean=mean), None))
 bounds.mark(XENT_INT_REDUCED, i1=("label", "ignore"))
 bounds.mark(XENT_INT_REDUCED_GRAD, i1=("label", "ignore"))
-no_cuda("on the GPU the per-row cross entropy's rows are reduced (and scaled) by the graph (cross_entropy)",
-        XENT_INT_REDUCED, XENT_INT_REDUCED_GRAD)
 
 
 XENT_PROB_GRAD = Primitive("cross_entropy_prob_grad", impl={"cpu": _xent_prob_grad_impl,
@@ -986,7 +1004,7 @@ def cross_entropy(logits, labels, reduction="mean", label_smoothing=0.0):
         yv = y.numpy() if _is_eager() and not y.is_cuda else None      # (no copy from the GPU: a label out
                                                                           # of range is reported by the kernel)
         y2 = ops.reshape(y, (-1,))
-        if reduction in ("mean", "sum") and not label_smoothing and not x.is_cuda:     # one fused kernel each way
+        if reduction in ("mean", "sum") and not label_smoothing:       # one fused row each way
             return apply(XENT_INT_REDUCED, x2, y2, mean=reduction == "mean")
         if label_smoothing:
             p = ops.one_hot(y2, c, x.dtype) * (1.0 - label_smoothing) + label_smoothing / c

@@ -37,6 +37,9 @@ def test_index_kernels_report_value_position_and_bound():
         (lambda i: jn.one_hot(i, N), "one_hot", "ignore"),
         (lambda i: F.cross_entropy(logits, i, reduction="none"), "cross_entropy", "ignore"),
         (lambda i: apply(F.XENT_INT_GRAD, logits, i, jn.ones((2,)).to("cuda")), "cross_entropy", "ignore"),
+        (lambda i: F.cross_entropy(logits, i), "cross_entropy", "ignore"),
+        (lambda i: apply(F.XENT_INT_REDUCED_GRAD, logits, i, jn.ones(()).to("cuda"), mean=True), "cross_entropy",
+         "ignore"),
     ]
     for run, op, neg in cases:
         bads = [N, 2 ** 40] + ([-N - 1] if neg == "wrap" else [-1] if neg == "error" else [])
