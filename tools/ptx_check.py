@@ -2,7 +2,8 @@
 
 Covers the kernels built from bodies shared with the CPU (optimizer updates, the scalar helpers), the two
 matmul kernels compiled from one body, and the fused nn rows' kernels (LSTM step and its gradients, the
-per-channel batch-norm reductions and affine map), the row/column reductions, the DNC memory step and skip-gram's
+per-channel batch-norm reductions and affine map, the reduced cross entropy's one-block passes), the row/column
+reductions, the DNC memory step and skip-gram's
 training kernel, for float32 and float64 (and the matmuls on float16 operands with a float32 product); prints the
 PTX size and whether a kernel spills to local memory. Needs NVVM/NVRTC: ``pip install -e ".[cuda]"``; no driver
 or device.
@@ -42,6 +43,8 @@ for T in (float32, float64):
         "lstm_step_dz": (a2, a2, a2, a1, a2, boolean, T),
         "lstm_step_dprev": (a2, a2, a2, a1, a2, a2, boolean, boolean, T),
         "lstm_prev_h": (a3, a2, a2),
+        "labelled_rows_reduce": (a1, int64[:], boolean, a1),
+        "labelled_rows_scale": (int64[:], a1, boolean, a1),
     }
     for name, sig in sigs.items():
         t0 = time.time()
