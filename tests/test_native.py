@@ -13,11 +13,7 @@ def _drivers_at_once(monkeypatch):
     monkeypatch.setattr(native, "NATIVE_AFTER", 0)
 
 
-def _mlp_step(optname, **kw):
-    jn.random.seed(0)
-    m = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
-    opt = getattr(jn.optim, optname)(m.parameters(), **kw)
-
+def _train_step(m, opt):
     def step(x, y):
         opt.zero_grad()
         loss = F.cross_entropy(m(x), y)
@@ -25,6 +21,12 @@ def _mlp_step(optname, **kw):
         opt.step()
         return loss
     return m, step
+
+
+def _mlp_step(optname, **kw):
+    jn.random.seed(0)
+    m = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    return _train_step(m, getattr(jn.optim, optname)(m.parameters(), **kw))
 
 
 def _native_steps(fn, *args):
@@ -270,16 +272,8 @@ def test_batch_norm_training_step_is_native_and_matches_eager(conv):
                               nn.Flatten(), nn.Linear(3 * 4 * 4, 3))
         else:
             m = nn.Sequential(nn.Linear(6, 5, bias=False), nn.BatchNorm1d(5), nn.Sigmoid(), nn.Linear(5, 3))
-        m = m.to(dtype=jn.float64) if hasattr(m, "to") else m
-        opt = jn.optim.Adam(m.parameters(), lr=1e-2)
-
-        def step(x, y):
-            opt.zero_grad()
-            loss = F.cross_entropy(m(x), y)
-            loss.backward()
-            opt.step()
-            return loss
-        return m, step
+        m = m.to(dtype=jn.float64)
+        return _train_step(m, jn.optim.Adam(m.parameters(), lr=1e-2))
     shape = (8, 2, 4, 4) if conv else (8, 6)
     x = jn.tensor(rng.standard_normal(shape), dtype=jn.float64)
     y = jn.tensor(np.arange(8) % 3)
