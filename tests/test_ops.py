@@ -16,6 +16,8 @@ from helpers import (Operand, PerDevice, assert_close, dev_nonscalar_shapes, dev
 from hypothesis import strategies as st
 
 import jitnet as jn
+from jitnet import kernels_cpu as K, ops
+from jitnet.compiler import native
 
 
 def T(data, device, dtype=None, requires_grad=False):
@@ -499,6 +501,27 @@ def test_large_reductions_use_parallel_kernels(device):
         assert_close(jn.sum(t, axis=axis), a.sum(axis=axis), rtol=1e-10)
         assert_close(jn.max(t, axis=axis), a.max(axis=axis))
     assert_close(jn.sum(t.T, axis=0), a.T.sum(axis=0), rtol=1e-10)
+
+
+def test_small_leading_sums_in_numpy_equal_the_kernel_bit_for_bit(device):
+    """Float sums over leading axes of at most ops._NUMPY_SUM_MAX elements run in NumPy (no kernel to compile
+    on a cold start): the same bits as kernels_cpu.reduce_first, eagerly, in a plan step and in a native
+    driver."""
+    if on_cuda(device):
+        pytest.skip("the CPU's reduction paths")
+    rng = np.random.default_rng(5)
+    for shape, axes in (((128, 256), (0,)), ((1000, 3), (0,)), ((4, 6, 5), (0, 1)), ((7, 5), (0,))):
+        for dt in (np.float32, np.float64):
+            a = rng.standard_normal(shape).astype(dt)
+            m = a.size // int(np.prod([shape[i] for i in axes]))
+            ref = np.empty(m, dt)
+            K.reduce_first(a.reshape(-1, m), ref, ops._RED_CODE["sum"])
+            ref = ref.reshape(shape[len(axes):])
+            assert a.size <= ops._NUMPY_SUM_MAX
+            np.testing.assert_array_equal(jn.sum(jn.tensor(a), axis=axes).numpy(), ref)
+            jf = jn.jit(lambda x: jn.sum(x * 1.0, axis=axes) + 0.0)
+            for _ in range(native.NATIVE_AFTER + 2):         # trace, plan steps, native driver
+                np.testing.assert_array_equal(jf(jn.tensor(a)).numpy(), ref)
 
 
 @pytest.mark.parametrize("shape,axes", [((4, 3, 5, 6), (0, 2, 3)), ((2, 3, 4), (0, 2)), ((5, 2, 3, 4), (0, 3)),
