@@ -1208,7 +1208,8 @@ def adaptive(disp):
 for _name in ("arg_reduce_last", "logsumexp_last", "cumulative", "take_axis", "take_along_last",
               "put_along_last_add", "one_hot_kernel", "argsort_last", "topk_last", "segment_sum_rows",
               "sgd_sparse_update", "adagrad_sparse_update", "adam_sparse_update", "nn_max_pool2d",
-              "nn_max_pool2d_grad", "nn_avg_pool2d", "nn_avg_pool2d_grad", "nn_xent_int", "nn_xent_int_grad", "nn_xent_int_reduced", "nn_xent_int_reduced_grad",
+              "nn_max_pool2d_grad", "nn_avg_pool2d", "nn_avg_pool2d_grad", "nn_xent_int", "nn_xent_int_grad",
+              "nn_xent_int_reduced", "nn_xent_int_reduced_grad",
               "nn_xent_prob", "nn_xent_prob_grad"):
     if _name in globals():
         globals()[_name] = Adaptive(globals()[_name])

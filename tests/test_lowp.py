@@ -319,7 +319,8 @@ def _work_nn():
     h = jn.nn.AvgPool2d(3)(h.reshape(2, 3, 3, 3))
     lab = jn.tensor([0, 2])
     logits = h.reshape(2, 3)
-    loss = F.cross_entropy(logits, lab) + F.cross_entropy(logits, F.softmax(logits * 0.5).detach())
+    loss = F.cross_entropy(logits, lab) + F.cross_entropy(logits, F.softmax(logits * 0.5).detach()) + (
+        F.cross_entropy(logits, lab, reduction="none").sum())          # the per-row rows (the mean is one row)
     seq = _t(rng.standard_normal((2, 3, 4)), True)
     out = jn.nn.LSTM(4, 3)(seq)
     out = out[0] if isinstance(out, tuple) else out

@@ -698,6 +698,7 @@ BN_MOMENTS.extra["native"] = _bn_native("moments")
 CHANNEL_AFFINE.extra["native"] = _bn_native("affine")
 CHANNEL_AFFINE_SUMS.extra["native"] = _bn_native("sums")
 
+
 def _fused_bn(x):
     """Whether batch norm's fused rows take x: floating on the CPU, float32/float64 on CUDA, and not empty."""
     return x.size > 0 and (x.dtype in _FLOAT_DTYPES if x.is_cuda else is_floating(x.dtype))
@@ -715,9 +716,10 @@ def batch_moments(x):
         axes = (0,) + tuple(range(2, x.ndim))
         return ops.mean(x, axes), ops.var(x, axes)
     st = apply(BN_MOMENTS, x)
-    c = (x.shape[1],)           # rows taken by slices: their gradients are dense rows that fuse (an integer
-    return ops.reshape(ops.getitem(st, slice(0, 1)), c), ops.reshape(ops.getitem(st, slice(1, 2)), c)   # index
-    # would give each a sparse gradient, summed by a concatenation and densified by a scatter_add)
+    # the rows taken by slices: their gradients are dense rows that fuse (an integer index would give each a
+    # sparse gradient, the two summed by a concatenation and made dense by a scatter_add)
+    c = (x.shape[1],)
+    return ops.reshape(ops.getitem(st, slice(0, 1)), c), ops.reshape(ops.getitem(st, slice(1, 2)), c)
 
 
 def channel_affine(x, a, b):
@@ -1001,11 +1003,11 @@ def cross_entropy(logits, labels, reduction="mean", label_smoothing=0.0):
         if y.shape != x.shape[:-1]:
             raise ValueError(f"cross_entropy: integer labels of shape {y.shape} do not match logits of shape "
                              f"{x.shape} (expected {x.shape[:-1]})")
-        yv = y.numpy() if _is_eager() and not y.is_cuda else None      # (no copy from the GPU: a label out
-                                                                          # of range is reported by the kernel)
         y2 = ops.reshape(y, (-1,))
         if reduction in ("mean", "sum") and not label_smoothing:       # one fused row each way
             return apply(XENT_INT_REDUCED, x2, y2, mean=reduction == "mean")
+        yv = y.numpy() if _is_eager() and not y.is_cuda else None      # (no copy from the GPU: a label out
+                                                                          # of range is reported by the kernel)
         if label_smoothing:
             p = ops.one_hot(y2, c, x.dtype) * (1.0 - label_smoothing) + label_smoothing / c
             loss = apply(XENT_PROB, x2, p)
