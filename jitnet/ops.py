@@ -838,9 +838,9 @@ def _middle_split(shape, axes):
 _NUMPY_SUM_MAX = 1 << 16
 
 
-def _numpy_sum(op, x2):
-    return (op == "sum" and x2.dtype in (float32, float64) and x2.size <= _NUMPY_SUM_MAX
-            and x2.flags.c_contiguous)
+def _numpy_sum(op, dtype, size):
+    """Whether a reduction over leading axes of a C-contiguous array runs in NumPy (``_NUMPY_SUM_MAX``)."""
+    return op == "sum" and dtype in (float32, float64) and size <= _NUMPY_SUM_MAX
 
 
 def _reduce_impl(x, op, axes, keepdims):
@@ -871,7 +871,7 @@ def _reduce_impl(x, op, axes, keepdims):
     x2, first = _to_rows(x, axes)
     if first:
         out = np.empty(x2.shape[1], dtype=x2.dtype)
-        if _numpy_sum(op, x2):
+        if _numpy_sum(op, x2.dtype, x2.size) and x2.flags.c_contiguous:
             np.add.reduce(x2, axis=0, out=out)
         elif x2.size >= kernelgen.PARALLEL_THRESHOLD and x2.shape[0] >= 4 * numba.get_num_threads():
             K.reduce_first_par(x2, out, code, int(numba.get_num_threads()))
@@ -1030,19 +1030,19 @@ def _reduce_specialize(ins, params, out):
         return fn
     if list(axes) == list(range(len(axes))):
         nthreads = numba.get_num_threads()
-        if par and n >= 4 * nthreads:
+        if _numpy_sum(op, x.dtype, x.size):          # as _reduce_impl: the same bits eagerly and in a plan
+            def fn(a, o):
+                if not a.flags.c_contiguous:
+                    return False
+                np.add.reduce(a.reshape(n, m), axis=0, out=o.reshape(m))
+                return True
+        elif par and n >= 4 * nthreads:
             kern = K.reduce_first_par
 
             def fn(a, o):
                 if not a.flags.c_contiguous:
                     return False
                 kern(a.reshape(n, m), o.reshape(m), code, nthreads)
-                return True
-        elif op == "sum" and x.size <= _NUMPY_SUM_MAX:
-            def fn(a, o):
-                if not a.flags.c_contiguous:
-                    return False
-                np.add.reduce(a.reshape(n, m), axis=0, out=o.reshape(m))
                 return True
         else:
             kern = K.reduce_first

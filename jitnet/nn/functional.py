@@ -817,10 +817,16 @@ def _xent_prob_grad_impl(x, p, g):
     return out
 
 
+def _device_labels(labels):
+    """Integer labels as a contiguous device array (host labels are checked and moved once)."""
+    if _G.is_host(labels):
+        labels = _G.index_array(labels, 1 << 62, "cross_entropy", 0)
+    return _G.contiguous(labels)
+
+
 def _xent_int_cuda(x, labels):
     x = _G.contiguous(x)
-    labels = _G.contiguous(_G.index_array(labels, 1 << 62, "cross_entropy", 0)) if _G.is_host(labels) else \
-        _G.contiguous(labels)
+    labels = _device_labels(labels)
     m, n = x.shape
     out = _C.empty((m,), x.dtype)
     err, opid = _G.error_slot("cross_entropy", "label")
@@ -848,17 +854,15 @@ def _xent_int_grad_cuda(x, labels, g):
 
 
 def _xent_int_reduced_cuda(x, labels, mean):
+    labels = _device_labels(labels)
     rows = _xent_int_cuda(x, labels)            # per-row losses, the label check reported by that kernel
-    labels = _G.contiguous(_G.index_array(labels, 1 << 62, "cross_entropy", 0)) if _G.is_host(labels) else \
-        _G.contiguous(labels)
     out = _C.empty((1,), x.dtype)
     _G.launch_rows(_KG.labelled_rows_reduce, 1, rows, _G.flat_view(labels), np.bool_(mean), out)
     return _C.reshape(out, ())
 
 
 def _xent_int_reduced_grad_cuda(x, labels, g, mean):
-    labels = _G.contiguous(_G.index_array(labels, 1 << 62, "cross_entropy", 0)) if _G.is_host(labels) else \
-        _G.contiguous(labels)
+    labels = _device_labels(labels)
     gr = _C.empty((x.shape[0],), x.dtype)
     _G.launch_rows(_KG.labelled_rows_scale, 1, _G.flat_view(labels), _G.flat_view(_G.contiguous(_G.cast(g, x.dtype))),
                    np.bool_(mean), gr)
